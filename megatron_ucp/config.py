@@ -1,0 +1,184 @@
+"""Frozen, validated configuration dataclasses.
+
+argparse lives only in entry points (``megatron_ucp/training/arguments.py``); it converts flags into
+these objects once. Checkpoints store ``to_dict()`` (plain JSON), never a pickled namespace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+def _from_dict(cls, d: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
+    return cls(**d)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the GPT model. Numerically the same as Hugging Face GPT-2 by default."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    vocab_size: int  # the tokenizer's vocabulary, before padding
+    max_position_embeddings: int
+    ffn_hidden_size: int | None = None  # defaults to 4 * hidden_size
+    make_vocab_size_divisible_by: int = 128
+    layernorm_epsilon: float = 1e-5
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_method_std: float = 0.02
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.ffn_hidden_size is None:
+            object.__setattr__(self, "ffn_hidden_size", 4 * self.hidden_size)
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
+                     "max_position_embeddings", "ffn_hidden_size", "make_vocab_size_divisible_by"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        for name in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {value}")
+        if not self.tie_embeddings:
+            raise ValueError("untied input/output embeddings are not supported yet (tie_embeddings must be true)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def check_tensor_parallel(self, tp: int) -> None:
+        """Raise ValueError when ``tp`` cannot split this model evenly."""
+        if self.num_attention_heads % tp:
+            raise ValueError(f"tensor parallel {tp} does not divide num_attention_heads {self.num_attention_heads}")
+        if self.ffn_hidden_size % tp:
+            raise ValueError(f"tensor parallel {tp} does not divide ffn_hidden_size {self.ffn_hidden_size}")
+
+    def check_pipeline_parallel(self, pp: int) -> None:
+        if self.num_layers < pp:
+            raise ValueError(f"pipeline parallel {pp} needs at least {pp} layers, the model has {self.num_layers}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, d)
+
+
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything about a training run that is not the architecture. Validated once."""
+
+    # parallelism
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    zero_stage: int = 1
+    # batch and length
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seq_length: int = 256
+    train_iters: int = 100
+    # optimizer and schedule
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None  # defaults to train_iters
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    dtype: str = "bf16"
+    seed: int = 1234
+    # data
+    data_path: str | None = None
+    mock_data: bool = False
+    split: str = "969,30,1"
+    tokenizer_type: str = "SentencePieceTokenizer"
+    tokenizer_model: str | None = None
+    vocab_file: str | None = None
+    merge_file: str | None = None
+    vocab_size: int | None = None  # only with mock data (no tokenizer)
+    # logging and evaluation
+    log_interval: int = 10
+    eval_interval: int = 20
+    eval_iters: int = 4
+    tensorboard_dir: str | None = None
+    loss_log: str | None = None
+    # checkpoints
+    save: str | None = None
+    save_interval: int | None = None
+    load: str | None = None
+    universal_checkpoint: bool = False
+    no_load_rng: bool = False
+    deepspeed_config: str | None = None  # a JSON file whose keys override the generated config
+    ds_config_out: str | None = None  # where to write the config used, for the record
+
+    def __post_init__(self) -> None:
+        if self.lr_decay_iters is None:
+            object.__setattr__(self, "lr_decay_iters", self.train_iters)
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
+                     "global_batch_size", "seq_length", "train_iters", "log_interval", "eval_iters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
+        if self.zero_stage > 1:
+            # The model is always a PipelineModule, and DeepSpeed's pipeline engine refuses ZeRO-2/3.
+            raise ValueError(
+                f"ZeRO stage {self.zero_stage} is not supported with DeepSpeed's pipeline engine; use ZeRO stage 0 or 1"
+            )
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global batch {self.global_batch_size} is not a multiple of micro batch {self.micro_batch_size}"
+            )
+        if not self.mock_data and not self.data_path:
+            raise ValueError("give --data-path (a preprocessed dataset prefix) or --mock-data")
+        if self.mock_data and not self.vocab_size:
+            raise ValueError("--mock-data needs --vocab-size")
+        if self.save_interval is not None and self.save_interval < 1:
+            raise ValueError(f"save_interval must be positive, got {self.save_interval}")
+        if self.universal_checkpoint and not self.load:
+            raise ValueError("--universal-checkpoint needs --load")
+
+    def gradient_accumulation_steps(self, dp: int) -> int:
+        per_step = self.micro_batch_size * dp
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global batch {self.global_batch_size} is not divisible by micro batch {self.micro_batch_size}"
+                f" x data parallel {dp}"
+            )
+        return self.global_batch_size // per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return _from_dict(cls, d)

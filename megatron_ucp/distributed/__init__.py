@@ -1,0 +1,1 @@
+"""Process groups, launch helpers and the tensor-parallel RNG tracker."""

@@ -1,0 +1,186 @@
+"""The parameter table: every parameter of the GPT model, declared once.
+
+Each ``ParamSpec`` says which pipeline entry holds a parameter, its name inside that entry's module,
+how tensor parallelism cuts it (``Kind``), how it is initialised, and whether weight decay applies.
+Global names, TP slicing (``slicing.py``), initialisation (``init.py``), the
+``universal_checkpoint_info`` patterns (``ucp_info.py``) and the optimizer's parameter groups are all
+derived from this table.
+
+Names are DeepSpeed ``PipelineModule`` names, which are the same at every TP and PP degree because
+the model is a PipelineModule at every PP (including 1) and DeepSpeed names a layer by its *global*
+index in the spec list:
+
+    tied_modules.embed.word_embeddings.weight        the tied input embedding / output head
+    1.self_attention.query_key_value.weight          transformer layer 0 (spec index 1)
+    {L+1}.final_layernorm.weight                     the final norm
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from megatron_ucp.config import ModelConfig
+
+
+class Kind(enum.Enum):
+    """How tensor parallelism cuts a parameter."""
+
+    COLUMN = "column"  # output features split: dim 0 (weights and their biases)
+    ROW = "row"  # input features split: dim 1
+    VOCAB = "vocab"  # vocabulary rows split on dim 0, padded to a multiple of divisible_by * TP
+    REPLICATED = "replicated"  # the full tensor on every TP rank, kept bitwise equal
+
+    @property
+    def partition_dim(self) -> int | None:
+        return {Kind.COLUMN: 0, Kind.ROW: 1, Kind.VOCAB: 0, Kind.REPLICATED: None}[self]
+
+
+class Init(enum.Enum):
+    NORMAL = "normal"  # N(0, init_method_std)
+    SCALED_NORMAL = "scaled_normal"  # N(0, init_method_std / sqrt(2 * num_layers)), for residual outputs
+    ZEROS = "zeros"
+    ONES = "ones"
+
+
+class Role(enum.Enum):
+    """The pipeline entries of the GPT model, in spec-list order."""
+
+    EMBED = "embed"
+    BLOCK = "block"
+    FINAL_NORM = "final_norm"
+    HEAD = "head"
+
+
+@dataclass(frozen=True)
+class PipeEntry:
+    """One entry of the PipelineModule spec list."""
+
+    index: int  # global position in the spec list; DeepSpeed's name prefix and layer-file number
+    role: Role
+    layer_number: int | None = None  # 0-based transformer layer, for BLOCK entries
+    tied_key: str | None = None  # TiedLayerSpec key, for the tied embedding and head
+
+    @property
+    def name_prefix(self) -> str:
+        return f"tied_modules.{self.tied_key}." if self.tied_key else f"{self.index}."
+
+
+TIED_EMBEDDING_KEY = "embed"
+
+
+def pipe_entries(cfg: ModelConfig) -> list[PipeEntry]:
+    """The spec list GPTPipe is built from: embedding, layers, final norm, head."""
+    entries = [PipeEntry(0, Role.EMBED, tied_key=TIED_EMBEDDING_KEY)]
+    entries += [PipeEntry(1 + i, Role.BLOCK, layer_number=i) for i in range(cfg.num_layers)]
+    entries.append(PipeEntry(cfg.num_layers + 1, Role.FINAL_NORM))
+    # The head reuses the embedding module (a TiedLayerSpec with a forward_fn), so it owns no parameters.
+    entries.append(PipeEntry(cfg.num_layers + 2, Role.HEAD, tied_key=TIED_EMBEDDING_KEY))
+    return entries
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter rule: where it lives, how TP cuts it, how it starts."""
+
+    role: Role
+    local_name: str  # name inside the entry's module
+    kind: Kind
+    init: Init
+    weight_decay: bool
+    shape: Callable[[ModelConfig], tuple[int, ...]]  # the full logical shape (vocab unpadded)
+
+    def regex(self) -> str:
+        """The anchored pattern matching this parameter's global name at every layer and layout."""
+        if self.role is Role.EMBED:
+            prefix = re.escape(f"tied_modules.{TIED_EMBEDDING_KEY}.")
+        else:
+            prefix = r"\d+\."
+        return prefix + re.escape(self.local_name) + "$"
+
+    @property
+    def pipeline_tied(self) -> bool:
+        """Present (and kept equal) on the first and the last pipeline stage."""
+        return self.role is Role.EMBED
+
+
+def _h(c: ModelConfig) -> tuple[int, ...]:
+    return (c.hidden_size,)
+
+
+PARAM_SPECS: tuple[ParamSpec, ...] = (
+    ParamSpec(Role.EMBED, "word_embeddings.weight", Kind.VOCAB, Init.NORMAL, True,
+              lambda c: (c.vocab_size, c.hidden_size)),
+    ParamSpec(Role.EMBED, "position_embeddings.weight", Kind.REPLICATED, Init.NORMAL, True,
+              lambda c: (c.max_position_embeddings, c.hidden_size)),
+    ParamSpec(Role.BLOCK, "input_layernorm.weight", Kind.REPLICATED, Init.ONES, False, _h),
+    ParamSpec(Role.BLOCK, "input_layernorm.bias", Kind.REPLICATED, Init.ZEROS, False, _h),
+    # Fused QKV in Megatron's per-head layout: rows are [head0: q k v, head1: q k v, ...], so a TP cut
+    # on dim 0 hands each rank whole heads and a plain concatenation re-splits at any TP.
+    ParamSpec(Role.BLOCK, "self_attention.query_key_value.weight", Kind.COLUMN, Init.NORMAL, True,
+              lambda c: (3 * c.hidden_size, c.hidden_size)),
+    ParamSpec(Role.BLOCK, "self_attention.query_key_value.bias", Kind.COLUMN, Init.ZEROS, False,
+              lambda c: (3 * c.hidden_size,)),
+    ParamSpec(Role.BLOCK, "self_attention.dense.weight", Kind.ROW, Init.SCALED_NORMAL, True,
+              lambda c: (c.hidden_size, c.hidden_size)),
+    ParamSpec(Role.BLOCK, "self_attention.dense.bias", Kind.REPLICATED, Init.ZEROS, False, _h),
+    ParamSpec(Role.BLOCK, "post_attention_layernorm.weight", Kind.REPLICATED, Init.ONES, False, _h),
+    ParamSpec(Role.BLOCK, "post_attention_layernorm.bias", Kind.REPLICATED, Init.ZEROS, False, _h),
+    ParamSpec(Role.BLOCK, "mlp.dense_h_to_4h.weight", Kind.COLUMN, Init.NORMAL, True,
+              lambda c: (c.ffn_hidden_size, c.hidden_size)),
+    ParamSpec(Role.BLOCK, "mlp.dense_h_to_4h.bias", Kind.COLUMN, Init.ZEROS, False,
+              lambda c: (c.ffn_hidden_size,)),
+    ParamSpec(Role.BLOCK, "mlp.dense_4h_to_h.weight", Kind.ROW, Init.SCALED_NORMAL, True,
+              lambda c: (c.hidden_size, c.ffn_hidden_size)),
+    ParamSpec(Role.BLOCK, "mlp.dense_4h_to_h.bias", Kind.REPLICATED, Init.ZEROS, False, _h),
+    ParamSpec(Role.FINAL_NORM, "final_layernorm.weight", Kind.REPLICATED, Init.ONES, False, _h),
+    ParamSpec(Role.FINAL_NORM, "final_layernorm.bias", Kind.REPLICATED, Init.ZEROS, False, _h),
+)
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """A concrete parameter of one model: its global name, rule and full shape."""
+
+    name: str
+    spec: ParamSpec
+    entry: PipeEntry
+    full_shape: tuple[int, ...]  # logical shape; for VOCAB parameters the *unpadded* row count
+
+    @property
+    def kind(self) -> Kind:
+        return self.spec.kind
+
+
+def model_params(cfg: ModelConfig) -> list[ParamInfo]:
+    """Every parameter of the model, in spec-list order, each once (the tied copy is one name)."""
+    out: list[ParamInfo] = []
+    for entry in pipe_entries(cfg):
+        if entry.role is Role.HEAD:
+            continue  # the tied head owns no parameters of its own
+        for spec in PARAM_SPECS:
+            if spec.role is entry.role:
+                out.append(ParamInfo(entry.name_prefix + spec.local_name, spec, entry, spec.shape(cfg)))
+    return out
+
+
+def specs_for_role(role: Role) -> list[ParamSpec]:
+    return [s for s in PARAM_SPECS if s.role is role]
+
+
+_COMPILED: dict[str, re.Pattern] = {}
+
+
+def spec_of(name: str) -> ParamSpec:
+    """The single table entry whose pattern matches ``name``; ValueError when none or several do."""
+    hits = []
+    for spec in PARAM_SPECS:
+        pattern = _COMPILED.setdefault(spec.regex(), re.compile(spec.regex()))
+        if pattern.match(name):
+            hits.append(spec)
+    if len(hits) != 1:
+        what = "no" if not hits else f"{len(hits)}"
+        raise ValueError(f"parameter {name!r} matches {what} entries of the parameter table")
+    return hits[0]

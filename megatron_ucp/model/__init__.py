@@ -1,0 +1,1 @@
+"""The GPT model: architecture (gpt.py), its DeepSpeed pipeline form (pipe.py), initialisation (init.py)."""

@@ -1,0 +1,127 @@
+"""GPT building blocks: architecture only (no ranks, flags or globals).
+
+Numerically the Hugging Face GPT-2 architecture: pre-LayerNorm blocks, learned position
+embeddings, tanh-approximated GeLU, biases everywhere, LayerNorm epsilon from the config, and the
+output head tied to the input embedding.
+
+Shapes: b = micro-batch, s = sequence, h = hidden, np = heads on this TP rank, hn = head dim,
+v = this rank's slice of the padded vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_ucp.config import ModelConfig
+from megatron_ucp.distributed.groups import TensorParallelContext
+from megatron_ucp.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    mark_parallel,
+    parallel_lm_logits,
+)
+from megatron_ucp.layout.params import Kind
+
+try:  # optional fused kernels on GPUs
+    from apex.normalization import FusedLayerNorm as _ApexLayerNorm
+except Exception:  # noqa: BLE001 - any import problem means "no apex"
+    _ApexLayerNorm = None
+
+
+def layer_norm(hidden: int, eps: float) -> nn.Module:
+    """apex's fused LayerNorm on CUDA when importable, torch's otherwise (same parameter names)."""
+    if _ApexLayerNorm is not None and torch.cuda.is_available():
+        norm = _ApexLayerNorm(hidden, eps=eps)
+    else:
+        norm = nn.LayerNorm(hidden, eps=eps)
+    for p in norm.parameters():
+        mark_parallel(p, Kind.REPLICATED)
+    return norm
+
+
+class EmbeddingLayer(nn.Module):
+    """Word + position embeddings; also the output head (``head``), sharing ``word_embeddings``."""
+
+    def __init__(self, cfg: ModelConfig, padded_vocab: int, tp: TensorParallelContext) -> None:
+        super().__init__()
+        self.tp = tp
+        self.word_embeddings = VocabParallelEmbedding(padded_vocab, cfg.hidden_size, tp)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        mark_parallel(self.position_embeddings.weight, Kind.REPLICATED)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [b, s] -> [b, s, h]
+        positions = torch.arange(ids.shape[-1], device=ids.device)
+        x = self.word_embeddings(ids) + self.position_embeddings(positions)
+        return self.dropout(x)  # default RNG stream: the same mask on every TP rank
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, h] -> [b, s, v]
+        return parallel_lm_logits(x, self.word_embeddings.weight, self.tp)
+
+
+def _attention(q, k, v, dropout_p: float) -> torch.Tensor:
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        # CPU half-precision attention is slow; fp32 inputs hold the half values exactly.
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+class ParallelAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallelContext) -> None:
+        super().__init__()
+        self.tp = tp
+        self.local_heads = cfg.num_attention_heads // tp.size
+        self.head_dim = cfg.head_dim
+        self.attention_dropout = cfg.attention_dropout
+        self.query_key_value = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, tp)
+        self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.query_key_value(x).view(b, s, self.local_heads, 3, self.head_dim)  # per-head [q k v]
+        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # [b, np, s, hn]
+        p = self.attention_dropout if self.training else 0.0
+        with self.tp.rng.fork():  # this rank's heads draw their own dropout masks
+            ctx = _attention(q, k, v, p)
+        ctx = ctx.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)
+        return self.dense(ctx)
+
+
+class ParallelMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallelContext) -> None:
+        super().__init__()
+        self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, tp)
+        self.dense_4h_to_h = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallelContext, layer_number: int) -> None:
+        super().__init__()
+        self.layer_number = layer_number
+        self.input_layernorm = layer_norm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.self_attention = ParallelAttention(cfg, tp)
+        self.post_attention_layernorm = layer_norm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.mlp = ParallelMLP(cfg, tp)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.self_attention(self.input_layernorm(x)))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class FinalNorm(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.final_layernorm = layer_norm(cfg.hidden_size, cfg.layernorm_epsilon)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final_layernorm(x)

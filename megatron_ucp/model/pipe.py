@@ -1,0 +1,85 @@
+"""GPTPipe: the GPT model as a DeepSpeed PipelineModule, at every PP degree including 1.
+
+Building the model the same way at every PP keeps parameter names (DeepSpeed's global spec-list
+indices, see ``layout.params``) identical across layouts, which is what universal checkpoints key on.
+The spec list comes from ``layout.params.pipe_entries``, never from hard-coded offsets.
+"""
+
+from __future__ import annotations
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+from megatron_ucp.config import ModelConfig
+from megatron_ucp.distributed.groups import ParallelState
+from megatron_ucp.layout.params import Role, pipe_entries
+from megatron_ucp.layout.slicing import padded_vocab_size, vocab_range
+from megatron_ucp.model.gpt import EmbeddingLayer, FinalNorm, TransformerLayer
+from megatron_ucp.model.init import initialize_parameters
+from megatron_ucp.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+
+
+# Only the word embedding is shared with the head. The last stage's copy of the position embedding
+# never gets a gradient (DeepSpeed skips None gradients in its tied all-reduce, so listing it would
+# deadlock); it is declared pipeline-replicated, and converters take the first stage's copy.
+TIED_WEIGHT = "word_embeddings.weight"
+
+
+def _tied_head(module: EmbeddingLayer, x: torch.Tensor) -> torch.Tensor:
+    return module.head(x)
+
+
+class LMLoss:
+    """Mean next-token cross entropy over vocab-parallel logits (padded columns masked)."""
+
+    def __init__(self, vocab_start: int, vocab_size: int, group) -> None:
+        self.vocab_start = vocab_start
+        self.vocab_size = vocab_size
+        self.group = group
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.vocab_size, self.group).mean()
+
+
+def topology_of(state: ParallelState) -> PipeModelDataParallelTopology:
+    layout = state.layout
+    return PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+
+
+class GPTPipe(PipelineModule):
+    """Embedding (tied), transformer layers, final norm, tied head; loss is vocab-parallel CE."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, seed: int) -> None:
+        layout = state.layout
+        cfg.check_tensor_parallel(layout.tp)
+        cfg.check_pipeline_parallel(layout.pp)
+        padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, layout.tp)
+        tp = state.tp
+        specs = []
+        for entry in pipe_entries(cfg):
+            if entry.role is Role.EMBED:
+                specs.append(TiedLayerSpec(entry.tied_key, EmbeddingLayer, cfg, padded_vocab, tp,
+                                           tied_weight_attr=[TIED_WEIGHT]))
+            elif entry.role is Role.BLOCK:
+                specs.append(LayerSpec(TransformerLayer, cfg, tp, entry.layer_number))
+            elif entry.role is Role.FINAL_NORM:
+                specs.append(LayerSpec(FinalNorm, cfg))
+            else:
+                specs.append(TiedLayerSpec(entry.tied_key, EmbeddingLayer, cfg, padded_vocab, tp,
+                                           forward_fn=_tied_head, tied_weight_attr=[TIED_WEIGHT]))
+        vocab_start, _ = vocab_range(padded_vocab, layout.tp, state.coords.tp)
+        super().__init__(
+            layers=specs,
+            loss_fn=LMLoss(vocab_start, cfg.vocab_size, state.tp_group),
+            topology=topology_of(state),
+            # Layers, not parameters: every stage gets whole transformer layers, evenly.
+            partition_method="type:TransformerLayer",
+        )
+        self.model_config = cfg
+        self.padded_vocab = padded_vocab
+        initialize_parameters(self, cfg, seed, padded_vocab, layout.tp, state.coords.tp)
+
+    def stage_parts(self) -> list[int]:
+        """Spec-list boundaries DeepSpeed chose: stage i holds entries [parts[i], parts[i+1])."""
+        return [int(p) for p in self.parts]

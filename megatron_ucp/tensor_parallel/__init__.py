@@ -1,0 +1,1 @@
+"""Megatron-style tensor parallelism: conjugate communication pairs, parallel layers, vocab-parallel loss."""

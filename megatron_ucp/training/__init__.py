@@ -1,0 +1,1 @@
+"""Training on DeepSpeed: arguments, LR schedule, data feeding, logging, checkpoints, the loop."""

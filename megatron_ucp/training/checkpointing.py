@@ -1,0 +1,120 @@
+"""Saving and resuming through DeepSpeed's own checkpoint layout.
+
+``engine.save_checkpoint`` writes ``<save>/global_stepN/`` (layer files, ``mp_rank_XX_model_states.pt``,
+ZeRO optimizer shards) and ``<save>/latest``. Our client state, merged by DeepSpeed into every
+``mp_rank_XX`` file, adds:
+
+* ``iteration``, ``consumed_train_samples``, ``tokens``, ``checkpoint_version``;
+* ``rng_state``: one dict per data-parallel rank of this model-parallel rank (Megatron's layout);
+* ``universal_checkpoint_info``: generated from the parameter table (``layout.ucp_info``);
+* ``megatron_ucp``: JSON-able metadata (configs, topology, padded and original vocab, the pipeline
+  partition DeepSpeed used, versions), which our converter and tools read.
+
+We also keep Megatron's ``latest_checkpointed_iteration.txt`` beside ``latest``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import megatron_ucp
+from megatron_ucp.config import ModelConfig, TrainConfig
+from megatron_ucp.distributed.groups import ParallelState
+from megatron_ucp.layout.params import pipe_entries
+from megatron_ucp.layout.ucp_info import universal_checkpoint_info
+
+METADATA_KEY = "megatron_ucp"
+METADATA_FORMAT_VERSION = 1
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+
+
+def build_metadata(model_cfg: ModelConfig, train_cfg: TrainConfig, state: ParallelState,
+                   padded_vocab: int, pipeline_parts: list[int]) -> dict:
+    import deepspeed
+
+    entries = [{"index": e.index, "role": e.role.value, "layer_number": e.layer_number, "tied_key": e.tied_key}
+               for e in pipe_entries(model_cfg)]
+    return {
+        "format_version": METADATA_FORMAT_VERSION,
+        "model_config": model_cfg.to_dict(),
+        "train_config": train_cfg.to_dict(),
+        "topology": state.layout.to_dict(),
+        "original_vocab_size": model_cfg.vocab_size,
+        "padded_vocab_size": padded_vocab,
+        "pipeline_parts": list(pipeline_parts),
+        "pipe_entries": entries,
+        "dtype": train_cfg.dtype,
+        "zero_stage": train_cfg.zero_stage,
+        "versions": {"megatron_ucp": megatron_ucp.__version__, "deepspeed": deepspeed.__version__,
+                     "torch": torch.__version__},
+    }
+
+
+def gather_over_dp(obj, state: ParallelState) -> list:
+    out = [None] * state.layout.dp
+    dist.all_gather_object(out, obj, group=state.dp_group)
+    return out
+
+
+@dataclass
+class ResumeState:
+    iteration: int
+    consumed_train_samples: int
+    rng_state: dict | None  # this rank's saved RNG, when the layout is unchanged
+    source_topology: dict | None
+    path: str
+
+
+def save(engine, save_dir: str, iteration: int, consumed_samples: int, seq_length: int,
+         rng_state: dict, metadata: dict, state: ParallelState, model_cfg: ModelConfig) -> str:
+    """Write ``<save_dir>/global_step<iteration>`` on every rank; return its path."""
+    rng_states = gather_over_dp(rng_state, state)
+    client_state = {
+        "iteration": iteration,
+        "consumed_train_samples": consumed_samples,
+        "tokens": consumed_samples * seq_length,
+        "checkpoint_version": 3.0,
+        "rng_state": rng_states,
+        "universal_checkpoint_info": universal_checkpoint_info(model_cfg, metadata["padded_vocab_size"]),
+        METADATA_KEY: dict(metadata, iteration=iteration, consumed_train_samples=consumed_samples),
+    }
+    tag = f"global_step{iteration}"
+    if engine.global_steps != iteration:
+        raise RuntimeError(f"engine is at step {engine.global_steps} but the trainer at iteration {iteration}")
+    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        tmp = os.path.join(save_dir, TRACKER_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(str(iteration))
+        os.replace(tmp, os.path.join(save_dir, TRACKER_FILE))
+    dist.barrier()
+    return os.path.join(save_dir, tag)
+
+
+def load(engine, load_dir: str, universal: bool, state: ParallelState) -> ResumeState:
+    """Resume model, optimizer, scheduler and counters through DeepSpeed's loader."""
+    marker = "latest_universal" if universal else "latest"
+    if not os.path.isfile(os.path.join(load_dir, marker)):
+        raise FileNotFoundError(f"{os.path.join(load_dir, marker)}: no such file; nothing to resume from in {load_dir}")
+    path, client = engine.load_checkpoint(load_dir, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint to load in {load_dir}")
+    if "iteration" not in client:
+        raise ValueError(f"{path}: not written by megatron_ucp (no 'iteration' in its client state)")
+    meta = client.get(METADATA_KEY, {})
+    source_topology = meta.get("topology")
+    rng = None
+    if source_topology == state.layout.to_dict() and client.get("rng_state"):
+        rng = client["rng_state"][state.coords.dp]
+    return ResumeState(
+        iteration=int(client["iteration"]),
+        consumed_train_samples=int(client["consumed_train_samples"]),
+        rng_state=rng,
+        source_topology=source_topology,
+        path=path,
+    )

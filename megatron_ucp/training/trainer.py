@@ -1,0 +1,207 @@
+"""The training loop: build the layout, model, optimizer and DeepSpeed engine; train, evaluate, save.
+
+Run it under ``torchrun`` or the ``deepspeed`` launcher (``python -m megatron_ucp.train ...``). It uses
+NCCL on GPUs and gloo on CPU (``DS_ACCELERATOR=cpu``), with no other difference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_ucp.config import ModelConfig, TrainConfig
+from megatron_ucp.distributed import groups
+from megatron_ucp.distributed.random import get_rng_state, seed_all, set_rng_state
+from megatron_ucp.layout.params import spec_of
+from megatron_ucp.layout.topology import ParallelLayout
+from megatron_ucp.training import checkpointing
+from megatron_ucp.training.data import MockDataset, micro_batches
+from megatron_ucp.training.logger import RunLogger
+from megatron_ucp.training.schedule import LRSchedule, LRScheduler
+
+log = logging.getLogger("megatron_ucp")
+
+
+def init_distributed() -> None:
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def build_ds_config(cfg: TrainConfig, layout: ParallelLayout) -> dict:
+    """The DeepSpeed config for this run, derived from the flags (one source of truth)."""
+    ds = {
+        "train_batch_size": cfg.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps(layout.dp),
+        "gradient_clipping": cfg.clip_grad,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.dtype == "bf16"},
+        "fp16": {"enabled": cfg.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": cfg.universal_checkpoint},
+    }
+    if cfg.deepspeed_config:
+        with open(cfg.deepspeed_config) as f:
+            ds.update(json.load(f))
+    return ds
+
+
+def optimizer_param_groups(model: torch.nn.Module) -> list[dict]:
+    """Two groups, always in this order: with weight decay, without (biases and norms)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if spec_of(name).weight_decay else no_decay).append(p)
+    if not decay or not no_decay:
+        raise RuntimeError("every pipeline stage must hold parameters of both weight-decay groups")
+    return [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+
+
+def build_datasets(cfg: TrainConfig):
+    """(train, valid, vocab_size) sample sources."""
+    if cfg.mock_data:
+        return (MockDataset(cfg.vocab_size, cfg.seq_length, cfg.seed),
+                MockDataset(cfg.vocab_size, cfg.seq_length, cfg.seed + 1), cfg.vocab_size)
+    from megatron_ucp.data.gpt_dataset import GPTDataset
+    from megatron_ucp.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(cfg.tokenizer_type, tokenizer_model=cfg.tokenizer_model,
+                          vocab_file=cfg.vocab_file, merge_file=cfg.merge_file)
+    train = GPTDataset(cfg.data_path, cfg.seq_length, cfg.seed, split=cfg.split, name="train")
+    valid = GPTDataset(cfg.data_path, cfg.seq_length, cfg.seed, split=cfg.split, name="valid")
+    return train, valid, tok.vocab_size
+
+
+@dataclass
+class TrainResult:
+    iteration: int
+    last_loss: float | None
+    last_valid_loss: float | None
+
+
+def _tokens_per_s(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else float("nan")
+
+
+def train(model_kwargs: dict, cfg: TrainConfig) -> TrainResult:
+    import deepspeed
+
+    from megatron_ucp.model.pipe import GPTPipe
+
+    init_distributed()
+    layout = ParallelLayout.from_world_size(dist.get_world_size(), cfg.tensor_model_parallel_size,
+                                            cfg.pipeline_model_parallel_size)
+    state = groups.initialize(layout)
+    rank0 = state.global_rank == 0
+    try:
+        train_data, valid_data, vocab_size = build_datasets(cfg)
+        model_cfg = ModelConfig(vocab_size=vocab_size, **model_kwargs)
+        if model_cfg.max_position_embeddings < cfg.seq_length:
+            raise ValueError(f"seq_length {cfg.seq_length} exceeds max_position_embeddings "
+                             f"{model_cfg.max_position_embeddings}")
+        seed_all(cfg.seed, state.coords.pp, state.coords.tp, state.tp.rng)
+        model = GPTPipe(model_cfg, state, cfg.seed)
+        optimizer = torch.optim.AdamW(optimizer_param_groups(model), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        schedule = LRSchedule(cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters, cfg.lr_decay_style)
+        scheduler = LRScheduler(optimizer, schedule)
+        ds_config = build_ds_config(cfg, layout)
+        if rank0 and cfg.ds_config_out:
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.ds_config_out)), exist_ok=True)
+            with open(cfg.ds_config_out, "w") as f:
+                json.dump(ds_config, f, indent=2)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
+        metadata = checkpointing.build_metadata(model_cfg, cfg, state, model.padded_vocab, model.stage_parts())
+
+        iteration, consumed = 0, 0
+        if cfg.load:
+            resumed = checkpointing.load(engine, cfg.load, cfg.universal_checkpoint, state)
+            iteration, consumed = resumed.iteration, resumed.consumed_train_samples
+            if resumed.rng_state is not None and not cfg.no_load_rng:
+                set_rng_state(resumed.rng_state, state.tp.rng)
+            else:  # another layout: reseed deterministically for this one
+                seed_all(cfg.seed + iteration, state.coords.pp, state.coords.tp, state.tp.rng)
+            if rank0:
+                print(f"resumed from {resumed.path} at iteration {iteration} (saved at {resumed.source_topology}, "
+                      f"now {layout.to_dict()})", flush=True)
+
+        topology = dict(layout.to_dict(), zero_stage=cfg.zero_stage, dtype=cfg.dtype)
+        logger = RunLogger(cfg.tensorboard_dir, cfg.loss_log, topology, iteration) if rank0 else None
+        device = next(model.parameters()).device
+        gas = cfg.gradient_accumulation_steps(layout.dp)
+        train_iter = micro_batches(train_data, consumed, None, cfg.global_batch_size, cfg.micro_batch_size,
+                                   state.coords.dp, layout.dp, device)
+
+        def evaluate() -> float:
+            it = micro_batches(valid_data, 0, cfg.eval_iters, cfg.global_batch_size, cfg.micro_batch_size,
+                               state.coords.dp, layout.dp, device)
+            losses = [float(engine.eval_batch(it, num_micro_batches=gas)) for _ in range(cfg.eval_iters)]
+            return sum(losses) / len(losses)
+
+        def save() -> None:
+            path = checkpointing.save(engine, cfg.save, iteration, consumed, cfg.seq_length,
+                                      get_rng_state(state.tp.rng), metadata, state, model_cfg)
+            if rank0:
+                print(f"saved checkpoint {path}", flush=True)
+
+        if rank0:
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"training {layout} ZeRO-{cfg.zero_stage} {cfg.dtype}: vocab {model_cfg.vocab_size} "
+                  f"(padded {model.padded_vocab}), {n_params} parameters on rank 0, stage parts "
+                  f"{model.stage_parts()}, global batch {cfg.global_batch_size} = micro {cfg.micro_batch_size} "
+                  f"x accumulation {gas} x DP {layout.dp}", flush=True)
+        last_loss = last_valid = None
+        window_start, window_iters = time.time(), 0
+        while iteration < cfg.train_iters:
+            lr = scheduler.get_lr()[0]  # the LR this step uses
+            loss = float(engine.train_batch(data_iter=train_iter))
+            iteration += 1
+            consumed += cfg.global_batch_size
+            window_iters += 1
+            last_loss = loss
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = None if grad_norm is None else float(grad_norm)
+            if logger:
+                logger.train_step(iteration, loss, lr, grad_norm, consumed)
+            if rank0 and (iteration % cfg.log_interval == 0 or iteration == cfg.train_iters):
+                elapsed = time.time() - window_start
+                tokens = window_iters * cfg.global_batch_size * cfg.seq_length
+                gn = "n/a" if grad_norm is None else f"{grad_norm:.4f}"
+                print(f" iteration {iteration:6d}/{cfg.train_iters} | consumed samples {consumed:8d} | "
+                      f"elapsed time per iteration (ms): {1000 * elapsed / window_iters:.1f} | "
+                      f"tokens/s: {_tokens_per_s(tokens, elapsed):.0f} | learning rate: {lr:.4E} | "
+                      f"lm loss: {loss:.6E} | grad norm: {gn} |", flush=True)
+                window_start, window_iters = time.time(), 0
+            if cfg.eval_interval and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters):
+                last_valid = evaluate()
+                if logger:
+                    logger.validation(iteration, last_valid)
+                if rank0:
+                    print(f" validation at iteration {iteration} | lm loss: {last_valid:.6E} |", flush=True)
+                window_start = time.time()
+            if cfg.save and (
+                (cfg.save_interval and iteration % cfg.save_interval == 0) or iteration == cfg.train_iters
+            ):
+                save()
+                window_start = time.time()
+        if logger:
+            logger.close()
+        return TrainResult(iteration, last_loss, last_valid)
+    finally:
+        groups.destroy()

@@ -29,10 +29,9 @@ log = logging.getLogger("megatron_ucp")
 
 
 def init_distributed() -> None:
+    """Initialise torch.distributed (unless a caller did) and DeepSpeed's communication layer."""
     import deepspeed
 
-    if dist.is_initialized():
-        return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"

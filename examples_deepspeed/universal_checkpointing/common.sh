@@ -1,0 +1,110 @@
+# Shared settings for the universal-checkpointing recipes. Source it; do not run it.
+#
+# Every knob is an environment variable, read here before any path is derived:
+#   TP PP DP               parallel degrees of the baseline run (default 2 2 2: 8 ranks)
+#   ZERO_STAGE DTYPE       ZeRO stage (0/1 with the pipeline engine) and bf16 | fp16 | fp32
+#   NUM_LAYERS HIDDEN HEADS SEQ_LEN   the tiny GPT (4 layers, 256 hidden, 8 heads, 256 tokens)
+#   GLOBAL_BATCH MICRO_BATCH          samples per step (fixed across layouts) and per micro batch
+#   TRAIN_ITERS SAVE_INTERVAL EVAL_INTERVAL EVAL_ITERS LOG_INTERVAL
+#   LR MIN_LR WARMUP SEED DROPOUT
+#   OUTPUT_DIR             the folder under which every run's checkpoints and logs go
+#   DATA_PATH              a preprocessed dataset prefix (default: the bundled Austen corpus,
+#                          tokenized into $OUTPUT_DIR/data on first use)
+#   TOKENIZER_MODEL        SentencePiece model (default: data/tokenizer/austen-bpe-8k.model)
+#   LAUNCHER               torchrun (default) | deepspeed
+#   NNODES NODE_RANK MASTER_ADDR MASTER_PORT HOSTFILE   multi-node settings for the launcher
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+
+TP="${TP:-2}"
+PP="${PP:-2}"
+DP="${DP:-2}"
+ZERO_STAGE="${ZERO_STAGE:-1}"
+DTYPE="${DTYPE:-bf16}"
+NUM_LAYERS="${NUM_LAYERS:-4}"
+HIDDEN="${HIDDEN:-256}"
+HEADS="${HEADS:-8}"
+SEQ_LEN="${SEQ_LEN:-256}"
+GLOBAL_BATCH="${GLOBAL_BATCH:-8}"
+MICRO_BATCH="${MICRO_BATCH:-4}"
+TRAIN_ITERS="${TRAIN_ITERS:-200}"
+SAVE_INTERVAL="${SAVE_INTERVAL:-100}"
+EVAL_INTERVAL="${EVAL_INTERVAL:-20}"
+EVAL_ITERS="${EVAL_ITERS:-2}"
+LOG_INTERVAL="${LOG_INTERVAL:-10}"
+LR="${LR:-1e-3}"
+MIN_LR="${MIN_LR:-1e-4}"
+WARMUP="${WARMUP:-20}"
+SEED="${SEED:-1234}"
+DROPOUT="${DROPOUT:-0.0}"
+OUTPUT_DIR="${OUTPUT_DIR:-$REPO_ROOT/outputs/universal_checkpointing}"
+DATA_PATH="${DATA_PATH:-}"
+TOKENIZER_MODEL="${TOKENIZER_MODEL:-$REPO_ROOT/data/tokenizer/austen-bpe-8k.model}"
+LAUNCHER="${LAUNCHER:-torchrun}"
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+HOSTFILE="${HOSTFILE:-}"
+
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"  # DeepSpeed's CPU accelerator, gloo backend
+fi
+export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+OUTPUT_DIR="$(mkdir -p "$OUTPUT_DIR" && cd "$OUTPUT_DIR" && pwd)"
+
+# run_name TP PP DP: the folder name of one run (Megatron-DeepSpeed's tp/pp/dp/sp naming).
+run_name() {
+    echo "${DTYPE}_z${ZERO_STAGE}_tp${1}_pp${2}_dp${3}_sp1"
+}
+
+# prepare_data: tokenize the bundled corpus once, unless DATA_PATH names a dataset.
+prepare_data() {
+    if [[ -z "$DATA_PATH" ]]; then
+        DATA_PATH="$OUTPUT_DIR/data/austen_text_document"
+        if [[ ! -f "$DATA_PATH.idx" ]]; then
+            python "$REPO_ROOT/tools/preprocess_data.py" --input "$REPO_ROOT/data/austen/austen-novels.txt.xz" \
+                --output-prefix "$OUTPUT_DIR/data/austen" --tokenizer-type SentencePieceTokenizer \
+                --tokenizer-model "$TOKENIZER_MODEL" --append-eod --workers 2
+        fi
+    fi
+}
+
+# launch WORLD_SIZE ARGS...: start megatron_ucp.train on WORLD_SIZE ranks of this node.
+launch() {
+    local nproc="$1"
+    shift
+    local per_node=$(( nproc / NNODES ))
+    if [[ "$LAUNCHER" == "deepspeed" ]]; then
+        local hosts=()
+        [[ -n "$HOSTFILE" ]] && hosts=(--hostfile "$HOSTFILE")
+        deepspeed "${hosts[@]}" --num_nodes "$NNODES" --num_gpus "$per_node" --master_addr "$MASTER_ADDR" \
+            --master_port "$MASTER_PORT" --module megatron_ucp.train "$@"
+    else
+        torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$per_node" \
+            --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m megatron_ucp.train "$@"
+    fi
+}
+
+# model_args / train_args: the flags shared by every run of a recipe.
+model_args() {
+    echo --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS" \
+        --seq-length "$SEQ_LEN" --max-position-embeddings "$SEQ_LEN" \
+        --hidden-dropout "$DROPOUT" --attention-dropout "$DROPOUT"
+}
+
+train_args() {
+    echo --data-path "$DATA_PATH" --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL" \
+        --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS" \
+        --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP" --lr-decay-style cosine --seed "$SEED" \
+        --zero-stage "$ZERO_STAGE" "--$DTYPE" --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" \
+        --eval-iters "$EVAL_ITERS" --save-interval "$SAVE_INTERVAL"
+}
+
+# run_dir_args RUN_DIR: where one run's checkpoints, TensorBoard events, loss log and config go.
+run_dir_args() {
+    echo --save "$1/checkpoints" --tensorboard-dir "$1/tensorboard" --loss-log "$1/loss.jsonl" \
+        --ds-config-out "$1/ds_config.json"
+}

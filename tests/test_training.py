@@ -1,0 +1,131 @@
+"""Multi-process trainer tests on gloo: layout-invariant init, exact resume, DeepSpeed's own converter."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from megatron_ucp.config import ModelConfig, TrainConfig
+from megatron_ucp.layout.params import model_params
+from megatron_ucp.layout.slicing import merge, unpad_vocab
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+MODEL = dict(num_layers=4, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
+             make_vocab_size_divisible_by=8, hidden_dropout=0.1, attention_dropout=0.1)
+VOCAB = 50
+
+
+def _dump_init(rank, world_size, tp, pp, out_dir):
+    import deepspeed
+
+    from megatron_ucp.distributed import groups
+    from megatron_ucp.layout.topology import ParallelLayout
+    from megatron_ucp.model.pipe import GPTPipe
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    state = groups.initialize(ParallelLayout.from_world_size(world_size, tp=tp, pp=pp))
+    try:
+        model = GPTPipe(ModelConfig(vocab_size=VOCAB, **MODEL), state, seed=1234)
+        torch.save({"coords": (state.coords.pp, state.coords.tp),
+                    "params": {n: p.detach().clone() for n, p in model.named_parameters()}},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        groups.destroy()
+
+
+def _gather_full(out_dir, world_size, tp):
+    """Full, unpadded tensors assembled from every rank's dump (first stage wins for tied copies)."""
+    dumps = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world_size)]
+    cfg = ModelConfig(vocab_size=VOCAB, **MODEL)
+    full = {}
+    for info in model_params(cfg):
+        holders = sorted((d["coords"], d["params"][info.name]) for d in dumps if info.name in d["params"])
+        first_pp = holders[0][0][0]
+        shards = [t for (pp, _), t in holders if pp == first_pp]
+        assert len(shards) == tp, info.name
+        t = merge(shards, info.kind)
+        full[info.name] = unpad_vocab(t, VOCAB) if info.kind.value == "vocab" else t
+    return full
+
+
+def test_init_is_identical_at_tp1pp1_and_tp2pp2(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    run_distributed(_dump_init, 1, 1, 1, str(a))
+    run_distributed(_dump_init, 4, 2, 2, str(b))
+    full_a, full_b = _gather_full(a, 1, 1), _gather_full(b, 4, 2)
+    assert full_a.keys() == full_b.keys()
+    for name in full_a:
+        assert torch.equal(full_a[name], full_b[name]), name
+    # Negative control: the two TP slices of a QKV weight are not interchangeable.
+    q = full_b["1.self_attention.query_key_value.weight"]
+    assert not torch.equal(torch.cat(q.chunk(2)[::-1]), q)
+
+
+def _train(rank, world_size, model_kwargs, cfg_dict):
+    from megatron_ucp.training.trainer import train
+
+    train(model_kwargs, TrainConfig(**cfg_dict))
+
+
+def _losses(path):
+    with open(path) as f:
+        return {r["iteration"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
+
+
+def _cfg(tmp_path, name, **kw):
+    base = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, micro_batch_size=1,
+                global_batch_size=4, seq_length=16, train_iters=6, lr=1e-3, min_lr=1e-4, lr_warmup_iters=2,
+                dtype="fp32", mock_data=True, vocab_size=VOCAB, log_interval=1, eval_interval=0,
+                save=str(tmp_path / "ckpt"), save_interval=3, loss_log=str(tmp_path / f"{name}.jsonl"))
+    base.update(kw)
+    return base
+
+
+def test_same_topology_resume_is_exact_in_fp32(tmp_path):
+    """6 uninterrupted steps vs 3 + resume from global_step3: the same fp32 losses, bit for bit.
+
+    Dropout is on, so this also checks the RNG states; the negative control resumes without them.
+    """
+    run_distributed(_train, 4, MODEL, _cfg(tmp_path, "full"))
+    full = _losses(tmp_path / "full.jsonl")
+    assert sorted(full) == [1, 2, 3, 4, 5, 6]
+    ckpt = tmp_path / "ckpt"
+    assert (ckpt / "latest").read_text() == "global_step6"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "6"
+    (ckpt / "latest").write_text("global_step3")  # resume from the iteration-3 checkpoint
+
+    resume = tmp_path / "resume"
+    run_distributed(_train, 4, MODEL, _cfg(tmp_path, "resumed", load=str(ckpt), save=str(resume)))
+    resumed = _losses(tmp_path / "resumed.jsonl")
+    assert sorted(resumed) == [4, 5, 6]
+    assert [resumed[i] for i in (4, 5, 6)] == [full[i] for i in (4, 5, 6)]
+
+    run_distributed(_train, 4, MODEL, _cfg(tmp_path, "norng", load=str(ckpt), save=str(resume), no_load_rng=True))
+    norng = _losses(tmp_path / "norng.jsonl")
+    assert norng[4] != full[4]  # other dropout masks: resuming without RNG states is detectably different
+
+    # DeepSpeed's own converter accepts the checkpoint as written (no --inject_missing_state).
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = tmp_path / "universal" / "global_step3_universal"
+    ds_to_universal.main(_ds_args(ckpt / "global_step3", out))
+    assert (tmp_path / "universal" / "latest_universal").read_text() == "global_step3_universal"
+    atom = torch.load(out / "zero" / "tied_modules.embed.word_embeddings.weight" / "fp32.pt", weights_only=False)
+    assert atom["param"].shape == (VOCAB, 32) and atom["vocab_tensor"] is True and atom["cat_dim"] == 0
+    row = torch.load(out / "zero" / "2.self_attention.dense.weight" / "fp32.pt", weights_only=False)
+    assert row["cat_dim"] == 1 and row["param"].shape == (32, 32)
+    ln = torch.load(out / "zero" / "5.final_layernorm.weight" / "fp32.pt", weights_only=False)
+    assert "cat_dim" not in ln and ln["param"].shape == (32,)
+
+
+def _ds_args(input_folder, output_folder):
+    import argparse
+
+    return argparse.Namespace(input_folder=str(input_folder), output_folder=str(output_folder),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                              strict=True, inject_missing_state=False)

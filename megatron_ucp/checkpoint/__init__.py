@@ -1,0 +1,1 @@
+"""Reading DeepSpeed ZeRO checkpoints and writing DeepSpeed's universal checkpoint format."""

@@ -1,0 +1,381 @@
+"""Convert a ZeRO-1/2 checkpoint into DeepSpeed's universal format, in one pass.
+
+The output is byte-for-byte the layout DeepSpeed's ``ds_to_universal`` writes (same files, same
+dict keys, ``torch.equal`` tensors), produced differently:
+
+* **One pass, no temporary copy.** Each parameter's DP fragments are read (``pread``) straight from
+  the optimizer shards into their place in the full tensor, which is saved once. DeepSpeed first
+  writes every fragment to ``tmp/`` and reads it back.
+* **Bounded memory.** A worker holds one full state tensor of one parameter at a time (plus one
+  fragment when the destination is strided); the shards are never loaded whole.
+* **Rules from the parameter table.** Checkpoints written by our trainer carry their model config;
+  each parameter's merge rule (``layout.params.Kind``) comes from the table. Replicated parameters
+  are checked bitwise equal across TP ranks, vocab padding is stripped to the original vocab, and
+  pipeline-tied weights are read from the first stage. Other checkpoints fall back to their
+  ``universal_checkpoint_info`` patterns, as DeepSpeed does.
+* **Safe.** Output goes to ``<output>.tmp-<pid>`` next to the target and is renamed into place when
+  complete; ``latest_universal`` is written last; a non-empty output is refused unless
+  ``overwrite``; the output may not be inside the input.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_ucp.checkpoint.zero import (
+    BASE_OPTIMIZER_STATE,
+    OPTIMIZER_STATE_DICT,
+    PARAM_SLICE_MAPPINGS,
+    SINGLE_PARTITION_OF_FP32_GROUPS,
+    STATE_KEYS,
+    CheckpointError,
+    ParamSource,
+    ZeroCheckpoint,
+    load_file,
+    open_zero_checkpoint,
+    read_into,
+)
+from megatron_ucp.layout.params import Kind, spec_of
+
+LATEST_UNIVERSAL = "latest_universal"
+
+
+@dataclass(frozen=True)
+class MergeRule:
+    kind: Kind
+    vocab_rows: int | None = None  # rows kept for VOCAB parameters (the original vocabulary)
+
+
+def rules_from_table(metadata: dict):
+    """Merge rules from our parameter table, for checkpoints our trainer wrote."""
+    vocab = int(metadata["original_vocab_size"])
+
+    def rule(name: str) -> MergeRule:
+        kind = spec_of(name).kind
+        return MergeRule(kind, vocab if kind is Kind.VOCAB else None)
+
+    return rule
+
+
+def rules_from_ucp_info(info: dict, strict: bool):
+    """DeepSpeed's semantics for foreign checkpoints: replicated, row, vocab patterns; default column."""
+    unsupported = [k for k in ("parameter_with_2_sub_params_cat_dim_0", "parameter_with_sub_params",
+                               "parameter_to_average_patterns", "affine_map") if info.get(k)]
+    if unsupported:
+        raise CheckpointError(f"universal_checkpoint_info uses {', '.join(unsupported)}, which this converter does "
+                              "not support for checkpoints not written by megatron_ucp; use DeepSpeed's converter")
+    lists = {
+        Kind.REPLICATED: info.get("tp_replicated_parameter_patterns", []),
+        Kind.ROW: info.get("parameter_with_row_parallelism_patterns", []),
+    }
+    vocab_patterns = info.get("vocabulary_parameter_patterns", [])
+    used: set[str] = set()
+
+    def first_match(patterns, name):
+        hits = [p for p in patterns if re.match(p, name)]
+        if len(hits) > 1:
+            raise CheckpointError(f"parameter {name} matches several patterns of one list: {hits}")
+        used.update(hits)
+        return bool(hits)
+
+    def rule(name: str) -> MergeRule:
+        is_vocab = first_match(vocab_patterns, name)
+        for kind in (Kind.REPLICATED, Kind.ROW):
+            if first_match(lists[kind], name):
+                return MergeRule(kind, info["original_vocab_size"] if is_vocab else None)
+        return MergeRule(Kind.VOCAB if is_vocab else Kind.COLUMN, info.get("original_vocab_size") if is_vocab else None)
+
+    def unmatched() -> list[str]:
+        every = set(vocab_patterns) | set(lists[Kind.REPLICATED]) | set(lists[Kind.ROW])
+        return sorted(every - used) if strict else []
+
+    rule.unmatched = unmatched
+    return rule
+
+
+@dataclass
+class ConvertReport:
+    input_folder: str
+    output_folder: str
+    iteration: int | None
+    topology: dict
+    params: int
+    bytes_written: int
+    seconds: float
+    workers: int
+    verified: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        gb = self.bytes_written / 1e9
+        rate = gb / self.seconds if self.seconds > 0 else float("nan")
+        ver = ", verified" if self.verified else ""
+        return (f"converted {self.params} parameters of iteration {self.iteration} "
+                f"(TP{self.topology['tp']} PP{self.topology['pp']} DP{self.topology['dp']}) into "
+                f"{self.output_folder}: {gb:.3f} GB in {self.seconds:.2f} s ({rate:.2f} GB/s), "
+                f"{self.workers} workers{ver}")
+
+
+def _read_fragment(src: ParamSource, tp: int, frag, key: str, ckpt: ZeroCheckpoint, dst: torch.Tensor) -> None:
+    read_into(ckpt.flat_ref(src.pp, tp, frag.dp, src.group, key), frag.start, dst)
+
+
+def _copy_fragments_into(dst: torch.Tensor, src: ParamSource, tp: int, key: str, ckpt: ZeroCheckpoint) -> None:
+    """Fill ``dst`` (TP rank ``tp``'s local tensor, possibly a strided view) from its DP fragments."""
+    offset = 0
+    flat = dst.view(-1) if dst.is_contiguous() else None
+    for frag in src.fragments[tp]:
+        if flat is not None:
+            _read_fragment(src, tp, frag, key, ckpt, flat.narrow(0, offset, frag.numel))
+        else:
+            piece = torch.empty(frag.numel, dtype=dst.dtype)
+            _read_fragment(src, tp, frag, key, ckpt, piece)
+            _copy_flat_range(dst, offset, piece)
+        offset += frag.numel
+
+
+def _copy_flat_range(dst: torch.Tensor, start: int, piece: torch.Tensor) -> None:
+    """Copy ``piece`` into elements [start, start+len) of ``dst`` in row-major order (``dst`` 2-D, strided)."""
+    if dst.dim() != 2:
+        raise CheckpointError(f"cannot place a fragment into a strided {dst.dim()}-D tensor")
+    width = dst.shape[1]
+    pos, end, done = start, start + piece.numel(), 0
+    while pos < end:
+        row, col = divmod(pos, width)
+        if col == 0 and end - pos >= width:  # whole rows at once
+            n_rows = (end - pos) // width
+            dst[row:row + n_rows].copy_(piece.narrow(0, done, n_rows * width).view(n_rows, width))
+            step = n_rows * width
+        else:
+            step = min(width - col, end - pos)
+            dst[row, col:col + step].copy_(piece.narrow(0, done, step))
+        pos += step
+        done += step
+
+
+def _replicas_equal(ref: torch.Tensor, src: ParamSource, tp: int, key: str, ckpt: ZeroCheckpoint) -> bool:
+    flat = ref.reshape(-1)
+    offset = 0
+    for frag in src.fragments[tp]:
+        piece = torch.empty(frag.numel, dtype=ref.dtype)
+        _read_fragment(src, tp, frag, key, ckpt, piece)
+        if not torch.equal(flat.narrow(0, offset, frag.numel), piece):
+            return False
+        offset += frag.numel
+    return True
+
+
+def merged_state(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroCheckpoint) -> dict:
+    """The universal atom dict of one state of one parameter, with DeepSpeed's keys and key order."""
+    local = src.local_shapes[0]
+    if rule.kind is Kind.REPLICATED:
+        full = torch.empty(local, dtype=torch.float32)
+        _copy_fragments_into(full, src, 0, key, ckpt)
+        for tp in range(1, ckpt.tp):
+            if not _replicas_equal(full, src, tp, key, ckpt):
+                raise CheckpointError(f"{ckpt.folder}: TP-replicated parameter {src.name} ({key}) differs between "
+                                      f"TP rank 0 and TP rank {tp}; refusing to average it silently")
+        return {"param": full}
+    dim = rule.kind.partition_dim
+    if any(s != local for s in src.local_shapes):
+        raise CheckpointError(f"{ckpt.folder}: {src.name} has uneven TP shapes {src.local_shapes}")
+    full_shape = list(local)
+    full_shape[dim] *= ckpt.tp
+    full = torch.empty(full_shape, dtype=torch.float32)
+    for tp in range(ckpt.tp):
+        _copy_fragments_into(full.narrow(dim, tp * local[dim], local[dim]), src, tp, key, ckpt)
+    out = {"cat_dim": dim}
+    if rule.kind is Kind.VOCAB:
+        if full.shape[0] < rule.vocab_rows:
+            raise CheckpointError(f"{ckpt.folder}: {src.name} has {full.shape[0]} rows, fewer than the original "
+                                  f"vocabulary of {rule.vocab_rows}")
+        full = full[: rule.vocab_rows].clone()  # do not carry the padding rows' storage into the file
+        out["vocab_tensor"] = True
+    out["param"] = full
+    return out
+
+
+def _save(obj, path: str) -> int:
+    torch.save(obj, path)
+    return os.path.getsize(path)
+
+
+def convert_param(src: ParamSource, rule: MergeRule, ckpt: ZeroCheckpoint, zero_dir: str) -> int:
+    """Write ``zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt`` for one parameter; return bytes written."""
+    out_dir = os.path.join(zero_dir, src.name)
+    os.makedirs(out_dir, exist_ok=True)
+    written = 0
+    step = ckpt.step(src.pp, 0, src.fragments[0][0].dp, src.group)
+    if step is not None:
+        written += _save(step.clone() if torch.is_tensor(step) else step, os.path.join(out_dir, "step.pt"))
+    for key in STATE_KEYS:
+        atom = merged_state(src, rule, key, ckpt)
+        written += _save(atom, os.path.join(out_dir, f"{key}.pt"))
+        del atom
+    return written
+
+
+def optimizer_state(ckpt: ZeroCheckpoint) -> dict:
+    """``zero/optimizer_state.pt``: the (pp0, tp0, dp0) optimizer dict minus sharded state, plus param_groups."""
+    osd = load_file(ckpt.optim_file(0, 0, 0), mmap=True)[OPTIMIZER_STATE_DICT]  # only small entries are kept
+    sharded = (BASE_OPTIMIZER_STATE, PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS)
+    out = {k: v for k, v in osd.items() if k not in sharded}
+    out["param_groups"] = osd[BASE_OPTIMIZER_STATE]["param_groups"]
+    return out
+
+
+def _check_paths(input_folder: str, output_folder: str, overwrite: bool) -> tuple[str, str]:
+    inp = os.path.realpath(input_folder)
+    out = os.path.realpath(output_folder.rstrip("/") or output_folder)
+    if out == inp or os.path.commonpath([inp, out]) == inp:
+        raise CheckpointError(f"{output_folder}: the output may not be inside the input folder {input_folder}")
+    if os.path.commonpath([inp, out]) == out:
+        raise CheckpointError(f"{output_folder}: the output may not contain the input folder {input_folder}")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
+        raise CheckpointError(f"{output_folder}: exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    return inp, out
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled, self.t0 = total, 0, enabled, time.time()
+
+    def tick(self, nbytes: int) -> None:
+        self.done += 1
+        if self.enabled and (self.done == self.total or self.done % max(1, self.total // 20) == 0):
+            print(f"  [{self.done}/{self.total}] parameters, {time.time() - self.t0:.1f} s", file=sys.stderr, flush=True)
+
+
+def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers: int | None = None,
+                              overwrite: bool = False, strict: bool = True, inject_missing_state: bool = False,
+                              verify: bool = False, progress: bool = False) -> ConvertReport:
+    """Convert ``input_folder`` (``<save>/global_stepN``) into a universal checkpoint at ``output_folder``.
+
+    Writes ``latest_universal`` (containing the output folder's name) into the output's parent.
+    """
+    t0 = time.time()
+    inp, out = _check_paths(input_folder, output_folder, overwrite)
+    ckpt = open_zero_checkpoint(inp)
+    info = ckpt.universal_checkpoint_info
+    metadata = ckpt.metadata
+    if info is None and not inject_missing_state:
+        raise CheckpointError(f"{ckpt.model_files[0]}: required universal_checkpoint_info is missing "
+                              "(pass inject_missing_state to convert with DeepSpeed's defaults)")
+    if metadata is not None:
+        rule_of = rules_from_table(metadata)
+        unmatched = []
+    else:
+        rule_of = rules_from_ucp_info(info or {"universal_checkpoint_version": 0.4}, strict)
+    rules = {name: rule_of(name) for name in ckpt.param_sources}
+    if metadata is None:
+        unmatched = rule_of.unmatched()
+        if unmatched:
+            raise CheckpointError(f"{ckpt.model_files[0]}: universal_checkpoint_info patterns match no parameter: "
+                                  f"{unmatched} (pass strict=False / --no_strict to ignore)")
+
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    zero_dir = os.path.join(tmp, "zero")
+    os.makedirs(zero_dir)
+    n_workers = max(1, workers or min(4, os.cpu_count() or 1))
+    try:
+        # Largest first, so the long tasks start early and the pool ends together.
+        order = sorted(ckpt.param_sources.values(), key=lambda s: -_numel(s))
+        prog = _Progress(len(order), progress)
+        written = 0
+        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+            futures = [pool.submit(convert_param, src, rules[src.name], ckpt, zero_dir) for src in order]
+            for fut in as_completed(futures):
+                nbytes = fut.result()
+                written += nbytes
+                prog.tick(nbytes)
+        written += _save(optimizer_state(ckpt), os.path.join(zero_dir, "optimizer_state.pt"))
+        for path in ckpt.model_files:
+            shutil.copy2(path, tmp)
+            written += os.path.getsize(path)
+        if os.path.exists(out):
+            old = f"{out}.old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    latest_tmp = os.path.join(parent, LATEST_UNIVERSAL + f".tmp-{os.getpid()}")
+    with open(latest_tmp, "w") as f:
+        f.write(os.path.basename(out))
+    os.replace(latest_tmp, os.path.join(parent, LATEST_UNIVERSAL))
+    report = ConvertReport(input_folder=inp, output_folder=out, iteration=ckpt.iteration,
+                           topology={"tp": ckpt.tp, "pp": ckpt.pp, "dp": ckpt.dp}, params=len(order),
+                           bytes_written=written, seconds=0.0, workers=n_workers)
+    if verify:
+        verify_universal(ckpt, out, rules)
+        report.verified = True
+    report.seconds = time.time() - t0
+    return report
+
+
+def _numel(src: ParamSource) -> int:
+    return sum(sum(f.numel for f in frags) for frags in src.fragments)
+
+
+def verify_universal(ckpt: ZeroCheckpoint, output_folder: str, rules: dict[str, MergeRule]) -> None:
+    """Re-read every written atom and compare it with the input shards, independently of the writer."""
+    zero_dir = os.path.join(output_folder, "zero")
+    names = set(os.listdir(zero_dir)) - {"optimizer_state.pt"}
+    if names != set(ckpt.param_sources):
+        raise CheckpointError(f"{zero_dir}: holds {sorted(names ^ set(ckpt.param_sources))[:5]} unexpectedly")
+    for name, src in ckpt.param_sources.items():
+        rule = rules[name]
+        for key in STATE_KEYS:
+            atom = load_file(os.path.join(zero_dir, name, f"{key}.pt"), mmap=True)
+            param = atom["param"]
+            for tp in range(ckpt.tp):
+                # The TP slice of the saved tensor, re-padded: compare it with rank tp's fragments.
+                if rule.kind is Kind.REPLICATED:
+                    local = param
+                else:
+                    dim = rule.kind.partition_dim
+                    width = src.local_shapes[tp][dim]
+                    padded = param
+                    if rule.kind is Kind.VOCAB:
+                        padded = torch.zeros((width * ckpt.tp,) + tuple(param.shape[1:]))
+                        padded[: param.shape[0]] = param
+                    local = padded.narrow(dim, tp * width, width)
+                if not _local_matches(local, src, tp, key, ckpt, rule):
+                    raise CheckpointError(f"{os.path.join(zero_dir, name, key + '.pt')}: does not match TP rank {tp} "
+                                          f"of {ckpt.folder}")
+
+
+def _local_matches(local: torch.Tensor, src: ParamSource, tp: int, key: str, ckpt: ZeroCheckpoint,
+                   rule: MergeRule) -> bool:
+    flat = local.contiguous().view(-1)
+    offset = 0
+    for frag in src.fragments[tp]:
+        piece = torch.empty(frag.numel, dtype=torch.float32)
+        _read_fragment(src, tp, frag, key, ckpt, piece)
+        want = flat.narrow(0, offset, frag.numel)
+        if rule.kind is Kind.VOCAB:
+            # Padding rows are dropped from the atom; compare only the rows below the vocabulary.
+            row_elems = int(local[0].numel()) if local.dim() > 1 else 1
+            first_row = tp * src.local_shapes[tp][0]
+            keep = max(0, min(src.local_shapes[tp][0], rule.vocab_rows - first_row)) * row_elems
+            lo, hi = offset, min(offset + frag.numel, keep)
+            if hi > lo and not torch.equal(flat.narrow(0, lo, hi - lo), piece.narrow(0, 0, hi - lo)):
+                return False
+        elif not torch.equal(want, piece):
+            return False
+        offset += frag.numel
+    return True

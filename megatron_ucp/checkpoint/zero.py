@@ -1,0 +1,314 @@
+"""Read a DeepSpeed ZeRO-1/2 checkpoint folder (``<save>/global_stepN``) without loading it whole.
+
+Files (see ``shared`` design notes, reproduced in docs/ucp-format-notes.md):
+
+* ``mp_rank_XX_model_states.pt``: one per model-parallel rank, ``XX = pp * TP + tp`` under a
+  PipelineModule; holds ``param_shapes`` (TP-local shapes per optimizer group), counters and our
+  client state (``universal_checkpoint_info``, ``megatron_ucp`` metadata).
+* ``[bf16_]zero_pp_rank_{dp}_mp_rank_{XX}_optim_states.pt``: rank ``dp``'s flat fp32 partition and
+  Adam moments per group, plus ``param_slice_mappings`` (name -> (numel, start) in that partition).
+  Despite its name, ``pp_rank`` is the data-parallel rank.
+
+Opening a checkpoint reads only the pickles: optimizer files are loaded onto the ``meta`` device,
+which gives every tensor's dtype, shape and byte offset inside the file without touching its data.
+Readers then copy exactly the bytes they need with ``pread`` (``read_into``), straight into their
+destination tensors: no mapping of whole files, so memory stays bounded by what is being merged.
+Every problem is reported as ``CheckpointError`` naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+MODEL_FILE_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+OPTIM_FILE_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+ZERO3_MODEL_FILE_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+
+OPTIMIZER_STATE_DICT = "optimizer_state_dict"
+BASE_OPTIMIZER_STATE = "base_optimizer_state"
+SINGLE_PARTITION_OF_FP32_GROUPS = "single_partition_of_fp32_groups"
+PARAM_SLICE_MAPPINGS = "param_slice_mappings"
+STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or inconsistent; the message names it."""
+
+
+def load_file(path: str, mmap: bool = True, meta: bool = False) -> dict:
+    """``torch.load`` with a clear error for missing, truncated or foreign files.
+
+    ``meta=True`` reads only the pickle: tensors come back on the meta device with their file offsets.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing file")
+    try:
+        if meta:
+            return torch.load(path, map_location="meta", weights_only=False)
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle means the file is unusable
+        size = os.path.getsize(path)
+        raise CheckpointError(f"{path}: unreadable or truncated ({size} bytes): {type(e).__name__}: {e}") from None
+
+
+@dataclass(frozen=True)
+class FlatRef:
+    """A flat tensor stored inside a checkpoint file: where its bytes are and how to read them."""
+
+    path: str
+    offset: int  # byte offset of element 0 in the file
+    numel: int
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, path: str, t: torch.Tensor) -> "FlatRef":
+        storage_offset = getattr(t.untyped_storage(), "_checkpoint_offset", None)
+        if storage_offset is None:
+            raise CheckpointError(f"{path}: cannot locate tensor data (not a zip-format torch.save file?)")
+        return cls(path, int(storage_offset) + t.storage_offset() * t.element_size(), t.numel(), t.dtype)
+
+
+def read_into(ref: FlatRef, start: int, dst: torch.Tensor) -> None:
+    """Copy elements [start, start + dst.numel()) of ``ref`` into the contiguous tensor ``dst``."""
+    if dst.dtype != ref.dtype or not dst.is_contiguous():
+        raise CheckpointError(f"{ref.path}: read_into needs a contiguous {ref.dtype} destination")
+    if start < 0 or start + dst.numel() > ref.numel:
+        raise CheckpointError(f"{ref.path}: fragment [{start}, {start + dst.numel()}) outside a tensor of {ref.numel}")
+    nbytes = dst.numel() * dst.element_size()
+    if nbytes == 0:
+        return
+    view = memoryview(dst.view(torch.uint8).view(-1).numpy())
+    pos = ref.offset + start * dst.element_size()
+    fd = os.open(ref.path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:done + (1 << 30)]], pos + done)
+            if n <= 0:
+                raise CheckpointError(f"{ref.path}: truncated: ends before byte {pos + nbytes}")
+            done += n
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Fragment:
+    """One data-parallel rank's piece of a parameter: ``numel`` elements at ``start`` of its partition."""
+
+    dp: int
+    start: int
+    numel: int
+
+
+@dataclass
+class ParamSource:
+    """Where every piece of one parameter lives, for the pipeline stage we read it from."""
+
+    name: str
+    pp: int
+    group: int
+    local_shapes: list[tuple[int, ...]]  # per TP rank
+    fragments: list[list[Fragment]]  # per TP rank, in DP order, covering the local tensor exactly
+
+
+@dataclass
+class ZeroCheckpoint:
+    folder: str
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+    bf16_prefix: bool
+    iteration: int | None
+    model_files: list[str]  # indexed by mp rank
+    model_states: list[dict]  # small: module is None under a PipelineModule
+    optim_files: dict[tuple[int, int], str]  # (dp, mp) -> path
+    param_sources: dict[str, ParamSource] = field(default_factory=dict)
+    # (dp, mp) -> per optimizer group: {"fp32" | "exp_avg" | "exp_avg_sq": FlatRef}
+    flat_refs: dict[tuple[int, int], list[dict[str, FlatRef]]] = field(default_factory=dict)
+    steps: dict[tuple[int, int], list] = field(default_factory=dict)  # (dp, mp) -> per group step value
+
+    @property
+    def metadata(self) -> dict | None:
+        return self.model_states[0].get("megatron_ucp")
+
+    @property
+    def universal_checkpoint_info(self) -> dict | None:
+        return self.model_states[0].get("universal_checkpoint_info")
+
+    def mp_rank(self, pp: int, tp: int) -> int:
+        return pp * self.tp + tp
+
+    def optim_file(self, pp: int, tp: int, dp: int) -> str:
+        return self.optim_files[(dp, self.mp_rank(pp, tp))]
+
+    def flat_ref(self, pp: int, tp: int, dp: int, group: int, key: str) -> FlatRef:
+        return self.flat_refs[(dp, self.mp_rank(pp, tp))][group][key]
+
+    def step(self, pp: int, tp: int, dp: int, group: int):
+        return self.steps[(dp, self.mp_rank(pp, tp))][group]
+
+
+def _list_files(folder: str):
+    model, optim, zero3 = {}, {}, []
+    for name in sorted(os.listdir(folder)):
+        if m := MODEL_FILE_RE.match(name):
+            model[int(m.group(1))] = os.path.join(folder, name)
+        elif m := OPTIM_FILE_RE.match(name):
+            optim[(int(m.group(2)), int(m.group(3)))] = (os.path.join(folder, name), bool(m.group(1)))
+        elif ZERO3_MODEL_FILE_RE.match(name):
+            zero3.append(name)
+    return model, optim, zero3
+
+
+def open_zero_checkpoint(folder: str) -> ZeroCheckpoint:
+    """Index a ZeRO-1/2 checkpoint folder and check that its files belong together."""
+    folder = os.path.normpath(folder)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: not a checkpoint folder")
+    model, optim, zero3 = _list_files(folder)
+    if zero3 and not model:
+        raise CheckpointError(f"{folder}: a ZeRO-3 checkpoint ({zero3[0]}); only ZeRO stages 1 and 2 are supported")
+    if not model:
+        raise CheckpointError(f"{folder}: no mp_rank_XX_model_states.pt files (not a DeepSpeed checkpoint folder?)")
+    if not optim:
+        raise CheckpointError(f"{folder}: no *_optim_states.pt files (ZeRO-0 checkpoints cannot be converted)")
+    n_mp = len(model)
+    if sorted(model) != list(range(n_mp)):
+        missing = sorted(set(range(max(model) + 1)) - set(model))
+        raise CheckpointError(f"{os.path.join(folder, f'mp_rank_{missing[0]:02d}_model_states.pt')}: missing file")
+    model_files = [model[i] for i in range(n_mp)]
+    states = [load_file(p, mmap=True) for p in model_files]
+    first = states[0]
+    dims = first.get("checkpoint_parallel_dimensions")
+    if dims:
+        tp, pp = int(dims["tp_degree"]), int(dims["pp_degree"])
+    elif first.get("megatron_ucp"):
+        tp, pp = first["megatron_ucp"]["topology"]["tp"], first["megatron_ucp"]["topology"]["pp"]
+    else:
+        tp, pp = n_mp, 1
+    if tp * pp != n_mp:
+        raise CheckpointError(f"{model_files[0]}: records TP {tp} x PP {pp} but the folder has {n_mp} mp_rank files")
+    for path, st in zip(model_files, states):
+        if st.get("mp_world_size", n_mp) != n_mp:
+            raise CheckpointError(f"{path}: mp_world_size {st.get('mp_world_size')} but the folder has {n_mp} files")
+        if st.get("global_steps") != first.get("global_steps") or st.get("iteration") != first.get("iteration"):
+            raise CheckpointError(f"{path}: from iteration {st.get('iteration', st.get('global_steps'))}, but "
+                                  f"{model_files[0]} is from iteration {first.get('iteration', first.get('global_steps'))}"
+                                  " (mixed checkpoints)")
+        if st.get("param_shapes") is None:
+            raise CheckpointError(f"{path}: no param_shapes (a ZeRO-0 checkpoint cannot be converted)")
+    prefixes = {bf16 for _, bf16 in optim.values()}
+    if len(prefixes) > 1:
+        raise CheckpointError(f"{folder}: mixes bf16_zero_* and zero_* optimizer files")
+    if len(optim) % n_mp:
+        raise CheckpointError(f"{folder}: {len(optim)} optimizer files do not divide evenly over {n_mp} mp ranks")
+    dp = len(optim) // n_mp
+    bf16 = prefixes.pop()
+    for d in range(dp):
+        for m in range(n_mp):
+            if (d, m) not in optim:
+                name = f"{'bf16_' if bf16 else ''}zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt"
+                raise CheckpointError(f"{os.path.join(folder, name)}: missing file")
+    ckpt = ZeroCheckpoint(folder=folder, tp=tp, pp=pp, dp=dp, zero_stage=1, bf16_prefix=bf16,
+                          iteration=first.get("iteration", first.get("global_steps")), model_files=model_files,
+                          model_states=states, optim_files={k: v[0] for k, v in optim.items()})
+    _index_fragments(ckpt, pipeline_replicated=_pipeline_replicated(first))
+    return ckpt
+
+
+def _pipeline_replicated(model_state: dict):
+    patterns = (model_state.get("universal_checkpoint_info") or {}).get("pipeline_replicated_parameter_patterns", [])
+    compiled = [re.compile(p) for p in patterns]
+    return lambda name: any(c.match(name) for c in compiled)
+
+
+def expected_step(model_state: dict) -> int | None:
+    steps = model_state.get("global_steps")
+    return None if steps is None else steps - model_state.get("skipped_steps", 0)
+
+
+def _index_fragments(ckpt: ZeroCheckpoint, pipeline_replicated) -> None:
+    """Read every optimizer file's slice mappings and record where each parameter's pieces are."""
+    sources: dict[str, ParamSource] = {}
+    for pp in range(ckpt.pp):
+        for tp in range(ckpt.tp):
+            mp = ckpt.mp_rank(pp, tp)
+            shapes = ckpt.model_states[mp]["param_shapes"]
+            step = expected_step(ckpt.model_states[mp])
+            pieces: dict[str, list[Fragment]] = {}
+            groups: dict[str, int] = {}
+            for dp in range(ckpt.dp):
+                path = ckpt.optim_file(pp, tp, dp)
+                osd = load_file(path, meta=True).get(OPTIMIZER_STATE_DICT)
+                if not isinstance(osd, dict) or PARAM_SLICE_MAPPINGS not in osd:
+                    raise CheckpointError(f"{path}: no param_slice_mappings (ZeRO-3 or an elastic checkpoint?)")
+                ckpt.zero_stage = int(osd.get("zero_stage", 1))
+                mappings = osd[PARAM_SLICE_MAPPINGS]
+                if len(mappings) != len(shapes):
+                    raise CheckpointError(f"{path}: {len(mappings)} optimizer groups, but {ckpt.model_files[mp]} "
+                                          f"records {len(shapes)}")
+                base = osd[BASE_OPTIMIZER_STATE]
+                if not isinstance(base.get("state"), dict):
+                    raise CheckpointError(f"{path}: base_optimizer_state['state'] is not a dict "
+                                          "(zero_optimization.elastic_checkpoint must be false)")
+                refs, group_steps = [], []
+                for g in range(len(mappings)):
+                    state = base["state"].get(g, {})
+                    if not {"exp_avg", "exp_avg_sq"} <= set(state):
+                        raise CheckpointError(f"{path}: optimizer group {g} has no exp_avg/exp_avg_sq "
+                                              "(only Adam-family optimizers convert)")
+                    refs.append({"fp32": FlatRef.of(path, osd[SINGLE_PARTITION_OF_FP32_GROUPS][g]),
+                                 "exp_avg": FlatRef.of(path, state["exp_avg"]),
+                                 "exp_avg_sq": FlatRef.of(path, state["exp_avg_sq"])})
+                    group_steps.append(_read_scalar(path, state.get("step")))
+                ckpt.flat_refs[(dp, mp)] = refs
+                ckpt.steps[(dp, mp)] = group_steps
+                for g, mapping in enumerate(mappings):
+                    got = group_steps[g]
+                    if step is not None and got is not None and int(got) != step:
+                        raise CheckpointError(
+                            f"{path}: optimizer is at step {int(got)}, but {ckpt.model_files[mp]} is at "
+                            f"step {step} (mixed-iteration shard files)")
+                    for name, addr in mapping.items():
+                        pieces.setdefault(name, []).append(Fragment(dp, int(addr.start), int(addr.numel)))
+                        groups[name] = g
+            for g, group_shapes in enumerate(shapes):
+                for name, shape in group_shapes.items():
+                    if name in sources and sources[name].pp != pp:
+                        if pipeline_replicated(name):
+                            continue  # tied weights: the first stage's copy is the one that trains
+                        raise CheckpointError(f"{ckpt.model_files[mp]}: parameter {name} appears on stages "
+                                              f"{sources[name].pp} and {pp} but is not declared pipeline-replicated")
+                    frags = pieces.get(name, [])
+                    numel = 1
+                    for s in shape:
+                        numel *= int(s)
+                    if sum(f.numel for f in frags) != numel:
+                        raise CheckpointError(f"{ckpt.folder}: fragments of {name} (pp {pp}, tp {tp}) hold "
+                                              f"{sum(f.numel for f in frags)} elements, its shape {tuple(shape)} "
+                                              f"needs {numel}")
+                    src = sources.get(name)
+                    if src is None:
+                        src = sources[name] = ParamSource(name, pp, g, [], [])
+                    src.local_shapes.append(tuple(int(s) for s in shape))
+                    src.fragments.append(frags)
+    for name, src in sources.items():
+        if len(src.fragments) != ckpt.tp:
+            raise CheckpointError(f"{ckpt.folder}: parameter {name} found on {len(src.fragments)} of {ckpt.tp} TP ranks")
+    ckpt.param_sources = sources
+
+
+def _read_scalar(path: str, value):
+    """A step value as saved: a python number, or a 0-d tensor whose bytes are read from the file."""
+    if value is None or not torch.is_tensor(value):
+        return value
+    if value.device.type != "meta":
+        return value.clone()
+    out = torch.empty((), dtype=value.dtype)
+    read_into(FlatRef.of(path, value), 0, out.view(1))
+    return out

@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""List a ZeRO or universal checkpoint, or compare two universal checkpoints tensor by tensor.
+
+    python tools/inspect_checkpoint.py RUN/checkpoints/global_step100          # a ZeRO checkpoint
+    python tools/inspect_checkpoint.py RUN/universal/global_step100_universal  # a universal one
+    python tools/inspect_checkpoint.py --compare A_universal B_universal       # exit 1 if they differ
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_ucp.checkpoint.inspect import compare_universal, describe_universal, describe_zero  # noqa: E402
+from megatron_ucp.checkpoint.zero import CheckpointError  # noqa: E402
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("folders", nargs="+", help="checkpoint folder(s)")
+    p.add_argument("--compare", action="store_true", help="compare two universal checkpoints")
+    p.add_argument("--zero-only", action="store_true", help="with --compare: ignore the copied mp_rank files")
+    args = p.parse_args(argv)
+    try:
+        if args.compare:
+            if len(args.folders) != 2:
+                p.error("--compare takes exactly two folders")
+            result = compare_universal(*args.folders, include_model_states=not args.zero_only)
+            print(result.summary())
+            return 0 if result.equal else 1
+        for folder in args.folders:
+            universal = os.path.isdir(os.path.join(folder, "zero"))
+            print("\n".join(describe_universal(folder) if universal else describe_zero(folder)))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -97,7 +97,8 @@ def _tokens_per_s(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else float("nan")
 
 
-def train(model_kwargs: dict, cfg: TrainConfig) -> TrainResult:
+def train(model_kwargs: dict, cfg: TrainConfig, on_finish=None) -> TrainResult:
+    """Train to ``cfg.train_iters``; ``on_finish(engine, model, state)`` runs before teardown (tests use it)."""
     import deepspeed
 
     from megatron_ucp.model.pipe import GPTPipe
@@ -201,6 +202,8 @@ def train(model_kwargs: dict, cfg: TrainConfig) -> TrainResult:
                 window_start = time.time()
         if logger:
             logger.close()
+        if on_finish is not None:
+            on_finish(engine, model, state)
         return TrainResult(iteration, last_loss, last_valid)
     finally:
         groups.destroy()

@@ -1,0 +1,1 @@
+"""Evidence that checkpoint conversions lose nothing: loss-curve comparisons and their reports."""

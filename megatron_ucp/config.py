@@ -162,6 +162,9 @@ class TrainConfig:
             raise ValueError("give --data-path (a preprocessed dataset prefix) or --mock-data")
         if self.mock_data and not self.vocab_size:
             raise ValueError("--mock-data needs --vocab-size")
+        if not 0 <= self.lr_warmup_iters <= self.lr_decay_iters:
+            raise ValueError(f"need 0 <= lr_warmup_iters ({self.lr_warmup_iters}) <= lr_decay_iters "
+                             f"({self.lr_decay_iters})")
         if self.save_interval is not None and self.save_interval < 1:
             raise ValueError(f"save_interval must be positive, got {self.save_interval}")
         if self.universal_checkpoint and not self.load:

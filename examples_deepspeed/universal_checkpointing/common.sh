@@ -6,7 +6,7 @@
 #   NUM_LAYERS HIDDEN HEADS SEQ_LEN   the tiny GPT (4 layers, 256 hidden, 8 heads, 256 tokens)
 #   GLOBAL_BATCH MICRO_BATCH          samples per step (fixed across layouts) and per micro batch
 #   TRAIN_ITERS SAVE_INTERVAL EVAL_INTERVAL EVAL_ITERS LOG_INTERVAL
-#   LR MIN_LR WARMUP SEED DROPOUT
+#   LR MIN_LR WARMUP (default TRAIN_ITERS/10) SEED DROPOUT
 #   OUTPUT_DIR             the folder under which every run's checkpoints and logs go
 #   DATA_PATH              a preprocessed dataset prefix (default: the bundled Austen corpus,
 #                          tokenized into $OUTPUT_DIR/data on first use)
@@ -35,7 +35,7 @@ EVAL_ITERS="${EVAL_ITERS:-2}"
 LOG_INTERVAL="${LOG_INTERVAL:-10}"
 LR="${LR:-1e-3}"
 MIN_LR="${MIN_LR:-1e-4}"
-WARMUP="${WARMUP:-20}"
+WARMUP="${WARMUP:-$(( TRAIN_ITERS / 10 ))}"
 SEED="${SEED:-1234}"
 DROPOUT="${DROPOUT:-0.0}"
 OUTPUT_DIR="${OUTPUT_DIR:-$REPO_ROOT/outputs/universal_checkpointing}"
@@ -107,4 +107,25 @@ train_args() {
 run_dir_args() {
     echo --save "$1/checkpoints" --tensorboard-dir "$1/tensorboard" --loss-log "$1/loss.jsonl" \
         --ds-config-out "$1/ds_config.json"
+}
+
+# The resume side (run_universal_resume_*.sh): which checkpoint to convert and where to resume it.
+LOAD_ITER="${LOAD_ITER:-100}"
+TARGET_TP="${TARGET_TP:-1}"
+TARGET_PP="${TARGET_PP:-4}"
+TARGET_DP="${TARGET_DP:-1}"
+CONVERTER="${CONVERTER:-ours}"          # ours | deepspeed
+ASSERT_ATOL="${ASSERT_ATOL:-}"          # e.g. 1e-3: fail the recipe if the curves differ by more
+
+# convert_to_universal ZERO_FOLDER UNIVERSAL_FOLDER: run the chosen converter unless already done.
+convert_to_universal() {
+    if [[ -f "$(dirname "$2")/latest_universal" && -d "$2/zero" ]]; then
+        echo "universal checkpoint exists: $2"
+        return
+    fi
+    if [[ "$CONVERTER" == "deepspeed" ]]; then
+        python -m deepspeed.checkpoint.ds_to_universal --input_folder "$1" --output_folder "$2"
+    else
+        python "$REPO_ROOT/tools/ds_to_universal.py" --input_folder "$1" --output_folder "$2" --verify
+    fi
 }

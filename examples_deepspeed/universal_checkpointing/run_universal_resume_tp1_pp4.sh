@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Convert the baseline's iteration-LOAD_ITER ZeRO checkpoint into a universal checkpoint (if not done
+# yet), resume it at TARGET_TP/TARGET_PP/TARGET_DP (default TP=1 PP=4 DP=1) with the same global
+# batch, train to TRAIN_ITERS, and plot both runs: PNGs, CSVs and verdict.json under OUTPUT_DIR.
+# Use the same environment variables as the baseline recipe, so OUTPUT_DIR finds the baseline run.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+prepare_data
+BASE_RUN="$OUTPUT_DIR/$(run_name "$TP" "$PP" "$DP")"
+ZERO_CKPT="$BASE_RUN/checkpoints/global_step$LOAD_ITER"
+if [[ ! -d "$ZERO_CKPT" ]]; then
+    echo "error: $ZERO_CKPT not found; run run_tp2_pp2.sh with the same settings first" >&2
+    exit 1
+fi
+UNIVERSAL_ROOT="$BASE_RUN/universal_$CONVERTER/iter_$LOAD_ITER"
+convert_to_universal "$ZERO_CKPT" "$UNIVERSAL_ROOT/global_step${LOAD_ITER}_universal"
+
+RESUME_RUN="$OUTPUT_DIR/$(run_name "$TARGET_TP" "$TARGET_PP" "$TARGET_DP")_from_tp${TP}_pp${PP}_dp${DP}_it${LOAD_ITER}"
+mkdir -p "$RESUME_RUN"
+echo "resume: TP=$TARGET_TP PP=$TARGET_PP DP=$TARGET_DP from $UNIVERSAL_ROOT -> $RESUME_RUN"
+launch $(( TARGET_TP * TARGET_PP * TARGET_DP )) $(model_args) $(train_args) $(run_dir_args "$RESUME_RUN") \
+    --tensor-model-parallel-size "$TARGET_TP" --pipeline-model-parallel-size "$TARGET_PP" \
+    --load "$UNIVERSAL_ROOT" --universal-checkpoint 2>&1 | tee "$RESUME_RUN/train.log"
+
+PLOTS="$OUTPUT_DIR/plots_$(basename "$RESUME_RUN")"
+check=()
+[[ -n "$ASSERT_ATOL" ]] && check=(--assert-close "$ASSERT_ATOL")
+python "$REPO_ROOT/tools/plot_loss_curves.py" "$BASE_RUN" "$RESUME_RUN" --output-dir "$PLOTS" \
+    --resume-iteration "$LOAD_ITER" "${check[@]}"
+cp "$PLOTS/verdict.json" "$OUTPUT_DIR/verdict.json"
+echo "plots: $PLOTS/training_loss.png $PLOTS/validation_loss.png  verdict: $OUTPUT_DIR/verdict.json"

@@ -205,9 +205,11 @@ def open_zero_checkpoint(folder: str) -> ZeroCheckpoint:
     prefixes = {bf16 for _, bf16 in optim.values()}
     if len(prefixes) > 1:
         raise CheckpointError(f"{folder}: mixes bf16_zero_* and zero_* optimizer files")
-    if len(optim) % n_mp:
-        raise CheckpointError(f"{folder}: {len(optim)} optimizer files do not divide evenly over {n_mp} mp ranks")
-    dp = len(optim) // n_mp
+    # The data-parallel degree the files were written at; a missing shard is then a missing name.
+    dp = int(first.get("dp_world_size") or (len(optim) + n_mp - 1) // n_mp)
+    if len(optim) > dp * n_mp:
+        raise CheckpointError(f"{folder}: {len(optim)} optimizer files, more than DP {dp} x {n_mp} mp ranks "
+                              f"recorded in {model_files[0]}")
     bf16 = prefixes.pop()
     for d in range(dp):
         for m in range(n_mp):

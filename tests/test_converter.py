@@ -1,0 +1,139 @@
+"""Our converter's safety: clear errors naming the bad file, nothing on disk lost, thin CLI wiring.
+
+The input is a real DeepSpeed checkpoint written by our trainer (TP1 PP1 DP2, ZeRO-1, fp32)."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from megatron_ucp.checkpoint import universal
+from megatron_ucp.checkpoint.universal import convert_zero_to_universal, verify_universal
+from megatron_ucp.checkpoint.zero import CheckpointError, open_zero_checkpoint
+from megatron_ucp.config import TrainConfig
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
+             make_vocab_size_divisible_by=8, hidden_dropout=0.0, attention_dropout=0.0)
+
+
+def _train(rank, world_size, cfg_dict):
+    from megatron_ucp.training.trainer import train
+
+    train(MODEL, TrainConfig(**cfg_dict))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("conv")
+    cfg = dict(micro_batch_size=1, global_batch_size=2, seq_length=16, train_iters=2, dtype="fp32", mock_data=True,
+               vocab_size=50, eval_interval=0, save=str(root / "ckpt"), save_interval=1)
+    run_distributed(_train, 2, cfg)
+    return root / "ckpt"
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_converts_and_verifies(ckpt, tmp_path):
+    out = tmp_path / "u" / "global_step2_universal"
+    report = convert_zero_to_universal(str(ckpt / "global_step2"), str(out) + "/", verify=True)
+    assert report.verified and report.params == 2 * 12 + 4 and report.topology == {"tp": 1, "pp": 1, "dp": 2}
+    # A trailing slash on the output still puts latest_universal in the parent, naming the folder.
+    assert (tmp_path / "u" / "latest_universal").read_text() == "global_step2_universal"
+    assert sorted(os.listdir(tmp_path / "u")) == ["global_step2_universal", "latest_universal"]
+    atom = torch.load(out / "zero" / "tied_modules.embed.word_embeddings.weight" / "fp32.pt", weights_only=False)
+    assert list(atom) == ["cat_dim", "vocab_tensor", "param"] and atom["param"].shape == (50, 32)
+    assert torch.equal(torch.load(out / "zero" / "1.input_layernorm.weight" / "step.pt", weights_only=False),
+                       torch.tensor(2.0))
+
+
+def test_verify_catches_a_changed_atom(ckpt, tmp_path):
+    out = tmp_path / "global_step2_universal"
+    convert_zero_to_universal(str(ckpt / "global_step2"), str(out))
+    path = out / "zero" / "2.mlp.dense_h_to_4h.weight" / "exp_avg_sq.pt"
+    atom = torch.load(path, weights_only=False)
+    atom["param"][3, 1] *= 1.5
+    torch.save(atom, path)
+    zc = open_zero_checkpoint(str(ckpt / "global_step2"))
+    rules = {name: universal.rules_from_table(zc.metadata)(name) for name in zc.param_sources}
+    with pytest.raises(CheckpointError, match=r"2\.mlp\.dense_h_to_4h\.weight/exp_avg_sq\.pt: does not match TP rank 0"):
+        verify_universal(zc, str(out), rules)
+
+
+def test_missing_shard_is_named(ckpt, tmp_path):
+    bad = _copy(ckpt / "global_step2", tmp_path / "global_step2")
+    os.remove(bad / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    with pytest.raises(CheckpointError, match=r"zero_pp_rank_1_mp_rank_00_optim_states\.pt: missing file"):
+        convert_zero_to_universal(str(bad), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_shard_is_named(ckpt, tmp_path):
+    bad = _copy(ckpt / "global_step2", tmp_path / "global_step2")
+    path = bad / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"zero_pp_rank_0_mp_rank_00_optim_states\.pt: (unreadable or truncated|truncated)"):
+        convert_zero_to_universal(str(bad), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_mixed_iterations_are_refused(ckpt, tmp_path):
+    bad = _copy(ckpt / "global_step2", tmp_path / "global_step2")
+    shutil.copy(ckpt / "global_step1" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", bad)
+    with pytest.raises(CheckpointError, match=r"zero_pp_rank_1_mp_rank_00_optim_states\.pt: optimizer is at step 1, "
+                                              r"but .*mp_rank_00_model_states\.pt is at step 2 \(mixed"):
+        convert_zero_to_universal(str(bad), str(tmp_path / "out"))
+
+
+def test_output_inside_input_is_refused(ckpt, tmp_path):
+    src = _copy(ckpt / "global_step2", tmp_path / "global_step2")
+    with pytest.raises(CheckpointError, match="may not be inside the input"):
+        convert_zero_to_universal(str(src), str(src / "universal"))
+
+
+def test_non_empty_output_is_kept_unless_overwrite(ckpt, tmp_path):
+    out = tmp_path / "global_step2_universal"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="exists and is not empty"):
+        convert_zero_to_universal(str(ckpt / "global_step2"), str(out))
+    assert (out / "precious.txt").read_text() == "keep me"
+    convert_zero_to_universal(str(ckpt / "global_step2"), str(out), overwrite=True)
+    assert not (out / "precious.txt").exists() and (out / "zero" / "optimizer_state.pt").exists()
+
+
+def test_interrupted_conversion_leaves_nothing_that_looks_complete(ckpt, tmp_path, monkeypatch):
+    done = []
+
+    def failing(src, rule, zc, zero_dir):
+        if len(done) == 5:
+            raise RuntimeError("disk full (simulated)")
+        done.append(src.name)
+        return 0
+
+    monkeypatch.setattr(universal, "convert_param", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert_zero_to_universal(str(ckpt / "global_step2"), str(tmp_path / "u" / "global_step2_universal"), workers=1)
+    assert os.listdir(tmp_path / "u") == []  # no output folder, no temp folder, no latest_universal
+
+
+def test_cli_wiring(ckpt, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ds_to_universal_cli", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "ds_to_universal.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = tmp_path / "global_step2_universal"
+    assert cli.main(["--input_folder", str(ckpt / "global_step2"), "--output_folder", str(out),
+                     "--num_extract_workers", "1", "--num_merge_workers", "2", "--keep_temp_folder", "--quiet"]) == 0
+    assert "converted 28 parameters of iteration 2 (TP1 PP1 DP2)" in capsys.readouterr().out
+    assert cli.main(["--input_folder", str(tmp_path / "nope"), "--output_folder", str(tmp_path / "x")]) == 2
+    assert "nope: not a checkpoint folder" in capsys.readouterr().err

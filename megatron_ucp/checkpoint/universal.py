@@ -208,18 +208,127 @@ def _save(obj, path: str) -> int:
     return os.path.getsize(path)
 
 
+# --- the copy path: fragments go from shard file to atom file inside the kernel -------------------
+
+
+def _copy_plan(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroCheckpoint) -> list[tuple[str, int, int, int]]:
+    """(source path, source byte offset, destination element offset, elements) for one atom, coalesced.
+
+    The atom's tensor is the full parameter in row-major order. TP rank ``t``'s local tensor sits at
+    ``[t * L, (t + 1) * L)`` for dim-0 kinds (truncated at the vocabulary for VOCAB), or in column
+    block ``t`` of every row for ROW.
+    """
+    local = src.local_shapes[0]
+    numel_local = 1
+    for d in local:
+        numel_local *= d
+    keep = None
+    if rule.kind is Kind.VOCAB:
+        keep = rule.vocab_rows * (numel_local // local[0])
+    plan: list[list] = []
+    for t in range(ckpt.tp):
+        lo = 0
+        for frag in src.fragments[t]:
+            ref = ckpt.flat_ref(src.pp, t, frag.dp, src.group, key)
+            esize = ref.dtype.itemsize
+            if rule.kind is Kind.ROW:
+                w = local[1]
+                width = w * ckpt.tp
+                a, b = lo, lo + frag.numel
+                while a < b:
+                    r = a // w
+                    seg_end = min(b, (r + 1) * w)
+                    plan.append([ref.path, ref.offset + (frag.start + a - lo) * esize, r * width + t * w + (a - r * w),
+                                 seg_end - a])
+                    a = seg_end
+            else:
+                dst = t * numel_local + lo
+                n = frag.numel
+                if keep is not None:
+                    n = max(0, min(n, keep - dst))
+                if n:
+                    plan.append([ref.path, ref.offset + frag.start * esize, dst, n])
+            lo += frag.numel
+    coalesced: list[list] = []
+    for item in plan:
+        prev = coalesced[-1] if coalesced else None
+        if prev and prev[0] == item[0] and prev[1] + prev[3] * 4 == item[1] and prev[2] + prev[3] == item[2]:
+            prev[3] += item[3]
+        else:
+            coalesced.append(item)
+    return [tuple(x) for x in coalesced]
+
+
+def _copy_bytes(src_fd: int, src_off: int, dst_fd: int, dst_off: int, nbytes: int) -> None:
+    """``copy_file_range`` (page cache to page cache, no user-space copy), or pread/pwrite where unsupported."""
+    done = 0
+    while done < nbytes:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, nbytes - done, src_off + done, dst_off + done)
+        except OSError:
+            n = 0
+        if n <= 0:  # unsupported here (another filesystem, an old kernel): copy through a buffer
+            while done < nbytes:
+                chunk = os.pread(src_fd, min(nbytes - done, 64 << 20), src_off + done)
+                if not chunk:
+                    raise CheckpointError(f"source ended early while copying {nbytes} bytes")
+                os.pwrite(dst_fd, chunk, dst_off + done)
+                done += len(chunk)
+            return
+        done += n
+
+
+def _write_atom_by_copy(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroCheckpoint, path: str) -> int:
+    """Write a sharded atom without holding it: torch.save a skeleton with the tensor bytes left
+    unwritten (``torch.serialization.skip_data``), then copy every fragment into its place."""
+    local = list(src.local_shapes[0])
+    full = list(local)
+    full[rule.kind.partition_dim] *= ckpt.tp
+    if rule.kind is Kind.VOCAB:
+        full[0] = rule.vocab_rows
+    atom: dict = {"cat_dim": rule.kind.partition_dim}
+    if rule.kind is Kind.VOCAB:
+        atom["vocab_tensor"] = True
+    atom["param"] = torch.empty(full, dtype=torch.float32)  # never touched: no memory is committed
+    with torch.serialization.skip_data():
+        torch.save(atom, path)
+    data_offset = torch._C.PyTorchFileReader(path).get_record_offset("data/0")
+    fds: dict[str, int] = {}
+    dst = os.open(path, os.O_WRONLY)
+    try:
+        for spath, soff, delem, n in _copy_plan(src, rule, key, ckpt):
+            if spath not in fds:
+                fds[spath] = os.open(spath, os.O_RDONLY)
+            _copy_bytes(fds[spath], soff, dst, data_offset + delem * 4, n * 4)
+    finally:
+        os.close(dst)
+        for fd in fds.values():
+            os.close(fd)
+    return os.path.getsize(path)
+
+
 def convert_param(src: ParamSource, rule: MergeRule, ckpt: ZeroCheckpoint, zero_dir: str) -> int:
-    """Write ``zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt`` for one parameter; return bytes written."""
+    """Write ``zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt`` for one parameter; return bytes written.
+
+    Sharded parameters are copied file to file; replicated ones are read (they are small) so that
+    every TP rank's copy can be checked bitwise equal.
+    """
     out_dir = os.path.join(zero_dir, src.name)
     os.makedirs(out_dir, exist_ok=True)
     written = 0
     step = ckpt.step(src.pp, 0, src.fragments[0][0].dp, src.group)
     if step is not None:
         written += _save(step.clone() if torch.is_tensor(step) else step, os.path.join(out_dir, "step.pt"))
+    sources_are_fp32 = all(ckpt.flat_ref(src.pp, t, f.dp, src.group, k).dtype == torch.float32
+                           for t in range(ckpt.tp) for f in src.fragments[t] for k in STATE_KEYS)
     for key in STATE_KEYS:
-        atom = merged_state(src, rule, key, ckpt)
-        written += _save(atom, os.path.join(out_dir, f"{key}.pt"))
-        del atom
+        path = os.path.join(out_dir, f"{key}.pt")
+        if rule.kind is Kind.REPLICATED or not sources_are_fp32:
+            atom = merged_state(src, rule, key, ckpt)
+            written += _save(atom, path)
+            del atom
+        else:
+            written += _write_atom_by_copy(src, rule, key, ckpt, path)
     return written
 
 

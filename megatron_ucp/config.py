@@ -145,6 +145,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.eval_interval < 0:
+            raise ValueError(f"eval_interval must be >= 0 (0 disables validation), got {self.eval_interval}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.zero_stage not in (0, 1, 2, 3):

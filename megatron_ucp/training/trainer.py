@@ -167,7 +167,7 @@ def train(model_kwargs: dict, cfg: TrainConfig, on_finish=None) -> TrainResult:
                   f"{model.stage_parts()}, global batch {cfg.global_batch_size} = micro {cfg.micro_batch_size} "
                   f"x accumulation {gas} x DP {layout.dp}", flush=True)
         last_loss = last_valid = None
-        window_start, window_iters = time.time(), 0
+        window_start, window_iters = time.perf_counter(), 0
         while iteration < cfg.train_iters:
             lr = scheduler.get_lr()[0]  # the LR this step uses
             loss = float(engine.train_batch(data_iter=train_iter))
@@ -179,27 +179,27 @@ def train(model_kwargs: dict, cfg: TrainConfig, on_finish=None) -> TrainResult:
             grad_norm = None if grad_norm is None else float(grad_norm)
             if logger:
                 logger.train_step(iteration, loss, lr, grad_norm, consumed)
-            if rank0 and (iteration % cfg.log_interval == 0 or iteration == cfg.train_iters):
-                elapsed = time.time() - window_start
+            if rank0 and window_iters and (iteration % cfg.log_interval == 0 or iteration == cfg.train_iters):
+                elapsed = time.perf_counter() - window_start
                 tokens = window_iters * cfg.global_batch_size * cfg.seq_length
                 gn = "n/a" if grad_norm is None else f"{grad_norm:.4f}"
                 print(f" iteration {iteration:6d}/{cfg.train_iters} | consumed samples {consumed:8d} | "
                       f"elapsed time per iteration (ms): {1000 * elapsed / window_iters:.1f} | "
                       f"tokens/s: {_tokens_per_s(tokens, elapsed):.0f} | learning rate: {lr:.4E} | "
                       f"lm loss: {loss:.6E} | grad norm: {gn} |", flush=True)
-                window_start, window_iters = time.time(), 0
+                window_start, window_iters = time.perf_counter(), 0
             if cfg.eval_interval and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters):
                 last_valid = evaluate()
                 if logger:
                     logger.validation(iteration, last_valid)
                 if rank0:
                     print(f" validation at iteration {iteration} | lm loss: {last_valid:.6E} |", flush=True)
-                window_start = time.time()
+                window_start, window_iters = time.perf_counter(), 0
             if cfg.save and (
                 (cfg.save_interval and iteration % cfg.save_interval == 0) or iteration == cfg.train_iters
             ):
                 save()
-                window_start = time.time()
+                window_start, window_iters = time.perf_counter(), 0
         if logger:
             logger.close()
         if on_finish is not None:

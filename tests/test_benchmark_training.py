@@ -1,0 +1,241 @@
+"""Tests of tools/benchmark_training.py: parsing, statistics, table, CLI wiring, and one tiny plain-loop run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("benchmark_training", REPO / "tools" / "benchmark_training.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+bt = _load_tool()
+
+# Real output of `torchrun ... -m megatron_ucp.train ... --log-interval 1 --eval-interval 0` (TP2-PP2-DP2 run),
+# with the noise a log holds between progress lines.
+SAMPLE_LOG = """\
+[2026-11-23 05:24:01,123] [INFO] [real_accelerator.py:213:get_accelerator] Setting ds_accelerator to cpu
+training TP2-PP2-DP2 ZeRO-1 bf16: vocab 8000 (padded 8192), 1905408 parameters on rank 0, stage parts [0, 3, 7], \
+global batch 8 = micro 4 x accumulation 1 x DP 2
+ iteration      1/6 | consumed samples        8 | elapsed time per iteration (ms): 2251.0 | tokens/s: 910 | \
+learning rate: 3.0000E-04 | lm loss: 9.036200E+00 | grad norm: 1.6202 |
+  return Variable._execution_engine.run_backward(  # Calls into the C++ engine to run the backward pass
+ iteration      2/6 | consumed samples       16 | elapsed time per iteration (ms): 1498.9 | tokens/s: 1366 | \
+learning rate: 2.8191E-04 | lm loss: 9.023615E+00 | grad norm: 1.2236 |
+ iteration      3/6 | consumed samples       24 | elapsed time per iteration (ms): 1203.8 | tokens/s: 1701 | \
+learning rate: 2.3250E-04 | lm loss: 9.043400E+00 | grad norm: 1.0094 |
+ validation at iteration 3 | lm loss: 9.040000E+00 |
+[default0]: iteration      4/6 | consumed samples       32 | elapsed time per iteration (ms): 1421.8 | tokens/s: 1440 | \
+learning rate: 1.6500E-04 | lm loss: 9.039972E+00 | grad norm: n/a |
+ iteration      5/6 | consumed samples       40 | elapsed time per iteration (ms): 2959.5 | tokens/s: 692 | \
+learning rate: 9.7500E-05 | lm loss: 9.036706E+00 | grad norm: 0.7208 |
+ iteration      6/6 | consumed samples       48 | elapsed time per iteration (ms): 2557.4 | tokens/s: 801 | \
+learning rate: 4.8087E-05 | lm loss: 9.039930E+00 | grad norm: 0.6944 |
+"""
+
+
+def test_parse_progress_lines_exact_numbers():
+    recs = bt.parse_progress_lines(SAMPLE_LOG)
+    assert [r.iteration for r in recs] == [1, 2, 3, 4, 5, 6]
+    assert all(r.train_iters == 6 for r in recs)
+    assert [r.consumed_samples for r in recs] == [8, 16, 24, 32, 40, 48]
+    assert [r.ms for r in recs] == [2251.0, 1498.9, 1203.8, 1421.8, 2959.5, 2557.4]
+    assert [r.tokens_per_s for r in recs] == [910.0, 1366.0, 1701.0, 1440.0, 692.0, 801.0]
+    assert recs[0].loss == 9.0362 and recs[3].loss == 9.039972 and recs[-1].loss == 9.03993
+
+
+def test_parse_progress_lines_ignores_other_lines_and_keeps_the_last_duplicate():
+    assert bt.parse_progress_lines("nothing here\n validation at iteration 3 | lm loss: 9.0 |\n") == []
+    line = (" iteration {i:6d}/20 | consumed samples {c:8d} | elapsed time per iteration (ms): {ms} | "
+            "tokens/s: nan | learning rate: 3.0000E-04 | lm loss: 9.000000E+00 | grad norm: 1.0 |")
+    text = "\n".join([line.format(i=2, c=16, ms="5.0"), line.format(i=1, c=8, ms="7.5"),
+                      line.format(i=2, c=16, ms="6.0")])
+    recs = bt.parse_progress_lines(text)
+    assert [(r.iteration, r.ms) for r in recs] == [(1, 7.5), (2, 6.0)]
+    assert math.isnan(recs[0].tokens_per_s)
+
+
+def test_warmup_exclusion_and_mean():
+    times = {r.iteration: r.ms for r in bt.parse_progress_lines(SAMPLE_LOG)}
+    assert bt.measured(times, 2) == [1203.8, 1421.8, 2959.5, 2557.4]
+    s = bt.summarize(times, 2, tokens_per_iteration=2048)
+    assert s.n == 4
+    assert s.mean_ms == pytest.approx((1203.8 + 1421.8 + 2959.5 + 2557.4) / 4)
+    assert s.min_ms == 1203.8 and s.max_ms == 2959.5
+    assert s.median_ms == pytest.approx((1421.8 + 2557.4) / 2)
+    assert s.tokens_per_s == pytest.approx(2048 / (s.mean_ms / 1000))
+    assert bt.summarize(times, 0, 2048).n == 6
+    # Exclusion is by iteration number, not position: a missing iteration 1 does not shift the cut.
+    assert bt.measured({2: 1.0, 3: 2.0, 4: 3.0}, 2) == [2.0, 3.0]
+    with pytest.raises(ValueError, match="no iterations left"):
+        bt.summarize(times, 6, 2048)
+
+
+def _result(name, mean_ms, min_ms, ranks=1, layout="TP1/PP1/DP1"):
+    r = bt.CaseResult(name, layout, ranks)
+    r.summary = bt.Summary(10, mean_ms, min_ms, mean_ms, 2048 / (mean_ms / 1000))
+    r.first_loss, r.last_loss = 9.0362, 9.0301
+    return r
+
+
+def test_format_table():
+    results = [_result("plain", 500.0, 480.0), _result("tp1-pp1-dp1", 1000.0, 900.25),
+               bt.CaseResult("tp2-pp2-dp2", "TP2/PP2/DP2", 8, status="skipped: needs 8 GPUs, have 1")]
+    table = bt.format_table(results)
+    lines = table.splitlines()
+    assert len(lines) == 5
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == [
+        "case", "layout", "ranks", "ms/iteration (mean, min)", "tokens/s", "vs plain", "lm loss (first, last)"]
+    assert set(lines[1]) <= set("|-:")
+    assert len({len(line) for line in lines}) == 1  # aligned columns
+    plain = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert plain == ["plain", "TP1/PP1/DP1", "1", "500.0, 480.0", "4,096", "1.00x", "9.0362, 9.0301"]
+    tp1 = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert tp1[3:6] == ["1000.0, 900.2", "2,048", "0.50x"]
+    assert "skipped: needs 8 GPUs, have 1" in lines[4]
+    # Without a baseline the ratio is "n/a".
+    assert "n/a" in bt.format_table([_result("tp1-pp1-dp1", 1000.0, 900.0)])
+
+
+def test_pick_micro_batch():
+    assert bt.pick_micro_batch(8, 1, 4) == 4
+    assert bt.pick_micro_batch(8, 2, 4) == 4
+    assert bt.pick_micro_batch(8, 4, 4) == 2
+    assert bt.pick_micro_batch(12, 2, 4) == 3
+    assert bt.pick_micro_batch(8, 8, 4) == 1
+    with pytest.raises(ValueError):
+        bt.pick_micro_batch(8, 3, 4)
+
+
+def test_trainer_command_is_accepted_by_the_trainer_parser():
+    from megatron_ucp.training.arguments import parse_args, train_config
+
+    cfg = bt.BenchConfig()
+    case = bt.CASES["tp2-pp2-dp2"]
+    cmd = bt.trainer_command(cfg, case, port=29555)
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "8" and cmd[cmd.index("--master_port") + 1] == "29555"
+    i = cmd.index("megatron_ucp.train")
+    assert cmd[i - 1] == "-m"
+    values = parse_args(cmd[i + 1:])
+    tc = train_config(values)
+    assert (tc.tensor_model_parallel_size, tc.pipeline_model_parallel_size) == (2, 2)
+    assert (tc.log_interval, tc.eval_interval, tc.train_iters) == (1, 0, 20)
+    assert (tc.global_batch_size, tc.micro_batch_size, tc.dtype, tc.vocab_size) == (8, 4, "bf16", 8000)
+    assert tc.mock_data and values["hidden_dropout"] == 0 and values["attention_dropout"] == 0
+    assert (values["num_layers"], values["hidden_size"], values["num_attention_heads"]) == (4, 256, 8)
+    fp32 = parse_args(bt.trainer_args(bt.BenchConfig(dtype="fp32"), bt.CASES["tp1-pp1-dp1"]))
+    assert fp32["dtype"] == "fp32"
+
+
+def test_trainer_env_threads_and_accelerator():
+    base = {"PATH": "/bin", "PYTHONPATH": "/x"}
+    env = bt.trainer_env(bt.CASES["tp2-pp2-dp2"], cuda=False, base=base, cpus=2)
+    assert env["OMP_NUM_THREADS"] == "1" and env["DS_ACCELERATOR"] == "cpu"
+    assert env["PYTHONPATH"].split(":")[-1] == "/x"
+    env = bt.trainer_env(bt.CASES["tp1-pp1-dp1"], cuda=False, base=base, cpus=16)
+    assert env["OMP_NUM_THREADS"] == "16"
+    assert bt.trainer_env(bt.CASES["tp2-pp2-dp2"], cuda=False, base=base, cpus=16)["OMP_NUM_THREADS"] == "2"
+    assert "DS_ACCELERATOR" not in bt.trainer_env(bt.CASES["tp1-pp1-dp1"], cuda=True, base=base, cpus=16)
+
+
+def test_case_needing_more_gpus_is_skipped_without_launching(monkeypatch, tmp_path):
+    monkeypatch.setattr(bt, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(bt.subprocess, "run", lambda *a, **k: pytest.fail("must not launch"))
+    r = bt.run_trainer_case(bt.BenchConfig(), bt.CASES["tp2-pp2-dp2"], tmp_path)
+    assert not r.ok and r.status == "skipped: needs 8 GPUs, have 1"
+
+
+def test_run_process_group_status_and_timeout(tmp_path):
+    with open(tmp_path / "log", "w") as log:
+        assert bt.run_process_group(["sh", "-c", "echo hi; exit 3"], dict(os.environ), log, 10) == 3
+        start = time.perf_counter()
+        marker = tmp_path / "child_survived"
+        # A child that would outlive its parent: the whole group must be ended on the timeout.
+        cmd = ["sh", "-c", f"(sleep 1; touch {marker}) & sleep 30"]
+        assert bt.run_process_group(cmd, dict(os.environ), log, 0.3) is None
+        assert time.perf_counter() - start < 10
+    assert (tmp_path / "log").read_text().startswith("hi")
+    time.sleep(1.5)
+    assert not marker.exists()
+
+
+def test_main_help_exits_zero(capsys):
+    with pytest.raises(SystemExit) as e:
+        bt.main(["--help"])
+    assert e.value.code == 0
+    assert "--cases" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--cases", "tp3"], ["--cases", "plain,nope"], ["--dtype", "fp16"],
+                                  ["--train-iters", "5", "--warmup-iters", "5"],
+                                  ["--threads", "0"]])
+def test_main_rejects_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bt.main(argv)
+    assert e.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_case_selection_parsing():
+    args = bt.build_parser().parse_args(["--cases", "tp2-pp2-dp2,plain", "tp1-pp1-dp1"])
+    assert bt.selected_cases(args) == ["tp2-pp2-dp2", "plain", "tp1-pp1-dp1"]
+    assert bt.selected_cases(bt.build_parser().parse_args([])) == ["plain", "tp1-pp1-dp1", "tp2-pp2-dp2"]
+
+
+# lm loss of iterations 1-4 printed by the trainer at TP1/PP1/DP1 for TINY_ARGS
+# (`torchrun --nproc_per_node 1 -m megatron_ucp.train` with these flags, --hidden-dropout 0 --attention-dropout 0).
+TINY_ARGS = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "16",
+             "--vocab-size", "100", "--global-batch-size", "4", "--micro-batch-size", "2", "--train-iters", "4"]
+TRAINER_LOSSES = {"bf16": [4.636213, 4.603053, 4.598003, 4.608783],
+                  "fp32": [4.636142, 4.602936, 4.598030, 4.608850]}
+TINY = dict(num_layers=1, hidden_size=32, num_attention_heads=2, seq_length=16, vocab_size=100,
+            global_batch_size=4, micro_batch_size=2, train_iters=4)
+
+
+def _assert_matches_trainer(losses, dtype):
+    # Same weights, samples, schedule, clipping and precision policy: the plain loop trains like the trainer.
+    # If this fails after a change to the trainer or model, the plain-loop baseline is no longer like-for-like.
+    assert losses == pytest.approx(TRAINER_LOSSES[dtype], abs=2e-5)
+
+
+def test_plain_loop_end_to_end_through_main(tmp_path, capsys):
+    """A real, tiny run of the plain PyTorch loop via the CLI, with the JSON output."""
+    out = tmp_path / "bench.json"
+    rc = bt.main(["--cases", "plain", *TINY_ARGS, "--warmup-iters", "1", "--dtype", "bf16", "--device", "cpu",
+                  "--threads", "1", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| plain " in printed and "command:" in printed and "machine:" in printed
+    data = json.loads(out.read_text())
+    (case,) = data["cases"]
+    assert case["case"] == "plain" and case["status"] == "ok"
+    assert (case["micro_batch_size"], case["gradient_accumulation_steps"]) == (2, 2)
+    assert sorted(case["iteration_ms"], key=int) == ["1", "2", "3", "4"]
+    s = case["summary"]
+    assert s["n"] == 3
+    for key in ("mean_ms", "min_ms", "tokens_per_s"):
+        assert math.isfinite(s[key]) and s[key] > 0
+    _assert_matches_trainer(case["losses"], "bf16")
+    assert case["omp_num_threads"] == 1
+    assert data["config"]["dtype"] == "bf16" and data["machine"]["torch"]
+
+
+def test_plain_loop_fp32_trains_like_the_trainer():
+    r = bt.run_plain_case(bt.BenchConfig(**TINY, warmup_iters=1, dtype="fp32", device="cpu"), threads=1)
+    assert r.ok and r.summary.n == 3 and r.summary.min_ms > 0
+    _assert_matches_trainer(r.losses, "fp32")

@@ -21,7 +21,12 @@ def _from_dict(cls, d: dict[str, Any]):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of the GPT model. Numerically the same as Hugging Face GPT-2 by default."""
+    """Architecture of the GPT model. Numerically the same as Hugging Face GPT-2 by default.
+
+    The Llama family is the same model with ``swiglu``, ``normalization="rmsnorm"``,
+    ``use_rotary_position_embeddings``, ``tie_embeddings=False``, ``add_bias_linear=False`` and
+    ``num_key_value_heads`` < ``num_attention_heads`` (Megatron-DeepSpeed's flags of those names).
+    """
 
     num_layers: int
     hidden_size: int
@@ -35,10 +40,18 @@ class ModelConfig:
     attention_dropout: float = 0.1
     init_method_std: float = 0.02
     tie_embeddings: bool = True
+    swiglu: bool = False
+    normalization: str = "layernorm"  # layernorm | rmsnorm
+    use_rotary_position_embeddings: bool = False
+    rope_theta: float = 10000.0
+    add_bias_linear: bool = True
+    num_key_value_heads: int | None = None  # defaults to num_attention_heads (no grouped-query attention)
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None:
             object.__setattr__(self, "ffn_hidden_size", 4 * self.hidden_size)
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         self.validate()
 
     def validate(self) -> None:
@@ -55,8 +68,24 @@ class ModelConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {value}")
-        if not self.tie_embeddings:
-            raise ValueError("untied input/output embeddings are not supported yet (tie_embeddings must be true)")
+        if self.normalization not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"normalization must be layernorm or rmsnorm, got {self.normalization!r}")
+        if not isinstance(self.num_key_value_heads, int) or self.num_key_value_heads < 1 or \
+                self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads {self.num_key_value_heads} must divide num_attention_heads "
+                             f"{self.num_attention_heads}")
+        if self.num_key_value_heads != self.num_attention_heads and not self.swiglu_family:
+            raise ValueError("grouped-query attention (num_key_value_heads < num_attention_heads) is only built for "
+                             "the Llama family: add --swiglu --normalization rmsnorm --use-rotary-position-embeddings")
+        llama_flags = (self.swiglu, self.normalization == "rmsnorm", self.use_rotary_position_embeddings)
+        if any(llama_flags) and not all(llama_flags):
+            raise ValueError("the Llama family needs --swiglu, --normalization rmsnorm and "
+                             "--use-rotary-position-embeddings together")
+
+    @property
+    def swiglu_family(self) -> bool:
+        """True for Llama-shaped models (RMSNorm, rotary embeddings, SwiGLU)."""
+        return self.swiglu and self.normalization == "rmsnorm" and self.use_rotary_position_embeddings
 
     @property
     def head_dim(self) -> int:
@@ -66,6 +95,9 @@ class ModelConfig:
         """Raise ValueError when ``tp`` cannot split this model evenly."""
         if self.num_attention_heads % tp:
             raise ValueError(f"tensor parallel {tp} does not divide num_attention_heads {self.num_attention_heads}")
+        if self.num_key_value_heads % tp:
+            raise ValueError(f"tensor parallel {tp} does not divide num_key_value_heads {self.num_key_value_heads}: "
+                             "each rank must hold whole key/value groups")
         if self.ffn_hidden_size % tp:
             raise ValueError(f"tensor parallel {tp} does not divide ffn_hidden_size {self.ffn_hidden_size}")
 

@@ -50,9 +50,9 @@ def test_pipe_entries_and_names():
 
 def test_spec_of_is_unique_and_refuses_unknown_names():
     for info in model_params(CFG):
-        assert spec_of(info.name) is info.spec
+        assert spec_of(info.name, CFG) is info.spec
     with pytest.raises(ValueError, match="'1.mlp.gate.weight' matches no entries"):
-        spec_of("1.mlp.gate.weight")
+        spec_of("1.mlp.gate.weight", CFG)
 
 
 def test_every_name_matches_exactly_its_declared_patterns():

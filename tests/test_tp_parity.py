@@ -38,7 +38,7 @@ from megatron_ucp.config import ModelConfig
 from megatron_ucp.distributed.groups import TensorParallelContext
 from megatron_ucp.distributed.random import MODEL_PARALLEL_RNG, RNGStatesTracker, seed_all
 from megatron_ucp.layout import slicing
-from megatron_ucp.layout.params import Kind, Role, specs_for_role, spec_of
+from megatron_ucp.layout.params import Kind, Role, param_specs, spec_of
 from megatron_ucp.model.gpt import TransformerLayer
 from megatron_ucp.tensor_parallel import layers
 from megatron_ucp.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -383,7 +383,7 @@ def _full_layer_weights(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _load_tp_layer(layer: torch.nn.Module, full: dict, world: int, rank: int, swap: str | None = None) -> None:
     for name, p in layer.named_parameters():
-        spec = spec_of(f"1.{name}")  # the global name of this parameter in transformer layer 0
+        spec = spec_of(f"1.{name}", _layer_cfg())  # the global name of this parameter in transformer layer 0
         assert spec.role is Role.BLOCK and spec.local_name == name
         assert p.partition_dim == (-1 if spec.kind.partition_dim is None else spec.kind.partition_dim), name
         src = (rank + 1) % world if swap is not None and name.startswith(swap) else rank
@@ -399,7 +399,7 @@ def check_transformer_layer(ctx: TensorParallelContext) -> None:
     dense = TransformerLayer(cfg, dense_ctx, 0).to(F64)
     layer = TransformerLayer(cfg, ctx, 0).to(F64)
     names = {name for name, _ in layer.named_parameters()}
-    assert names == {n for n, _ in dense.named_parameters()} == {s.local_name for s in specs_for_role(Role.BLOCK)}
+    assert names == {n for n, _ in dense.named_parameters()} == {s.local_name for s in param_specs(cfg) if s.role is Role.BLOCK}
 
     full = _full_layer_weights(dense)
     for name, p in dense.named_parameters():
@@ -416,7 +416,7 @@ def check_transformer_layer(ctx: TensorParallelContext) -> None:
     _close(x.grad, Xd.grad, "layer input grad")
     dense_params = dict(dense.named_parameters())
     for name, p in layer.named_parameters():
-        _close(_merged_grad(p, spec_of(f"1.{name}").kind, group), dense_params[name].grad, f"grad of {name}")
+        _close(_merged_grad(p, spec_of(f"1.{name}", cfg).kind, group), dense_params[name].grad, f"grad of {name}")
 
     # negative control: hand each rank its neighbour's heads (QKV shard) -> the output must change
     _load_tp_layer(layer, full, world, rank, swap="self_attention.query_key_value")

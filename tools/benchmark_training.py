@@ -492,16 +492,17 @@ def build_plain_model(cfg: BenchConfig):
             return vocab_parallel_cross_entropy(logits, labels, 0, model_cfg.vocab_size, None).mean()
 
     model = PlainGPT()
+    model.model_config = model_cfg
     initialize_parameters(model, model_cfg, cfg.seed, padded, 1, 0)
     return model
 
 
-def _param_groups(named_params: list[tuple[str, object]]) -> list[dict]:
+def _param_groups(named_params: list[tuple[str, object]], model_cfg) -> list[dict]:
     """The trainer's two AdamW groups: with weight decay, and without (biases and norms)."""
     from megatron_ucp.layout.params import spec_of
 
-    decay = [p for n, p in named_params if spec_of(n).weight_decay]
-    no_decay = [p for n, p in named_params if not spec_of(n).weight_decay]
+    decay = [p for n, p in named_params if spec_of(n, model_cfg).weight_decay]
+    no_decay = [p for n, p in named_params if not spec_of(n, model_cfg).weight_decay]
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -540,10 +541,10 @@ def run_plain_case(cfg: BenchConfig, threads: int | None = None) -> CaseResult:
         if mixed:
             # As DeepSpeed: the module is cast to bf16 first, the fp32 master copy is made from it.
             masters = [torch.nn.Parameter(p.detach().float().clone()) for p in model_params]
-            groups = _param_groups([(n, m) for (n, _), m in zip(named, masters)])
+            groups = _param_groups([(n, m) for (n, _), m in zip(named, masters)], model.model_config)
         else:
             masters = model_params
-            groups = _param_groups(named)
+            groups = _param_groups(named, model.model_config)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                       weight_decay=cfg.weight_decay)
         scheduler = LRScheduler(optimizer, LRSchedule(cfg.lr, cfg.min_lr, 0, cfg.train_iters, "cosine"))

@@ -43,7 +43,9 @@ from megatron_ucp.checkpoint.zero import (
     open_zero_checkpoint,
     read_into,
 )
+from megatron_ucp.config import ModelConfig
 from megatron_ucp.layout.params import Kind, spec_of
+from megatron_ucp.layout.slicing import merge, pad_vocab, shard
 
 LATEST_UNIVERSAL = "latest_universal"
 
@@ -57,9 +59,10 @@ class MergeRule:
 def rules_from_table(metadata: dict):
     """Merge rules from our parameter table, for checkpoints our trainer wrote."""
     vocab = int(metadata["original_vocab_size"])
+    cfg = ModelConfig.from_dict(metadata["model_config"])
 
     def rule(name: str) -> MergeRule:
-        kind = spec_of(name).kind
+        kind = spec_of(name, cfg).kind
         return MergeRule(kind, vocab if kind is Kind.VOCAB else None)
 
     return rule
@@ -67,13 +70,14 @@ def rules_from_table(metadata: dict):
 
 def rules_from_ucp_info(info: dict, strict: bool):
     """DeepSpeed's semantics for foreign checkpoints: replicated, row, vocab patterns; default column."""
-    unsupported = [k for k in ("parameter_with_2_sub_params_cat_dim_0", "parameter_with_sub_params",
-                               "parameter_to_average_patterns", "affine_map") if info.get(k)]
+    unsupported = [k for k in ("parameter_with_sub_params", "parameter_to_average_patterns", "affine_map")
+                   if info.get(k)]
     if unsupported:
         raise CheckpointError(f"universal_checkpoint_info uses {', '.join(unsupported)}, which this converter does "
                               "not support for checkpoints not written by megatron_ucp; use DeepSpeed's converter")
     lists = {
         Kind.REPLICATED: info.get("tp_replicated_parameter_patterns", []),
+        Kind.COLUMN_2SUB: info.get("parameter_with_2_sub_params_cat_dim_0", []),
         Kind.ROW: info.get("parameter_with_row_parallelism_patterns", []),
     }
     vocab_patterns = info.get("vocabulary_parameter_patterns", [])
@@ -88,13 +92,13 @@ def rules_from_ucp_info(info: dict, strict: bool):
 
     def rule(name: str) -> MergeRule:
         is_vocab = first_match(vocab_patterns, name)
-        for kind in (Kind.REPLICATED, Kind.ROW):
+        for kind in (Kind.REPLICATED, Kind.COLUMN_2SUB, Kind.ROW):  # DeepSpeed's precedence
             if first_match(lists[kind], name):
                 return MergeRule(kind, info["original_vocab_size"] if is_vocab else None)
         return MergeRule(Kind.VOCAB if is_vocab else Kind.COLUMN, info.get("original_vocab_size") if is_vocab else None)
 
     def unmatched() -> list[str]:
-        every = set(vocab_patterns) | set(lists[Kind.REPLICATED]) | set(lists[Kind.ROW])
+        every = set(vocab_patterns).union(*lists.values())
         return sorted(every - used) if strict else []
 
     rule.unmatched = unmatched
@@ -173,8 +177,22 @@ def _replicas_equal(ref: torch.Tensor, src: ParamSource, tp: int, key: str, ckpt
     return True
 
 
+def _atom_keys(rule: MergeRule) -> dict:
+    """DeepSpeed's per-atom keys for a sharded parameter, in its order (the tensor goes last)."""
+    keys: dict = {"cat_dim": rule.kind.partition_dim}
+    if rule.kind.num_sub_params > 1:
+        keys["param_n_sub_params"] = rule.kind.num_sub_params
+    if rule.kind is Kind.VOCAB:
+        keys["vocab_tensor"] = True
+    return keys
+
+
 def merged_state(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroCheckpoint) -> dict:
-    """The universal atom dict of one state of one parameter, with DeepSpeed's keys and key order."""
+    """The universal atom dict of one state of one parameter, built in memory.
+
+    Used for replicated parameters (every TP copy is checked bitwise equal) and for shards that are
+    not fp32; sharded fp32 parameters take the copy path below.
+    """
     local = src.local_shapes[0]
     if rule.kind is Kind.REPLICATED:
         full = torch.empty(local, dtype=torch.float32)
@@ -184,23 +202,21 @@ def merged_state(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroCheckpoi
                 raise CheckpointError(f"{ckpt.folder}: TP-replicated parameter {src.name} ({key}) differs between "
                                       f"TP rank 0 and TP rank {tp}; refusing to average it silently")
         return {"param": full}
-    dim = rule.kind.partition_dim
     if any(s != local for s in src.local_shapes):
         raise CheckpointError(f"{ckpt.folder}: {src.name} has uneven TP shapes {src.local_shapes}")
-    full_shape = list(local)
-    full_shape[dim] *= ckpt.tp
-    full = torch.empty(full_shape, dtype=torch.float32)
+    locals_ = []
     for tp in range(ckpt.tp):
-        _copy_fragments_into(full.narrow(dim, tp * local[dim], local[dim]), src, tp, key, ckpt)
-    out = {"cat_dim": dim}
+        t = torch.empty(local, dtype=torch.float32)
+        _copy_fragments_into(t, src, tp, key, ckpt)
+        locals_.append(t)
+    full = merge(locals_, rule.kind)
+    del locals_
     if rule.kind is Kind.VOCAB:
         if full.shape[0] < rule.vocab_rows:
             raise CheckpointError(f"{ckpt.folder}: {src.name} has {full.shape[0]} rows, fewer than the original "
                                   f"vocabulary of {rule.vocab_rows}")
         full = full[: rule.vocab_rows].clone()  # do not carry the padding rows' storage into the file
-        out["vocab_tensor"] = True
-    out["param"] = full
-    return out
+    return dict(_atom_keys(rule), param=full)
 
 
 def _save(obj, path: str) -> int:
@@ -242,12 +258,20 @@ def _copy_plan(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroCheckpoint
                                  seg_end - a])
                     a = seg_end
             else:
-                dst = t * numel_local + lo
-                n = frag.numel
-                if keep is not None:
-                    n = max(0, min(n, keep - dst))
-                if n:
-                    plan.append([ref.path, ref.offset + frag.start * esize, dst, n])
+                # Dim-0 kinds: local sub-parameter i of rank t goes to [i * tp * S + t * S, + S), S = L / n.
+                n_sub = rule.kind.num_sub_params
+                sub = numel_local // n_sub
+                a, b = lo, lo + frag.numel
+                while a < b:
+                    i, within = divmod(a, sub)
+                    seg_end = min(b, (i + 1) * sub)
+                    dst = i * ckpt.tp * sub + t * sub + within
+                    n = seg_end - a
+                    if keep is not None:
+                        n = max(0, min(n, keep - dst))
+                    if n:
+                        plan.append([ref.path, ref.offset + (frag.start + a - lo) * esize, dst, n])
+                    a = seg_end
             lo += frag.numel
     coalesced: list[list] = []
     for item in plan:
@@ -286,10 +310,7 @@ def _write_atom_by_copy(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroC
     full[rule.kind.partition_dim] *= ckpt.tp
     if rule.kind is Kind.VOCAB:
         full[0] = rule.vocab_rows
-    atom: dict = {"cat_dim": rule.kind.partition_dim}
-    if rule.kind is Kind.VOCAB:
-        atom["vocab_tensor"] = True
-    atom["param"] = torch.empty(full, dtype=torch.float32)  # never touched: no memory is committed
+    atom = dict(_atom_keys(rule), param=torch.empty(full, dtype=torch.float32))  # never touched: no memory used
     with torch.serialization.skip_data():
         torch.save(atom, path)
     data_offset = torch._C.PyTorchFileReader(path).get_record_offset("data/0")
@@ -453,16 +474,10 @@ def verify_universal(ckpt: ZeroCheckpoint, output_folder: str, rules: dict[str, 
             param = atom["param"]
             for tp in range(ckpt.tp):
                 # The TP slice of the saved tensor, re-padded: compare it with rank tp's fragments.
-                if rule.kind is Kind.REPLICATED:
-                    local = param
-                else:
-                    dim = rule.kind.partition_dim
-                    width = src.local_shapes[tp][dim]
-                    padded = param
-                    if rule.kind is Kind.VOCAB:
-                        padded = torch.zeros((width * ckpt.tp,) + tuple(param.shape[1:]))
-                        padded[: param.shape[0]] = param
-                    local = padded.narrow(dim, tp * width, width)
+                padded = param
+                if rule.kind is Kind.VOCAB:
+                    padded = pad_vocab(param, src.local_shapes[tp][0] * ckpt.tp)
+                local = shard(padded, rule.kind, ckpt.tp, tp)
                 if not _local_matches(local, src, tp, key, ckpt, rule):
                     raise CheckpointError(f"{os.path.join(zero_dir, name, key + '.pt')}: does not match TP rank {tp} "
                                           f"of {ckpt.folder}")

@@ -13,11 +13,16 @@ index in the spec list:
     tied_modules.embed.word_embeddings.weight        the tied input embedding / output head
     1.self_attention.query_key_value.weight          transformer layer 0 (spec index 1)
     {L+1}.final_layernorm.weight                     the final norm
+    0.word_embeddings.weight, {L+2}.lm_head.weight   untied embedding and head (Llama family)
+
+Which parameters exist depends on the model config (biases, norms, position embeddings, tying),
+so the table is ``param_specs(cfg)``.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -29,13 +34,20 @@ class Kind(enum.Enum):
     """How tensor parallelism cuts a parameter."""
 
     COLUMN = "column"  # output features split: dim 0 (weights and their biases)
+    # Two fused sub-parameters [a; b] (SwiGLU's gate and up), each split on dim 0: TP rank r holds
+    # [a_r; b_r]. Not TP-invariant under a plain concatenation, so declared to the converter.
+    COLUMN_2SUB = "column_2sub"
     ROW = "row"  # input features split: dim 1
     VOCAB = "vocab"  # vocabulary rows split on dim 0, padded to a multiple of divisible_by * TP
     REPLICATED = "replicated"  # the full tensor on every TP rank, kept bitwise equal
 
     @property
     def partition_dim(self) -> int | None:
-        return {Kind.COLUMN: 0, Kind.ROW: 1, Kind.VOCAB: 0, Kind.REPLICATED: None}[self]
+        return {Kind.COLUMN: 0, Kind.COLUMN_2SUB: 0, Kind.ROW: 1, Kind.VOCAB: 0, Kind.REPLICATED: None}[self]
+
+    @property
+    def num_sub_params(self) -> int:
+        return 2 if self is Kind.COLUMN_2SUB else 1
 
 
 class Init(enum.Enum):
@@ -73,11 +85,12 @@ TIED_EMBEDDING_KEY = "embed"
 
 def pipe_entries(cfg: ModelConfig) -> list[PipeEntry]:
     """The spec list GPTPipe is built from: embedding, layers, final norm, head."""
-    entries = [PipeEntry(0, Role.EMBED, tied_key=TIED_EMBEDDING_KEY)]
+    tied = TIED_EMBEDDING_KEY if cfg.tie_embeddings else None
+    entries = [PipeEntry(0, Role.EMBED, tied_key=tied)]
     entries += [PipeEntry(1 + i, Role.BLOCK, layer_number=i) for i in range(cfg.num_layers)]
     entries.append(PipeEntry(cfg.num_layers + 1, Role.FINAL_NORM))
-    # The head reuses the embedding module (a TiedLayerSpec with a forward_fn), so it owns no parameters.
-    entries.append(PipeEntry(cfg.num_layers + 2, Role.HEAD, tied_key=TIED_EMBEDDING_KEY))
+    # A tied head reuses the embedding module (a TiedLayerSpec with a forward_fn) and owns no parameters.
+    entries.append(PipeEntry(cfg.num_layers + 2, Role.HEAD, tied_key=tied))
     return entries
 
 
@@ -91,10 +104,11 @@ class ParamSpec:
     init: Init
     weight_decay: bool
     shape: Callable[[ModelConfig], tuple[int, ...]]  # the full logical shape (vocab unpadded)
+    tied: bool = False  # lives in the tied embedding module (first and last pipeline stage)
 
     def regex(self) -> str:
         """The anchored pattern matching this parameter's global name at every layer and layout."""
-        if self.role is Role.EMBED:
+        if self.tied:
             prefix = re.escape(f"tied_modules.{TIED_EMBEDDING_KEY}.")
         else:
             prefix = r"\d+\."
@@ -103,41 +117,65 @@ class ParamSpec:
     @property
     def pipeline_tied(self) -> bool:
         """Present (and kept equal) on the first and the last pipeline stage."""
-        return self.role is Role.EMBED
+        return self.tied
 
 
 def _h(c: ModelConfig) -> tuple[int, ...]:
     return (c.hidden_size,)
 
 
-PARAM_SPECS: tuple[ParamSpec, ...] = (
-    ParamSpec(Role.EMBED, "word_embeddings.weight", Kind.VOCAB, Init.NORMAL, True,
-              lambda c: (c.vocab_size, c.hidden_size)),
-    ParamSpec(Role.EMBED, "position_embeddings.weight", Kind.REPLICATED, Init.NORMAL, True,
-              lambda c: (c.max_position_embeddings, c.hidden_size)),
-    ParamSpec(Role.BLOCK, "input_layernorm.weight", Kind.REPLICATED, Init.ONES, False, _h),
-    ParamSpec(Role.BLOCK, "input_layernorm.bias", Kind.REPLICATED, Init.ZEROS, False, _h),
-    # Fused QKV in Megatron's per-head layout: rows are [head0: q k v, head1: q k v, ...], so a TP cut
-    # on dim 0 hands each rank whole heads and a plain concatenation re-splits at any TP.
-    ParamSpec(Role.BLOCK, "self_attention.query_key_value.weight", Kind.COLUMN, Init.NORMAL, True,
-              lambda c: (3 * c.hidden_size, c.hidden_size)),
-    ParamSpec(Role.BLOCK, "self_attention.query_key_value.bias", Kind.COLUMN, Init.ZEROS, False,
-              lambda c: (3 * c.hidden_size,)),
-    ParamSpec(Role.BLOCK, "self_attention.dense.weight", Kind.ROW, Init.SCALED_NORMAL, True,
-              lambda c: (c.hidden_size, c.hidden_size)),
-    ParamSpec(Role.BLOCK, "self_attention.dense.bias", Kind.REPLICATED, Init.ZEROS, False, _h),
-    ParamSpec(Role.BLOCK, "post_attention_layernorm.weight", Kind.REPLICATED, Init.ONES, False, _h),
-    ParamSpec(Role.BLOCK, "post_attention_layernorm.bias", Kind.REPLICATED, Init.ZEROS, False, _h),
-    ParamSpec(Role.BLOCK, "mlp.dense_h_to_4h.weight", Kind.COLUMN, Init.NORMAL, True,
-              lambda c: (c.ffn_hidden_size, c.hidden_size)),
-    ParamSpec(Role.BLOCK, "mlp.dense_h_to_4h.bias", Kind.COLUMN, Init.ZEROS, False,
-              lambda c: (c.ffn_hidden_size,)),
-    ParamSpec(Role.BLOCK, "mlp.dense_4h_to_h.weight", Kind.ROW, Init.SCALED_NORMAL, True,
-              lambda c: (c.hidden_size, c.ffn_hidden_size)),
-    ParamSpec(Role.BLOCK, "mlp.dense_4h_to_h.bias", Kind.REPLICATED, Init.ZEROS, False, _h),
-    ParamSpec(Role.FINAL_NORM, "final_layernorm.weight", Kind.REPLICATED, Init.ONES, False, _h),
-    ParamSpec(Role.FINAL_NORM, "final_layernorm.bias", Kind.REPLICATED, Init.ZEROS, False, _h),
-)
+def _qkv_rows(c: ModelConfig) -> int:
+    """Fused QKV rows: per key/value group, its query heads then its key and value heads."""
+    return (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+
+
+@functools.lru_cache(maxsize=64)
+def param_specs(cfg: ModelConfig) -> tuple[ParamSpec, ...]:
+    """The parameter table of one model configuration, in module order (the same objects per config)."""
+    tied = cfg.tie_embeddings
+    bias = cfg.add_bias_linear
+    layernorm = cfg.normalization == "layernorm"
+    mlp_kind = Kind.COLUMN_2SUB if cfg.swiglu else Kind.COLUMN
+    mlp_rows = (lambda c: (2 * c.ffn_hidden_size,)) if cfg.swiglu else (lambda c: (c.ffn_hidden_size,))
+    specs = [ParamSpec(Role.EMBED, "word_embeddings.weight", Kind.VOCAB, Init.NORMAL, True,
+                       lambda c: (c.vocab_size, c.hidden_size), tied=tied)]
+    if not cfg.use_rotary_position_embeddings:
+        specs.append(ParamSpec(Role.EMBED, "position_embeddings.weight", Kind.REPLICATED, Init.NORMAL, True,
+                               lambda c: (c.max_position_embeddings, c.hidden_size), tied=tied))
+
+    def norm(role: Role, name: str) -> list[ParamSpec]:
+        out = [ParamSpec(role, f"{name}.weight", Kind.REPLICATED, Init.ONES, False, _h)]
+        if layernorm:
+            out.append(ParamSpec(role, f"{name}.bias", Kind.REPLICATED, Init.ZEROS, False, _h))
+        return out
+
+    specs += norm(Role.BLOCK, "input_layernorm")
+    # Fused QKV in Megatron's grouped layout: rows are [group0: q.. k v, group1: ...] (one head per
+    # group without GQA), so a TP cut on dim 0 hands each rank whole groups and a plain concatenation
+    # re-splits at any TP that divides the key/value heads.
+    specs.append(ParamSpec(Role.BLOCK, "self_attention.query_key_value.weight", Kind.COLUMN, Init.NORMAL, True,
+                           lambda c: (_qkv_rows(c), c.hidden_size)))
+    if bias:
+        specs.append(ParamSpec(Role.BLOCK, "self_attention.query_key_value.bias", Kind.COLUMN, Init.ZEROS, False,
+                               lambda c: (_qkv_rows(c),)))
+    specs.append(ParamSpec(Role.BLOCK, "self_attention.dense.weight", Kind.ROW, Init.SCALED_NORMAL, True,
+                           lambda c: (c.hidden_size, c.hidden_size)))
+    if bias:
+        specs.append(ParamSpec(Role.BLOCK, "self_attention.dense.bias", Kind.REPLICATED, Init.ZEROS, False, _h))
+    specs += norm(Role.BLOCK, "post_attention_layernorm")
+    specs.append(ParamSpec(Role.BLOCK, "mlp.dense_h_to_4h.weight", mlp_kind, Init.NORMAL, True,
+                           lambda c: mlp_rows(c) + (c.hidden_size,)))
+    if bias:
+        specs.append(ParamSpec(Role.BLOCK, "mlp.dense_h_to_4h.bias", mlp_kind, Init.ZEROS, False, mlp_rows))
+    specs.append(ParamSpec(Role.BLOCK, "mlp.dense_4h_to_h.weight", Kind.ROW, Init.SCALED_NORMAL, True,
+                           lambda c: (c.hidden_size, c.ffn_hidden_size)))
+    if bias:
+        specs.append(ParamSpec(Role.BLOCK, "mlp.dense_4h_to_h.bias", Kind.REPLICATED, Init.ZEROS, False, _h))
+    specs += norm(Role.FINAL_NORM, "final_layernorm")
+    if not tied:
+        specs.append(ParamSpec(Role.HEAD, "lm_head.weight", Kind.VOCAB, Init.NORMAL, True,
+                               lambda c: (c.vocab_size, c.hidden_size)))
+    return tuple(specs)
 
 
 @dataclass(frozen=True)
@@ -157,26 +195,23 @@ class ParamInfo:
 def model_params(cfg: ModelConfig) -> list[ParamInfo]:
     """Every parameter of the model, in spec-list order, each once (the tied copy is one name)."""
     out: list[ParamInfo] = []
+    specs = param_specs(cfg)
     for entry in pipe_entries(cfg):
-        if entry.role is Role.HEAD:
+        if entry.role is Role.HEAD and entry.tied_key:
             continue  # the tied head owns no parameters of its own
-        for spec in PARAM_SPECS:
+        for spec in specs:
             if spec.role is entry.role:
                 out.append(ParamInfo(entry.name_prefix + spec.local_name, spec, entry, spec.shape(cfg)))
     return out
 
 
-def specs_for_role(role: Role) -> list[ParamSpec]:
-    return [s for s in PARAM_SPECS if s.role is role]
-
-
 _COMPILED: dict[str, re.Pattern] = {}
 
 
-def spec_of(name: str) -> ParamSpec:
+def spec_of(name: str, cfg: ModelConfig) -> ParamSpec:
     """The single table entry whose pattern matches ``name``; ValueError when none or several do."""
     hits = []
-    for spec in PARAM_SPECS:
+    for spec in param_specs(cfg):
         pattern = _COMPILED.setdefault(spec.regex(), re.compile(spec.regex()))
         if pattern.match(name):
             hits.append(spec)

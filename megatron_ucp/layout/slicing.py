@@ -49,19 +49,23 @@ def local_shape(kind: Kind, full_shape: tuple[int, ...], tp: int) -> tuple[int, 
         return tuple(full_shape)
     if dim >= len(full_shape):  # 1-D biases of row-parallel layers are never ROW
         raise ValueError(f"{kind.value} parameter of shape {tuple(full_shape)} has no dim {dim}")
-    if full_shape[dim] % tp:
-        raise ValueError(f"tensor parallel {tp} does not divide dim {dim} of shape {tuple(full_shape)}")
+    if full_shape[dim] % (tp * kind.num_sub_params):
+        what = f"each of the {kind.num_sub_params} sub-parameters in " if kind.num_sub_params > 1 else ""
+        raise ValueError(f"tensor parallel {tp} does not divide {what}dim {dim} of shape {tuple(full_shape)}")
     shape = list(full_shape)
     shape[dim] //= tp
     return tuple(shape)
 
 
 def shard(full: torch.Tensor, kind: Kind, tp: int, tp_rank: int) -> torch.Tensor:
-    """The slice of ``full`` that ``tp_rank`` holds (a view; VOCAB tensors must be padded already)."""
+    """The slice of ``full`` that ``tp_rank`` holds (a view, except for fused sub-parameters, which are
+    re-assembled per rank; VOCAB tensors must be padded already)."""
     dim = kind.partition_dim
     if dim is None:
         return full
     local_shape(kind, tuple(full.shape), tp)  # validates divisibility
+    if kind.num_sub_params > 1:  # [a; b] -> [a_r; b_r]
+        return torch.cat([sub.chunk(tp, dim=dim)[tp_rank] for sub in full.chunk(kind.num_sub_params, dim=dim)], dim=dim)
     return full.chunk(tp, dim=dim)[tp_rank]
 
 
@@ -77,4 +81,8 @@ def merge(shards: list[torch.Tensor], kind: Kind) -> torch.Tensor:
             if not torch.equal(first, other):
                 raise ValueError(f"replicated parameter differs between TP rank 0 and TP rank {r}")
         return first
+    n = kind.num_sub_params
+    if n > 1:  # [a_r; b_r] per rank -> [a; b]
+        parts = [s.chunk(n, dim=dim) for s in shards]
+        return torch.cat([torch.cat([p[i] for p in parts], dim=dim) for i in range(n)], dim=dim)
     return torch.cat(shards, dim=dim)

@@ -8,7 +8,7 @@ a TP=1 checkpoint without the row-parallel list would be cut on the wrong dim wh
 from __future__ import annotations
 
 from megatron_ucp.config import ModelConfig
-from megatron_ucp.layout.params import PARAM_SPECS, Kind, ParamSpec
+from megatron_ucp.layout.params import Kind, ParamSpec, param_specs
 
 UNIVERSAL_CHECKPOINT_VERSION = 0.4
 
@@ -17,11 +17,13 @@ VOCABULARY_PARAMETER_PATTERNS = "vocabulary_parameter_patterns"
 PIPELINE_REPLICATED_PARAMETER_PATTERNS = "pipeline_replicated_parameter_patterns"
 TP_REPLICATED_PARAMETER_PATTERNS = "tp_replicated_parameter_patterns"
 PARAMETER_WITH_ROW_PARALLELISM_PATTERNS = "parameter_with_row_parallelism_patterns"
+PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0 = "parameter_with_2_sub_params_cat_dim_0"
 
 CATEGORY_BY_KIND = {
     Kind.VOCAB: VOCABULARY_PARAMETER_PATTERNS,
     Kind.REPLICATED: TP_REPLICATED_PARAMETER_PATTERNS,
     Kind.ROW: PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
+    Kind.COLUMN_2SUB: PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0,
     Kind.COLUMN: None,  # DeepSpeed's default rule: concatenate on dim 0
 }
 
@@ -46,7 +48,10 @@ def universal_checkpoint_info(cfg: ModelConfig, padded_vocab_size: int) -> dict:
         TP_REPLICATED_PARAMETER_PATTERNS: [],
         PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [],
     }
-    for spec in PARAM_SPECS:
+    specs = param_specs(cfg)
+    if any(s.kind is Kind.COLUMN_2SUB for s in specs):  # emitted only when used: strict mode wants a match
+        info[PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0] = []
+    for spec in specs:
         for category in sorted(categories(spec)):
             info[category].append(spec.regex())
     return info

@@ -61,11 +61,11 @@ def build_ds_config(cfg: TrainConfig, layout: ParallelLayout) -> dict:
     return ds
 
 
-def optimizer_param_groups(model: torch.nn.Module) -> list[dict]:
+def optimizer_param_groups(model: torch.nn.Module, cfg: ModelConfig) -> list[dict]:
     """Two groups, always in this order: with weight decay, without (biases and norms)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if spec_of(name).weight_decay else no_decay).append(p)
+        (decay if spec_of(name, cfg).weight_decay else no_decay).append(p)
     if not decay or not no_decay:
         raise RuntimeError("every pipeline stage must hold parameters of both weight-decay groups")
     return [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
@@ -116,7 +116,7 @@ def train(model_kwargs: dict, cfg: TrainConfig, on_finish=None) -> TrainResult:
                              f"{model_cfg.max_position_embeddings}")
         seed_all(cfg.seed, state.coords.pp, state.coords.tp, state.tp.rng)
         model = GPTPipe(model_cfg, state, cfg.seed)
-        optimizer = torch.optim.AdamW(optimizer_param_groups(model), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        optimizer = torch.optim.AdamW(optimizer_param_groups(model, model_cfg), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         schedule = LRSchedule(cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters, cfg.lr_decay_style)
         scheduler = LRScheduler(optimizer, schedule)

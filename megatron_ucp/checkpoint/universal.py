@@ -20,10 +20,12 @@ dict keys, ``torch.equal`` tensors), produced differently:
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -230,10 +232,12 @@ def _save(obj, path: str) -> int:
 def _copy_plan(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroCheckpoint) -> list[tuple[str, int, int, int]]:
     """(source path, source byte offset, destination element offset, elements) for one atom, coalesced.
 
-    The atom's tensor is the full parameter in row-major order. TP rank ``t``'s local tensor sits at
-    ``[t * L, (t + 1) * L)`` for dim-0 kinds (truncated at the vocabulary for VOCAB), or in column
-    block ``t`` of every row for ROW.
+    For dim-0 kinds only: the atom's tensor is the full parameter in row-major order, and TP rank
+    ``t``'s local tensor sits at ``[t * L, (t + 1) * L)`` (per sub-parameter for fused kinds;
+    truncated at the vocabulary for VOCAB).
     """
+    if rule.kind.partition_dim != 0:
+        raise CheckpointError(f"{src.name}: no file-to-file copy plan for {rule.kind.value} parameters")
     local = src.local_shapes[0]
     numel_local = 1
     for d in local:
@@ -247,31 +251,20 @@ def _copy_plan(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroCheckpoint
         for frag in src.fragments[t]:
             ref = ckpt.flat_ref(src.pp, t, frag.dp, src.group, key)
             esize = ref.dtype.itemsize
-            if rule.kind is Kind.ROW:
-                w = local[1]
-                width = w * ckpt.tp
-                a, b = lo, lo + frag.numel
-                while a < b:
-                    r = a // w
-                    seg_end = min(b, (r + 1) * w)
-                    plan.append([ref.path, ref.offset + (frag.start + a - lo) * esize, r * width + t * w + (a - r * w),
-                                 seg_end - a])
-                    a = seg_end
-            else:
-                # Dim-0 kinds: local sub-parameter i of rank t goes to [i * tp * S + t * S, + S), S = L / n.
-                n_sub = rule.kind.num_sub_params
-                sub = numel_local // n_sub
-                a, b = lo, lo + frag.numel
-                while a < b:
-                    i, within = divmod(a, sub)
-                    seg_end = min(b, (i + 1) * sub)
-                    dst = i * ckpt.tp * sub + t * sub + within
-                    n = seg_end - a
-                    if keep is not None:
-                        n = max(0, min(n, keep - dst))
-                    if n:
-                        plan.append([ref.path, ref.offset + (frag.start + a - lo) * esize, dst, n])
-                    a = seg_end
+            # Local sub-parameter i of rank t goes to [i * tp * S + t * S, + S), S = L / n (n = 1 usually).
+            n_sub = rule.kind.num_sub_params
+            sub = numel_local // n_sub
+            a, b = lo, lo + frag.numel
+            while a < b:
+                i, within = divmod(a, sub)
+                seg_end = min(b, (i + 1) * sub)
+                dst = i * ckpt.tp * sub + t * sub + within
+                n = seg_end - a
+                if keep is not None:
+                    n = max(0, min(n, keep - dst))
+                if n:
+                    plan.append([ref.path, ref.offset + (frag.start + a - lo) * esize, dst, n])
+                a = seg_end
             lo += frag.numel
     coalesced: list[list] = []
     for item in plan:
@@ -302,30 +295,78 @@ def _copy_bytes(src_fd: int, src_off: int, dst_fd: int, dst_off: int, nbytes: in
         done += n
 
 
+_SKELETONS: dict[tuple, tuple[bytes, bytes, int]] = {}
+_SKELETONS_LOCK = threading.Lock()
+
+
+def _skeleton(keys: dict, shape: tuple[int, ...]) -> tuple[bytes, bytes, int]:
+    """(bytes before the tensor data, bytes after it, data offset) of ``torch.save(dict(keys, param=<fp32
+    tensor of shape>))``: the file torch would write, minus the data, made once per distinct atom layout."""
+    cache_key = (tuple(keys.items()), tuple(shape))
+    with _SKELETONS_LOCK:
+        if cache_key not in _SKELETONS:
+            buf = io.BytesIO()
+            # The data is filled in later, so no checksum can be computed now: write torch's "no CRC"
+            # (0), as torch.save does with compute_crc32 off. torch.load does not check zip CRCs.
+            crc = torch.serialization.get_crc32_options()
+            torch.serialization.set_crc32_options(False)
+            try:
+                with torch.serialization.skip_data():  # reserves the data's place without filling it
+                    torch.save(dict(keys, param=torch.empty(shape, dtype=torch.float32)), buf)
+            finally:
+                torch.serialization.set_crc32_options(crc)
+            data = buf.getvalue()
+            offset = torch._C.PyTorchFileReader(io.BytesIO(data)).get_record_offset("data/0")
+            nbytes = 4
+            for d in shape:
+                nbytes *= d
+            _SKELETONS[cache_key] = (data[:offset], data[offset + nbytes:], offset)
+        return _SKELETONS[cache_key]
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:done + (1 << 30)], offset + done)
+
+
 def _write_atom_by_copy(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroCheckpoint, path: str) -> int:
-    """Write a sharded atom without holding it: torch.save a skeleton with the tensor bytes left
-    unwritten (``torch.serialization.skip_data``), then copy every fragment into its place."""
+    """Write a sharded atom without ever filling it with zeros or holding it: the torch.save bytes
+    around the tensor come from a cached skeleton, the tensor's bytes are copied in from the shards."""
     local = list(src.local_shapes[0])
     full = list(local)
     full[rule.kind.partition_dim] *= ckpt.tp
     if rule.kind is Kind.VOCAB:
         full[0] = rule.vocab_rows
-    atom = dict(_atom_keys(rule), param=torch.empty(full, dtype=torch.float32))  # never touched: no memory used
-    with torch.serialization.skip_data():
-        torch.save(atom, path)
-    data_offset = torch._C.PyTorchFileReader(path).get_record_offset("data/0")
+    head, tail, data_offset = _skeleton(_atom_keys(rule), tuple(full))
+    nbytes = 4
+    for d in full:
+        nbytes *= d
+    dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     fds: dict[str, int] = {}
-    dst = os.open(path, os.O_WRONLY)
     try:
-        for spath, soff, delem, n in _copy_plan(src, rule, key, ckpt):
-            if spath not in fds:
-                fds[spath] = os.open(spath, os.O_RDONLY)
-            _copy_bytes(fds[spath], soff, dst, data_offset + delem * 4, n * 4)
+        _pwrite_all(dst, head, 0)
+        if rule.kind is Kind.ROW:
+            # Row-parallel slices interleave every row (pieces of a few KB), which copy_file_range moves
+            # slowly; assemble the tensor in memory (one parameter) and write it in one go instead.
+            tensor = torch.empty(full, dtype=torch.float32)
+            width = local[1]
+            for t in range(ckpt.tp):
+                _copy_fragments_into(tensor.narrow(1, t * width, width), src, t, key, ckpt)
+            _pwrite_all(dst, tensor.view(torch.uint8).view(-1).numpy(), data_offset)
+            del tensor
+        else:
+            for spath, soff, delem, n in _copy_plan(src, rule, key, ckpt):
+                if spath not in fds:
+                    fds[spath] = os.open(spath, os.O_RDONLY)
+                _copy_bytes(fds[spath], soff, dst, data_offset + delem * 4, n * 4)
+        _pwrite_all(dst, tail, data_offset + nbytes)
     finally:
         os.close(dst)
         for fd in fds.values():
             os.close(fd)
-    return os.path.getsize(path)
+    return data_offset + nbytes + len(tail)
 
 
 def convert_param(src: ParamSource, rule: MergeRule, ckpt: ZeroCheckpoint, zero_dir: str) -> int:

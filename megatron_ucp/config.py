@@ -81,6 +81,8 @@ class ModelConfig:
         if any(llama_flags) and not all(llama_flags):
             raise ValueError("the Llama family needs --swiglu, --normalization rmsnorm and "
                              "--use-rotary-position-embeddings together")
+        if self.swiglu_family and self.add_bias_linear:
+            raise ValueError("the Llama family is built without linear biases: add --disable-bias-linear")
 
     @property
     def swiglu_family(self) -> bool:

@@ -55,18 +55,31 @@ def test_spec_of_is_unique_and_refuses_unknown_names():
         spec_of("1.mlp.gate.weight", CFG)
 
 
-def test_every_name_matches_exactly_its_declared_patterns():
-    """Each name is matched by the UCP lists its Kind declares, by one pattern per list, and by no other list."""
-    info = universal_checkpoint_info(CFG, padded_vocab_size=64)
-    lists = {k: v for k, v in info.items() if k.endswith("_patterns")}
-    for p in model_params(CFG):
+LLAMA = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=8, num_key_value_heads=2, vocab_size=50,
+                    max_position_embeddings=16, make_vocab_size_divisible_by=8, swiglu=True, normalization="rmsnorm",
+                    use_rotary_position_embeddings=True, tie_embeddings=False, add_bias_linear=False,
+                    ffn_hidden_size=96)
+GPT_UNTIED = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=50, max_position_embeddings=16,
+                         tie_embeddings=False, add_bias_linear=False)
+
+
+@pytest.mark.parametrize("cfg", [CFG, LLAMA, GPT_UNTIED], ids=["gpt2", "llama-gqa", "gpt-untied-nobias"])
+def test_every_name_matches_exactly_its_declared_patterns(cfg):
+    """Each name is matched by the UCP lists its Kind declares, by one pattern per list, and by no other list;
+    every emitted pattern matches some name (DeepSpeed's strict mode)."""
+    info = universal_checkpoint_info(cfg, padded_vocab_size=64)
+    lists = {k: v for k, v in info.items() if isinstance(v, list)}
+    used = set()
+    for p in model_params(cfg):
         matched = {}
         for key, patterns in lists.items():
             hits = [pat for pat in patterns if re.match(pat, p.name)]
             assert len(hits) <= 1, f"{p.name} matched {hits} in {key}"
             if hits:
                 matched[key] = hits[0]
+                used.add(hits[0])
         assert set(matched) == categories(p.spec), p.name
+    assert used == {pat for patterns in lists.values() for pat in patterns}
     # Anchored: a longer name with the same prefix matches nothing.
     for patterns in lists.values():
         for pat in patterns:
@@ -149,3 +162,22 @@ def test_model_config_validation():
     assert ModelConfig.from_dict(CFG.to_dict()) == CFG
     with pytest.raises(ValueError, match="unknown ModelConfig keys: bogus"):
         ModelConfig.from_dict(dict(CFG.to_dict(), bogus=1))
+
+
+def test_llama_table():
+    names = {p.name: p for p in model_params(LLAMA)}
+    assert "0.word_embeddings.weight" in names and "4.lm_head.weight" in names
+    assert not any("position_embeddings" in n or n.endswith(".bias") for n in names)
+    assert names["1.self_attention.query_key_value.weight"].full_shape == ((8 + 2 * 2) * 8, 64)
+    assert names["1.mlp.dense_h_to_4h.weight"].kind is Kind.COLUMN_2SUB
+    assert names["1.mlp.dense_h_to_4h.weight"].full_shape == (192, 64)
+    info = universal_checkpoint_info(LLAMA, padded_vocab_size=56)
+    assert info["parameter_with_2_sub_params_cat_dim_0"] == [r"\d+\.mlp\.dense_h_to_4h\.weight$"]
+    assert info["pipeline_replicated_parameter_patterns"] == []
+    assert sorted(info["vocabulary_parameter_patterns"]) == [r"\d+\.lm_head\.weight$", r"\d+\.word_embeddings\.weight$"]
+    with pytest.raises(ValueError, match="tensor parallel 4 does not divide num_key_value_heads 2"):
+        LLAMA.check_tensor_parallel(4)
+    with pytest.raises(ValueError, match="add --disable-bias-linear"):
+        ModelConfig(**dict(LLAMA.to_dict(), add_bias_linear=True))
+    with pytest.raises(ValueError, match="needs --swiglu, --normalization rmsnorm and"):
+        ModelConfig(**dict(LLAMA.to_dict(), swiglu=False))

@@ -35,7 +35,7 @@ def _cfg(tp, pp, dtype="bf16", **kw):
     return base
 
 
-def _train_and_dump(rank, world_size, cfg_dict, dump_dir):
+def _train_and_dump(rank, world_size, cfg_dict, dump_dir, model=None):
     """Train (or just load, when train_iters == the loaded iteration), then dump DP-gathered states."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
@@ -58,13 +58,13 @@ def _train_and_dump(rank, world_size, cfg_dict, dump_dir):
                         "global_steps": engine.global_steps, "lr_steps": engine.lr_scheduler.num_steps},
                        os.path.join(dump_dir, f"rank{rank}.pt"))
 
-    train(MODEL, TrainConfig(**cfg_dict), on_finish=dump)
+    train(model or MODEL, TrainConfig(**cfg_dict), on_finish=dump)
 
 
-def _assemble(dump_dir):
+def _assemble(dump_dir, model=None):
     """Full tensors per (name, state) from every rank's dump: TP-merged, first stage for tied copies."""
     dumps = [torch.load(os.path.join(dump_dir, f), weights_only=False) for f in sorted(os.listdir(dump_dir))]
-    cfg = ModelConfig(vocab_size=VOCAB, **MODEL)
+    cfg = ModelConfig(vocab_size=VOCAB, **(model or MODEL))
     full, padding = {}, {}
     for info in model_params(cfg):
         holders = sorted((d["coords"], d["state"][info.name]) for d in dumps if info.name in d["state"])

@@ -3,7 +3,9 @@
 # Every knob is an environment variable, read here before any path is derived:
 #   TP PP DP               parallel degrees of the baseline run (default 2 2 2: 8 ranks)
 #   ZERO_STAGE DTYPE       ZeRO stage (0/1 with the pipeline engine) and bf16 | fp16 | fp32
+#   MODEL_FAMILY           gpt (default) | llama (RMSNorm, rotary, SwiGLU, GQA, untied head, no biases)
 #   NUM_LAYERS HIDDEN HEADS SEQ_LEN   the tiny GPT (4 layers, 256 hidden, 8 heads, 256 tokens)
+#   KV_HEADS FFN_HIDDEN    llama only: key/value heads (default 4) and SwiGLU width (default 688)
 #   GLOBAL_BATCH MICRO_BATCH          samples per step (fixed across layouts) and per micro batch
 #   TRAIN_ITERS SAVE_INTERVAL EVAL_INTERVAL EVAL_ITERS LOG_INTERVAL
 #   LR MIN_LR WARMUP (default TRAIN_ITERS/10) SEED DROPOUT
@@ -17,6 +19,11 @@ set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
+MODEL_FAMILY="${MODEL_FAMILY:-gpt}"
+if [[ "$MODEL_FAMILY" != "gpt" && "$MODEL_FAMILY" != "llama" ]]; then
+    echo "error: MODEL_FAMILY must be gpt or llama, got $MODEL_FAMILY" >&2
+    exit 1
+fi
 TP="${TP:-2}"
 PP="${PP:-2}"
 DP="${DP:-2}"
@@ -26,6 +33,8 @@ NUM_LAYERS="${NUM_LAYERS:-4}"
 HIDDEN="${HIDDEN:-256}"
 HEADS="${HEADS:-8}"
 SEQ_LEN="${SEQ_LEN:-256}"
+KV_HEADS="${KV_HEADS:-4}"
+FFN_HIDDEN="${FFN_HIDDEN:-688}"
 GLOBAL_BATCH="${GLOBAL_BATCH:-8}"
 MICRO_BATCH="${MICRO_BATCH:-4}"
 TRAIN_ITERS="${TRAIN_ITERS:-200}"
@@ -57,7 +66,9 @@ OUTPUT_DIR="$(mkdir -p "$OUTPUT_DIR" && cd "$OUTPUT_DIR" && pwd)"
 
 # run_name TP PP DP: the folder name of one run (Megatron-DeepSpeed's tp/pp/dp/sp naming).
 run_name() {
-    echo "${DTYPE}_z${ZERO_STAGE}_tp${1}_pp${2}_dp${3}_sp1"
+    local family=""
+    [[ "$MODEL_FAMILY" == "gpt" ]] || family="${MODEL_FAMILY}_"
+    echo "${family}${DTYPE}_z${ZERO_STAGE}_tp${1}_pp${2}_dp${3}_sp1"
 }
 
 # prepare_data: tokenize the bundled corpus once, unless DATA_PATH names a dataset.
@@ -93,6 +104,11 @@ model_args() {
     echo --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS" \
         --seq-length "$SEQ_LEN" --max-position-embeddings "$SEQ_LEN" \
         --hidden-dropout "$DROPOUT" --attention-dropout "$DROPOUT"
+    if [[ "$MODEL_FAMILY" == "llama" ]]; then
+        echo --swiglu --normalization rmsnorm --use-rotary-position-embeddings \
+            --untie-embeddings-and-output-weights --disable-bias-linear \
+            --num-key-value-heads "$KV_HEADS" --ffn-hidden-size "$FFN_HIDDEN"
+    fi
 }
 
 train_args() {

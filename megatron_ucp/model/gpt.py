@@ -20,6 +20,7 @@ from megatron_ucp.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    VocabParallelHead,
     mark_parallel,
     parallel_lm_logits,
 )
@@ -43,19 +44,22 @@ def layer_norm(hidden: int, eps: float) -> nn.Module:
 
 
 class EmbeddingLayer(nn.Module):
-    """Word + position embeddings; also the output head (``head``), sharing ``word_embeddings``."""
+    """Word (+ learned position) embeddings; also the tied output head (``head``)."""
 
     def __init__(self, cfg: ModelConfig, padded_vocab: int, tp: TensorParallelContext) -> None:
         super().__init__()
         self.tp = tp
         self.word_embeddings = VocabParallelEmbedding(padded_vocab, cfg.hidden_size, tp)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        mark_parallel(self.position_embeddings.weight, Kind.REPLICATED)
+        self.position_embeddings = None
+        if not cfg.use_rotary_position_embeddings:  # rotary models encode positions in attention
+            self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+            mark_parallel(self.position_embeddings.weight, Kind.REPLICATED)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [b, s] -> [b, s, h]
-        positions = torch.arange(ids.shape[-1], device=ids.device)
-        x = self.word_embeddings(ids) + self.position_embeddings(positions)
+        x = self.word_embeddings(ids)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(torch.arange(ids.shape[-1], device=ids.device))
         return self.dropout(x)  # default RNG stream: the same mask on every TP rank
 
     def head(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, h] -> [b, s, v]
@@ -121,7 +125,23 @@ class TransformerLayer(nn.Module):
 class FinalNorm(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.final_layernorm = layer_norm(cfg.hidden_size, cfg.layernorm_epsilon)
+        if cfg.normalization == "rmsnorm":
+            from megatron_ucp.model.llama import RMSNorm
+
+            self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        else:
+            self.final_layernorm = layer_norm(cfg.hidden_size, cfg.layernorm_epsilon)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_layernorm(x)
+
+
+class LMHead(nn.Module):
+    """The untied output head (Llama family): its own vocab-parallel weight, ``lm_head.weight``."""
+
+    def __init__(self, cfg: ModelConfig, padded_vocab: int, tp: TensorParallelContext) -> None:
+        super().__init__()
+        self.lm_head = VocabParallelHead(padded_vocab, cfg.hidden_size, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(x)

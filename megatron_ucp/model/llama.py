@@ -147,7 +147,8 @@ def fuse_swiglu(gate_full: torch.Tensor, up_full: torch.Tensor, tp: int) -> torc
     result depends on ``tp`` (for tp > 1 it is not ``[gate; up]``), so a checkpoint merged by plain
     concatenation at one TP degree cannot be re-split at another: converters go through
     ``unfuse_swiglu(full, tp_src)`` and ``fuse_swiglu(..., tp_dst)`` (DeepSpeed's
-    ``parameter_with_2_sub_params_cat_dim_0``; its universal form is ``fuse_swiglu(gate, up, 1)``).
+    ``parameter_with_2_sub_params_cat_dim_0``; its universal form is ``fuse_swiglu(gate, up, 1)``, which
+    ``slicing.shard(., Kind.COLUMN_2SUB, tp, r)`` cuts into the same per-rank shards).
     """
     if gate_full.shape != up_full.shape:
         raise ValueError(f"gate {tuple(gate_full.shape)} and up {tuple(up_full.shape)} differ in shape")

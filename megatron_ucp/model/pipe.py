@@ -15,7 +15,7 @@ from megatron_ucp.config import ModelConfig
 from megatron_ucp.distributed.groups import ParallelState
 from megatron_ucp.layout.params import Role, pipe_entries
 from megatron_ucp.layout.slicing import padded_vocab_size, vocab_range
-from megatron_ucp.model.gpt import EmbeddingLayer, FinalNorm, TransformerLayer
+from megatron_ucp.model.gpt import EmbeddingLayer, FinalNorm, LMHead, TransformerLayer
 from megatron_ucp.model.init import initialize_parameters
 from megatron_ucp.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 
@@ -42,13 +42,24 @@ class LMLoss:
         return vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.vocab_size, self.group).mean()
 
 
+def block_spec(cfg: ModelConfig, tp, layer_number: int) -> LayerSpec:
+    """One transformer layer: GPT-2's, or the Llama family's (RMSNorm, rotary, SwiGLU, GQA)."""
+    if cfg.swiglu_family:
+        from megatron_ucp.model.llama import LlamaLayer
+
+        return LayerSpec(LlamaLayer, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                         cfg.ffn_hidden_size, cfg.layernorm_epsilon, tp, layer_number, rope_theta=cfg.rope_theta,
+                         attention_dropout=cfg.attention_dropout, hidden_dropout=cfg.hidden_dropout)
+    return LayerSpec(TransformerLayer, cfg, tp, layer_number)
+
+
 def topology_of(state: ParallelState) -> PipeModelDataParallelTopology:
     layout = state.layout
     return PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
 
 
 class GPTPipe(PipelineModule):
-    """Embedding (tied), transformer layers, final norm, tied head; loss is vocab-parallel CE."""
+    """Embedding, transformer layers, final norm, head (tied to the embedding or not); vocab-parallel CE."""
 
     def __init__(self, cfg: ModelConfig, state: ParallelState, seed: int) -> None:
         layout = state.layout
@@ -58,23 +69,27 @@ class GPTPipe(PipelineModule):
         tp = state.tp
         specs = []
         for entry in pipe_entries(cfg):
-            if entry.role is Role.EMBED:
+            if entry.role is Role.EMBED and entry.tied_key:
                 specs.append(TiedLayerSpec(entry.tied_key, EmbeddingLayer, cfg, padded_vocab, tp,
                                            tied_weight_attr=[TIED_WEIGHT]))
+            elif entry.role is Role.EMBED:
+                specs.append(LayerSpec(EmbeddingLayer, cfg, padded_vocab, tp))
             elif entry.role is Role.BLOCK:
-                specs.append(LayerSpec(TransformerLayer, cfg, tp, entry.layer_number))
+                specs.append(block_spec(cfg, tp, entry.layer_number))
             elif entry.role is Role.FINAL_NORM:
                 specs.append(LayerSpec(FinalNorm, cfg))
-            else:
+            elif entry.tied_key:
                 specs.append(TiedLayerSpec(entry.tied_key, EmbeddingLayer, cfg, padded_vocab, tp,
                                            forward_fn=_tied_head, tied_weight_attr=[TIED_WEIGHT]))
+            else:
+                specs.append(LayerSpec(LMHead, cfg, padded_vocab, tp))
         vocab_start, _ = vocab_range(padded_vocab, layout.tp, state.coords.tp)
         super().__init__(
             layers=specs,
             loss_fn=LMLoss(vocab_start, cfg.vocab_size, state.tp_group),
             topology=topology_of(state),
             # Layers, not parameters: every stage gets whole transformer layers, evenly.
-            partition_method="type:TransformerLayer",
+            partition_method="type:TransformerLayer|LlamaLayer",
         )
         self.model_config = cfg
         self.padded_vocab = padded_vocab

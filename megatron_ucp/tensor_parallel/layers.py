@@ -111,3 +111,15 @@ class VocabParallelEmbedding(nn.Module):
 def parallel_lm_logits(x: torch.Tensor, word_embeddings: torch.Tensor, tp: TensorParallelContext) -> torch.Tensor:
     """Logits for this rank's vocabulary slice from the (tied) embedding matrix."""
     return linear(copy_to_tp_region(x, tp.group), word_embeddings)
+
+
+class VocabParallelHead(nn.Module):
+    """An untied output head: vocabulary rows split across TP ranks; returns this rank's logits."""
+
+    def __init__(self, padded_vocab: int, hidden: int, tp: TensorParallelContext) -> None:
+        super().__init__()
+        self.tp = tp
+        self.weight = _param(local_shape(Kind.VOCAB, (padded_vocab, hidden), tp.size), Kind.VOCAB)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return parallel_lm_logits(x, self.weight, self.tp)

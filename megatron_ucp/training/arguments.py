@@ -25,6 +25,13 @@ _MODEL_FLAGS = [
     ("--hidden-dropout", float, 0.1, "dropout on embeddings and residual branches"),
     ("--attention-dropout", float, 0.1, "dropout on attention probabilities"),
     ("--init-method-std", float, 0.02, "std of the normal initialisation"),
+    ("--swiglu", bool, False, "SwiGLU MLP (Llama family)"),
+    ("--normalization", str, "layernorm", "layernorm | rmsnorm"),
+    ("--use-rotary-position-embeddings", bool, False, "rotary position embeddings instead of learned ones"),
+    ("--rope-theta", float, 10000.0, "rotary base"),
+    ("--num-key-value-heads", int, None, "key/value heads for grouped-query attention (default: all heads)"),
+    ("--untie-embeddings-and-output-weights", bool, False, "a separate output head"),
+    ("--disable-bias-linear", bool, False, "no biases in linear layers"),
 ]
 
 _TRAIN_FLAGS = [
@@ -131,4 +138,7 @@ def train_config(values: dict) -> TrainConfig:
 
 def model_kwargs(values: dict) -> dict:
     """ModelConfig fields from the flags; the trainer adds vocab_size from the tokenizer."""
-    return {k: values[k] for k in MODEL_KEYS}
+    out = {k: values[k] for k in MODEL_KEYS}
+    out["tie_embeddings"] = not out.pop("untie_embeddings_and_output_weights")
+    out["add_bias_linear"] = not out.pop("disable_bias_linear")
+    return out

@@ -180,4 +180,6 @@ def test_llama_table():
     with pytest.raises(ValueError, match="add --disable-bias-linear"):
         ModelConfig(**dict(LLAMA.to_dict(), add_bias_linear=True))
     with pytest.raises(ValueError, match="needs --swiglu, --normalization rmsnorm and"):
-        ModelConfig(**dict(LLAMA.to_dict(), swiglu=False))
+        ModelConfig(**dict(LLAMA.to_dict(), swiglu=False, num_key_value_heads=8))
+    with pytest.raises(ValueError, match="grouped-query attention .* is only built for the Llama family"):
+        ModelConfig(**dict(GPT_UNTIED.to_dict(), num_key_value_heads=2))

@@ -324,6 +324,61 @@ def _skeleton(keys: dict, shape: tuple[int, ...]) -> tuple[bytes, bytes, int]:
         return _SKELETONS[cache_key]
 
 
+_IOV_MAX = 1024
+_THREAD = threading.local()
+
+
+def _scratch(nbytes: int) -> torch.Tensor:
+    """A per-thread byte buffer of at least ``nbytes``, grown as needed and reused across atoms."""
+    buf = getattr(_THREAD, "scratch", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _THREAD.scratch = torch.empty(nbytes, dtype=torch.uint8)
+    return buf[:nbytes]
+
+
+def _read_row_parallel(tensor: torch.Tensor, src: ParamSource, key: str, ckpt: ZeroCheckpoint,
+                       fds: dict[str, int]) -> None:
+    """Fill the full [rows, tp * w] tensor: TP rank t's local [rows, w] goes to column block t.
+
+    Each DP fragment is one contiguous source range; ``preadv`` scatters it into the row pieces it
+    covers, so the bytes are copied once, with no intermediate buffer.
+    """
+    rows, width_full = tensor.shape
+    w = width_full // ckpt.tp
+    buf = memoryview(tensor.view(torch.uint8).view(-1).numpy())
+    for t in range(ckpt.tp):
+        lo = 0
+        for frag in src.fragments[t]:
+            ref = ckpt.flat_ref(src.pp, t, frag.dp, src.group, key)
+            if ref.path not in fds:
+                fds[ref.path] = os.open(ref.path, os.O_RDONLY)
+            iovs = []
+            a, b = lo, lo + frag.numel
+            while a < b:
+                r, c = divmod(a, w)
+                n = min(b - a, w - c)
+                start = (r * width_full + t * w + c) * 4
+                iovs.append(buf[start:start + n * 4])
+                a += n
+            pos = ref.offset + frag.start * 4
+            for i in range(0, len(iovs), _IOV_MAX):
+                batch = iovs[i:i + _IOV_MAX]
+                want = sum(len(v) for v in batch)
+                got = os.preadv(fds[ref.path], batch, pos)
+                if got != want:  # a short read (end of file, a signal): finish each piece on its own
+                    off = pos
+                    for v in batch:
+                        done = min(max(got - (off - pos), 0), len(v))
+                        while done < len(v):
+                            k = os.preadv(fds[ref.path], [v[done:]], off + done)
+                            if k <= 0:
+                                raise CheckpointError(f"{ref.path}: truncated: ends before byte {off + len(v)}")
+                            done += k
+                        off += len(v)
+                pos += want
+            lo += frag.numel
+
+
 def _pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data)
     done = 0
@@ -349,11 +404,9 @@ def _write_atom_by_copy(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroC
         _pwrite_all(dst, head, 0)
         if rule.kind is Kind.ROW:
             # Row-parallel slices interleave every row (pieces of a few KB), which copy_file_range moves
-            # slowly; assemble the tensor in memory (one parameter) and write it in one go instead.
-            tensor = torch.empty(full, dtype=torch.float32)
-            width = local[1]
-            for t in range(ckpt.tp):
-                _copy_fragments_into(tensor.narrow(1, t * width, width), src, t, key, ckpt)
+            # slowly; scatter-read each fragment straight into its rows (preadv), then write once.
+            tensor = _scratch(nbytes).view(torch.float32).view(full)  # reused: no page faults per atom
+            _read_row_parallel(tensor, src, key, ckpt, fds)
             _pwrite_all(dst, tensor.view(torch.uint8).view(-1).numpy(), data_offset)
             del tensor
         else:

@@ -8,9 +8,11 @@ WORLD_SIZE, MASTER_ADDR/PORT), initialises the default gloo group and calls
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
+import pytest
 import torch.multiprocessing as mp
 
 
@@ -39,3 +41,37 @@ def _worker(rank, world_size, port, fn, args):
 
 def run_distributed(fn, world_size: int, *args) -> None:
     mp.spawn(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def spawned_results(tmp_path_factory, worker, prefix: str):
+    """``get(world_size)`` -> per-rank check results of ``worker``, spawned once per world size.
+
+    ``worker(rank, world_size, out_dir)`` runs many checks and writes ``rank{r}.json`` mapping each
+    check name to None (passed) or its traceback; a failed spawn is re-raised by every test that asks.
+    """
+    cache: dict[int, object] = {}
+
+    def get(world_size: int) -> list[dict]:
+        if world_size not in cache:
+            out = tmp_path_factory.mktemp(f"{prefix}{world_size}")
+            try:
+                run_distributed(worker, world_size, str(out))
+                cache[world_size] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
+            except Exception as e:  # noqa: BLE001 - every test of this world size reports it
+                cache[world_size] = e
+        if isinstance(cache[world_size], Exception):
+            raise cache[world_size]
+        return cache[world_size]
+
+    return get
+
+
+def report_check(results: list[dict], name: str) -> None:
+    """Fail with every rank's traceback if check ``name`` failed (or did not run) anywhere."""
+    failures = []
+    for rank, per_rank in enumerate(results):
+        assert name in per_rank, f"check {name!r} did not run on rank {rank}"
+        if per_rank[name] is not None:
+            failures.append(f"--- rank {rank} ---\n{per_rank[name]}")
+    if failures:
+        pytest.fail(f"{name} failed on {len(failures)} of {len(results)} ranks:\n" + "\n".join(failures), pytrace=False)

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_utils import run_distributed
+from dist_utils import report_check, spawned_results
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.distributed.groups import TensorParallelContext
 from megatron_ucp.distributed.random import MODEL_PARALLEL_RNG, RNGStatesTracker, seed_all
@@ -543,38 +543,14 @@ def _tp_worker(rank: int, world_size: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def tp_results(tmp_path_factory):
     """``get(world_size)`` -> per-rank results; one spawned run per world size, shared by the tests."""
-    cache: dict[int, object] = {}
-
-    def get(world_size: int) -> list[dict]:
-        if world_size not in cache:
-            out = tmp_path_factory.mktemp(f"tp{world_size}")
-            try:
-                run_distributed(_tp_worker, world_size, str(out))
-                cache[world_size] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
-            except Exception as e:  # noqa: BLE001 - every test of this world size reports it
-                cache[world_size] = e
-        if isinstance(cache[world_size], Exception):
-            raise cache[world_size]
-        return cache[world_size]
-
-    return get
-
-
-def _report(results: list[dict], name: str) -> None:
-    failures = []
-    for rank, per_rank in enumerate(results):
-        assert name in per_rank, f"check {name!r} did not run on rank {rank}"
-        if per_rank[name] is not None:
-            failures.append(f"--- rank {rank} ---\n{per_rank[name]}")
-    if failures:
-        pytest.fail(f"{name} failed on {len(failures)} of {len(results)} ranks:\n" + "\n".join(failures), pytrace=False)
+    return spawned_results(tmp_path_factory, _tp_worker, "tp")
 
 
 def _dist_test(name: str):
     @pytest.mark.dist
     @pytest.mark.parametrize("world_size", WORLD_SIZES)
     def test(tp_results, world_size):
-        _report(tp_results(world_size), name)
+        report_check(tp_results(world_size), name)
 
     test.__name__ = f"test_{name}"
     test.__doc__ = CHECKS[name].__doc__

@@ -422,6 +422,38 @@ def _write_atom_by_copy(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroC
     return data_offset + nbytes + len(tail)
 
 
+_SERIALIZED: dict[tuple, bytes] = {}
+
+
+def _write_small(obj, cache_key, path: str) -> int:
+    """Write ``torch.save(obj)``'s bytes; the same object (e.g. every parameter's step) is serialised once."""
+    with _SKELETONS_LOCK:
+        data = _SERIALIZED.get(cache_key)
+        if data is None:
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            data = _SERIALIZED[cache_key] = buf.getvalue()
+    with open(path, "wb") as f:
+        f.write(data)
+    return len(data)
+
+
+def _write_atom_from_memory(atom: dict, path: str) -> int:
+    """Write an atom built in memory through the cached skeleton of its layout (no zip writer per file)."""
+    tensor = atom["param"]
+    keys = {k: v for k, v in atom.items() if k != "param"}
+    head, tail, data_offset = _skeleton(keys, tuple(tensor.shape))
+    data = tensor.contiguous().view(torch.uint8).view(-1).numpy()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _pwrite_all(fd, head, 0)
+        _pwrite_all(fd, data, data_offset)
+        _pwrite_all(fd, tail, data_offset + len(data))
+    finally:
+        os.close(fd)
+    return data_offset + len(data) + len(tail)
+
+
 def convert_param(src: ParamSource, rule: MergeRule, ckpt: ZeroCheckpoint, zero_dir: str) -> int:
     """Write ``zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt`` for one parameter; return bytes written.
 
@@ -433,14 +465,16 @@ def convert_param(src: ParamSource, rule: MergeRule, ckpt: ZeroCheckpoint, zero_
     written = 0
     step = ckpt.step(src.pp, 0, src.fragments[0][0].dp, src.group)
     if step is not None:
-        written += _save(step.clone() if torch.is_tensor(step) else step, os.path.join(out_dir, "step.pt"))
+        key = ("step", repr(step), str(step.dtype) if torch.is_tensor(step) else type(step).__name__)
+        written += _write_small(step.clone() if torch.is_tensor(step) else step, key,
+                                os.path.join(out_dir, "step.pt"))
     sources_are_fp32 = all(ckpt.flat_ref(src.pp, t, f.dp, src.group, k).dtype == torch.float32
                            for t in range(ckpt.tp) for f in src.fragments[t] for k in STATE_KEYS)
     for key in STATE_KEYS:
         path = os.path.join(out_dir, f"{key}.pt")
         if rule.kind is Kind.REPLICATED or not sources_are_fp32:
             atom = merged_state(src, rule, key, ckpt)
-            written += _save(atom, path)
+            written += _write_atom_from_memory(atom, path)
             del atom
         else:
             written += _write_atom_by_copy(src, rule, key, ckpt, path)

@@ -552,12 +552,16 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
         prog = _Progress(len(order), progress)
         written = 0
         with ThreadPoolExecutor(max_workers=n_workers) as pool:
+            # optimizer_state.pt needs DeepSpeed's real classes (importing DeepSpeed takes a while):
+            # it runs beside the copies instead of after them.
+            global_state = pool.submit(
+                lambda: _save(optimizer_state(ckpt), os.path.join(zero_dir, "optimizer_state.pt")))
             futures = [pool.submit(convert_param, src, rules[src.name], ckpt, zero_dir) for src in order]
             for fut in as_completed(futures):
                 nbytes = fut.result()
                 written += nbytes
                 prog.tick(nbytes)
-        written += _save(optimizer_state(ckpt), os.path.join(zero_dir, "optimizer_state.pt"))
+            written += global_state.result()
         for path in ckpt.model_files:
             shutil.copy2(path, tmp)
             written += os.path.getsize(path)

@@ -19,6 +19,7 @@ Every problem is reported as ``CheckpointError`` naming the file and what is wro
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 
@@ -39,16 +40,48 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or inconsistent; the message names it."""
 
 
+class _DeepSpeedStub:
+    """Stands in for DeepSpeed's pickled classes (fragment_address, LossScaler, ZeroStageEnum) when
+    only their fields are read, so indexing a checkpoint does not import DeepSpeed."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.args = args
+        self.__dict__.update(kwargs)
+
+    def __setstate__(self, state) -> None:
+        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slots state)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+    def __int__(self) -> int:  # enums are pickled as Class(value)
+        return int(self.args[0])
+
+
+class _StubUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module == "deepspeed" or module.startswith("deepspeed."):
+            return type(name, (_DeepSpeedStub,), {"__module__": module})
+        return super().find_class(module, name)
+
+
+class _stub_pickle:  # noqa: N801 - a stand-in for the pickle module, as torch.load's pickle_module
+    Unpickler = _StubUnpickler
+    load = pickle.load
+    __name__ = "pickle"
+
+
 def load_file(path: str, mmap: bool = True, meta: bool = False) -> dict:
     """``torch.load`` with a clear error for missing, truncated or foreign files.
 
-    ``meta=True`` reads only the pickle: tensors come back on the meta device with their file offsets.
+    ``meta=True`` reads only the pickle: tensors come back on the meta device with their file offsets,
+    and DeepSpeed's classes as plain stand-ins (their fields only), so DeepSpeed is not imported.
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing file")
     try:
         if meta:
-            return torch.load(path, map_location="meta", weights_only=False)
+            return torch.load(path, map_location="meta", weights_only=False, pickle_module=_stub_pickle)
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means the file is unusable
         size = os.path.getsize(path)

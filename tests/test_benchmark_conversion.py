@@ -3,7 +3,6 @@ the wchar-based temporary-bytes measurement, checkpoint caching and CLI wiring. 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -12,18 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("benchmark_conversion", REPO / "tools" / "benchmark_conversion.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
-
-bc = _load_tool()
+bc = load_tool("benchmark_conversion")
 GiB = 1 << 30
 NUMEL = 50432 * 1024  # GPT-2 vocabulary padded to a multiple of 128 x TP2, hidden 1024
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,18 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("benchmark_training", REPO / "tools" / "benchmark_training.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
-
-bt = _load_tool()
+bt = load_tool("benchmark_training")
 
 # Real output of `torchrun ... -m megatron_ucp.train ... --log-interval 1 --eval-interval 0` (TP2-PP2-DP2 run),
 # with the noise a log holds between progress lines.

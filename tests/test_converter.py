@@ -125,12 +125,9 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(ckpt, tmp_pat
 
 
 def test_cli_wiring(ckpt, tmp_path, capsys):
-    import importlib.util
+    from helpers import load_tool
 
-    spec = importlib.util.spec_from_file_location("ds_to_universal_cli", os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "ds_to_universal.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("ds_to_universal")
     out = tmp_path / "global_step2_universal"
     assert cli.main(["--input_folder", str(ckpt / "global_step2"), "--output_folder", str(out),
                      "--num_extract_workers", "1", "--num_merge_workers", "2", "--keep_temp_folder", "--quiet"]) == 0

@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_utils import report_check, spawned_results
+from helpers import assert_equal, assert_fails, leaf, load_param
 from megatron_ucp.distributed.groups import TensorParallelContext
 from megatron_ucp.distributed.random import MODEL_PARALLEL_RNG
 from megatron_ucp.layout import slicing
@@ -89,28 +90,8 @@ def _close_hf(actual, expected, what: str) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: {m}")
 
 
-def _equal(actual, expected, what: str) -> None:
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.equal(actual, expected), f"{what}: not bitwise equal (max diff {(actual - expected).abs().max()})"
 
 
-def _assert_fails(fn, what: str) -> None:
-    """Negative control: ``fn`` is a comparison that must fail, proving the check can see the error."""
-    try:
-        fn()
-    except AssertionError:
-        return
-    raise AssertionError(f"negative control passed unexpectedly: {what}")
-
-
-def _load(p: torch.nn.Parameter, value: torch.Tensor) -> None:
-    assert p.shape == value.shape, f"value shape {tuple(value.shape)} does not fit parameter {tuple(p.shape)}"
-    with torch.no_grad():
-        p.copy_(value)
-
-
-def _leaf(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().clone().requires_grad_()
 
 
 def _tp1() -> TensorParallelContext:
@@ -177,7 +158,7 @@ def _load_layer(layer: torch.nn.Module, full: dict, tp: int, rank: int) -> None:
         kind = LAYER_KINDS[name]
         assert p.partition_dim == (-1 if kind.partition_dim is None else kind.partition_dim), name
         assert p.tensor_model_parallel == (kind is not Kind.REPLICATED), name
-        _load(p, slicing.shard(full[name], kind, tp, rank))
+        load_param(p, slicing.shard(full[name], kind, tp, rank))
 
 
 # Hand-written dense references (float64).
@@ -240,10 +221,10 @@ def test_rmsnorm_matches_formula_and_hf():
     x = _randn(2, B, S, hidden, scale=3.0) + 0.5  # a non-zero mean: RMSNorm must not subtract it
 
     norm64 = norm.to(F64)
-    _load(norm64.weight, w)
+    load_param(norm64.weight, w)
     _close(norm64(x), x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w, "rmsnorm formula (f64)")
     # negative control: LayerNorm (mean subtracted) with the same weight is a different function
-    _assert_fails(lambda: _close(norm64(x), F.layer_norm(x, (hidden,), w, None, eps), "layernorm"),
+    assert_fails(lambda: _close(norm64(x), F.layer_norm(x, (hidden,), w, None, eps), "layernorm"),
                   "RMSNorm compared with LayerNorm")
 
     hf = _hf_llama()
@@ -252,17 +233,17 @@ def test_rmsnorm_matches_formula_and_hf():
     for dtype in (F32, torch.bfloat16):
         ours = RMSNorm(hidden, eps).to(dtype)
         theirs = hf.LlamaRMSNorm(hidden, eps=eps).to(dtype)
-        _load(ours.weight, w.to(dtype))
-        _load(theirs.weight, w.to(dtype))
+        load_param(ours.weight, w.to(dtype))
+        load_param(theirs.weight, w.to(dtype))
         xd = x.to(dtype)
         y = ours(xd)
         assert y.dtype == dtype
-        _equal(y, theirs(xd), f"rmsnorm vs HF LlamaRMSNorm ({dtype}); same fp32 ops in the same order")
+        assert_equal(y, theirs(xd), f"rmsnorm vs HF LlamaRMSNorm ({dtype}); same fp32 ops in the same order")
     # bf16 activations into an fp32 weight: HF's dtype promotion (fp32 out), reproduced exactly
     ours, theirs = RMSNorm(hidden, eps), hf.LlamaRMSNorm(hidden, eps=eps)
-    _load(ours.weight, w.float())
-    _load(theirs.weight, w.float())
-    _equal(ours(x.to(torch.bfloat16)), theirs(x.to(torch.bfloat16)), "rmsnorm bf16 input, fp32 weight")
+    load_param(ours.weight, w.float())
+    load_param(theirs.weight, w.float())
+    assert_equal(ours(x.to(torch.bfloat16)), theirs(x.to(torch.bfloat16)), "rmsnorm bf16 input, fp32 weight")
 
 
 @pytest.mark.parametrize("theta", [10000.0, 500000.0])
@@ -272,14 +253,14 @@ def test_rotary_matches_hf_and_reference(theta):
     k = _randn(11, B, nh, S, hn, dtype=F32)
     cos, sin = rotary_cos_sin(S, hn, theta, dtype=F32)
     assert cos.shape == sin.shape == (S, hn) and cos.dtype == F32
-    _equal(rotary_cos_sin(S, hn, theta, dtype=torch.bfloat16)[0], cos.to(torch.bfloat16), "cos cast from fp32")
+    assert_equal(rotary_cos_sin(S, hn, theta, dtype=torch.bfloat16)[0], cos.to(torch.bfloat16), "cos cast from fp32")
     ours = apply_rotary(x, cos, sin)
 
     # the hand-written pair-by-pair rotation (float64 arithmetic on fp32 cos/sin)
     ref = _ref_rope(x.double(), theta)
     torch.testing.assert_close(ours.double(), ref, rtol=1e-6, atol=1e-6)  # fp32 rounding of x*cos + y*sin
     # position 0 is the identity; the rotation preserves each pair's norm
-    _equal(ours[:, :, 0], x[:, :, 0], "position 0")
+    assert_equal(ours[:, :, 0], x[:, :, 0], "position 0")
     torch.testing.assert_close(ours.norm(dim=-1), x.norm(dim=-1))
     # relative positions: <R_m q, R_n k> depends on m - n only (shift both by one position)
     q1 = x[:, :, :1].expand(B, nh, S, hn)
@@ -290,7 +271,7 @@ def test_rotary_matches_hf_and_reference(theta):
     torch.testing.assert_close(dots, dots[:, :, :1].expand_as(dots), rtol=1e-5, atol=1e-5)
 
     # negative control: the interleaved (even/odd pairs) convention
-    _assert_fails(lambda: torch.testing.assert_close(ours.double(), _interleaved_rope(x.double(), theta),
+    assert_fails(lambda: torch.testing.assert_close(ours.double(), _interleaved_rope(x.double(), theta),
                                                      rtol=1e-5, atol=1e-5), "interleaved RoPE vs rotate_half")
 
     hf = _hf_llama()
@@ -302,12 +283,12 @@ def test_rotary_matches_hf_and_reference(theta):
                       max_position_embeddings=32, rope_parameters={"rope_type": "default", "rope_theta": theta})
     rotary = hf.LlamaRotaryEmbedding(cfg)
     hf_cos, hf_sin = rotary(x, torch.arange(S)[None].expand(B, S))  # [b, s, hn]
-    _equal(hf_cos[0], cos, "cos vs HF")
-    _equal(hf_sin[0], sin, "sin vs HF")
+    assert_equal(hf_cos[0], cos, "cos vs HF")
+    assert_equal(hf_sin[0], sin, "sin vs HF")
     hq, hk = hf.apply_rotary_pos_emb(x, k, hf_cos, hf_sin)
-    _equal(ours, hq, "rotary q vs HF apply_rotary_pos_emb")
-    _equal(apply_rotary(k, cos, sin), hk, "rotary k vs HF apply_rotary_pos_emb")
-    _assert_fails(lambda: _close_hf(_interleaved_rope(x.double(), theta).float(), hq, "interleaved"),
+    assert_equal(ours, hq, "rotary q vs HF apply_rotary_pos_emb")
+    assert_equal(apply_rotary(k, cos, sin), hk, "rotary k vs HF apply_rotary_pos_emb")
+    assert_fails(lambda: _close_hf(_interleaved_rope(x.double(), theta).float(), hq, "interleaved"),
                   "interleaved RoPE vs HF")
 
 
@@ -321,14 +302,14 @@ def test_swiglu_mlp_dense(bias):
     assert {n for n, _ in mlp.named_parameters()} == expected
     gate, up, down = _randn(20, ffn, hidden), _randn(21, ffn, hidden), _randn(22, hidden, ffn)
     bg, bu, bd = _randn(23, ffn), _randn(24, ffn), _randn(25, hidden)
-    _load(mlp.dense_h_to_4h.weight, fuse_swiglu(gate, up, 1))
-    _load(mlp.dense_4h_to_h.weight, down)
+    load_param(mlp.dense_h_to_4h.weight, fuse_swiglu(gate, up, 1))
+    load_param(mlp.dense_4h_to_h.weight, down)
     if bias:
-        _load(mlp.dense_h_to_4h.bias, fuse_swiglu(bg, bu, 1))
-        _load(mlp.dense_4h_to_h.bias, bd)
+        load_param(mlp.dense_h_to_4h.bias, fuse_swiglu(bg, bu, 1))
+        load_param(mlp.dense_4h_to_h.bias, bd)
     x, g = _randn(26, B, S, hidden), _randn(27, B, S, hidden)
-    dense = [_leaf(t) for t in (gate, up, down, bg, bu, bd)]
-    xd, xm = _leaf(x), _leaf(x)
+    dense = [leaf(t) for t in (gate, up, down, bg, bu, bd)]
+    xd, xm = leaf(x), leaf(x)
     if bias:
         ref = F.linear(F.silu(F.linear(xd, dense[0], dense[3])) * F.linear(xd, dense[1], dense[4]), dense[2], dense[5])
     else:
@@ -344,9 +325,9 @@ def test_swiglu_mlp_dense(bias):
     _close(mlp.dense_4h_to_h.weight.grad, dense[2].grad, "down grad")
 
     # negative control: [up; gate] (the two halves swapped)
-    _load(mlp.dense_h_to_4h.weight, fuse_swiglu(up, gate, 1))
+    load_param(mlp.dense_h_to_4h.weight, fuse_swiglu(up, gate, 1))
     with torch.no_grad():
-        _assert_fails(lambda: _close(mlp(x), ref.detach(), "swapped"), "SwiGLU with gate and up swapped")
+        assert_fails(lambda: _close(mlp(x), ref.detach(), "swapped"), "SwiGLU with gate and up swapped")
 
 
 @pytest.mark.parametrize("nh,nkv", [(8, 2), (4, 4), (4, 1)])  # GQA, MHA, MQA
@@ -358,12 +339,12 @@ def test_gqa_attention_dense(nh, nkv):
     fused = fuse_qkv(w["q"], w["k"], w["v"], nh, nkv)
     hn = hidden // nh
     assert fused.shape == ((nh + 2 * nkv) * hn, hidden)
-    _load(attn.query_key_value.weight, fused)
-    _load(attn.dense.weight, w["o"])
+    load_param(attn.query_key_value.weight, fused)
+    load_param(attn.dense.weight, w["o"])
 
     x, g = _randn(110, B, S, hidden), _randn(111, B, S, hidden)
-    dense = {n: _leaf(w[n]) for n in ("q", "k", "v", "o")}
-    xd, xa = _leaf(x), _leaf(x)
+    dense = {n: leaf(w[n]) for n in ("q", "k", "v", "o")}
+    xd, xa = leaf(x), leaf(x)
     ref = _ref_attention(xd, dense["q"], dense["k"], dense["v"], dense["o"], nh, nkv, theta)
     ref.backward(g)
     y = attn(xa)
@@ -379,15 +360,15 @@ def test_gqa_attention_dense(nh, nkv):
     x2 = x.clone()
     x2[:, -1] += 1.0
     with torch.no_grad():
-        _equal(attn(x2)[:, :-1], y.detach()[:, :-1], "causal")
+        assert_equal(attn(x2)[:, :-1], y.detach()[:, :-1], "causal")
 
     # negative control: [q_all; k_all; v_all] instead of the grouped layout
     if nkv > 1:  # with one group the two layouts coincide
-        _load(attn.query_key_value.weight, torch.cat([w["q"], w["k"], w["v"]]))
+        load_param(attn.query_key_value.weight, torch.cat([w["q"], w["k"], w["v"]]))
         with torch.no_grad():
-            _assert_fails(lambda: _close(attn(x), ref.detach(), "[q;k;v]"), "fused QKV as [q_all; k_all; v_all]")
+            assert_fails(lambda: _close(attn(x), ref.detach(), "[q;k;v]"), "fused QKV as [q_all; k_all; v_all]")
     else:
-        _equal(fused, torch.cat([w["q"], w["k"], w["v"]]), "one group: grouped layout = [q; k; v]")
+        assert_equal(fused, torch.cat([w["q"], w["k"], w["v"]]), "one group: grouped layout = [q; k; v]")
 
 
 def test_llama_layer_matches_hf_decoder_layer():
@@ -410,12 +391,12 @@ def test_llama_layer_matches_hf_decoder_layer():
     theirs_params = dict(theirs.named_parameters())
     assert set(theirs_params) == set(hf_names)
     for name, key in hf_names.items():
-        _load(theirs_params[name], w[key])
+        load_param(theirs_params[name], w[key])
     _load_layer(ours, _fused_full(w, nh, nkv, tp=1), 1, 0)
     ours.eval(), theirs.eval()
 
     x, g = _randn(210, B, S, hidden, dtype=F32), _randn(211, B, S, hidden, dtype=F32)
-    xo, xt = _leaf(x), _leaf(x)
+    xo, xt = leaf(x), leaf(x)
     positions = torch.arange(S)[None].expand(B, S)
     cos_sin = hf.LlamaRotaryEmbedding(cfg)(xt, positions)
     yt = theirs(xt, attention_mask=_causal_mask(S, F32), position_ids=positions, position_embeddings=cos_sin)
@@ -444,16 +425,16 @@ def test_llama_layer_matches_hf_decoder_layer():
         with torch.no_grad():
             return layer(x)
 
-    _assert_fails(lambda: _close_hf(output_with(_fused_full(w, nh, nkv, 1, naive_qkv=True)), yt.detach(), "qkv"),
+    assert_fails(lambda: _close_hf(output_with(_fused_full(w, nh, nkv, 1, naive_qkv=True)), yt.detach(), "qkv"),
                   "LlamaLayer with fused QKV as [q_all; k_all; v_all]")
     swapped = dict(w, gate=w["up"], up=w["gate"])
-    _assert_fails(lambda: _close_hf(output_with(_fused_full(swapped, nh, nkv, 1)), yt.detach(), "gate/up"),
+    assert_fails(lambda: _close_hf(output_with(_fused_full(swapped, nh, nkv, 1)), yt.detach(), "gate/up"),
                   "LlamaLayer with gate and up swapped")
     default_theta = LlamaLayer(hidden, nh, nkv, ffn, eps, _tp1(), 0).to(F32)  # theta 10000, HF has 500000
     _load_layer(default_theta, _fused_full(w, nh, nkv, 1), 1, 0)
     with torch.no_grad():
         y_default = default_theta(x)
-    _assert_fails(lambda: _close_hf(y_default, yt.detach(), "theta"), "LlamaLayer with the wrong rope theta")
+    assert_fails(lambda: _close_hf(y_default, yt.detach(), "theta"), "LlamaLayer with the wrong rope theta")
 
 
 def test_constructor_errors():
@@ -490,7 +471,7 @@ def test_dropout_streams_and_bf16():
     before = torch.get_rng_state()
     with torch.no_grad():
         y_train = layer(x)
-    _equal(torch.get_rng_state(), before, "attention dropout leaves the default generator alone")
+    assert_equal(torch.get_rng_state(), before, "attention dropout leaves the default generator alone")
     assert not torch.allclose(y_train, y_eval), "attention dropout had no effect in training mode"
     unseeded = LlamaLayer(hidden, nh, nkv, ffn, 1e-5, TensorParallelContext(), 0, attention_dropout=0.5)
     _load_layer(unseeded, _fused_full(w, nh, nkv, 1), 1, 0)
@@ -533,26 +514,26 @@ def test_qkv_layout_under_tp(tp):
     nh, nkv, hn, hidden = 8, 4, 3, 5
     q, k, v = _randn(400, nh * hn, hidden), _randn(401, nkv * hn, hidden), _randn(402, nkv * hn, hidden)
     full = fuse_qkv(q, k, v, nh, nkv)
-    _equal(torch.cat(unfuse_qkv(full, nh, nkv)), torch.cat([q, k, v]), "unfuse(fuse)")
+    assert_equal(torch.cat(unfuse_qkv(full, nh, nkv)), torch.cat([q, k, v]), "unfuse(fuse)")
     bias = fuse_qkv(q[:, 0], k[:, 0], v[:, 0], nh, nkv)  # biases use the same row layout
-    _equal(bias, full[:, 0], "bias layout = weight row layout")
+    assert_equal(bias, full[:, 0], "bias layout = weight row layout")
     shards = [slicing.shard(full, Kind.COLUMN, tp, r) for r in range(tp)]
     for r, got in enumerate(shards):
         # rank r's groups: kv heads r*nkv/tp .. and the query heads that read them
         expected = fuse_qkv(q.chunk(tp)[r], k.chunk(tp)[r], v.chunk(tp)[r], nh // tp, nkv // tp)
-        _equal(got, expected, f"rank {r} of {tp}: its groups' q, k, v rows")
+        assert_equal(got, expected, f"rank {r} of {tp}: its groups' q, k, v rows")
         lq, lk, lv = unfuse_qkv(got, nh // tp, nkv // tp)
-        _equal(lk, k[r * nkv // tp * hn:(r + 1) * nkv // tp * hn], f"rank {r} k heads")
-        _equal(lq, q[r * nh // tp * hn:(r + 1) * nh // tp * hn], f"rank {r} q heads")
-        _equal(lv, v[r * nkv // tp * hn:(r + 1) * nkv // tp * hn], f"rank {r} v heads")
-    _equal(slicing.merge(shards, Kind.COLUMN), full, "merge(shard)")
+        assert_equal(lk, k[r * nkv // tp * hn:(r + 1) * nkv // tp * hn], f"rank {r} k heads")
+        assert_equal(lq, q[r * nh // tp * hn:(r + 1) * nh // tp * hn], f"rank {r} q heads")
+        assert_equal(lv, v[r * nkv // tp * hn:(r + 1) * nkv // tp * hn], f"rank {r} v heads")
+    assert_equal(slicing.merge(shards, Kind.COLUMN), full, "merge(shard)")
     # TP-invariant: the full tensor does not depend on tp, so a plain COLUMN re-split converts degrees
     for tp_dst in (1, 2, 4):
-        _equal(slicing.merge([slicing.shard(full, Kind.COLUMN, tp_dst, r) for r in range(tp_dst)], Kind.COLUMN),
+        assert_equal(slicing.merge([slicing.shard(full, Kind.COLUMN, tp_dst, r) for r in range(tp_dst)], Kind.COLUMN),
                full, f"re-split at tp {tp_dst}")
     if tp > 1:  # negative control: [q_all; k_all; v_all] hands rank 0 only query rows
         naive = torch.cat([q, k, v])
-        _assert_fails(lambda: _equal(slicing.shard(naive, Kind.COLUMN, tp, 0), shards[0], "naive"),
+        assert_fails(lambda: assert_equal(slicing.shard(naive, Kind.COLUMN, tp, 0), shards[0], "naive"),
                       "rank 0's shard of [q_all; k_all; v_all]")
 
 
@@ -563,38 +544,38 @@ def test_swiglu_layout_under_tp(tp):
     full = fuse_swiglu(gate, up, tp)
     shards = [slicing.shard(full, Kind.COLUMN, tp, r) for r in range(tp)]
     for r, got in enumerate(shards):
-        _equal(got, torch.cat([gate.chunk(tp)[r], up.chunk(tp)[r]]), f"rank {r} of {tp}: [gate_r; up_r]")
-    _equal(slicing.merge(shards, Kind.COLUMN), full, "merge(shard)")
+        assert_equal(got, torch.cat([gate.chunk(tp)[r], up.chunk(tp)[r]]), f"rank {r} of {tp}: [gate_r; up_r]")
+    assert_equal(slicing.merge(shards, Kind.COLUMN), full, "merge(shard)")
     g2, u2 = unfuse_swiglu(full, tp)
-    _equal(g2, gate, "unfuse gate")
-    _equal(u2, up, "unfuse up")
-    _equal(fuse_swiglu(gate, up, 1), torch.cat([gate, up]), "tp 1 is [gate; up]")
+    assert_equal(g2, gate, "unfuse gate")
+    assert_equal(u2, up, "unfuse up")
+    assert_equal(fuse_swiglu(gate, up, 1), torch.cat([gate, up]), "tp 1 is [gate; up]")
 
     # converting between degrees goes through unfuse(src) -> fuse(dst), exactly
     for tp_dst in (1, 2, 4):
-        _equal(fuse_swiglu(*unfuse_swiglu(full, tp), tp_dst), fuse_swiglu(gate, up, tp_dst), f"{tp} -> {tp_dst}")
+        assert_equal(fuse_swiglu(*unfuse_swiglu(full, tp), tp_dst), fuse_swiglu(gate, up, tp_dst), f"{tp} -> {tp_dst}")
 
     # the parameter table's Kind.COLUMN_2SUB works on the universal [gate; up] and yields the same shards
     universal = fuse_swiglu(gate, up, 1)
     for r in range(tp):
-        _equal(slicing.shard(universal, Kind.COLUMN_2SUB, tp, r), shards[r], f"COLUMN_2SUB shard {r} of {tp}")
-    _equal(slicing.merge(shards, Kind.COLUMN_2SUB), universal, "COLUMN_2SUB merge = [gate; up]")
+        assert_equal(slicing.shard(universal, Kind.COLUMN_2SUB, tp, r), shards[r], f"COLUMN_2SUB shard {r} of {tp}")
+    assert_equal(slicing.merge(shards, Kind.COLUMN_2SUB), universal, "COLUMN_2SUB merge = [gate; up]")
 
     # DeepSpeed's parameter_with_2_sub_params_cat_dim_0: merge gives the universal [gate; up] ...
-    _equal(_ds_merge_2_sub_params(shards), torch.cat([gate, up]), "DeepSpeed merge of the shards")
+    assert_equal(_ds_merge_2_sub_params(shards), torch.cat([gate, up]), "DeepSpeed merge of the shards")
     # ... and loading it at any degree gives exactly fuse_swiglu's shards at that degree
     for tp_dst in (1, 2, 4):
         for r in range(tp_dst):
-            _equal(_ds_load_2_sub_params(torch.cat([gate, up]), tp_dst, r),
+            assert_equal(_ds_load_2_sub_params(torch.cat([gate, up]), tp_dst, r),
                    slicing.shard(fuse_swiglu(gate, up, tp_dst), Kind.COLUMN, tp_dst, r), f"DS load {tp_dst}/{r}")
 
     if tp > 1:
         # NOT TP-invariant: the plain concatenation at tp differs from the one at 1, and re-splitting it
         # at another degree as if it were one plain COLUMN tensor hands ranks mixed gate/up rows
         assert not torch.equal(full, fuse_swiglu(gate, up, 1))
-        _assert_fails(lambda: _equal(unfuse_swiglu(full, 1)[0], gate, "plain"), "tp>1 concatenation read at tp 1")
+        assert_fails(lambda: assert_equal(unfuse_swiglu(full, 1)[0], gate, "plain"), "tp>1 concatenation read at tp 1")
         # negative control: [gate_full; up_full] cut by COLUMN gives rank 0 gate rows only
-        _assert_fails(lambda: _equal(slicing.shard(torch.cat([gate, up]), Kind.COLUMN, tp, 0), shards[0], "naive"),
+        assert_fails(lambda: assert_equal(slicing.shard(torch.cat([gate, up]), Kind.COLUMN, tp, 0), shards[0], "naive"),
                       "rank 0's shard of [gate_full; up_full]")
 
 
@@ -602,8 +583,8 @@ def test_tp2_to_tp1_swiglu_conversion_is_exact():
     ffn, hidden = 12, 4
     gate, up = _randn(600, ffn, hidden), _randn(601, ffn, hidden)
     tp2 = torch.cat([torch.cat([gate.chunk(2)[r], up.chunk(2)[r]]) for r in range(2)])  # what 2 ranks hold, joined
-    _equal(tp2, fuse_swiglu(gate, up, 2), "fuse_swiglu(tp=2) = the two ranks' shards joined")
-    _equal(fuse_swiglu(*unfuse_swiglu(tp2, 2), 1), torch.cat([gate, up]), "tp 2 -> tp 1")
+    assert_equal(tp2, fuse_swiglu(gate, up, 2), "fuse_swiglu(tp=2) = the two ranks' shards joined")
+    assert_equal(fuse_swiglu(*unfuse_swiglu(tp2, 2), 1), torch.cat([gate, up]), "tp 2 -> tp 1")
 
 
 def test_parameter_table_matches_llama_layer():
@@ -658,7 +639,7 @@ def _check_layer_tp(ctx: TensorParallelContext, nh: int, nkv: int) -> None:
     assert layer.self_attention.query_key_value.weight.shape == ((nh + 2 * nkv) * (hidden // nh) // world, hidden)
 
     x, g = _randn(800, B, S, hidden), _randn(801, B, S, hidden)
-    xd, xl = _leaf(x), _leaf(x)
+    xd, xl = leaf(x), leaf(x)
     yd = dense(xd)
     yd.backward(g)
     y = layer(xl)
@@ -675,12 +656,12 @@ def _check_layer_tp(ctx: TensorParallelContext, nh: int, nkv: int) -> None:
         _close(merged, expected[name], f"grad of {name}")
     # the same shard and gradient through the parameter table's kind, on the universal [gate; up] layout
     h4h = layer.mlp.dense_h_to_4h.weight
-    _equal(h4h.detach(), slicing.shard(_fused_full(w, nh, nkv, 1)["mlp.dense_h_to_4h.weight"], Kind.COLUMN_2SUB,
+    assert_equal(h4h.detach(), slicing.shard(_fused_full(w, nh, nkv, 1)["mlp.dense_h_to_4h.weight"], Kind.COLUMN_2SUB,
                                        world, rank), "dense_h_to_4h shard via COLUMN_2SUB")
     _close(slicing.merge(_all_gather(h4h.grad, group), Kind.COLUMN_2SUB), dense_grads["mlp.dense_h_to_4h.weight"],
            "dense_h_to_4h grad merged via COLUMN_2SUB")
     merged_h4h = slicing.merge(_all_gather(h4h.grad, group), Kind.COLUMN)
-    _assert_fails(lambda: _close(merged_h4h, dense_grads["mlp.dense_h_to_4h.weight"], "tp1 layout"),
+    assert_fails(lambda: _close(merged_h4h, dense_grads["mlp.dense_h_to_4h.weight"], "tp1 layout"),
                   "SwiGLU gradient compared in the TP=1 layout")
 
     # negative controls: the same TP layer loaded from the wrong fused layouts
@@ -689,7 +670,7 @@ def _check_layer_tp(ctx: TensorParallelContext, nh: int, nkv: int) -> None:
         _load_layer(layer, _fused_full(w, nh, nkv, world, **kwargs), world, rank)
         with torch.no_grad():
             y_wrong = layer(x)
-        _assert_fails(lambda: _close(y_wrong, yd.detach(), what), f"TP layer with {what}")
+        assert_fails(lambda: _close(y_wrong, yd.detach(), what), f"TP layer with {what}")
 
 
 def check_llama_layer_tp(ctx: TensorParallelContext) -> None:

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_utils import report_check, spawned_results
+from helpers import assert_equal, assert_fails, leaf, load_param
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.distributed.groups import TensorParallelContext
 from megatron_ucp.distributed.random import MODEL_PARALLEL_RNG, RNGStatesTracker, seed_all
@@ -90,18 +91,6 @@ def _close32(actual, expected, what: str) -> None:
     torch.testing.assert_close(actual, expected, msg=lambda m: f"{what}: {m}")
 
 
-def _equal(actual, expected, what: str) -> None:
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.equal(actual, expected), f"{what}: not bitwise equal (max diff {(actual - expected).abs().max()})"
-
-
-def _assert_fails(fn, what: str) -> None:
-    """Negative control: ``fn`` is a comparison that must fail, proving the check can see the error."""
-    try:
-        fn()
-    except AssertionError:
-        return
-    raise AssertionError(f"negative control passed unexpectedly: {what}")
 
 
 def _all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
@@ -115,14 +104,6 @@ def _merged_grad(p: torch.nn.Parameter, kind: Kind, group) -> torch.Tensor:
     return slicing.merge(_all_gather(p.grad, group), kind)
 
 
-def _load(p: torch.nn.Parameter, value: torch.Tensor) -> None:
-    assert p.shape == value.shape, f"shard shape {tuple(value.shape)} does not fit parameter {tuple(p.shape)}"
-    with torch.no_grad():
-        p.copy_(value)
-
-
-def _leaf(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().clone().requires_grad_()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,38 +113,38 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
 
 def check_copy_to_tp_region(ctx: TensorParallelContext) -> None:
     world, rank, group = ctx.size, ctx.rank, ctx.group
-    x = _leaf(_ints(10, 2, 3, 4))  # replicated input
+    x = leaf(_ints(10, 2, 3, 4))  # replicated input
     y = copy_to_tp_region(x, group)
-    _equal(y, x.detach(), "copy forward")
+    assert_equal(y, x.detach(), "copy forward")
     grads = [_ints(100 + r, 2, 3, 4) for r in range(world)]  # each rank's own upstream gradient
     upstream = grads[rank].clone()
     y.backward(upstream)
     # dense: x feeds every rank's branch, so dL/dx is the sum of all branches' gradients
-    _equal(x.grad, sum(grads), "copy backward = sum over ranks")
-    _equal(upstream, grads[rank], "copy backward must not modify the upstream gradient in place")
-    _assert_fails(lambda: _equal(x.grad, grads[rank], "identity backward"), "copy backward is not the identity")
+    assert_equal(x.grad, sum(grads), "copy backward = sum over ranks")
+    assert_equal(upstream, grads[rank], "copy backward must not modify the upstream gradient in place")
+    assert_fails(lambda: assert_equal(x.grad, grads[rank], "identity backward"), "copy backward is not the identity")
 
 
 def check_reduce_from_tp_region(ctx: TensorParallelContext) -> None:
     world, rank, group = ctx.size, ctx.rank, ctx.group
     inputs = [_ints(200 + r, 2, 3, 4) for r in range(world)]
-    x = _leaf(inputs[rank])
+    x = leaf(inputs[rank])
     y = reduce_from_tp_region(x, group)
-    _equal(y, sum(inputs), "reduce forward = sum over ranks")
-    _equal(x.detach(), inputs[rank], "reduce must not modify its input in place")
+    assert_equal(y, sum(inputs), "reduce forward = sum over ranks")
+    assert_equal(x.detach(), inputs[rank], "reduce must not modify its input in place")
     upstream = _ints(300, 2, 3, 4)  # the output is replicated, so is its gradient
     y.backward(upstream)
-    _equal(x.grad, upstream, "reduce backward = identity")
+    assert_equal(x.grad, upstream, "reduce backward = identity")
 
 
 def check_scatter_to_tp_region(ctx: TensorParallelContext) -> None:
     world, rank, group = ctx.size, ctx.rank, ctx.group
-    x = _leaf(_ints(400, 2, 3, 4 * world))
+    x = leaf(_ints(400, 2, 3, 4 * world))
     y = scatter_to_tp_region(x, group)
-    _equal(y, x.detach().chunk(world, dim=-1)[rank], "scatter forward = own slice")
+    assert_equal(y, x.detach().chunk(world, dim=-1)[rank], "scatter forward = own slice")
     grads = [_ints(500 + r, *y.shape) for r in range(world)]
     y.backward(grads[rank])
-    _equal(x.grad, torch.cat(grads, dim=-1), "scatter backward = all-gather of the slices' gradients")
+    assert_equal(x.grad, torch.cat(grads, dim=-1), "scatter backward = all-gather of the slices' gradients")
     # an indivisible last dim is refused (on every rank, before any communication)
     try:
         scatter_to_tp_region(torch.zeros(2, 4 * world + 1), group)
@@ -176,17 +157,17 @@ def check_scatter_to_tp_region(ctx: TensorParallelContext) -> None:
 def check_gather_from_tp_region(ctx: TensorParallelContext) -> None:
     world, rank, group = ctx.size, ctx.rank, ctx.group
     slices = [_ints(600 + r, 2, 3, 5) for r in range(world)]
-    x = _leaf(slices[rank])
+    x = leaf(slices[rank])
     y = gather_from_tp_region(x, group)
-    _equal(y, torch.cat(slices, dim=-1), "gather forward = concatenation in rank order")
+    assert_equal(y, torch.cat(slices, dim=-1), "gather forward = concatenation in rank order")
     upstream = _ints(700, *y.shape)  # replicated
     y.backward(upstream)
-    _equal(x.grad, upstream.chunk(world, dim=-1)[rank], "gather backward = own slice")
-    _assert_fails(lambda: _equal(y.detach(), torch.cat(slices[::-1], dim=-1), "reversed"),
+    assert_equal(x.grad, upstream.chunk(world, dim=-1)[rank], "gather backward = own slice")
+    assert_fails(lambda: assert_equal(y.detach(), torch.cat(slices[::-1], dim=-1), "reversed"),
                   "gather must respect rank order")
     # a non-contiguous input (a transposed view) gathers the same values
     views = [_ints(800 + r, 2, 5, 3).transpose(1, 2) for r in range(world)]
-    _equal(gather_from_tp_region(views[rank], group), torch.cat(views, dim=-1), "gather of a non-contiguous view")
+    assert_equal(gather_from_tp_region(views[rank], group), torch.cat(views, dim=-1), "gather of a non-contiguous view")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,16 +181,16 @@ def _check_column(ctx: TensorParallelContext, gather_output: bool) -> None:
     world, rank, group = ctx.size, ctx.rank, ctx.group
     h_in, h_out = 8, 12
     W, Bias, X, G = _randn(1000, h_out, h_in), _randn(1001, h_out), _randn(1002, B, S, h_in), _randn(1003, B, S, h_out)
-    Wd, Bd, Xd = _leaf(W), _leaf(Bias), _leaf(X)
+    Wd, Bd, Xd = leaf(W), leaf(Bias), leaf(X)
     Yd = F.linear(Xd, Wd, Bd)
     Yd.backward(G)
 
     layer = ColumnParallelLinear(h_in, h_out, ctx, gather_output=gather_output).to(F64)
     for p in (layer.weight, layer.bias):
         assert p.tensor_model_parallel and p.partition_dim == Kind.COLUMN.partition_dim
-    _load(layer.weight, slicing.shard(W, Kind.COLUMN, world, rank))
-    _load(layer.bias, slicing.shard(Bias, Kind.COLUMN, world, rank))
-    x = _leaf(X)
+    load_param(layer.weight, slicing.shard(W, Kind.COLUMN, world, rank))
+    load_param(layer.bias, slicing.shard(Bias, Kind.COLUMN, world, rank))
+    x = leaf(X)
     y = layer(x)
     if gather_output:
         _close(y, Yd.detach(), "column output (gathered)")
@@ -221,7 +202,7 @@ def _check_column(ctx: TensorParallelContext, gather_output: bool) -> None:
     _close(_merged_grad(layer.weight, Kind.COLUMN, group), Wd.grad, "column weight grad")
     _close(_merged_grad(layer.bias, Kind.COLUMN, group), Bd.grad, "column bias grad")
     # negative control: joining the same shards along the wrong partition dim cannot match
-    _assert_fails(lambda: _close(slicing.merge(_all_gather(layer.weight.grad, group), Kind.ROW), Wd.grad, "ROW"),
+    assert_fails(lambda: _close(slicing.merge(_all_gather(layer.weight.grad, group), Kind.ROW), Wd.grad, "ROW"),
                   "column weight grad merged on the ROW dim")
 
 
@@ -237,16 +218,16 @@ def check_row_parallel_linear(ctx: TensorParallelContext) -> None:
     world, rank, group = ctx.size, ctx.rank, ctx.group
     h_in, h_out = 12, 8
     W, Bias, X, G = _randn(1100, h_out, h_in), _randn(1101, h_out), _randn(1102, B, S, h_in), _randn(1103, B, S, h_out)
-    Wd, Bd, Xd = _leaf(W), _leaf(Bias), _leaf(X)
+    Wd, Bd, Xd = leaf(W), leaf(Bias), leaf(X)
     Yd = F.linear(Xd, Wd, Bd)
     Yd.backward(G)
 
     layer = RowParallelLinear(h_in, h_out, ctx).to(F64)
     assert layer.weight.tensor_model_parallel and layer.weight.partition_dim == Kind.ROW.partition_dim
     assert not layer.bias.tensor_model_parallel
-    _load(layer.weight, slicing.shard(W, Kind.ROW, world, rank))
-    _load(layer.bias, slicing.shard(Bias, Kind.REPLICATED, world, rank))
-    x = _leaf(X.chunk(world, dim=-1)[rank])  # input: this rank's slice of the features
+    load_param(layer.weight, slicing.shard(W, Kind.ROW, world, rank))
+    load_param(layer.bias, slicing.shard(Bias, Kind.REPLICATED, world, rank))
+    x = leaf(X.chunk(world, dim=-1)[rank])  # input: this rank's slice of the features
     y = layer(x)
     _close(y, Yd.detach(), "row output")
     y.backward(G)
@@ -261,16 +242,16 @@ def check_column_row_mlp(ctx: TensorParallelContext) -> None:
     h, f = 8, 16
     W1, B1, W2, B2 = _randn(1200, f, h), _randn(1201, f), _randn(1202, h, f), _randn(1203, h)
     X, G = _randn(1204, B, S, h), _randn(1205, B, S, h)
-    dense = [_leaf(t) for t in (W1, B1, W2, B2)]
-    Xd = _leaf(X)
+    dense = [leaf(t) for t in (W1, B1, W2, B2)]
+    Xd = leaf(X)
     Yd = F.linear(F.gelu(F.linear(Xd, dense[0], dense[1]), approximate="tanh"), dense[2], dense[3])
     Yd.backward(G)
 
     col, row = ColumnParallelLinear(h, f, ctx).to(F64), RowParallelLinear(f, h, ctx).to(F64)
     params = [(col.weight, Kind.COLUMN), (col.bias, Kind.COLUMN), (row.weight, Kind.ROW), (row.bias, Kind.REPLICATED)]
     for (p, kind), full in zip(params, (W1, B1, W2, B2)):
-        _load(p, slicing.shard(full, kind, world, rank))
-    x = _leaf(X)
+        load_param(p, slicing.shard(full, kind, world, rank))
+    x = leaf(X)
     y = row(F.gelu(col(x), approximate="tanh"))
     _close(y, Yd.detach(), "mlp output")
     y.backward(G)
@@ -294,19 +275,19 @@ def check_vocab_parallel_embedding(ctx: TensorParallelContext) -> None:
 
     W = slicing.pad_vocab(_randn(2000, vocab, hidden), padded)
     G = _randn(2002, *ids.shape, hidden)
-    Wd = _leaf(W)
+    Wd = leaf(W)
     Yd = F.embedding(ids, Wd)
     Yd.backward(G)
 
     layer = VocabParallelEmbedding(padded, hidden, ctx).to(F64)
     assert (layer.vocab_start, layer.vocab_end) == ranges[rank]
-    _load(layer.weight, slicing.shard(W, Kind.VOCAB, world, rank))
+    load_param(layer.weight, slicing.shard(W, Kind.VOCAB, world, rank))
     y = layer(ids)
-    _equal(y, Yd.detach(), "embedding output")  # one rank contributes each row, the rest add exact zeros
+    assert_equal(y, Yd.detach(), "embedding output")  # one rank contributes each row, the rest add exact zeros
     y.backward(G)
     grad = _merged_grad(layer.weight, Kind.VOCAB, group)
     _close(grad, Wd.grad, "embedding weight grad")
-    _equal(grad[vocab:], torch.zeros_like(grad[vocab:]), "padded rows get no gradient")
+    assert_equal(grad[vocab:], torch.zeros_like(grad[vocab:]), "padded rows get no gradient")
 
 
 def _check_lm_head_cross_entropy(ctx: TensorParallelContext, vocab: int, divisible_by: int) -> None:
@@ -324,11 +305,11 @@ def _check_lm_head_cross_entropy(ctx: TensorParallelContext, vocab: int, divisib
     X = _randn(3001, B, 5, hidden, dtype=f32)
     GL = _randn(3003, B, 5, dtype=f32).abs()  # a per-token loss weight, so grad_loss is not all ones
 
-    Xd, Wd = _leaf(X), _leaf(W)
+    Xd, Wd = leaf(X), leaf(W)
     loss_d = F.cross_entropy(F.linear(Xd, Wd[:vocab]).reshape(-1, vocab), T.reshape(-1), reduction="none").view(B, 5)
     loss_d.backward(GL)
 
-    x, w = _leaf(X), _leaf(slicing.shard(W, Kind.VOCAB, world, rank))
+    x, w = leaf(X), leaf(slicing.shard(W, Kind.VOCAB, world, rank))
     logits = parallel_lm_logits(x, w, ctx)
     assert logits.shape == (B, 5, padded // world)
     _close32(logits, F.linear(X, W).chunk(world, dim=-1)[rank], "logits slice")
@@ -336,17 +317,17 @@ def _check_lm_head_cross_entropy(ctx: TensorParallelContext, vocab: int, divisib
     assert loss.dtype == f32 and loss.shape == T.shape
     _close32(loss, loss_d.detach(), "loss vs dense F.cross_entropy over the unpadded vocabulary")
     for other in _all_gather(loss.detach(), group):
-        _equal(other, loss.detach(), "the loss is identical on every TP rank")
+        assert_equal(other, loss.detach(), "the loss is identical on every TP rank")
     loss.backward(GL)
     _close32(x.grad, Xd.grad, "head input grad")
     w_grad = _merged_grad(w, Kind.VOCAB, group)
     _close32(w_grad, Wd.grad, "head weight grad")
-    _equal(w_grad[vocab:], torch.zeros_like(w_grad[vocab:]), "padded vocabulary rows get no gradient")
+    assert_equal(w_grad[vocab:], torch.zeros_like(w_grad[vocab:]), "padded vocabulary rows get no gradient")
 
     # negative control: without the padding mask the padded logits enter the softmax
     with torch.no_grad():
         unmasked = vocab_parallel_cross_entropy(logits.detach(), T, start, padded, group)
-    _assert_fails(lambda: _close32(unmasked, loss_d.detach(), "unmasked"), "loss without the padding mask")
+    assert_fails(lambda: _close32(unmasked, loss_d.detach(), "unmasked"), "loss without the padding mask")
 
 
 def check_lm_head_cross_entropy_padded_vocab(ctx: TensorParallelContext) -> None:
@@ -387,7 +368,7 @@ def _load_tp_layer(layer: torch.nn.Module, full: dict, world: int, rank: int, sw
         assert spec.role is Role.BLOCK and spec.local_name == name
         assert p.partition_dim == (-1 if spec.kind.partition_dim is None else spec.kind.partition_dim), name
         src = (rank + 1) % world if swap is not None and name.startswith(swap) else rank
-        _load(p, slicing.shard(full[name], spec.kind, world, src))
+        load_param(p, slicing.shard(full[name], spec.kind, world, src))
 
 
 def check_transformer_layer(ctx: TensorParallelContext) -> None:
@@ -403,11 +384,11 @@ def check_transformer_layer(ctx: TensorParallelContext) -> None:
 
     full = _full_layer_weights(dense)
     for name, p in dense.named_parameters():
-        _load(p, full[name])
+        load_param(p, full[name])
     _load_tp_layer(layer, full, world, rank)
 
     X, G = _randn(4100, B, 5, cfg.hidden_size), _randn(4101, B, 5, cfg.hidden_size)
-    Xd, x = _leaf(X), _leaf(X)
+    Xd, x = leaf(X), leaf(X)
     yd = dense(Xd)
     yd.backward(G)
     y = layer(x)
@@ -422,7 +403,7 @@ def check_transformer_layer(ctx: TensorParallelContext) -> None:
     _load_tp_layer(layer, full, world, rank, swap="self_attention.query_key_value")
     with torch.no_grad():
         y_swapped = layer(X)
-    _assert_fails(lambda: _close(y_swapped, yd.detach(), "swapped"), "layer with swapped QKV shards")
+    assert_fails(lambda: _close(y_swapped, yd.detach(), "swapped"), "layer with swapped QKV shards")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,32 +415,32 @@ def check_negative_controls(ctx: TensorParallelContext) -> None:
     world, rank, group = ctx.size, ctx.rank, ctx.group
     h_in, h_out = 8, 12
     W, Bias, X, G = _randn(5000, h_out, h_in), _randn(5001, h_out), _randn(5002, B, S, h_in), _randn(5003, B, S, h_out)
-    Wd, Bd, Xd = _leaf(W), _leaf(Bias), _leaf(X)
+    Wd, Bd, Xd = leaf(W), leaf(Bias), leaf(X)
     Yd = F.linear(Xd, Wd, Bd)
     Yd.backward(G)
 
     # a swapped shard: rank r holds rank r+1's rows
     layer = ColumnParallelLinear(h_in, h_out, ctx, gather_output=True).to(F64)
-    _load(layer.weight, slicing.shard(W, Kind.COLUMN, world, (rank + 1) % world))
-    _load(layer.bias, slicing.shard(Bias, Kind.COLUMN, world, (rank + 1) % world))
+    load_param(layer.weight, slicing.shard(W, Kind.COLUMN, world, (rank + 1) % world))
+    load_param(layer.bias, slicing.shard(Bias, Kind.COLUMN, world, (rank + 1) % world))
     with torch.no_grad():
         y = layer(X)
-    _assert_fails(lambda: _close(y, Yd.detach(), "swapped"), "column layer with a swapped shard")
+    assert_fails(lambda: _close(y, Yd.detach(), "swapped"), "column layer with a swapped shard")
 
     # a column layer without copy_to_tp_region: the input gradient misses the other ranks' parts
-    x = _leaf(X)
+    x = leaf(X)
     y = gather_from_tp_region(F.linear(x, slicing.shard(W, Kind.COLUMN, world, rank),
                                        slicing.shard(Bias, Kind.COLUMN, world, rank)), group)
     _close(y, Yd.detach(), "output is still right")
     y.backward(G)
-    _assert_fails(lambda: _close(x.grad, Xd.grad, "no copy"), "input grad without the backward all-reduce")
+    assert_fails(lambda: _close(x.grad, Xd.grad, "no copy"), "input grad without the backward all-reduce")
 
     # a row layer that adds its replicated bias before the all-reduce counts it world times
     Wr = _randn(5004, h_out, h_out)
     Yr = F.linear(Yd.detach(), Wr, Bias)
     wrong = reduce_from_tp_region(F.linear(Yd.detach().chunk(world, dim=-1)[rank],
                                            slicing.shard(Wr, Kind.ROW, world, rank), Bias), group)
-    _assert_fails(lambda: _close(wrong, Yr, "bias per rank"), "row bias added on every rank")
+    assert_fails(lambda: _close(wrong, Yr, "bias per rank"), "row bias added on every rank")
 
     # an embedding that looks ids up without subtracting its vocab_start
     ids = torch.arange(0, 32).view(2, 16)
@@ -467,7 +448,7 @@ def check_negative_controls(ctx: TensorParallelContext) -> None:
     part = F.embedding(ids.clamp(max=32 // world - 1), slicing.shard(We, Kind.VOCAB, world, rank))
     outside = (ids < rank * 32 // world) | (ids >= (rank + 1) * 32 // world)
     wrong = reduce_from_tp_region(part.masked_fill(outside.unsqueeze(-1), 0.0), group)
-    _assert_fails(lambda: _equal(wrong, F.embedding(ids, We), "no offset"), "embedding without the vocab offset")
+    assert_fails(lambda: assert_equal(wrong, F.embedding(ids, We), "no offset"), "embedding without the vocab offset")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -483,17 +464,17 @@ def check_rng_fork_per_rank(ctx: TensorParallelContext) -> None:
     before = torch.get_rng_state()
     with tracker.fork():
         tp_mask = (F.dropout(ones, p=0.5) != 0).to(torch.uint8)
-    _equal(torch.get_rng_state(), before, "fork leaves the default generator untouched")
+    assert_equal(torch.get_rng_state(), before, "fork leaves the default generator untouched")
     dp_mask = (F.dropout(ones, p=0.5) != 0).to(torch.uint8)  # the default (data-parallel region) stream
 
     tp_masks, dp_masks = _all_gather(tp_mask, group), _all_gather(dp_mask, group)
     for r in range(world):
-        _equal(dp_masks[r], dp_mask, f"default-stream dropout mask equal on rank {r}")
+        assert_equal(dp_masks[r], dp_mask, f"default-stream dropout mask equal on rank {r}")
         for q in range(r):
             assert not torch.equal(tp_masks[r], tp_masks[q]), f"ranks {q} and {r} drew the same TP dropout mask"
     # and it is exactly the stream Megatron's seed offset defines
     torch.manual_seed(1234 + 2718 + rank)
-    _equal((F.dropout(ones, p=0.5) != 0).to(torch.uint8), tp_mask, "tracker stream = seed + 2718 + tp_rank")
+    assert_equal((F.dropout(ones, p=0.5) != 0).to(torch.uint8), tp_mask, "tracker stream = seed + 2718 + tp_rank")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -569,7 +550,7 @@ del _name
 
 
 def test_mappings_are_identities_without_a_group():
-    x = _leaf(_ints(1, 2, 3))
+    x = leaf(_ints(1, 2, 3))
     for op in (copy_to_tp_region, reduce_from_tp_region, scatter_to_tp_region, gather_from_tp_region):
         assert op(x, None) is x
 
@@ -583,13 +564,13 @@ def test_bf16_linear_matches_fp32_rounded():
     out = layers.linear(x, w, b)
     assert out.dtype == bf16
     ref32 = F.linear(x.detach().float(), w.detach().float(), b.detach().float())
-    _equal(out.detach(), ref32.to(bf16), "bf16 linear")
-    _equal(layers.linear(x, w).detach(), F.linear(x.detach().float(), w.detach().float()).to(bf16), "no bias")
+    assert_equal(out.detach(), ref32.to(bf16), "bf16 linear")
+    assert_equal(layers.linear(x, w).detach(), F.linear(x.detach().float(), w.detach().float()).to(bf16), "no bias")
 
     # negative control: rounding toward zero (dropping the low 16 bits) instead of to nearest
     truncated = (ref32.view(torch.int32) & -65536).view(torch.float32).to(bf16)  # exact: low bits are 0
     assert (truncated != ref32.to(bf16)).any(), "the data must contain values where the roundings differ"
-    _assert_fails(lambda: _equal(out.detach(), truncated, "truncated"), "bf16 output rounded toward zero")
+    assert_fails(lambda: assert_equal(out.detach(), truncated, "truncated"), "bf16 output rounded toward zero")
 
     # gradients come back in bf16 and are the fp32 products rounded once
     g = _randn(4, 4, 7, 24, dtype=bf16)

@@ -1,0 +1,44 @@
+"""Small helpers shared by the tests (not a test module: it holds no tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name: str):
+    """Import ``tools/<name>.py`` as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_equal(actual, expected, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.equal(actual, expected), f"{what}: not bitwise equal (max diff {(actual - expected).abs().max()})"
+
+
+def assert_fails(fn, what: str) -> None:
+    """Negative control: ``fn`` is a comparison that must fail, proving the check can see the error."""
+    try:
+        fn()
+    except AssertionError:
+        return
+    raise AssertionError(f"negative control passed unexpectedly: {what}")
+
+
+def load_param(p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    assert p.shape == value.shape, f"value shape {tuple(value.shape)} does not fit parameter {tuple(p.shape)}"
+    with torch.no_grad():
+        p.copy_(value)
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_()

@@ -13,7 +13,6 @@ import pytest
 
 from helpers import load_tool
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 

@@ -7,13 +7,11 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from helpers import load_tool
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 

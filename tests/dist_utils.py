@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import traceback
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
@@ -75,3 +78,33 @@ def report_check(results: list[dict], name: str) -> None:
             failures.append(f"--- rank {rank} ---\n{per_rank[name]}")
     if failures:
         pytest.fail(f"{name} failed on {len(failures)} of {len(results)} ranks:\n" + "\n".join(failures), pytrace=False)
+
+
+CHECK_TIMEOUT = timedelta(seconds=20)  # a healthy check waits milliseconds on its peers
+
+
+def run_tp_checks(rank: int, world_size: int, out_dir: str, checks: dict) -> None:
+    """Run every ``check(ctx)`` on a TP context over all ranks; write ``rank{r}.json`` of name -> traceback.
+
+    One TP group per check, all created up front, with a short timeout; the ranks re-synchronise on
+    the default group between checks. A check that fails on one rank before a collective therefore
+    strands its peers only in that check's group, for CHECK_TIMEOUT, and the next check starts in
+    step on a clean group instead of pairing with stale collectives.
+    """
+    import torch.distributed as dist
+
+    from megatron_ucp.distributed.groups import TensorParallelContext
+    from megatron_ucp.distributed.random import MODEL_PARALLEL_RNG
+
+    groups = [dist.new_group(list(range(world_size)), timeout=CHECK_TIMEOUT) for _ in checks]
+    results = {}
+    for (name, check), group in zip(checks.items(), groups):
+        ctx = TensorParallelContext(size=world_size, rank=rank, group=group)
+        ctx.rng.add(MODEL_PARALLEL_RNG, 1234 + 2718 + rank)
+        try:
+            check(ctx)
+            results[name] = None
+        except BaseException:  # noqa: BLE001 - pytest.raises failures are BaseException (Failed)
+            results[name] = traceback.format_exc()
+        dist.barrier()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))

@@ -24,18 +24,14 @@ Tolerances:
 
 from __future__ import annotations
 
-import json
 import math
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_utils import report_check, spawned_results
+from dist_utils import report_check, run_tp_checks, spawned_results
 from helpers import assert_equal, assert_fails, leaf, load_param
 from megatron_ucp.distributed.groups import TensorParallelContext
 from megatron_ucp.distributed.random import MODEL_PARALLEL_RNG
@@ -57,7 +53,6 @@ from megatron_ucp.model.llama import (
 F64, F32 = torch.float64, torch.float32
 B, S = 2, 6
 WORLD_SIZES = (2, 4)
-CHECK_TIMEOUT = timedelta(seconds=20)
 
 
 def _hf_llama():
@@ -688,19 +683,7 @@ CHECKS = {f.__name__[len("check_"):]: f for f in (check_llama_layer_tp, check_in
 
 
 def _tp_worker(rank: int, world_size: int, out_dir: str) -> None:
-    # one TP group per check with a short timeout (see test_tp_parity.py for why)
-    groups = [dist.new_group(list(range(world_size)), timeout=CHECK_TIMEOUT) for _ in CHECKS]
-    results = {}
-    for (name, check), group in zip(CHECKS.items(), groups):
-        ctx = TensorParallelContext(size=world_size, rank=rank, group=group)
-        ctx.rng.add(MODEL_PARALLEL_RNG, 1234 + 2718 + rank)
-        try:
-            check(ctx)
-            results[name] = None
-        except BaseException:  # noqa: BLE001 - pytest.raises failures are BaseException (Failed)
-            results[name] = traceback.format_exc()
-        dist.barrier()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    run_tp_checks(rank, world_size, out_dir, CHECKS)
 
 
 @pytest.fixture(scope="module")

@@ -23,17 +23,13 @@ design, so it is compared with torch's fp32 defaults (see ``_close32``).
 
 from __future__ import annotations
 
-import json
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_utils import report_check, spawned_results
+from dist_utils import report_check, run_tp_checks, spawned_results
 from helpers import assert_equal, assert_fails, leaf, load_param
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.distributed.groups import TensorParallelContext
@@ -57,7 +53,6 @@ from megatron_ucp.tensor_parallel.mappings import (
 )
 
 WORLD_SIZES = (2, 4)
-CHECK_TIMEOUT = timedelta(seconds=20)  # a healthy check waits milliseconds on its peers
 F64 = torch.float64
 
 
@@ -503,22 +498,7 @@ CHECKS = {
 
 
 def _tp_worker(rank: int, world_size: int, out_dir: str) -> None:
-    # One TP group per check, all created up front, with a short timeout; the ranks re-synchronise on
-    # the default group between checks. A check that fails on one rank before a collective therefore
-    # strands its peers only in that check's group, for CHECK_TIMEOUT, and the next check starts in
-    # step on a clean group instead of pairing with stale collectives.
-    groups = [dist.new_group(list(range(world_size)), timeout=CHECK_TIMEOUT) for _ in CHECKS]
-    results = {}
-    for (name, check), group in zip(CHECKS.items(), groups):
-        ctx = TensorParallelContext(size=world_size, rank=rank, group=group)
-        ctx.rng.add(MODEL_PARALLEL_RNG, 1234 + 2718 + rank)
-        try:
-            check(ctx)
-            results[name] = None
-        except Exception:  # noqa: BLE001 - recorded and reported by the pytest side
-            results[name] = traceback.format_exc()
-        dist.barrier()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    run_tp_checks(rank, world_size, out_dir, CHECKS)
 
 
 @pytest.fixture(scope="module")

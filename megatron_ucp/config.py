@@ -165,6 +165,8 @@ class TrainConfig:
     load: str | None = None
     universal_checkpoint: bool = False
     no_load_rng: bool = False
+    finetune: bool = False  # after --load: iteration, data position and LR schedule start fresh
+    no_pipeline_parallel: bool = False  # the plain model (implied by ZeRO-2/3), same parameter names
     deepspeed_config: str | None = None  # a JSON file whose keys override the generated config
     ds_config_out: str | None = None  # where to write the config used, for the record
 
@@ -185,10 +187,17 @@ class TrainConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
-        if self.zero_stage > 1:
-            # The model is always a PipelineModule, and DeepSpeed's pipeline engine refuses ZeRO-2/3.
+        if self.zero_stage > 1 and self.pipeline_model_parallel_size > 1:
             raise ValueError(
-                f"ZeRO stage {self.zero_stage} is not supported with DeepSpeed's pipeline engine; use ZeRO stage 0 or 1"
+                f"ZeRO stage {self.zero_stage} needs pipeline parallel size 1 (DeepSpeed's pipeline engine refuses "
+                f"ZeRO-2/3), got {self.pipeline_model_parallel_size}; use ZeRO stage 0 or 1 with pipeline parallelism"
+            )
+        if self.no_pipeline_parallel and self.pipeline_model_parallel_size > 1:
+            raise ValueError("--no-pipeline-parallel needs --pipeline-model-parallel-size 1")
+        if self.zero_stage == 3 and self.tensor_model_parallel_size > 1:
+            raise ValueError(
+                f"ZeRO stage 3 supports tensor parallel size 1 only, got {self.tensor_model_parallel_size}: "
+                "DeepSpeed's stage-3 universal loader slices tensor-parallel weights only for AutoTP models"
             )
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
@@ -205,6 +214,13 @@ class TrainConfig:
             raise ValueError(f"save_interval must be positive, got {self.save_interval}")
         if self.universal_checkpoint and not self.load:
             raise ValueError("--universal-checkpoint needs --load")
+        if self.finetune and not self.load:
+            raise ValueError("--finetune needs --load")
+
+    @property
+    def use_pipeline_engine(self) -> bool:
+        """DeepSpeed's pipeline engine (ZeRO 0/1) unless ZeRO-2/3 or --no-pipeline-parallel ask for the plain one."""
+        return self.zero_stage <= 1 and not self.no_pipeline_parallel
 
     def gradient_accumulation_steps(self, dp: int) -> int:
         per_step = self.micro_batch_size * dp

@@ -55,7 +55,8 @@ def _train_and_dump(rank, world_size, cfg_dict, dump_dir, model=None):
                          "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").clone()}
         if dump_dir and state.coords.dp == 0:
             torch.save({"coords": (state.coords.pp, state.coords.tp), "state": out,
-                        "global_steps": engine.global_steps, "lr_steps": engine.lr_scheduler.num_steps},
+                        "global_steps": engine.global_steps, "lr_steps": engine.lr_scheduler.num_steps,
+                        "weight_decay": [g["weight_decay"] for g in opt.param_groups]},
                        os.path.join(dump_dir, f"rank{rank}.pt"))
 
     train(model or MODEL, TrainConfig(**cfg_dict), on_finish=dump)

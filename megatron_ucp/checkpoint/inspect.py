@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import filecmp
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from megatron_ucp.checkpoint.zero import STATE_KEYS, CheckpointError, load_file, open_zero_checkpoint
+from megatron_ucp.checkpoint.zero import (
+    OPTIMIZER_STATE_DICT,
+    STATE_KEYS,
+    CheckpointError,
+    load_file,
+    open_zero_checkpoint,
+)
 
 
 def deep_equal(a, b) -> bool:
@@ -45,6 +52,9 @@ class Comparison:
     only_in_a: list[str] = field(default_factory=list)
     only_in_b: list[str] = field(default_factory=list)
     different: list[str] = field(default_factory=list)
+    # our stage-compatibility additions (``checkpoint.universal``), present in one folder only and
+    # checked to be exactly what they are derived from; they do not count as differences
+    compat_extras: list[str] = field(default_factory=list)
 
     @property
     def equal(self) -> bool:
@@ -57,24 +67,83 @@ class Comparison:
                              ("different", self.different)):
             if items:
                 lines.append(f"  {label} ({len(items)}): " + ", ".join(items[:10]) + (" ..." if len(items) > 10 else ""))
+        if self.compat_extras:
+            lines.append(f"  stage-compatibility additions, verified ({len(self.compat_extras)}): "
+                         + ", ".join(self.compat_extras[:4]) + (" ..." if len(self.compat_extras) > 4 else ""))
         return "\n".join(lines)
 
 
-def compare_universal(a: str, b: str, include_model_states: bool = True) -> Comparison:
-    """Every file under two universal folders: ``zero/**.pt`` by content, ``mp_rank_*`` by bytes."""
+ZERO = "zero" + os.sep  # the atoms' folder (model-state files may also start with "zero")
+_ZERO3_ALIAS = re.compile(r"^zero_pp_rank_0_(mp_rank_\d+_model_states\.pt)$")
+
+
+def _compat_aliases(root: str, files: list[str]) -> list[str]:
+    """ZeRO-3-name aliases that are byte-identical to their ``mp_rank_XX`` file."""
+    aliases = []
+    for rel in files:
+        m = _ZERO3_ALIAS.match(rel)
+        if m and m.group(1) in files and filecmp.cmp(os.path.join(root, rel), os.path.join(root, m.group(1)),
+                                                     shallow=False):
+            aliases.append(rel)
+    return aliases
+
+
+def _without_stage3_keys(sd: dict) -> tuple[dict, bool]:
+    """``optimizer_state.pt`` minus our ZeRO-3 entry when it is exactly the derived one."""
+    inner = sd.get(OPTIMIZER_STATE_DICT)
+    if (isinstance(inner, dict) and set(inner) == {"state", "param_groups"} and list(inner["state"]) == [0]
+            and list(inner["state"][0]) == ["step"] and deep_equal(inner["param_groups"], sd.get("param_groups"))):
+        return {k: v for k, v in sd.items() if k != OPTIMIZER_STATE_DICT}, True
+    return sd, False
+
+
+def _param_values(obj):
+    return (obj["param"] if isinstance(obj, dict) else obj).reshape(-1) if obj is not None else None
+
+
+def compare_universal(a: str, b: str, include_model_states: bool = True, values_only: bool = False) -> Comparison:
+    """Every file under two universal folders: ``zero/**.pt`` by content, ``mp_rank_*`` by bytes.
+
+    Our stage-compatibility additions present in only one folder (ZeRO-3-name aliases of the model
+    states, the ZeRO-3 entry of ``optimizer_state.pt``) are verified and listed apart. ``values_only``
+    compares only the atoms' values, flattened (DeepSpeed writes ZeRO-3 atoms as raw flat tensors,
+    we write dicts in the logical shape), and skips the other files.
+    """
     for root in (a, b):
         if not os.path.isdir(os.path.join(root, "zero")):
             raise CheckpointError(f"{root}: not a universal checkpoint (no zero/ folder)")
     fa, fb = _files(a), _files(b)
-    if not include_model_states:
-        fa = [f for f in fa if f.startswith("zero")]
-        fb = [f for f in fb if f.startswith("zero")]
-    cmp = Comparison(a, b, only_in_a=sorted(set(fa) - set(fb)), only_in_b=sorted(set(fb) - set(fa)))
+    if values_only:
+        fa, fb = ([f for f in files if f.startswith(ZERO) and f != os.path.join("zero", "optimizer_state.pt")]
+                  for files in (fa, fb))
+    elif not include_model_states:
+        fa, fb = ([f for f in files if f.startswith(ZERO)] for files in (fa, fb))
+    extras_a = [x for x in _compat_aliases(a, fa) if x not in fb]
+    extras_b = [x for x in _compat_aliases(b, fb) if x not in fa]
+    fa = [f for f in fa if f not in extras_a]
+    fb = [f for f in fb if f not in extras_b]
+    extras = extras_a + extras_b
+    if values_only:  # step.pt exists only where the writer made ZeRO-1/2-style atoms
+        fa = [f for f in fa if not f.endswith("/step.pt")]
+        fb = [f for f in fb if not f.endswith("/step.pt")]
+    cmp = Comparison(a, b, only_in_a=sorted(set(fa) - set(fb)), only_in_b=sorted(set(fb) - set(fa)),
+                     compat_extras=sorted(extras))
     for rel in sorted(set(fa) & set(fb)):
         pa, pb = os.path.join(a, rel), os.path.join(b, rel)
         cmp.compared += 1
-        if rel.startswith("zero"):
-            same = deep_equal(load_file(pa, mmap=True), load_file(pb, mmap=True))
+        if values_only:
+            va, vb = _param_values(load_file(pa, mmap=True)), _param_values(load_file(pb, mmap=True))
+            same = va.dtype == vb.dtype and va.shape == vb.shape and torch.equal(va, vb)
+        elif rel.startswith(ZERO):
+            xa, xb = load_file(pa, mmap=True), load_file(pb, mmap=True)
+            if rel == os.path.join("zero", "optimizer_state.pt") and isinstance(xa, dict) and isinstance(xb, dict):
+                if OPTIMIZER_STATE_DICT in xa and OPTIMIZER_STATE_DICT not in xb:
+                    xa, stripped = _without_stage3_keys(xa)
+                    cmp.compat_extras += [f"{rel}[{OPTIMIZER_STATE_DICT}]"] if stripped else []
+                elif OPTIMIZER_STATE_DICT in xb and OPTIMIZER_STATE_DICT not in xa:
+                    xb, stripped = _without_stage3_keys(xb)
+                    cmp.compat_extras += [f"{rel}[{OPTIMIZER_STATE_DICT}]"] if stripped else []
+            same = deep_equal(xa, xb)
         else:
             same = filecmp.cmp(pa, pb, shallow=False)
         if not same:

@@ -1,7 +1,16 @@
-"""Convert a ZeRO-1/2 checkpoint into DeepSpeed's universal format, in one pass.
+"""Convert a ZeRO-1/2/3 checkpoint into DeepSpeed's universal format, in one pass.
 
-The output is byte-for-byte the layout DeepSpeed's ``ds_to_universal`` writes (same files, same
-dict keys, ``torch.equal`` tensors), produced differently:
+For ZeRO-1/2 inputs the atoms are exactly what DeepSpeed's ``ds_to_universal`` writes (same dict
+keys, ``torch.equal`` tensors). One universal folder loads at every ZeRO stage, whatever stage wrote
+it (DeepSpeed's own output does not: its ZeRO-3 atoms are raw flat tensors that ZeRO-1/2 cannot load,
+and each stage's loader looks for different files). So beside DeepSpeed's files we write:
+
+* atoms as dicts in the logical shape with their merge keys, and ``step.pt``, for ZeRO-3 inputs too;
+* each model-state file under both names the loaders glob, ``mp_rank_XX_model_states.pt`` (ZeRO-1/2)
+  and ``zero_pp_rank_0_mp_rank_XX_model_states.pt`` (ZeRO-3), as hard links where possible;
+* in ``zero/optimizer_state.pt`` both stages' global keys (``stage_compatible_global_state``).
+
+It is produced differently from DeepSpeed's:
 
 * **One pass, no temporary copy.** Each parameter's DP fragments are read (``pread``) straight from
   the optimizer shards into their place in the full tensor, which is saved once. DeepSpeed first
@@ -34,6 +43,7 @@ import torch
 
 from megatron_ucp.checkpoint.zero import (
     BASE_OPTIMIZER_STATE,
+    FP32_FLAT_GROUPS,
     OPTIMIZER_STATE_DICT,
     PARAM_SLICE_MAPPINGS,
     SINGLE_PARTITION_OF_FP32_GROUPS,
@@ -481,13 +491,53 @@ def convert_param(src: ParamSource, rule: MergeRule, ckpt: ZeroCheckpoint, zero_
     return written
 
 
-def optimizer_state(ckpt: ZeroCheckpoint) -> dict:
-    """``zero/optimizer_state.pt``: the (pp0, tp0, dp0) optimizer dict minus sharded state, plus param_groups."""
-    osd = load_file(ckpt.optim_file(0, 0, 0), mmap=True)[OPTIMIZER_STATE_DICT]  # only small entries are kept
-    sharded = (BASE_OPTIMIZER_STATE, PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS)
-    out = {k: v for k, v in osd.items() if k not in sharded}
-    out["param_groups"] = osd[BASE_OPTIMIZER_STATE]["param_groups"]
+def stage_compatible_global_state(global_state: dict, param_groups: list[dict], step) -> dict:
+    """``zero/optimizer_state.pt`` that every ZeRO stage's universal loader accepts.
+
+    ZeRO-1/2 read ``param_groups`` (hyperparameters, by position), ``ds_version`` and the loss-scaler
+    keys; ZeRO-3 reads the step and hyperparameters from ``optimizer_state_dict``. ``global_state``
+    holds the source's small global entries (loss scaler, clip_grad, ...) and must have ``ds_version``.
+    """
+    if not global_state.get("ds_version"):
+        raise ValueError("the global optimizer state needs ds_version (DeepSpeed's ZeRO-1/2 loader asserts it)")
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [i]} for i, g in enumerate(param_groups)]
+    out = dict(global_state)
+    out["param_groups"] = groups
+    out[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}}, "param_groups": groups}
     return out
+
+
+def optimizer_state(ckpt: ZeroCheckpoint) -> dict:
+    """``zero/optimizer_state.pt`` from the (pp0, tp0, dp0) optimizer file: its small global entries,
+    the param groups and the step, in the form every stage's loader reads."""
+    saved = load_file(ckpt.optim_file(0, 0, 0), mmap=True)
+    osd = saved[OPTIMIZER_STATE_DICT]
+    if ckpt.zero_stage == 3:
+        inner = osd[OPTIMIZER_STATE_DICT]
+        param_groups = inner["param_groups"]
+        small = {k: v for k, v in osd.items() if k not in (OPTIMIZER_STATE_DICT, FP32_FLAT_GROUPS)}
+        small["ds_version"] = saved.get("ds_version")
+    else:
+        param_groups = osd[BASE_OPTIMIZER_STATE]["param_groups"]
+        sharded = (BASE_OPTIMIZER_STATE, PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS)
+        small = {k: v for k, v in osd.items() if k not in sharded}
+    return stage_compatible_global_state(small, param_groups, ckpt.step(0, 0, 0, 0))
+
+
+def model_state_names(mp_rank: int) -> tuple[str, str]:
+    """The names the ZeRO-1/2 and the ZeRO-3 universal loaders look for, for one mp rank."""
+    return f"mp_rank_{mp_rank:02d}_model_states.pt", f"zero_pp_rank_0_mp_rank_{mp_rank:02d}_model_states.pt"
+
+
+def place_model_states(src: str, folder: str, mp_rank: int) -> int:
+    """Copy ``src`` to the first name of ``model_state_names`` and hard-link the second; bytes written."""
+    first, second = (os.path.join(folder, n) for n in model_state_names(mp_rank))
+    shutil.copy2(src, first)
+    try:
+        os.link(first, second)
+    except OSError:  # a file system without hard links
+        shutil.copy2(first, second)
+    return os.path.getsize(first)
 
 
 def _check_paths(input_folder: str, output_folder: str, overwrite: bool) -> tuple[str, str]:
@@ -562,9 +612,8 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
                 written += nbytes
                 prog.tick(nbytes)
             written += global_state.result()
-        for path in ckpt.model_files:
-            shutil.copy2(path, tmp)
-            written += os.path.getsize(path)
+        for mp, path in enumerate(ckpt.model_files):
+            written += place_model_states(path, tmp, mp)
         if os.path.exists(out):
             old = f"{out}.old-{os.getpid()}"
             os.rename(out, old)

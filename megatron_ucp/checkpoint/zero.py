@@ -1,4 +1,4 @@
-"""Read a DeepSpeed ZeRO-1/2 checkpoint folder (``<save>/global_stepN``) without loading it whole.
+"""Read a DeepSpeed ZeRO-1/2/3 checkpoint folder (``<save>/global_stepN``) without loading it whole.
 
 Files (see ``shared`` design notes, reproduced in docs/ucp-format-notes.md):
 
@@ -8,6 +8,10 @@ Files (see ``shared`` design notes, reproduced in docs/ucp-format-notes.md):
 * ``[bf16_]zero_pp_rank_{dp}_mp_rank_{XX}_optim_states.pt``: rank ``dp``'s flat fp32 partition and
   Adam moments per group, plus ``param_slice_mappings`` (name -> (numel, start) in that partition).
   Despite its name, ``pp_rank`` is the data-parallel rank.
+* ZeRO-3 instead writes ``zero_pp_rank_{dp}_mp_rank_XX_model_states.pt`` on every DP rank, and its
+  optimizer files hold ``fp32_flat_groups`` (one flat partition per sub-group) without slice
+  mappings: each parameter, in ``param_shapes`` order, owns ``ceil(numel / DP)`` elements of every
+  rank's flat partition, rank ``r`` holding elements ``[r * c, (r + 1) * c)`` (the last one padded).
 
 Opening a checkpoint reads only the pickles: optimizer files are loaded onto the ``meta`` device,
 which gives every tensor's dtype, shape and byte offset inside the file without touching its data.
@@ -33,6 +37,7 @@ OPTIMIZER_STATE_DICT = "optimizer_state_dict"
 BASE_OPTIMIZER_STATE = "base_optimizer_state"
 SINGLE_PARTITION_OF_FP32_GROUPS = "single_partition_of_fp32_groups"
 PARAM_SLICE_MAPPINGS = "param_slice_mappings"
+FP32_FLAT_GROUPS = "fp32_flat_groups"
 STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
@@ -187,25 +192,28 @@ class ZeroCheckpoint:
 
 
 def _list_files(folder: str):
-    model, optim, zero3 = {}, {}, []
+    model, optim, zero3 = {}, {}, {}
     for name in sorted(os.listdir(folder)):
         if m := MODEL_FILE_RE.match(name):
             model[int(m.group(1))] = os.path.join(folder, name)
         elif m := OPTIM_FILE_RE.match(name):
             optim[(int(m.group(2)), int(m.group(3)))] = (os.path.join(folder, name), bool(m.group(1)))
-        elif ZERO3_MODEL_FILE_RE.match(name):
-            zero3.append(name)
+        elif m := ZERO3_MODEL_FILE_RE.match(name):
+            zero3[(int(m.group(1)), int(m.group(2)))] = os.path.join(folder, name)
     return model, optim, zero3
 
 
 def open_zero_checkpoint(folder: str) -> ZeroCheckpoint:
-    """Index a ZeRO-1/2 checkpoint folder and check that its files belong together."""
+    """Index a ZeRO-1/2/3 checkpoint folder and check that its files belong together."""
     folder = os.path.normpath(folder)
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: not a checkpoint folder")
     model, optim, zero3 = _list_files(folder)
-    if zero3 and not model:
-        raise CheckpointError(f"{folder}: a ZeRO-3 checkpoint ({zero3[0]}); only ZeRO stages 1 and 2 are supported")
+    stage3 = bool(zero3) and not model
+    if stage3:  # every DP rank wrote its model states; DP rank 0's stand for each mp rank
+        model = {mp: path for (dp, mp), path in zero3.items() if dp == 0}
+        if not model:
+            raise CheckpointError(f"{os.path.join(folder, 'zero_pp_rank_0_mp_rank_00_model_states.pt')}: missing file")
     if not model:
         raise CheckpointError(f"{folder}: no mp_rank_XX_model_states.pt files (not a DeepSpeed checkpoint folder?)")
     if not optim:
@@ -213,7 +221,9 @@ def open_zero_checkpoint(folder: str) -> ZeroCheckpoint:
     n_mp = len(model)
     if sorted(model) != list(range(n_mp)):
         missing = sorted(set(range(max(model) + 1)) - set(model))
-        raise CheckpointError(f"{os.path.join(folder, f'mp_rank_{missing[0]:02d}_model_states.pt')}: missing file")
+        prefix = "zero_pp_rank_0_" if stage3 else ""
+        raise CheckpointError(f"{os.path.join(folder, f'{prefix}mp_rank_{missing[0]:02d}_model_states.pt')}: "
+                              "missing file")
     model_files = [model[i] for i in range(n_mp)]
     states = [load_file(p, mmap=True) for p in model_files]
     first = states[0]
@@ -249,10 +259,13 @@ def open_zero_checkpoint(folder: str) -> ZeroCheckpoint:
             if (d, m) not in optim:
                 name = f"{'bf16_' if bf16 else ''}zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt"
                 raise CheckpointError(f"{os.path.join(folder, name)}: missing file")
-    ckpt = ZeroCheckpoint(folder=folder, tp=tp, pp=pp, dp=dp, zero_stage=1, bf16_prefix=bf16,
+    ckpt = ZeroCheckpoint(folder=folder, tp=tp, pp=pp, dp=dp, zero_stage=3 if stage3 else 1, bf16_prefix=bf16,
                           iteration=first.get("iteration", first.get("global_steps")), model_files=model_files,
                           model_states=states, optim_files={k: v[0] for k, v in optim.items()})
-    _index_fragments(ckpt, pipeline_replicated=_pipeline_replicated(first))
+    if stage3:
+        _index_zero3_fragments(ckpt)
+    else:
+        _index_fragments(ckpt, pipeline_replicated=_pipeline_replicated(first))
     return ckpt
 
 
@@ -332,6 +345,72 @@ def _index_fragments(ckpt: ZeroCheckpoint, pipeline_replicated) -> None:
                         src = sources[name] = ParamSource(name, pp, g, [], [])
                     src.local_shapes.append(tuple(int(s) for s in shape))
                     src.fragments.append(frags)
+    for name, src in sources.items():
+        if len(src.fragments) != ckpt.tp:
+            raise CheckpointError(f"{ckpt.folder}: parameter {name} found on {len(src.fragments)} of {ckpt.tp} TP ranks")
+    ckpt.param_sources = sources
+
+
+def _index_zero3_fragments(ckpt: ZeroCheckpoint) -> None:
+    """ZeRO-3: place each parameter by ``param_shapes`` order, ``ceil(numel / DP)`` elements per rank."""
+    if ckpt.pp != 1:
+        raise CheckpointError(f"{ckpt.model_files[0]}: a ZeRO-3 checkpoint with pipeline parallel size {ckpt.pp}")
+    sources: dict[str, ParamSource] = {}
+    for tp in range(ckpt.tp):
+        mp = ckpt.mp_rank(0, tp)
+        names_shapes = [(n, tuple(int(d) for d in s)) for g in ckpt.model_states[mp]["param_shapes"] for n, s in g.items()]
+        step = expected_step(ckpt.model_states[mp])
+        sizes = None
+        for dp in range(ckpt.dp):
+            path = ckpt.optim_file(0, tp, dp)
+            osd = load_file(path, meta=True).get(OPTIMIZER_STATE_DICT)
+            if not isinstance(osd, dict) or FP32_FLAT_GROUPS not in osd:
+                raise CheckpointError(f"{path}: no fp32_flat_groups (not a ZeRO-3 optimizer file)")
+            flats = osd[FP32_FLAT_GROUPS]
+            state = osd.get(OPTIMIZER_STATE_DICT, {}).get("state", {})
+            refs, group_steps = [], []
+            for g, flat in enumerate(flats):
+                st = state.get(g, {})
+                if not {"exp_avg", "exp_avg_sq"} <= set(st):
+                    raise CheckpointError(f"{path}: optimizer sub-group {g} has no exp_avg/exp_avg_sq "
+                                          "(only Adam-family optimizers convert)")
+                refs.append({"fp32": FlatRef.of(path, flat), "exp_avg": FlatRef.of(path, st["exp_avg"]),
+                             "exp_avg_sq": FlatRef.of(path, st["exp_avg_sq"])})
+                got = _read_scalar(path, st.get("step"))
+                if step is not None and got is not None and int(got) != step:
+                    raise CheckpointError(f"{path}: optimizer is at step {int(got)}, but {ckpt.model_files[mp]} is "
+                                          f"at step {step} (mixed-iteration shard files)")
+                group_steps.append(got)
+            these = [r["fp32"].numel for r in refs]
+            if sizes is not None and these != sizes:
+                raise CheckpointError(f"{path}: flat partition sizes {these} differ from DP rank 0's {sizes}")
+            sizes = these
+            ckpt.flat_refs[(dp, mp)] = refs
+            ckpt.steps[(dp, mp)] = group_steps
+        group, offset = 0, 0
+        for name, shape in names_shapes:
+            numel = 1
+            for d in shape:
+                numel *= d
+            per_rank = -(-numel // ckpt.dp)
+            while group < len(sizes) and offset == sizes[group] and per_rank:
+                group, offset = group + 1, 0
+            if group >= len(sizes) or offset + per_rank > sizes[group]:
+                raise CheckpointError(f"{ckpt.optim_file(0, tp, 0)}: flat partitions too small for the parameters "
+                                      f"recorded in {ckpt.model_files[mp]} (at {name})")
+            frags = [Fragment(r, offset, min(per_rank, numel - r * per_rank))
+                     for r in range(ckpt.dp) if r * per_rank < numel]
+            src = sources.setdefault(name, ParamSource(name, 0, group, [], []))
+            if src.group != group:
+                raise CheckpointError(f"{ckpt.model_files[mp]}: {name} lies in sub-group {group} on TP rank {tp} "
+                                      f"but {src.group} on TP rank 0")
+            src.local_shapes.append(shape)
+            src.fragments.append(frags)
+            offset += per_rank
+        if group != len(sizes) - 1 or offset != sizes[group]:
+            raise CheckpointError(f"{ckpt.optim_file(0, tp, 0)}: flat partitions of {sizes} elements, but the "
+                                  f"parameters in {ckpt.model_files[mp]} fill them only to sub-group {group} "
+                                  f"element {offset}")
     for name, src in sources.items():
         if len(src.fragments) != ckpt.tp:
             raise CheckpointError(f"{ckpt.folder}: parameter {name} found on {len(src.fragments)} of {ckpt.tp} TP ranks")

@@ -53,6 +53,15 @@ def block_spec(cfg: ModelConfig, tp, layer_number: int) -> LayerSpec:
     return LayerSpec(TransformerLayer, cfg, tp, layer_number)
 
 
+def padded_vocab_for(cfg: ModelConfig, tp: int, zero_stage: int = 0) -> int:
+    """Rows of the embedding and head. ZeRO-3 keeps the vocabulary unpadded: DeepSpeed's stage-3
+    universal loader flattens each atom without re-padding vocabulary rows, so a padded parameter
+    would shift every later parameter's slice (ZeRO-3 runs at TP 1, see ``TrainConfig``)."""
+    if zero_stage == 3:
+        return cfg.vocab_size
+    return padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
+
+
 def topology_of(state: ParallelState) -> PipeModelDataParallelTopology:
     layout = state.layout
     return PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
@@ -65,7 +74,7 @@ class GPTPipe(PipelineModule):
         layout = state.layout
         cfg.check_tensor_parallel(layout.tp)
         cfg.check_pipeline_parallel(layout.pp)
-        padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, layout.tp)
+        padded_vocab = padded_vocab_for(cfg, layout.tp)
         tp = state.tp
         specs = []
         for entry in pipe_entries(cfg):

@@ -37,7 +37,8 @@ _MODEL_FLAGS = [
 _TRAIN_FLAGS = [
     ("--tensor-model-parallel-size", int, 1, "tensor parallel degree"),
     ("--pipeline-model-parallel-size", int, 1, "pipeline parallel degree"),
-    ("--zero-stage", int, 1, "DeepSpeed ZeRO stage (0 or 1 with the pipeline engine)"),
+    ("--zero-stage", int, 1, "DeepSpeed ZeRO stage (2 and 3 train the non-pipeline model, PP 1; 3 needs TP 1)"),
+    ("--no-pipeline-parallel", bool, False, "train the non-pipeline model (same parameter names; PP 1)"),
     ("--micro-batch-size", int, 1, "samples per micro batch per data-parallel rank"),
     ("--global-batch-size", int, 8, "samples per optimizer step, fixed whatever the layout"),
     ("--seq-length", int, 256, "tokens per sample"),
@@ -71,6 +72,7 @@ _TRAIN_FLAGS = [
     ("--load", str, None, "checkpoint folder to resume from"),
     ("--universal-checkpoint", bool, False, "--load is a universal checkpoint (any topology)"),
     ("--no-load-rng", bool, False, "do not restore RNG states on resume"),
+    ("--finetune", bool, False, "after --load, start iteration, data position and LR schedule fresh"),
     ("--deepspeed-config", str, None, "JSON whose keys override the generated DeepSpeed config"),
     ("--ds-config-out", str, None, "write the DeepSpeed config used here"),
 ]

@@ -67,6 +67,7 @@ class ResumeState:
     rng_state: dict | None  # this rank's saved RNG, when the layout is unchanged
     source_topology: dict | None
     path: str
+    note: str = ""  # what the load changed on purpose (printed by the trainer)
 
 
 def save(engine, save_dir: str, iteration: int, consumed_samples: int, seq_length: int,
@@ -96,25 +97,75 @@ def save(engine, save_dir: str, iteration: int, consumed_samples: int, seq_lengt
     return os.path.join(save_dir, tag)
 
 
-def load(engine, load_dir: str, universal: bool, state: ParallelState) -> ResumeState:
-    """Resume model, optimizer, scheduler and counters through DeepSpeed's loader."""
+def _unshare_steps(optimizer) -> None:
+    base = getattr(optimizer, "optimizer", optimizer)
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: TrainConfig,
+         group_hyperparameters: list[dict]) -> ResumeState:
+    """Resume model, optimizer, scheduler and counters through DeepSpeed's loader.
+
+    On top of DeepSpeed's load:
+
+    * ``cfg.finetune``: iteration, consumed samples, engine step counters and the LR schedule start
+      fresh, and every optimizer group takes this run's hyperparameters. Weights and Adam moments are
+      loaded (DeepSpeed's ZeRO-1/2 universal loader always loads moments; an imported Hugging Face
+      checkpoint has zero moments and step 0).
+    * A precision change (say bf16 -> fp16): the loss scaler the checkpoint carries belongs to the old
+      precision, so the engine's freshly configured one is kept (fp16 restarts dynamic scaling at its
+      initial scale).
+    * ZeRO-3 universal loads copy group 0's hyperparameters to every group; each group gets its own
+      weight decay back (the no-decay group has none). They also give every sub-group the *same* step
+      tensor, which Adam increments in place once per sub-group, so the bias correction would run
+      ahead by one step per extra sub-group; each sub-group gets its own copy.
+    """
     marker = "latest_universal" if universal else "latest"
     if not os.path.isfile(os.path.join(load_dir, marker)):
         raise FileNotFoundError(f"{os.path.join(load_dir, marker)}: no such file; nothing to resume from in {load_dir}")
-    path, client = engine.load_checkpoint(load_dir, load_optimizer_states=True, load_lr_scheduler_states=True)
+    optimizer = engine.optimizer
+    fresh_scaler = {k: getattr(optimizer, k) for k in ("loss_scaler", "dynamic_loss_scale") if hasattr(optimizer, k)}
+    path, client = engine.load_checkpoint(load_dir, load_optimizer_states=True,
+                                          load_lr_scheduler_states=not cfg.finetune)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint to load in {load_dir}")
     if "iteration" not in client:
         raise ValueError(f"{path}: not written by megatron_ucp (no 'iteration' in its client state)")
     meta = client.get(METADATA_KEY, {})
+    notes = []
+    source_dtype = meta.get("dtype")
+    if source_dtype and source_dtype != cfg.dtype:
+        for key, value in fresh_scaler.items():
+            setattr(optimizer, key, value)
+        notes.append(f"precision {source_dtype} -> {cfg.dtype}: loss scaler reset")
+    groups = optimizer.param_groups
+    if len(groups) != len(group_hyperparameters):
+        raise RuntimeError(f"{path}: the optimizer has {len(groups)} groups, expected {len(group_hyperparameters)}")
+    if cfg.finetune:
+        for group, hp in zip(groups, group_hyperparameters):
+            group.update(hp)
+        engine.global_steps = 0
+        engine.global_samples = 0
+        engine.skipped_steps = 0
+        notes.append("fine-tuning: iteration, data position and LR schedule start fresh")
+        iteration, consumed = 0, 0
+    else:
+        if universal and cfg.zero_stage == 3:
+            for group, hp in zip(groups, group_hyperparameters):
+                group["weight_decay"] = hp["weight_decay"]
+            _unshare_steps(optimizer)
+        iteration, consumed = int(client["iteration"]), int(client["consumed_train_samples"])
     source_topology = meta.get("topology")
     rng = None
     if source_topology == state.layout.to_dict() and client.get("rng_state"):
         rng = client["rng_state"][state.coords.dp]
     return ResumeState(
-        iteration=int(client["iteration"]),
-        consumed_train_samples=int(client["consumed_train_samples"]),
+        iteration=iteration,
+        consumed_train_samples=consumed,
         rng_state=rng,
         source_topology=source_topology,
         path=path,
+        note="".join(f"; {n}" for n in notes),
     )

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,23 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
+def enable_cpu_fp16() -> bool:
+    """Let fp16 run on DeepSpeed's CPU accelerator; True if it had to be enabled.
+
+    The CPU accelerator reports fp16 unsupported unless oneDNN has native fp16 kernels (AVX512-FP16),
+    and the engine then refuses ``"fp16": {"enabled": true}``. Every fp16 op we use runs on CPU
+    anyway (our linear layers compute half-precision GEMMs in fp32 on the exact fp16 inputs), so the
+    loss-scaled fp16 optimizer behaves as on a GPU, just slower.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() != "cpu" or acc.is_fp16_supported():
+        return False
+    acc.is_fp16_supported = lambda: True
+    return True
+
+
 def build_ds_config(cfg: TrainConfig, layout: ParallelLayout) -> dict:
     """The DeepSpeed config for this run, derived from the flags (one source of truth)."""
     ds = {
@@ -61,14 +79,35 @@ def build_ds_config(cfg: TrainConfig, layout: ParallelLayout) -> dict:
     return ds
 
 
-def optimizer_param_groups(model: torch.nn.Module, cfg: ModelConfig) -> list[dict]:
+def optimizer_param_groups(model: torch.nn.Module, cfg: ModelConfig, weight_decay: float) -> list[dict]:
     """Two groups, always in this order: with weight decay, without (biases and norms)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if spec_of(name, cfg).weight_decay else no_decay).append(p)
     if not decay or not no_decay:
         raise RuntimeError("every pipeline stage must hold parameters of both weight-decay groups")
-    return [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+    return [{"params": decay, "name": "decay", "weight_decay": weight_decay},
+            {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+
+
+def group_hyperparameters(cfg: TrainConfig) -> list[dict]:
+    """The per-group settings of ``optimizer_param_groups``, without the parameters."""
+    common = {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_eps}
+    return [dict(common, weight_decay=cfg.weight_decay), dict(common, weight_decay=0.0)]
+
+
+def build_model(model_cfg: ModelConfig, cfg: TrainConfig, state) -> torch.nn.Module:
+    """GPTPipe for DeepSpeed's pipeline engine (ZeRO 0/1), else GPTModel with the same parameter names."""
+    if cfg.use_pipeline_engine:
+        from megatron_ucp.model.pipe import GPTPipe
+
+        return GPTPipe(model_cfg, state, cfg.seed)
+    from megatron_ucp.model.sequential import GPTModel
+
+    model = GPTModel(model_cfg, state, cfg.seed, cfg.zero_stage)
+    if cfg.zero_stage == 3:
+        model.register_tied_head_for_zero3()
+    return model
 
 
 def build_datasets(cfg: TrainConfig):
@@ -97,12 +136,47 @@ def _tokens_per_s(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else float("nan")
 
 
+def _plain_engine_steps(engine, state, gas: int):
+    """train_batch / eval_batch for the non-pipeline engine, with the pipeline engine's loss reduction
+    (micro-batch losses summed, divided by the accumulation steps, averaged over data parallel)."""
+
+    def reduce(total: torch.Tensor) -> float:
+        total = total.detach().float() / gas
+        if state.layout.dp > 1:
+            dist.all_reduce(total, group=state.dp_group)
+            total /= state.layout.dp
+        return float(total)
+
+    def train_batch(data_iter) -> float:
+        total = None
+        for _ in range(gas):
+            tokens, labels = next(data_iter)
+            loss = engine(tokens, labels)
+            engine.backward(loss)
+            engine.step()
+            total = loss.detach() if total is None else total + loss.detach()
+        return reduce(total)
+
+    def eval_batch(data_iter) -> float:
+        total = None
+        engine.eval()
+        with torch.no_grad():
+            for _ in range(gas):
+                tokens, labels = next(data_iter)
+                loss = engine(tokens, labels).detach()
+                total = loss if total is None else total + loss
+        engine.train()
+        return reduce(total)
+
+    return train_batch, eval_batch
+
+
 def train(model_kwargs: dict, cfg: TrainConfig, on_finish=None) -> TrainResult:
     """Train to ``cfg.train_iters``; ``on_finish(engine, model, state)`` runs before teardown (tests use it)."""
     import deepspeed
 
-    from megatron_ucp.model.pipe import GPTPipe
-
+    # DeepSpeed's ZeRO-3 calls torch.distributed's renamed collectives on every step.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     init_distributed()
     layout = ParallelLayout.from_world_size(dist.get_world_size(), cfg.tensor_model_parallel_size,
                                             cfg.pipeline_model_parallel_size)
@@ -114,10 +188,12 @@ def train(model_kwargs: dict, cfg: TrainConfig, on_finish=None) -> TrainResult:
         if model_cfg.max_position_embeddings < cfg.seq_length:
             raise ValueError(f"seq_length {cfg.seq_length} exceeds max_position_embeddings "
                              f"{model_cfg.max_position_embeddings}")
+        if cfg.dtype == "fp16" and enable_cpu_fp16() and rank0:
+            print("fp16 on the CPU accelerator: half-precision storage, GEMMs computed in fp32", flush=True)
         seed_all(cfg.seed, state.coords.pp, state.coords.tp, state.tp.rng)
-        model = GPTPipe(model_cfg, state, cfg.seed)
-        optimizer = torch.optim.AdamW(optimizer_param_groups(model, model_cfg), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        model = build_model(model_cfg, cfg, state)
+        optimizer = torch.optim.AdamW(optimizer_param_groups(model, model_cfg, cfg.weight_decay), lr=cfg.lr,
+                                      betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
         schedule = LRSchedule(cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters, cfg.lr_decay_style)
         scheduler = LRScheduler(optimizer, schedule)
         ds_config = build_ds_config(cfg, layout)
@@ -126,20 +202,23 @@ def train(model_kwargs: dict, cfg: TrainConfig, on_finish=None) -> TrainResult:
             with open(cfg.ds_config_out, "w") as f:
                 json.dump(ds_config, f, indent=2)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=ds_config)
+                                               config=ds_config,
+                                               mpu=None if cfg.use_pipeline_engine else state)
         metadata = checkpointing.build_metadata(model_cfg, cfg, state, model.padded_vocab, model.stage_parts())
 
         iteration, consumed = 0, 0
         if cfg.load:
-            resumed = checkpointing.load(engine, cfg.load, cfg.universal_checkpoint, state)
+            resumed = checkpointing.load(engine, cfg.load, cfg.universal_checkpoint, state, cfg,
+                                         group_hyperparameters(cfg))
             iteration, consumed = resumed.iteration, resumed.consumed_train_samples
-            if resumed.rng_state is not None and not cfg.no_load_rng:
+            if resumed.rng_state is not None and not cfg.no_load_rng and not cfg.finetune:
                 set_rng_state(resumed.rng_state, state.tp.rng)
             else:  # another layout: reseed deterministically for this one
                 seed_all(cfg.seed + iteration, state.coords.pp, state.coords.tp, state.tp.rng)
             if rank0:
-                print(f"resumed from {resumed.path} at iteration {iteration} (saved at {resumed.source_topology}, "
-                      f"now {layout.to_dict()})", flush=True)
+                what = "fine-tuning from" if cfg.finetune else "resumed from"
+                print(f"{what} {resumed.path} at iteration {iteration} (saved at {resumed.source_topology}, "
+                      f"now {layout.to_dict()}){resumed.note}", flush=True)
 
         topology = dict(layout.to_dict(), zero_stage=cfg.zero_stage, dtype=cfg.dtype)
         logger = RunLogger(cfg.tensorboard_dir, cfg.loss_log, topology, iteration) if rank0 else None
@@ -147,11 +226,19 @@ def train(model_kwargs: dict, cfg: TrainConfig, on_finish=None) -> TrainResult:
         gas = cfg.gradient_accumulation_steps(layout.dp)
         train_iter = micro_batches(train_data, consumed, None, cfg.global_batch_size, cfg.micro_batch_size,
                                    state.coords.dp, layout.dp, device)
+        if cfg.use_pipeline_engine:
+            def train_batch(it) -> float:
+                return float(engine.train_batch(data_iter=it))
+
+            def eval_batch(it) -> float:
+                return float(engine.eval_batch(it, num_micro_batches=gas))
+        else:
+            train_batch, eval_batch = _plain_engine_steps(engine, state, gas)
 
         def evaluate() -> float:
             it = micro_batches(valid_data, 0, cfg.eval_iters, cfg.global_batch_size, cfg.micro_batch_size,
                                state.coords.dp, layout.dp, device)
-            losses = [float(engine.eval_batch(it, num_micro_batches=gas)) for _ in range(cfg.eval_iters)]
+            losses = [eval_batch(it) for _ in range(cfg.eval_iters)]
             return sum(losses) / len(losses)
 
         def save() -> None:
@@ -161,8 +248,9 @@ def train(model_kwargs: dict, cfg: TrainConfig, on_finish=None) -> TrainResult:
                 print(f"saved checkpoint {path}", flush=True)
 
         if rank0:
-            n_params = sum(p.numel() for p in model.parameters())
-            print(f"training {layout} ZeRO-{cfg.zero_stage} {cfg.dtype}: vocab {model_cfg.vocab_size} "
+            n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+            engine_kind = "pipeline engine" if cfg.use_pipeline_engine else "non-pipeline engine"
+            print(f"training {layout} ZeRO-{cfg.zero_stage} {cfg.dtype} ({engine_kind}): vocab {model_cfg.vocab_size} "
                   f"(padded {model.padded_vocab}), {n_params} parameters on rank 0, stage parts "
                   f"{model.stage_parts()}, global batch {cfg.global_batch_size} = micro {cfg.micro_batch_size} "
                   f"x accumulation {gas} x DP {layout.dp}", flush=True)
@@ -170,7 +258,7 @@ def train(model_kwargs: dict, cfg: TrainConfig, on_finish=None) -> TrainResult:
         window_start, window_iters = time.perf_counter(), 0
         while iteration < cfg.train_iters:
             lr = scheduler.get_lr()[0]  # the LR this step uses
-            loss = float(engine.train_batch(data_iter=train_iter))
+            loss = train_batch(train_iter)
             iteration += 1
             consumed += cfg.global_batch_size
             window_iters += 1

@@ -177,10 +177,13 @@ class TrainConfig:
 
     def validate(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
-                     "global_batch_size", "seq_length", "train_iters", "log_interval", "eval_iters"):
+                     "global_batch_size", "seq_length", "log_interval", "eval_iters"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.train_iters, int) or self.train_iters < (0 if self.load else 1):
+            raise ValueError(f"train_iters must be a positive integer (or 0 with --load: load and stop), "
+                             f"got {self.train_iters!r}")
         if self.eval_interval < 0:
             raise ValueError(f"eval_interval must be >= 0 (0 disables validation), got {self.eval_interval}")
         if self.dtype not in DTYPES:

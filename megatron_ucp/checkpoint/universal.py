@@ -189,7 +189,7 @@ def _replicas_equal(ref: torch.Tensor, src: ParamSource, tp: int, key: str, ckpt
     return True
 
 
-def _atom_keys(rule: MergeRule) -> dict:
+def merge_keys(rule: MergeRule) -> dict:
     """DeepSpeed's per-atom keys for a sharded parameter, in its order (the tensor goes last)."""
     keys: dict = {"cat_dim": rule.kind.partition_dim}
     if rule.kind.num_sub_params > 1:
@@ -228,7 +228,7 @@ def merged_state(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroCheckpoi
             raise CheckpointError(f"{ckpt.folder}: {src.name} has {full.shape[0]} rows, fewer than the original "
                                   f"vocabulary of {rule.vocab_rows}")
         full = full[: rule.vocab_rows].clone()  # do not carry the padding rows' storage into the file
-    return dict(_atom_keys(rule), param=full)
+    return dict(merge_keys(rule), param=full)
 
 
 def _save(obj, path: str) -> int:
@@ -309,7 +309,7 @@ _SKELETONS: dict[tuple, tuple[bytes, bytes, int]] = {}
 _SKELETONS_LOCK = threading.Lock()
 
 
-def _skeleton(keys: dict, shape: tuple[int, ...]) -> tuple[bytes, bytes, int]:
+def skeleton_bytes(keys: dict, shape: tuple[int, ...]) -> tuple[bytes, bytes, int]:
     """(bytes before the tensor data, bytes after it, data offset) of ``torch.save(dict(keys, param=<fp32
     tensor of shape>))``: the file torch would write, minus the data, made once per distinct atom layout."""
     cache_key = (tuple(keys.items()), tuple(shape))
@@ -389,7 +389,7 @@ def _read_row_parallel(tensor: torch.Tensor, src: ParamSource, key: str, ckpt: Z
             lo += frag.numel
 
 
-def _pwrite_all(fd: int, data, offset: int) -> None:
+def pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data)
     done = 0
     while done < len(view):
@@ -404,27 +404,27 @@ def _write_atom_by_copy(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroC
     full[rule.kind.partition_dim] *= ckpt.tp
     if rule.kind is Kind.VOCAB:
         full[0] = rule.vocab_rows
-    head, tail, data_offset = _skeleton(_atom_keys(rule), tuple(full))
+    head, tail, data_offset = skeleton_bytes(merge_keys(rule), tuple(full))
     nbytes = 4
     for d in full:
         nbytes *= d
     dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     fds: dict[str, int] = {}
     try:
-        _pwrite_all(dst, head, 0)
+        pwrite_all(dst, head, 0)
         if rule.kind is Kind.ROW:
             # Row-parallel slices interleave every row (pieces of a few KB), which copy_file_range moves
             # slowly; scatter-read each fragment straight into its rows (preadv), then write once.
             tensor = _scratch(nbytes).view(torch.float32).view(full)  # reused: no page faults per atom
             _read_row_parallel(tensor, src, key, ckpt, fds)
-            _pwrite_all(dst, tensor.view(torch.uint8).view(-1).numpy(), data_offset)
+            pwrite_all(dst, tensor.view(torch.uint8).view(-1).numpy(), data_offset)
             del tensor
         else:
             for spath, soff, delem, n in _copy_plan(src, rule, key, ckpt):
                 if spath not in fds:
                     fds[spath] = os.open(spath, os.O_RDONLY)
                 _copy_bytes(fds[spath], soff, dst, data_offset + delem * 4, n * 4)
-        _pwrite_all(dst, tail, data_offset + nbytes)
+        pwrite_all(dst, tail, data_offset + nbytes)
     finally:
         os.close(dst)
         for fd in fds.values():
@@ -448,17 +448,17 @@ def _write_small(obj, cache_key, path: str) -> int:
     return len(data)
 
 
-def _write_atom_from_memory(atom: dict, path: str) -> int:
+def write_atom_from_memory(atom: dict, path: str) -> int:
     """Write an atom built in memory through the cached skeleton of its layout (no zip writer per file)."""
     tensor = atom["param"]
     keys = {k: v for k, v in atom.items() if k != "param"}
-    head, tail, data_offset = _skeleton(keys, tuple(tensor.shape))
+    head, tail, data_offset = skeleton_bytes(keys, tuple(tensor.shape))
     data = tensor.contiguous().view(torch.uint8).view(-1).numpy()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _pwrite_all(fd, head, 0)
-        _pwrite_all(fd, data, data_offset)
-        _pwrite_all(fd, tail, data_offset + len(data))
+        pwrite_all(fd, head, 0)
+        pwrite_all(fd, data, data_offset)
+        pwrite_all(fd, tail, data_offset + len(data))
     finally:
         os.close(fd)
     return data_offset + len(data) + len(tail)
@@ -484,7 +484,7 @@ def convert_param(src: ParamSource, rule: MergeRule, ckpt: ZeroCheckpoint, zero_
         path = os.path.join(out_dir, f"{key}.pt")
         if rule.kind is Kind.REPLICATED or not sources_are_fp32:
             atom = merged_state(src, rule, key, ckpt)
-            written += _write_atom_from_memory(atom, path)
+            written += write_atom_from_memory(atom, path)
             del atom
         else:
             written += _write_atom_by_copy(src, rule, key, ckpt, path)
@@ -540,7 +540,7 @@ def place_model_states(src: str, folder: str, mp_rank: int) -> int:
     return os.path.getsize(first)
 
 
-def _check_paths(input_folder: str, output_folder: str, overwrite: bool) -> tuple[str, str]:
+def check_output_path(input_folder: str, output_folder: str, overwrite: bool) -> tuple[str, str]:
     inp = os.path.realpath(input_folder)
     out = os.path.realpath(output_folder.rstrip("/") or output_folder)
     if out == inp or os.path.commonpath([inp, out]) == inp:
@@ -570,7 +570,7 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
     Writes ``latest_universal`` (containing the output folder's name) into the output's parent.
     """
     t0 = time.time()
-    inp, out = _check_paths(input_folder, output_folder, overwrite)
+    inp, out = check_output_path(input_folder, output_folder, overwrite)
     ckpt = open_zero_checkpoint(inp)
     info = ckpt.universal_checkpoint_info
     metadata = ckpt.metadata

@@ -1,0 +1,76 @@
+"""A randomly initialised ``transformers`` model from a local config, for recipes and tests.
+
+There is no model hub here: the fine-tuning recipe builds its "pretrained" model with ``transformers``
+itself (``GPT2LMHeadModel`` or ``LlamaForCausalLM`` at random init), with the vocabulary of our
+SentencePiece tokenizer, and saves it with ``save_pretrained`` exactly as a downloaded one would be.
+
+    python -m megatron_ucp.hf.build --family llama --tokenizer-model data/tokenizer/austen-bpe-8k.model \\
+        --num-layers 2 --hidden-size 64 --num-heads 4 --num-kv-heads 2 --ffn-hidden-size 128 \\
+        --max-position-embeddings 64 --output-dir RUN/hf_init
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import torch
+
+
+def build_hf_model(family: str, *, vocab_size: int, num_layers: int, hidden_size: int, num_heads: int,
+                   num_kv_heads: int | None = None, ffn_hidden_size: int | None = None,
+                   max_position_embeddings: int = 64, tie_embeddings: bool | None = None, bos_token_id=None,
+                   eos_token_id=None, seed: int = 0):
+    """A ``GPT2LMHeadModel`` (family ``gpt``) or ``LlamaForCausalLM`` (``llama``) at random init, in eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if family == "gpt":
+        cfg = GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
+                         n_positions=max_position_embeddings, n_inner=ffn_hidden_size, bos_token_id=bos_token_id,
+                         eos_token_id=eos_token_id,
+                         tie_word_embeddings=True if tie_embeddings is None else tie_embeddings)
+        model = GPT2LMHeadModel(cfg)
+    elif family == "llama":
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
+                          intermediate_size=ffn_hidden_size or 4 * hidden_size, num_hidden_layers=num_layers,
+                          num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or num_heads,
+                          max_position_embeddings=max_position_embeddings, tie_word_embeddings=bool(tie_embeddings),
+                          bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+        model = LlamaForCausalLM(cfg)
+    else:
+        raise ValueError(f"family must be gpt or llama, got {family!r}")
+    return model.eval()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", choices=("gpt", "llama"), required=True)
+    p.add_argument("--tokenizer-model", required=True, help="SentencePiece model: vocabulary size and bos/eos ids")
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--num-kv-heads", type=int, default=None)
+    p.add_argument("--ffn-hidden-size", type=int, default=None)
+    p.add_argument("--max-position-embeddings", type=int, default=64)
+    p.add_argument("--tie-embeddings", action="store_true", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", required=True)
+    args = p.parse_args(argv)
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_model)
+    model = build_hf_model(args.family, vocab_size=sp.get_piece_size(), num_layers=args.num_layers,
+                           hidden_size=args.hidden_size, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+                           ffn_hidden_size=args.ffn_hidden_size, max_position_embeddings=args.max_position_embeddings,
+                           tie_embeddings=args.tie_embeddings, bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id(),
+                           seed=args.seed)
+    model.save_pretrained(args.output_dir)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"built a random {type(model).__name__} ({n} parameters, vocab {sp.get_piece_size()}) in {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Universal checkpoint -> Hugging Face folder (``config.json``, safetensors shards, tokenizer files).
+
+The input is any universal folder of ours: written by our ZeRO converter (``tools/ds_to_universal.py``)
+or by ``hf_to_universal``. Its ``megatron_ucp`` metadata gives the model config, and so the HF family
+and tensor names (``layout/hf.py``); each parameter's ``fp32.pt`` atom is read through a memory map,
+split into its HF tensors, cast and added to the current shard, which is written when full. Shards
+are planned from the shapes first, so names (``model-0000k-of-0000n.safetensors``) are final when
+written; memory stays at one shard plus one parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_ucp.checkpoint.universal import check_output_path
+from megatron_ucp.checkpoint.zero import CheckpointError, load_file
+from megatron_ucp.config import ModelConfig
+from megatron_ucp.hf.to_universal import HF_EXTRAS_DIR
+from megatron_ucp.hf.transforms import to_hf
+from megatron_ucp.layout.hf import family_of_model, hf_config_from_model, hf_mappings
+from megatron_ucp.training.checkpointing import METADATA_KEY
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+_FROM_HF_NAME = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+@dataclass
+class HFExportReport:
+    output_dir: str
+    architecture: str
+    tensors: int
+    shards: int
+    dtype: str
+    seconds: float
+
+    def summary(self) -> str:
+        return (f"wrote a {self.architecture} ({self.tensors} tensors, {self.dtype}, {self.shards} shard"
+                f"{'s' if self.shards != 1 else ''}) to {self.output_dir} in {self.seconds:.2f} s")
+
+
+def parse_size(text: str | int) -> int:
+    """``5GB``, ``500MB``, ``10KB`` or a byte count -> bytes (decimal units, as transformers)."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper()
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                       ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def read_universal_metadata(folder: str) -> dict:
+    """The ``megatron_ucp`` metadata of a universal folder (from its first model-state file)."""
+    path = os.path.join(folder, "mp_rank_00_model_states.pt")
+    state = load_file(path, meta=True)
+    meta = state.get(METADATA_KEY) if isinstance(state, dict) else None
+    if not meta or "model_config" not in meta:
+        raise CheckpointError(f"{path}: no megatron_ucp metadata with a model_config; not written by megatron_ucp "
+                              "(or by hf_to_universal)")
+    return meta
+
+
+def _default_dtype(meta: dict) -> str:
+    src = (meta.get("hf_source") or {}).get("dtype")
+    return _FROM_HF_NAME.get(str(src).replace("torch.", ""), "bf16") if src else "bf16"
+
+
+def _token_ids(meta: dict) -> dict:
+    """bos/eos ids: from the HF source's config, or from our SentencePiece model (its bos and eos)."""
+    src = (meta.get("hf_source") or {}).get("config") or {}
+    ids = {k: src[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if src.get(k) is not None}
+    tok = _tokenizer_model(meta)
+    if not ids and tok:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=tok)
+        ids = {k: v for k, v in (("bos_token_id", sp.bos_id()), ("eos_token_id", sp.eos_id())) if v >= 0}
+    return ids
+
+
+def _tokenizer_model(meta: dict) -> str | None:
+    tc = meta.get("train_config") or {}
+    path = tc.get("tokenizer_model")
+    if tc.get("tokenizer_type", "SentencePieceTokenizer") == "SentencePieceTokenizer" and path and os.path.isfile(path):
+        return path
+    return None
+
+
+def _write_tokenizer(meta: dict, folder: str, input_folder: str) -> list[str]:
+    """Copy the source's tokenizer files (HF import) or our SentencePiece model (training metadata)."""
+    extras = os.path.join(input_folder, HF_EXTRAS_DIR)
+    written = []
+    if os.path.isdir(extras):
+        for f in sorted(os.listdir(extras)):
+            shutil.copy2(os.path.join(extras, f), os.path.join(folder, f))
+            written.append(f)
+        return written
+    tok = _tokenizer_model(meta)
+    if tok:
+        shutil.copy2(tok, os.path.join(folder, "tokenizer.model"))
+        ids = _token_ids(meta)
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=tok)
+        cfg = {"tokenizer_class": "LlamaTokenizer", "model_max_length": meta["model_config"]["max_position_embeddings"],
+               "add_bos_token": False, "add_eos_token": False, "legacy": True,
+               "bos_token": sp.id_to_piece(ids["bos_token_id"]) if "bos_token_id" in ids else None,
+               "eos_token": sp.id_to_piece(ids["eos_token_id"]) if "eos_token_id" in ids else None,
+               "unk_token": sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None}
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        written += ["tokenizer.model", "tokenizer_config.json"]
+    return written
+
+
+def _plan_shards(entries: list[tuple[str, tuple[int, ...]]], itemsize: int, max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape in entries:
+        n = itemsize
+        for d in shape:
+            n *= d
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def convert_universal_to_hf(input_folder: str, output_dir: str, *, dtype: str | None = None,
+                            max_shard_size: str | int = "5GB", overwrite: bool = False) -> HFExportReport:
+    """Write ``output_dir`` as a ``from_pretrained``-loadable HF folder of the universal checkpoint."""
+    from safetensors.torch import save_file
+
+    t0 = time.time()
+    meta = read_universal_metadata(input_folder)
+    cfg = ModelConfig.from_dict(meta["model_config"])
+    family = family_of_model(cfg)
+    dtype = dtype or _default_dtype(meta)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    mappings = hf_mappings(cfg, family)
+    zero_dir = os.path.join(input_folder, "zero")
+
+    # HF names and shapes, in table order, from the shapes alone (meta tensors).
+    entries, owner = [], {}
+    for m in mappings:
+        for name, t in zip(m.hf_names, to_hf(m, torch.empty(m.spec.shape(cfg), device="meta"), cfg)):
+            entries.append((name, tuple(t.shape)))
+            owner[name] = m
+    shards = _plan_shards(entries, torch.empty((), dtype=torch_dtype).element_size(), parse_size(max_shard_size))
+    n = len(shards)
+    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+    _, out = check_output_path(input_folder, output_dir, overwrite)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        weight_map, total = {}, 0
+        for file, names in zip(files, shards):
+            tensors = {}
+            for m in dict.fromkeys(owner[name] for name in names):  # each parameter once, in order
+                path = os.path.join(zero_dir, m.name, "fp32.pt")
+                full = load_file(path, mmap=True)["param"]
+                if tuple(full.shape) != tuple(m.spec.shape(cfg)):
+                    raise CheckpointError(f"{path}: shape {tuple(full.shape)}, but the model config implies "
+                                          f"{tuple(m.spec.shape(cfg))}")
+                for name, t in zip(m.hf_names, to_hf(m, full, cfg)):
+                    if name in names:
+                        tensors[name] = t.to(torch_dtype).contiguous()
+                del full
+            save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            weight_map.update({name: file for name in tensors})
+            del tensors
+        if n > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
+                          indent=2)
+        base = dict((meta.get("hf_source") or {}).get("config") or {})
+        base.pop("torch_dtype", None)
+        base.update(hf_config_from_model(cfg, HF_DTYPE_NAMES[torch_dtype], _token_ids(meta)))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(base, f, indent=2, sort_keys=True)
+        written = _write_tokenizer(meta, tmp, input_folder)
+        ids = _token_ids(meta)
+        if "generation_config.json" not in written and "eos_token_id" in ids:
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump(dict(ids, _from_model_config=True), f, indent=2)
+        if os.path.exists(out):
+            old = f"{out}.old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return HFExportReport(out, family.architecture, len(entries), n, dtype, time.time() - t0)
+

@@ -1,0 +1,198 @@
+"""The logits check: the same token batch through ``transformers`` and through our model at a TP/PP.
+
+Our side loads a universal folder exactly as a run does (``training.trainer.train`` with
+``--universal-checkpoint``, mock data and no training) on ``tp * pp`` spawned ranks, runs one
+``eval_batch`` on the pipeline engine and gathers the vocab-parallel logits of the last stage,
+vocabulary padding stripped. Several folders can be checked in one spawn
+(``our_logits_many``), since starting ranks costs more than a tiny model's forward pass.
+
+``compare`` reports max |Δlogit|, the KL divergence of ours from the reference per sample (mean over
+positions of the sum over the vocabulary: ``batchmean`` with positions as the batch) and top-1
+agreement. A mean over the vocabulary as well would make even a broken conversion look small.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def random_tokens(vocab_size: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, seq), generator=g)
+
+
+def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [b, s, vocab] of the HF model in ``hf_dir`` (loaded in fp32, eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=tokens).logits.float()
+
+
+@dataclass(frozen=True)
+class LogitsJob:
+    """One universal folder to evaluate: ``load`` is the folder holding ``latest_universal``."""
+
+    load: str
+    model_kwargs: dict  # ModelConfig fields except vocab_size
+    vocab_size: int
+    out: str  # where rank 0 of the last stage writes the logits (torch.save)
+
+
+def model_kwargs_of(universal_folder: str) -> tuple[dict, int]:
+    """(ModelConfig kwargs without vocab_size, vocab_size) from a universal folder's metadata."""
+    from megatron_ucp.hf.from_universal import read_universal_metadata
+
+    cfg = dict(read_universal_metadata(universal_folder)["model_config"])
+    vocab = cfg.pop("vocab_size")
+    cfg.update(hidden_dropout=0.0, attention_dropout=0.0)
+    return cfg, vocab
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _eval_config(job: LogitsJob, tokens: torch.Tensor, tp: int, pp: int):
+    """A run that loads ``job.load`` and trains nothing (``train_iters=0``)."""
+    from megatron_ucp.config import TrainConfig
+
+    b, s = tokens.shape
+    common = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_size=b,
+                  global_batch_size=b, seq_length=s, dtype="fp32", mock_data=True, vocab_size=job.vocab_size,
+                  load=job.load, universal_checkpoint=True, eval_interval=0, log_interval=1)
+    return TrainConfig(train_iters=0, finetune=True, **common)
+
+
+def _eval_one(job: LogitsJob, tokens: torch.Tensor, tp: int, pp: int) -> None:
+    """Load through the trainer itself (``train`` with ``on_finish``), then one ``eval_batch``."""
+    import torch.distributed as dist
+
+    from megatron_ucp.training.trainer import train
+
+    def on_finish(engine, model, state) -> None:
+        labels = torch.roll(tokens, -1, dims=1)
+        _, logits = engine.eval_batch(iter([(tokens, labels)]), return_logits=True, num_micro_batches=1)
+        if state.is_last_stage:
+            parts = [torch.empty_like(logits) for _ in range(tp)]
+            dist.all_gather(parts, logits.contiguous(), group=state.tp_group)
+            if state.coords.tp == 0:
+                torch.save(torch.cat(parts, dim=-1)[..., : job.vocab_size].float(), job.out)
+        dist.barrier()
+
+    train(job.model_kwargs, _eval_config(job, tokens, tp, pp), on_finish=on_finish)
+
+
+def _worker(rank: int, world_size: int, port: int, jobs: list[LogitsJob], tokens: torch.Tensor, tp: int,
+            pp: int) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        for job in jobs:  # train() initialises the default group (NCCL or gloo) on first use
+            _eval_one(job, tokens, tp, pp)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def our_logits_many(folders: list[str], tokens: torch.Tensor, tp: int = 1, pp: int = 1) -> list[torch.Tensor]:
+    """Our fp32 logits [b, s, vocab] for each universal folder (a ``*_universal`` folder or the folder
+    holding ``latest_universal``), all on one set of ``tp * pp`` spawned ranks."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = []
+        for i, folder in enumerate(folders):
+            folder = os.path.abspath(folder)
+            if os.path.isfile(os.path.join(folder, "latest_universal")):
+                load = folder
+                with open(os.path.join(folder, "latest_universal")) as f:
+                    folder = os.path.join(load, f.read().strip())
+            else:
+                load = os.path.dirname(folder)
+                with open(os.path.join(load, "latest_universal")) as f:
+                    if f.read().strip() != os.path.basename(folder):
+                        raise ValueError(f"{load}/latest_universal does not name {os.path.basename(folder)}")
+            kwargs, vocab = model_kwargs_of(folder)
+            jobs.append(LogitsJob(load, kwargs, vocab, os.path.join(tmp, f"logits{i}.pt")))
+        mp.spawn(_worker, args=(tp * pp, _free_port(), jobs, tokens, tp, pp), nprocs=tp * pp, join=True)
+        return [torch.load(job.out) for job in jobs]
+
+
+def our_logits(folder: str, tokens: torch.Tensor, tp: int = 1, pp: int = 1) -> torch.Tensor:
+    return our_logits_many([folder], tokens, tp, pp)[0]
+
+
+@dataclass
+class LogitsComparison:
+    max_abs: float
+    kl_per_sample: list[float]
+    top1: float  # fraction of positions whose argmax agrees
+
+    @property
+    def kl_mean(self) -> float:
+        return sum(self.kl_per_sample) / len(self.kl_per_sample)
+
+    def summary(self) -> str:
+        kls = ", ".join(f"{k:.3e}" for k in self.kl_per_sample)
+        return (f"max |dlogit| {self.max_abs:.3e} | KL(ref || ours) per sample [{kls}] (mean {self.kl_mean:.3e}) | "
+                f"top-1 agreement {100 * self.top1:.2f}%")
+
+
+def compare(reference: torch.Tensor, ours: torch.Tensor) -> LogitsComparison:
+    """Compare logits [b, s, v]; KL is batchmean over positions, per sample."""
+    if reference.shape != ours.shape:
+        raise ValueError(f"logits shapes differ: reference {tuple(reference.shape)}, ours {tuple(ours.shape)}")
+    ref, out = reference.double(), ours.double()
+    kls = [float(F.kl_div(F.log_softmax(out[i], -1), F.log_softmax(ref[i], -1), log_target=True,
+                          reduction="batchmean")) for i in range(ref.shape[0])]
+    top1 = float((ref.argmax(-1) == out.argmax(-1)).double().mean())
+    return LogitsComparison(float((ref - out).abs().max()), kls, top1)
+
+
+def check(hf_dir: str, universal_folder: str, *, tp: int = 1, pp: int = 1, batch: int = 2, seq: int = 16,
+          seed: int = 0) -> LogitsComparison:
+    """Random tokens through the HF folder and through the universal folder at TP/PP; their comparison."""
+    from megatron_ucp.hf.reader import read_config
+
+    vocab = int(read_config(hf_dir)["vocab_size"])
+    tokens = random_tokens(vocab, batch, seq, seed)
+    return compare(hf_logits(hf_dir, tokens), our_logits(universal_folder, tokens, tp, pp))
+
+
+def generate_text(hf_dir: str, prompt: str, max_new_tokens: int = 24) -> str:
+    """Greedy ``transformers`` ``generate`` on the exported folder; the prompt is encoded with the
+    folder's ``tokenizer.model`` (our SentencePiece tokenizer) when present, else ``AutoTokenizer``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    sp_model = os.path.join(hf_dir, "tokenizer.model")
+    if os.path.isfile(sp_model):
+        from megatron_ucp.data.tokenizer import SentencePieceTokenizer
+
+        tok = SentencePieceTokenizer(sp_model)
+        encode, decode = tok.tokenize, tok.detokenize
+    else:
+        from transformers import AutoTokenizer
+
+        hf_tok = AutoTokenizer.from_pretrained(hf_dir)
+        encode, decode = (lambda t: hf_tok(t)["input_ids"]), hf_tok.decode
+    ids = torch.tensor([encode(prompt)])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return decode(out[0, ids.shape[1]:].tolist())

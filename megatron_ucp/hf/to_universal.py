@@ -1,0 +1,220 @@
+"""Hugging Face checkpoint -> universal checkpoint our trainer (and stock DeepSpeed) loads at any TP/PP.
+
+Per parameter of our table (``layout/hf.py`` says which HF tensors make it and how), the HF tensors
+are read one at a time, joined into our full unpadded layout, and written as DeepSpeed's universal
+atoms: ``fp32.pt`` with the weights, ``exp_avg.pt`` / ``exp_avg_sq.pt`` of zeros and ``step.pt`` = 0,
+with the same per-kind keys our ZeRO converter writes. The zero atoms are the cached ``torch.save``
+bytes around a file hole, so they cost neither memory nor write time.
+
+The result starts a run from step 0 with fresh moments; ``--finetune`` (or a new run's flags) sets
+the schedule and hyperparameters. Output goes to a temporary sibling folder renamed into place, and
+``latest_universal`` is written last, as in ``checkpoint/universal.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+
+import megatron_ucp
+from megatron_ucp.checkpoint.universal import (
+    LATEST_UNIVERSAL,
+    MergeRule,
+    merge_keys,
+    check_output_path,
+    pwrite_all,
+    skeleton_bytes,
+    write_atom_from_memory,
+)
+from megatron_ucp.checkpoint.zero import STATE_KEYS, CheckpointError
+from megatron_ucp.config import ModelConfig
+from megatron_ucp.hf.ds_files import write_loader_files
+from megatron_ucp.hf.reader import HFCheckpoint, open_hf_checkpoint, read_config
+from megatron_ucp.hf.transforms import to_hf, to_ours
+from megatron_ucp.layout.hf import (
+    Family,
+    HFMapping,
+    UnsupportedConfig,
+    hf_mappings,
+    is_ignored,
+    model_config_from_hf,
+    source_dtype,
+)
+from megatron_ucp.layout.params import Kind
+from megatron_ucp.layout.slicing import padded_vocab_size
+from megatron_ucp.layout.ucp_info import universal_checkpoint_info
+from megatron_ucp.training.checkpointing import METADATA_FORMAT_VERSION, METADATA_KEY
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "generation_config.json")
+HF_EXTRAS_DIR = "hf_extras"  # tokenizer and generation files of the source, for the way back
+
+
+@dataclass
+class HFImportReport:
+    output_folder: str
+    family: str
+    params: int
+    hf_tensors: int
+    source_format: str
+    seconds: float
+
+    def summary(self) -> str:
+        return (f"converted {self.hf_tensors} {self.source_format} tensors of a {self.family} into {self.params} "
+                f"universal parameters at {self.output_folder} in {self.seconds:.2f} s")
+
+
+def atom_keys(kind: Kind, vocab_rows: int) -> dict:
+    """The keys beside ``param`` in an atom of this kind (replicated atoms carry none, as in our converter)."""
+    return {} if kind is Kind.REPLICATED else merge_keys(MergeRule(kind, vocab_rows))
+
+
+def write_zero_atom(keys: dict, shape: tuple[int, ...], path: str) -> None:
+    """``torch.save(dict(keys, param=torch.zeros(shape)))``'s content without allocating the zeros: the
+    data region is left as a file hole, which reads back as zeros."""
+    head, tail, offset = skeleton_bytes(keys, tuple(shape))
+    nbytes = 4 * _numel(shape)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        pwrite_all(fd, head, 0)
+        pwrite_all(fd, tail, offset + nbytes)
+    finally:
+        os.close(fd)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def check_coverage(ckpt: HFCheckpoint, mappings: list[HFMapping], cfg: ModelConfig, family: Family) -> None:
+    """Every HF tensor we need is present with the shape the config implies; nothing else is left over."""
+    available = set(ckpt.names())
+    needed = {n for m in mappings for n in m.hf_names}
+    missing = sorted(needed - available)
+    if missing:
+        raise CheckpointError(f"{ckpt.folder}: {len(missing)} tensors a {family.architecture} of this config needs "
+                              f"are missing, e.g. {missing[:3]}")
+    extra = sorted(n for n in available - needed if not is_ignored(n, cfg, family))
+    if extra:
+        raise CheckpointError(f"{ckpt.file_of(extra[0])}: {len(extra)} tensors map to nothing of ours "
+                              f"(e.g. {extra[:3]}); is config.json the model's own?")
+    for m in mappings:
+        want = [tuple(t.shape) for t in to_hf(m, torch.empty(m.spec.shape(cfg), device="meta"), cfg)]
+        for name, shape in zip(m.hf_names, want):
+            if ckpt.shape(name) != shape:
+                raise CheckpointError(f"{ckpt.file_of(name)}: {name} has shape {ckpt.shape(name)}, but config.json "
+                                      f"implies {shape}")
+
+
+def _metadata(cfg: ModelConfig, family: Family, hf_config: dict, folder: str) -> dict:
+    return {
+        "format_version": METADATA_FORMAT_VERSION,
+        "model_config": cfg.to_dict(),
+        "original_vocab_size": cfg.vocab_size,
+        "padded_vocab_size": padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, 1),
+        "dtype": "fp32",
+        "iteration": 0,
+        "consumed_train_samples": 0,
+        "source": "huggingface",
+        "hf_source": {"architecture": family.architecture, "dtype": source_dtype(hf_config),
+                      "config": hf_config, "path": os.path.abspath(folder)},
+        "versions": {"megatron_ucp": megatron_ucp.__version__, "torch": torch.__version__},
+    }
+
+
+def client_state(metadata: dict, cfg: ModelConfig) -> dict:
+    """The client state our trainer's loader reads from a model-state file."""
+    return {
+        "iteration": metadata["iteration"],
+        "consumed_train_samples": metadata["consumed_train_samples"],
+        "tokens": 0,
+        "checkpoint_version": 3.0,
+        "universal_checkpoint_info": universal_checkpoint_info(cfg, metadata["padded_vocab_size"]),
+        METADATA_KEY: metadata,
+    }
+
+
+def trainer_model_settings(cfg: ModelConfig) -> dict:
+    """The trainer's model flags (``--yaml-cfg`` keys) that rebuild ``cfg``: the inverse of
+    ``training.arguments.model_kwargs``; the vocabulary comes from the run's tokenizer."""
+    d = cfg.to_dict()
+    d.pop("vocab_size")
+    d["untie_embeddings_and_output_weights"] = not d.pop("tie_embeddings")
+    d["disable_bias_linear"] = not d.pop("add_bias_linear")
+    return d
+
+
+def write_param_atoms(zero_dir: str, m: HFMapping, full: torch.Tensor, vocab_rows: int) -> None:
+    out = os.path.join(zero_dir, m.name)
+    os.makedirs(out)
+    keys = atom_keys(m.spec.kind, vocab_rows)
+    write_atom_from_memory(dict(keys, param=full.to(torch.float32).contiguous()), os.path.join(out, "fp32.pt"))
+    for key in STATE_KEYS[1:]:  # exp_avg, exp_avg_sq
+        write_zero_atom(keys, tuple(full.shape), os.path.join(out, f"{key}.pt"))
+    torch.save(torch.tensor(0.0), os.path.join(out, "step.pt"))  # AdamW's step, a float32 scalar
+
+
+def convert_hf_to_universal(hf_checkpoint_dir: str, save_dir: str, *, safe_serialization: bool | None = None,
+                            overwrite: bool = False, make_vocab_size_divisible_by: int = 128,
+                            _skip_qkv_reorder: bool = False, _skip_conv1d_transpose: bool = False) -> HFImportReport:
+    """Write the universal checkpoint of the HF model in ``hf_checkpoint_dir`` to ``save_dir``.
+
+    ``latest_universal`` (naming ``save_dir``) goes into ``save_dir``'s parent: load with
+    ``--load <parent> --universal-checkpoint``. The ``_skip_*`` flags are negative controls (tests).
+    """
+    t0 = time.time()
+    hf_config = read_config(hf_checkpoint_dir)
+    try:
+        family, cfg = model_config_from_hf(hf_config, make_vocab_size_divisible_by)
+    except (UnsupportedConfig, KeyError, ValueError) as e:
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"{os.path.join(hf_checkpoint_dir, 'config.json')}: {what}") from None
+    ckpt = open_hf_checkpoint(hf_checkpoint_dir, safe_serialization)
+    mappings = hf_mappings(cfg, family)
+    check_coverage(ckpt, mappings, cfg, family)
+
+    inp, out = check_output_path(hf_checkpoint_dir, save_dir, overwrite)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    zero_dir = os.path.join(tmp, "zero")
+    os.makedirs(zero_dir)
+    try:
+        for m in mappings:
+            full = to_ours(m, [ckpt.read(n) for n in m.hf_names], cfg, _skip_qkv_reorder=_skip_qkv_reorder,
+                           _skip_conv1d_transpose=_skip_conv1d_transpose)
+            write_param_atoms(zero_dir, m, full, cfg.vocab_size)
+            del full
+        metadata = _metadata(cfg, family, hf_config, inp)
+        write_loader_files(tmp, client_state=client_state(metadata, cfg))
+        extras = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(inp, f))]
+        if extras:
+            os.makedirs(os.path.join(tmp, HF_EXTRAS_DIR))
+            for f in extras:
+                shutil.copy2(os.path.join(inp, f), os.path.join(tmp, HF_EXTRAS_DIR, f))
+        with open(os.path.join(tmp, "source.txt"), "w") as f:
+            f.write(f"Hugging Face {family.architecture} checkpoint {inp}\n")
+        if os.path.exists(out):
+            old = f"{out}.old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    latest_tmp = os.path.join(parent, LATEST_UNIVERSAL + f".tmp-{os.getpid()}")
+    with open(latest_tmp, "w") as f:
+        f.write(os.path.basename(out))
+    os.replace(latest_tmp, os.path.join(parent, LATEST_UNIVERSAL))
+    return HFImportReport(out, family.architecture, len(mappings), len(ckpt.names()), ckpt.format,
+                          time.time() - t0)

@@ -1,0 +1,58 @@
+"""Tensor work of the HF mapping: HF tensors -> one full tensor of ours, and back.
+
+What to do for each parameter is declared in ``layout/hf.py``; this module only executes the four
+``Combine`` kinds and the GPT-2 ``Conv1D`` transpose, with the fused-QKV and SwiGLU helpers of
+``model/llama.py`` (our grouped QKV with one head per group is GPT-2's per-head ``[q; k; v]``).
+
+The private ``_skip_*`` flags are negative controls for the tests: they reproduce the two classic
+converter bugs (a plain ``[Q; K; V]`` instead of our per-group order; a ``reshape`` where the
+``Conv1D`` transpose belongs), keeping every shape right so only the numbers can tell.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_ucp.config import ModelConfig
+from megatron_ucp.layout.hf import Combine, HFMapping
+from megatron_ucp.model.llama import fuse_qkv, fuse_swiglu, unfuse_qkv, unfuse_swiglu
+
+
+def _from_conv1d(t: torch.Tensor, skip: bool) -> torch.Tensor:
+    return t.reshape(tuple(reversed(t.shape))) if skip else t.t()
+
+
+def to_ours(m: HFMapping, hf: list[torch.Tensor], cfg: ModelConfig, *, _skip_qkv_reorder: bool = False,
+            _skip_conv1d_transpose: bool = False) -> torch.Tensor:
+    """Our full (unpadded) tensor of ``m.name`` from its HF tensors, in their dtype, contiguous."""
+    if len(hf) != len(m.hf_names):
+        raise ValueError(f"{m.name}: expected {len(m.hf_names)} tensors ({', '.join(m.hf_names)}), got {len(hf)}")
+    ts = [_from_conv1d(t, _skip_conv1d_transpose) if m.transpose else t for t in hf]
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    if m.combine is Combine.NONE:
+        out = ts[0]
+    elif m.combine is Combine.QKV_PACKED:
+        out = ts[0] if _skip_qkv_reorder else fuse_qkv(*ts[0].chunk(3, dim=0), nh, nkv)
+    elif m.combine is Combine.QKV:
+        out = torch.cat(ts, dim=0) if _skip_qkv_reorder else fuse_qkv(*ts, nh, nkv)
+    elif m.combine is Combine.SWIGLU:
+        out = fuse_swiglu(ts[0], ts[1], 1)  # [gate; up]: the universal form of the two sub-parameters
+    else:  # pragma: no cover - the enum is closed
+        raise ValueError(f"unknown combine {m.combine}")
+    return out.contiguous()
+
+
+def to_hf(m: HFMapping, ours: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
+    """The HF tensors of ``m`` (in ``m.hf_names`` order) from our full unpadded tensor; the inverse of ``to_ours``."""
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    if m.combine is Combine.NONE:
+        ts = [ours]
+    elif m.combine is Combine.QKV_PACKED:
+        ts = [torch.cat(unfuse_qkv(ours, nh, nkv), dim=0)]
+    elif m.combine is Combine.QKV:
+        ts = list(unfuse_qkv(ours, nh, nkv))
+    elif m.combine is Combine.SWIGLU:
+        ts = list(unfuse_swiglu(ours, 1))
+    else:  # pragma: no cover
+        raise ValueError(f"unknown combine {m.combine}")
+    return [(t.t() if m.transpose else t).contiguous() for t in ts]

@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Export a universal checkpoint of ours as a Hugging Face folder ``from_pretrained`` loads.
+
+    python tools/universal_to_hf.py --input_folder RUN/universal/global_step100_universal \\
+        --output_dir RUN/hf [--dtype bf16|fp16|fp32] [--max_shard_size 5GB]
+
+The input is written by our ZeRO converter (``tools/ds_to_universal.py``) or by
+``tools/hf_to_universal.py``. Output: ``config.json``, ``generation_config.json`` when the end-of-text
+id is known, safetensors shards (with ``model.safetensors.index.json`` when more than one), and the
+tokenizer files when known. ``--dtype`` defaults to the HF source's dtype, else bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_ucp.checkpoint.zero import CheckpointError  # noqa: E402
+from megatron_ucp.hf.from_universal import DTYPES, convert_universal_to_hf  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input_folder", required=True, help="a universal checkpoint folder (holding zero/)")
+    p.add_argument("--output_dir", required=True, help="the Hugging Face folder to create")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="dtype of the exported weights (default: the HF source's, else bf16)")
+    p.add_argument("--max_shard_size", default="5GB", help="largest shard, e.g. 5GB or 500MB (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = convert_universal_to_hf(args.input_folder, args.output_dir, dtype=args.dtype,
+                                         max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,7 +2,9 @@
 #
 # Every knob is an environment variable, read here before any path is derived:
 #   TP PP DP               parallel degrees of the baseline run (default 2 2 2: 8 ranks)
-#   ZERO_STAGE DTYPE       ZeRO stage (0/1 with the pipeline engine) and bf16 | fp16 | fp32
+#   ZERO_STAGE DTYPE       ZeRO stage and bf16 | fp16 | fp32. Stages 0/1 train with DeepSpeed's pipeline
+#                          engine; 2 and 3 train the non-pipeline model (same parameter names), so they
+#                          need PP=1, and 3 needs TP=1 (e.g. ZERO_STAGE=3 TP=1 PP=1 DP=4)
 #   MODEL_FAMILY           gpt (default) | llama (RMSNorm, rotary, SwiGLU, GQA, untied head, no biases)
 #   NUM_LAYERS HIDDEN HEADS SEQ_LEN   the tiny GPT (4 layers, 256 hidden, 8 heads, 256 tokens)
 #   KV_HEADS FFN_HIDDEN    llama only: key/value heads (default 4) and SwiGLU width (default 688)
@@ -64,11 +66,11 @@ export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 OUTPUT_DIR="$(mkdir -p "$OUTPUT_DIR" && cd "$OUTPUT_DIR" && pwd)"
 
-# run_name TP PP DP: the folder name of one run (Megatron-DeepSpeed's tp/pp/dp/sp naming).
+# run_name TP PP DP [DTYPE ZERO_STAGE]: the folder name of one run (Megatron-DeepSpeed's tp/pp/dp/sp naming).
 run_name() {
     local family=""
     [[ "$MODEL_FAMILY" == "gpt" ]] || family="${MODEL_FAMILY}_"
-    echo "${family}${DTYPE}_z${ZERO_STAGE}_tp${1}_pp${2}_dp${3}_sp1"
+    echo "${family}${4:-$DTYPE}_z${5:-$ZERO_STAGE}_tp${1}_pp${2}_dp${3}_sp1"
 }
 
 # prepare_data: tokenize the bundled corpus once, unless DATA_PATH names a dataset.
@@ -130,6 +132,8 @@ LOAD_ITER="${LOAD_ITER:-100}"
 TARGET_TP="${TARGET_TP:-1}"
 TARGET_PP="${TARGET_PP:-4}"
 TARGET_DP="${TARGET_DP:-1}"
+TARGET_ZERO_STAGE="${TARGET_ZERO_STAGE:-$ZERO_STAGE}"  # resume at another ZeRO stage (2/3: TARGET_PP=1)
+TARGET_DTYPE="${TARGET_DTYPE:-$DTYPE}"                # or in another precision (the loss scaler is reset)
 CONVERTER="${CONVERTER:-ours}"          # ours | deepspeed
 ASSERT_ATOL="${ASSERT_ATOL:-}"          # e.g. 1e-3: fail the recipe if the curves differ by more
 

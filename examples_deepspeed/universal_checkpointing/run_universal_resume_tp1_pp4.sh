@@ -2,6 +2,7 @@
 # Convert the baseline's iteration-LOAD_ITER ZeRO checkpoint into a universal checkpoint (if not done
 # yet), resume it at TARGET_TP/TARGET_PP/TARGET_DP (default TP=1 PP=4 DP=1) with the same global
 # batch, train to TRAIN_ITERS, and plot both runs: PNGs, CSVs and verdict.json under OUTPUT_DIR.
+# TARGET_ZERO_STAGE and TARGET_DTYPE resume at another ZeRO stage or precision (default: the baseline's).
 # Use the same environment variables as the baseline recipe, so OUTPUT_DIR finds the baseline run.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -15,10 +16,13 @@ fi
 UNIVERSAL_ROOT="$BASE_RUN/universal_$CONVERTER/iter_$LOAD_ITER"
 convert_to_universal "$ZERO_CKPT" "$UNIVERSAL_ROOT/global_step${LOAD_ITER}_universal"
 
-RESUME_RUN="$OUTPUT_DIR/$(run_name "$TARGET_TP" "$TARGET_PP" "$TARGET_DP")_from_tp${TP}_pp${PP}_dp${DP}_it${LOAD_ITER}"
+RESUME_RUN="$OUTPUT_DIR/$(run_name "$TARGET_TP" "$TARGET_PP" "$TARGET_DP" "$TARGET_DTYPE" "$TARGET_ZERO_STAGE")"
+RESUME_RUN="${RESUME_RUN}_from_tp${TP}_pp${PP}_dp${DP}_it${LOAD_ITER}"
 mkdir -p "$RESUME_RUN"
-echo "resume: TP=$TARGET_TP PP=$TARGET_PP DP=$TARGET_DP from $UNIVERSAL_ROOT -> $RESUME_RUN"
+echo "resume: TP=$TARGET_TP PP=$TARGET_PP DP=$TARGET_DP ZeRO-$TARGET_ZERO_STAGE $TARGET_DTYPE from $UNIVERSAL_ROOT" \
+    "-> $RESUME_RUN"
 launch $(( TARGET_TP * TARGET_PP * TARGET_DP )) $(model_args) $(train_args) $(run_dir_args "$RESUME_RUN") \
+    --zero-stage "$TARGET_ZERO_STAGE" "--$TARGET_DTYPE" \
     --tensor-model-parallel-size "$TARGET_TP" --pipeline-model-parallel-size "$TARGET_PP" \
     --load "$UNIVERSAL_ROOT" --universal-checkpoint 2>&1 | tee "$RESUME_RUN/train.log"
 

@@ -155,3 +155,26 @@ def test_loss_continuity_pipeline_zero1_to_zero3(stages, tmp_path):
     assert verdict.passed, verdict.reasons
     assert verdict.split("train").max_abs_diff <= 1e-5
     assert sorted(load_curves(str(resumed)).train) == list(range(RESUME_AT + 1, ITERS + 1))
+
+
+def test_gpt_tied_bf16_zero3_to_pipeline_zero1(tmp_path):
+    """The GPT family under ZeRO-3: the head reads the word embedding outside its module (declared as
+    an external parameter), and the tied weight lands in the pipeline model's tied module, bitwise."""
+    from test_universal import MODEL
+    from test_universal import _cfg as gpt_cfg
+
+    dumps = [tmp_path / "zero3_dump", tmp_path / "zero1_dump"]
+    for d in dumps:
+        d.mkdir()
+    run_distributed(_train_and_dump, 2, gpt_cfg(1, 1, zero_stage=3, save=str(tmp_path / "ckpt"), save_interval=2),
+                    str(dumps[0]))
+    universal = tmp_path / "universal" / "global_step2_universal"
+    assert convert_zero_to_universal(str(tmp_path / "ckpt" / "global_step2"), str(universal), verify=True).verified
+    run_distributed(_train_and_dump, 4, gpt_cfg(2, 2, load=str(universal.parent), universal_checkpoint=True),
+                    str(dumps[1]))
+    want, _, _, _ = _assemble(dumps[0], MODEL)
+    got, padding, steps, _ = _assemble(dumps[1], MODEL)
+    assert want.keys() == got.keys() and steps == 2
+    assert ("tied_modules.embed.word_embeddings.weight", "fp32") in want
+    for key in want:
+        assert torch.equal(want[key], got[key]), key

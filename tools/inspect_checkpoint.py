@@ -4,6 +4,7 @@
     python tools/inspect_checkpoint.py RUN/checkpoints/global_step100          # a ZeRO checkpoint
     python tools/inspect_checkpoint.py RUN/universal/global_step100_universal  # a universal one
     python tools/inspect_checkpoint.py --compare A_universal B_universal       # exit 1 if they differ
+    python tools/inspect_checkpoint.py --compare --values-only A B             # atom values only
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("folders", nargs="+", help="checkpoint folder(s)")
     p.add_argument("--compare", action="store_true", help="compare two universal checkpoints")
     p.add_argument("--zero-only", action="store_true", help="with --compare: ignore the copied mp_rank files")
+    p.add_argument("--values-only", action="store_true",
+                   help="with --compare: only the atoms' values, flattened (e.g. against DeepSpeed's raw ZeRO-3 atoms)")
     args = p.parse_args(argv)
     try:
         if args.compare:
             if len(args.folders) != 2:
                 p.error("--compare takes exactly two folders")
-            result = compare_universal(*args.folders, include_model_states=not args.zero_only)
+            result = compare_universal(*args.folders, include_model_states=not args.zero_only,
+                                       values_only=args.values_only)
             print(result.summary())
             return 0 if result.equal else 1
         for folder in args.folders:

@@ -156,7 +156,8 @@ def describe_universal(folder: str) -> list[str]:
     if not os.path.isdir(zero):
         raise CheckpointError(f"{folder}: not a universal checkpoint (no zero/ folder)")
     lines = [f"universal checkpoint {folder}"]
-    mp = sorted(f for f in os.listdir(folder) if f.startswith("mp_rank_"))
+    mp = (sorted(f for f in os.listdir(folder) if f.startswith("mp_rank_"))  # ZeRO-1/2 names, else ZeRO-3's
+          or sorted(f for f in os.listdir(folder) if f.startswith("zero_pp_rank_0_mp_rank_")))
     if mp:
         st = load_file(os.path.join(folder, mp[0]), mmap=True)
         meta = st.get("megatron_ucp") or {}

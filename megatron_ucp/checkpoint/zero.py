@@ -1,6 +1,6 @@
 """Read a DeepSpeed ZeRO-1/2/3 checkpoint folder (``<save>/global_stepN``) without loading it whole.
 
-Files (see ``shared`` design notes, reproduced in docs/ucp-format-notes.md):
+Files (DeepSpeed 0.19.8's checkpoint layout):
 
 * ``mp_rank_XX_model_states.pt``: one per model-parallel rank, ``XX = pp * TP + tp`` under a
   PipelineModule; holds ``param_shapes`` (TP-local shapes per optimizer group), counters and our

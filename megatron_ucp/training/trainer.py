@@ -292,6 +292,9 @@ def train(model_kwargs: dict, cfg: TrainConfig, on_finish=None) -> TrainResult:
             logger.close()
         if on_finish is not None:
             on_finish(engine, model, state)
+        # Leave together: a rank tearing down its process groups while a peer still finishes
+        # asynchronous gloo traffic (ZeRO-3's gathers) can abort at exit.
+        dist.barrier()
         return TrainResult(iteration, last_loss, last_valid)
     finally:
         groups.destroy()

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Convert a DeepSpeed ZeRO-1/2 checkpoint into DeepSpeed's universal checkpoint format.
+"""Convert a DeepSpeed ZeRO-1/2/3 checkpoint into DeepSpeed's universal checkpoint format.
 
 A drop-in for ``python -m deepspeed.checkpoint.ds_to_universal``: the same flags and the same output
-layout, in one pass with no temporary copy. ``--num_extract_workers`` and ``--num_merge_workers``
+layout, in one pass with no temporary copy, plus the few files that let one output load at every
+ZeRO stage (see ``megatron_ucp/checkpoint/universal.py``). ``--num_extract_workers`` and ``--num_merge_workers``
 are both accepted; the larger sets the number of worker threads. ``--keep_temp_folder`` is accepted
 and has nothing to keep.
 

@@ -137,12 +137,9 @@ def compare_universal(a: str, b: str, include_model_states: bool = True, values_
         elif rel.startswith(ZERO):
             xa, xb = load_file(pa, mmap=True), load_file(pb, mmap=True)
             if rel == os.path.join("zero", "optimizer_state.pt") and isinstance(xa, dict) and isinstance(xb, dict):
-                if OPTIMIZER_STATE_DICT in xa and OPTIMIZER_STATE_DICT not in xb:
-                    xa, stripped = _without_stage3_keys(xa)
-                    cmp.compat_extras += [f"{rel}[{OPTIMIZER_STATE_DICT}]"] if stripped else []
-                elif OPTIMIZER_STATE_DICT in xb and OPTIMIZER_STATE_DICT not in xa:
-                    xb, stripped = _without_stage3_keys(xb)
-                    cmp.compat_extras += [f"{rel}[{OPTIMIZER_STATE_DICT}]"] if stripped else []
+                if (OPTIMIZER_STATE_DICT in xa) != (OPTIMIZER_STATE_DICT in xb):  # only one has our ZeRO-3 entry
+                    (xa, stripped_a), (xb, stripped_b) = _without_stage3_keys(xa), _without_stage3_keys(xb)
+                    cmp.compat_extras += [f"{rel}[{OPTIMIZER_STATE_DICT}]"] if stripped_a or stripped_b else []
             same = deep_equal(xa, xb)
         else:
             same = filecmp.cmp(pa, pb, shallow=False)

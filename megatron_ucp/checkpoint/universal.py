@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -552,6 +553,36 @@ def check_output_path(input_folder: str, output_folder: str, overwrite: bool) ->
     return inp, out
 
 
+@contextmanager
+def staged_folder(out: str):
+    """Write a folder under a temporary sibling name, ``<out>.tmp-<pid>``, and rename it over ``out``
+    when the block completes; if it raises, the temporary folder goes and ``out`` stays as it was."""
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.exists(out):
+            old = f"{out}.old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_latest_universal(out: str) -> None:
+    """``<parent>/latest_universal`` naming the finished folder ``out``, replaced atomically."""
+    parent = os.path.dirname(out)
+    tmp = os.path.join(parent, LATEST_UNIVERSAL + f".tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(os.path.basename(out))
+    os.replace(tmp, os.path.join(parent, LATEST_UNIVERSAL))
+
+
 class _Progress:
     def __init__(self, total: int, enabled: bool) -> None:
         self.total, self.done, self.enabled, self.t0 = total, 0, enabled, time.time()
@@ -589,14 +620,10 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
             raise CheckpointError(f"{ckpt.model_files[0]}: universal_checkpoint_info patterns match no parameter: "
                                   f"{unmatched} (pass strict=False / --no_strict to ignore)")
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    zero_dir = os.path.join(tmp, "zero")
-    os.makedirs(zero_dir)
     n_workers = max(1, workers or min(4, os.cpu_count() or 1))
-    try:
+    with staged_folder(out) as tmp:
+        zero_dir = os.path.join(tmp, "zero")
+        os.makedirs(zero_dir)
         # Largest first, so the long tasks start early and the pool ends together.
         order = sorted(ckpt.param_sources.values(), key=lambda s: -_numel(s))
         prog = _Progress(len(order), progress)
@@ -614,20 +641,7 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
             written += global_state.result()
         for mp, path in enumerate(ckpt.model_files):
             written += place_model_states(path, tmp, mp)
-        if os.path.exists(out):
-            old = f"{out}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    latest_tmp = os.path.join(parent, LATEST_UNIVERSAL + f".tmp-{os.getpid()}")
-    with open(latest_tmp, "w") as f:
-        f.write(os.path.basename(out))
-    os.replace(latest_tmp, os.path.join(parent, LATEST_UNIVERSAL))
+    write_latest_universal(out)
     report = ConvertReport(input_folder=inp, output_folder=out, iteration=ckpt.iteration,
                            topology={"tp": ckpt.tp, "pp": ckpt.pp, "dp": ckpt.dp}, params=len(order),
                            bytes_written=written, seconds=0.0, workers=n_workers)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_ucp.checkpoint.universal import check_output_path
+from megatron_ucp.checkpoint.universal import check_output_path, staged_folder
 from megatron_ucp.checkpoint.zero import CheckpointError, load_file
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.hf.to_universal import HF_EXTRAS_DIR
@@ -163,10 +163,7 @@ def convert_universal_to_hf(input_folder: str, output_dir: str, *, dtype: str | 
     files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
     _, out = check_output_path(input_folder, output_dir, overwrite)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with staged_folder(out) as tmp:
         weight_map, total = {}, 0
         for file, names in zip(files, shards):
             tensors = {}
@@ -198,15 +195,5 @@ def convert_universal_to_hf(input_folder: str, output_dir: str, *, dtype: str | 
         if "generation_config.json" not in written and "eos_token_id" in ids:
             with open(os.path.join(tmp, "generation_config.json"), "w") as f:
                 json.dump(dict(ids, _from_model_config=True), f, indent=2)
-        if os.path.exists(out):
-            old = f"{out}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return HFExportReport(out, family.architecture, len(entries), n, dtype, time.time() - t0)
 

@@ -22,13 +22,14 @@ import torch
 
 import megatron_ucp
 from megatron_ucp.checkpoint.universal import (
-    LATEST_UNIVERSAL,
     MergeRule,
-    merge_keys,
     check_output_path,
+    merge_keys,
     pwrite_all,
     skeleton_bytes,
+    staged_folder,
     write_atom_from_memory,
+    write_latest_universal,
 )
 from megatron_ucp.checkpoint.zero import STATE_KEYS, CheckpointError
 from megatron_ucp.config import ModelConfig
@@ -181,13 +182,9 @@ def convert_hf_to_universal(hf_checkpoint_dir: str, save_dir: str, *, safe_seria
     check_coverage(ckpt, mappings, cfg, family)
 
     inp, out = check_output_path(hf_checkpoint_dir, save_dir, overwrite)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    zero_dir = os.path.join(tmp, "zero")
-    os.makedirs(zero_dir)
-    try:
+    with staged_folder(out) as tmp:
+        zero_dir = os.path.join(tmp, "zero")
+        os.makedirs(zero_dir)
         for m in mappings:
             full = to_ours(m, [ckpt.read(n) for n in m.hf_names], cfg, _skip_qkv_reorder=_skip_qkv_reorder,
                            _skip_conv1d_transpose=_skip_conv1d_transpose)
@@ -202,19 +199,6 @@ def convert_hf_to_universal(hf_checkpoint_dir: str, save_dir: str, *, safe_seria
                 shutil.copy2(os.path.join(inp, f), os.path.join(tmp, HF_EXTRAS_DIR, f))
         with open(os.path.join(tmp, "source.txt"), "w") as f:
             f.write(f"Hugging Face {family.architecture} checkpoint {inp}\n")
-        if os.path.exists(out):
-            old = f"{out}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    latest_tmp = os.path.join(parent, LATEST_UNIVERSAL + f".tmp-{os.getpid()}")
-    with open(latest_tmp, "w") as f:
-        f.write(os.path.basename(out))
-    os.replace(latest_tmp, os.path.join(parent, LATEST_UNIVERSAL))
+    write_latest_universal(out)
     return HFImportReport(out, family.architecture, len(mappings), len(ckpt.names()), ckpt.format,
                           time.time() - t0)

@@ -17,7 +17,7 @@ from typing import Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ucp.checkpoint.inspect import compare_universal, describe_universal, describe_zero  # noqa: E402
-from megatron_ucp.checkpoint.zero import CheckpointError  # noqa: E402
+from megatron_ucp.cli import add_trust_flag, apply_trust_flag, run_tool  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,11 +27,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--zero-only", action="store_true", help="with --compare: ignore the copied mp_rank files")
     p.add_argument("--values-only", action="store_true",
                    help="with --compare: only the atoms' values, flattened (e.g. against DeepSpeed's raw ZeRO-3 atoms)")
+    add_trust_flag(p)
     args = p.parse_args(argv)
-    try:
+    apply_trust_flag(args)
+    if args.compare and len(args.folders) != 2:
+        p.error("--compare takes exactly two folders")
+
+    def body() -> int:
         if args.compare:
-            if len(args.folders) != 2:
-                p.error("--compare takes exactly two folders")
             result = compare_universal(*args.folders, include_model_states=not args.zero_only,
                                        values_only=args.values_only)
             print(result.summary())
@@ -39,10 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for folder in args.folders:
             universal = os.path.isdir(os.path.join(folder, "zero"))
             print("\n".join(describe_universal(folder) if universal else describe_zero(folder)))
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_tool(body)
 
 
 if __name__ == "__main__":

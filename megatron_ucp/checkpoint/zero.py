@@ -17,17 +17,21 @@ Opening a checkpoint reads only the pickles: optimizer files are loaded onto the
 which gives every tensor's dtype, shape and byte offset inside the file without touching its data.
 Readers then copy exactly the bytes they need with ``pread`` (``read_into``), straight into their
 destination tensors: no mapping of whole files, so memory stays bounded by what is being merged.
-Every problem is reported as ``CheckpointError`` naming the file and what is wrong.
+Every problem is reported as ``CheckpointError`` naming the file and what is wrong. The files are
+untrusted (``checkpoint.trust``): unpickling is restricted, parameter names are checked before they
+can become paths, and every fragment is checked to lie inside its flat partition, and every
+partition inside its file, before any memory is sized from what a file declares.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from dataclasses import dataclass, field
 
 import torch
+
+from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file  # noqa: F401 - re-exported
 
 MODEL_FILE_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 OPTIM_FILE_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -41,58 +45,6 @@ FP32_FLAT_GROUPS = "fp32_flat_groups"
 STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or inconsistent; the message names it."""
-
-
-class _DeepSpeedStub:
-    """Stands in for DeepSpeed's pickled classes (fragment_address, LossScaler, ZeroStageEnum) when
-    only their fields are read, so indexing a checkpoint does not import DeepSpeed."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        self.args = args
-        self.__dict__.update(kwargs)
-
-    def __setstate__(self, state) -> None:
-        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slots state)
-            state = {**(state[0] or {}), **(state[1] or {})}
-        if isinstance(state, dict):
-            self.__dict__.update(state)
-
-    def __int__(self) -> int:  # enums are pickled as Class(value)
-        return int(self.args[0])
-
-
-class _StubUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if module == "deepspeed" or module.startswith("deepspeed."):
-            return type(name, (_DeepSpeedStub,), {"__module__": module})
-        return super().find_class(module, name)
-
-
-class _stub_pickle:  # noqa: N801 - a stand-in for the pickle module, as torch.load's pickle_module
-    Unpickler = _StubUnpickler
-    load = pickle.load
-    __name__ = "pickle"
-
-
-def load_file(path: str, mmap: bool = True, meta: bool = False) -> dict:
-    """``torch.load`` with a clear error for missing, truncated or foreign files.
-
-    ``meta=True`` reads only the pickle: tensors come back on the meta device with their file offsets,
-    and DeepSpeed's classes as plain stand-ins (their fields only), so DeepSpeed is not imported.
-    """
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: missing file")
-    try:
-        if meta:
-            return torch.load(path, map_location="meta", weights_only=False, pickle_module=_stub_pickle)
-        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any failure to unpickle means the file is unusable
-        size = os.path.getsize(path)
-        raise CheckpointError(f"{path}: unreadable or truncated ({size} bytes): {type(e).__name__}: {e}") from None
-
-
 @dataclass(frozen=True)
 class FlatRef:
     """A flat tensor stored inside a checkpoint file: where its bytes are and how to read them."""
@@ -103,11 +55,25 @@ class FlatRef:
     dtype: torch.dtype
 
     @classmethod
-    def of(cls, path: str, t: torch.Tensor) -> "FlatRef":
-        storage_offset = getattr(t.untyped_storage(), "_checkpoint_offset", None)
+    def of(cls, path: str, t: torch.Tensor, span: int | None = None) -> "FlatRef":
+        """The flat tensor ``t`` (loaded on the meta device) of ``path``: ``span`` elements from its
+        first one (default ``t.numel()``), checked to lie inside its storage and the storage inside the file."""
+        if not torch.is_tensor(t):
+            raise CheckpointError(f"{path}: expected a tensor, found a {type(t).__name__}")
+        storage = t.untyped_storage()
+        storage_offset = getattr(storage, "_checkpoint_offset", None)
         if storage_offset is None:
             raise CheckpointError(f"{path}: cannot locate tensor data (not a zip-format torch.save file?)")
-        return cls(path, int(storage_offset) + t.storage_offset() * t.element_size(), t.numel(), t.dtype)
+        span = t.numel() if span is None else span
+        first = t.storage_offset() * t.element_size()
+        end = first + span * t.element_size()
+        if t.storage_offset() < 0 or end > storage.nbytes():
+            raise CheckpointError(f"{path}: a tensor of {span} {t.dtype} elements runs past its storage of "
+                                  f"{storage.nbytes()} bytes")
+        if int(storage_offset) + storage.nbytes() > os.path.getsize(path):
+            raise CheckpointError(f"{path}: declares a storage of {storage.nbytes()} bytes at byte {storage_offset}, "
+                                  f"past the end of the file ({os.path.getsize(path)} bytes)")
+        return cls(path, int(storage_offset) + first, span, t.dtype)
 
 
 def read_into(ref: FlatRef, start: int, dst: torch.Tensor) -> None:
@@ -131,6 +97,21 @@ def read_into(ref: FlatRef, start: int, dst: torch.Tensor) -> None:
             done += n
     finally:
         os.close(fd)
+
+
+def stored_equals(ref: FlatRef, tensor: torch.Tensor, chunk_elems: int = 1 << 20) -> bool:
+    """Whether the stored flat tensor ``ref`` equals ``tensor`` bitwise, read a chunk at a time (no
+    mapping whose pages would stay resident)."""
+    flat = tensor.contiguous().view(-1)
+    if flat.numel() != ref.numel or flat.dtype != ref.dtype:
+        return False
+    buf = torch.empty(min(chunk_elems, max(ref.numel, 1)), dtype=ref.dtype)
+    for start in range(0, ref.numel, chunk_elems):
+        n = min(chunk_elems, ref.numel - start)
+        read_into(ref, start, buf[:n])
+        if not torch.equal(buf[:n], flat[start:start + n]):
+            return False
+    return True
 
 
 @dataclass
@@ -323,10 +304,14 @@ def _index_fragments(ckpt: ZeroCheckpoint, pipeline_replicated) -> None:
                             f"{path}: optimizer is at step {int(got)}, but {ckpt.model_files[mp]} is at "
                             f"step {step} (mixed-iteration shard files)")
                     for name, addr in mapping.items():
-                        pieces.setdefault(name, []).append(Fragment(dp, int(addr.start), int(addr.numel)))
+                        check_name(name, path)
+                        frag = Fragment(dp, int(addr.start), int(addr.numel))
+                        _check_inside_partition(path, name, frag, refs[g])
+                        pieces.setdefault(name, []).append(frag)
                         groups[name] = g
             for g, group_shapes in enumerate(shapes):
                 for name, shape in group_shapes.items():
+                    check_name(name, ckpt.model_files[mp])
                     if name in sources and sources[name].pp != pp:
                         if pipeline_replicated(name):
                             continue  # tied weights: the first stage's copy is the one that trains
@@ -358,7 +343,8 @@ def _index_zero3_fragments(ckpt: ZeroCheckpoint) -> None:
     sources: dict[str, ParamSource] = {}
     for tp in range(ckpt.tp):
         mp = ckpt.mp_rank(0, tp)
-        names_shapes = [(n, tuple(int(d) for d in s)) for g in ckpt.model_states[mp]["param_shapes"] for n, s in g.items()]
+        names_shapes = [(check_name(n, ckpt.model_files[mp]), tuple(int(d) for d in s))
+                        for g in ckpt.model_states[mp]["param_shapes"] for n, s in g.items()]
         step = expected_step(ckpt.model_states[mp])
         sizes = None
         for dp in range(ckpt.dp):
@@ -376,6 +362,9 @@ def _index_zero3_fragments(ckpt: ZeroCheckpoint) -> None:
                                           "(only Adam-family optimizers convert)")
                 refs.append({"fp32": FlatRef.of(path, flat), "exp_avg": FlatRef.of(path, st["exp_avg"]),
                              "exp_avg_sq": FlatRef.of(path, st["exp_avg_sq"])})
+                if len({r.numel for r in refs[-1].values()}) != 1:
+                    raise CheckpointError(f"{path}: sub-group {g}'s fp32, exp_avg and exp_avg_sq partitions differ "
+                                          f"in size ({[r.numel for r in refs[-1].values()]})")
                 got = _read_scalar(path, st.get("step"))
                 if step is not None and got is not None and int(got) != step:
                     raise CheckpointError(f"{path}: optimizer is at step {int(got)}, but {ckpt.model_files[mp]} is "
@@ -415,6 +404,14 @@ def _index_zero3_fragments(ckpt: ZeroCheckpoint) -> None:
         if len(src.fragments) != ckpt.tp:
             raise CheckpointError(f"{ckpt.folder}: parameter {name} found on {len(src.fragments)} of {ckpt.tp} TP ranks")
     ckpt.param_sources = sources
+
+
+def _check_inside_partition(path: str, name: str, frag: Fragment, refs: dict[str, FlatRef]) -> None:
+    """A fragment address taken from a file must lie inside every state's flat partition."""
+    for key, ref in refs.items():
+        if frag.start < 0 or frag.numel < 0 or frag.start + frag.numel > ref.numel:
+            raise CheckpointError(f"{path}: the fragment of {name} at [{frag.start}, {frag.start + frag.numel}) "
+                                  f"lies outside its {key} partition of {ref.numel} elements")
 
 
 def _read_scalar(path: str, value):

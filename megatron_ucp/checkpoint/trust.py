@@ -1,0 +1,273 @@
+"""Reading checkpoint files we did not write.
+
+A ``.pt``/``.bin`` file is a pickle, and unpickling a crafted one runs whatever code it names. Every
+file this project reads is therefore unpickled by torch's restricted ``weights_only`` unpickler,
+with an explicit allowlist of the few globals real checkpoints hold beyond torch's own tensors and
+containers. The allowlist was built by listing the globals
+(``torch.serialization.get_unsafe_globals_in_checkpoint``) of every file our trainer writes (ZeRO
+1/2/3, bf16/fp16/fp32, pipeline or not, GPT and Llama) and of the converters' output:
+
+* DeepSpeed's ``fragment_address`` (ZeRO-1/2 slice mappings), ``LossScaler`` and
+  ``DynamicLossScaler``, and the ``ZeroStageEnum``;
+* numpy's array reconstructors (the numpy RNG state in our client state) and numpy scalars;
+* ``torch.torch_version.TorchVersion`` (a version string) and ``argparse.Namespace`` (the args that
+  Megatron-DeepSpeed checkpoints carry).
+
+Anything else is refused with a ``CheckpointError`` naming the file and the global; nothing in the
+file runs. ``trust_checkpoint_code()`` (the tools' ``--trust-checkpoint-code``) is the only way
+around it, for files the user vouches for.
+
+Indexing a checkpoint (``meta=True``) must not import DeepSpeed, so DeepSpeed's classes are then
+replaced by plain stand-ins that keep their fields. Names taken from a file become paths only
+through ``check_name`` and ``path_inside``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import pickle
+import re
+import threading
+from typing import Any, Iterator
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, unsafe or inconsistent; the message names it."""
+
+
+# Module path -> names, for the globals real checkpoints hold beyond torch's default allowlist.
+ALLOWED_GLOBALS: dict[str, tuple[str, ...]] = {
+    "deepspeed.utils.tensor_fragment": ("fragment_address",),
+    "deepspeed.runtime.fp16.loss_scaler": ("LossScaler", "DynamicLossScaler"),
+    "deepspeed.runtime.zero.config": ("ZeroStageEnum",),
+    "numpy._core.multiarray": ("_reconstruct", "scalar"),
+    "numpy.core.multiarray": ("_reconstruct", "scalar"),  # the same functions, as numpy 1.x pickles them
+    "numpy": ("ndarray", "dtype"),
+    "torch.torch_version": ("TorchVersion",),
+    "argparse": ("Namespace",),
+}
+_NUMPY_ALIASES = {"numpy.core.multiarray": "numpy._core.multiarray"}
+
+TRUST_FLAG = "--trust-checkpoint-code"
+
+_trusted = False
+_lock = threading.RLock()  # torch's allowlist is process-wide: one restricted load at a time
+
+
+def trust_checkpoint_code(on: bool = True) -> None:
+    """Process-wide opt-in: unpickle checkpoint files with full pickle (code in them runs)."""
+    global _trusted
+    _trusted = on
+
+
+def code_is_trusted() -> bool:
+    return _trusted
+
+
+class _DeepSpeedStub:
+    """Stands in for DeepSpeed's pickled classes (fragment_address, LossScaler, ZeroStageEnum) when
+    only their fields are read, so indexing a checkpoint does not import DeepSpeed."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.args = args
+        self.__dict__.update(kwargs)
+
+    def __setstate__(self, state) -> None:
+        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slots state)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+    def __int__(self) -> int:  # enums are pickled as Class(value)
+        return int(self.args[0])
+
+
+_STUBS: dict[str, type] = {}
+
+
+def _stub(full_name: str) -> type:
+    if full_name not in _STUBS:
+        module, name = full_name.rsplit(".", 1)
+        _STUBS[full_name] = type(name, (_DeepSpeedStub,), {"__module__": module})
+    return _STUBS[full_name]
+
+
+def _real(module: str, name: str):
+    mod = importlib.import_module(_NUMPY_ALIASES.get(module, module))
+    return getattr(mod, name)
+
+
+def allowed_globals(stub_deepspeed: bool) -> list[tuple[Any, str]]:
+    """``(object, full name)`` pairs for ``torch.serialization.safe_globals``."""
+    out = []
+    for module, names in ALLOWED_GLOBALS.items():
+        for name in names:
+            full = f"{module}.{name}"
+            if module.startswith("deepspeed") and stub_deepspeed:
+                out.append((_stub(full), full))
+            else:
+                try:
+                    out.append((_real(module, name), full))
+                except (ImportError, AttributeError):  # e.g. numpy 1.x has no numpy._core
+                    continue
+    return out + _numpy_dtype_classes()
+
+
+def _numpy_dtype_classes() -> list[tuple[Any, str]]:
+    """numpy's numeric dtype classes: a pickled array rebuilds its dtype with BUILD on one of them."""
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    kinds = "biufc"  # bool, signed, unsigned, float, complex
+    out = []
+    for code in np.typecodes["All"]:
+        dt = np.dtype(code)
+        if dt.kind in kinds:
+            cls = type(dt)
+            out.append((cls, f"{cls.__module__}.{cls.__qualname__}"))
+    return list(dict(out).items())
+
+
+def _allowed_names() -> set[str]:
+    return {f"{m}.{n}" for m, names in ALLOWED_GLOBALS.items() for n in names}
+
+
+def _refusal(path: str, error: Exception) -> CheckpointError:
+    """The one-line error for a file the restricted unpickler refused, naming the offending globals."""
+    names: list[str] = []
+    try:
+        names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in _allowed_names()]
+    except Exception:  # noqa: BLE001 - a legacy or damaged file: fall back to torch's message
+        pass
+    text = str(error)
+    if not names:
+        m = re.search(r"GLOBAL (\S+)", text)
+        names = [m.group(1)] if m else []
+    # torch wraps the unpickler's own reason in advice; keep just the reason
+    reason = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+    what = (f"the pickled global{'s' if len(names) > 1 else ''} {', '.join(names)}" if names
+            else f"pickled content the restricted unpickler refuses ({(reason or [''])[0][:200]})")
+    return CheckpointError(f"{path}: holds {what}, which is not on the allowlist of checkpoint contents; "
+                           f"refused, nothing in the file ran (pass {TRUST_FLAG} only for a file you trust)")
+
+
+class _StubUnpickler(pickle.Unpickler):
+    """Full pickle with DeepSpeed's classes replaced by stand-ins: only for trusted files."""
+
+    def find_class(self, module: str, name: str):
+        if module == "deepspeed" or module.startswith("deepspeed."):
+            return _stub(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+class _stub_pickle:  # noqa: N801 - a stand-in for the pickle module, as torch.load's pickle_module
+    Unpickler = _StubUnpickler
+    load = pickle.load
+    __name__ = "pickle"
+
+
+_original_torch_load = torch.load
+
+
+def load_file(path: str, mmap: bool = True, meta: bool = False, map_location: Any = None) -> Any:
+    """``torch.load`` of a file we did not just write: restricted unpickling, clear one-line errors.
+
+    ``meta=True`` reads only the pickle: tensors come back on the meta device with their file
+    offsets, and DeepSpeed's classes as stand-ins (their fields only), so DeepSpeed is not imported.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing file")
+    location = "meta" if meta else (map_location if map_location is not None else "cpu")
+    try:
+        if _trusted:
+            if meta:
+                return _original_torch_load(path, map_location="meta", weights_only=False, pickle_module=_stub_pickle)
+            return _original_torch_load(path, map_location=location, mmap=mmap, weights_only=False)
+        with _lock, torch.serialization.safe_globals(allowed_globals(stub_deepspeed=meta)):
+            return _original_torch_load(path, map_location=location, mmap=mmap and not meta, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _refusal(path, e) from None
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle means the file is unusable
+        size = os.path.getsize(path)
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"{path}: unreadable or truncated ({size} bytes): {type(e).__name__}: {first}") from None
+
+
+@contextlib.contextmanager
+def restricted_torch_load() -> Iterator[None]:
+    """Route every ``torch.load`` in this block (DeepSpeed's loaders pass ``weights_only=False``: its
+    checkpoint engine, its universal loader reading atoms, ``optimizer_state.pt``) through
+    ``load_file``, with DeepSpeed's real classes on the allowlist."""
+
+    def guarded(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **kwargs):
+        if not isinstance(f, (str, os.PathLike)):
+            raise CheckpointError(f"{f!r}: refusing to unpickle a stream of unknown origin")
+        return load_file(os.fspath(f), mmap=bool(mmap), map_location=map_location)
+
+    if _trusted:
+        yield
+        return
+    with _lock:
+        torch.load = guarded
+        try:
+            yield
+        finally:
+            torch.load = _original_torch_load
+
+
+# --- names and paths --------------------------------------------------------------------------------
+
+_MAX_NAME_BYTES = 255
+
+
+def check_name(name: Any, source: str, what: str = "parameter name") -> str:
+    """``name`` if it is safe as one path component; else a ``CheckpointError`` naming ``source``."""
+    problem = None
+    if not isinstance(name, str) or not name:
+        problem = "is empty or not a string"
+    elif name in (".", ".."):
+        problem = "is a relative path component"
+    elif "/" in name or "\\" in name or (os.sep in name) or (os.altsep and os.altsep in name):
+        problem = "contains a path separator"
+    elif "\0" in name:
+        problem = "contains a NUL byte"
+    elif len(name.encode("utf-8", "surrogateescape")) > _MAX_NAME_BYTES:
+        problem = f"is longer than {_MAX_NAME_BYTES} bytes"
+    if problem:
+        raise CheckpointError(f"{source}: {what} {name!r} {problem}; refusing to use it as a file name")
+    return name
+
+
+def path_inside(root: str, *parts: str) -> str:
+    """``os.path.join(root, *parts)``, after checking that it resolves inside ``root``."""
+    path = os.path.join(root, *parts)
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if real != real_root and os.path.commonpath([real_root, real]) != real_root:
+        raise CheckpointError(f"{path}: resolves to {real}, outside {root}")
+    return path
+
+
+def regular_file_inside(folder: str, name: str, source: str) -> str:
+    """A file we copy out of ``folder``: a plain name, a regular file, resolving inside ``folder``.
+
+    A symbolic link is accepted only where the Hugging Face cache puts one: a ``snapshots/<rev>``
+    folder whose files link into the repository's ``blobs/``.
+    """
+    check_name(name, source, "file name")
+    path = os.path.join(folder, name)
+    real = os.path.realpath(path)
+    if not os.path.isfile(real):
+        raise CheckpointError(f"{path}: not a regular file")
+    inside = [os.path.realpath(folder)]
+    snapshot = os.path.realpath(folder)
+    if os.path.basename(os.path.dirname(snapshot)) == "snapshots":
+        inside.append(os.path.join(os.path.dirname(os.path.dirname(snapshot)), "blobs"))
+    if not any(os.path.commonpath([root, real]) == root for root in inside):
+        raise CheckpointError(f"{path}: links to {real}, outside {folder}; refusing to copy it")
+    return path

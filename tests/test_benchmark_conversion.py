@@ -204,6 +204,7 @@ def test_trainer_and_case_commands():
         assert piece in joined
     ours = bc.case_command("ours", "/in", "/out", workers=3)
     assert ours[1].endswith("tools/ds_to_universal.py") and ours[-2:] == ["--num_extract_workers", "3"]
+    assert "--no-verify" in ours  # timed like DeepSpeed's converter, which does not re-read its output
     assert "--num_extract_workers" not in bc.case_command("ours", "/in", "/out")
     assert bc.case_command("deepspeed", "/in", "/out")[1:] == [
         "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", "/in", "--output_folder", "/out"]

@@ -105,8 +105,18 @@ def test_non_empty_output_is_kept_unless_overwrite(ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="exists and is not empty"):
         convert_zero_to_universal(str(ckpt / "global_step2"), str(out))
     assert (out / "precious.txt").read_text() == "keep me"
+    # --overwrite replaces only a universal checkpoint folder: this one is not, so it stays.
+    with pytest.raises(CheckpointError, match="is not a universal checkpoint folder; --overwrite replaces only"):
+        convert_zero_to_universal(str(ckpt / "global_step2"), str(out), overwrite=True)
+    assert os.listdir(out) == ["precious.txt"] and (out / "precious.txt").read_text() == "keep me"
+    # A universal folder of another request (here: made by hand from our output) is replaced.
+    (out / "precious.txt").unlink()
+    convert_zero_to_universal(str(ckpt / "global_step2"), str(out))
+    (out / "megatron_ucp_complete.json").unlink()
+    (out / "stale.txt").write_text("old output")
     convert_zero_to_universal(str(ckpt / "global_step2"), str(out), overwrite=True)
-    assert not (out / "precious.txt").exists() and (out / "zero" / "optimizer_state.pt").exists()
+    assert not (out / "stale.txt").exists() and (out / "zero" / "optimizer_state.pt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["global_step2_universal", "latest_universal"]  # nothing left over
 
 
 def test_interrupted_conversion_leaves_nothing_that_looks_complete(ckpt, tmp_path, monkeypatch):

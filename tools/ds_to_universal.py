@@ -8,7 +8,11 @@ are both accepted; the larger sets the number of worker threads. ``--keep_temp_f
 and has nothing to keep.
 
     python tools/ds_to_universal.py --input_folder RUN/checkpoints/global_step100 \\
-        --output_folder RUN/checkpoints_universal/global_step100_universal [--verify]
+        --output_folder RUN/checkpoints_universal/global_step100_universal
+
+The output is verified against the input before it appears under its name, and rerunning a finished
+conversion keeps it. Checkpoint files are unpickled with an allowlist (``--trust-checkpoint-code``
+lifts it, for files you trust).
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ucp.checkpoint.universal import convert_zero_to_universal  # noqa: E402
-from megatron_ucp.checkpoint.zero import CheckpointError  # noqa: E402
+from megatron_ucp.checkpoint.universal import certify_universal, convert_zero_to_universal  # noqa: E402
+from megatron_ucp.cli import add_trust_flag, apply_trust_flag, run_tool  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,25 +38,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_strict", dest="strict", action="store_false", help="do not require every pattern to match")
     p.add_argument("--inject_missing_state", action="store_true",
                    help="convert a checkpoint without universal_checkpoint_info using DeepSpeed's defaults")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--verify", action="store_true", help="re-read the output and check it against the input")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing universal checkpoint folder (nothing else) at the output")
+    p.add_argument("--verify", action="store_true", help="accepted for compatibility: verification is the default")
+    p.add_argument("--no-verify", "--no_verify", dest="no_verify", action="store_true",
+                   help="skip re-reading the output against the input; the output is then marked unverified, "
+                        "latest_universal is not written and the trainer refuses it")
+    p.add_argument("--certify", action="store_true",
+                   help="write nothing new: verify an existing output folder (e.g. DeepSpeed's converter's) "
+                        "against the input and mark it verified")
+    add_trust_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    apply_trust_flag(args)
+
+    def body() -> int:
+        if args.certify:
+            certify_universal(args.input_folder, args.output_folder, strict=args.strict,
+                              inject_missing_state=args.inject_missing_state)
+            print(f"{args.output_folder}: verified against {args.input_folder}")
+            return 0
         report = convert_zero_to_universal(
             args.input_folder, args.output_folder,
             workers=max(args.num_extract_workers, args.num_merge_workers), overwrite=args.overwrite,
-            strict=args.strict, inject_missing_state=args.inject_missing_state, verify=args.verify,
+            strict=args.strict, inject_missing_state=args.inject_missing_state, verify=not args.no_verify,
             progress=not args.quiet)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(report.summary())
-    return 0
+        print(report.summary())
+        return 0
+
+    return run_tool(body)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from megatron_ucp.checkpoint.publish import COMPLETE_MARKER, check_manifest, read_marker
 from megatron_ucp.checkpoint.zero import (
     OPTIMIZER_STATE_DICT,
     STATE_KEYS,
@@ -105,7 +106,8 @@ def compare_universal(a: str, b: str, include_model_states: bool = True, values_
     """Every file under two universal folders: ``zero/**.pt`` by content, ``mp_rank_*`` by bytes.
 
     Our stage-compatibility additions present in only one folder (ZeRO-3-name aliases of the model
-    states, the ZeRO-3 entry of ``optimizer_state.pt``) are verified and listed apart. ``values_only``
+    states, the ZeRO-3 entry of ``optimizer_state.pt``) are verified and listed apart, and so is our
+    completion marker (its manifest checked against its folder; it records when it was written). ``values_only``
     compares only the atoms' values, flattened (DeepSpeed writes ZeRO-3 atoms as raw flat tensors,
     we write dicts in the logical shape), and skips the other files.
     """
@@ -113,6 +115,12 @@ def compare_universal(a: str, b: str, include_model_states: bool = True, values_
         if not os.path.isdir(os.path.join(root, "zero")):
             raise CheckpointError(f"{root}: not a universal checkpoint (no zero/ folder)")
     fa, fb = _files(a), _files(b)
+    markers = []
+    for root, files in ((a, fa), (b, fb)):  # our completion marker: checked against its folder, not compared
+        if COMPLETE_MARKER in files:
+            check_manifest(root, read_marker(root))
+            files.remove(COMPLETE_MARKER)
+            markers.append(os.path.join(os.path.basename(root), COMPLETE_MARKER))
     if values_only:
         fa, fb = ([f for f in files if f.startswith(ZERO) and f != os.path.join("zero", "optimizer_state.pt")]
                   for files in (fa, fb))
@@ -122,7 +130,7 @@ def compare_universal(a: str, b: str, include_model_states: bool = True, values_
     extras_b = [x for x in _compat_aliases(b, fb) if x not in fa]
     fa = [f for f in fa if f not in extras_a]
     fb = [f for f in fb if f not in extras_b]
-    extras = extras_a + extras_b
+    extras = extras_a + extras_b + markers
     if values_only:  # step.pt exists only where the writer made ZeRO-1/2-style atoms
         fa = [f for f in fa if not f.endswith("/step.pt")]
         fb = [f for f in fb if not f.endswith("/step.pt")]

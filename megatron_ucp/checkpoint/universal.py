@@ -37,11 +37,21 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from megatron_ucp.checkpoint.publish import (  # noqa: F401 - LATEST_UNIVERSAL, staged_folder: re-exported
+    LATEST_UNIVERSAL,
+    check_replaceable,
+    fingerprint,
+    finished_output,
+    remove_stale_temporaries,
+    staged_folder,
+    write_latest_universal,
+    write_marker,
+)
+from megatron_ucp.checkpoint.trust import check_name, path_inside
 from megatron_ucp.checkpoint.zero import (
     BASE_OPTIMIZER_STATE,
     FP32_FLAT_GROUPS,
@@ -60,7 +70,7 @@ from megatron_ucp.config import ModelConfig
 from megatron_ucp.layout.params import Kind, spec_of
 from megatron_ucp.layout.slicing import merge, pad_vocab, shard
 
-LATEST_UNIVERSAL = "latest_universal"
+UNIVERSAL_KIND = "universal"  # the completion marker's kind for our converter's output
 
 
 @dataclass(frozen=True)
@@ -134,11 +144,14 @@ class ConvertReport:
     def summary(self) -> str:
         gb = self.bytes_written / 1e9
         rate = gb / self.seconds if self.seconds > 0 else float("nan")
-        ver = ", verified" if self.verified else ""
+        ver = ", verified" if self.verified else ", NOT verified"
+        notes = "".join(f"; {n}" for n in self.notes)
+        if self.workers == 0:  # kept: nothing was converted
+            return f"{self.output_folder}: {self.params} parameters of iteration {self.iteration}{notes}"
         return (f"converted {self.params} parameters of iteration {self.iteration} "
                 f"(TP{self.topology['tp']} PP{self.topology['pp']} DP{self.topology['dp']}) into "
                 f"{self.output_folder}: {gb:.3f} GB in {self.seconds:.2f} s ({rate:.2f} GB/s), "
-                f"{self.workers} workers{ver}")
+                f"{self.workers} workers{ver}{notes}")
 
 
 def _read_fragment(src: ParamSource, tp: int, frag, key: str, ckpt: ZeroCheckpoint, dst: torch.Tensor) -> None:
@@ -471,7 +484,7 @@ def convert_param(src: ParamSource, rule: MergeRule, ckpt: ZeroCheckpoint, zero_
     Sharded parameters are copied file to file; replicated ones are read (they are small) so that
     every TP rank's copy can be checked bitwise equal.
     """
-    out_dir = os.path.join(zero_dir, src.name)
+    out_dir = path_inside(zero_dir, check_name(src.name, ckpt.folder))
     os.makedirs(out_dir, exist_ok=True)
     written = 0
     step = ckpt.step(src.pp, 0, src.fragments[0][0].dp, src.group)
@@ -541,46 +554,29 @@ def place_model_states(src: str, folder: str, mp_rank: int) -> int:
     return os.path.getsize(first)
 
 
-def check_output_path(input_folder: str, output_folder: str, overwrite: bool) -> tuple[str, str]:
+def check_output_path(input_folder: str, output_folder: str) -> tuple[str, str]:
+    """Real paths of input and output; the output may neither be inside the input nor contain it."""
     inp = os.path.realpath(input_folder)
     out = os.path.realpath(output_folder.rstrip("/") or output_folder)
     if out == inp or os.path.commonpath([inp, out]) == inp:
         raise CheckpointError(f"{output_folder}: the output may not be inside the input folder {input_folder}")
     if os.path.commonpath([inp, out]) == out:
         raise CheckpointError(f"{output_folder}: the output may not contain the input folder {input_folder}")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
-        raise CheckpointError(f"{output_folder}: exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     return inp, out
 
 
-@contextmanager
-def staged_folder(out: str):
-    """Write a folder under a temporary sibling name, ``<out>.tmp-<pid>``, and rename it over ``out``
-    when the block completes; if it raises, the temporary folder goes and ``out`` stays as it was."""
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        if os.path.exists(out):
-            old = f"{out}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def is_universal_folder(path: str) -> bool:
+    """A universal checkpoint folder, ours or DeepSpeed's: ``zero/`` beside model-state files."""
+    names = os.listdir(path)
+    return os.path.isdir(os.path.join(path, "zero")) and any(n.endswith("model_states.pt") for n in names)
 
 
-def write_latest_universal(out: str) -> None:
-    """``<parent>/latest_universal`` naming the finished folder ``out``, replaced atomically."""
-    parent = os.path.dirname(out)
-    tmp = os.path.join(parent, LATEST_UNIVERSAL + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(os.path.basename(out))
-    os.replace(tmp, os.path.join(parent, LATEST_UNIVERSAL))
+def conversion_request(ckpt: ZeroCheckpoint, strict: bool, inject_missing_state: bool) -> dict:
+    """What a conversion was asked to do: a finished output of the same request is kept on a rerun."""
+    files = [os.path.join(ckpt.folder, n) for n in sorted(os.listdir(ckpt.folder))]
+    return {"tool": "megatron_ucp.ds_to_universal", "input": ckpt.folder,
+            "input_fingerprint": fingerprint([f for f in files if os.path.isfile(f)]),
+            "strict": strict, "inject_missing_state": inject_missing_state}
 
 
 class _Progress:
@@ -595,30 +591,27 @@ class _Progress:
 
 def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers: int | None = None,
                               overwrite: bool = False, strict: bool = True, inject_missing_state: bool = False,
-                              verify: bool = False, progress: bool = False) -> ConvertReport:
+                              verify: bool = True, progress: bool = False) -> ConvertReport:
     """Convert ``input_folder`` (``<save>/global_stepN``) into a universal checkpoint at ``output_folder``.
 
-    Writes ``latest_universal`` (containing the output folder's name) into the output's parent.
+    The output is verified against the input before it is published (``verify=False`` skips that;
+    such an output is marked unverified, is not named by ``latest_universal``, and the trainer refuses
+    it). ``latest_universal`` (containing the output folder's name) goes into the output's parent. A
+    finished, verified output of the same request is kept as it is, so rerunning after a crash works.
     """
     t0 = time.time()
-    inp, out = check_output_path(input_folder, output_folder, overwrite)
+    inp, out = check_output_path(input_folder, output_folder)
     ckpt = open_zero_checkpoint(inp)
-    info = ckpt.universal_checkpoint_info
-    metadata = ckpt.metadata
-    if info is None and not inject_missing_state:
-        raise CheckpointError(f"{ckpt.model_files[0]}: required universal_checkpoint_info is missing "
-                              "(pass inject_missing_state to convert with DeepSpeed's defaults)")
-    if metadata is not None:
-        rule_of = rules_from_table(metadata)
-        unmatched = []
-    else:
-        rule_of = rules_from_ucp_info(info or {"universal_checkpoint_version": 0.4}, strict)
-    rules = {name: rule_of(name) for name in ckpt.param_sources}
-    if metadata is None:
-        unmatched = rule_of.unmatched()
-        if unmatched:
-            raise CheckpointError(f"{ckpt.model_files[0]}: universal_checkpoint_info patterns match no parameter: "
-                                  f"{unmatched} (pass strict=False / --no_strict to ignore)")
+    request = conversion_request(ckpt, strict, inject_missing_state)
+    topology = {"tp": ckpt.tp, "pp": ckpt.pp, "dp": ckpt.dp}
+    if finished_output(out, UNIVERSAL_KIND, request):
+        remove_stale_temporaries(out)
+        write_latest_universal(out)
+        return ConvertReport(input_folder=inp, output_folder=out, iteration=ckpt.iteration, topology=topology,
+                             params=len(ckpt.param_sources), bytes_written=0, seconds=time.time() - t0, workers=0,
+                             verified=True, notes=["already converted and verified: kept as it is"])
+    check_replaceable(out, is_universal_folder, "a universal checkpoint folder", overwrite)
+    rules = conversion_rules(ckpt, strict, inject_missing_state)
 
     n_workers = max(1, workers or min(4, os.cpu_count() or 1))
     with staged_folder(out) as tmp:
@@ -641,15 +634,59 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
             written += global_state.result()
         for mp, path in enumerate(ckpt.model_files):
             written += place_model_states(path, tmp, mp)
-    write_latest_universal(out)
-    report = ConvertReport(input_folder=inp, output_folder=out, iteration=ckpt.iteration,
-                           topology={"tp": ckpt.tp, "pp": ckpt.pp, "dp": ckpt.dp}, params=len(order),
-                           bytes_written=written, seconds=0.0, workers=n_workers)
+        if verify:
+            verify_universal(ckpt, tmp, rules)
+        write_marker(tmp, UNIVERSAL_KIND, request, verified=verify,
+                     extra={"iteration": ckpt.iteration, "source_topology": topology})
+    notes = []
     if verify:
-        verify_universal(ckpt, out, rules)
-        report.verified = True
-    report.seconds = time.time() - t0
-    return report
+        write_latest_universal(out)
+    else:
+        notes.append(f"not verified: {LATEST_UNIVERSAL} left as it was, and the trainer will refuse this output")
+    return ConvertReport(input_folder=inp, output_folder=out, iteration=ckpt.iteration, topology=topology,
+                         params=len(order), bytes_written=written, seconds=time.time() - t0, workers=n_workers,
+                         verified=verify, notes=notes)
+
+
+def conversion_rules(ckpt: ZeroCheckpoint, strict: bool, inject_missing_state: bool) -> dict[str, MergeRule]:
+    """Each parameter's merge rule: from our table when the checkpoint carries our metadata, else from
+    its ``universal_checkpoint_info`` patterns, as DeepSpeed does."""
+    info = ckpt.universal_checkpoint_info
+    metadata = ckpt.metadata
+    if info is None and not inject_missing_state:
+        raise CheckpointError(f"{ckpt.model_files[0]}: required universal_checkpoint_info is missing "
+                              "(pass inject_missing_state to convert with DeepSpeed's defaults)")
+    try:
+        if metadata is not None:
+            rule_of = rules_from_table(metadata)
+        else:
+            rule_of = rules_from_ucp_info(info or {"universal_checkpoint_version": 0.4}, strict)
+        rules = {name: rule_of(name) for name in ckpt.param_sources}
+    except CheckpointError as e:
+        raise CheckpointError(f"{ckpt.model_files[0]}: {e}") from None
+    except (ValueError, KeyError, TypeError) as e:  # the parameter table or the config refuses what the file says
+        raise CheckpointError(f"{ckpt.model_files[0]}: {type(e).__name__}: {e}") from None
+    if metadata is None:
+        unmatched = rule_of.unmatched()
+        if unmatched:
+            raise CheckpointError(f"{ckpt.model_files[0]}: universal_checkpoint_info patterns match no parameter: "
+                                  f"{unmatched} (pass strict=False / --no_strict to ignore)")
+    return rules
+
+
+def certify_universal(input_folder: str, universal_folder: str, *, strict: bool = True,
+                      inject_missing_state: bool = False) -> None:
+    """Verify a universal folder another converter wrote (DeepSpeed's ``ds_to_universal``) against its
+    ZeRO input and mark it verified, so that the trainer accepts it."""
+    inp, out = check_output_path(input_folder, universal_folder)
+    ckpt = open_zero_checkpoint(inp)
+    if not os.path.isdir(out) or not is_universal_folder(out):
+        raise CheckpointError(f"{universal_folder}: not a universal checkpoint folder")
+    verify_universal(ckpt, out, conversion_rules(ckpt, strict, inject_missing_state))
+    write_marker(out, UNIVERSAL_KIND, conversion_request(ckpt, strict, inject_missing_state), verified=True,
+                 extra={"iteration": ckpt.iteration, "certified": True,
+                        "source_topology": {"tp": ckpt.tp, "pp": ckpt.pp, "dp": ckpt.dp}})
+    write_latest_universal(out)
 
 
 def _numel(src: ParamSource) -> int:

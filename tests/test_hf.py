@@ -291,7 +291,8 @@ def test_tools_are_thin_clis(hf, tmp_path, capsys):
                        "--dtype", "fp32"]) == 0
     assert to_u.main(["--hf_checkpoint_dir", str(tmp_path / "missing"), "--save_dir", str(tmp_path / "v")]) == 2
     assert "missing" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path / "h")) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "h")) == ["config.json", "generation_config.json",
+                                                  "megatron_ucp_complete.json", "model.safetensors"]
 
 
 _MEMORY_SCRIPT = textwrap.dedent("""

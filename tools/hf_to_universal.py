@@ -18,7 +18,7 @@ from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ucp.checkpoint.zero import CheckpointError  # noqa: E402
+from megatron_ucp.cli import add_trust_flag, apply_trust_flag, run_tool  # noqa: E402
 from megatron_ucp.hf.to_universal import convert_hf_to_universal  # noqa: E402
 
 
@@ -30,35 +30,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the safetensors weights (default: safetensors if present, else pytorch_model.bin)")
     p.add_argument("--make_vocab_size_divisible_by", type=int, default=128,
                    help="vocabulary padding recorded in the model config (default 128)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty save_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing universal checkpoint folder (only)")
     p.add_argument("--model_args_yaml", default=None,
                    help="also write the trainer's model settings for this model (use with --yaml-cfg)")
+    add_trust_flag(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    apply_trust_flag(args)
+
+    def body() -> int:
         report = convert_hf_to_universal(args.hf_checkpoint_dir, args.save_dir,
                                          safe_serialization=True if args.safe_serialization else None,
                                          overwrite=args.overwrite,
                                          make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(report.summary())
-    if args.model_args_yaml:
-        import yaml
+        print(report.summary())
+        if args.model_args_yaml:
+            import yaml
 
-        from megatron_ucp.hf.from_universal import read_universal_metadata
-        from megatron_ucp.config import ModelConfig
-        from megatron_ucp.hf.to_universal import trainer_model_settings
+            from megatron_ucp.config import ModelConfig
+            from megatron_ucp.hf.from_universal import read_universal_metadata
+            from megatron_ucp.hf.to_universal import trainer_model_settings
 
-        cfg = ModelConfig.from_dict(read_universal_metadata(report.output_folder)["model_config"])
-        with open(args.model_args_yaml, "w") as f:
-            yaml.safe_dump(trainer_model_settings(cfg), f, sort_keys=False)
-        print(f"trainer model settings: {args.model_args_yaml} (pass --yaml-cfg)")
-    return 0
+            cfg = ModelConfig.from_dict(read_universal_metadata(report.output_folder)["model_config"])
+            with open(args.model_args_yaml, "w") as f:
+                yaml.safe_dump(trainer_model_settings(cfg), f, sort_keys=False)
+            print(f"trainer model settings: {args.model_args_yaml} (pass --yaml-cfg)")
+        return 0
+
+    return run_tool(body)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ucp.checkpoint.zero import CheckpointError  # noqa: E402
+from megatron_ucp.cli import add_trust_flag, apply_trust_flag, run_tool  # noqa: E402
 from megatron_ucp.hf.from_universal import DTYPES, convert_universal_to_hf  # noqa: E402
 
 
@@ -30,20 +30,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="dtype of the exported weights (default: the HF source's, else bf16)")
     p.add_argument("--max_shard_size", default="5GB", help="largest shard, e.g. 5GB or 500MB (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing Hugging Face model folder (only)")
+    add_trust_flag(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    apply_trust_flag(args)
+
+    def body() -> int:
         report = convert_universal_to_hf(args.input_folder, args.output_dir, dtype=args.dtype,
                                          max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(report.summary())
-    return 0
+        print(report.summary())
+        return 0
+
+    return run_tool(body)
 
 
 if __name__ == "__main__":

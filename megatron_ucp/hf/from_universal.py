@@ -5,7 +5,10 @@ or by ``hf_to_universal``. Its ``megatron_ucp`` metadata gives the model config,
 and tensor names (``layout/hf.py``); each parameter's ``fp32.pt`` atom is read through a memory map,
 split into its HF tensors, cast and added to the current shard, which is written when full. Shards
 are planned from the shapes first, so names (``model-0000k-of-0000n.safetensors``) are final when
-written; memory stays at one shard plus one parameter.
+written; memory stays at one shard plus one parameter. Every shard is re-read and checked against
+the atoms before the folder is published (``checkpoint/publish.py``); tokenizer files are copied
+only when they are regular files inside the input (a path in the metadata only when it is a
+SentencePiece model).
 """
 
 from __future__ import annotations
@@ -18,7 +21,17 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_ucp.checkpoint.universal import check_output_path, staged_folder
+from megatron_ucp.checkpoint.publish import (
+    check_replaceable,
+    fingerprint,
+    finished_output,
+    folder_files,
+    remove_stale_temporaries,
+    staged_folder,
+    write_marker,
+)
+from megatron_ucp.checkpoint.trust import regular_file_inside
+from megatron_ucp.checkpoint.universal import check_output_path
 from megatron_ucp.checkpoint.zero import CheckpointError, load_file
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.hf.to_universal import HF_EXTRAS_DIR
@@ -26,6 +39,7 @@ from megatron_ucp.hf.transforms import to_hf
 from megatron_ucp.layout.hf import family_of_model, hf_config_from_model, hf_mappings
 from megatron_ucp.training.checkpointing import METADATA_KEY
 
+HF_EXPORT_KIND = "hf_export"  # the completion marker's kind for an exported Hugging Face folder
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 _FROM_HF_NAME = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -39,8 +53,11 @@ class HFExportReport:
     shards: int
     dtype: str
     seconds: float
+    kept: bool = False  # a finished, verified export of the same request was already there
 
     def summary(self) -> str:
+        if self.kept:
+            return f"{self.output_dir}: already exported from this checkpoint and verified: kept as it is"
         return (f"wrote a {self.architecture} ({self.tensors} tensors, {self.dtype}, {self.shards} shard"
                 f"{'s' if self.shards != 1 else ''}) to {self.output_dir} in {self.seconds:.2f} s")
 
@@ -87,11 +104,22 @@ def _token_ids(meta: dict) -> dict:
 
 
 def _tokenizer_model(meta: dict) -> str | None:
+    """The SentencePiece model the metadata names, if it is one: a path read from a checkpoint is
+    copied into the export only after it loads as a SentencePiece model."""
     tc = meta.get("train_config") or {}
     path = tc.get("tokenizer_model")
-    if tc.get("tokenizer_type", "SentencePieceTokenizer") == "SentencePieceTokenizer" and path and os.path.isfile(path):
-        return path
-    return None
+    if tc.get("tokenizer_type", "SentencePieceTokenizer") != "SentencePieceTokenizer" or not isinstance(path, str):
+        return None
+    if not path or not os.path.isfile(path):
+        return None
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError, ValueError):
+        raise CheckpointError(f"{path}: named as the tokenizer model by the checkpoint's metadata, but it is not "
+                              "a SentencePiece model; refusing to copy it into the export") from None
+    return path
 
 
 def _write_tokenizer(meta: dict, folder: str, input_folder: str) -> list[str]:
@@ -100,7 +128,7 @@ def _write_tokenizer(meta: dict, folder: str, input_folder: str) -> list[str]:
     written = []
     if os.path.isdir(extras):
         for f in sorted(os.listdir(extras)):
-            shutil.copy2(os.path.join(extras, f), os.path.join(folder, f))
+            shutil.copyfile(regular_file_inside(extras, f, extras), os.path.join(folder, f))
             written.append(f)
         return written
     tok = _tokenizer_model(meta)
@@ -136,6 +164,28 @@ def _plan_shards(entries: list[tuple[str, tuple[int, ...]]], itemsize: int, max_
     return shards
 
 
+def is_hf_folder(path: str) -> bool:
+    """A Hugging Face model folder: ``config.json`` beside weights."""
+    names = set(os.listdir(path))
+    return "config.json" in names and any(n.endswith((".safetensors", ".bin", ".index.json")) for n in names)
+
+
+def verify_export(folder: str, files: list[str], shards: list[list[str]], shard_tensors) -> None:
+    """Re-read every written shard and compare each tensor bitwise with the atoms, converted again."""
+    from safetensors import safe_open
+
+    for file, names in zip(files, shards):
+        path = os.path.join(folder, file)
+        want = shard_tensors(names)
+        with safe_open(path, framework="pt") as f:
+            if sorted(f.keys()) != sorted(want):
+                raise CheckpointError(f"{path}: holds {sorted(f.keys())[:3]}..., expected {sorted(want)[:3]}...")
+            for name, t in want.items():
+                got = f.get_tensor(name)
+                if got.dtype != t.dtype or got.shape != t.shape or not torch.equal(got, t):
+                    raise CheckpointError(f"{path}: {name} does not match the universal checkpoint it came from")
+
+
 def convert_universal_to_hf(input_folder: str, output_dir: str, *, dtype: str | None = None,
                             max_shard_size: str | int = "5GB", overwrite: bool = False) -> HFExportReport:
     """Write ``output_dir`` as a ``from_pretrained``-loadable HF folder of the universal checkpoint."""
@@ -162,21 +212,33 @@ def convert_universal_to_hf(input_folder: str, output_dir: str, *, dtype: str | 
     n = len(shards)
     files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
-    _, out = check_output_path(input_folder, output_dir, overwrite)
+    inp, out = check_output_path(input_folder, output_dir)
+    request = {"tool": "megatron_ucp.universal_to_hf", "input": inp,
+               "input_fingerprint": fingerprint([os.path.join(inp, f) for f in folder_files(inp)]),
+               "dtype": dtype, "max_shard_size": parse_size(max_shard_size)}
+    if finished_output(out, HF_EXPORT_KIND, request):
+        remove_stale_temporaries(out)
+        return HFExportReport(out, family.architecture, len(entries), n, dtype, time.time() - t0, kept=True)
+    check_replaceable(out, is_hf_folder, "a Hugging Face model folder", overwrite)
+
+    def shard_tensors(names: list[str]) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for m in dict.fromkeys(owner[name] for name in names):  # each parameter once, in order
+            path = os.path.join(zero_dir, m.name, "fp32.pt")
+            full = load_file(path, mmap=True)["param"]
+            if tuple(full.shape) != tuple(m.spec.shape(cfg)):
+                raise CheckpointError(f"{path}: shape {tuple(full.shape)}, but the model config implies "
+                                      f"{tuple(m.spec.shape(cfg))}")
+            for name, t in zip(m.hf_names, to_hf(m, full, cfg)):
+                if name in names:
+                    tensors[name] = t.to(torch_dtype).contiguous()
+            del full
+        return tensors
+
     with staged_folder(out) as tmp:
         weight_map, total = {}, 0
         for file, names in zip(files, shards):
-            tensors = {}
-            for m in dict.fromkeys(owner[name] for name in names):  # each parameter once, in order
-                path = os.path.join(zero_dir, m.name, "fp32.pt")
-                full = load_file(path, mmap=True)["param"]
-                if tuple(full.shape) != tuple(m.spec.shape(cfg)):
-                    raise CheckpointError(f"{path}: shape {tuple(full.shape)}, but the model config implies "
-                                          f"{tuple(m.spec.shape(cfg))}")
-                for name, t in zip(m.hf_names, to_hf(m, full, cfg)):
-                    if name in names:
-                        tensors[name] = t.to(torch_dtype).contiguous()
-                del full
+            tensors = shard_tensors(names)
             save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             weight_map.update({name: file for name in tensors})
@@ -195,5 +257,7 @@ def convert_universal_to_hf(input_folder: str, output_dir: str, *, dtype: str | 
         if "generation_config.json" not in written and "eos_token_id" in ids:
             with open(os.path.join(tmp, "generation_config.json"), "w") as f:
                 json.dump(dict(ids, _from_model_config=True), f, indent=2)
+        verify_export(tmp, files, shards, shard_tensors)
+        write_marker(tmp, HF_EXPORT_KIND, request, verified=True)
     return HFExportReport(out, family.architecture, len(entries), n, dtype, time.time() - t0)
 

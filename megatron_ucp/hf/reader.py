@@ -6,12 +6,15 @@ shard:
 
 * safetensors: each read opens the shard with ``safe_open`` and takes one tensor, which maps just
   that tensor's bytes; the mapping (and its resident pages) goes when the caller drops the tensor;
-* ``.bin`` (torch zip): each shard's pickle is read once onto the ``meta`` device, which gives every
+* ``.bin`` (torch zip): each shard's pickle is read once, by the restricted unpickler
+  (``checkpoint.trust``), onto the ``meta`` device, which gives every
   tensor's dtype, shape, strides and byte offset in the file (``checkpoint.zero.load_file``), and a
   read ``pread``s exactly that tensor's bytes. (``torch.load(mmap=True)`` would also avoid a copy, but
   every page touched stays in the process's resident set until the whole shard is unmapped.)
 
-Every problem is a ``CheckpointError`` naming the file and what is wrong.
+Index entries must be plain file names in the folder; every tensor's bytes are checked to lie
+inside its file before anything is read. Every problem is a ``CheckpointError`` naming the file and
+what is wrong.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_ucp.checkpoint.trust import check_name
 from megatron_ucp.checkpoint.zero import CheckpointError, FlatRef, load_file, read_into
 
 SAFE_FILE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -77,10 +81,11 @@ class HFCheckpoint:
         for name, t in sd.items():
             if not torch.is_tensor(t):
                 continue
-            ref = FlatRef.of(path, t)
+            if any(st < 0 for st in t.stride()):
+                raise CheckpointError(f"{path}: {name} has a negative stride {tuple(t.stride())}")
             numel_span = 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride())) if t.numel() else 0
-            self._bin[name] = _BinTensor(FlatRef(path, ref.offset, numel_span, t.dtype), tuple(t.shape),
-                                         tuple(t.stride()))
+            ref = FlatRef.of(path, t, span=numel_span)  # checked inside its storage and the file
+            self._bin[name] = _BinTensor(ref, tuple(t.shape), tuple(t.stride()))
             self._shapes[name] = tuple(t.shape)
             self._dtypes[name] = t.dtype
 
@@ -163,10 +168,12 @@ def open_hf_checkpoint(folder: str, safe_serialization: bool | None = None) -> H
         if os.path.isfile(index_path):
             try:
                 with open(index_path) as f:
-                    weight_map = json.load(f)["weight_map"]
+                    weight_map = dict(json.load(f)["weight_map"])
             except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index_path}: not a valid index (needs a 'weight_map' object): {e}") from None
-            return HFCheckpoint(folder, fmt, dict(weight_map))
+            for tensor, file in weight_map.items():
+                check_name(file, f"{index_path} ({tensor})", "shard file name")
+            return HFCheckpoint(folder, fmt, weight_map)
         if os.path.isfile(os.path.join(folder, single)):
             ckpt = HFCheckpoint(folder, fmt, {})
             ckpt._index_file(single)

@@ -7,8 +7,10 @@ with the same per-kind keys our ZeRO converter writes. The zero atoms are the ca
 bytes around a file hole, so they cost neither memory nor write time.
 
 The result starts a run from step 0 with fresh moments; ``--finetune`` (or a new run's flags) sets
-the schedule and hyperparameters. Output goes to a temporary sibling folder renamed into place, and
-``latest_universal`` is written last, as in ``checkpoint/universal.py``.
+the schedule and hyperparameters. Output goes to a temporary sibling folder, is verified there (every
+weight atom re-read against the source) and marked complete, then renamed into place, and
+``latest_universal`` is written last (``checkpoint/publish.py``). Tokenizer files are copied only
+when they are regular files inside the source folder (or the HF cache's blobs).
 """
 
 from __future__ import annotations
@@ -21,17 +23,27 @@ from dataclasses import dataclass
 import torch
 
 import megatron_ucp
+from megatron_ucp.checkpoint.publish import (
+    check_replaceable,
+    fingerprint,
+    finished_output,
+    remove_stale_temporaries,
+    staged_folder,
+    write_latest_universal,
+    write_marker,
+)
+from megatron_ucp.checkpoint.trust import regular_file_inside
 from megatron_ucp.checkpoint.universal import (
+    UNIVERSAL_KIND,
     MergeRule,
     check_output_path,
+    is_universal_folder,
     merge_keys,
     pwrite_all,
     skeleton_bytes,
-    staged_folder,
     write_atom_from_memory,
-    write_latest_universal,
 )
-from megatron_ucp.checkpoint.zero import STATE_KEYS, CheckpointError
+from megatron_ucp.checkpoint.zero import STATE_KEYS, CheckpointError, FlatRef, load_file, stored_equals
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.hf.ds_files import write_loader_files
 from megatron_ucp.hf.reader import HFCheckpoint, open_hf_checkpoint, read_config
@@ -63,8 +75,11 @@ class HFImportReport:
     hf_tensors: int
     source_format: str
     seconds: float
+    kept: bool = False  # a finished, verified import of the same source was already there
 
     def summary(self) -> str:
+        if self.kept:
+            return f"{self.output_folder}: already imported from this source and verified: kept as it is"
         return (f"converted {self.hf_tensors} {self.source_format} tensors of a {self.family} into {self.params} "
                 f"universal parameters at {self.output_folder} in {self.seconds:.2f} s")
 
@@ -162,6 +177,16 @@ def write_param_atoms(zero_dir: str, m: HFMapping, full: torch.Tensor, vocab_row
     torch.save(torch.tensor(0.0), os.path.join(out, "step.pt"))  # AdamW's step, a float32 scalar
 
 
+def verify_import(zero_dir: str, mappings: list[HFMapping], ours) -> None:
+    """Re-read every written weight atom and compare it bitwise with the source tensors, converted again."""
+    for m in mappings:
+        path = os.path.join(zero_dir, m.name, "fp32.pt")
+        stored = load_file(path, meta=True)["param"]  # shape and place only; the bytes are read in chunks
+        want = ours(m).to(torch.float32)
+        if stored.shape != want.shape or not stored_equals(FlatRef.of(path, stored), want):
+            raise CheckpointError(f"{path}: does not match the source tensors {', '.join(m.hf_names)}")
+
+
 def convert_hf_to_universal(hf_checkpoint_dir: str, save_dir: str, *, safe_serialization: bool | None = None,
                             overwrite: bool = False, make_vocab_size_divisible_by: int = 128,
                             _skip_qkv_reorder: bool = False, _skip_conv1d_transpose: bool = False) -> HFImportReport:
@@ -181,24 +206,42 @@ def convert_hf_to_universal(hf_checkpoint_dir: str, save_dir: str, *, safe_seria
     mappings = hf_mappings(cfg, family)
     check_coverage(ckpt, mappings, cfg, family)
 
-    inp, out = check_output_path(hf_checkpoint_dir, save_dir, overwrite)
+    inp, out = check_output_path(hf_checkpoint_dir, save_dir)
+    extras = [f for f in TOKENIZER_FILES if os.path.lexists(os.path.join(inp, f))]
+    extra_paths = [regular_file_inside(inp, f, inp) for f in extras]  # no link out of the folder is copied
+    request = {"tool": "megatron_ucp.hf_to_universal", "input": inp,
+               "input_fingerprint": fingerprint([ckpt.file_of(n) for n in ckpt.names()] + extra_paths
+                                                + [os.path.join(inp, "config.json")]),
+               "format": ckpt.format, "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
+               "controls": [_skip_qkv_reorder, _skip_conv1d_transpose]}
+    if finished_output(out, UNIVERSAL_KIND, request):
+        remove_stale_temporaries(out)
+        write_latest_universal(out)
+        return HFImportReport(out, family.architecture, len(mappings), len(ckpt.names()), ckpt.format,
+                              time.time() - t0, kept=True)
+    check_replaceable(out, is_universal_folder, "a universal checkpoint folder", overwrite)
+
+    def ours(m: HFMapping) -> torch.Tensor:
+        return to_ours(m, [ckpt.read(n) for n in m.hf_names], cfg, _skip_qkv_reorder=_skip_qkv_reorder,
+                       _skip_conv1d_transpose=_skip_conv1d_transpose)
+
     with staged_folder(out) as tmp:
         zero_dir = os.path.join(tmp, "zero")
         os.makedirs(zero_dir)
         for m in mappings:
-            full = to_ours(m, [ckpt.read(n) for n in m.hf_names], cfg, _skip_qkv_reorder=_skip_qkv_reorder,
-                           _skip_conv1d_transpose=_skip_conv1d_transpose)
+            full = ours(m)
             write_param_atoms(zero_dir, m, full, cfg.vocab_size)
             del full
         metadata = _metadata(cfg, family, hf_config, inp)
         write_loader_files(tmp, client_state=client_state(metadata, cfg))
-        extras = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(inp, f))]
         if extras:
             os.makedirs(os.path.join(tmp, HF_EXTRAS_DIR))
-            for f in extras:
-                shutil.copy2(os.path.join(inp, f), os.path.join(tmp, HF_EXTRAS_DIR, f))
+            for f, path in zip(extras, extra_paths):
+                shutil.copyfile(path, os.path.join(tmp, HF_EXTRAS_DIR, f))
         with open(os.path.join(tmp, "source.txt"), "w") as f:
             f.write(f"Hugging Face {family.architecture} checkpoint {inp}\n")
+        verify_import(zero_dir, mappings, ours)
+        write_marker(tmp, UNIVERSAL_KIND, request, verified=True, extra={"iteration": 0, "source": "huggingface"})
     write_latest_universal(out)
     return HFImportReport(out, family.architecture, len(mappings), len(ckpt.names()), ckpt.format,
                           time.time() - t0)

@@ -165,6 +165,7 @@ class TrainConfig:
     load: str | None = None
     universal_checkpoint: bool = False
     no_load_rng: bool = False
+    trust_checkpoint_code: bool = False  # full pickle for --load files (runs code they carry)
     finetune: bool = False  # after --load: iteration, data position and LR schedule start fresh
     no_pipeline_parallel: bool = False  # the plain model (implied by ZeRO-2/3), same parameter names
     deepspeed_config: str | None = None  # a JSON file whose keys override the generated config

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+from megatron_ucp.checkpoint.trust import CheckpointError
 from megatron_ucp.training.arguments import model_kwargs, parse_args, train_config
 from megatron_ucp.training.trainer import train
 
@@ -16,7 +17,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    train(model_kwargs(values), cfg)
+    try:
+        train(model_kwargs(values), cfg)
+    except CheckpointError as e:  # a bad --load: one line, not a traceback per rank
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -42,3 +42,13 @@ def load_param(p: torch.nn.Parameter, value: torch.Tensor) -> None:
 
 def leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().requires_grad_()
+
+
+def vouch_for(folder) -> None:
+    """Mark a deliberately damaged universal folder as verified, so that the trainer loads it: the
+    negative controls that use it test what the damage does to training, not the completion marker."""
+    from megatron_ucp.checkpoint.publish import write_marker
+    from megatron_ucp.checkpoint.universal import UNIVERSAL_KIND
+
+    (Path(folder) / "megatron_ucp_complete.json").unlink(missing_ok=True)
+    write_marker(str(folder), UNIVERSAL_KIND, {"test": "damaged on purpose"}, verified=True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
+from helpers import vouch_for
 from megatron_ucp.checkpoint.inspect import compare_universal
 from megatron_ucp.checkpoint.universal import convert_zero_to_universal
 from test_universal import _assemble, _ds_args, _train_and_dump
@@ -108,6 +109,7 @@ def test_llama_loss_continuity_and_wrong_swiglu_interleave(llama, tmp_path):
         gate, up = atom["param"].chunk(2)
         atom["param"] = torch.cat([gate.chunk(2)[0], up.chunk(2)[0], gate.chunk(2)[1], up.chunk(2)[1]])
         torch.save(atom, path)
+    vouch_for(broken)
     bad = tmp_path / "bad.jsonl"
     run_distributed(_train, 4, _cfg(1, 4, load=str(broken.parent), universal_checkpoint=True, loss_log=str(bad)))
     assert not compare(load_curves(str(base)), load_curves(str(bad)), resume_iteration=RESUME_AT, atol=1e-3,

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
+from helpers import vouch_for
 from megatron_ucp.checkpoint.inspect import compare_universal
-from megatron_ucp.checkpoint.universal import convert_zero_to_universal
+from megatron_ucp.checkpoint.universal import certify_universal, convert_zero_to_universal
 from megatron_ucp.config import ModelConfig, TrainConfig
 from megatron_ucp.layout.params import Kind, model_params
 from megatron_ucp.layout.slicing import merge
@@ -141,6 +142,7 @@ def test_state_fidelity_after_universal_load(sources, tmp_path, source, target, 
 
         universal = tmp_path / "ds" / "global_step2_universal"
         ds_to_universal.main(_ds_args(src[source]["zero"], universal))
+        certify_universal(str(src[source]["zero"]), str(universal))  # the trainer loads verified folders only
     tp, pp, dp = target
     dump = tmp_path / "dump"
     dump.mkdir()
@@ -236,6 +238,7 @@ def test_negative_controls_fail(fp32_baseline, tmp_path, damage):
         atom = torch.load(path, weights_only=False)
         atom["param"] = torch.cat(atom["param"].chunk(2, dim=0)[::-1]).contiguous()  # the two TP2 slices swapped
         torch.save(atom, path)
+    vouch_for(broken)
     _resume(tmp_path, broken, 1, 1, 2, damage)
     shutil.copy(root / "baseline.jsonl", tmp_path / "baseline.jsonl")
     verdict = _verdict(tmp_path, damage, atol=1e-3, rtol_first=1e-5)

@@ -137,15 +137,19 @@ TARGET_DTYPE="${TARGET_DTYPE:-$DTYPE}"                # or in another precision 
 CONVERTER="${CONVERTER:-ours}"          # ours | deepspeed
 ASSERT_ATOL="${ASSERT_ATOL:-}"          # e.g. 1e-3: fail the recipe if the curves differ by more
 
-# convert_to_universal ZERO_FOLDER UNIVERSAL_FOLDER: run the chosen converter unless already done.
+# convert_to_universal ZERO_FOLDER UNIVERSAL_FOLDER: run the chosen converter. Ours verifies before it
+# publishes and keeps a finished, verified output of the same input, so a rerun after a crash resumes
+# only from a verified conversion; DeepSpeed's output is checked against its input with ours
+# (--certify), which writes the completion marker the trainer requires.
 convert_to_universal() {
-    if [[ -f "$(dirname "$2")/latest_universal" && -d "$2/zero" ]]; then
-        echo "universal checkpoint exists: $2"
-        return
-    fi
     if [[ "$CONVERTER" == "deepspeed" ]]; then
-        python -m deepspeed.checkpoint.ds_to_universal --input_folder "$1" --output_folder "$2"
+        if ! python "$REPO_ROOT/tools/ds_to_universal.py" --input_folder "$1" --output_folder "$2" --certify \
+                2>/dev/null; then
+            rm -rf "$2"
+            python -m deepspeed.checkpoint.ds_to_universal --input_folder "$1" --output_folder "$2"
+            python "$REPO_ROOT/tools/ds_to_universal.py" --input_folder "$1" --output_folder "$2" --certify
+        fi
     else
-        python "$REPO_ROOT/tools/ds_to_universal.py" --input_folder "$1" --output_folder "$2" --verify
+        python "$REPO_ROOT/tools/ds_to_universal.py" --input_folder "$1" --output_folder "$2"
     fi
 }

@@ -72,6 +72,8 @@ _TRAIN_FLAGS = [
     ("--load", str, None, "checkpoint folder to resume from"),
     ("--universal-checkpoint", bool, False, "--load is a universal checkpoint (any topology)"),
     ("--no-load-rng", bool, False, "do not restore RNG states on resume"),
+    ("--trust-checkpoint-code", bool, False,
+     "unpickle --load files with full pickle, which runs any code they carry (default: an allowlist)"),
     ("--finetune", bool, False, "after --load, start iteration, data position and LR schedule fresh"),
     ("--deepspeed-config", str, None, "JSON whose keys override the generated DeepSpeed config"),
     ("--ds-config-out", str, None, "write the DeepSpeed config used here"),

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 import megatron_ucp
+from megatron_ucp.checkpoint.publish import LATEST_UNIVERSAL, require_verified
+from megatron_ucp.checkpoint.trust import CheckpointError, check_name, path_inside, restricted_torch_load
 from megatron_ucp.config import ModelConfig, TrainConfig
 from megatron_ucp.distributed.groups import ParallelState
 from megatron_ucp.layout.params import pipe_entries
@@ -104,6 +106,16 @@ def _unshare_steps(optimizer) -> None:
             state["step"] = state["step"].clone()
 
 
+def checkpoint_folder(load_dir: str, universal: bool) -> str:
+    """The folder ``latest`` (or ``latest_universal``) in ``load_dir`` names, checked to lie inside it."""
+    tracker = os.path.join(load_dir, LATEST_UNIVERSAL if universal else "latest")
+    if not os.path.isfile(tracker):
+        raise CheckpointError(f"{tracker}: no such file; nothing to resume from in {load_dir}")
+    with open(tracker) as f:
+        tag = f.read().strip()
+    return path_inside(load_dir, check_name(tag, tracker, "checkpoint folder name"))
+
+
 def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: TrainConfig,
          group_hyperparameters: list[dict]) -> ResumeState:
     """Resume model, optimizer, scheduler and counters through DeepSpeed's loader.
@@ -117,18 +129,22 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
     * A precision change (say bf16 -> fp16): the loss scaler the checkpoint carries belongs to the old
       precision, so the engine's freshly configured one is kept (fp16 restarts dynamic scaling at its
       initial scale).
+    * Every file is unpickled with the allowlist of ``checkpoint.trust`` (DeepSpeed's own loaders
+      would run any code a file carries), and a universal folder must carry the completion marker of a
+      verified conversion with every file it lists.
     * ZeRO-3 universal loads copy group 0's hyperparameters to every group; each group gets its own
       weight decay back (the no-decay group has none). They also give every sub-group the *same* step
       tensor, which Adam increments in place once per sub-group, so the bias correction would run
       ahead by one step per extra sub-group; each sub-group gets its own copy.
     """
-    marker = "latest_universal" if universal else "latest"
-    if not os.path.isfile(os.path.join(load_dir, marker)):
-        raise FileNotFoundError(f"{os.path.join(load_dir, marker)}: no such file; nothing to resume from in {load_dir}")
+    folder = checkpoint_folder(load_dir, universal)
+    if universal:
+        require_verified(folder)
     optimizer = engine.optimizer
     fresh_scaler = {k: getattr(optimizer, k) for k in ("loss_scaler", "dynamic_loss_scale") if hasattr(optimizer, k)}
-    path, client = engine.load_checkpoint(load_dir, load_optimizer_states=True,
-                                          load_lr_scheduler_states=not cfg.finetune)
+    with restricted_torch_load():  # DeepSpeed unpickles with weights_only=False; we do not
+        path, client = engine.load_checkpoint(load_dir, load_optimizer_states=True,
+                                              load_lr_scheduler_states=not cfg.finetune)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint to load in {load_dir}")
     if "iteration" not in client:

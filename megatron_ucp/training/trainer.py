@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_ucp.checkpoint.trust import trust_checkpoint_code
 from megatron_ucp.config import ModelConfig, TrainConfig
 from megatron_ucp.distributed import groups
 from megatron_ucp.distributed.random import get_rng_state, seed_all, set_rng_state
@@ -177,6 +178,8 @@ def train(model_kwargs: dict, cfg: TrainConfig, on_finish=None) -> TrainResult:
 
     # DeepSpeed's ZeRO-3 calls torch.distributed's renamed collectives on every step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    if cfg.trust_checkpoint_code:
+        trust_checkpoint_code(True)
     init_distributed()
     layout = ParallelLayout.from_world_size(dist.get_world_size(), cfg.tensor_model_parallel_size,
                                             cfg.pipeline_model_parallel_size)

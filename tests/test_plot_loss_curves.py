@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from megatron_ucp.evidence.loss_curves import (
     DEFAULT_ATOL,
+    Curves,
     LossCurveError,
     compare,
     format_table,
@@ -180,6 +182,164 @@ def test_without_assertion_exit_zero_and_default_tolerance(tool, tmp_path, basel
     assert exact.passed and exact.to_dict()["tolerance"]["mode"] == "default"
 
 
+# ------------------------------------------------------------------------------------- always failing
+
+
+def test_truncated_compared_run_fails(tool, tmp_path, baseline, capsys):
+    """A resumed run that stopped early (21..22 of the reference's 21..40) is no evidence of a good resume."""
+    short = write_run(tmp_path / "short", records(range(21, 23), RESUME_TOPO))
+    ref, cmp = load_curves(baseline), load_curves(short)
+    for kw in ({"atol": 1e-3}, {"exact": True}, {}):  # {}: no assertion, judged with the default tolerance
+        c = compare(ref, cmp, resume_iteration=20, **kw)
+        assert c.passed is False and c.train.passed is False and c.valid.passed is False
+        assert c.reasons == [
+            "training loss: the compared run lacks 18 of the 20 reference iteration(s) after the resume "
+            "iteration 20 (iterations 23..40)",
+            "validation loss: the compared run lacks 2 of the 2 reference iteration(s) after the resume "
+            "iteration 20 (iterations 30, 40)"]
+        assert c.train.reference_only == list(range(23, 41)) and c.valid.reference_only == [30, 40]
+
+    out = tmp_path / "out"
+    assert tool.main([str(baseline), str(short), "--output-dir", str(out), "--assert-close", "1e-3"]) == 1
+    v = verdict(out)
+    assert v["pass"] is False and split(v, "train")["reference_only_iterations"] == list(range(23, 41))
+    assert any("lacks 18 of the 20" in r for r in v["comparisons"][0]["reasons"])
+    text = capsys.readouterr().out
+    assert "Verdict: FAIL" in text and "(iterations 23..40)" in text and "overall: FAIL" in text
+    # Without an assertion the failure is recorded, never fatal.
+    assert tool.main([str(baseline), str(short), "--output-dir", str(out)]) == 0
+    assert verdict(out)["pass"] is False
+
+
+def test_gap_fails_and_running_past_the_reference_passes(tmp_path, baseline):
+    ref = load_curves(baseline)
+    gap = load_curves(write_run(tmp_path / "gap", [r for r in records(range(21, 41), RESUME_TOPO)
+                                                   if r["iteration"] != 33]))
+    c = compare(ref, gap, atol=1e-3)
+    assert not c.passed and c.reasons == ["training loss: the compared run lacks 1 of the 20 reference "
+                                          "iteration(s) after the resume iteration 20 (iteration 33)"]
+    no_eval = load_curves(write_run(tmp_path / "no_eval", [r for r in records(range(21, 41), RESUME_TOPO)
+                                                           if r["split"] == "train"]))
+    c = compare(ref, no_eval, atol=1e-3)
+    assert c.train.passed and not c.valid.passed and not c.passed
+    assert c.reasons == ["validation loss: the compared run lacks 2 of the 2 reference iteration(s) after the "
+                         "resume iteration 20 (iterations 30, 40)"]
+    # Iterations past the reference's end have nothing to be compared with; the overlap is judged.
+    longer = load_curves(write_run(tmp_path / "longer", records(range(21, 51), RESUME_TOPO)))
+    c = compare(ref, longer, atol=1e-3)
+    assert c.passed and c.reasons == [] and c.train.compared_only == list(range(41, 51))
+    assert c.train.iterations == list(range(21, 41)) and c.valid.iterations == [30, 40]
+
+
+def test_nan_in_compared_run_fails(tool, tmp_path, baseline, capsys):
+    ref = load_curves(baseline)
+    nan = load_curves(resumed(tmp_path, name="nan", delta={25: math.nan}))
+    for kw in ({"atol": 1e-3}, {"exact": True}, {"rtol_first": 1e-4}, {}):
+        c = compare(ref, nan, **kw)
+        assert c.passed is False and c.valid.passed is True
+        assert c.reasons[0] == "training loss: non-finite loss in the compared run after the resume iteration " \
+                               "20: nan at iteration 25"
+    assert compare(ref, nan, rtol_first=1e-4).reasons == [c.reasons[0]]  # the first step itself is fine
+
+    # Validation losses, and iterations past the reference's end, are held to the same rule.
+    valid_inf = load_curves(resumed(tmp_path, name="valid_inf", valid_delta={40: -math.inf}))
+    c = compare(ref, valid_inf, atol=1e-3)
+    assert c.train.passed and not c.valid.passed
+    assert c.valid.reasons[0] == ("validation loss: non-finite loss in the compared run after the resume "
+                                  "iteration 20: -inf at iteration 40")
+    late_nan = load_curves(write_run(tmp_path / "late_nan", records(range(21, 46), RESUME_TOPO,
+                                                                    delta={44: math.nan, 45: math.inf})))
+    c = compare(ref, late_nan, atol=1e-3)
+    assert c.train.max_abs_diff == 0 and not c.passed
+    assert c.reasons == ["training loss: non-finite loss in the compared run after the resume iteration 20: "
+                         "iterations 44..45; first nan at iteration 44"]
+
+    out = tmp_path / "out"
+    assert tool.main([str(baseline), nan.source, "--output-dir", str(out), "--assert-close", "1e-3"]) == 1
+    v = verdict(out)
+    assert v["pass"] is False and split(v, "train")["non_finite_iterations"] == {"reference": [], "compared": [25]}
+    assert "nan at iteration 25" in capsys.readouterr().out
+
+
+def test_inf_in_reference_fails(tmp_path):
+    ref = load_curves(write_run(tmp_path / "inf_base", records(range(1, 41), BASE_TOPO, delta={30: math.inf})))
+    run = load_curves(resumed(tmp_path))
+    c = compare(ref, run, atol=1e-3)
+    assert not c.passed and c.reasons[0] == ("training loss: non-finite loss in the reference run after the "
+                                             "resume iteration 20: inf at iteration 30")
+    assert c.train.reference_non_finite == [30] and c.train.compared_non_finite == []
+    # The same non-finite value in both runs is bitwise equal, and still fails.
+    both = load_curves(resumed(tmp_path, name="both_inf", delta={30: math.inf}))
+    c = compare(ref, both, exact=True)
+    assert c.train.unequal_iterations == [] and not c.passed and len(c.reasons) == 2
+    assert "reference run" in c.reasons[0] and "compared run" in c.reasons[1]
+    # Before the resume the reference's losses are not part of the comparison.
+    early = load_curves(write_run(tmp_path / "early_inf", records(range(1, 41), BASE_TOPO,
+                                                                  delta={10: math.inf}, valid_delta={20: math.nan})))
+    c = compare(early, run, exact=True)
+    assert c.passed and c.reasons == []
+
+
+def test_nothing_compared_fails(tool, tmp_path, baseline, capsys):
+    ref = load_curves(baseline)
+    late = load_curves(write_run(tmp_path / "late", records(range(41, 51), RESUME_TOPO)))
+    expected = (r"nothing to compare: no training iteration after the resume iteration 40 "
+                r".*\(compared run logged 41\.\.50, reference 1\.\.40\)")
+    for kw in ({"atol": 1e-3}, {}):
+        with pytest.raises(LossCurveError, match=expected):
+            compare(ref, late, **kw)
+    with pytest.raises(LossCurveError, match="nothing to compare"):
+        compare(ref, load_curves(resumed(tmp_path)), resume_iteration=40)
+    # The command fails too, with or without an assertion: exit 2, one line naming the compared run.
+    out = tmp_path / "out"
+    assert tool.main([str(baseline), late.source, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {late.source}: nothing to compare") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def _curves(label: str, train: dict[int, float], valid: dict[int, float] | None = None) -> Curves:
+    return Curves(label=label, source=f"{label}/loss.jsonl", kind="loss.jsonl", train=train, valid=valid or {})
+
+
+def test_difference_equal_to_tolerance_passes_and_just_above_fails():
+    above = math.nextafter(2.5, math.inf)
+    assert above - 2.0 > 0.5 and 2.5 - 2.0 == 0.5
+    ref = _curves("ref", {20: 1.0, 21: 2.0, 22: 2.0}, {22: 2.0})
+    at = compare(ref, _curves("at", {21: 2.5, 22: 2.0}, {22: 2.5}), resume_iteration=20, atol=0.5, rtol_first=0.25)
+    assert at.passed and at.reasons == [] and at.train.max_abs_diff == 0.5 and at.valid.max_abs_diff == 0.5
+    assert at.train.first_step_rel_diff == 0.25
+
+    c = compare(ref, _curves("above", {21: above, 22: 2.0}, {22: 2.0}), resume_iteration=20, atol=0.5)
+    assert not c.passed and c.reasons == ["training loss: max |diff| 0.5 at iteration 21 exceeds atol 0.5"]
+    c = compare(ref, _curves("above", {21: 2.5, 22: 2.0}, {22: above}), resume_iteration=20, atol=0.5)
+    assert not c.passed and c.reasons == ["validation loss: max |diff| 0.5 at iteration 22 exceeds atol 0.5"]
+    c = compare(ref, _curves("above", {21: above, 22: 2.0}, {22: 2.0}), resume_iteration=20, rtol_first=0.25)
+    assert not c.passed and c.reasons == ["training loss: first compared iteration 21 relative |diff| 0.25 "
+                                          "exceeds rtol-first 0.25"]
+    # A difference below the reference is measured the same way.
+    assert compare(ref, _curves("below", {21: 1.5, 22: 2.0}), resume_iteration=20, atol=0.5).train.passed
+    assert not compare(ref, _curves("below", {21: math.nextafter(1.5, 0.0), 22: 2.0}), resume_iteration=20,
+                       atol=0.5).train.passed
+
+
+def test_tolerance_boundary_through_the_command(tool, tmp_path, capsys):
+    def run(name, loss):
+        return write_run(tmp_path / name, [{"split": "train", "iteration": i, "loss": loss if i == 21 else 2.0}
+                                           for i in (21, 22)])
+
+    base = write_run(tmp_path / "base", [{"split": "train", "iteration": i, "loss": 2.0} for i in range(1, 23)])
+    out = tmp_path / "out"
+    assert tool.main([str(base), str(run("at", 2.5)), "--output-dir", str(out), "--assert-close", "0.5"]) == 0
+    assert verdict(out)["pass"] is True and split(verdict(out), "train")["max_abs_diff"] == 0.5
+    above = run("above", math.nextafter(2.5, math.inf))
+    assert tool.main([str(base), str(above), "--output-dir", str(out), "--assert-close", "0.5"]) == 1
+    v = verdict(out)
+    assert v["pass"] is False
+    assert v["comparisons"][0]["reasons"] == ["training loss: max |diff| 0.5 at iteration 21 exceeds atol 0.5"]
+    assert "overall: FAIL" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------- alignment
 
 
@@ -327,6 +487,44 @@ def test_errors_name_the_file(tool, tmp_path, baseline, capsys):
     with pytest.raises(LossCurveError, match="no numeric 'loss'"):
         write_run(tmp_path / "noloss", [{"split": "train", "iteration": 1, "loss": None}])
         load_curves(tmp_path / "noloss")
+
+
+BAD_LINES = {
+    "not_json": '{"split": "train", "iteration": 21, "loss": ',
+    "not_a_record": "[1, 2]",
+    "list_split": '{"split": ["train"], "iteration": 21, "loss": 1.0}',
+    "infinite_iteration": '{"split": "train", "iteration": Infinity, "loss": 1.0}',
+    "huge_loss": '{"split": "train", "iteration": 21, "loss": 1' + "0" * 400 + "}",
+    "bool_loss": '{"split": "train", "iteration": 21, "loss": true}',
+    "string_loss": '{"split": "train", "iteration": 21, "loss": "1.0"}',
+    "too_deep": "[" * 100_000 + "]" * 100_000,
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_LINES))
+def test_bad_input_is_one_error_line_exit_2(tool, tmp_path, baseline, capsys, name):
+    run = tmp_path / name
+    run.mkdir()
+    (run / "loss.jsonl").write_text(json.dumps(records([21], RESUME_TOPO)[0]) + "\n" + BAD_LINES[name] + "\n")
+    out = tmp_path / "out"
+    assert tool.main([str(baseline), str(run), "--output-dir", str(out), "--assert-close", "1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {run / 'loss.jsonl'}") and captured.err.count("\n") == 1
+    assert "Traceback" not in captured.err and captured.out == "" and not out.exists()
+
+
+def test_unreadable_inputs_are_one_error_line_exit_2(tool, tmp_path, baseline, capsys):
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / "loss.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\xff\x00")
+    corrupt = tmp_path / "corrupt_tb"
+    corrupt.mkdir()
+    (corrupt / "events.out.tfevents.1.host").write_bytes(b"\x00garbage" * 8)
+    for run, what in ((tmp_path / "missing" / "loss.jsonl", "no such file or folder"),
+                      (binary, "not a text file"), (corrupt, "no TensorBoard scalars")):
+        assert tool.main([str(baseline), str(run), "--output-dir", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(run) in err and what in err and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------------- library

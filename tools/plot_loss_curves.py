@@ -8,7 +8,9 @@ Each RUN is a run folder (its ``loss.jsonl``, else TensorBoard events below it),
 events file/folder. The first RUN is the reference; every other RUN is aligned with it by iteration
 and compared on the iterations after the resume (default: its first logged iteration - 1). Writes
 training_loss.png/.csv, validation_loss.png/.csv and verdict.json into --output-dir and prints a
-step table. Exit code: 0 pass (or no assertion requested), 1 an assertion failed, 2 bad input.
+step table. Exit code: 0 pass (or no assertion requested), 1 an assertion failed (including a resumed
+run missing reference iterations after the resume, or a NaN/inf loss), 2 bad input (one line
+``error: <file>: <what is wrong>`` on stderr; also when the runs share no training iteration after the resume).
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(message: str) -> str:
+    # Messages quote exceptions (TensorBoard's, JSON's) that may span lines; the error stays one line.
+    return " ".join(message.splitlines())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -68,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(comparison, max_rows=args.rows))
         paths = write_report(curves_list, comparisons, args.output_dir, title=args.title)
     except LossCurveError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: {e.filename or args.output_dir}: {e.strerror or e}", file=sys.stderr)
+        print(f"error: {e.filename or args.output_dir}: {_one_line(str(e.strerror or e))}", file=sys.stderr)
         return 2
     print()
     for path in paths.values():

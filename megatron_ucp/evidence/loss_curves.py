@@ -8,7 +8,8 @@ state, LR schedule, data position), the resumed curve matches the baseline from 
   anywhere below it, a ``loss.jsonl`` path, or an events file. Curves map iteration -> loss, so every
   comparison aligns by iteration, never by position.
 * :func:`compare` measures one run against the reference over the iterations after the resume
-  (``Comparison``: per-split first-step, max and mean absolute differences and a pass/fail verdict).
+  (``Comparison``: per-split first-step, max and mean absolute differences and a pass/fail verdict;
+  a resumed run missing reference iterations, or a NaN/inf loss in either run, always fails).
 * :func:`format_table` renders a ``Step  Reference  Compared  Difference`` table and a summary.
 * :func:`write_report` writes ``training_loss.png``, ``validation_loss.png``, ``training_loss.csv``,
   ``validation_loss.csv`` and ``verdict.json``, each through a temporary name renamed into place.
@@ -24,6 +25,7 @@ import io
 import json
 import math
 import os
+import reprlib
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -107,6 +109,19 @@ def _find_events(folder: str) -> list[str]:
     return found
 
 
+def _record_loss(rec: dict, path: str) -> float:
+    """The record's loss as a float; NaN and infinities are kept (the verdict fails on them)."""
+    loss = rec.get("loss")
+    # bool is an int subclass, yet true is no loss of 1.0; strings are not numbers either.
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        try:
+            return float(loss)
+        except OverflowError:
+            pass
+    raise LossCurveError(f"{path}: {rec['split']} record at iteration {rec['iteration']} has no numeric "
+                         f"'loss' ({reprlib.repr(loss)})")
+
+
 def _read_jsonl(path: str) -> tuple[dict[int, float], dict[int, float], list[TopologySegment]]:
     try:
         records = read_loss_log(path)
@@ -116,6 +131,9 @@ def _read_jsonl(path: str) -> tuple[dict[int, float], dict[int, float], list[Top
         raise LossCurveError(f"{path}: not a text file ({e})") from None
     except ValueError as e:  # read_loss_log names path:line already
         raise LossCurveError(str(e)) from None
+    except (TypeError, OverflowError, RecursionError) as e:
+        # Records read_loss_log cannot key (a list as split, an infinite iteration, JSON nested too deep).
+        raise LossCurveError(f"{path}: not a loss record ({e})") from None
     except OSError as e:
         raise LossCurveError(f"{path}: cannot read ({e.strerror or e})") from None
     splits: dict[str, dict[int, float]] = {"train": {}, "valid": {}}
@@ -124,12 +142,7 @@ def _read_jsonl(path: str) -> tuple[dict[int, float], dict[int, float], list[Top
         split = rec["split"]
         if split not in splits:
             continue  # a split this tool does not plot
-        try:
-            loss = float(rec["loss"])
-        except (KeyError, TypeError, ValueError):
-            raise LossCurveError(f"{path}: {split} record at iteration {rec['iteration']} has no numeric "
-                                 f"'loss' ({rec.get('loss')!r})") from None
-        splits[split][int(rec["iteration"])] = loss
+        splits[split][int(rec["iteration"])] = _record_loss(rec, path)
         if split == "train":
             topologies[int(rec["iteration"])] = rec.get("topology")
     segments: list[TopologySegment] = []
@@ -142,28 +155,36 @@ def _read_jsonl(path: str) -> tuple[dict[int, float], dict[int, float], list[Top
     return splits["train"], splits["valid"], segments
 
 
-def _read_events(files: Sequence[str], source: str) -> tuple[dict[int, float], dict[int, float]]:
-    from tensorboard.backend.event_processing import event_accumulator as ea
+def _events_of_file(path: str) -> dict[str, list[tuple[float, int, float]]]:
+    """(wall time, step, loss) per split of one events file."""
+    try:
+        from tensorboard.backend.event_processing import event_accumulator as ea
+        from tensorboard.util import tensor_util
+    except ImportError as e:
+        raise LossCurveError(f"{path}: reading TensorBoard events needs the tensorboard package ({e})") from None
 
     guidance = {ea.SCALARS: 0, ea.TENSORS: 0, ea.HISTOGRAMS: 1, ea.IMAGES: 1, ea.AUDIO: 1,
                 ea.COMPRESSED_HISTOGRAMS: 1}
-    per_file = []
-    for path in files:
-        try:
-            acc = ea.EventAccumulator(path, size_guidance=guidance, purge_orphaned_data=False)
-            acc.Reload()
-            tags = acc.Tags()
-        except Exception as e:  # noqa: BLE001 - corrupt or unreadable events files raise many types
-            raise LossCurveError(f"{path}: unreadable TensorBoard events ({type(e).__name__}: {e})") from None
-        events: dict[str, list[tuple[float, int, float]]] = {}
+    events: dict[str, list[tuple[float, int, float]]] = {}
+    try:
+        acc = ea.EventAccumulator(path, size_guidance=guidance, purge_orphaned_data=False)
+        acc.Reload()
+        tags = acc.Tags()
         for split, tag in SPLIT_TAGS.items():
             if tag in tags.get(ea.SCALARS, []):
                 events[split] = [(e.wall_time, int(e.step), float(e.value)) for e in acc.Scalars(tag)]
             elif tag in tags.get(ea.TENSORS, []):
-                from tensorboard.util import tensor_util
-
                 events[split] = [(e.wall_time, int(e.step), float(tensor_util.make_ndarray(e.tensor_proto)))
                                  for e in acc.Tensors(tag)]
+    except Exception as e:  # noqa: BLE001 - corrupt or unreadable events files raise many types
+        raise LossCurveError(f"{path}: unreadable TensorBoard events ({type(e).__name__}: {e})") from None
+    return events
+
+
+def _read_events(files: Sequence[str], source: str) -> tuple[dict[int, float], dict[int, float]]:
+    per_file = []
+    for path in files:
+        events = _events_of_file(path)
         if events:
             first_wall = min((ev[0][0] for ev in events.values() if ev), default=math.inf)
             per_file.append((first_wall, path, events))
@@ -259,7 +280,11 @@ def _num(x: float | None) -> float | str | None:
 
 @dataclass
 class SplitComparison:
-    """One split of a comparison, over the iterations after the resume that both runs logged."""
+    """One split of a comparison, over the iterations after the resume that both runs logged.
+
+    ``reference_only`` (reference iterations after the resume the compared run lacks) and the non-finite
+    losses of either run after the resume fail the split; see :func:`compare`.
+    """
 
     split: str
     resume_iteration: int
@@ -267,8 +292,10 @@ class SplitComparison:
     reference: list[float]
     compared: list[float]
     diffs: list[float]  # compared - reference
-    reference_only: list[int]  # after the resume, up to the compared run's last iteration
-    compared_only: list[int]
+    reference_only: list[int]  # after the resume; every one of them fails the split
+    compared_only: list[int]  # after the resume, e.g. past the reference's last iteration
+    reference_non_finite: list[int] = field(default_factory=list)  # after the resume
+    compared_non_finite: list[int] = field(default_factory=list)  # after the resume
     passed: bool = True
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -334,6 +361,7 @@ class SplitComparison:
             "unequal_count": len(self.unequal_iterations),
             "reference_only_iterations": self.reference_only,
             "compared_only_iterations": self.compared_only,
+            "non_finite_iterations": {"reference": self.reference_non_finite, "compared": self.compared_non_finite},
         }
         if tolerance is not None:
             out["tolerance"] = tolerance
@@ -415,16 +443,37 @@ def default_resume_iteration(compared: Curves) -> tuple[int, str]:
     return its[0] - 1, f"first logged iteration ({its[0]}) - 1"
 
 
-def _judge(sc: SplitComparison, atol: float | None, rtol_first: float | None, exact: bool) -> None:
-    name = SPLIT_TITLES[sc.split].lower()
-    if sc.count == 0:
-        sc.notes.append(f"no {name} iterations after {sc.resume_iteration} in both runs; nothing to compare")
-        return
-    if sc.first != sc.resume_iteration + 1:
-        sc.notes.append(f"first compared {name} iteration is {sc.first}, not resume_iteration + 1")
+def _iterations_text(its: Sequence[int]) -> str:
+    """``iteration 7``, ``iterations 23..40`` (a contiguous run) or ``iterations 10, 30, ...``."""
+    if len(its) == 1:
+        return f"iteration {its[0]}"
+    if its[-1] - its[0] == len(its) - 1:
+        return f"iterations {its[0]}..{its[-1]}"
+    return "iterations " + ", ".join(map(str, its[:5])) + (", ..." if len(its) > 5 else "")
+
+
+def _check_coverage(sc: SplitComparison, name: str) -> None:
     if sc.reference_only:
-        sc.notes.append(f"{len(sc.reference_only)} reference {name} iteration(s) missing from the compared run "
-                        f"(first {sc.reference_only[0]})")
+        n_reference = sc.count + len(sc.reference_only)
+        sc.reasons.append(f"{name}: the compared run lacks {len(sc.reference_only)} of the {n_reference} "
+                          f"reference iteration(s) after the resume iteration {sc.resume_iteration} "
+                          f"({_iterations_text(sc.reference_only)})")
+
+
+def _check_finite(sc: SplitComparison, name: str, reference: dict[int, float], compared: dict[int, float]) -> None:
+    for run, losses, bad in (("reference", reference, sc.reference_non_finite),
+                             ("compared", compared, sc.compared_non_finite)):
+        if not bad:
+            continue
+        detail = f"{losses[bad[0]]!r} at iteration {bad[0]}"
+        if len(bad) > 1:
+            detail = f"{_iterations_text(bad)}; first {detail}"
+        sc.reasons.append(f"{name}: non-finite loss in the {run} run after the resume iteration "
+                          f"{sc.resume_iteration}: {detail}")
+
+
+def _check_tolerance(sc: SplitComparison, name: str, atol: float | None, rtol_first: float | None,
+                     exact: bool) -> None:
     asserted = exact or atol is not None or rtol_first is not None
     if exact:
         bad = sc.unequal_iterations
@@ -439,18 +488,62 @@ def _judge(sc: SplitComparison, atol: float | None, rtol_first: float | None, ex
     if rtol_first is not None and sc.split == "train" and not sc.first_step_rel_diff <= rtol_first:
         sc.reasons.append(f"{name}: first compared iteration {sc.first} relative |diff| "
                           f"{sc.first_step_rel_diff:.6g} exceeds rtol-first {rtol_first:g}")
+
+
+def _judge(sc: SplitComparison, reference: dict[int, float], compared: dict[int, float], atol: float | None,
+           rtol_first: float | None, exact: bool) -> None:
+    name = SPLIT_TITLES[sc.split].lower()
+    _check_coverage(sc, name)
+    _check_finite(sc, name, reference, compared)
+    if sc.count == 0:
+        sc.notes.append(f"no {name} iterations after {sc.resume_iteration} in both runs; nothing to compare")
+    else:
+        if sc.first != sc.resume_iteration + 1:
+            sc.notes.append(f"first compared {name} iteration is {sc.first}, not resume_iteration + 1")
+        _check_tolerance(sc, name, atol, rtol_first, exact)
     sc.passed = not sc.reasons
+
+
+def _non_finite_after(losses: dict[int, float], resume_iteration: int) -> list[int]:
+    return sorted(it for it, loss in losses.items() if it > resume_iteration and not math.isfinite(loss))
+
+
+def _split_comparison(split: str, ref: dict[int, float], cmp: dict[int, float],
+                      resume_iteration: int) -> SplitComparison:
+    after_ref = {it for it in ref if it > resume_iteration}
+    after_cmp = {it for it in cmp if it > resume_iteration}
+    its = sorted(after_ref & after_cmp)
+    return SplitComparison(
+        split=split, resume_iteration=resume_iteration, iterations=its,
+        reference=[ref[i] for i in its], compared=[cmp[i] for i in its],
+        diffs=[_diff(ref[i], cmp[i]) for i in its],
+        reference_only=sorted(after_ref - after_cmp), compared_only=sorted(after_cmp - after_ref),
+        reference_non_finite=_non_finite_after(ref, resume_iteration),
+        compared_non_finite=_non_finite_after(cmp, resume_iteration))
 
 
 def compare(reference: Curves, compared: Curves, resume_iteration: int | None = None, atol: float | None = None,
             rtol_first: float | None = None, exact: bool = False) -> Comparison:
     """Compare ``compared`` with ``reference`` on the iterations after ``resume_iteration`` both logged.
 
-    ``atol``: every |compared - reference| (training and validation) must be <= atol. ``rtol_first``: the
-    first compared training iteration's |diff| / |reference| must be <= rtol_first. ``exact``: every
-    compared loss must equal the reference float exactly. With none of them the verdict is judged with
-    ``DEFAULT_ATOL`` and says no assertion was requested. Raises LossCurveError when no training
-    iteration after the resume is in both runs.
+    ``atol``: every |compared - reference| (training and validation) must be <= atol; a difference equal
+    to atol passes. |diff| is ``abs(compared - reference)`` in float64, exact whenever the two losses are
+    within a factor of two of each other. ``rtol_first``: the first compared training iteration's
+    |diff| / |reference| must be <= rtol_first. ``exact``: every compared loss must equal the reference
+    float exactly. With none of them the verdict is judged with ``DEFAULT_ATOL`` and says no assertion
+    was requested.
+
+    Whatever was asserted, a split fails (with a reason) when
+
+    * the compared run lacks an iteration the reference logged after the resume (a truncated or gappy
+      resumed run); iterations the compared run logged past the reference's last one have nothing to
+      be compared with and are judged by the next rule only;
+    * either run logged a NaN or infinite loss after the resume (for the reference that includes the
+      iterations the compared run lacks; for the compared run those past the reference's end).
+
+    Nothing to compare is never a pass: when no training iteration after the resume is in both runs
+    this raises LossCurveError. A validation split with no common iteration fails only through the
+    rules above (the reference evaluated after the resume, the compared run did not).
     """
     for name, v in (("atol", atol), ("rtol_first", rtol_first)):
         if v is not None and not (v >= 0):
@@ -459,32 +552,18 @@ def compare(reference: Curves, compared: Curves, resume_iteration: int | None = 
         resume_iteration, how = default_resume_iteration(compared)
     else:
         resume_iteration, how = int(resume_iteration), "given"
-    splits = {}
-    for split in SPLITS:
-        ref, cmp = reference.split(split), compared.split(split)
-        after_ref = {it for it in ref if it > resume_iteration}
-        after_cmp = {it for it in cmp if it > resume_iteration}
-        its = sorted(after_ref & after_cmp)
-        last_cmp = max(after_cmp, default=resume_iteration)
-        splits[split] = SplitComparison(
-            split=split, resume_iteration=resume_iteration, iterations=its,
-            reference=[ref[i] for i in its], compared=[cmp[i] for i in its],
-            diffs=[_diff(ref[i], cmp[i]) for i in its],
-            reference_only=sorted(i for i in after_ref - after_cmp if i <= last_cmp),
-            compared_only=sorted(after_cmp - after_ref))
+    splits = {split: _split_comparison(split, reference.split(split), compared.split(split), resume_iteration)
+              for split in SPLITS}
     if not splits["train"].iterations:
         def rng(d: dict) -> str:
             return f"{min(d)}..{max(d)}" if d else "none"
 
         raise LossCurveError(
-            f"{compared.source}: no training iteration after the resume iteration {resume_iteration} is also in "
-            f"{reference.source} (compared run logged {rng(compared.train)}, reference {rng(reference.train)})")
+            f"{compared.source}: nothing to compare: no training iteration after the resume iteration "
+            f"{resume_iteration} is also in {reference.source} (compared run logged {rng(compared.train)}, "
+            f"reference {rng(reference.train)})")
     for split, sc in splits.items():
-        _judge(sc, atol, rtol_first, exact)
-        n_ref = sum(1 for it in reference.split(split) if it > resume_iteration)
-        if not sc.count and n_ref:
-            sc.notes.append(f"the reference logged {n_ref} {SPLIT_TITLES[split].lower()} iteration(s) after "
-                            f"{resume_iteration}; the compared run logged none of them")
+        _judge(sc, reference.split(split), compared.split(split), atol, rtol_first, exact)
     if exact and reference.kind != compared.kind:
         splits["train"].notes.append("the runs come from different sources (loss.jsonl vs TensorBoard float32); "
                                      "exact equality is not expected")

@@ -19,6 +19,7 @@ from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ucp.cli import run_tool  # noqa: E402
 from megatron_ucp.hf.logits import check, generate_text  # noqa: E402
 
 
@@ -42,15 +43,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not _has_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    result = check(args.hf_dir, args.universal, tp=args.tp, pp=args.pp, batch=args.batch, seq=args.seq,
-                   seed=args.seed)
-    print(f"TP{args.tp} PP{args.pp}: {result.summary()}")
-    if args.generate is not None:
-        print(f"generate: {args.generate!r} -> {generate_text(args.hf_dir, args.generate)!r}")
-    if args.atol is not None and not result.max_abs <= args.atol:
-        print(f"error: max |dlogit| {result.max_abs:.3e} exceeds {args.atol:g}", file=sys.stderr)
-        return 1
-    return 0
+
+    def body() -> int:
+        result = check(args.hf_dir, args.universal, tp=args.tp, pp=args.pp, batch=args.batch, seq=args.seq,
+                       seed=args.seed)
+        print(f"TP{args.tp} PP{args.pp}: {result.summary()}")
+        if args.generate is not None:
+            print(f"generate: {args.generate!r} -> {generate_text(args.hf_dir, args.generate)!r}")
+        if args.atol is not None and not result.max_abs <= args.atol:
+            print(f"error: max |dlogit| {result.max_abs:.3e} exceeds {args.atol:g}", file=sys.stderr)
+            return 1
+        return 0
+
+    return run_tool(body)
 
 
 def _has_cuda() -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
 
+from megatron_ucp.cli import run_tool  # noqa: E402
 from megatron_ucp.data.preprocess import preprocess  # noqa: E402
 from megatron_ucp.data.tokenizer import SUPPORTED_TOKENIZERS  # noqa: E402
 
@@ -37,25 +38,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    report = preprocess(
-        args.input,
-        args.output_prefix,
-        args.tokenizer_type,
-        tokenizer_model=args.tokenizer_model,
-        vocab_file=args.vocab_file,
-        merge_file=args.merge_file,
-        json_keys=args.json_keys,
-        append_eod=args.append_eod,
-        workers=args.workers,
-        log_interval=args.log_interval,
-    )
-    for key, prefix in report.outputs.items():
-        print(f"{key}: {prefix}.bin/.idx")
-    print(
-        f"{report.documents} documents, {report.tokens} tokens"
-        f" ({report.skipped} empty skipped) in {report.seconds:.2f} s"
-    )
-    return 0
+
+    def body() -> int:
+        report = preprocess(
+            args.input,
+            args.output_prefix,
+            args.tokenizer_type,
+            tokenizer_model=args.tokenizer_model,
+            vocab_file=args.vocab_file,
+            merge_file=args.merge_file,
+            json_keys=args.json_keys,
+            append_eod=args.append_eod,
+            workers=args.workers,
+            log_interval=args.log_interval,
+        )
+        for key, prefix in report.outputs.items():
+            print(f"{key}: {prefix}.bin/.idx")
+        print(
+            f"{report.documents} documents, {report.tokens} tokens"
+            f" ({report.skipped} empty skipped) in {report.seconds:.2f} s"
+        )
+        return 0
+
+    return run_tool(body)
 
 
 if __name__ == "__main__":

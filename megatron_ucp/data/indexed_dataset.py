@@ -168,7 +168,7 @@ class IndexedDataset:
         self.bin_path = data_file_path(prefix)
         for path in (self.idx_path, self.bin_path):
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"indexed dataset file not found: {path}")
+                raise FileNotFoundError(f"{path}: indexed dataset file not found")
         self._read_index()
         self._read_data()
 

@@ -62,7 +62,7 @@ def iter_documents(input_path: str | os.PathLike, json_keys: Sequence[str] = ("t
     """Yield ``{key: text}`` per document, in input order (empty documents included)."""
     path = Path(input_path)
     if not path.is_file():
-        raise FileNotFoundError(f"input not found: {path}")
+        raise FileNotFoundError(f"{path}: input not found")
     if not _is_jsonl(path):
         if list(json_keys) != ["text"]:
             raise ValueError(f"{path}: plain-text input has only the key 'text', not {list(json_keys)}")

@@ -67,7 +67,7 @@ def _require_file(path: str | os.PathLike | None, what: str) -> Path:
         raise ValueError(f"{what} is required")
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{what} not found: {p}")
+        raise FileNotFoundError(f"{p}: {what} not found")
     return p
 
 
@@ -128,7 +128,7 @@ def read_text(path: str | os.PathLike) -> str:
     """Read a UTF-8 ``.txt`` or xz-compressed ``.txt.xz`` file (universal newlines)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"input not found: {p}")
+        raise FileNotFoundError(f"{p}: input not found")
     opener = lzma.open if p.name.endswith(".xz") else open
     with opener(p, "rt", encoding="utf-8") as f:
         return f.read()

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from megatron_ucp.checkpoint.publish import require_verified
+
 
 def random_tokens(vocab_size: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -128,10 +130,11 @@ def our_logits_many(folders: list[str], tokens: torch.Tensor, tp: int = 1, pp: i
                 with open(os.path.join(load, "latest_universal")) as f:
                     if f.read().strip() != os.path.basename(folder):
                         raise ValueError(f"{load}/latest_universal does not name {os.path.basename(folder)}")
+            require_verified(folder)  # before any rank starts: a bad folder is one clear error
             kwargs, vocab = model_kwargs_of(folder)
             jobs.append(LogitsJob(load, kwargs, vocab, os.path.join(tmp, f"logits{i}.pt")))
         mp.spawn(_worker, args=(tp * pp, _free_port(), jobs, tokens, tp, pp), nprocs=tp * pp, join=True)
-        return [torch.load(job.out) for job in jobs]
+        return [torch.load(job.out, weights_only=True) for job in jobs]  # written just now by our ranks
 
 
 def our_logits(folder: str, tokens: torch.Tensor, tp: int = 1, pp: int = 1) -> torch.Tensor:

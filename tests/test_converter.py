@@ -144,3 +144,36 @@ def test_cli_wiring(ckpt, tmp_path, capsys):
     assert "converted 28 parameters of iteration 2 (TP1 PP1 DP2)" in capsys.readouterr().out
     assert cli.main(["--input_folder", str(tmp_path / "nope"), "--output_folder", str(tmp_path / "x")]) == 2
     assert "nope: not a checkpoint folder" in capsys.readouterr().err
+
+
+def test_marker_guards_what_the_trainer_loads(ckpt, tmp_path):
+    """The trainer's pre-load checks: latest_universal must name a plain folder inside --load, and that
+    folder must carry the marker of a verified conversion with every file at its recorded size."""
+    from megatron_ucp.checkpoint.inspect import compare_universal
+    from megatron_ucp.checkpoint.publish import require_verified
+    from megatron_ucp.training.checkpointing import checkpoint_folder
+
+    out = tmp_path / "u" / "global_step2_universal"
+    convert_zero_to_universal(str(ckpt / "global_step2"), str(out))
+    folder = checkpoint_folder(str(tmp_path / "u"), universal=True)
+    assert folder == str(out) and require_verified(folder)["verified"] is True
+    (tmp_path / "u" / "latest_universal").write_text("../elsewhere")
+    with pytest.raises(CheckpointError, match="contains a path separator"):
+        checkpoint_folder(str(tmp_path / "u"), universal=True)
+    # One byte appended to an atom after publishing: the manifest no longer matches.
+    atom = out / "zero" / "1.input_layernorm.weight" / "fp32.pt"
+    with open(atom, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(CheckpointError, match="records"):
+        require_verified(str(out))
+    with pytest.raises(CheckpointError, match="records"):
+        compare_universal(str(out), str(out))
+    # A universal folder without the marker (e.g. DeepSpeed's converter's) is refused until certified.
+    plain = tmp_path / "v" / "global_step2_universal"
+    shutil.copytree(out, plain)
+    (plain / "megatron_ucp_complete.json").unlink()
+    (plain / "zero" / "1.input_layernorm.weight" / "fp32.pt").write_bytes(atom.read_bytes()[:-1])  # repaired
+    with pytest.raises(CheckpointError, match="is not a finished, verified conversion"):
+        require_verified(str(plain))
+    universal.certify_universal(str(ckpt / "global_step2"), str(plain))
+    assert require_verified(str(plain))["certified"] is True

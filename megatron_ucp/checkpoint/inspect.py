@@ -56,6 +56,9 @@ class Comparison:
     # our stage-compatibility additions (``checkpoint.universal``), present in one folder only and
     # checked to be exactly what they are derived from; they do not count as differences
     compat_extras: list[str] = field(default_factory=list)
+    # our completion markers: each checked against its own folder's files, not compared (they record
+    # when and from what request they were written)
+    markers: list[str] = field(default_factory=list)
 
     @property
     def equal(self) -> bool:
@@ -68,6 +71,8 @@ class Comparison:
                              ("different", self.different)):
             if items:
                 lines.append(f"  {label} ({len(items)}): " + ", ".join(items[:10]) + (" ..." if len(items) > 10 else ""))
+        if self.markers:
+            lines.append(f"  completion markers, checked against their folders: {', '.join(self.markers)}")
         if self.compat_extras:
             lines.append(f"  stage-compatibility additions, verified ({len(self.compat_extras)}): "
                          + ", ".join(self.compat_extras[:4]) + (" ..." if len(self.compat_extras) > 4 else ""))
@@ -130,12 +135,12 @@ def compare_universal(a: str, b: str, include_model_states: bool = True, values_
     extras_b = [x for x in _compat_aliases(b, fb) if x not in fa]
     fa = [f for f in fa if f not in extras_a]
     fb = [f for f in fb if f not in extras_b]
-    extras = extras_a + extras_b + markers
+    extras = extras_a + extras_b
     if values_only:  # step.pt exists only where the writer made ZeRO-1/2-style atoms
         fa = [f for f in fa if not f.endswith("/step.pt")]
         fb = [f for f in fb if not f.endswith("/step.pt")]
     cmp = Comparison(a, b, only_in_a=sorted(set(fa) - set(fb)), only_in_b=sorted(set(fb) - set(fa)),
-                     compat_extras=sorted(extras))
+                     compat_extras=sorted(extras), markers=markers)
     for rel in sorted(set(fa) & set(fb)):
         pa, pb = os.path.join(a, rel), os.path.join(b, rel)
         cmp.compared += 1

@@ -95,6 +95,7 @@ class ModelConfig:
 
     def check_tensor_parallel(self, tp: int) -> None:
         """Raise ValueError when ``tp`` cannot split this model evenly."""
+        assert self.num_key_value_heads is not None and self.ffn_hidden_size is not None  # set by __post_init__
         if self.num_attention_heads % tp:
             raise ValueError(f"tensor parallel {tp} does not divide num_attention_heads {self.num_attention_heads}")
         if self.num_key_value_heads % tp:
@@ -211,6 +212,7 @@ class TrainConfig:
             raise ValueError("give --data-path (a preprocessed dataset prefix) or --mock-data")
         if self.mock_data and not self.vocab_size:
             raise ValueError("--mock-data needs --vocab-size")
+        assert self.lr_decay_iters is not None  # set by __post_init__
         if not 0 <= self.lr_warmup_iters <= self.lr_decay_iters:
             raise ValueError(f"need 0 <= lr_warmup_iters ({self.lr_warmup_iters}) <= lr_decay_iters "
                              f"({self.lr_decay_iters})")

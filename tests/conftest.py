@@ -1,13 +1,8 @@
 """Test setup: DeepSpeed's CPU accelerator when there is no GPU, and the GPU marker."""
 
 import os
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 
 def _has_cuda() -> bool:

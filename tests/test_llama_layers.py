@@ -223,8 +223,8 @@ def test_rmsnorm_matches_formula_and_hf():
                   "RMSNorm compared with LayerNorm")
 
     hf = _hf_llama()
-    if hf is None:
-        return
+    if hf is None:  # the checks above ran; the comparison with transformers cannot
+        pytest.skip("transformers is not installed")
     for dtype in (F32, torch.bfloat16):
         ours = RMSNorm(hidden, eps).to(dtype)
         theirs = hf.LlamaRMSNorm(hidden, eps=eps).to(dtype)
@@ -270,8 +270,8 @@ def test_rotary_matches_hf_and_reference(theta):
                                                      rtol=1e-5, atol=1e-5), "interleaved RoPE vs rotate_half")
 
     hf = _hf_llama()
-    if hf is None:
-        return
+    if hf is None:  # the checks above ran; the comparison with transformers cannot
+        pytest.skip("transformers is not installed")
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(hidden_size=nh * hn, num_attention_heads=nh, num_key_value_heads=nh, intermediate_size=8,

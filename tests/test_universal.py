@@ -16,6 +16,7 @@ from dist_utils import run_distributed
 from helpers import vouch_for
 from megatron_ucp.checkpoint.inspect import compare_universal
 from megatron_ucp.checkpoint.universal import certify_universal, convert_zero_to_universal
+from megatron_ucp.checkpoint.zero import open_zero_checkpoint
 from megatron_ucp.config import ModelConfig, TrainConfig
 from megatron_ucp.layout.params import Kind, model_params
 from megatron_ucp.layout.slicing import merge
@@ -243,3 +244,24 @@ def test_negative_controls_fail(fp32_baseline, tmp_path, damage):
     shutil.copy(root / "baseline.jsonl", tmp_path / "baseline.jsonl")
     verdict = _verdict(tmp_path, damage, atol=1e-3, rtol_first=1e-5)
     assert not verdict.passed
+
+
+def test_benchmark_counts_each_parameter_once(sources):
+    """The conversion benchmark's parameter count on a real TP2 checkpoint: TP-replicated parameters
+    once, sharded ones whole (padded vocabulary rows included), as the model's parameter table says."""
+    from helpers import load_tool
+
+    root, src = sources
+    facts = load_tool("benchmark_conversion").checkpoint_facts(str(src["tp2pp2dp2"]["zero"]))
+    cfg = ModelConfig.from_dict(open_zero_checkpoint(str(src["tp2pp2dp2"]["zero"])).metadata["model_config"])
+    padded = facts.padded_vocab_size
+    want = 0
+    for info in model_params(cfg):
+        shape = list(info.full_shape)
+        if info.kind is Kind.VOCAB:
+            shape[0] = padded
+        numel = 1
+        for d in shape:
+            numel *= d
+        want += numel
+    assert facts.tp == 2 and facts.parameters == want, (facts.parameters, want)

@@ -83,8 +83,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run from a checkout, uninstalled
 
 GB = 1e9
 GiB = 1 << 30
@@ -298,14 +296,17 @@ def checkpoint_facts(folder: str) -> CheckpointFacts:
 
     ckpt = open_zero_checkpoint(folder)
 
+    from megatron_ucp.config import ModelConfig
+    from megatron_ucp.layout.params import Kind, spec_of
+
+    cfg = ModelConfig.from_dict(ckpt.metadata["model_config"]) if ckpt.metadata else None
+
     def replicated(name: str) -> bool:
-        if ckpt.metadata is None:
+        if cfg is None:
             return False
         try:
-            from megatron_ucp.layout.params import Kind, spec_of
-
-            return spec_of(name).kind is Kind.REPLICATED
-        except Exception:  # noqa: BLE001 - an unknown name: treat as sharded
+            return spec_of(name, cfg).kind is Kind.REPLICATED
+        except ValueError:  # a name the table does not know: counted as sharded
             return False
 
     numels = {name: full_numel(src.local_shapes, replicated(name)) for name, src in ckpt.param_sources.items()}

@@ -57,8 +57,6 @@ from pathlib import Path
 from typing import Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run from a checkout, uninstalled
 
 # --------------------------------------------------------------------------------------------------
 # Configuration and cases

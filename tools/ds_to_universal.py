@@ -18,14 +18,12 @@ lifts it, for files you trust).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ucp.checkpoint.universal import certify_universal, convert_zero_to_universal  # noqa: E402
-from megatron_ucp.cli import add_trust_flag, apply_trust_flag, run_tool  # noqa: E402
+from megatron_ucp.checkpoint.universal import certify_universal, convert_zero_to_universal
+from megatron_ucp.cli import add_trust_flag, apply_trust_flag, run_tool
 
 
 def build_parser() -> argparse.ArgumentParser:

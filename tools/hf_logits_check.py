@@ -17,10 +17,9 @@ import os
 import sys
 from typing import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ucp.cli import run_tool  # noqa: E402
-from megatron_ucp.hf.logits import check, generate_text  # noqa: E402
+from megatron_ucp.cli import run_tool
+from megatron_ucp.hf.logits import check, generate_text
 
 
 def build_parser() -> argparse.ArgumentParser:

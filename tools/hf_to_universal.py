@@ -12,14 +12,12 @@ at a time; writes fp32 atoms with zero Adam moments and step 0, DeepSpeed's mode
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ucp.cli import add_trust_flag, apply_trust_flag, run_tool  # noqa: E402
-from megatron_ucp.hf.to_universal import convert_hf_to_universal  # noqa: E402
+from megatron_ucp.cli import add_trust_flag, apply_trust_flag, run_tool
+from megatron_ucp.hf.to_universal import convert_hf_to_universal
 
 
 def build_parser() -> argparse.ArgumentParser:

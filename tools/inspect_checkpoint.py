@@ -14,10 +14,9 @@ import os
 import sys
 from typing import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ucp.checkpoint.inspect import compare_universal, describe_universal, describe_zero  # noqa: E402
-from megatron_ucp.cli import add_trust_flag, apply_trust_flag, run_tool  # noqa: E402
+from megatron_ucp.checkpoint.inspect import compare_universal, describe_universal, describe_zero
+from megatron_ucp.cli import add_trust_flag, apply_trust_flag, run_tool
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,9 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
 
-from megatron_ucp.evidence.loss_curves import (  # noqa: E402
+from megatron_ucp.evidence.loss_curves import (
     LossCurveError,
     compare_runs,
     format_table,

@@ -14,11 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
 
-from megatron_ucp.cli import run_tool  # noqa: E402
-from megatron_ucp.data.preprocess import preprocess  # noqa: E402
-from megatron_ucp.data.tokenizer import SUPPORTED_TOKENIZERS  # noqa: E402
+from megatron_ucp.cli import run_tool
+from megatron_ucp.data.preprocess import preprocess
+from megatron_ucp.data.tokenizer import SUPPORTED_TOKENIZERS
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,9 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
 
-from megatron_ucp.data.tokenizer import train_sentencepiece  # noqa: E402
+from megatron_ucp.data.tokenizer import train_sentencepiece
 
 
 def main(argv: list[str] | None = None) -> int:

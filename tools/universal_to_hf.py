@@ -13,14 +13,12 @@ tokenizer files when known. ``--dtype`` defaults to the HF source's dtype, else 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ucp.cli import add_trust_flag, apply_trust_flag, run_tool  # noqa: E402
-from megatron_ucp.hf.from_universal import DTYPES, convert_universal_to_hf  # noqa: E402
+from megatron_ucp.cli import add_trust_flag, apply_trust_flag, run_tool
+from megatron_ucp.hf.from_universal import DTYPES, convert_universal_to_hf
 
 
 def build_parser() -> argparse.ArgumentParser:

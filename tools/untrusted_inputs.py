@@ -39,7 +39,6 @@ import dataclasses
 import json
 import os
 import re
-import resource
 import shlex
 import shutil
 import signal

@@ -123,7 +123,9 @@ def compare_universal(a: str, b: str, include_model_states: bool = True, values_
     markers = []
     for root, files in ((a, fa), (b, fb)):  # our completion marker: checked against its folder, not compared
         if COMPLETE_MARKER in files:
-            check_manifest(root, read_marker(root))
+            marker = read_marker(root)
+            assert marker is not None  # _files listed it, so read_marker finds it
+            check_manifest(root, marker)
             files.remove(COMPLETE_MARKER)
             markers.append(os.path.join(os.path.basename(root), COMPLETE_MARKER))
     if values_only:

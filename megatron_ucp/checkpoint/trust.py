@@ -30,7 +30,7 @@ import os
 import pickle
 import re
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -101,9 +101,13 @@ def _real(module: str, name: str):
     return getattr(mod, name)
 
 
-def allowed_globals(stub_deepspeed: bool) -> list[tuple[Any, str]]:
+# An entry of torch.serialization.safe_globals' list: an object, or (object, the name it is pickled under).
+SafeGlobal = Callable[..., Any] | tuple[Callable[..., Any], str]
+
+
+def allowed_globals(stub_deepspeed: bool) -> list[SafeGlobal]:
     """``(object, full name)`` pairs for ``torch.serialization.safe_globals``."""
-    out = []
+    out: list[SafeGlobal] = []
     for module, names in ALLOWED_GLOBALS.items():
         for name in names:
             full = f"{module}.{name}"

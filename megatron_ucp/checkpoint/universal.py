@@ -38,6 +38,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from typing import Callable, Protocol, cast
 
 import torch
 
@@ -78,6 +79,13 @@ class MergeRule:
     kind: Kind
     vocab_rows: int | None = None  # rows kept for VOCAB parameters (the original vocabulary)
 
+    @property
+    def kept_vocab_rows(self) -> int:
+        """``vocab_rows``, which a VOCAB rule needs; foreign ``universal_checkpoint_info`` may lack it."""
+        if self.vocab_rows is None:
+            raise TypeError(f"a {self.kind.value} merge rule without vocab_rows")
+        return self.vocab_rows
+
 
 def rules_from_table(metadata: dict):
     """Merge rules from our parameter table, for checkpoints our trainer wrote."""
@@ -91,7 +99,15 @@ def rules_from_table(metadata: dict):
     return rule
 
 
-def rules_from_ucp_info(info: dict, strict: bool):
+class UcpInfoRules(Protocol):
+    """A merge rule per parameter name, and the patterns no parameter matched so far."""
+
+    unmatched: Callable[[], list[str]]
+
+    def __call__(self, name: str) -> MergeRule: ...
+
+
+def rules_from_ucp_info(info: dict, strict: bool) -> UcpInfoRules:
     """DeepSpeed's semantics for foreign checkpoints: replicated, row, vocab patterns; default column."""
     unsupported = [k for k in ("parameter_with_sub_params", "parameter_to_average_patterns", "affine_map")
                    if info.get(k)]
@@ -104,6 +120,9 @@ def rules_from_ucp_info(info: dict, strict: bool):
         Kind.ROW: info.get("parameter_with_row_parallelism_patterns", []),
     }
     vocab_patterns = info.get("vocabulary_parameter_patterns", [])
+    if vocab_patterns and not isinstance(info.get("original_vocab_size"), int):
+        raise CheckpointError("universal_checkpoint_info has vocabulary_parameter_patterns but no integer "
+                              "original_vocab_size, so the vocabulary padding cannot be stripped")
     used: set[str] = set()
 
     def first_match(patterns, name):
@@ -124,8 +143,9 @@ def rules_from_ucp_info(info: dict, strict: bool):
         every = set(vocab_patterns).union(*lists.values())
         return sorted(every - used) if strict else []
 
-    rule.unmatched = unmatched
-    return rule
+    rules = cast(UcpInfoRules, rule)
+    rules.unmatched = unmatched
+    return rules
 
 
 @dataclass
@@ -238,10 +258,11 @@ def merged_state(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroCheckpoi
     full = merge(locals_, rule.kind)
     del locals_
     if rule.kind is Kind.VOCAB:
-        if full.shape[0] < rule.vocab_rows:
+        vocab_rows = rule.kept_vocab_rows
+        if full.shape[0] < vocab_rows:
             raise CheckpointError(f"{ckpt.folder}: {src.name} has {full.shape[0]} rows, fewer than the original "
-                                  f"vocabulary of {rule.vocab_rows}")
-        full = full[: rule.vocab_rows].clone()  # do not carry the padding rows' storage into the file
+                                  f"vocabulary of {vocab_rows}")
+        full = full[:vocab_rows].clone()  # do not carry the padding rows' storage into the file
     return dict(merge_keys(rule), param=full)
 
 
@@ -268,7 +289,7 @@ def _copy_plan(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroCheckpoint
         numel_local *= d
     keep = None
     if rule.kind is Kind.VOCAB:
-        keep = rule.vocab_rows * (numel_local // local[0])
+        keep = rule.kept_vocab_rows * (numel_local // local[0])
     plan: list[list] = []
     for t in range(ckpt.tp):
         lo = 0
@@ -340,7 +361,8 @@ def skeleton_bytes(keys: dict, shape: tuple[int, ...]) -> tuple[bytes, bytes, in
             finally:
                 torch.serialization.set_crc32_options(crc)
             data = buf.getvalue()
-            offset = torch._C.PyTorchFileReader(io.BytesIO(data)).get_record_offset("data/0")
+            reader = torch._C.PyTorchFileReader(io.BytesIO(data))
+            offset = reader.get_record_offset("data/0")  # type: ignore[attr-defined]  # absent from torch's _C stubs
             nbytes = 4
             for d in shape:
                 nbytes *= d
@@ -369,7 +391,7 @@ def _read_row_parallel(tensor: torch.Tensor, src: ParamSource, key: str, ckpt: Z
     """
     rows, width_full = tensor.shape
     w = width_full // ckpt.tp
-    buf = memoryview(tensor.view(torch.uint8).view(-1).numpy())
+    buf = tensor.view(torch.uint8).view(-1).numpy().data  # ndarray.data: the array's bytes as a memoryview
     for t in range(ckpt.tp):
         lo = 0
         for frag in src.fragments[t]:
@@ -415,9 +437,11 @@ def _write_atom_by_copy(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroC
     around the tensor come from a cached skeleton, the tensor's bytes are copied in from the shards."""
     local = list(src.local_shapes[0])
     full = list(local)
-    full[rule.kind.partition_dim] *= ckpt.tp
+    dim = rule.kind.partition_dim
+    assert dim is not None  # convert_param sends replicated parameters to merged_state instead
+    full[dim] *= ckpt.tp
     if rule.kind is Kind.VOCAB:
-        full[0] = rule.vocab_rows
+        full[0] = rule.kept_vocab_rows
     head, tail, data_offset = skeleton_bytes(merge_keys(rule), tuple(full))
     nbytes = 4
     for d in full:
@@ -489,8 +513,8 @@ def convert_param(src: ParamSource, rule: MergeRule, ckpt: ZeroCheckpoint, zero_
     written = 0
     step = ckpt.step(src.pp, 0, src.fragments[0][0].dp, src.group)
     if step is not None:
-        key = ("step", repr(step), str(step.dtype) if torch.is_tensor(step) else type(step).__name__)
-        written += _write_small(step.clone() if torch.is_tensor(step) else step, key,
+        step_key = ("step", repr(step), str(step.dtype) if torch.is_tensor(step) else type(step).__name__)
+        written += _write_small(step.clone() if torch.is_tensor(step) else step, step_key,
                                 os.path.join(out_dir, "step.pt"))
     sources_are_fp32 = all(ckpt.flat_ref(src.pp, t, f.dp, src.group, k).dtype == torch.float32
                            for t in range(ckpt.tp) for f in src.fragments[t] for k in STATE_KEYS)
@@ -727,7 +751,7 @@ def _local_matches(local: torch.Tensor, src: ParamSource, tp: int, key: str, ckp
             # Padding rows are dropped from the atom; compare only the rows below the vocabulary.
             row_elems = int(local[0].numel()) if local.dim() > 1 else 1
             first_row = tp * src.local_shapes[tp][0]
-            keep = max(0, min(src.local_shapes[tp][0], rule.vocab_rows - first_row)) * row_elems
+            keep = max(0, min(src.local_shapes[tp][0], rule.kept_vocab_rows - first_row)) * row_elems
             lo, hi = offset, min(offset + frag.numel, keep)
             if hi > lo and not torch.equal(flat.narrow(0, lo, hi - lo), piece.narrow(0, 0, hi - lo)):
                 return False

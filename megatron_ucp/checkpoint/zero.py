@@ -65,7 +65,7 @@ class FlatRef:
         if storage_offset is None:
             raise CheckpointError(f"{path}: cannot locate tensor data (not a zip-format torch.save file?)")
         span = t.numel() if span is None else span
-        first = t.storage_offset() * t.element_size()
+        first = int(t.storage_offset()) * t.element_size()
         end = first + span * t.element_size()
         if t.storage_offset() < 0 or end > storage.nbytes():
             raise CheckpointError(f"{path}: a tensor of {span} {t.dtype} elements runs past its storage of "
@@ -85,7 +85,7 @@ def read_into(ref: FlatRef, start: int, dst: torch.Tensor) -> None:
     nbytes = dst.numel() * dst.element_size()
     if nbytes == 0:
         return
-    view = memoryview(dst.view(torch.uint8).view(-1).numpy())
+    view = dst.view(torch.uint8).view(-1).numpy().data  # ndarray.data: the array's bytes as a memoryview
     pos = ref.offset + start * dst.element_size()
     fd = os.open(ref.path, os.O_RDONLY)
     try:
@@ -376,6 +376,7 @@ def _index_zero3_fragments(ckpt: ZeroCheckpoint) -> None:
             sizes = these
             ckpt.flat_refs[(dp, mp)] = refs
             ckpt.steps[(dp, mp)] = group_steps
+        assert sizes is not None  # ckpt.dp >= 1: open_zero_checkpoint found optimizer files
         group, offset = 0, 0
         for name, shape in names_shapes:
             numel = 1

@@ -258,7 +258,7 @@ class IndexedDataset:
         return {"prefix": self.prefix}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["prefix"])
+        type(self).__init__(self, state["prefix"])
 
     def __repr__(self) -> str:
         return f"IndexedDataset({self.prefix!r}, sequences={len(self)}, dtype={self.dtype.name})"

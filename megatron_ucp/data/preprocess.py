@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from megatron_ucp.data.indexed_dataset import (
     IndexedDatasetBuilder,
@@ -107,7 +108,7 @@ def _init_worker(tokenizer_kwargs: dict, append_eod: bool) -> None:
 
 def _encode(doc: dict[str, str]) -> dict[str, list[int]]:
     assert _worker_tokenizer is not None
-    out = {}
+    out: dict[str, list[int]] = {}
     for key, text in doc.items():
         if not text.strip():
             out[key] = []  # skipped by the writer
@@ -141,7 +142,7 @@ def preprocess(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     start = time.perf_counter()
-    tokenizer_kwargs = dict(
+    tokenizer_kwargs: dict[str, Any] = dict(
         tokenizer_type=tokenizer_type,
         tokenizer_model=tokenizer_model,
         vocab_file=vocab_file,
@@ -156,6 +157,7 @@ def preprocess(
     written = dict.fromkeys(json_keys, 0)
     skipped = tokens = seen = 0
     pool = None
+    encoded: Iterator[dict[str, list[int]]]
     try:
         if workers == 1:
             _init_worker(tokenizer_kwargs, append_eod)

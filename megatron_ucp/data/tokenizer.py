@@ -121,7 +121,7 @@ class SentencePieceTokenizer:
         return {"model_file": self.model_file}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["model_file"])
+        type(self).__init__(self, state["model_file"])
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -369,4 +369,4 @@ class GPT2BPETokenizer:
         return {"vocab_file": self.vocab_file, "merge_file": self.merge_file, "use_regex": self._use_regex}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["vocab_file"], state["merge_file"], use_regex=state["use_regex"])
+        type(self).__init__(self, state["vocab_file"], state["merge_file"], use_regex=state["use_regex"])

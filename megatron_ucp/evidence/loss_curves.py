@@ -102,7 +102,7 @@ def _is_events_file(path: str) -> bool:
 
 
 def _find_events(folder: str) -> list[str]:
-    found = []
+    found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
         found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_events_file(f))
@@ -481,13 +481,15 @@ def _check_tolerance(sc: SplitComparison, name: str, atol: float | None, rtol_fi
             i = sc.iterations.index(bad[0])
             sc.reasons.append(f"{name}: {len(bad)} of {sc.count} iterations differ; first at iteration {bad[0]} "
                               f"({sc.reference[i]!r} vs {sc.compared[i]!r})")
+    max_abs_diff, first_step_rel_diff = sc.max_abs_diff, sc.first_step_rel_diff
+    assert max_abs_diff is not None and first_step_rel_diff is not None  # _judge calls this only when sc.count > 0
     limit = atol if atol is not None else (None if asserted else DEFAULT_ATOL)
-    if limit is not None and not sc.max_abs_diff <= limit:
-        sc.reasons.append(f"{name}: max |diff| {sc.max_abs_diff:.6g} at iteration {sc.max_abs_diff_iteration} "
+    if limit is not None and not max_abs_diff <= limit:
+        sc.reasons.append(f"{name}: max |diff| {max_abs_diff:.6g} at iteration {sc.max_abs_diff_iteration} "
                           f"exceeds atol {limit:g}")
-    if rtol_first is not None and sc.split == "train" and not sc.first_step_rel_diff <= rtol_first:
+    if rtol_first is not None and sc.split == "train" and not first_step_rel_diff <= rtol_first:
         sc.reasons.append(f"{name}: first compared iteration {sc.first} relative |diff| "
-                          f"{sc.first_step_rel_diff:.6g} exceeds rtol-first {rtol_first:g}")
+                          f"{first_step_rel_diff:.6g} exceeds rtol-first {rtol_first:g}")
 
 
 def _judge(sc: SplitComparison, reference: dict[int, float], compared: dict[int, float], atol: float | None,
@@ -626,7 +628,8 @@ def _atomic_write(path: str, write: Callable[[Any], None], binary: bool = False)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": "", "encoding": "utf-8"})) as f:
+        text_args: dict[str, Any] = {} if binary else {"newline": "", "encoding": "utf-8"}
+        with os.fdopen(fd, "wb" if binary else "w", **text_args) as f:
             write(f)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
@@ -736,12 +739,12 @@ def write_report(curves_list: Sequence[Curves], comparisons: Sequence[Comparison
         stem = SPLIT_STEMS[split]
         rows = csv_rows(curves_list, comparisons, split)
         paths[f"{stem}.csv"] = _atomic_write(os.path.join(output_dir, f"{stem}.csv"),
-                                             lambda f, rows=rows: csv.writer(f, lineterminator="\n").writerows(rows))
+                                             lambda f: csv.writer(f, lineterminator="\n").writerows(rows))
         fig = _plot(curves_list, comparisons, split, title)
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         paths[f"{stem}.png"] = _atomic_write(os.path.join(output_dir, f"{stem}.png"),
-                                             lambda f, b=buf.getvalue(): f.write(b), binary=True)
+                                             lambda f: f.write(buf.getvalue()), binary=True)
     verdict = build_verdict(curves_list, comparisons)
     verdict["outputs"] = {k: os.path.basename(v) for k, v in paths.items()}
     if title:

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def build_hf_model(family: str, *, vocab_size: int, num_layers: int, hidden_size: int, num_heads: int,
@@ -26,19 +29,21 @@ def build_hf_model(family: str, *, vocab_size: int, num_layers: int, hidden_size
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    model: PreTrainedModel
     if family == "gpt":
-        cfg = GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
-                         n_positions=max_position_embeddings, n_inner=ffn_hidden_size, bos_token_id=bos_token_id,
-                         eos_token_id=eos_token_id,
-                         tie_word_embeddings=True if tie_embeddings is None else tie_embeddings)
-        model = GPT2LMHeadModel(cfg)
+        gpt_cfg = GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
+                             n_positions=max_position_embeddings, n_inner=ffn_hidden_size, bos_token_id=bos_token_id,
+                             eos_token_id=eos_token_id,
+                             tie_word_embeddings=True if tie_embeddings is None else tie_embeddings)
+        model = GPT2LMHeadModel(gpt_cfg)
     elif family == "llama":
-        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
-                          intermediate_size=ffn_hidden_size or 4 * hidden_size, num_hidden_layers=num_layers,
-                          num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or num_heads,
-                          max_position_embeddings=max_position_embeddings, tie_word_embeddings=bool(tie_embeddings),
-                          bos_token_id=bos_token_id, eos_token_id=eos_token_id)
-        model = LlamaForCausalLM(cfg)
+        llama_cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
+                                intermediate_size=ffn_hidden_size or 4 * hidden_size, num_hidden_layers=num_layers,
+                                num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or num_heads,
+                                max_position_embeddings=max_position_embeddings,
+                                tie_word_embeddings=bool(tie_embeddings), bos_token_id=bos_token_id,
+                                eos_token_id=eos_token_id)
+        model = LlamaForCausalLM(llama_cfg)
     else:
         raise ValueError(f"family must be gpt or llama, got {family!r}")
     return model.eval()

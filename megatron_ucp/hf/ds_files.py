@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import torch
 
@@ -40,9 +41,9 @@ def default_param_groups(cfg: TrainConfig | None = None) -> list[dict]:
     """The trainer's two AdamW groups (decay, no_decay) as ``optimizer.state_dict()['param_groups']``."""
     cfg = cfg or TrainConfig(mock_data=True, vocab_size=1)
     a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.AdamW([{"params": [a], "name": "decay"},
-                             {"params": [b], "name": "no_decay", "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+    groups: list[dict[str, Any]] = [{"params": [a], "name": "decay"},
+                                    {"params": [b], "name": "no_decay", "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
     return opt.state_dict()["param_groups"]
 
@@ -51,6 +52,7 @@ def fresh_scheduler_state(cfg: TrainConfig | None = None) -> dict:
     """Our LRScheduler's ``state_dict()`` before any step."""
     cfg = cfg or TrainConfig(mock_data=True, vocab_size=1)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    assert cfg.lr_decay_iters is not None  # set by TrainConfig.__post_init__
     schedule = LRSchedule(cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters, cfg.lr_decay_style)
     return LRScheduler(opt, schedule).state_dict()
 

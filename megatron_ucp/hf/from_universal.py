@@ -127,9 +127,9 @@ def _write_tokenizer(meta: dict, folder: str, input_folder: str) -> list[str]:
     extras = os.path.join(input_folder, HF_EXTRAS_DIR)
     written = []
     if os.path.isdir(extras):
-        for f in sorted(os.listdir(extras)):
-            shutil.copyfile(regular_file_inside(extras, f, extras), os.path.join(folder, f))
-            written.append(f)
+        for name in sorted(os.listdir(extras)):
+            shutil.copyfile(regular_file_inside(extras, name, extras), os.path.join(folder, name))
+            written.append(name)
         return written
     tok = _tokenizer_model(meta)
     if tok:

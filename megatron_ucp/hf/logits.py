@@ -17,6 +17,7 @@ import os
 import socket
 import tempfile
 from dataclasses import dataclass
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -70,9 +71,10 @@ def _eval_config(job: LogitsJob, tokens: torch.Tensor, tp: int, pp: int):
     from megatron_ucp.config import TrainConfig
 
     b, s = tokens.shape
-    common = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_size=b,
-                  global_batch_size=b, seq_length=s, dtype="fp32", mock_data=True, vocab_size=job.vocab_size,
-                  load=job.load, universal_checkpoint=True, eval_interval=0, log_interval=1)
+    common: dict[str, Any] = dict(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_size=b, global_batch_size=b,
+        seq_length=s, dtype="fp32", mock_data=True, vocab_size=job.vocab_size, load=job.load,
+        universal_checkpoint=True, eval_interval=0, log_interval=1)
     return TrainConfig(train_iters=0, finetune=True, **common)
 
 
@@ -185,6 +187,8 @@ def generate_text(hf_dir: str, prompt: str, max_new_tokens: int = 24) -> str:
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     sp_model = os.path.join(hf_dir, "tokenizer.model")
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
     if os.path.isfile(sp_model):
         from megatron_ucp.data.tokenizer import SentencePieceTokenizer
 
@@ -194,7 +198,8 @@ def generate_text(hf_dir: str, prompt: str, max_new_tokens: int = 24) -> str:
         from transformers import AutoTokenizer
 
         hf_tok = AutoTokenizer.from_pretrained(hf_dir)
-        encode, decode = (lambda t: hf_tok(t)["input_ids"]), hf_tok.decode
+        # decode's declared return is str | list[str]; a flat list of ids decodes to one str.
+        encode, decode = (lambda t: hf_tok(t)["input_ids"]), cast(Callable[[list[int]], str], hf_tok.decode)
     ids = torch.tensor([encode(prompt)])
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)

@@ -48,7 +48,7 @@ class HFCheckpoint:
         self.weight_map = weight_map  # tensor name -> file name inside folder
         self._bin: dict[str, _BinTensor] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
-        self._dtypes: dict[str, torch.dtype] = {}
+        self._dtypes: dict[str, torch.dtype | None] = {}  # None: a safetensors dtype torch lacks
         for file in sorted(set(weight_map.values())):
             self._index_file(file)
         missing = sorted(n for n in weight_map if n not in self._shapes)

@@ -236,8 +236,8 @@ def convert_hf_to_universal(hf_checkpoint_dir: str, save_dir: str, *, safe_seria
         write_loader_files(tmp, client_state=client_state(metadata, cfg))
         if extras:
             os.makedirs(os.path.join(tmp, HF_EXTRAS_DIR))
-            for f, path in zip(extras, extra_paths):
-                shutil.copyfile(path, os.path.join(tmp, HF_EXTRAS_DIR, f))
+            for name, path in zip(extras, extra_paths):
+                shutil.copyfile(path, os.path.join(tmp, HF_EXTRAS_DIR, name))
         with open(os.path.join(tmp, "source.txt"), "w") as f:
             f.write(f"Hugging Face {family.architecture} checkpoint {inp}\n")
         verify_import(zero_dir, mappings, ours)

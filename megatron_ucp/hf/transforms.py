@@ -29,12 +29,21 @@ def to_ours(m: HFMapping, hf: list[torch.Tensor], cfg: ModelConfig, *, _skip_qkv
         raise ValueError(f"{m.name}: expected {len(m.hf_names)} tensors ({', '.join(m.hf_names)}), got {len(hf)}")
     ts = [_from_conv1d(t, _skip_conv1d_transpose) if m.transpose else t for t in hf]
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    assert nkv is not None  # set by ModelConfig.__post_init__
     if m.combine is Combine.NONE:
         out = ts[0]
     elif m.combine is Combine.QKV_PACKED:
-        out = ts[0] if _skip_qkv_reorder else fuse_qkv(*ts[0].chunk(3, dim=0), nh, nkv)
+        if _skip_qkv_reorder:
+            out = ts[0]
+        else:
+            q, k, v = ts[0].chunk(3, dim=0)
+            out = fuse_qkv(q, k, v, nh, nkv)
     elif m.combine is Combine.QKV:
-        out = torch.cat(ts, dim=0) if _skip_qkv_reorder else fuse_qkv(*ts, nh, nkv)
+        if _skip_qkv_reorder:
+            out = torch.cat(ts, dim=0)
+        else:
+            q, k, v = ts  # the three tensors of m.hf_names (counted above)
+            out = fuse_qkv(q, k, v, nh, nkv)
     elif m.combine is Combine.SWIGLU:
         out = fuse_swiglu(ts[0], ts[1], 1)  # [gate; up]: the universal form of the two sub-parameters
     else:  # pragma: no cover - the enum is closed
@@ -45,6 +54,7 @@ def to_ours(m: HFMapping, hf: list[torch.Tensor], cfg: ModelConfig, *, _skip_qkv
 def to_hf(m: HFMapping, ours: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
     """The HF tensors of ``m`` (in ``m.hf_names`` order) from our full unpadded tensor; the inverse of ``to_ours``."""
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    assert nkv is not None  # set by ModelConfig.__post_init__
     if m.combine is Combine.NONE:
         ts = [ours]
     elif m.combine is Combine.QKV_PACKED:

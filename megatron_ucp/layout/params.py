@@ -124,8 +124,14 @@ def _h(c: ModelConfig) -> tuple[int, ...]:
     return (c.hidden_size,)
 
 
+def _ffn(c: ModelConfig) -> int:
+    assert c.ffn_hidden_size is not None  # set by ModelConfig.__post_init__
+    return c.ffn_hidden_size
+
+
 def _qkv_rows(c: ModelConfig) -> int:
     """Fused QKV rows: per key/value group, its query heads then its key and value heads."""
+    assert c.num_key_value_heads is not None  # set by ModelConfig.__post_init__
     return (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
 
 
@@ -136,7 +142,7 @@ def param_specs(cfg: ModelConfig) -> tuple[ParamSpec, ...]:
     bias = cfg.add_bias_linear
     layernorm = cfg.normalization == "layernorm"
     mlp_kind = Kind.COLUMN_2SUB if cfg.swiglu else Kind.COLUMN
-    mlp_rows = (lambda c: (2 * c.ffn_hidden_size,)) if cfg.swiglu else (lambda c: (c.ffn_hidden_size,))
+    mlp_rows = (lambda c: (2 * _ffn(c),)) if cfg.swiglu else (lambda c: (_ffn(c),))
     specs = [ParamSpec(Role.EMBED, "word_embeddings.weight", Kind.VOCAB, Init.NORMAL, True,
                        lambda c: (c.vocab_size, c.hidden_size), tied=tied)]
     if not cfg.use_rotary_position_embeddings:
@@ -168,7 +174,7 @@ def param_specs(cfg: ModelConfig) -> tuple[ParamSpec, ...]:
     if bias:
         specs.append(ParamSpec(Role.BLOCK, "mlp.dense_h_to_4h.bias", mlp_kind, Init.ZEROS, False, mlp_rows))
     specs.append(ParamSpec(Role.BLOCK, "mlp.dense_4h_to_h.weight", Kind.ROW, Init.SCALED_NORMAL, True,
-                           lambda c: (c.hidden_size, c.ffn_hidden_size)))
+                           lambda c: (c.hidden_size, _ffn(c))))
     if bias:
         specs.append(ParamSpec(Role.BLOCK, "mlp.dense_4h_to_h.bias", Kind.REPLICATED, Init.ZEROS, False, _h))
     specs += norm(Role.FINAL_NORM, "final_layernorm")

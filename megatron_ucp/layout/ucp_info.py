@@ -19,7 +19,7 @@ TP_REPLICATED_PARAMETER_PATTERNS = "tp_replicated_parameter_patterns"
 PARAMETER_WITH_ROW_PARALLELISM_PATTERNS = "parameter_with_row_parallelism_patterns"
 PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0 = "parameter_with_2_sub_params_cat_dim_0"
 
-CATEGORY_BY_KIND = {
+CATEGORY_BY_KIND: dict[Kind, str | None] = {
     Kind.VOCAB: VOCABULARY_PARAMETER_PATTERNS,
     Kind.REPLICATED: TP_REPLICATED_PARAMETER_PATTERNS,
     Kind.ROW: PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
@@ -30,9 +30,10 @@ CATEGORY_BY_KIND = {
 
 def categories(spec: ParamSpec) -> set[str]:
     """The pattern lists that must match a parameter of this spec, and no others."""
-    out = set()
-    if CATEGORY_BY_KIND[spec.kind]:
-        out.add(CATEGORY_BY_KIND[spec.kind])
+    out: set[str] = set()
+    category = CATEGORY_BY_KIND[spec.kind]
+    if category:
+        out.add(category)
     if spec.pipeline_tied:
         out.add(PIPELINE_REPLICATED_PARAMETER_PATTERNS)
     return out

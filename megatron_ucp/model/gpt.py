@@ -98,6 +98,7 @@ class ParallelAttention(nn.Module):
 class ParallelMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallelContext) -> None:
         super().__init__()
+        assert cfg.ffn_hidden_size is not None  # set by ModelConfig.__post_init__
         self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, tp)
         self.dense_4h_to_h = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, tp)
 
@@ -128,7 +129,7 @@ class FinalNorm(nn.Module):
         if cfg.normalization == "rmsnorm":
             from megatron_ucp.model.llama import RMSNorm
 
-            self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+            self.final_layernorm: nn.Module = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
         else:
             self.final_layernorm = layer_norm(cfg.hidden_size, cfg.layernorm_epsilon)
 

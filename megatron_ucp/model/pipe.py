@@ -84,6 +84,7 @@ class GPTPipe(PipelineModule):
             elif entry.role is Role.EMBED:
                 specs.append(LayerSpec(EmbeddingLayer, cfg, padded_vocab, tp))
             elif entry.role is Role.BLOCK:
+                assert entry.layer_number is not None  # pipe_entries numbers every BLOCK entry
                 specs.append(block_spec(cfg, tp, entry.layer_number))
             elif entry.role is Role.FINAL_NORM:
                 specs.append(LayerSpec(FinalNorm, cfg))

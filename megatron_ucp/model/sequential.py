@@ -9,6 +9,8 @@ checkpoint of this model resumes on the pipeline model with ZeRO-1 and back.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -46,6 +48,7 @@ class GPTModel(nn.Module):
                     self.add_module(str(entry.index), module)
                     self._order.append(str(entry.index))
             elif entry.role is Role.BLOCK:
+                assert entry.layer_number is not None  # pipe_entries numbers every BLOCK entry
                 self.add_module(str(entry.index), block_spec(cfg, tp, entry.layer_number).build())
                 self._order.append(str(entry.index))
             elif entry.role is Role.FINAL_NORM:
@@ -66,7 +69,7 @@ class GPTModel(nn.Module):
         if self._tied_head is not None:
             import deepspeed
 
-            embed = self.get_submodule(self._tied_head)
+            embed = cast(EmbeddingLayer, self.get_submodule(self._tied_head))
             deepspeed.zero.register_external_parameter(self, embed.word_embeddings.weight)
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -75,7 +78,7 @@ class GPTModel(nn.Module):
         for path in self._order:
             x = self.get_submodule(path)(x)
         if self._tied_head is not None:
-            x = self.get_submodule(self._tied_head).head(x)
+            x = cast(EmbeddingLayer, self.get_submodule(self._tied_head)).head(x)
         return x
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ Parameters carry Megatron's attributes (``tensor_model_parallel``, ``partition_d
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,7 @@ from megatron_ucp.tensor_parallel.mappings import (
 )
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+_T = TypeVar("_T", bound=torch.Tensor)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -35,11 +38,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def mark_parallel(param: nn.Parameter, kind: Kind) -> nn.Parameter:
+def mark_parallel(param: _T, kind: Kind) -> _T:
+    # setattr: torch's Parameter type does not declare these Megatron attributes.
     dim = kind.partition_dim
-    param.tensor_model_parallel = dim is not None
-    param.partition_dim = -1 if dim is None else dim
-    param.partition_stride = 1
+    setattr(param, "tensor_model_parallel", dim is not None)
+    setattr(param, "partition_dim", -1 if dim is None else dim)
+    setattr(param, "partition_stride", 1)
     return param
 
 

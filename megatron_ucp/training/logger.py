@@ -45,18 +45,18 @@ class RunLogger:
         self.loss_log = loss_log
         if loss_log:
             os.makedirs(os.path.dirname(os.path.abspath(loss_log)), exist_ok=True)
-            self._truncate_after(resume_iteration)
+            self._truncate_after(loss_log, resume_iteration)
 
-    def _truncate_after(self, iteration: int) -> None:
+    def _truncate_after(self, loss_log: str, iteration: int) -> None:
         """A resumed run replaces records past its start instead of appending duplicates."""
-        if not os.path.exists(self.loss_log):
+        if not os.path.exists(loss_log):
             return
-        kept = [r for r in read_loss_log(self.loss_log) if r["iteration"] <= iteration]
-        tmp = self.loss_log + ".tmp"
+        kept = [r for r in read_loss_log(loss_log) if r["iteration"] <= iteration]
+        tmp = loss_log + ".tmp"
         with open(tmp, "w") as f:
             for rec in kept:
                 f.write(json.dumps(rec) + "\n")
-        os.replace(tmp, self.loss_log)
+        os.replace(tmp, loss_log)
 
     def _append(self, record: dict) -> None:
         if self.loss_log:

@@ -12,6 +12,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,10 @@ from megatron_ucp.training import checkpointing
 from megatron_ucp.training.data import MockDataset, micro_batches
 from megatron_ucp.training.logger import RunLogger
 from megatron_ucp.training.schedule import LRSchedule, LRScheduler
+
+if TYPE_CHECKING:
+    from megatron_ucp.model.pipe import GPTPipe
+    from megatron_ucp.model.sequential import GPTModel
 
 log = logging.getLogger("megatron_ucp")
 
@@ -82,7 +87,8 @@ def build_ds_config(cfg: TrainConfig, layout: ParallelLayout) -> dict:
 
 def optimizer_param_groups(model: torch.nn.Module, cfg: ModelConfig, weight_decay: float) -> list[dict]:
     """Two groups, always in this order: with weight decay, without (biases and norms)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         (decay if spec_of(name, cfg).weight_decay else no_decay).append(p)
     if not decay or not no_decay:
@@ -97,7 +103,7 @@ def group_hyperparameters(cfg: TrainConfig) -> list[dict]:
     return [dict(common, weight_decay=cfg.weight_decay), dict(common, weight_decay=0.0)]
 
 
-def build_model(model_cfg: ModelConfig, cfg: TrainConfig, state) -> torch.nn.Module:
+def build_model(model_cfg: ModelConfig, cfg: TrainConfig, state) -> GPTPipe | GPTModel:
     """GPTPipe for DeepSpeed's pipeline engine (ZeRO 0/1), else GPTModel with the same parameter names."""
     if cfg.use_pipeline_engine:
         from megatron_ucp.model.pipe import GPTPipe
@@ -114,11 +120,13 @@ def build_model(model_cfg: ModelConfig, cfg: TrainConfig, state) -> torch.nn.Mod
 def build_datasets(cfg: TrainConfig):
     """(train, valid, vocab_size) sample sources."""
     if cfg.mock_data:
+        assert cfg.vocab_size is not None  # TrainConfig.validate: --mock-data needs --vocab-size
         return (MockDataset(cfg.vocab_size, cfg.seq_length, cfg.seed),
                 MockDataset(cfg.vocab_size, cfg.seq_length, cfg.seed + 1), cfg.vocab_size)
     from megatron_ucp.data.gpt_dataset import GPTDataset
     from megatron_ucp.data.tokenizer import build_tokenizer
 
+    assert cfg.data_path is not None  # TrainConfig.validate: --data-path unless --mock-data
     tok = build_tokenizer(cfg.tokenizer_type, tokenizer_model=cfg.tokenizer_model,
                           vocab_file=cfg.vocab_file, merge_file=cfg.merge_file)
     train = GPTDataset(cfg.data_path, cfg.seq_length, cfg.seed, split=cfg.split, name="train")
@@ -156,6 +164,7 @@ def _plain_engine_steps(engine, state, gas: int):
             engine.backward(loss)
             engine.step()
             total = loss.detach() if total is None else total + loss.detach()
+        assert total is not None  # gas >= 1 (TrainConfig.gradient_accumulation_steps)
         return reduce(total)
 
     def eval_batch(data_iter) -> float:
@@ -167,6 +176,7 @@ def _plain_engine_steps(engine, state, gas: int):
                 loss = engine(tokens, labels).detach()
                 total = loss if total is None else total + loss
         engine.train()
+        assert total is not None  # gas >= 1 (TrainConfig.gradient_accumulation_steps)
         return reduce(total)
 
     return train_batch, eval_batch
@@ -197,6 +207,7 @@ def train(model_kwargs: dict, cfg: TrainConfig, on_finish=None) -> TrainResult:
         model = build_model(model_cfg, cfg, state)
         optimizer = torch.optim.AdamW(optimizer_param_groups(model, model_cfg, cfg.weight_decay), lr=cfg.lr,
                                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+        assert cfg.lr_decay_iters is not None  # set by TrainConfig.__post_init__
         schedule = LRSchedule(cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters, cfg.lr_decay_style)
         scheduler = LRScheduler(optimizer, schedule)
         ds_config = build_ds_config(cfg, layout)
@@ -244,8 +255,8 @@ def train(model_kwargs: dict, cfg: TrainConfig, on_finish=None) -> TrainResult:
             losses = [eval_batch(it) for _ in range(cfg.eval_iters)]
             return sum(losses) / len(losses)
 
-        def save() -> None:
-            path = checkpointing.save(engine, cfg.save, iteration, consumed, cfg.seq_length,
+        def save(folder: str) -> None:
+            path = checkpointing.save(engine, folder, iteration, consumed, cfg.seq_length,
                                       get_rng_state(state.tp.rng), metadata, state, model_cfg)
             if rank0:
                 print(f"saved checkpoint {path}", flush=True)
@@ -289,7 +300,7 @@ def train(model_kwargs: dict, cfg: TrainConfig, on_finish=None) -> TrainResult:
             if cfg.save and (
                 (cfg.save_interval and iteration % cfg.save_interval == 0) or iteration == cfg.train_iters
             ):
-                save()
+                save(cfg.save)
                 window_start, window_iters = time.perf_counter(), 0
         if logger:
             logger.close()

@@ -137,7 +137,7 @@ def test_truncated_zero3_shard_is_named(stages, tmp_path):
 
 def test_loss_continuity_pipeline_zero1_to_zero3(stages, tmp_path):
     """fp32 Llama: ZeRO-1 TP2 PP2 baseline vs a ZeRO-3 DP2 (non-pipeline) resume from its universal
-    checkpoint: first step within 1e-5 relative, every later step within 1e-3 (measured: 4.8e-7).
+    checkpoint: first step within 1e-5 relative, every later step within 1e-5 (measured: 2.4e-7).
 
     DeepSpeed's stage-3 loader hands every sub-group one shared Adam step tensor; without the
     trainer's fix the bias correction runs ahead and iteration 12 is off by 1.6e-3, hence the 1e-5 bound.
@@ -150,7 +150,7 @@ def test_loss_continuity_pipeline_zero1_to_zero3(stages, tmp_path):
     run_distributed(_train, 4, _cfg(2, 2, loss_log=str(base)))
     run_distributed(_train, 2, _cfg(1, 1, zero_stage=3, load=str(src["z1_tp2pp2"]["universal"].parent),
                                     universal_checkpoint=True, loss_log=str(resumed)))
-    verdict = compare(load_curves(str(base)), load_curves(str(resumed)), resume_iteration=RESUME_AT, atol=1e-3,
+    verdict = compare(load_curves(str(base)), load_curves(str(resumed)), resume_iteration=RESUME_AT, atol=1e-5,
                       rtol_first=1e-5)
     assert verdict.passed, verdict.reasons
     assert verdict.split("train").max_abs_diff <= 1e-5

@@ -82,6 +82,23 @@ def test_fp16_resumes_in_fp16_keeping_the_loss_scale(fp16_run, tmp_path):
         base_scale = json.load(f)["cur_scale"]
     with open(tmp_path / "fp16_scaler.json") as f:
         assert json.load(f)["cur_scale"] == base_scale
+    # No overflow happens in these few steps, so the scale above is still DeepSpeed's initial 2^16 and a
+    # reset would look the same. A copy whose saved scale is 2^10 tells them apart: the resumed run
+    # must continue from 2^10 (the window of 1000 clean steps that doubles it is not reached).
+    import shutil
+
+    from helpers import vouch_for
+
+    edited = tmp_path / "edited" / universal.name
+    shutil.copytree(universal, edited)
+    (edited.parent / "latest_universal").write_text(universal.name)
+    state_path = edited / "zero" / "optimizer_state.pt"
+    state = torch.load(state_path, weights_only=False)  # written by this test run
+    assert state["loss_scaler"].cur_scale == 2.0 ** 16 and base_scale == 2.0 ** 16
+    state["loss_scaler"].cur_scale = 2.0 ** 10
+    torch.save(state, state_path)
+    vouch_for(edited)
+    assert _resume(tmp_path, edited, "fp16_scale", 1, 4, 1, "fp16")["cur_scale"] == 2.0 ** 10
 
 
 @pytest.mark.parametrize("name,layout,dtype,zero_stage,atol", [

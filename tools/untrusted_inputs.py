@@ -119,9 +119,12 @@ def payload_is_live(path: str, marker: str) -> bool:
 # --- small file helpers ---------------------------------------------------------------------------
 
 
-def _load_trusted(path: str):
-    """Unpickle one of our own real checkpoint files (trusted: we wrote them) to rewrite it."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+def _load_real(path: str):
+    """Read a real checkpoint file to rewrite it, through the same allowlist as every tool (the
+    checkpoint crafted from need not be trusted)."""
+    from megatron_ucp.checkpoint.trust import load_file
+
+    return load_file(path, mmap=False)
 
 
 def _remove_file(path: str) -> None:
@@ -258,7 +261,7 @@ def craft_zero_payload_in_model_states(zero_folder: str, work: str) -> Crafted:
     root, path = _copy_zero(zero_folder, work, name)
     bad = _first_model_state_file(path)
     marker = _marker(work, name)
-    state = _load_trusted(bad)
+    state = _load_real(bad)
     state[PAYLOAD_KEY] = payload(marker)
     torch.save(state, bad)
     return Crafted(name, root, path, bad, marker, None)
@@ -271,7 +274,7 @@ def craft_zero_payload_in_optimizer_shard(zero_folder: str, work: str) -> Crafte
     root, path = _copy_zero(zero_folder, work, name)
     bad = _optim_files(path, mp=0)[-1]
     marker = _marker(work, name)
-    state = _load_trusted(bad)
+    state = _load_real(bad)
     state[OPTIMIZER_STATE_DICT][PAYLOAD_KEY] = payload(marker)
     torch.save(state, bad)
     return Crafted(name, root, path, bad, marker, None)
@@ -295,7 +298,7 @@ def craft_zero_traversal(zero_folder: str, work: str, absolute: bool) -> Crafted
     name = f"zero_traversal_{'absolute' if absolute else 'relative'}"
     root, path = _copy_zero(zero_folder, work, name)
     model_files = _model_state_files(path)
-    first = _load_trusted(model_files[0])
+    first = _load_real(model_files[0])
     old = _pick_unpatterned_param(first["param_shapes"], first.get("universal_checkpoint_info") or {})
     work = os.path.abspath(work)
     if absolute:
@@ -305,7 +308,7 @@ def craft_zero_traversal(zero_folder: str, work: str, absolute: bool) -> Crafted
         output = os.path.join(work, f"{name}_out", os.path.basename(path) + "_universal")
         escape = os.path.normpath(os.path.join(output, "zero", new))
     for f in model_files:
-        state = _load_trusted(f)
+        state = _load_real(f)
         state.pop(METADATA_KEY, None)
         state["param_shapes"] = [_renamed(g, old, new) for g in state["param_shapes"]]
         if isinstance(state.get("universal_checkpoint_info"), dict):
@@ -313,7 +316,7 @@ def craft_zero_traversal(zero_folder: str, work: str, absolute: bool) -> Crafted
         torch.save(state, f)
     bad = None
     for f in [] if _is_zero3(path) else _optim_files(path):
-        state = _load_trusted(f)
+        state = _load_real(f)
         osd = state[OPTIMIZER_STATE_DICT]
         if bad is None and any(old in g for g in osd[PARAM_SLICE_MAPPINGS]):
             bad = f
@@ -336,7 +339,7 @@ def craft_zero_fragment_past_partition(zero_folder: str, work: str) -> Crafted:
     root, path = _copy_zero(zero_folder, work, name)
     _require_stage12(path, "craft_zero_fragment_past_partition")
     bad = _optim_files(path, mp=0)[-1]
-    state = _load_trusted(bad)
+    state = _load_real(bad)
     osd = state[OPTIMIZER_STATE_DICT]
     group = osd[PARAM_SLICE_MAPPINGS][0]
     param, addr = _last_fragment(group)
@@ -352,7 +355,7 @@ def _single_fragment_param(path: str, shapes: list) -> tuple[str, int, str]:
     holders: dict[str, list[str]] = {}
     shards = _optim_files(path, mp=0)
     for shard in shards:
-        for g in _load_trusted(shard)[OPTIMIZER_STATE_DICT][PARAM_SLICE_MAPPINGS]:
+        for g in _load_real(shard)[OPTIMIZER_STATE_DICT][PARAM_SLICE_MAPPINGS]:
             for n, a in g.items():
                 if int(a.numel) > 0:
                     holders.setdefault(n, []).append(shard)
@@ -375,11 +378,11 @@ def craft_zero_huge_declared(zero_folder: str, work: str, numel: int = 2**40) ->
     root, path = _copy_zero(zero_folder, work, name)
     _require_stage12(path, "craft_zero_huge_declared")
     model_file = _first_model_state_file(path)
-    state = _load_trusted(model_file)
+    state = _load_real(model_file)
     param, group, bad = _single_fragment_param(path, state["param_shapes"])
     state["param_shapes"][group][param] = torch.Size([numel])
     torch.save(state, model_file)
-    shard = _load_trusted(bad)
+    shard = _load_real(bad)
     mapping = shard[OPTIMIZER_STATE_DICT][PARAM_SLICE_MAPPINGS][group]
     mapping[param] = dataclasses.replace(mapping[param], numel=numel)
     torch.save(shard, bad)
@@ -398,7 +401,7 @@ def craft_universal_payload_in_atom(universal_folder: str, work: str) -> Crafted
     param = next(n for n in sorted(os.listdir(zero)) if os.path.isfile(os.path.join(zero, n, "fp32.pt")))
     bad = os.path.join(zero, param, "fp32.pt")
     marker = _marker(work, name)
-    torch.save(dict(_load_trusted(bad), extra=payload(marker)), bad)
+    torch.save(dict(_load_real(bad), extra=payload(marker)), bad)
     return Crafted(name, root, path, bad, marker, None)
 
 
@@ -411,7 +414,7 @@ def craft_universal_payload_in_model_states(universal_folder: str, work: str) ->
     bad = os.path.join(path, "mp_rank_00_model_states.pt")
     twin = os.path.join(path, "zero_pp_rank_0_mp_rank_00_model_states.pt")
     marker = _marker(work, name)
-    state = _load_trusted(bad)
+    state = _load_real(bad)
     state[PAYLOAD_KEY] = payload(marker)
     for f in [bad] + ([twin] if os.path.lexists(twin) else []):
         _remove_file(f)  # unlink first: never write through a hard link into its twin

@@ -56,8 +56,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def temporary_name(out: str, kind: str = "tmp") -> str:
-    return f"{out}.{kind}-{_HOST}-{os.getpid()}"
+def temporary_name(out: str) -> str:
+    """This process's temporary sibling of ``out``; ``remove_stale_temporaries`` knows the pattern."""
+    return f"{out}.tmp-{_HOST}-{os.getpid()}"
 
 
 def remove_stale_temporaries(out: str, say: Callable[[str], None] = _say) -> list[str]:
@@ -65,6 +66,7 @@ def remove_stale_temporaries(out: str, say: Callable[[str], None] = _say) -> lis
     parent, base = os.path.split(os.path.abspath(out))
     if not os.path.isdir(parent):
         return []
+    # also the names earlier versions used: <out>.tmp-<pid> and <out>.old-<pid>
     pattern = re.compile(re.escape(base) + r"\.(tmp|old)-(?:(?P<host>[A-Za-z0-9_.-]+)-)?(?P<pid>\d+)$")
     removed = []
     for name in sorted(os.listdir(parent)):
@@ -165,18 +167,11 @@ def require_verified(folder: str) -> dict:
 
 def finished_output(out: str, kind: str, request: dict) -> dict | None:
     """The marker of ``out`` when it is a finished, verified output of this very request."""
-    if not os.path.isdir(out):
-        return None
     try:
-        marker = read_marker(out)
-        if marker is None or marker.get("kind") != kind or marker.get("request") != request:
-            return None
-        if not marker.get("verified"):
-            return None
-        check_manifest(out, marker)
+        marker = require_verified(out)
     except CheckpointError:
         return None
-    return marker
+    return marker if marker.get("kind") == kind and marker.get("request") == request else None
 
 
 def check_replaceable(out: str, looks_like: Callable[[str], bool], what: str, overwrite: bool) -> None:
@@ -245,11 +240,12 @@ def staged_folder(out: str) -> Iterator[str]:
 
 def write_latest_universal(out: str) -> None:
     """``<parent>/latest_universal`` naming the finished folder ``out``, replaced atomically."""
-    parent = os.path.dirname(out)
-    tmp = os.path.join(parent, LATEST_UNIVERSAL + f".tmp-{_HOST}-{os.getpid()}")
+    latest = os.path.join(os.path.dirname(out), LATEST_UNIVERSAL)
+    remove_stale_temporaries(latest)  # a process killed while writing it leaves its temporary file
+    tmp = temporary_name(latest)
     with open(tmp, "w") as f:
         f.write(os.path.basename(out))
-    os.replace(tmp, os.path.join(parent, LATEST_UNIVERSAL))
+    os.replace(tmp, latest)
 
 
 def json_safe(d: dict) -> dict[str, Any]:

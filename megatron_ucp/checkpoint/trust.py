@@ -64,10 +64,6 @@ def trust_checkpoint_code(on: bool = True) -> None:
     _trusted = on
 
 
-def code_is_trusted() -> bool:
-    return _trusted
-
-
 class _DeepSpeedStub:
     """Stands in for DeepSpeed's pickled classes (fragment_address, LossScaler, ZeroStageEnum) when
     only their fields are read, so indexing a checkpoint does not import DeepSpeed."""

@@ -627,7 +627,7 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
     inp, out = check_output_path(input_folder, output_folder)
     ckpt = open_zero_checkpoint(inp)
     request = conversion_request(ckpt, strict, inject_missing_state)
-    topology = {"tp": ckpt.tp, "pp": ckpt.pp, "dp": ckpt.dp}
+    topology = ckpt.topology
     if finished_output(out, UNIVERSAL_KIND, request):
         remove_stale_temporaries(out)
         write_latest_universal(out)
@@ -709,7 +709,7 @@ def certify_universal(input_folder: str, universal_folder: str, *, strict: bool 
     verify_universal(ckpt, out, conversion_rules(ckpt, strict, inject_missing_state))
     write_marker(out, UNIVERSAL_KIND, conversion_request(ckpt, strict, inject_missing_state), verified=True,
                  extra={"iteration": ckpt.iteration, "certified": True,
-                        "source_topology": {"tp": ckpt.tp, "pp": ckpt.pp, "dp": ckpt.dp}})
+                        "source_topology": ckpt.topology})
     write_latest_universal(out)
 
 

@@ -152,6 +152,10 @@ class ZeroCheckpoint:
     steps: dict[tuple[int, int], list] = field(default_factory=dict)  # (dp, mp) -> per group step value
 
     @property
+    def topology(self) -> dict[str, int]:
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp}
+
+    @property
     def metadata(self) -> dict | None:
         return self.model_states[0].get("megatron_ucp")
 

@@ -22,7 +22,8 @@ from typing import Any, Callable, cast
 import torch
 import torch.nn.functional as F
 
-from megatron_ucp.checkpoint.publish import require_verified
+from megatron_ucp.checkpoint.publish import LATEST_UNIVERSAL, require_verified
+from megatron_ucp.training.checkpointing import checkpoint_folder
 
 
 def random_tokens(vocab_size: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
@@ -123,15 +124,13 @@ def our_logits_many(folders: list[str], tokens: torch.Tensor, tp: int = 1, pp: i
         jobs = []
         for i, folder in enumerate(folders):
             folder = os.path.abspath(folder)
-            if os.path.isfile(os.path.join(folder, "latest_universal")):
+            if os.path.isfile(os.path.join(folder, LATEST_UNIVERSAL)):
                 load = folder
-                with open(os.path.join(folder, "latest_universal")) as f:
-                    folder = os.path.join(load, f.read().strip())
+                folder = checkpoint_folder(load, universal=True)
             else:
                 load = os.path.dirname(folder)
-                with open(os.path.join(load, "latest_universal")) as f:
-                    if f.read().strip() != os.path.basename(folder):
-                        raise ValueError(f"{load}/latest_universal does not name {os.path.basename(folder)}")
+                if checkpoint_folder(load, universal=True) != folder:
+                    raise ValueError(f"{load}/{LATEST_UNIVERSAL} does not name {os.path.basename(folder)}")
             require_verified(folder)  # before any rank starts: a bad folder is one clear error
             kwargs, vocab = model_kwargs_of(folder)
             jobs.append(LogitsJob(load, kwargs, vocab, os.path.join(tmp, f"logits{i}.pt")))

@@ -65,10 +65,16 @@ def _check_state_after_kill(parent: Path, out: Path) -> str:
 
 
 def test_killed_conversions_leave_a_complete_output_or_none(zero_checkpoint, tmp_path):
+    # The shorter of two uninterrupted runs (the first one pays for a cold page cache): the kill
+    # instants must fall inside the warm reruns below, or the kills miss.
+    durations = []
+    for name in ("reference", "warm"):
+        t0 = time.perf_counter()
+        subprocess.run(_command(zero_checkpoint, tmp_path / name / "global_step1_universal"), check=True,
+                       env=_env(), capture_output=True)
+        durations.append(time.perf_counter() - t0)
     reference = tmp_path / "reference" / "global_step1_universal"
-    t0 = time.perf_counter()
-    subprocess.run(_command(zero_checkpoint, reference), check=True, env=_env(), capture_output=True)
-    duration = time.perf_counter() - t0
+    duration = min(durations)
     assert duration >= 2.0, f"the conversion took {duration:.2f} s; the kill test needs at least 2 s"
 
     # Instants spread over the whole run, the last ones close to its end (verification, publishing).
@@ -99,7 +105,9 @@ def test_killed_conversions_leave_a_complete_output_or_none(zero_checkpoint, tmp
         outcomes.append((round(when, 2), killed, state, len(leftovers)))
     # The kills really hit the run in different phases: some before anything was published (a
     # temporary folder left behind), none of which left a readable-but-incomplete output.
-    assert sum(1 for _, killed, _, _ in outcomes if killed) >= 10, outcomes
+    # A run may finish a little faster than the measured one, so the last instants can miss; most
+    # must not.
+    assert sum(1 for _, killed, _, _ in outcomes if killed) >= KILLS - 1, outcomes
     assert any(n for *_, n in outcomes), f"no kill left a temporary folder: {outcomes}"
     print("kills (instant s, killed, state found, temporary folders left):", outcomes)
 

@@ -43,12 +43,9 @@ from megatron_ucp.model.llama import (
     RMSNorm,
     SwiGLUMLP,
     apply_rotary,
-    fuse_qkv,
-    fuse_swiglu,
     rotary_cos_sin,
-    unfuse_qkv,
-    unfuse_swiglu,
 )
+from megatron_ucp.layout.placement import fuse_qkv, fuse_swiglu, unfuse_qkv, unfuse_swiglu
 
 F64, F32 = torch.float64, torch.float32
 B, S = 2, 6

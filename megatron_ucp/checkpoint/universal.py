@@ -69,7 +69,7 @@ from megatron_ucp.checkpoint.zero import (
 )
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.layout.params import Kind, spec_of
-from megatron_ucp.layout.slicing import merge, pad_vocab, shard
+from megatron_ucp.layout.placement import RegionMap, flat_segments, tp_map
 
 UNIVERSAL_KIND = "universal"  # the completion marker's kind for our converter's output
 
@@ -174,6 +174,20 @@ class ConvertReport:
                 f"{self.workers} workers{ver}{notes}")
 
 
+def _tp_map(src: ParamSource, rule: MergeRule, tp: int, folder: str) -> RegionMap:
+    """Where each TP rank's local tensor sits in the atom's full tensor (``layout.placement``)."""
+    local = src.local_shapes[0]
+    dim = rule.kind.partition_dim
+    kept = rule.kept_vocab_rows if rule.kind is Kind.VOCAB else None
+    extent = local[dim] * tp if dim is not None else (local[0] if local else 1)
+    if kept is not None and extent < kept:
+        raise CheckpointError(f"{folder}: {src.name} has {extent} rows, fewer than the original vocabulary of {kept}")
+    try:
+        return tp_map(rule.kind, extent, tp, kept=kept)
+    except ValueError as e:
+        raise CheckpointError(f"{folder}: {src.name}: {e}") from None
+
+
 def _read_fragment(src: ParamSource, tp: int, frag, key: str, ckpt: ZeroCheckpoint, dst: torch.Tensor) -> None:
     read_into(ckpt.flat_ref(src.pp, tp, frag.dp, src.group, key), frag.start, dst)
 
@@ -184,7 +198,7 @@ def _copy_fragments_into(dst: torch.Tensor, src: ParamSource, tp: int, key: str,
     flat = dst.view(-1) if dst.is_contiguous() else None
     for frag in src.fragments[tp]:
         if flat is not None:
-            _read_fragment(src, tp, frag, key, ckpt, flat.narrow(0, offset, frag.numel))
+            _read_fragment(src, tp, frag, key, ckpt, flat.narrow(0, offset, frag.numel))  # a DP fragment's range
         else:
             piece = torch.empty(frag.numel, dtype=dst.dtype)
             _read_fragment(src, tp, frag, key, ckpt, piece)
@@ -202,11 +216,11 @@ def _copy_flat_range(dst: torch.Tensor, start: int, piece: torch.Tensor) -> None
         row, col = divmod(pos, width)
         if col == 0 and end - pos >= width:  # whole rows at once
             n_rows = (end - pos) // width
-            dst[row:row + n_rows].copy_(piece.narrow(0, done, n_rows * width).view(n_rows, width))
+            dst[row:row + n_rows].copy_(piece.narrow(0, done, n_rows * width).view(n_rows, width))  # row-major fill
             step = n_rows * width
         else:
             step = min(width - col, end - pos)
-            dst[row, col:col + step].copy_(piece.narrow(0, done, step))
+            dst[row, col:col + step].copy_(piece.narrow(0, done, step))  # row-major fill, not a TP rule
         pos += step
         done += step
 
@@ -217,7 +231,7 @@ def _replicas_equal(ref: torch.Tensor, src: ParamSource, tp: int, key: str, ckpt
     for frag in src.fragments[tp]:
         piece = torch.empty(frag.numel, dtype=ref.dtype)
         _read_fragment(src, tp, frag, key, ckpt, piece)
-        if not torch.equal(flat.narrow(0, offset, frag.numel), piece):
+        if not torch.equal(flat.narrow(0, offset, frag.numel), piece):  # a DP fragment's range
             return False
         offset += frag.numel
     return True
@@ -250,19 +264,14 @@ def merged_state(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroCheckpoi
         return {"param": full}
     if any(s != local for s in src.local_shapes):
         raise CheckpointError(f"{ckpt.folder}: {src.name} has uneven TP shapes {src.local_shapes}")
+    merge_map = _tp_map(src, rule, ckpt.tp, ckpt.folder).inverted()  # drops the vocabulary's padding rows
     locals_ = []
     for tp in range(ckpt.tp):
         t = torch.empty(local, dtype=torch.float32)
         _copy_fragments_into(t, src, tp, key, ckpt)
         locals_.append(t)
-    full = merge(locals_, rule.kind)
+    full = merge_map.apply(locals_, 0).clone()  # a view at TP 1: do not carry padding storage into the file
     del locals_
-    if rule.kind is Kind.VOCAB:
-        vocab_rows = rule.kept_vocab_rows
-        if full.shape[0] < vocab_rows:
-            raise CheckpointError(f"{ckpt.folder}: {src.name} has {full.shape[0]} rows, fewer than the original "
-                                  f"vocabulary of {vocab_rows}")
-        full = full[:vocab_rows].clone()  # do not carry the padding rows' storage into the file
     return dict(merge_keys(rule), param=full)
 
 
@@ -277,39 +286,24 @@ def _save(obj, path: str) -> int:
 def _copy_plan(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroCheckpoint) -> list[tuple[str, int, int, int]]:
     """(source path, source byte offset, destination element offset, elements) for one atom, coalesced.
 
-    For dim-0 kinds only: the atom's tensor is the full parameter in row-major order, and TP rank
-    ``t``'s local tensor sits at ``[t * L, (t + 1) * L)`` (per sub-parameter for fused kinds;
-    truncated at the vocabulary for VOCAB).
+    For dim-0 kinds only: the atom's tensor is the full parameter in row-major order, and where TP rank
+    ``t``'s local elements go in it is its placement's ``flat_segments`` (per sub-parameter for fused
+    kinds; padding rows beyond the vocabulary dropped).
     """
     if rule.kind.partition_dim != 0:
         raise CheckpointError(f"{src.name}: no file-to-file copy plan for {rule.kind.value} parameters")
     local = src.local_shapes[0]
-    numel_local = 1
-    for d in local:
-        numel_local *= d
-    keep = None
-    if rule.kind is Kind.VOCAB:
-        keep = rule.kept_vocab_rows * (numel_local // local[0])
+    m = _tp_map(src, rule, ckpt.tp, ckpt.folder)
+    full = (m.src_extents[0],) + tuple(local[1:])  # the kept rows, for VOCAB
     plan: list[list] = []
     for t in range(ckpt.tp):
+        runs = m.runs_into(t)
         lo = 0
         for frag in src.fragments[t]:
             ref = ckpt.flat_ref(src.pp, t, frag.dp, src.group, key)
             esize = ref.dtype.itemsize
-            # Local sub-parameter i of rank t goes to [i * tp * S + t * S, + S), S = L / n (n = 1 usually).
-            n_sub = rule.kind.num_sub_params
-            sub = numel_local // n_sub
-            a, b = lo, lo + frag.numel
-            while a < b:
-                i, within = divmod(a, sub)
-                seg_end = min(b, (i + 1) * sub)
-                dst = i * ckpt.tp * sub + t * sub + within
-                n = seg_end - a
-                if keep is not None:
-                    n = max(0, min(n, keep - dst))
-                if n:
-                    plan.append([ref.path, ref.offset + (frag.start + a - lo) * esize, dst, n])
-                a = seg_end
+            for a, dst, n in flat_segments(runs, 0, full, local, lo, lo + frag.numel):
+                plan.append([ref.path, ref.offset + (frag.start + a - lo) * esize, dst, n])
             lo += frag.numel
     coalesced: list[list] = []
     for item in plan:
@@ -382,30 +376,31 @@ def _scratch(nbytes: int) -> torch.Tensor:
     return buf[:nbytes]
 
 
-def _read_row_parallel(tensor: torch.Tensor, src: ParamSource, key: str, ckpt: ZeroCheckpoint,
+def _read_row_parallel(tensor: torch.Tensor, src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroCheckpoint,
                        fds: dict[str, int]) -> None:
-    """Fill the full [rows, tp * w] tensor: TP rank t's local [rows, w] goes to column block t.
+    """Fill the full [rows, tp * w] tensor: TP rank t's local [rows, w] goes where its placement says
+    (column block t).
 
     Each DP fragment is one contiguous source range; ``preadv`` scatters it into the row pieces it
     covers, so the bytes are copied once, with no intermediate buffer.
     """
-    rows, width_full = tensor.shape
-    w = width_full // ckpt.tp
+    m = _tp_map(src, rule, ckpt.tp, ckpt.folder)
+    full, local = tuple(tensor.shape), tuple(src.local_shapes[0])
     buf = tensor.view(torch.uint8).view(-1).numpy().data  # ndarray.data: the array's bytes as a memoryview
     for t in range(ckpt.tp):
+        runs = m.runs_into(t)
         lo = 0
         for frag in src.fragments[t]:
             ref = ckpt.flat_ref(src.pp, t, frag.dp, src.group, key)
             if ref.path not in fds:
                 fds[ref.path] = os.open(ref.path, os.O_RDONLY)
             iovs = []
-            a, b = lo, lo + frag.numel
-            while a < b:
-                r, c = divmod(a, w)
-                n = min(b - a, w - c)
-                start = (r * width_full + t * w + c) * 4
-                iovs.append(buf[start:start + n * 4])
-                a += n
+            expect = lo  # the fragment is one contiguous source range: its segments must follow each other
+            for a, f, n in flat_segments(runs, 1, full, local, lo, lo + frag.numel):
+                if a != expect:
+                    raise CheckpointError(f"{src.name}: a row-parallel shard with a gap at element {expect}")
+                iovs.append(buf[f * 4:(f + n) * 4])
+                expect = a + n
             pos = ref.offset + frag.start * 4
             for i in range(0, len(iovs), _IOV_MAX):
                 batch = iovs[i:i + _IOV_MAX]
@@ -435,13 +430,10 @@ def pwrite_all(fd: int, data, offset: int) -> None:
 def _write_atom_by_copy(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroCheckpoint, path: str) -> int:
     """Write a sharded atom without ever filling it with zeros or holding it: the torch.save bytes
     around the tensor come from a cached skeleton, the tensor's bytes are copied in from the shards."""
-    local = list(src.local_shapes[0])
-    full = list(local)
     dim = rule.kind.partition_dim
     assert dim is not None  # convert_param sends replicated parameters to merged_state instead
-    full[dim] *= ckpt.tp
-    if rule.kind is Kind.VOCAB:
-        full[0] = rule.kept_vocab_rows
+    full = list(src.local_shapes[0])
+    full[dim] = _tp_map(src, rule, ckpt.tp, ckpt.folder).src_extents[0]  # the kept rows, for VOCAB
     head, tail, data_offset = skeleton_bytes(merge_keys(rule), tuple(full))
     nbytes = 4
     for d in full:
@@ -454,7 +446,7 @@ def _write_atom_by_copy(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroC
             # Row-parallel slices interleave every row (pieces of a few KB), which copy_file_range moves
             # slowly; scatter-read each fragment straight into its rows (preadv), then write once.
             tensor = _scratch(nbytes).view(torch.float32).view(full)  # reused: no page faults per atom
-            _read_row_parallel(tensor, src, key, ckpt, fds)
+            _read_row_parallel(tensor, src, rule, key, ckpt, fds)
             pwrite_all(dst, tensor.view(torch.uint8).view(-1).numpy(), data_offset)
             del tensor
         else:
@@ -728,34 +720,30 @@ def verify_universal(ckpt: ZeroCheckpoint, output_folder: str, rules: dict[str, 
         for key in STATE_KEYS:
             atom = load_file(os.path.join(zero_dir, name, f"{key}.pt"), mmap=True)
             param = atom["param"]
+            m = _tp_map(src, rule, ckpt.tp, ckpt.folder)
             for tp in range(ckpt.tp):
-                # The TP slice of the saved tensor, re-padded: compare it with rank tp's fragments.
-                padded = param
-                if rule.kind is Kind.VOCAB:
-                    padded = pad_vocab(param, src.local_shapes[tp][0] * ckpt.tp)
-                local = shard(padded, rule.kind, ckpt.tp, tp)
-                if not _local_matches(local, src, tp, key, ckpt, rule):
+                # Rank tp's local tensor cut from the saved one (padding rows zero): compare it with its fragments.
+                local = m.apply([param], tp)
+                if not _local_matches(local, m, src, tp, key, ckpt):
                     raise CheckpointError(f"{os.path.join(zero_dir, name, key + '.pt')}: does not match TP rank {tp} "
                                           f"of {ckpt.folder}")
 
 
-def _local_matches(local: torch.Tensor, src: ParamSource, tp: int, key: str, ckpt: ZeroCheckpoint,
-                   rule: MergeRule) -> bool:
+def _local_matches(local: torch.Tensor, m: RegionMap, src: ParamSource, tp: int, key: str,
+                   ckpt: ZeroCheckpoint) -> bool:
+    """Rank ``tp``'s fragments equal ``local`` wherever its placement puts real elements (padding rows are
+    not in the atom, so they are not compared)."""
     flat = local.contiguous().view(-1)
+    keep = flat.numel()
+    if m.dim == 0:  # rows past the last run are the vocabulary's padding
+        row_elems = int(local[0].numel()) if local.dim() > 1 else 1
+        keep = max((r.dst_start + r.length for r in m.runs_into(tp)), default=0) * row_elems
     offset = 0
     for frag in src.fragments[tp]:
         piece = torch.empty(frag.numel, dtype=torch.float32)
         _read_fragment(src, tp, frag, key, ckpt, piece)
-        want = flat.narrow(0, offset, frag.numel)
-        if rule.kind is Kind.VOCAB:
-            # Padding rows are dropped from the atom; compare only the rows below the vocabulary.
-            row_elems = int(local[0].numel()) if local.dim() > 1 else 1
-            first_row = tp * src.local_shapes[tp][0]
-            keep = max(0, min(src.local_shapes[tp][0], rule.kept_vocab_rows - first_row)) * row_elems
-            lo, hi = offset, min(offset + frag.numel, keep)
-            if hi > lo and not torch.equal(flat.narrow(0, lo, hi - lo), piece.narrow(0, 0, hi - lo)):
-                return False
-        elif not torch.equal(want, piece):
+        lo, hi = offset, min(offset + frag.numel, keep)
+        if hi > lo and not torch.equal(flat.narrow(0, lo, hi - lo), piece.narrow(0, 0, hi - lo)):  # a DP fragment
             return False
         offset += frag.numel
     return True

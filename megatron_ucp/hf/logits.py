@@ -83,6 +83,8 @@ def _eval_one(job: LogitsJob, tokens: torch.Tensor, tp: int, pp: int) -> None:
     """Load through the trainer itself (``train`` with ``on_finish``), then one ``eval_batch``."""
     import torch.distributed as dist
 
+    from megatron_ucp.layout.params import Kind
+    from megatron_ucp.layout.placement import tp_map
     from megatron_ucp.training.trainer import train
 
     def on_finish(engine, model, state) -> None:
@@ -92,7 +94,8 @@ def _eval_one(job: LogitsJob, tokens: torch.Tensor, tp: int, pp: int) -> None:
             parts = [torch.empty_like(logits) for _ in range(tp)]
             dist.all_gather(parts, logits.contiguous(), group=state.tp_group)
             if state.coords.tp == 0:
-                torch.save(torch.cat(parts, dim=-1)[..., : job.vocab_size].float(), job.out)
+                gather = tp_map(Kind.VOCAB, logits.shape[-1] * tp, tp, kept=job.vocab_size, dim=logits.dim() - 1)
+                torch.save(gather.inverted().apply(parts, 0).float(), job.out)
         dist.barrier()
 
     train(job.model_kwargs, _eval_config(job, tokens, tp, pp), on_finish=on_finish)

@@ -1,8 +1,8 @@
 """Tensor work of the HF mapping: HF tensors -> one full tensor of ours, and back.
 
 What to do for each parameter is declared in ``layout/hf.py``; this module only executes the four
-``Combine`` kinds and the GPT-2 ``Conv1D`` transpose, with the fused-QKV and SwiGLU helpers of
-``model/llama.py`` (our grouped QKV with one head per group is GPT-2's per-head ``[q; k; v]``).
+``Combine`` kinds and the GPT-2 ``Conv1D`` transpose, with the fused-QKV and SwiGLU maps of
+``layout/placement.py`` (our grouped QKV with one head per group is GPT-2's per-head ``[q; k; v]``).
 
 The private ``_skip_*`` flags are negative controls for the tests: they reproduce the two classic
 converter bugs (a plain ``[Q; K; V]`` instead of our per-group order; a ``reshape`` where the
@@ -15,7 +15,7 @@ import torch
 
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.layout.hf import Combine, HFMapping
-from megatron_ucp.model.llama import fuse_qkv, fuse_swiglu, unfuse_qkv, unfuse_swiglu
+from megatron_ucp.layout.placement import concat_map, fuse_qkv, fuse_swiglu, unfuse_qkv, unfuse_swiglu
 
 
 def _from_conv1d(t: torch.Tensor, skip: bool) -> torch.Tensor:
@@ -36,11 +36,11 @@ def to_ours(m: HFMapping, hf: list[torch.Tensor], cfg: ModelConfig, *, _skip_qkv
         if _skip_qkv_reorder:
             out = ts[0]
         else:
-            q, k, v = ts[0].chunk(3, dim=0)
+            q, k, v = concat_map((ts[0].shape[0] // 3,) * 3).inverted().apply_all(ts)
             out = fuse_qkv(q, k, v, nh, nkv)
     elif m.combine is Combine.QKV:
         if _skip_qkv_reorder:
-            out = torch.cat(ts, dim=0)
+            out = concat_map([t.shape[0] for t in ts]).apply(ts, 0)
         else:
             q, k, v = ts  # the three tensors of m.hf_names (counted above)
             out = fuse_qkv(q, k, v, nh, nkv)
@@ -58,7 +58,8 @@ def to_hf(m: HFMapping, ours: torch.Tensor, cfg: ModelConfig) -> list[torch.Tens
     if m.combine is Combine.NONE:
         ts = [ours]
     elif m.combine is Combine.QKV_PACKED:
-        ts = [torch.cat(unfuse_qkv(ours, nh, nkv), dim=0)]
+        qkv = unfuse_qkv(ours, nh, nkv)
+        ts = [concat_map([t.shape[0] for t in qkv]).apply(qkv, 0)]
     elif m.combine is Combine.QKV:
         ts = list(unfuse_qkv(ours, nh, nkv))
     elif m.combine is Combine.SWIGLU:

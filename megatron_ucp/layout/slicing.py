@@ -1,29 +1,22 @@
-"""The only code in the project that cuts, joins or pads weights along tensor-parallel dimensions.
+"""Cutting, joining and padding whole tensors along tensor-parallel dimensions.
 
-Every rule is driven by ``params.Kind``; nothing here knows a parameter by name.
+Every operation executes a ``placement.RegionMap`` derived from ``params.Kind``; nothing here knows a
+parameter by name, and no index arithmetic lives here: it is all in ``placement.py``.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from megatron_ucp.layout.params import Kind
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron's padding: the vocabulary rounded up to a multiple of ``divisible_by * tp``."""
-    multiple = divisible_by * tp
-    return int(math.ceil(vocab_size / multiple) * multiple)
-
-
-def vocab_range(padded_vocab: int, tp: int, tp_rank: int) -> tuple[int, int]:
-    """The [start, end) rows of the padded vocabulary that ``tp_rank`` holds."""
-    if padded_vocab % tp:
-        raise ValueError(f"padded vocab {padded_vocab} is not divisible by tensor parallel {tp}")
-    per_rank = padded_vocab // tp
-    return tp_rank * per_rank, (tp_rank + 1) * per_rank
+from megatron_ucp.layout.placement import (  # noqa: F401 - padded_vocab_size, vocab_range: re-exported
+    RegionMap,
+    Run,
+    local_shape,
+    padded_vocab_size,
+    tp_map,
+    vocab_range,
+)
 
 
 def pad_vocab(t: torch.Tensor, padded_rows: int) -> torch.Tensor:
@@ -32,8 +25,9 @@ def pad_vocab(t: torch.Tensor, padded_rows: int) -> torch.Tensor:
         raise ValueError(f"cannot pad {t.shape[0]} vocab rows down to {padded_rows}")
     if t.shape[0] == padded_rows:
         return t
-    pad = t.new_zeros((padded_rows - t.shape[0],) + tuple(t.shape[1:]))
-    return torch.cat([t, pad], dim=0)
+    # The padded tensor as one destination of a map whose only run is the real rows.
+    m = RegionMap(0, (t.shape[0],), (padded_rows,), (Run(0, 0, 0, 0, t.shape[0]),) if t.shape[0] else ())
+    return m.apply([t], 0)
 
 
 def unpad_vocab(t: torch.Tensor, vocab_rows: int) -> torch.Tensor:
@@ -42,36 +36,22 @@ def unpad_vocab(t: torch.Tensor, vocab_rows: int) -> torch.Tensor:
     return t[:vocab_rows]
 
 
-def local_shape(kind: Kind, full_shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
-    """The shape one TP rank holds, for a full shape (already padded for VOCAB)."""
-    dim = kind.partition_dim
-    if dim is None:
-        return tuple(full_shape)
-    if dim >= len(full_shape):  # 1-D biases of row-parallel layers are never ROW
-        raise ValueError(f"{kind.value} parameter of shape {tuple(full_shape)} has no dim {dim}")
-    if full_shape[dim] % (tp * kind.num_sub_params):
-        what = f"each of the {kind.num_sub_params} sub-parameters in " if kind.num_sub_params > 1 else ""
-        raise ValueError(f"tensor parallel {tp} does not divide {what}dim {dim} of shape {tuple(full_shape)}")
-    shape = list(full_shape)
-    shape[dim] //= tp
-    return tuple(shape)
-
-
 def shard(full: torch.Tensor, kind: Kind, tp: int, tp_rank: int) -> torch.Tensor:
     """The slice of ``full`` that ``tp_rank`` holds (a view, except for fused sub-parameters, which are
     re-assembled per rank; VOCAB tensors must be padded already)."""
     dim = kind.partition_dim
     if dim is None:
         return full
-    local_shape(kind, tuple(full.shape), tp)  # validates divisibility
-    if kind.num_sub_params > 1:  # [a; b] -> [a_r; b_r]
-        return torch.cat([sub.chunk(tp, dim=dim)[tp_rank] for sub in full.chunk(kind.num_sub_params, dim=dim)], dim=dim)
-    return full.chunk(tp, dim=dim)[tp_rank]
+    local_shape(kind, tuple(full.shape), tp)  # validates the dim and divisibility
+    if not 0 <= tp_rank < tp:
+        raise ValueError(f"TP rank {tp_rank} is not in [0, {tp})")
+    return tp_map(kind, full.shape[dim], tp).apply([full], tp_rank)
 
 
-def merge(shards: list[torch.Tensor], kind: Kind) -> torch.Tensor:
+def merge(shards: list[torch.Tensor], kind: Kind, kept: int | None = None) -> torch.Tensor:
     """Join the TP slices of one parameter, in TP-rank order; the inverse of ``shard``.
 
+    ``kept`` (VOCAB only) drops the padding rows: the result has the original vocabulary's rows.
     Replicated parameters must be bitwise equal on every rank: they are never averaged silently.
     """
     dim = kind.partition_dim
@@ -81,8 +61,7 @@ def merge(shards: list[torch.Tensor], kind: Kind) -> torch.Tensor:
             if not torch.equal(first, other):
                 raise ValueError(f"replicated parameter differs between TP rank 0 and TP rank {r}")
         return first
-    n = kind.num_sub_params
-    if n > 1:  # [a_r; b_r] per rank -> [a; b]
-        parts = [s.chunk(n, dim=dim) for s in shards]
-        return torch.cat([torch.cat([p[i] for p in parts], dim=dim) for i in range(n)], dim=dim)
-    return torch.cat(shards, dim=dim)
+    if any(s.shape != shards[0].shape for s in shards):
+        raise ValueError(f"uneven TP shards {[tuple(s.shape) for s in shards]}")
+    m = tp_map(kind, shards[0].shape[dim] * len(shards), len(shards), kept)
+    return m.inverted().apply(shards, 0)

@@ -25,6 +25,7 @@ from megatron_ucp.tensor_parallel.layers import (
     parallel_lm_logits,
 )
 from megatron_ucp.layout.params import Kind
+from megatron_ucp.layout.placement import split_qkv_heads
 
 try:  # optional fused kernels on GPUs
     from apex.normalization import FusedLayerNorm as _ApexLayerNorm
@@ -86,8 +87,9 @@ class ParallelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
-        qkv = self.query_key_value(x).view(b, s, self.local_heads, 3, self.head_dim)  # per-head [q k v]
-        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # [b, np, s, hn]
+        # Per head [q k v]: the grouped layout with one query head per group (layout.placement.qkv_map).
+        qkv = split_qkv_heads(self.query_key_value(x), self.local_heads, 1, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv)  # [b, np, s, hn]
         p = self.attention_dropout if self.training else 0.0
         with self.tp.rng.fork():  # this rank's heads draw their own dropout masks
             ctx = _attention(q, k, v, p)

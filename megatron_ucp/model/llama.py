@@ -10,7 +10,8 @@ layouts, so its checkpoints map one to one:
   so the full tensor is the same at every TP degree (plain ``Kind.COLUMN``), given
   ``num_kv_heads % tp == 0``.
 * ``mlp.dense_h_to_4h``: each rank holds ``[gate_r; up_r]`` (its slices of the gate and up projections,
-  stacked). The TP-rank concatenation of those shards depends on the TP degree (see ``fuse_swiglu``).
+  stacked). The TP-rank concatenation of those shards depends on the TP degree (see
+  ``layout.placement.fuse_swiglu``).
 
 Shapes: b = micro-batch, s = sequence, h = hidden, np = query heads on this TP rank, ng = key/value
 groups (= key/value heads) on this TP rank, qpg = query heads per group (np / ng), hn = head dim,
@@ -25,6 +26,7 @@ from torch import nn
 
 from megatron_ucp.distributed.groups import TensorParallelContext
 from megatron_ucp.layout.params import Kind
+from megatron_ucp.layout.placement import check_heads, split_qkv_heads, split_sub_params
 from megatron_ucp.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, mark_parallel
 
 # --------------------------------------------------------------------------------------------------
@@ -77,95 +79,19 @@ def rotary_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, device=N
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     positions = torch.arange(seq_len, dtype=torch.float32, device=device)
     freqs = positions[:, None] * inv_freq[None, :]  # [s, hn/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [s, hn]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [s, hn]; rotary angles, not a weight layout
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """[x1, x2] -> [-x2, x1] on the last dim (halves, not even/odd pairs)."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotary arithmetic, not a weight layout
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [b, heads, s, hn] rotated by position: x * cos + rotate_half(x) * sin (cos/sin [s, hn])."""
     return x * cos + rotate_half(x) * sin
-
-
-# --------------------------------------------------------------------------------------------------
-# fused-weight layouts (pure functions on full tensors; biases work the same as weights)
-# --------------------------------------------------------------------------------------------------
-
-
-def _check_heads(num_heads: int, num_kv_heads: int) -> int:
-    if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"num_key_value_heads {num_kv_heads} must divide num_attention_heads {num_heads}")
-    return num_heads // num_kv_heads
-
-
-def fuse_qkv(q_full: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor,
-             num_heads: int, num_kv_heads: int) -> torch.Tensor:
-    """Separate projections -> Megatron-DeepSpeed's grouped fused QKV.
-
-    q_full [num_heads * hn, ...], k_full and v_full [num_kv_heads * hn, ...] (weights [., h] or biases)
-    -> [num_kv_heads * (qpg + 2) * hn, ...] with rows ``for g: q heads g*qpg .. g*qpg+qpg-1, k_g, v_g``.
-    Query head i uses key/value head i // qpg, as in HF's ``repeat_kv``.
-    """
-    qpg = _check_heads(num_heads, num_kv_heads)
-    if k_full.shape != v_full.shape or k_full.shape[0] % num_kv_heads:
-        raise ValueError(f"k {tuple(k_full.shape)} and v {tuple(v_full.shape)} must be equal and hold "
-                         f"{num_kv_heads} heads")
-    hn = k_full.shape[0] // num_kv_heads
-    rest = tuple(k_full.shape[1:])
-    if tuple(q_full.shape) != (num_heads * hn,) + rest:
-        raise ValueError(f"q {tuple(q_full.shape)} does not hold {num_heads} heads of {hn} rows")
-    q = q_full.reshape(num_kv_heads, qpg * hn, *rest)
-    k = k_full.reshape(num_kv_heads, hn, *rest)
-    v = v_full.reshape(num_kv_heads, hn, *rest)
-    return torch.cat((q, k, v), dim=1).reshape(num_kv_heads * (qpg + 2) * hn, *rest)
-
-
-def unfuse_qkv(fused: torch.Tensor, num_heads: int,
-               num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The inverse of ``fuse_qkv``: grouped fused QKV -> (q [nh*hn, ...], k [nkv*hn, ...], v [nkv*hn, ...])."""
-    qpg = _check_heads(num_heads, num_kv_heads)
-    rows = fused.shape[0]
-    if rows % (num_kv_heads * (qpg + 2)):
-        raise ValueError(f"fused QKV with {rows} rows does not split into {num_kv_heads} groups of {qpg + 2} heads")
-    hn = rows // (num_kv_heads * (qpg + 2))
-    rest = tuple(fused.shape[1:])
-    grouped = fused.reshape(num_kv_heads, (qpg + 2) * hn, *rest)
-    q, k, v = grouped.split((qpg * hn, hn, hn), dim=1)
-    return (q.reshape(num_heads * hn, *rest), k.reshape(num_kv_heads * hn, *rest),
-            v.reshape(num_kv_heads * hn, *rest))
-
-
-def fuse_swiglu(gate_full: torch.Tensor, up_full: torch.Tensor, tp: int) -> torch.Tensor:
-    """Gate and up projections [f, ...] -> the TP-rank concatenation of per-rank ``[gate_r; up_r]``.
-
-    ``slicing.shard(result, Kind.COLUMN, tp, r)`` is then exactly rank r's ``dense_h_to_4h`` shard. The
-    result depends on ``tp`` (for tp > 1 it is not ``[gate; up]``), so a checkpoint merged by plain
-    concatenation at one TP degree cannot be re-split at another: converters go through
-    ``unfuse_swiglu(full, tp_src)`` and ``fuse_swiglu(..., tp_dst)`` (DeepSpeed's
-    ``parameter_with_2_sub_params_cat_dim_0``; its universal form is ``fuse_swiglu(gate, up, 1)``, which
-    ``slicing.shard(., Kind.COLUMN_2SUB, tp, r)`` cuts into the same per-rank shards).
-    """
-    if gate_full.shape != up_full.shape:
-        raise ValueError(f"gate {tuple(gate_full.shape)} and up {tuple(up_full.shape)} differ in shape")
-    if gate_full.shape[0] % tp:
-        raise ValueError(f"tensor parallel {tp} does not divide ffn_hidden_size {gate_full.shape[0]}")
-    pieces = []
-    for g, u in zip(gate_full.chunk(tp, dim=0), up_full.chunk(tp, dim=0)):
-        pieces += [g, u]
-    return torch.cat(pieces, dim=0)
-
-
-def unfuse_swiglu(full: torch.Tensor, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of ``fuse_swiglu(gate, up, tp)``: -> (gate [f, ...], up [f, ...])."""
-    if full.shape[0] % (2 * tp):
-        raise ValueError(f"fused SwiGLU with {full.shape[0]} rows does not split into {tp} ranks of [gate; up]")
-    gates, ups = zip(*(shard.chunk(2, dim=0) for shard in full.chunk(tp, dim=0)))
-    return torch.cat(gates, dim=0), torch.cat(ups, dim=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,7 +110,7 @@ class SwiGLUMLP(nn.Module):
         self.dense_4h_to_h = RowParallelLinear(ffn_hidden, hidden, tp, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, h] -> [b, s, h]
-        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # [b, s, fl] each
+        gate, up = split_sub_params(self.dense_h_to_4h(x), Kind.COLUMN_2SUB)  # [b, s, fl] each
         return self.dense_4h_to_h(F.silu(gate) * up)
 
 
@@ -202,7 +128,7 @@ class GQAAttention(nn.Module):
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, tp: TensorParallelContext,
                  rope_theta: float = 10000.0, attention_dropout: float = 0.0, bias: bool = False) -> None:
         super().__init__()
-        qpg = _check_heads(num_heads, num_kv_heads)
+        qpg = check_heads(num_heads, num_kv_heads)
         if hidden % num_heads:
             raise ValueError(f"hidden_size {hidden} is not divisible by num_attention_heads {num_heads}")
         if num_kv_heads % tp.size:
@@ -224,10 +150,8 @@ class GQAAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, h] -> [b, s, h]
         b, s, _ = x.shape
         ng, qpg, hn = self.local_groups, self.q_per_group, self.head_dim
-        qkv = self.query_key_value(x).view(b, s, ng, qpg + 2, hn)  # per group [q .. q k v]
-        q = qkv[:, :, :, :qpg].reshape(b, s, ng * qpg, hn).transpose(1, 2)  # [b, np, s, hn]
-        k = qkv[:, :, :, qpg].transpose(1, 2)  # [b, ng, s, hn]
-        v = qkv[:, :, :, qpg + 1].transpose(1, 2)  # [b, ng, s, hn]
+        q, k, v = split_qkv_heads(self.query_key_value(x), ng, qpg, hn)  # the fused rows' layout (placement)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, np | ng, s, hn]
         cos, sin = rotary_cos_sin(s, hn, self.rope_theta, device=x.device, dtype=q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if qpg > 1:  # query head g*qpg + j reads key/value head g

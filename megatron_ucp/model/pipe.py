@@ -14,7 +14,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.distributed.groups import ParallelState
 from megatron_ucp.layout.params import Role, pipe_entries
-from megatron_ucp.layout.slicing import padded_vocab_size, vocab_range
+from megatron_ucp.layout.placement import embedding_rows, vocab_range
 from megatron_ucp.model.gpt import EmbeddingLayer, FinalNorm, LMHead, TransformerLayer
 from megatron_ucp.model.init import initialize_parameters
 from megatron_ucp.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -54,12 +54,8 @@ def block_spec(cfg: ModelConfig, tp, layer_number: int) -> LayerSpec:
 
 
 def padded_vocab_for(cfg: ModelConfig, tp: int, zero_stage: int = 0) -> int:
-    """Rows of the embedding and head. ZeRO-3 keeps the vocabulary unpadded: DeepSpeed's stage-3
-    universal loader flattens each atom without re-padding vocabulary rows, so a padded parameter
-    would shift every later parameter's slice (ZeRO-3 runs at TP 1, see ``TrainConfig``)."""
-    if zero_stage == 3:
-        return cfg.vocab_size
-    return padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
+    """Rows of the embedding and head (``layout.placement.embedding_rows``: unpadded under ZeRO-3)."""
+    return embedding_rows(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp, zero_stage)
 
 
 def topology_of(state: ParallelState) -> PipeModelDataParallelTopology:

@@ -17,7 +17,7 @@ from torch import nn
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.distributed.groups import ParallelState
 from megatron_ucp.layout.params import Role, pipe_entries
-from megatron_ucp.layout.slicing import vocab_range
+from megatron_ucp.layout.placement import vocab_range
 from megatron_ucp.model.gpt import EmbeddingLayer, FinalNorm, LMHead
 from megatron_ucp.model.init import initialize_parameters
 from megatron_ucp.model.pipe import LMLoss, block_spec, padded_vocab_for

@@ -27,19 +27,18 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from megatron_ucp.atomic import HOST, atomic_open, atomic_write, temporary_name  # noqa: F401 - re-exported
 from megatron_ucp.checkpoint.trust import CheckpointError
 
 COMPLETE_MARKER = "megatron_ucp_complete.json"
 MARKER_VERSION = 1
 LATEST_UNIVERSAL = "latest_universal"
 
-_HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
 
 
 def _say(msg: str) -> None:
@@ -56,11 +55,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def temporary_name(out: str) -> str:
-    """This process's temporary sibling of ``out``; ``remove_stale_temporaries`` knows the pattern."""
-    return f"{out}.tmp-{_HOST}-{os.getpid()}"
-
-
 def remove_stale_temporaries(out: str, say: Callable[[str], None] = _say) -> list[str]:
     """Remove ``<out>.tmp-<host>-<pid>`` folders (and files) that dead processes of this host left."""
     parent, base = os.path.split(os.path.abspath(out))
@@ -71,7 +65,7 @@ def remove_stale_temporaries(out: str, say: Callable[[str], None] = _say) -> lis
     removed = []
     for name in sorted(os.listdir(parent)):
         m = pattern.match(name)
-        if not m or (m.group("host") not in (None, _HOST)) or _pid_alive(int(m.group("pid"))):
+        if not m or (m.group("host") not in (None, HOST)) or _pid_alive(int(m.group("pid"))):
             continue
         path = os.path.join(parent, name)
         if os.path.isdir(path) and not os.path.islink(path):
@@ -109,12 +103,8 @@ def write_marker(folder: str, kind: str, request: dict, verified: bool, extra: d
     marker = {"format": "megatron_ucp.complete", "version": MARKER_VERSION, "kind": kind, "verified": verified,
               "request": request, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": manifest}
     marker.update(extra or {})
-    tmp = os.path.join(folder, COMPLETE_MARKER + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_open(os.path.join(folder, COMPLETE_MARKER)) as f:
         json.dump(marker, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(folder, COMPLETE_MARKER))
 
 
 def read_marker(folder: str) -> dict | None:
@@ -242,10 +232,7 @@ def write_latest_universal(out: str) -> None:
     """``<parent>/latest_universal`` naming the finished folder ``out``, replaced atomically."""
     latest = os.path.join(os.path.dirname(out), LATEST_UNIVERSAL)
     remove_stale_temporaries(latest)  # a process killed while writing it leaves its temporary file
-    tmp = temporary_name(latest)
-    with open(tmp, "w") as f:
-        f.write(os.path.basename(out))
-    os.replace(tmp, latest)
+    atomic_write(latest, os.path.basename(out))
 
 
 def json_safe(d: dict) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+from megatron_ucp.atomic import temporary_name
 
 __all__ = [
     "DTYPE_CODES",
@@ -78,9 +79,8 @@ def index_file_path(prefix: str | os.PathLike) -> str:
 
 
 def _tmp_name(path: str) -> str:
-    # Same directory, so os.replace is an atomic rename on one filesystem.
-    p = Path(path)
-    return str(p.with_name(f".{p.name}.tmp{os.getpid()}"))
+    # The project's temporary-sibling name (same directory, so os.replace is an atomic rename).
+    return temporary_name(path)
 
 
 class IndexedDatasetBuilder:

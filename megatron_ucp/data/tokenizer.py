@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Protocol
+from megatron_ucp.atomic import atomic_write
 
 __all__ = [
     "Tokenizer",
@@ -190,20 +191,11 @@ def train_sentencepiece(
 
     model_path = Path(f"{model_prefix}.model")
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(model_path, model_bytes)
+    atomic_write(model_path, model_bytes)
     sp = spm.SentencePieceProcessor(model_proto=model_bytes)
     vocab_lines = (f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
-    _atomic_write(Path(f"{model_prefix}.vocab"), "".join(vocab_lines).encode("utf-8"))
+    atomic_write(Path(f"{model_prefix}.vocab"), "".join(vocab_lines).encode("utf-8"))
     return model_path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- GPT-2 BPE

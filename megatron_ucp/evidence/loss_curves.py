@@ -26,11 +26,11 @@ import json
 import math
 import os
 import reprlib
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from megatron_ucp.training.logger import TAG_TRAIN_LOSS, TAG_VALID_LOSS, read_loss_log
+from megatron_ucp.atomic import atomic_open
 
 SPLITS = ("train", "valid")
 SPLIT_TAGS = {"train": TAG_TRAIN_LOSS, "valid": TAG_VALID_LOSS}
@@ -625,18 +625,9 @@ def format_table(comparison: Comparison, max_rows: int = 10, max_valid_rows: int
 
 
 def _atomic_write(path: str, write: Callable[[Any], None], binary: bool = False) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        text_args: dict[str, Any] = {} if binary else {"newline": "", "encoding": "utf-8"}
-        with os.fdopen(fd, "wb" if binary else "w", **text_args) as f:
-            write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    text_args: dict[str, Any] = {} if binary else {"newline": "", "encoding": "utf-8"}
+    with atomic_open(path, "wb" if binary else "w", **text_args) as f:
+        write(f)
     return path
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from typing import Any
+from megatron_ucp.atomic import atomic_write
 
 TAG_TRAIN_LOSS = "lm-loss-training/lm loss"
 TAG_VALID_LOSS = "lm-loss-validation/lm loss validation"
@@ -52,11 +53,7 @@ class RunLogger:
         if not os.path.exists(loss_log):
             return
         kept = [r for r in read_loss_log(loss_log) if r["iteration"] <= iteration]
-        tmp = loss_log + ".tmp"
-        with open(tmp, "w") as f:
-            for rec in kept:
-                f.write(json.dumps(rec) + "\n")
-        os.replace(tmp, loss_log)
+        atomic_write(loss_log, "".join(json.dumps(rec) + "\n" for rec in kept))
 
     def _append(self, record: dict) -> None:
         if self.loss_log:

@@ -36,8 +36,9 @@ def _dump_init(rank, world_size, tp, pp, out_dir):
         groups.destroy()
 
 
-def _gather_full(out_dir, world_size, tp):
-    """Full, unpadded tensors assembled from every rank's dump (first stage wins for tied copies)."""
+def _gather_full(out_dir, world_size, tp, tp_order=None):
+    """Full, unpadded tensors assembled from every rank's dump (first stage wins for tied copies);
+    ``tp_order`` reorders the TP ranks (a negative control)."""
     dumps = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world_size)]
     cfg = ModelConfig(vocab_size=VOCAB, **MODEL)
     full = {}
@@ -46,6 +47,8 @@ def _gather_full(out_dir, world_size, tp):
         first_pp = holders[0][0][0]
         shards = [t for (pp, _), t in holders if pp == first_pp]
         assert len(shards) == tp, info.name
+        if tp_order is not None:
+            shards = [shards[r] for r in tp_order]
         t = merge(shards, info.kind)
         full[info.name] = unpad_vocab(t, VOCAB) if info.kind.value == "vocab" else t
     return full
@@ -61,9 +64,17 @@ def test_init_is_identical_at_tp1pp1_and_tp2pp2(tmp_path):
     assert full_a.keys() == full_b.keys()
     for name in full_a:
         assert torch.equal(full_a[name], full_b[name]), name
-    # Negative control: the two TP slices of a QKV weight are not interchangeable.
-    q = full_b["1.self_attention.query_key_value.weight"]
-    assert not torch.equal(torch.cat(q.chunk(2)[::-1]), q)
+    # Negative control: the same dumps merged in the wrong TP order differ from TP1 in every sharded
+    # parameter, so the equality above depends on each rank holding exactly its own slice.
+    swapped = _gather_full(b, 4, 2, tp_order=[1, 0])
+    cfg = ModelConfig(vocab_size=VOCAB, **MODEL)
+    differing = 0
+    for info in model_params(cfg):
+        same = torch.equal(swapped[info.name], full_a[info.name])
+        constant = info.spec.init.value in ("zeros", "ones")  # biases and norms look the same in any order
+        assert same == (info.kind.value == "replicated" or constant), info.name
+        differing += not same
+    assert differing >= 4 * MODEL["num_layers"] + 1, differing  # QKV, dense, two MLP weights per layer, embedding
 
 
 def _train(rank, world_size, model_kwargs, cfg_dict):

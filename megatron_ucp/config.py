@@ -1,14 +1,59 @@
-"""Frozen, validated configuration dataclasses.
+"""Frozen, validated configuration dataclasses, and the command-line flags they are set by.
 
-argparse lives only in entry points (``megatron_ucp/training/arguments.py``); it converts flags into
-these objects once. Checkpoints store ``to_dict()`` (plain JSON), never a pickled namespace.
+Each field that is a flag carries its flag name(s) and help text in its ``dataclasses.field`` metadata
+(:func:`cli`), next to its default: one place for both. ``megatron_ucp/training/arguments.py`` generates
+the argparse parser from these fields and converts flags into these objects once. :func:`check_run`
+holds the checks that need the whole run (both configs and the world size), so the entry point can
+run them before any distributed start-up. Checkpoints store ``to_dict()`` (plain JSON), never a pickled
+namespace.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import os
+from dataclasses import MISSING, dataclass, field
 from typing import Any
+
+CLI = "cli"  # the dataclasses.field metadata key of a field that is a command-line flag
+
+
+@dataclass(frozen=True)
+class Cli:
+    """How one config field is spelled on the command line (Megatron-DeepSpeed's flag names).
+
+    The field's dataclass default is the flag's default; ``cli_default`` exists only for fields the
+    dataclass requires (the architecture: a library caller must say it, a command-line user gets a
+    small model) or that the command line derives (``None``: computed from other flags).
+    """
+
+    names: tuple[str, ...]  # the flag, then any aliases
+    help: str
+    cli_default: Any = MISSING
+    negate: bool = False  # a switch that sets the field False: --disable-bias-linear -> add_bias_linear
+    choices: tuple[str, ...] | None = None
+    switches: tuple[tuple[str, str, str], ...] = ()  # (flag, value, help): --bf16 -> dtype="bf16"
+
+
+def cli(*names: str, help: str, cli_default: Any = MISSING, negate: bool = False,
+        choices: tuple[str, ...] | None = None, switches: tuple[tuple[str, str, str], ...] = ()) -> dict[str, Cli]:
+    """Field metadata that makes a config field a command-line flag: ``field(default=..., metadata=cli(...))``."""
+    return {CLI: Cli(names, help, cli_default, negate, choices, switches)}
+
+
+def cli_fields(cls) -> list[tuple[dataclasses.Field, Cli]]:
+    """The fields of a config dataclass that are command-line flags, in declaration order."""
+    return [(f, f.metadata[CLI]) for f in dataclasses.fields(cls) if CLI in f.metadata]
+
+
+def cli_default(f: dataclasses.Field) -> Any:
+    """The command-line default of a flag field: its ``cli_default`` if set, else the dataclass default."""
+    spec: Cli = f.metadata[CLI]
+    if spec.cli_default is not MISSING:
+        return spec.cli_default
+    if f.default is MISSING:
+        raise TypeError(f"{f.name} is a required field: its cli() needs a cli_default")
+    return f.default
 
 
 def _from_dict(cls, d: dict[str, Any]):
@@ -17,6 +62,9 @@ def _from_dict(cls, d: dict[str, Any]):
     if unknown:
         raise ValueError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
     return cls(**d)
+
+
+NORMALIZATIONS = ("layernorm", "rmsnorm")
 
 
 @dataclass(frozen=True)
@@ -28,24 +76,35 @@ class ModelConfig:
     ``num_key_value_heads`` < ``num_attention_heads`` (Megatron-DeepSpeed's flags of those names).
     """
 
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    vocab_size: int  # the tokenizer's vocabulary, before padding
-    max_position_embeddings: int
-    ffn_hidden_size: int | None = None  # defaults to 4 * hidden_size
-    make_vocab_size_divisible_by: int = 128
-    layernorm_epsilon: float = 1e-5
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    init_method_std: float = 0.02
-    tie_embeddings: bool = True
-    swiglu: bool = False
-    normalization: str = "layernorm"  # layernorm | rmsnorm
-    use_rotary_position_embeddings: bool = False
-    rope_theta: float = 10000.0
-    add_bias_linear: bool = True
-    num_key_value_heads: int | None = None  # defaults to num_attention_heads (no grouped-query attention)
+    num_layers: int = field(metadata=cli("--num-layers", help="transformer layers", cli_default=4))
+    hidden_size: int = field(metadata=cli("--hidden-size", help="hidden size", cli_default=256))
+    num_attention_heads: int = field(metadata=cli("--num-attention-heads", help="attention heads", cli_default=8))
+    vocab_size: int  # the tokenizer's vocabulary, before padding (--vocab-size of TrainConfig with mock data)
+    max_position_embeddings: int = field(metadata=cli(
+        "--max-position-embeddings", help="position embeddings (default: --seq-length)", cli_default=None))
+    ffn_hidden_size: int | None = field(default=None, metadata=cli(
+        "--ffn-hidden-size", help="MLP hidden size (default: 4 x --hidden-size)"))
+    make_vocab_size_divisible_by: int = field(default=128, metadata=cli(
+        "--make-vocab-size-divisible-by", help="pad the vocabulary to a multiple of this x TP"))
+    layernorm_epsilon: float = field(default=1e-5, metadata=cli("--layernorm-epsilon", help="LayerNorm epsilon"))
+    hidden_dropout: float = field(default=0.1, metadata=cli(
+        "--hidden-dropout", help="dropout on embeddings and residual branches"))
+    attention_dropout: float = field(default=0.1, metadata=cli(
+        "--attention-dropout", help="dropout on attention probabilities"))
+    init_method_std: float = field(default=0.02, metadata=cli(
+        "--init-method-std", help="std of the normal initialisation"))
+    tie_embeddings: bool = field(default=True, metadata=cli(
+        "--untie-embeddings-and-output-weights", help="a separate output head", negate=True))
+    swiglu: bool = field(default=False, metadata=cli("--swiglu", help="SwiGLU MLP (Llama family)"))
+    normalization: str = field(default="layernorm", metadata=cli(
+        "--normalization", help="layernorm | rmsnorm", choices=NORMALIZATIONS))
+    use_rotary_position_embeddings: bool = field(default=False, metadata=cli(
+        "--use-rotary-position-embeddings", help="rotary position embeddings instead of learned ones"))
+    rope_theta: float = field(default=10000.0, metadata=cli("--rope-theta", help="rotary base"))
+    add_bias_linear: bool = field(default=True, metadata=cli(
+        "--disable-bias-linear", help="no biases in linear layers", negate=True))
+    num_key_value_heads: int | None = field(default=None, metadata=cli(
+        "--num-key-value-heads", help="key/value heads for grouped-query attention (default: all heads)"))
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None:
@@ -68,8 +127,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {value}")
-        if self.normalization not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"normalization must be layernorm or rmsnorm, got {self.normalization!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be {' or '.join(NORMALIZATIONS)}, got {self.normalization!r}")
         if not isinstance(self.num_key_value_heads, int) or self.num_key_value_heads < 1 or \
                 self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads {self.num_key_value_heads} must divide num_attention_heads "
@@ -124,53 +183,83 @@ class TrainConfig:
     """Everything about a training run that is not the architecture. Validated once."""
 
     # parallelism
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    zero_stage: int = 1
+    tensor_model_parallel_size: int = field(default=1, metadata=cli(
+        "--tensor-model-parallel-size", help="tensor parallel degree"))
+    pipeline_model_parallel_size: int = field(default=1, metadata=cli(
+        "--pipeline-model-parallel-size", help="pipeline parallel degree"))
+    zero_stage: int = field(default=1, metadata=cli(
+        "--zero-stage", help="DeepSpeed ZeRO stage (2 and 3 train the non-pipeline model, PP 1; 3 needs TP 1)"))
     # batch and length
-    micro_batch_size: int = 1
-    global_batch_size: int = 8
-    seq_length: int = 256
-    train_iters: int = 100
+    micro_batch_size: int = field(default=1, metadata=cli(
+        "--micro-batch-size", help="samples per micro batch per data-parallel rank"))
+    global_batch_size: int = field(default=8, metadata=cli(
+        "--global-batch-size", help="samples per optimizer step, fixed whatever the layout"))
+    seq_length: int = field(default=256, metadata=cli("--seq-length", help="tokens per sample"))
+    train_iters: int = field(default=100, metadata=cli("--train-iters", help="optimizer steps to train to"))
     # optimizer and schedule
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    lr_warmup_iters: int = 0
-    lr_decay_iters: int | None = None  # defaults to train_iters
-    lr_decay_style: str = "cosine"
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    dtype: str = "bf16"
-    seed: int = 1234
+    lr: float = field(default=3e-4, metadata=cli("--lr", help="peak learning rate"))
+    min_lr: float = field(default=3e-5, metadata=cli("--min-lr", help="learning rate at the end of decay"))
+    lr_warmup_iters: int = field(default=0, metadata=cli("--lr-warmup-iters", help="linear warmup steps"))
+    lr_decay_iters: int | None = field(default=None, metadata=cli(
+        "--lr-decay-iters", help="steps of decay (default: --train-iters)"))
+    lr_decay_style: str = field(default="cosine", metadata=cli(
+        "--lr-decay-style", help="cosine | linear | constant"))
+    weight_decay: float = field(default=0.1, metadata=cli(
+        "--weight-decay", help="AdamW weight decay (not on biases and norms)"))
+    adam_beta1: float = field(default=0.9, metadata=cli("--adam-beta1", help="Adam beta1"))
+    adam_beta2: float = field(default=0.95, metadata=cli("--adam-beta2", help="Adam beta2"))
+    adam_eps: float = field(default=1e-8, metadata=cli("--adam-eps", help="Adam epsilon"))
+    clip_grad: float = field(default=1.0, metadata=cli(
+        "--clip-grad", help="gradient clipping by global norm (0 disables)"))
+    dtype: str = field(default="bf16", metadata=cli(help="training precision", switches=(
+        ("--bf16", "bf16", "bf16 mixed precision"),
+        ("--fp16", "fp16", "fp16 with dynamic loss scaling"),
+        ("--fp32", "fp32", "full fp32"))))
+    seed: int = field(default=1234, metadata=cli("--seed", help="random seed"))
     # data
-    data_path: str | None = None
-    mock_data: bool = False
-    split: str = "969,30,1"
-    tokenizer_type: str = "SentencePieceTokenizer"
-    tokenizer_model: str | None = None
-    vocab_file: str | None = None
-    merge_file: str | None = None
-    vocab_size: int | None = None  # only with mock data (no tokenizer)
+    data_path: str | None = field(default=None, metadata=cli(
+        "--data-path", help="prefix of a preprocessed dataset (.bin/.idx)"))
+    mock_data: bool = field(default=False, metadata=cli(
+        "--mock-data", help="deterministic random tokens instead of a dataset"))
+    split: str = field(default="969,30,1", metadata=cli("--split", help="train,valid,test weights over documents"))
+    tokenizer_type: str = field(default="SentencePieceTokenizer", metadata=cli(
+        "--tokenizer-type", help="SentencePieceTokenizer | GPT2BPETokenizer"))
+    tokenizer_model: str | None = field(default=None, metadata=cli(
+        "--tokenizer-model", help="SentencePiece model file"))
+    vocab_file: str | None = field(default=None, metadata=cli("--vocab-file", help="GPT-2 vocab.json"))
+    merge_file: str | None = field(default=None, metadata=cli("--merge-file", help="GPT-2 merges.txt"))
+    vocab_size: int | None = field(default=None, metadata=cli(  # only with mock data (no tokenizer)
+        "--vocab-size", help="vocabulary size for --mock-data"))
     # logging and evaluation
-    log_interval: int = 10
-    eval_interval: int = 20
-    eval_iters: int = 4
-    tensorboard_dir: str | None = None
-    loss_log: str | None = None
+    log_interval: int = field(default=10, metadata=cli("--log-interval", help="iterations between progress lines"))
+    eval_interval: int = field(default=20, metadata=cli(
+        "--eval-interval", help="iterations between validations (0 disables)"))
+    eval_iters: int = field(default=4, metadata=cli("--eval-iters", help="global batches per validation"))
+    tensorboard_dir: str | None = field(default=None, metadata=cli(
+        "--tensorboard-dir", help="TensorBoard event folder"))
+    loss_log: str | None = field(default=None, metadata=cli(
+        "--loss-log", help="loss.jsonl path (full-precision losses)"))
     # checkpoints
-    save: str | None = None
-    save_interval: int | None = None
-    load: str | None = None
-    universal_checkpoint: bool = False
-    no_load_rng: bool = False
-    trust_checkpoint_code: bool = False  # full pickle for --load files (runs code they carry)
-    finetune: bool = False  # after --load: iteration, data position and LR schedule start fresh
-    no_pipeline_parallel: bool = False  # the plain model (implied by ZeRO-2/3), same parameter names
-    deepspeed_config: str | None = None  # a JSON file whose keys override the generated config
-    ds_config_out: str | None = None  # where to write the config used, for the record
+    save: str | None = field(default=None, metadata=cli("--save", help="checkpoint folder"))
+    save_interval: int | None = field(default=None, metadata=cli(
+        "--save-interval", help="iterations between checkpoints"))
+    load: str | None = field(default=None, metadata=cli("--load", help="checkpoint folder to resume from"))
+    universal_checkpoint: bool = field(default=False, metadata=cli(
+        "--universal-checkpoint", help="--load is a universal checkpoint (any topology)"))
+    no_load_rng: bool = field(default=False, metadata=cli(
+        "--no-load-rng", help="do not restore RNG states on resume"))
+    # checkpoint.trust.TRUST_FLAG (tests/test_arguments.py checks the spelling; importing it here would import torch)
+    trust_checkpoint_code: bool = field(default=False, metadata=cli(
+        "--trust-checkpoint-code",
+        help="unpickle --load files with full pickle, which runs any code they carry (default: an allowlist)"))
+    finetune: bool = field(default=False, metadata=cli(
+        "--finetune", help="after --load, start iteration, data position and LR schedule fresh"))
+    no_pipeline_parallel: bool = field(default=False, metadata=cli(  # implied by ZeRO-2/3, same parameter names
+        "--no-pipeline-parallel", help="train the non-pipeline model (same parameter names; PP 1)"))
+    deepspeed_config: str | None = field(default=None, metadata=cli(
+        "--deepspeed-config", "--deepspeed_config", help="JSON whose keys override the generated DeepSpeed config"))
+    ds_config_out: str | None = field(default=None, metadata=cli(
+        "--ds-config-out", help="write the DeepSpeed config used here, for the record"))
 
     def __post_init__(self) -> None:
         if self.lr_decay_iters is None:
@@ -243,3 +332,78 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         return _from_dict(cls, d)
+
+
+def check_run(model_kwargs: dict[str, Any], cfg: TrainConfig, world_size: int,
+              vocab_size: int | None = None) -> ModelConfig:
+    """Every check that needs the whole run: both configs and the world size. Returns the ModelConfig.
+
+    The trainer meets each of these only after distributed start-up (building the layout, the model,
+    the DeepSpeed config and the LR schedule), where a bad setting fails on every rank. The entry point
+    calls this first, with the launcher's world size, so a bad flag fails once and nothing starts. The
+    later checks stay for library callers that build configs themselves.
+
+    ``vocab_size`` is the tokenizer's, known only once it is loaded; no check depends on it, so without
+    it the mock-data vocabulary (or 1) stands in.
+    """
+    from megatron_ucp.layout.topology import ParallelLayout  # pure modules: no torch.distributed, no DeepSpeed
+    from megatron_ucp.training.schedule import LRSchedule
+
+    model = ModelConfig(vocab_size=vocab_size or cfg.vocab_size or 1, **model_kwargs)
+    if model.max_position_embeddings < cfg.seq_length:  # the trainer's own check, worded the same
+        raise ValueError(f"seq_length {cfg.seq_length} exceeds max_position_embeddings "
+                         f"{model.max_position_embeddings}")
+    if model.use_rotary_position_embeddings and model.head_dim % 2:  # the model's own check, worded the same
+        raise ValueError(f"rotary embeddings need an even head dim, got {model.head_dim}")
+    layout = ParallelLayout.from_world_size(world_size, cfg.tensor_model_parallel_size,
+                                            cfg.pipeline_model_parallel_size)
+    model.check_tensor_parallel(layout.tp)
+    model.check_pipeline_parallel(layout.pp)
+    cfg.gradient_accumulation_steps(layout.dp)  # global batch = micro batch x accumulation x DP
+    assert cfg.lr_decay_iters is not None  # set by TrainConfig.__post_init__
+    LRSchedule(cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters, cfg.lr_decay_style)
+    return model
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """The files a run reads exist: dataset (and its --split), tokenizer, --load folder, --deepspeed-config.
+
+    Each is otherwise opened after distributed start-up, on every rank. Existence only: their contents
+    are checked by their readers.
+    """
+    import json
+
+    from megatron_ucp.data.gpt_dataset import parse_split
+    from megatron_ucp.data.indexed_dataset import data_file_path, index_file_path
+    from megatron_ucp.data.tokenizer import SUPPORTED_TOKENIZERS
+
+    def need(path: str, flag: str) -> None:
+        if not os.path.isfile(path):
+            raise ValueError(f"{flag} {path}: no such file")
+
+    if not cfg.mock_data:
+        assert cfg.data_path is not None  # TrainConfig.validate: --data-path unless --mock-data
+        need(data_file_path(cfg.data_path), "--data-path")
+        need(index_file_path(cfg.data_path), "--data-path")
+        parse_split(cfg.split)
+        if cfg.tokenizer_type not in SUPPORTED_TOKENIZERS:
+            raise ValueError(f"unknown tokenizer type {cfg.tokenizer_type!r}; supported: "
+                             f"{', '.join(SUPPORTED_TOKENIZERS)}")
+        files = ({"--tokenizer-model": cfg.tokenizer_model} if cfg.tokenizer_type == "SentencePieceTokenizer"
+                 else {"--vocab-file": cfg.vocab_file, "--merge-file": cfg.merge_file})
+        for flag, path in files.items():
+            if path is None:
+                raise ValueError(f"--tokenizer-type {cfg.tokenizer_type} needs {flag}")
+            need(path, flag)
+    if cfg.load and not os.path.isdir(cfg.load):
+        raise ValueError(f"--load {cfg.load}: no such folder")
+    if cfg.deepspeed_config:
+        need(cfg.deepspeed_config, "--deepspeed-config")
+        try:
+            with open(cfg.deepspeed_config) as f:
+                overrides = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--deepspeed-config {cfg.deepspeed_config}: {e}") from None
+        if not isinstance(overrides, dict):
+            raise ValueError(f"--deepspeed-config {cfg.deepspeed_config}: expected a JSON object, "
+                             f"got {type(overrides).__name__}")

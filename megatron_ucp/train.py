@@ -1,24 +1,40 @@
-"""Entry point: ``python -m megatron_ucp.train [flags]`` under torchrun or the deepspeed launcher."""
+"""Entry point: ``python -m megatron_ucp.train [flags]`` under torchrun or the deepspeed launcher.
+
+The flags are parsed and the whole run validated (for the launcher's ``WORLD_SIZE``) before the
+trainer, and with it DeepSpeed, is even imported: a bad flag is one ``error:`` line and exit code 2,
+with no distributed start-up.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
 from megatron_ucp.checkpoint.trust import CheckpointError
-from megatron_ucp.training.arguments import model_kwargs, parse_args, train_config
-from megatron_ucp.training.trainer import train
+from megatron_ucp.cli import one_line
+from megatron_ucp.training.arguments import configs_from_flags
+
+
+def _refuse(e: BaseException) -> int:
+    """Exit code 2 with ``error: <what>``, printed by local rank 0 only.
+
+    Every rank of a launch parses the same flags and fails the same way; one line per node is enough.
+    """
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    values = parse_args(argv)
     try:
-        cfg = train_config(values)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        model_kwargs, cfg = configs_from_flags(argv)
+    except (ValueError, OSError) as e:
+        return _refuse(e)
+    from megatron_ucp.training.trainer import train  # imports DeepSpeed: only for a valid run
+
     try:
-        train(model_kwargs(values), cfg)
+        train(model_kwargs, cfg)
     except CheckpointError as e:  # a bad --load: one line, not a traceback per rank
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -1,148 +1,233 @@
-"""Command-line flags (Megatron-LM names) and ``--yaml-cfg``, converted once into config dataclasses.
+"""The trainer's command line, generated from the config dataclasses, and ``--yaml-cfg``.
 
-A YAML file holds the same settings as the flags, keyed by flag name with dashes or underscores
-(``num-layers: 4`` or ``num_layers: 4``); flags given on the command line override it.
+Every config flag is a field of ``ModelConfig`` or ``TrainConfig`` whose ``dataclasses.field`` metadata
+names the flag (Megatron-DeepSpeed's spelling) and its help (``megatron_ucp.config.cli``); the field's
+default is the flag's default. This module only turns those fields into argparse arguments, so a
+default or help text is written once. A YAML file holds the same settings, keyed by flag or field name
+with dashes or underscores (``num-layers: 4``, ``num_layers: 4``, ``disable_bias_linear: true``,
+``bf16: true``); flags on the command line override it.
+
+:func:`configs_from_flags` is what ``python -m megatron_ucp.train`` runs before any distributed
+start-up: it parses, builds both configs and runs the checks that need the whole run (the world size
+comes from the launcher's ``WORLD_SIZE``), so a bad flag fails once, with one line, and nothing starts.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+import dataclasses
+import functools
+import os
+import typing
+from typing import Any, Mapping, NoReturn, Sequence
 
 import yaml
 
-from megatron_ucp.config import TrainConfig
+from megatron_ucp.config import Cli, ModelConfig, TrainConfig, check_inputs, check_run, cli_default, cli_fields
 
-# (flag, type, default, help); types: int, float, str, bool (store_true)
-_MODEL_FLAGS = [
-    ("--num-layers", int, 4, "transformer layers"),
-    ("--hidden-size", int, 256, "hidden size"),
-    ("--num-attention-heads", int, 8, "attention heads"),
-    ("--ffn-hidden-size", int, None, "MLP hidden size (default 4 x hidden)"),
-    ("--max-position-embeddings", int, None, "position embeddings (default: --seq-length)"),
-    ("--make-vocab-size-divisible-by", int, 128, "pad the vocabulary to a multiple of this x TP"),
-    ("--layernorm-epsilon", float, 1e-5, "LayerNorm epsilon"),
-    ("--hidden-dropout", float, 0.1, "dropout on embeddings and residual branches"),
-    ("--attention-dropout", float, 0.1, "dropout on attention probabilities"),
-    ("--init-method-std", float, 0.02, "std of the normal initialisation"),
-    ("--swiglu", bool, False, "SwiGLU MLP (Llama family)"),
-    ("--normalization", str, "layernorm", "layernorm | rmsnorm"),
-    ("--use-rotary-position-embeddings", bool, False, "rotary position embeddings instead of learned ones"),
-    ("--rope-theta", float, 10000.0, "rotary base"),
-    ("--num-key-value-heads", int, None, "key/value heads for grouped-query attention (default: all heads)"),
-    ("--untie-embeddings-and-output-weights", bool, False, "a separate output head"),
-    ("--disable-bias-linear", bool, False, "no biases in linear layers"),
-]
-
-_TRAIN_FLAGS = [
-    ("--tensor-model-parallel-size", int, 1, "tensor parallel degree"),
-    ("--pipeline-model-parallel-size", int, 1, "pipeline parallel degree"),
-    ("--zero-stage", int, 1, "DeepSpeed ZeRO stage (2 and 3 train the non-pipeline model, PP 1; 3 needs TP 1)"),
-    ("--no-pipeline-parallel", bool, False, "train the non-pipeline model (same parameter names; PP 1)"),
-    ("--micro-batch-size", int, 1, "samples per micro batch per data-parallel rank"),
-    ("--global-batch-size", int, 8, "samples per optimizer step, fixed whatever the layout"),
-    ("--seq-length", int, 256, "tokens per sample"),
-    ("--train-iters", int, 100, "optimizer steps to train to"),
-    ("--lr", float, 3e-4, "peak learning rate"),
-    ("--min-lr", float, 3e-5, "learning rate at the end of decay"),
-    ("--lr-warmup-iters", int, 0, "linear warmup steps"),
-    ("--lr-decay-iters", int, None, "steps of decay (default --train-iters)"),
-    ("--lr-decay-style", str, "cosine", "cosine | linear | constant"),
-    ("--weight-decay", float, 0.1, "AdamW weight decay (not on biases and norms)"),
-    ("--adam-beta1", float, 0.9, "Adam beta1"),
-    ("--adam-beta2", float, 0.95, "Adam beta2"),
-    ("--adam-eps", float, 1e-8, "Adam epsilon"),
-    ("--clip-grad", float, 1.0, "gradient clipping by global norm (0 disables)"),
-    ("--seed", int, 1234, "random seed"),
-    ("--data-path", str, None, "prefix of a preprocessed dataset (.bin/.idx)"),
-    ("--mock-data", bool, False, "deterministic random tokens instead of a dataset"),
-    ("--split", str, "969,30,1", "train,valid,test weights over documents"),
-    ("--tokenizer-type", str, "SentencePieceTokenizer", "SentencePieceTokenizer | GPT2BPETokenizer"),
-    ("--tokenizer-model", str, None, "SentencePiece model file"),
-    ("--vocab-file", str, None, "GPT-2 vocab.json"),
-    ("--merge-file", str, None, "GPT-2 merges.txt"),
-    ("--vocab-size", int, None, "vocabulary size for --mock-data"),
-    ("--log-interval", int, 10, "iterations between progress lines"),
-    ("--eval-interval", int, 20, "iterations between validations (0 disables)"),
-    ("--eval-iters", int, 4, "global batches per validation"),
-    ("--tensorboard-dir", str, None, "TensorBoard event folder"),
-    ("--loss-log", str, None, "loss.jsonl path (full-precision losses)"),
-    ("--save", str, None, "checkpoint folder"),
-    ("--save-interval", int, None, "iterations between checkpoints"),
-    ("--load", str, None, "checkpoint folder to resume from"),
-    ("--universal-checkpoint", bool, False, "--load is a universal checkpoint (any topology)"),
-    ("--no-load-rng", bool, False, "do not restore RNG states on resume"),
-    ("--trust-checkpoint-code", bool, False,
-     "unpickle --load files with full pickle, which runs any code they carry (default: an allowlist)"),
-    ("--finetune", bool, False, "after --load, start iteration, data position and LR schedule fresh"),
-    ("--deepspeed-config", str, None, "JSON whose keys override the generated DeepSpeed config"),
-    ("--ds-config-out", str, None, "write the DeepSpeed config used here"),
-]
+CONFIGS = (ModelConfig, TrainConfig)
+MODEL_KEYS = tuple(f.name for f, _ in cli_fields(ModelConfig))
 
 
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
+class FlagError(ValueError):
+    """A bad flag or setting; the entry point prints it as one ``error:`` line and exits with 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`FlagError` instead of printing its usage and exiting.
+
+    The usage of some seventy flags is a page of text around the one line that matters; the entry
+    point prints that line alone (once, not once per rank) with argparse's exit code 2.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise FlagError(message)
+
+
+def flag_fields() -> list[tuple[type, dataclasses.Field, Cli]]:
+    """(config class, field, flag spec) of every config flag. Field names are the parsed keys, so unique."""
+    out: list[tuple[type, dataclasses.Field, Cli]] = [(cls, f, spec) for cls in CONFIGS for f, spec in cli_fields(cls)]
+    names = [f.name for _, f, _ in out]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise TypeError(f"flag fields named the same in two configs: {', '.join(clashes)}")
+    return out
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # resolves the annotations ``from __future__ import annotations`` keeps as text
+
+
+def value_type(cls: type, f: dataclasses.Field) -> type:
+    """The type a flag converts its text to: the field's annotation without ``| None``."""
+    hint = _type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _help(text: str) -> str:
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _add_flag(group, cls: type, f: dataclasses.Field, spec: Cli) -> None:
+    """One field's argparse arguments. Every default is None, so YAML and defaults fill what is not given."""
+    default = cli_default(f)
+    if spec.switches:  # one switch per value: --bf16 --fp16 --fp32
+        for flag, value, text in spec.switches:
+            group.add_argument(flag, dest=f.name, action="store_const", const=value, default=None,
+                               help=_help(text + (" (default)" if value == default else "")))
+        return
+    typ = value_type(cls, f)
+    if typ is bool:
+        if default is not spec.negate:  # a switch can only move a field away from its default
+            raise TypeError(f"{cls.__name__}.{f.name}: a switch needs default {spec.negate}, has {default!r}")
+        group.add_argument(*spec.names, dest=f.name, action="store_const", const=not spec.negate, default=None,
+                           help=_help(spec.help))
+        return
+    shown = "" if default is None else f" (default: {default})"
+    group.add_argument(*spec.names, dest=f.name, type=typ, choices=spec.choices, default=None,
+                       help=_help(spec.help + shown))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train a Megatron-style GPT on DeepSpeed.")
+    p = _Parser(description="Train a Megatron-style GPT on DeepSpeed (run under torchrun or the deepspeed "
+                            "launcher).")
     p.add_argument("--yaml-cfg", default=None, help="YAML file of the same settings as the flags")
-    p.add_argument("--bf16", action="store_const", const="bf16", dest="dtype", help="bf16 mixed precision (default)")
-    p.add_argument("--fp16", action="store_const", const="fp16", dest="dtype", help="fp16 with dynamic loss scaling")
-    p.add_argument("--fp32", action="store_const", const="fp32", dest="dtype", help="full fp32")
+    # Not settings: what launchers and Megatron-DeepSpeed recipes pass.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    for flag, typ, default, help_ in _MODEL_FLAGS + _TRAIN_FLAGS:
-        if typ is bool:
-            p.add_argument(flag, action="store_true", default=None, help=help_)
-        else:
-            p.add_argument(flag, type=typ, default=None, help=f"{help_} (default {default})")
+    p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # Megatron-DeepSpeed's: always on here
+    for cls, title in ((ModelConfig, "model (ModelConfig)"), (TrainConfig, "training (TrainConfig)")):
+        group = p.add_argument_group(title)
+        for f, spec in cli_fields(cls):
+            _add_flag(group, cls, f, spec)
+    flag_fields()  # refuse clashing names
     return p
 
 
-def _defaults() -> dict:
-    d = {_dest(flag): default for flag, _, default, _ in _MODEL_FLAGS + _TRAIN_FLAGS}
-    d["dtype"] = "bf16"
-    return d
+def defaults() -> dict[str, Any]:
+    """Every flag's default, keyed by field name: the dataclass defaults (``cli_default`` where required)."""
+    return {f.name: cli_default(f) for _, f, _ in flag_fields()}
 
 
-def parse_args(argv: Sequence[str] | None = None) -> dict:
-    """Flags over YAML over defaults, as one plain dict keyed by underscore names."""
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    values = _defaults()
-    if ns.yaml_cfg:
-        with open(ns.yaml_cfg) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{ns.yaml_cfg}: expected a mapping of settings, got {type(loaded).__name__}")
-        for key, value in loaded.items():
-            dest = str(key).replace("-", "_")
-            if dest in ("bf16", "fp16", "fp32"):
+def _yaml_setters() -> dict[str, tuple[type, dataclasses.Field, Cli, str | None]]:
+    """YAML key -> (class, field, spec, switch value). Keys: field names and flag names, underscored."""
+    out: dict[str, tuple[type, dataclasses.Field, Cli, str | None]] = {}
+    for cls, f, spec in flag_fields():
+        keys = {f.name: None} | {_key(name): None for name in spec.names} | {_key(s): v for s, v, _ in spec.switches}
+        for key, switch in keys.items():
+            if key in out and out[key][1] is not f:
+                raise TypeError(f"YAML key {key!r} would name both {out[key][1].name} and {f.name}")
+            out[key] = (cls, f, spec, switch)
+    return out
+
+
+def _key(name: str) -> str:
+    return str(name).lstrip("-").replace("-", "_")
+
+
+def _yaml_value(key: str, value: Any, cls: type, f: dataclasses.Field, spec: Cli) -> Any:
+    """A YAML value as its field's type; a negated switch's key (``disable_bias_linear: true``) is inverted."""
+    typ = value_type(cls, f)
+    if value is None:
+        if cli_default(f) is not None:
+            raise FlagError(f"setting {key} needs a value")
+        return None
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise FlagError(f"setting {key} must be true or false, got {value!r}")
+        return (not value) if spec.negate and key != f.name else value
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise FlagError(f"setting {key}: expected {typ.__name__}, got {value!r}")
+    if typ is int and isinstance(value, float):
+        raise FlagError(f"setting {key}: expected int, got {value!r}")
+    try:
+        value = typ(value)  # text as the flag would convert it; 4 -> 4.0 for a float
+    except ValueError:
+        raise FlagError(f"setting {key}: invalid {typ.__name__} value {value!r}") from None
+    if spec.choices and value not in spec.choices:
+        raise FlagError(f"setting {key}: {value!r} is not one of {', '.join(spec.choices)}")
+    return value
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    """Settings of a ``--yaml-cfg`` file, keyed by field name."""
+    with open(path) as stream:
+        try:
+            loaded = yaml.safe_load(stream) or {}
+        except yaml.YAMLError as e:
+            raise FlagError(f"{path}: not YAML ({e})") from None
+    if not isinstance(loaded, dict):
+        raise FlagError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+    setters = _yaml_setters()
+    out: dict[str, Any] = {}
+    for key, value in loaded.items():
+        if _key(key) not in setters:
+            raise FlagError(f"{path}: unknown setting {key!r}")
+        cls, f, spec, switch = setters[_key(key)]
+        try:
+            if switch is not None:  # bf16: true
+                if not isinstance(value, bool):
+                    raise FlagError(f"setting {key} must be true or false, got {value!r}")
                 if value:
-                    values["dtype"] = dest
-                continue
-            if dest not in values:
-                raise ValueError(f"{ns.yaml_cfg}: unknown setting {key!r}")
-            values[dest] = value
-    for dest, value in vars(ns).items():
-        if dest in ("yaml_cfg", "local_rank") or value is None:
-            continue
-        values[dest] = value
-    if values["max_position_embeddings"] is None:
+                    out[f.name] = switch
+            else:
+                out[f.name] = _yaml_value(_key(key), value, cls, f, spec)
+        except FlagError as e:
+            raise FlagError(f"{path}: {e}") from None
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Flags over YAML over defaults, as one plain dict keyed by config field name.
+
+    Raises :class:`FlagError` for a bad flag or YAML setting (``--help`` still exits 0).
+    """
+    ns = build_parser().parse_args(argv)
+    values = defaults()
+    if ns.yaml_cfg:
+        values.update(_read_yaml(ns.yaml_cfg))
+    for _, f, _ in flag_fields():
+        given = getattr(ns, f.name)
+        if given is not None:
+            values[f.name] = given
+    if values["max_position_embeddings"] is None:  # the command line's derived default
         values["max_position_embeddings"] = values["seq_length"]
     return values
 
 
-MODEL_KEYS = tuple(_dest(f) for f, *_ in _MODEL_FLAGS)
+def train_config(values: Mapping[str, Any]) -> TrainConfig:
+    """The TrainConfig of parsed flags (validated by its constructor)."""
+    return TrainConfig(**{f.name: values[f.name] for f, _ in cli_fields(TrainConfig)})
 
 
-def train_config(values: dict) -> TrainConfig:
-    return TrainConfig(**{k: v for k, v in values.items() if k not in MODEL_KEYS})
-
-
-def model_kwargs(values: dict) -> dict:
+def model_kwargs(values: Mapping[str, Any]) -> dict[str, Any]:
     """ModelConfig fields from the flags; the trainer adds vocab_size from the tokenizer."""
-    out = {k: values[k] for k in MODEL_KEYS}
-    out["tie_embeddings"] = not out.pop("untie_embeddings_and_output_weights")
-    out["add_bias_linear"] = not out.pop("disable_bias_linear")
-    return out
+    return {k: values[k] for k in MODEL_KEYS}
+
+
+def launch_world_size(environ: Mapping[str, str] | None = None) -> int:
+    """The world size a launcher (torchrun, deepspeed) announces in ``WORLD_SIZE`` before start-up; 1 without."""
+    raw = (os.environ if environ is None else environ).get("WORLD_SIZE", "1")
+    try:
+        world_size = int(raw)
+    except ValueError:
+        world_size = 0
+    if world_size < 1:
+        raise FlagError(f"WORLD_SIZE={raw!r} is not a positive integer")
+    return world_size
+
+
+def configs_from_flags(argv: Sequence[str] | None = None,
+                       environ: Mapping[str, str] | None = None) -> tuple[dict[str, Any], TrainConfig]:
+    """(model kwargs, TrainConfig) of the flags, the whole run validated for the launcher's world size.
+
+    Runs before any distributed start-up; raises ValueError (or OSError for an unreadable ``--yaml-cfg``)
+    with a one-line message.
+    """
+    values = parse_args(argv)
+    cfg = train_config(values)
+    kwargs = model_kwargs(values)
+    check_run(kwargs, cfg, launch_world_size(environ))
+    check_inputs(cfg)
+    return kwargs, cfg

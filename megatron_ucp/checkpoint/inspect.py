@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 import os
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from megatron_ucp.checkpoint.publish import COMPLETE_MARKER, check_manifest, read_marker
-from megatron_ucp.checkpoint.zero import (
-    OPTIMIZER_STATE_DICT,
+from megatron_ucp.checkpoint.format import (
+    ATOM_KEYS,
+    MODEL_STATES_RE,
+    OPTIMIZER_STATE_FILE,
     STATE_KEYS,
-    CheckpointError,
-    load_file,
-    open_zero_checkpoint,
+    STEP_KEY,
+    ZERO3_MODEL_STATES_RE,
+    ZERO_DIR,
+    atom_file,
+    atom_path,
+    metadata_from_state,
+    model_states_name,
+    zero_dir,
 )
+from megatron_ucp.checkpoint.publish import COMPLETE_MARKER, check_manifest, read_marker
+from megatron_ucp.checkpoint.zero import OPTIMIZER_STATE_DICT, CheckpointError, load_file, open_zero_checkpoint
 
 
 def deep_equal(a, b) -> bool:
@@ -79,17 +87,23 @@ class Comparison:
         return "\n".join(lines)
 
 
-ZERO = "zero" + os.sep  # the atoms' folder (model-state files may also start with "zero")
-_ZERO3_ALIAS = re.compile(r"^zero_pp_rank_0_(mp_rank_\d+_model_states\.pt)$")
+ZERO = ZERO_DIR + os.sep  # the atoms' folder, in relative paths (model-state names may start with "zero" too)
+OPTIMIZER_STATE_REL = os.path.join(ZERO_DIR, OPTIMIZER_STATE_FILE)
+
+
+def _zero3_alias_of(name: str) -> str | None:
+    """The ZeRO-1/2 model-state name a DP-rank-0 ZeRO-3 model-state name stands beside, if it is one."""
+    m = ZERO3_MODEL_STATES_RE.match(name)
+    return model_states_name(int(m.group(2))) if m and int(m.group(1)) == 0 else None
 
 
 def _compat_aliases(root: str, files: list[str]) -> list[str]:
     """ZeRO-3-name aliases that are byte-identical to their ``mp_rank_XX`` file."""
     aliases = []
     for rel in files:
-        m = _ZERO3_ALIAS.match(rel)
-        if m and m.group(1) in files and filecmp.cmp(os.path.join(root, rel), os.path.join(root, m.group(1)),
-                                                     shallow=False):
+        target = _zero3_alias_of(rel)
+        if target and target in files and filecmp.cmp(os.path.join(root, rel), os.path.join(root, target),
+                                                       shallow=False):
             aliases.append(rel)
     return aliases
 
@@ -117,7 +131,7 @@ def compare_universal(a: str, b: str, include_model_states: bool = True, values_
     we write dicts in the logical shape), and skips the other files.
     """
     for root in (a, b):
-        if not os.path.isdir(os.path.join(root, "zero")):
+        if not os.path.isdir(zero_dir(root)):
             raise CheckpointError(f"{root}: not a universal checkpoint (no zero/ folder)")
     fa, fb = _files(a), _files(b)
     markers = []
@@ -129,8 +143,7 @@ def compare_universal(a: str, b: str, include_model_states: bool = True, values_
             files.remove(COMPLETE_MARKER)
             markers.append(os.path.join(os.path.basename(root), COMPLETE_MARKER))
     if values_only:
-        fa, fb = ([f for f in files if f.startswith(ZERO) and f != os.path.join("zero", "optimizer_state.pt")]
-                  for files in (fa, fb))
+        fa, fb = ([f for f in files if f.startswith(ZERO) and f != OPTIMIZER_STATE_REL] for files in (fa, fb))
     elif not include_model_states:
         fa, fb = ([f for f in files if f.startswith(ZERO)] for files in (fa, fb))
     extras_a = [x for x in _compat_aliases(a, fa) if x not in fb]
@@ -139,8 +152,9 @@ def compare_universal(a: str, b: str, include_model_states: bool = True, values_
     fb = [f for f in fb if f not in extras_b]
     extras = extras_a + extras_b
     if values_only:  # step.pt exists only where the writer made ZeRO-1/2-style atoms
-        fa = [f for f in fa if not f.endswith("/step.pt")]
-        fb = [f for f in fb if not f.endswith("/step.pt")]
+        step = os.sep + atom_file(STEP_KEY)
+        fa = [f for f in fa if not f.endswith(step)]
+        fb = [f for f in fb if not f.endswith(step)]
     cmp = Comparison(a, b, only_in_a=sorted(set(fa) - set(fb)), only_in_b=sorted(set(fb) - set(fa)),
                      compat_extras=sorted(extras), markers=markers)
     for rel in sorted(set(fa) & set(fb)):
@@ -151,7 +165,7 @@ def compare_universal(a: str, b: str, include_model_states: bool = True, values_
             same = va.dtype == vb.dtype and va.shape == vb.shape and torch.equal(va, vb)
         elif rel.startswith(ZERO):
             xa, xb = load_file(pa, mmap=True), load_file(pb, mmap=True)
-            if rel == os.path.join("zero", "optimizer_state.pt") and isinstance(xa, dict) and isinstance(xb, dict):
+            if rel == OPTIMIZER_STATE_REL and isinstance(xa, dict) and isinstance(xb, dict):
                 if (OPTIMIZER_STATE_DICT in xa) != (OPTIMIZER_STATE_DICT in xb):  # only one has our ZeRO-3 entry
                     (xa, stripped_a), (xb, stripped_b) = _without_stage3_keys(xa), _without_stage3_keys(xb)
                     cmp.compat_extras += [f"{rel}[{OPTIMIZER_STATE_DICT}]"] if stripped_a or stripped_b else []
@@ -164,35 +178,40 @@ def compare_universal(a: str, b: str, include_model_states: bool = True, values_
 
 
 def describe_universal(folder: str) -> list[str]:
-    zero = os.path.join(folder, "zero")
+    zero = zero_dir(folder)
     if not os.path.isdir(zero):
-        raise CheckpointError(f"{folder}: not a universal checkpoint (no zero/ folder)")
+        raise CheckpointError(f"{folder}: not a universal checkpoint (no {ZERO_DIR}/ folder)")
     lines = [f"universal checkpoint {folder}"]
-    mp = (sorted(f for f in os.listdir(folder) if f.startswith("mp_rank_"))  # ZeRO-1/2 names, else ZeRO-3's
-          or sorted(f for f in os.listdir(folder) if f.startswith("zero_pp_rank_0_mp_rank_")))
+    names = os.listdir(folder)
+    mp = (sorted(f for f in names if MODEL_STATES_RE.match(f))  # ZeRO-1/2 names, else ZeRO-3's
+          or sorted(f for f in names if _zero3_alias_of(f)))
     if mp:
-        st = load_file(os.path.join(folder, mp[0]), mmap=True)
-        meta = st.get("megatron_ucp") or {}
+        path = os.path.join(folder, mp[0])
+        st = load_file(path, mmap=True)
+        meta = metadata_from_state(st, path)
+        topology = meta.topology.to_dict() if meta is not None and meta.topology is not None else None
         lines.append(f"  iteration {st.get('iteration', st.get('global_steps'))}, source topology "
-                     f"{meta.get('topology')}, {len(mp)} model-state files")
+                     f"{topology}, {len(mp)} model-state files")
     for name in sorted(n for n in os.listdir(zero) if os.path.isdir(os.path.join(zero, n))):
-        atom = load_file(os.path.join(zero, name, "fp32.pt"), mmap=True)
+        atom = load_file(atom_path(folder, name, STATE_KEYS[0]), mmap=True)
         extra = {k: v for k, v in atom.items() if k != "param"} if isinstance(atom, dict) else {}
         t = atom["param"] if isinstance(atom, dict) else atom
-        states = [k for k in STATE_KEYS + ("step",) if os.path.exists(os.path.join(zero, name, f"{k}.pt"))]
+        states = [k for k in ATOM_KEYS if os.path.exists(atom_path(folder, name, k))]
         lines.append(f"  {name:60s} {str(tuple(t.shape)):18s} {str(t.dtype):14s} {','.join(states)} {extra or ''}")
     return lines
 
 
 def describe_zero(folder: str) -> list[str]:
     ckpt = open_zero_checkpoint(folder)
-    meta = ckpt.metadata or {}
+    meta = ckpt.checkpoint_metadata
     lines = [f"ZeRO-{ckpt.zero_stage} checkpoint {ckpt.folder}",
              f"  iteration {ckpt.iteration}, TP {ckpt.tp} PP {ckpt.pp} DP {ckpt.dp}, "
-             f"{'bf16' if ckpt.bf16_prefix else 'fp16/fp32'} optimizer files, dtype {meta.get('dtype', '?')}"]
+             f"{'bf16' if ckpt.bf16_prefix else 'fp16/fp32'} optimizer files, dtype {meta.dtype if meta else '?'}"]
     if meta:
-        lines.append(f"  vocab {meta['original_vocab_size']} (padded {meta['padded_vocab_size']}), "
-                     f"pipeline parts {meta['pipeline_parts']}, versions {meta['versions']}")
+        parts = list(meta.pipeline_parts) if meta.pipeline_parts is not None else None
+        versions = {k: v for k, v in dataclasses.asdict(meta.versions).items() if v is not None}
+        lines.append(f"  vocab {meta.original_vocab_size} (padded {meta.padded_vocab_size}), "
+                     f"pipeline parts {parts}, versions {versions}")
     for name, src in ckpt.param_sources.items():
         lines.append(f"  {name:60s} stage {src.pp} group {src.group} local {src.local_shapes[0]} x TP{ckpt.tp}")
     return lines

@@ -31,18 +31,30 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_ucp.checkpoint.format import (  # noqa: F401 - STATE_KEYS: re-exported
+    MODEL_STATES_RE,
+    OPTIM_STATES_RE,
+    STATE_KEYS,
+    ZERO3_MODEL_STATES_RE,
+    CheckpointMetadata,
+    metadata_from_state,
+    model_states_name,
+    optim_states_name,
+    zero3_model_states_name,
+)
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file  # noqa: F401 - re-exported
 
-MODEL_FILE_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-OPTIM_FILE_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-ZERO3_MODEL_FILE_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+# File names (defined in checkpoint.format), under the names this module has always exported.
+MODEL_FILE_RE = MODEL_STATES_RE
+OPTIM_FILE_RE = OPTIM_STATES_RE
+ZERO3_MODEL_FILE_RE = ZERO3_MODEL_STATES_RE
 
+# Keys of DeepSpeed's optimizer files.
 OPTIMIZER_STATE_DICT = "optimizer_state_dict"
 BASE_OPTIMIZER_STATE = "base_optimizer_state"
 SINGLE_PARTITION_OF_FP32_GROUPS = "single_partition_of_fp32_groups"
 PARAM_SLICE_MAPPINGS = "param_slice_mappings"
 FP32_FLAT_GROUPS = "fp32_flat_groups"
-STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
 @dataclass(frozen=True)
@@ -150,6 +162,8 @@ class ZeroCheckpoint:
     # (dp, mp) -> per optimizer group: {"fp32" | "exp_avg" | "exp_avg_sq": FlatRef}
     flat_refs: dict[tuple[int, int], list[dict[str, FlatRef]]] = field(default_factory=dict)
     steps: dict[tuple[int, int], list] = field(default_factory=dict)  # (dp, mp) -> per group step value
+    # our metadata (checked and upgraded), None for checkpoints we did not write
+    checkpoint_metadata: CheckpointMetadata | None = None
 
     @property
     def topology(self) -> dict[str, int]:
@@ -157,7 +171,8 @@ class ZeroCheckpoint:
 
     @property
     def metadata(self) -> dict | None:
-        return self.model_states[0].get("megatron_ucp")
+        """``checkpoint_metadata`` as plain JSON data, in the current format."""
+        return None if self.checkpoint_metadata is None else self.checkpoint_metadata.to_dict()
 
     @property
     def universal_checkpoint_info(self) -> dict | None:
@@ -198,7 +213,7 @@ def open_zero_checkpoint(folder: str) -> ZeroCheckpoint:
     if stage3:  # every DP rank wrote its model states; DP rank 0's stand for each mp rank
         model = {mp: path for (dp, mp), path in zero3.items() if dp == 0}
         if not model:
-            raise CheckpointError(f"{os.path.join(folder, 'zero_pp_rank_0_mp_rank_00_model_states.pt')}: missing file")
+            raise CheckpointError(f"{os.path.join(folder, zero3_model_states_name(0))}: missing file")
     if not model:
         raise CheckpointError(f"{folder}: no mp_rank_XX_model_states.pt files (not a DeepSpeed checkpoint folder?)")
     if not optim:
@@ -206,17 +221,17 @@ def open_zero_checkpoint(folder: str) -> ZeroCheckpoint:
     n_mp = len(model)
     if sorted(model) != list(range(n_mp)):
         missing = sorted(set(range(max(model) + 1)) - set(model))
-        prefix = "zero_pp_rank_0_" if stage3 else ""
-        raise CheckpointError(f"{os.path.join(folder, f'{prefix}mp_rank_{missing[0]:02d}_model_states.pt')}: "
-                              "missing file")
+        name = zero3_model_states_name(missing[0]) if stage3 else model_states_name(missing[0])
+        raise CheckpointError(f"{os.path.join(folder, name)}: missing file")
     model_files = [model[i] for i in range(n_mp)]
     states = [load_file(p, mmap=True) for p in model_files]
     first = states[0]
+    meta = metadata_from_state(first, model_files[0])
     dims = first.get("checkpoint_parallel_dimensions")
     if dims:
         tp, pp = int(dims["tp_degree"]), int(dims["pp_degree"])
-    elif first.get("megatron_ucp"):
-        tp, pp = first["megatron_ucp"]["topology"]["tp"], first["megatron_ucp"]["topology"]["pp"]
+    elif meta is not None and meta.topology is not None:
+        tp, pp = meta.topology.tp, meta.topology.pp
     else:
         tp, pp = n_mp, 1
     if tp * pp != n_mp:
@@ -242,11 +257,11 @@ def open_zero_checkpoint(folder: str) -> ZeroCheckpoint:
     for d in range(dp):
         for m in range(n_mp):
             if (d, m) not in optim:
-                name = f"{'bf16_' if bf16 else ''}zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt"
-                raise CheckpointError(f"{os.path.join(folder, name)}: missing file")
+                raise CheckpointError(f"{os.path.join(folder, optim_states_name(m, d, bf16))}: missing file")
     ckpt = ZeroCheckpoint(folder=folder, tp=tp, pp=pp, dp=dp, zero_stage=3 if stage3 else 1, bf16_prefix=bf16,
                           iteration=first.get("iteration", first.get("global_steps")), model_files=model_files,
-                          model_states=states, optim_files={k: v[0] for k, v in optim.items()})
+                          model_states=states, optim_files={k: v[0] for k, v in optim.items()},
+                          checkpoint_metadata=meta)
     if stage3:
         _index_zero3_fragments(ckpt)
     else:

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from megatron_ucp.checkpoint.universal import model_state_names, stage_compatible_global_state
+from megatron_ucp.checkpoint.format import model_state_names, optimizer_state_path, zero_dir
+from megatron_ucp.checkpoint.universal import stage_compatible_global_state
 from megatron_ucp.config import TrainConfig
 from megatron_ucp.training.schedule import LRSchedule, LRScheduler
 
@@ -87,7 +88,7 @@ def write_loader_files(folder: str, *, client_state: dict, step: int = 0, global
         for name in model_state_names(mp):
             paths.append(os.path.join(folder, name))
             torch.save(model_state, paths[-1])
-    os.makedirs(os.path.join(folder, "zero"), exist_ok=True)
-    paths.append(os.path.join(folder, "zero", "optimizer_state.pt"))
+    os.makedirs(zero_dir(folder), exist_ok=True)
+    paths.append(optimizer_state_path(folder))
     torch.save(optimizer_state_file(param_groups, step), paths[-1])
     return paths

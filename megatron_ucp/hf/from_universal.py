@@ -21,6 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_ucp.checkpoint.format import (
+    HF_EXTRAS_DIR,
+    STATE_KEYS,
+    CheckpointMetadata,
+    atom_path,
+    model_states_name,
+    read_metadata,
+)
 from megatron_ucp.checkpoint.publish import (
     check_replaceable,
     fingerprint,
@@ -33,11 +41,8 @@ from megatron_ucp.checkpoint.publish import (
 from megatron_ucp.checkpoint.trust import regular_file_inside
 from megatron_ucp.checkpoint.universal import check_output_path
 from megatron_ucp.checkpoint.zero import CheckpointError, load_file
-from megatron_ucp.config import ModelConfig
-from megatron_ucp.hf.to_universal import HF_EXTRAS_DIR
 from megatron_ucp.hf.transforms import to_hf
 from megatron_ucp.layout.hf import family_of_model, hf_config_from_model, hf_mappings
-from megatron_ucp.training.checkpointing import METADATA_KEY
 
 HF_EXPORT_KIND = "hf_export"  # the completion marker's kind for an exported Hugging Face folder
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -74,25 +79,29 @@ def parse_size(text: str | int) -> int:
     return int(s)
 
 
-def read_universal_metadata(folder: str) -> dict:
-    """The ``megatron_ucp`` metadata of a universal folder (from its first model-state file)."""
-    path = os.path.join(folder, "mp_rank_00_model_states.pt")
-    state = load_file(path, meta=True)
-    meta = state.get(METADATA_KEY) if isinstance(state, dict) else None
-    if not meta or "model_config" not in meta:
-        raise CheckpointError(f"{path}: no megatron_ucp metadata with a model_config; not written by megatron_ucp "
+def read_folder_metadata(folder: str) -> CheckpointMetadata:
+    """The metadata of a universal folder, from its first model-state file, checked and upgraded."""
+    path = os.path.join(folder, model_states_name(0))
+    meta = read_metadata(path)
+    if meta is None:
+        raise CheckpointError(f"{path}: no megatron_ucp metadata; not written by megatron_ucp "
                               "(or by hf_to_universal)")
     return meta
 
 
-def _default_dtype(meta: dict) -> str:
-    src = (meta.get("hf_source") or {}).get("dtype")
+def read_universal_metadata(folder: str) -> dict:
+    """``read_folder_metadata`` as plain JSON data, in the current format (for callers that want a dict)."""
+    return read_folder_metadata(folder).to_dict()
+
+
+def _default_dtype(meta: CheckpointMetadata) -> str:
+    src = meta.hf_source.dtype if meta.hf_source else None
     return _FROM_HF_NAME.get(str(src).replace("torch.", ""), "bf16") if src else "bf16"
 
 
-def _token_ids(meta: dict) -> dict:
+def _token_ids(meta: CheckpointMetadata) -> dict:
     """bos/eos ids: from the HF source's config, or from our SentencePiece model (its bos and eos)."""
-    src = (meta.get("hf_source") or {}).get("config") or {}
+    src = meta.hf_source.config if meta.hf_source else {}
     ids = {k: src[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if src.get(k) is not None}
     tok = _tokenizer_model(meta)
     if not ids and tok:
@@ -103,10 +112,10 @@ def _token_ids(meta: dict) -> dict:
     return ids
 
 
-def _tokenizer_model(meta: dict) -> str | None:
+def _tokenizer_model(meta: CheckpointMetadata) -> str | None:
     """The SentencePiece model the metadata names, if it is one: a path read from a checkpoint is
     copied into the export only after it loads as a SentencePiece model."""
-    tc = meta.get("train_config") or {}
+    tc = meta.train_config or {}
     path = tc.get("tokenizer_model")
     if tc.get("tokenizer_type", "SentencePieceTokenizer") != "SentencePieceTokenizer" or not isinstance(path, str):
         return None
@@ -122,7 +131,7 @@ def _tokenizer_model(meta: dict) -> str | None:
     return path
 
 
-def _write_tokenizer(meta: dict, folder: str, input_folder: str) -> list[str]:
+def _write_tokenizer(meta: CheckpointMetadata, folder: str, input_folder: str) -> list[str]:
     """Copy the source's tokenizer files (HF import) or our SentencePiece model (training metadata)."""
     extras = os.path.join(input_folder, HF_EXTRAS_DIR)
     written = []
@@ -138,7 +147,7 @@ def _write_tokenizer(meta: dict, folder: str, input_folder: str) -> list[str]:
         import sentencepiece as spm
 
         sp = spm.SentencePieceProcessor(model_file=tok)
-        cfg = {"tokenizer_class": "LlamaTokenizer", "model_max_length": meta["model_config"]["max_position_embeddings"],
+        cfg = {"tokenizer_class": "LlamaTokenizer", "model_max_length": meta.model_config.max_position_embeddings,
                "add_bos_token": False, "add_eos_token": False, "legacy": True,
                "bos_token": sp.id_to_piece(ids["bos_token_id"]) if "bos_token_id" in ids else None,
                "eos_token": sp.id_to_piece(ids["eos_token_id"]) if "eos_token_id" in ids else None,
@@ -192,15 +201,14 @@ def convert_universal_to_hf(input_folder: str, output_dir: str, *, dtype: str | 
     from safetensors.torch import save_file
 
     t0 = time.time()
-    meta = read_universal_metadata(input_folder)
-    cfg = ModelConfig.from_dict(meta["model_config"])
+    meta = read_folder_metadata(input_folder)
+    cfg = meta.model_config
     family = family_of_model(cfg)
     dtype = dtype or _default_dtype(meta)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
     mappings = hf_mappings(cfg, family)
-    zero_dir = os.path.join(input_folder, "zero")
 
     # HF names and shapes, in table order, from the shapes alone (meta tensors).
     entries, owner = [], {}
@@ -224,7 +232,7 @@ def convert_universal_to_hf(input_folder: str, output_dir: str, *, dtype: str | 
     def shard_tensors(names: list[str]) -> dict[str, torch.Tensor]:
         tensors = {}
         for m in dict.fromkeys(owner[name] for name in names):  # each parameter once, in order
-            path = os.path.join(zero_dir, m.name, "fp32.pt")
+            path = atom_path(input_folder, m.name, STATE_KEYS[0])
             full = load_file(path, mmap=True)["param"]
             if tuple(full.shape) != tuple(m.spec.shape(cfg)):
                 raise CheckpointError(f"{path}: shape {tuple(full.shape)}, but the model config implies "
@@ -247,7 +255,7 @@ def convert_universal_to_hf(input_folder: str, output_dir: str, *, dtype: str | 
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
                           indent=2)
-        base = dict((meta.get("hf_source") or {}).get("config") or {})
+        base = dict(meta.hf_source.config if meta.hf_source else {})
         base.pop("torch_dtype", None)
         base.update(hf_config_from_model(cfg, HF_DTYPE_NAMES[torch_dtype], _token_ids(meta)))
         with open(os.path.join(tmp, "config.json"), "w") as f:

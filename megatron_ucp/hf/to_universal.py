@@ -22,7 +22,20 @@ from dataclasses import dataclass
 
 import torch
 
-import megatron_ucp
+from megatron_ucp.checkpoint.format import (  # noqa: F401 - HF_EXTRAS_DIR: re-exported
+    HF_EXTRAS_DIR,
+    SOURCE_HUGGINGFACE,
+    SOURCE_NOTE_FILE,
+    STATE_KEYS,
+    STEP_KEY,
+    CheckpointMetadata,
+    HFSource,
+    Versions,
+    atom_dir,
+    atom_path,
+    client_state,
+    zero_dir,
+)
 from megatron_ucp.checkpoint.publish import (
     check_replaceable,
     fingerprint,
@@ -43,7 +56,7 @@ from megatron_ucp.checkpoint.universal import (
     skeleton_bytes,
     write_atom_from_memory,
 )
-from megatron_ucp.checkpoint.zero import STATE_KEYS, CheckpointError, FlatRef, load_file, stored_equals
+from megatron_ucp.checkpoint.zero import CheckpointError, FlatRef, load_file, stored_equals
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.hf.ds_files import write_loader_files
 from megatron_ucp.hf.reader import HFCheckpoint, open_hf_checkpoint, read_config
@@ -59,12 +72,9 @@ from megatron_ucp.layout.hf import (
 )
 from megatron_ucp.layout.params import Kind
 from megatron_ucp.layout.slicing import padded_vocab_size
-from megatron_ucp.layout.ucp_info import universal_checkpoint_info
-from megatron_ucp.training.checkpointing import METADATA_FORMAT_VERSION, METADATA_KEY
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "generation_config.json")
-HF_EXTRAS_DIR = "hf_extras"  # tokenizer and generation files of the source, for the way back
 
 
 @dataclass
@@ -129,32 +139,20 @@ def check_coverage(ckpt: HFCheckpoint, mappings: list[HFMapping], cfg: ModelConf
                                       f"implies {shape}")
 
 
-def _metadata(cfg: ModelConfig, family: Family, hf_config: dict, folder: str) -> dict:
-    return {
-        "format_version": METADATA_FORMAT_VERSION,
-        "model_config": cfg.to_dict(),
-        "original_vocab_size": cfg.vocab_size,
-        "padded_vocab_size": padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, 1),
-        "dtype": "fp32",
-        "iteration": 0,
-        "consumed_train_samples": 0,
-        "source": "huggingface",
-        "hf_source": {"architecture": family.architecture, "dtype": source_dtype(hf_config),
-                      "config": hf_config, "path": os.path.abspath(folder)},
-        "versions": {"megatron_ucp": megatron_ucp.__version__, "torch": torch.__version__},
-    }
-
-
-def client_state(metadata: dict, cfg: ModelConfig) -> dict:
-    """The client state our trainer's loader reads from a model-state file."""
-    return {
-        "iteration": metadata["iteration"],
-        "consumed_train_samples": metadata["consumed_train_samples"],
-        "tokens": 0,
-        "checkpoint_version": 3.0,
-        "universal_checkpoint_info": universal_checkpoint_info(cfg, metadata["padded_vocab_size"]),
-        METADATA_KEY: metadata,
-    }
+def import_metadata(cfg: ModelConfig, family: Family, hf_config: dict, folder: str) -> CheckpointMetadata:
+    """The metadata of an import: fp32 weights at iteration 0, the HF config kept for the way back."""
+    return CheckpointMetadata(
+        source=SOURCE_HUGGINGFACE,
+        model_config=cfg,
+        original_vocab_size=cfg.vocab_size,
+        padded_vocab_size=padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, 1),
+        dtype="fp32",
+        iteration=0,
+        consumed_train_samples=0,
+        hf_source=HFSource(architecture=family.architecture, dtype=source_dtype(hf_config), config=hf_config,
+                           path=os.path.abspath(folder)),
+        versions=Versions.installed(),
+    )
 
 
 def trainer_model_settings(cfg: ModelConfig) -> dict:
@@ -167,20 +165,21 @@ def trainer_model_settings(cfg: ModelConfig) -> dict:
     return d
 
 
-def write_param_atoms(zero_dir: str, m: HFMapping, full: torch.Tensor, vocab_rows: int) -> None:
-    out = os.path.join(zero_dir, m.name)
-    os.makedirs(out)
+def write_param_atoms(folder: str, m: HFMapping, full: torch.Tensor, vocab_rows: int) -> None:
+    """The atoms of one parameter in the universal folder ``folder``: its weights, zero moments, step 0."""
+    os.makedirs(atom_dir(folder, m.name))
     keys = atom_keys(m.spec.kind, vocab_rows)
-    write_atom_from_memory(dict(keys, param=full.to(torch.float32).contiguous()), os.path.join(out, "fp32.pt"))
-    for key in STATE_KEYS[1:]:  # exp_avg, exp_avg_sq
-        write_zero_atom(keys, tuple(full.shape), os.path.join(out, f"{key}.pt"))
-    torch.save(torch.tensor(0.0), os.path.join(out, "step.pt"))  # AdamW's step, a float32 scalar
+    weights, *moments = STATE_KEYS
+    write_atom_from_memory(dict(keys, param=full.to(torch.float32).contiguous()), atom_path(folder, m.name, weights))
+    for key in moments:  # exp_avg, exp_avg_sq
+        write_zero_atom(keys, tuple(full.shape), atom_path(folder, m.name, key))
+    torch.save(torch.tensor(0.0), atom_path(folder, m.name, STEP_KEY))  # AdamW's step, a float32 scalar
 
 
-def verify_import(zero_dir: str, mappings: list[HFMapping], ours) -> None:
+def verify_import(folder: str, mappings: list[HFMapping], ours) -> None:
     """Re-read every written weight atom and compare it bitwise with the source tensors, converted again."""
     for m in mappings:
-        path = os.path.join(zero_dir, m.name, "fp32.pt")
+        path = atom_path(folder, m.name, STATE_KEYS[0])
         stored = load_file(path, meta=True)["param"]  # shape and place only; the bytes are read in chunks
         want = ours(m).to(torch.float32)
         if stored.shape != want.shape or not stored_equals(FlatRef.of(path, stored), want):
@@ -226,22 +225,22 @@ def convert_hf_to_universal(hf_checkpoint_dir: str, save_dir: str, *, safe_seria
                        _skip_conv1d_transpose=_skip_conv1d_transpose)
 
     with staged_folder(out) as tmp:
-        zero_dir = os.path.join(tmp, "zero")
-        os.makedirs(zero_dir)
+        os.makedirs(zero_dir(tmp))
         for m in mappings:
             full = ours(m)
-            write_param_atoms(zero_dir, m, full, cfg.vocab_size)
+            write_param_atoms(tmp, m, full, cfg.vocab_size)
             del full
-        metadata = _metadata(cfg, family, hf_config, inp)
-        write_loader_files(tmp, client_state=client_state(metadata, cfg))
+        metadata = import_metadata(cfg, family, hf_config, inp)
+        write_loader_files(tmp, client_state=client_state(metadata, tokens=0))
         if extras:
             os.makedirs(os.path.join(tmp, HF_EXTRAS_DIR))
             for name, path in zip(extras, extra_paths):
                 shutil.copyfile(path, os.path.join(tmp, HF_EXTRAS_DIR, name))
-        with open(os.path.join(tmp, "source.txt"), "w") as f:
+        with open(os.path.join(tmp, SOURCE_NOTE_FILE), "w") as f:
             f.write(f"Hugging Face {family.architecture} checkpoint {inp}\n")
-        verify_import(zero_dir, mappings, ours)
-        write_marker(tmp, UNIVERSAL_KIND, request, verified=True, extra={"iteration": 0, "source": "huggingface"})
+        verify_import(tmp, mappings, ours)
+        write_marker(tmp, UNIVERSAL_KIND, request, verified=True,
+                     extra={"iteration": metadata.iteration, "source": metadata.source})
     write_latest_universal(out)
     return HFImportReport(out, family.architecture, len(mappings), len(ckpt.names()), ckpt.format,
                           time.time() - t0)

@@ -7,53 +7,59 @@ ZeRO optimizer shards) and ``<save>/latest``. Our client state, merged by DeepSp
 * ``iteration``, ``consumed_train_samples``, ``tokens``, ``checkpoint_version``;
 * ``rng_state``: one dict per data-parallel rank of this model-parallel rank (Megatron's layout);
 * ``universal_checkpoint_info``: generated from the parameter table (``layout.ucp_info``);
-* ``megatron_ucp``: JSON-able metadata (configs, topology, padded and original vocab, the pipeline
+* ``megatron_ucp``: our metadata (configs, topology, padded and original vocab, the pipeline
   partition DeepSpeed used, versions), which our converter and tools read.
+
+What those are and what the files are called is defined once, in ``checkpoint.format``.
 
 We also keep Megatron's ``latest_checkpointed_iteration.txt`` beside ``latest``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-import megatron_ucp
+from megatron_ucp.checkpoint.format import (
+    LATEST_FILE,
+    MEGATRON_TRACKER_FILE,
+    SOURCE_TRAINING,
+    CheckpointMetadata,
+    PipeEntryRecord,
+    Versions,
+    client_state,
+    metadata_from_state,
+    step_folder_name,
+)
 from megatron_ucp.checkpoint.publish import LATEST_UNIVERSAL, require_verified
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name, path_inside, restricted_torch_load
 from megatron_ucp.config import ModelConfig, TrainConfig
 from megatron_ucp.distributed.groups import ParallelState
 from megatron_ucp.layout.params import pipe_entries
-from megatron_ucp.layout.ucp_info import universal_checkpoint_info
-
-METADATA_KEY = "megatron_ucp"
-METADATA_FORMAT_VERSION = 1
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
 
 def build_metadata(model_cfg: ModelConfig, train_cfg: TrainConfig, state: ParallelState,
-                   padded_vocab: int, pipeline_parts: list[int]) -> dict:
-    import deepspeed
-
-    entries = [{"index": e.index, "role": e.role.value, "layer_number": e.layer_number, "tied_key": e.tied_key}
-               for e in pipe_entries(model_cfg)]
-    return {
-        "format_version": METADATA_FORMAT_VERSION,
-        "model_config": model_cfg.to_dict(),
-        "train_config": train_cfg.to_dict(),
-        "topology": state.layout.to_dict(),
-        "original_vocab_size": model_cfg.vocab_size,
-        "padded_vocab_size": padded_vocab,
-        "pipeline_parts": list(pipeline_parts),
-        "pipe_entries": entries,
-        "dtype": train_cfg.dtype,
-        "zero_stage": train_cfg.zero_stage,
-        "versions": {"megatron_ucp": megatron_ucp.__version__, "deepspeed": deepspeed.__version__,
-                     "torch": torch.__version__},
-    }
+                   padded_vocab: int, pipeline_parts: list[int]) -> CheckpointMetadata:
+    """This run's metadata at iteration 0; ``save`` stamps each checkpoint's counters into it."""
+    return CheckpointMetadata(
+        source=SOURCE_TRAINING,
+        model_config=model_cfg,
+        train_config=train_cfg.to_dict(),
+        topology=state.layout,
+        original_vocab_size=model_cfg.vocab_size,
+        padded_vocab_size=padded_vocab,
+        pipeline_parts=tuple(pipeline_parts),
+        pipe_entries=tuple(PipeEntryRecord.of(e) for e in pipe_entries(model_cfg)),
+        dtype=train_cfg.dtype,
+        zero_stage=train_cfg.zero_stage,
+        iteration=0,
+        consumed_train_samples=0,
+        versions=Versions.installed(),
+    )
 
 
 def gather_over_dp(obj, state: ParallelState) -> list:
@@ -73,28 +79,23 @@ class ResumeState:
 
 
 def save(engine, save_dir: str, iteration: int, consumed_samples: int, seq_length: int,
-         rng_state: dict, metadata: dict, state: ParallelState, model_cfg: ModelConfig) -> str:
+         rng_state: dict, metadata: CheckpointMetadata, state: ParallelState, model_cfg: ModelConfig) -> str:
     """Write ``<save_dir>/global_step<iteration>`` on every rank; return its path."""
+    if metadata.model_config != model_cfg:
+        raise RuntimeError("the checkpoint metadata describes another model than the one being saved")
     rng_states = gather_over_dp(rng_state, state)
-    client_state = {
-        "iteration": iteration,
-        "consumed_train_samples": consumed_samples,
-        "tokens": consumed_samples * seq_length,
-        "checkpoint_version": 3.0,
-        "rng_state": rng_states,
-        "universal_checkpoint_info": universal_checkpoint_info(model_cfg, metadata["padded_vocab_size"]),
-        METADATA_KEY: dict(metadata, iteration=iteration, consumed_train_samples=consumed_samples),
-    }
-    tag = f"global_step{iteration}"
+    meta = dataclasses.replace(metadata, iteration=iteration, consumed_train_samples=consumed_samples)
+    client = client_state(meta, tokens=consumed_samples * seq_length, rng_state=rng_states)
+    tag = step_folder_name(iteration)
     if engine.global_steps != iteration:
         raise RuntimeError(f"engine is at step {engine.global_steps} but the trainer at iteration {iteration}")
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state)
+    engine.save_checkpoint(save_dir, tag=tag, client_state=client)
     dist.barrier()
     if dist.get_rank() == 0:
-        tmp = os.path.join(save_dir, TRACKER_FILE + ".tmp")
+        tmp = os.path.join(save_dir, MEGATRON_TRACKER_FILE + ".tmp")
         with open(tmp, "w") as f:
             f.write(str(iteration))
-        os.replace(tmp, os.path.join(save_dir, TRACKER_FILE))
+        os.replace(tmp, os.path.join(save_dir, MEGATRON_TRACKER_FILE))
     dist.barrier()
     return os.path.join(save_dir, tag)
 
@@ -108,7 +109,7 @@ def _unshare_steps(optimizer) -> None:
 
 def checkpoint_folder(load_dir: str, universal: bool) -> str:
     """The folder ``latest`` (or ``latest_universal``) in ``load_dir`` names, checked to lie inside it."""
-    tracker = os.path.join(load_dir, LATEST_UNIVERSAL if universal else "latest")
+    tracker = os.path.join(load_dir, LATEST_UNIVERSAL if universal else LATEST_FILE)
     if not os.path.isfile(tracker):
         raise CheckpointError(f"{tracker}: no such file; nothing to resume from in {load_dir}")
     with open(tracker) as f:
@@ -149,13 +150,12 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
         raise FileNotFoundError(f"DeepSpeed found no checkpoint to load in {load_dir}")
     if "iteration" not in client:
         raise ValueError(f"{path}: not written by megatron_ucp (no 'iteration' in its client state)")
-    meta = client.get(METADATA_KEY, {})
+    meta = metadata_from_state(client, path)
     notes = []
-    source_dtype = meta.get("dtype")
-    if source_dtype and source_dtype != cfg.dtype:
+    if meta is not None and meta.dtype != cfg.dtype:
         for key, value in fresh_scaler.items():
             setattr(optimizer, key, value)
-        notes.append(f"precision {source_dtype} -> {cfg.dtype}: loss scaler reset")
+        notes.append(f"precision {meta.dtype} -> {cfg.dtype}: loss scaler reset")
     groups = optimizer.param_groups
     if len(groups) != len(group_hyperparameters):
         raise RuntimeError(f"{path}: the optimizer has {len(groups)} groups, expected {len(group_hyperparameters)}")
@@ -173,9 +173,10 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
                 group["weight_decay"] = hp["weight_decay"]
             _unshare_steps(optimizer)
         iteration, consumed = int(client["iteration"]), int(client["consumed_train_samples"])
-    source_topology = meta.get("topology")
+    source_layout = meta.topology if meta is not None else None
+    source_topology = source_layout.to_dict() if source_layout is not None else None
     rng = None
-    if source_topology == state.layout.to_dict() and client.get("rng_state"):
+    if source_layout == state.layout and client.get("rng_state"):
         rng = client["rng_state"][state.coords.dp]
     return ResumeState(
         iteration=iteration,

@@ -1,0 +1,485 @@
+"""What our checkpoints carry beside tensors, and what their files are called: one typed, versioned definition.
+
+The trainer, the ZeRO converter, the Hugging Face import and export and the inspection tool all write
+or read the same metadata and the same file names; defining them once keeps those from drifting apart.
+
+**Metadata.** Every model-state file holds ``CheckpointMetadata.to_dict()`` (plain JSON data) under
+``METADATA_KEY``, inside the client state that ``client_state`` builds; that client state is also the
+one place Megatron's ``checkpoint_version`` is written. Checkpoint files are untrusted, so readers go
+through ``CheckpointMetadata.from_dict`` (or ``metadata_from_state``), which checks every key and type
+and refuses what is wrong with a one-line ``CheckpointError`` naming the key (and the file, when given).
+
+Format versions (``format_version``), each read by ``from_dict``:
+
+* 1 (megatron_ucp 0.1.0): two key sets. The trainer wrote ``train_config``, ``topology``,
+  ``pipeline_parts``, ``pipe_entries`` and ``zero_stage`` but no ``source``; the Hugging Face import
+  wrote ``source`` and ``hf_source`` instead of those, and no DeepSpeed version.
+* 2: one key set, every key present (``null`` where it does not apply), ``source`` always named and
+  ``versions.deepspeed`` always present. Older versions are upgraded on reading.
+
+**Names.** The model-state and optimizer files DeepSpeed 0.19.8 writes and globs (``mp_rank_XX_...``,
+``zero_pp_rank_D_mp_rank_XX_...``), and a universal folder's layout: ``zero/<param>/{fp32,exp_avg,
+exp_avg_sq,step}.pt`` atoms and ``zero/optimizer_state.pt``, beside the model-state files.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import torch
+
+import megatron_ucp
+from megatron_ucp.checkpoint.trust import CheckpointError, load_file
+from megatron_ucp.config import DTYPES, ModelConfig, TrainConfig
+from megatron_ucp.layout.params import PipeEntry
+from megatron_ucp.layout.topology import ParallelLayout
+from megatron_ucp.layout.ucp_info import universal_checkpoint_info
+
+# --- names of files and folders ------------------------------------------------------------------
+
+ZERO_DIR = "zero"  # a universal folder's atoms and global optimizer state
+OPTIMIZER_STATE_FILE = "optimizer_state.pt"  # inside ZERO_DIR: param groups, step, loss scaler, ds_version
+STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")  # the per-parameter state atoms, weights first
+STEP_KEY = "step"  # the per-parameter step atom (ZeRO-1/2 style; a 0-d tensor)
+ATOM_KEYS = STATE_KEYS + (STEP_KEY,)
+LATEST_FILE = "latest"  # DeepSpeed's tracker: names the newest ``global_stepN`` folder
+MEGATRON_TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron's tracker: the newest iteration
+HF_EXTRAS_DIR = "hf_extras"  # an HF import's tokenizer and generation files, for the way back
+SOURCE_NOTE_FILE = "source.txt"  # an HF import's one-line note of where it came from
+
+MODEL_STATES_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")  # group 1: mp rank
+ZERO3_MODEL_STATES_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")  # dp, mp
+OPTIM_STATES_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")  # bf16, dp, mp
+
+
+def step_folder_name(iteration: int) -> str:
+    """The folder (DeepSpeed's tag) the trainer saves iteration ``iteration`` into."""
+    return f"global_step{iteration}"
+
+
+def model_states_name(mp_rank: int) -> str:
+    """The model-state file of one model-parallel rank (``mp = pp * TP + tp``), as ZeRO-0/1/2 write it."""
+    return f"mp_rank_{mp_rank:02d}_model_states.pt"
+
+
+def zero3_model_states_name(mp_rank: int, dp_rank: int = 0) -> str:
+    """ZeRO-3's model-state file, one per data-parallel rank; DeepSpeed calls the DP rank ``pp_rank``."""
+    return f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_model_states.pt"
+
+
+def model_state_names(mp_rank: int) -> tuple[str, str]:
+    """Both names a universal folder carries one mp rank's model states under: the ZeRO-1/2 loader
+    globs the first, the ZeRO-3 loader the second."""
+    return model_states_name(mp_rank), zero3_model_states_name(mp_rank)
+
+
+def optim_states_name(mp_rank: int, dp_rank: int, bf16: bool) -> str:
+    """The ZeRO optimizer shard of one (dp, mp) rank; bf16 runs prefix ``bf16_``."""
+    return f"{'bf16_' if bf16 else ''}zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
+
+
+def atom_file(key: str) -> str:
+    """The file name of one atom (``fp32``, ``exp_avg``, ``exp_avg_sq`` or ``step``)."""
+    return f"{key}.pt"
+
+
+def zero_dir(folder: str) -> str:
+    return os.path.join(folder, ZERO_DIR)
+
+
+def atom_dir(folder: str, name: str) -> str:
+    """The folder of one parameter's atoms in the universal folder ``folder``; ``name`` must be
+    checked (``trust.check_name``) when it comes from a file."""
+    return os.path.join(folder, ZERO_DIR, name)
+
+
+def atom_path(folder: str, name: str, key: str) -> str:
+    """One atom of one parameter in the universal folder ``folder``."""
+    return os.path.join(folder, ZERO_DIR, name, atom_file(key))
+
+
+def optimizer_state_path(folder: str) -> str:
+    return os.path.join(folder, ZERO_DIR, OPTIMIZER_STATE_FILE)
+
+
+# --- metadata ------------------------------------------------------------------------------------
+
+METADATA_KEY = "megatron_ucp"  # our metadata's key in a model-state file
+METADATA_FORMAT_VERSION = 2
+CHECKPOINT_VERSION = 3.0  # Megatron's checkpoint_version (QKV layout), in the client state
+SOURCE_TRAINING = "training"  # written by our trainer (and copied by our ZeRO converter)
+SOURCE_HUGGINGFACE = "huggingface"  # written by hf_to_universal
+SOURCES = (SOURCE_TRAINING, SOURCE_HUGGINGFACE)
+
+
+def _hint_types(hint: Any) -> list[type]:
+    """The classes a field annotated ``hint`` allows: ``int | None`` -> [int, NoneType]; ``dict[str, Any]``
+    -> [dict]."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return [typing.get_origin(a) or a for a in args]
+
+
+def _is_a(value: Any, classes: list[type]) -> bool:
+    """JSON's view of types: a bool is not an int, an int is a float."""
+    if isinstance(value, bool):
+        return bool in classes
+    return isinstance(value, tuple(classes)) or (isinstance(value, int) and float in classes)
+
+
+def _check_value(value: Any, hint: Any, where: str) -> Any:
+    classes = _hint_types(hint)
+    if not _is_a(value, classes):
+        names = " or ".join("null" if c is type(None) else c.__name__ for c in classes)
+        raise CheckpointError(f"{where}: expected {names}, {_found(value)}")
+    return value
+
+
+def _found(value: Any) -> str:
+    """``found <type> <value>``, the value cut short (it comes from an untrusted file)."""
+    if value is None:
+        return "found null"
+    text = repr(value)
+    return f"found {type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}: expected an object, {_found(value)}")
+    for key in value:
+        if not isinstance(key, str):
+            raise CheckpointError(f"{where}: a key is not a string ({_found(key)})")
+    return value
+
+
+def _check_keys(d: dict[str, Any], required: typing.Iterable[str], where: str,
+                optional: typing.Iterable[str] = ()) -> None:
+    required = list(required)
+    unknown = sorted(set(d) - set(required) - set(optional))
+    if unknown:
+        raise CheckpointError(f"{where}: unknown key {unknown[0]!r}")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise CheckpointError(f"{where}: missing key {missing[0]!r}")
+
+
+_MAX_DEPTH = 32  # nesting of the JSON data we accept (an HF config is a few levels deep)
+
+
+def _check_json(value: Any, where: str, depth: int = 0) -> None:
+    """Plain JSON data: objects with string keys, lists, strings, numbers, booleans, null."""
+    if depth > _MAX_DEPTH:
+        raise CheckpointError(f"{where}: nested deeper than {_MAX_DEPTH} levels")
+    if isinstance(value, dict):
+        for k, v in _object(value, where).items():
+            _check_json(v, f"{where}.{k}", depth + 1)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_json(v, f"{where}[{i}]", depth + 1)
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        raise CheckpointError(f"{where}: expected JSON data, found {type(value).__name__}")
+
+
+def _check_fields(cls: type, d: dict[str, Any], where: str, strict: bool) -> None:
+    """Type-check ``d`` against the fields of dataclass ``cls``. ``strict``: no unknown key and every
+    field without a default present; otherwise (a record of another version's config) only the keys
+    both know are checked."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if strict:
+        required = [n for n, f in fields.items()
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        _check_keys(d, required, where, optional=fields)
+    for key, value in d.items():
+        if key in fields:
+            _check_value(value, hints[key], f"{where}.{key}")
+
+
+def _parse_flat(cls: type, value: Any, where: str) -> Any:
+    """A flat frozen dataclass of JSON scalars, every field present and typed."""
+    d = _object(value, where)
+    _check_keys(d, [f.name for f in dataclasses.fields(cls)], where)
+    _check_fields(cls, d, where, strict=True)
+    return cls(**d)
+
+
+def _model_config(value: Any, where: str) -> ModelConfig:
+    d = _object(value, where)
+    _check_fields(ModelConfig, d, where, strict=True)
+    try:
+        return ModelConfig.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _topology(value: Any, where: str) -> ParallelLayout:
+    d = _object(value, where)
+    _check_keys(d, ("tp", "pp", "dp"), where)
+    for axis in ("tp", "pp", "dp"):
+        _check_value(d[axis], int, f"{where}.{axis}")
+    try:
+        return ParallelLayout(tp=d["tp"], pp=d["pp"], dp=d["dp"])
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _int_list(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise CheckpointError(f"{where}: expected a list, {_found(value)}")
+    return tuple(_check_value(v, int, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+@dataclass(frozen=True)
+class PipeEntryRecord:
+    """One entry of the pipeline's layer-spec list, which ``pipeline_parts`` index into."""
+
+    index: int
+    role: str
+    layer_number: int | None
+    tied_key: str | None
+
+    @classmethod
+    def of(cls, entry: PipeEntry) -> "PipeEntryRecord":
+        return cls(entry.index, entry.role.value, entry.layer_number, entry.tied_key)
+
+
+@dataclass(frozen=True)
+class HFSource:
+    """Where a Hugging Face import came from: the export back reuses its config and dtype."""
+
+    architecture: str
+    dtype: str | None  # config.json's dtype (or torch_dtype), as written there
+    config: dict[str, Any]  # config.json as read (JSON data)
+    path: str
+
+    def __post_init__(self) -> None:
+        _check_json(self.config, f"{METADATA_KEY}.hf_source.config")
+
+
+@dataclass(frozen=True)
+class Versions:
+    """Package versions of the writer, for the record."""
+
+    megatron_ucp: str
+    torch: str
+    deepspeed: str | None  # None in format-1 HF imports, which did not record it
+
+    @classmethod
+    def installed(cls) -> "Versions":
+        """This process's versions; DeepSpeed's from its package metadata, so nothing imports it."""
+        try:
+            ds: str | None = version("deepspeed")
+        except PackageNotFoundError:  # pragma: no cover - the trainer cannot run without it either
+            ds = None
+        return cls(megatron_ucp=megatron_ucp.__version__, torch=str(torch.__version__), deepspeed=ds)
+
+
+@dataclass(frozen=True)
+class CheckpointMetadata:
+    """Our metadata of one checkpoint (``METADATA_FORMAT_VERSION``); read back with ``from_dict``.
+
+    Training checkpoints (``source == "training"``) carry the run's configs, topology, ZeRO stage and
+    pipeline partition; Hugging Face imports carry ``hf_source`` instead, and ``None`` for those.
+    """
+
+    source: str  # SOURCE_TRAINING or SOURCE_HUGGINGFACE
+    model_config: ModelConfig
+    original_vocab_size: int  # the tokenizer's vocabulary (= model_config.vocab_size)
+    padded_vocab_size: int  # rows of the embedding and head as trained
+    dtype: str  # training precision: bf16, fp16 or fp32 (fp32 for HF imports)
+    iteration: int
+    consumed_train_samples: int
+    versions: Versions
+    train_config: dict[str, Any] | None = None  # TrainConfig.to_dict() of the run that saved it
+    topology: ParallelLayout | None = None  # TP, PP, DP of that run
+    pipeline_parts: tuple[int, ...] | None = None  # stage i holds pipe entries [parts[i], parts[i + 1])
+    pipe_entries: tuple[PipeEntryRecord, ...] | None = None
+    zero_stage: int | None = None
+    hf_source: HFSource | None = None
+
+    def __post_init__(self) -> None:
+        _check_relations({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, METADATA_KEY)
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data, every key present (``null`` where it does not apply)."""
+        return {
+            "format_version": METADATA_FORMAT_VERSION,
+            "source": self.source,
+            "model_config": self.model_config.to_dict(),
+            "train_config": copy.deepcopy(self.train_config),
+            "topology": None if self.topology is None else self.topology.to_dict(),
+            "original_vocab_size": self.original_vocab_size,
+            "padded_vocab_size": self.padded_vocab_size,
+            "pipeline_parts": None if self.pipeline_parts is None else list(self.pipeline_parts),
+            "pipe_entries": (None if self.pipe_entries is None
+                             else [dataclasses.asdict(e) for e in self.pipe_entries]),
+            "dtype": self.dtype,
+            "zero_stage": self.zero_stage,
+            "iteration": self.iteration,
+            "consumed_train_samples": self.consumed_train_samples,
+            "hf_source": None if self.hf_source is None else copy.deepcopy(dataclasses.asdict(self.hf_source)),
+            "versions": dataclasses.asdict(self.versions),
+        }
+
+    # -- reading --------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = METADATA_KEY) -> "CheckpointMetadata":
+        """Check ``data`` (untrusted) and build the metadata it describes, upgrading older format versions.
+
+        ``where`` prefixes every error (``"<file>: megatron_ucp"`` names the file); each error is one
+        line naming the key and what is wrong with it.
+        """
+        d = _object(data, where)
+        if "format_version" not in d:
+            raise CheckpointError(f"{where}: missing key 'format_version'")
+        fv = d["format_version"]
+        if not _is_a(fv, [int]) or fv < 1:
+            raise CheckpointError(f"{where}.format_version: expected a positive int, {_found(fv)}")
+        if fv > METADATA_FORMAT_VERSION:
+            raise CheckpointError(f"{where}.format_version: {fv} is newer than this megatron_ucp reads "
+                                  f"({METADATA_FORMAT_VERSION}); upgrade megatron_ucp to read this checkpoint")
+        while fv < METADATA_FORMAT_VERSION:
+            d, fv = _UPGRADES[fv](d, where), fv + 1
+        _check_keys(d, _V2_KEYS, where)
+
+        def optional(key: str, parse):
+            return None if d[key] is None else parse(d[key], f"{where}.{key}")
+
+        fields: dict[str, Any] = {}
+        for key in ("source", "dtype"):
+            fields[key] = _check_value(d[key], str, f"{where}.{key}")
+        for key in ("original_vocab_size", "padded_vocab_size", "iteration", "consumed_train_samples"):
+            fields[key] = _check_value(d[key], int, f"{where}.{key}")
+        fields["zero_stage"] = _check_value(d["zero_stage"], int | None, f"{where}.zero_stage")
+        fields["model_config"] = _model_config(d["model_config"], f"{where}.model_config")
+        fields["train_config"] = optional("train_config", _train_config)
+        fields["topology"] = optional("topology", _topology)
+        fields["pipeline_parts"] = optional("pipeline_parts", _int_list)
+        fields["pipe_entries"] = optional("pipe_entries", _pipe_entries)
+        fields["hf_source"] = optional("hf_source", _hf_source)
+        fields["versions"] = _parse_flat(Versions, d["versions"], f"{where}.versions")
+        _check_relations(fields, where)  # as __post_init__ will, but naming where the data came from
+        return cls(**fields)
+
+
+_TRAINING_ONLY = ("train_config", "topology", "pipeline_parts", "pipe_entries", "zero_stage")
+
+
+def _check_relations(m: dict[str, Any], where: str) -> None:
+    """Relations between the (typed) fields of a CheckpointMetadata, for writers and readers alike."""
+    source = m["source"]
+    if source not in SOURCES:
+        raise CheckpointError(f"{where}.source: {source!r} is not one of {', '.join(SOURCES)}")
+    if m["dtype"] not in DTYPES:
+        raise CheckpointError(f"{where}.dtype: {m['dtype']!r} is not one of {', '.join(DTYPES)}")
+    if m["original_vocab_size"] != m["model_config"].vocab_size:
+        raise CheckpointError(f"{where}.original_vocab_size: {m['original_vocab_size']}, but model_config has "
+                              f"vocab_size {m['model_config'].vocab_size}")
+    if m["padded_vocab_size"] < m["original_vocab_size"]:
+        raise CheckpointError(f"{where}.padded_vocab_size: {m['padded_vocab_size']} is smaller than the original "
+                              f"vocabulary of {m['original_vocab_size']}")
+    for name in ("iteration", "consumed_train_samples"):
+        if m[name] < 0:
+            raise CheckpointError(f"{where}.{name}: {m[name]} is negative")
+    if m["zero_stage"] is not None and m["zero_stage"] not in (0, 1, 2, 3):
+        raise CheckpointError(f"{where}.zero_stage: {m['zero_stage']} is not 0-3")
+    if m["train_config"] is not None:
+        _check_json(m["train_config"], f"{where}.train_config")
+    imported = source == SOURCE_HUGGINGFACE
+    for name in _TRAINING_ONLY + ("hf_source",):
+        wanted = imported == (name == "hf_source")
+        if wanted and m[name] is None:
+            raise CheckpointError(f"{where}.{name}: a {source} checkpoint needs it, found null")
+        if not wanted and m[name] is not None:
+            raise CheckpointError(f"{where}.{name}: must be null in a {source} checkpoint")
+    parts, topology = m["pipeline_parts"], m["topology"]
+    if parts is not None and topology is not None:
+        if len(parts) != topology.pp + 1 or parts[0] != 0 or any(b < a for a, b in zip(parts, parts[1:])):
+            raise CheckpointError(f"{where}.pipeline_parts: {list(parts)} are not PP {topology.pp}'s "
+                                  f"{topology.pp + 1} ascending stage boundaries from 0")
+
+
+def _hf_source(value: Any, where: str) -> HFSource:
+    _check_json(value, where)
+    return _parse_flat(HFSource, value, where)
+
+
+def _train_config(value: Any, where: str) -> dict[str, Any]:
+    """The run's ``TrainConfig.to_dict()``: kept as a record, so keys of other versions' configs are
+    accepted; the keys this version knows must have its types."""
+    d = _object(value, where)
+    _check_json(d, where)
+    _check_fields(TrainConfig, d, where, strict=False)
+    return copy.deepcopy(d)
+
+
+def _pipe_entries(value: Any, where: str) -> tuple[PipeEntryRecord, ...]:
+    if not isinstance(value, list):
+        raise CheckpointError(f"{where}: expected a list, {_found(value)}")
+    return tuple(_parse_flat(PipeEntryRecord, e, f"{where}[{i}]") for i, e in enumerate(value))
+
+
+_V2_KEYS = ("format_version",) + tuple(f.name for f in dataclasses.fields(CheckpointMetadata))
+_V1_REQUIRED = ("format_version", "model_config", "original_vocab_size", "padded_vocab_size", "dtype",
+                "iteration", "consumed_train_samples", "versions")
+_V1_OPTIONAL = ("source", "hf_source", "train_config", "topology", "pipeline_parts", "pipe_entries", "zero_stage")
+
+
+def _upgrade_1_to_2(d: dict[str, Any], where: str) -> dict[str, Any]:
+    """Format 1 had two key sets (trainer, HF import); format 2 has their union, every key present."""
+    _check_keys(d, _V1_REQUIRED, where, optional=_V1_OPTIONAL)
+    out = {key: d.get(key) for key in _V2_KEYS}
+    out["format_version"] = 2
+    out["source"] = d.get("source", SOURCE_TRAINING)
+    versions = d["versions"]
+    if isinstance(versions, dict) and "deepspeed" not in versions:
+        out["versions"] = dict(versions, deepspeed=None)
+    return out
+
+
+_UPGRADES = {1: _upgrade_1_to_2}  # format_version -> the function that lifts it one version
+
+
+# --- model-state files ----------------------------------------------------------------------------
+
+
+def client_state(metadata: CheckpointMetadata, *, tokens: int, rng_state: list | None = None) -> dict[str, Any]:
+    """The client state our trainer merges into every model-state file, and the HF import writes:
+    counters, Megatron's ``checkpoint_version`` (written only here), the RNG states when there are
+    any, ``universal_checkpoint_info`` from the parameter table, and our metadata."""
+    state: dict[str, Any] = {
+        "iteration": metadata.iteration,
+        "consumed_train_samples": metadata.consumed_train_samples,
+        "tokens": tokens,
+        "checkpoint_version": CHECKPOINT_VERSION,
+    }
+    if rng_state is not None:
+        state["rng_state"] = rng_state
+    state["universal_checkpoint_info"] = universal_checkpoint_info(metadata.model_config, metadata.padded_vocab_size)
+    state[METADATA_KEY] = metadata.to_dict()
+    return state
+
+
+def metadata_from_state(state: Any, path: str) -> CheckpointMetadata | None:
+    """Our metadata in the loaded model-state dict of ``path``; None when it carries none (a checkpoint
+    we did not write)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of model states, found {type(state).__name__}")
+    if state.get(METADATA_KEY) is None:
+        return None
+    return CheckpointMetadata.from_dict(state[METADATA_KEY], where=f"{path}: {METADATA_KEY}")
+
+
+def read_metadata(path: str) -> CheckpointMetadata | None:
+    """Our metadata in the model-state file ``path`` (read through the restricted unpickler)."""
+    return metadata_from_state(load_file(path, meta=True), path)

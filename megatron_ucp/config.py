@@ -105,6 +105,8 @@ class ModelConfig:
         "--disable-bias-linear", help="no biases in linear layers", negate=True))
     num_key_value_heads: int | None = field(default=None, metadata=cli(
         "--num-key-value-heads", help="key/value heads for grouped-query attention (default: all heads)"))
+    add_qkv_bias: bool = field(default=False, metadata=cli(
+        "--add-qkv-bias", help="biases on the query, key and value projections only (the Qwen2 family)"))
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None:
@@ -142,6 +144,9 @@ class ModelConfig:
                              "--use-rotary-position-embeddings together")
         if self.swiglu_family and self.add_bias_linear:
             raise ValueError("the Llama family is built without linear biases: add --disable-bias-linear")
+        if self.add_qkv_bias and not self.swiglu_family:
+            raise ValueError("--add-qkv-bias is for the Llama-shaped families (Qwen2); GPT's linear biases "
+                             "already include the QKV projection")
 
     @property
     def swiglu_family(self) -> bool:

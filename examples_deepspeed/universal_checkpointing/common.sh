@@ -6,8 +6,10 @@
 #                          engine; 2 and 3 train the non-pipeline model (same parameter names), so they
 #                          need PP=1, and 3 needs TP=1 (e.g. ZERO_STAGE=3 TP=1 PP=1 DP=4)
 #   MODEL_FAMILY           gpt (default) | llama (RMSNorm, rotary, SwiGLU, GQA, untied head, no biases)
+#                          | qwen2 (llama plus QKV biases): a module of megatron_ucp/families, which
+#                          gives the family's trainer flags (python -m megatron_ucp.families NAME)
 #   NUM_LAYERS HIDDEN HEADS SEQ_LEN   the tiny GPT (4 layers, 256 hidden, 8 heads, 256 tokens)
-#   KV_HEADS FFN_HIDDEN    llama only: key/value heads (default 4) and SwiGLU width (default 688)
+#   KV_HEADS FFN_HIDDEN    grouped-query families only: key/value heads (default 4) and SwiGLU width (default 688)
 #   GLOBAL_BATCH MICRO_BATCH          samples per step (fixed across layouts) and per micro batch
 #   TRAIN_ITERS SAVE_INTERVAL EVAL_INTERVAL EVAL_ITERS LOG_INTERVAL
 #   LR MIN_LR WARMUP (default TRAIN_ITERS/10) SEED DROPOUT
@@ -22,10 +24,6 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
 MODEL_FAMILY="${MODEL_FAMILY:-gpt}"
-if [[ "$MODEL_FAMILY" != "gpt" && "$MODEL_FAMILY" != "llama" ]]; then
-    echo "error: MODEL_FAMILY must be gpt or llama, got $MODEL_FAMILY" >&2
-    exit 1
-fi
 TP="${TP:-2}"
 PP="${PP:-2}"
 DP="${DP:-2}"
@@ -37,6 +35,8 @@ HEADS="${HEADS:-8}"
 SEQ_LEN="${SEQ_LEN:-256}"
 KV_HEADS="${KV_HEADS:-4}"
 FFN_HIDDEN="${FFN_HIDDEN:-688}"
+# The family's trainer flags (an unknown family stops the recipe here, with one error line).
+FAMILY_FLAGS="$(python -m megatron_ucp.families "$MODEL_FAMILY" --kv-heads "$KV_HEADS" --ffn-hidden "$FFN_HIDDEN")"
 GLOBAL_BATCH="${GLOBAL_BATCH:-8}"
 MICRO_BATCH="${MICRO_BATCH:-4}"
 TRAIN_ITERS="${TRAIN_ITERS:-200}"
@@ -106,11 +106,7 @@ model_args() {
     echo --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS" \
         --seq-length "$SEQ_LEN" --max-position-embeddings "$SEQ_LEN" \
         --hidden-dropout "$DROPOUT" --attention-dropout "$DROPOUT"
-    if [[ "$MODEL_FAMILY" == "llama" ]]; then
-        echo --swiglu --normalization rmsnorm --use-rotary-position-embeddings \
-            --untie-embeddings-and-output-weights --disable-bias-linear \
-            --num-key-value-heads "$KV_HEADS" --ffn-hidden-size "$FFN_HIDDEN"
-    fi
+    echo "$FAMILY_FLAGS"
 }
 
 train_args() {

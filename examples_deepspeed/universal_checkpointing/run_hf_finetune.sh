@@ -2,7 +2,7 @@
 # Hugging Face -> universal -> fine-tune at TP=2 PP=2 -> ZeRO -> universal -> Hugging Face.
 #
 #   1. take an HF model folder (HF_DIR=...) or build one with transformers at random init from a local
-#      config (MODEL_FAMILY llama | gpt, sizes below, the SentencePiece tokenizer's 8000-token vocabulary);
+#      config (MODEL_FAMILY llama | qwen2 | gpt, sizes below, the SentencePiece tokenizer's 8000-token vocabulary);
 #   2. tools/hf_to_universal.py: universal atoms, zero moments, step 0, plus the trainer's model settings;
 #   3. fine-tune it with --universal-checkpoint --finetune at TP x PP x DP on the bundled corpus;
 #   4. tools/ds_to_universal.py on the last checkpoint, then tools/universal_to_hf.py (fp32);
@@ -36,10 +36,9 @@ mkdir -p "$RUN_DIR"
 if [[ -z "$HF_DIR" ]]; then
     HF_DIR="$RUN_DIR/hf_init"
     if [[ ! -f "$HF_DIR/config.json" ]]; then
-        kv=()
-        [[ "$MODEL_FAMILY" == "llama" ]] && kv=(--num-kv-heads "$KV_HEADS")
+        # Families without grouped-query attention (gpt) ignore --num-kv-heads.
         python -m megatron_ucp.hf.build --family "$MODEL_FAMILY" --tokenizer-model "$TOKENIZER_MODEL" \
-            --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-heads "$HEADS" "${kv[@]}" \
+            --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-heads "$HEADS" --num-kv-heads "$KV_HEADS" \
             --ffn-hidden-size "$FFN_HIDDEN" --max-position-embeddings "$SEQ_LEN" --seed "$SEED" --output-dir "$HF_DIR"
     fi
 fi

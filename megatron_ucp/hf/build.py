@@ -1,7 +1,7 @@
 """A randomly initialised ``transformers`` model from a local config, for recipes and tests.
 
 There is no model hub here: the fine-tuning recipe builds its "pretrained" model with ``transformers``
-itself (``GPT2LMHeadModel`` or ``LlamaForCausalLM`` at random init), with the vocabulary of our
+itself (any registered family's model, e.g. ``LlamaForCausalLM``, at random init), with the vocabulary of our
 SentencePiece tokenizer, and saves it with ``save_pretrained`` exactly as a downloaded one would be.
 
     python -m megatron_ucp.hf.build --family llama --tokenizer-model data/tokenizer/austen-bpe-8k.model \\
@@ -25,33 +25,23 @@ def build_hf_model(family: str, *, vocab_size: int, num_layers: int, hidden_size
                    num_kv_heads: int | None = None, ffn_hidden_size: int | None = None,
                    max_position_embeddings: int = 64, tie_embeddings: bool | None = None, bos_token_id=None,
                    eos_token_id=None, seed: int = 0):
-    """A ``GPT2LMHeadModel`` (family ``gpt``) or ``LlamaForCausalLM`` (``llama``) at random init, in eval mode."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    """The ``transformers`` model of ``family`` (``megatron_ucp.families``) at random init, in eval mode."""
+    from megatron_ucp.families import family_named
 
+    builder = family_named(family).hf_model
     torch.manual_seed(seed)
-    model: PreTrainedModel
-    if family == "gpt":
-        gpt_cfg = GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
-                             n_positions=max_position_embeddings, n_inner=ffn_hidden_size, bos_token_id=bos_token_id,
-                             eos_token_id=eos_token_id,
-                             tie_word_embeddings=True if tie_embeddings is None else tie_embeddings)
-        model = GPT2LMHeadModel(gpt_cfg)
-    elif family == "llama":
-        llama_cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
-                                intermediate_size=ffn_hidden_size or 4 * hidden_size, num_hidden_layers=num_layers,
-                                num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or num_heads,
-                                max_position_embeddings=max_position_embeddings,
-                                tie_word_embeddings=bool(tie_embeddings), bos_token_id=bos_token_id,
-                                eos_token_id=eos_token_id)
-        model = LlamaForCausalLM(llama_cfg)
-    else:
-        raise ValueError(f"family must be gpt or llama, got {family!r}")
+    model: PreTrainedModel = builder(
+        vocab_size=vocab_size, num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, ffn_hidden_size=ffn_hidden_size, max_position_embeddings=max_position_embeddings,
+        tie_embeddings=tie_embeddings, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     return model.eval()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--family", choices=("gpt", "llama"), required=True)
+    from megatron_ucp.families import FAMILIES
+
+    p.add_argument("--family", choices=tuple(FAMILIES), required=True)
     p.add_argument("--tokenizer-model", required=True, help="SentencePiece model: vocabulary size and bos/eos ids")
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--hidden-size", type=int, default=64)

@@ -161,7 +161,7 @@ def param_specs(cfg: ModelConfig) -> tuple[ParamSpec, ...]:
     # re-splits at any TP that divides the key/value heads.
     specs.append(ParamSpec(Role.BLOCK, "self_attention.query_key_value.weight", Kind.COLUMN, Init.NORMAL, True,
                            lambda c: (_qkv_rows(c), c.hidden_size)))
-    if bias:
+    if bias or cfg.add_qkv_bias:  # every linear's bias (GPT), or the QKV projection's alone (Qwen2)
         specs.append(ParamSpec(Role.BLOCK, "self_attention.query_key_value.bias", Kind.COLUMN, Init.ZEROS, False,
                                lambda c: (_qkv_rows(c),)))
     specs.append(ParamSpec(Role.BLOCK, "self_attention.dense.weight", Kind.ROW, Init.SCALED_NORMAL, True,

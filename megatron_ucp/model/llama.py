@@ -126,7 +126,8 @@ class GQAAttention(nn.Module):
     """Grouped-query causal self-attention with rotary embeddings; this rank holds ng whole groups."""
 
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, tp: TensorParallelContext,
-                 rope_theta: float = 10000.0, attention_dropout: float = 0.0, bias: bool = False) -> None:
+                 rope_theta: float = 10000.0, attention_dropout: float = 0.0, bias: bool = False,
+                 qkv_bias: bool = False) -> None:
         super().__init__()
         qpg = check_heads(num_heads, num_kv_heads)
         if hidden % num_heads:
@@ -144,7 +145,7 @@ class GQAAttention(nn.Module):
         self.rope_theta = rope_theta
         self.attention_dropout = attention_dropout
         qkv_out = num_kv_heads * (qpg + 2) * self.head_dim  # = (num_heads + 2 * num_kv_heads) * hn
-        self.query_key_value = ColumnParallelLinear(hidden, qkv_out, tp, bias=bias)
+        self.query_key_value = ColumnParallelLinear(hidden, qkv_out, tp, bias=bias or qkv_bias)
         self.dense = RowParallelLinear(num_heads * self.head_dim, hidden, tp, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, h] -> [b, s, h]
@@ -177,12 +178,12 @@ class LlamaLayer(nn.Module):
 
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, ffn_hidden: int, eps: float,
                  tp: TensorParallelContext, layer_number: int, rope_theta: float = 10000.0,
-                 attention_dropout: float = 0.0, hidden_dropout: float = 0.0) -> None:
+                 attention_dropout: float = 0.0, hidden_dropout: float = 0.0, qkv_bias: bool = False) -> None:
         super().__init__()
         self.layer_number = layer_number
         self.input_layernorm = RMSNorm(hidden, eps)
         self.self_attention = GQAAttention(hidden, num_heads, num_kv_heads, tp, rope_theta=rope_theta,
-                                           attention_dropout=attention_dropout)
+                                           attention_dropout=attention_dropout, qkv_bias=qkv_bias)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
         self.mlp = SwiGLUMLP(hidden, ffn_hidden, tp)
         self.dropout = nn.Dropout(hidden_dropout)  # on replicated activations: the default RNG stream

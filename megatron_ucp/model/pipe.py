@@ -14,6 +14,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.distributed.groups import ParallelState
 from megatron_ucp.layout.params import Role, pipe_entries
+from megatron_ucp.families import block_classes, family_of_model
 from megatron_ucp.layout.placement import embedding_rows, vocab_range
 from megatron_ucp.model.gpt import EmbeddingLayer, FinalNorm, LMHead, TransformerLayer
 from megatron_ucp.model.init import initialize_parameters
@@ -43,14 +44,8 @@ class LMLoss:
 
 
 def block_spec(cfg: ModelConfig, tp, layer_number: int) -> LayerSpec:
-    """One transformer layer: GPT-2's, or the Llama family's (RMSNorm, rotary, SwiGLU, GQA)."""
-    if cfg.swiglu_family:
-        from megatron_ucp.model.llama import LlamaLayer
-
-        return LayerSpec(LlamaLayer, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                         cfg.ffn_hidden_size, cfg.layernorm_epsilon, tp, layer_number, rope_theta=cfg.rope_theta,
-                         attention_dropout=cfg.attention_dropout, hidden_dropout=cfg.hidden_dropout)
-    return LayerSpec(TransformerLayer, cfg, tp, layer_number)
+    """One transformer layer, as the model's family declares it (``megatron_ucp.families``)."""
+    return family_of_model(cfg).block(cfg, tp, layer_number)
 
 
 def padded_vocab_for(cfg: ModelConfig, tp: int, zero_stage: int = 0) -> int:
@@ -95,7 +90,7 @@ class GPTPipe(PipelineModule):
             loss_fn=LMLoss(vocab_start, cfg.vocab_size, state.tp_group),
             topology=topology_of(state),
             # Layers, not parameters: every stage gets whole transformer layers, evenly.
-            partition_method="type:TransformerLayer|LlamaLayer",
+            partition_method="type:" + block_classes(),
         )
         self.model_config = cfg
         self.padded_vocab = padded_vocab

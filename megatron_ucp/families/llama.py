@@ -1,0 +1,107 @@
+"""Llama: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention, no biases; HF ``LlamaForCausalLM``.
+
+HF stores ``nn.Linear`` [out, in] weights with separate q/k/v projections; our fused QKV is per
+key/value group ``[q.. k v]``, and gate and up become ``[gate; up]`` (the universal form of the SwiGLU
+sub-parameters). HF checkpoints are already in the rotate-half RoPE convention ``model/llama.py`` uses.
+Qwen2 (``qwen2.py``) is this family plus QKV biases and reuses its pieces.
+"""
+
+from __future__ import annotations
+
+from megatron_ucp.config import ModelConfig
+from megatron_ucp.families import Family, register
+from megatron_ucp.layout.hf import Combine, HFRule, UnsupportedConfig, require, rope_theta_of
+from megatron_ucp.layout.params import Role
+
+L = "model.layers.{i}."
+
+RULES: dict[tuple[Role, str], HFRule] = {
+    (Role.EMBED, "word_embeddings.weight"): HFRule(("model.embed_tokens.weight",)),
+    (Role.BLOCK, "input_layernorm.weight"): HFRule((L + "input_layernorm.weight",)),
+    (Role.BLOCK, "self_attention.query_key_value.weight"): HFRule(
+        tuple(L + f"self_attn.{p}_proj.weight" for p in "qkv"), combine=Combine.QKV),
+    (Role.BLOCK, "self_attention.dense.weight"): HFRule((L + "self_attn.o_proj.weight",)),
+    (Role.BLOCK, "post_attention_layernorm.weight"): HFRule((L + "post_attention_layernorm.weight",)),
+    (Role.BLOCK, "mlp.dense_h_to_4h.weight"): HFRule(
+        (L + "mlp.gate_proj.weight", L + "mlp.up_proj.weight"), combine=Combine.SWIGLU),
+    (Role.BLOCK, "mlp.dense_4h_to_h.weight"): HFRule((L + "mlp.down_proj.weight",)),
+    (Role.FINAL_NORM, "final_layernorm.weight"): HFRule(("model.norm.weight",)),
+    (Role.HEAD, "lm_head.weight"): HFRule(("lm_head.weight",)),
+}
+
+MODEL_FLAGS: tuple[str, ...] = ("--swiglu", "--normalization", "rmsnorm", "--use-rotary-position-embeddings",
+               "--untie-embeddings-and-output-weights", "--disable-bias-linear")
+
+
+def config_from_hf(hf: dict) -> dict:
+    """ModelConfig arguments of a Llama-shaped config (biases are checked by the caller's family)."""
+    require(hf, "hidden_act", "silu", "SwiGLU uses SiLU", "silu")
+    require(hf, "pretraining_tp", 1, "sliced projections are not modelled", 1)
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    if head_dim * heads != hf["hidden_size"]:
+        raise UnsupportedConfig(f"head_dim={head_dim} x num_attention_heads={heads} != hidden_size="
+                                f"{hf['hidden_size']} is not supported (our attention width is hidden_size)")
+    return dict(
+        num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"], num_attention_heads=heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or heads, vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf["max_position_embeddings"], ffn_hidden_size=hf["intermediate_size"],
+        layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)), hidden_dropout=0.0,
+        attention_dropout=float(hf.get("attention_dropout", 0.0)),
+        init_method_std=float(hf.get("initializer_range", 0.02)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), swiglu=True, normalization="rmsnorm",
+        use_rotary_position_embeddings=True, rope_theta=rope_theta_of(hf), add_bias_linear=False)
+
+
+def _llama_config_from_hf(hf: dict) -> dict:
+    require(hf, "attention_bias", False, "the Llama family is built without linear biases", False)
+    require(hf, "mlp_bias", False, "the Llama family is built without linear biases", False)
+    return config_from_hf(hf)
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """The Llama-shaped entries of config.json (Qwen2 adds its own on top)."""
+    return dict(num_hidden_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+                num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+                head_dim=cfg.head_dim, intermediate_size=cfg.ffn_hidden_size,
+                max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.layernorm_epsilon,
+                hidden_act="silu", attention_dropout=cfg.attention_dropout, rope_theta=cfg.rope_theta,
+                rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+
+
+def _llama_hf_config(cfg: ModelConfig) -> dict:
+    return dict(hf_config(cfg), attention_bias=False, mlp_bias=False, pretraining_tp=1)
+
+
+def block(cfg: ModelConfig, tp, layer_number: int):
+    from deepspeed.pipe import LayerSpec
+
+    from megatron_ucp.model.llama import LlamaLayer
+
+    return LayerSpec(LlamaLayer, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                     cfg.ffn_hidden_size, cfg.layernorm_epsilon, tp, layer_number, rope_theta=cfg.rope_theta,
+                     attention_dropout=cfg.attention_dropout, hidden_dropout=cfg.hidden_dropout,
+                     qkv_bias=cfg.add_qkv_bias)
+
+
+def hf_sizes(*, vocab_size: int, num_layers: int, hidden_size: int, num_heads: int, num_kv_heads: int | None,
+             ffn_hidden_size: int | None, max_position_embeddings: int, tie_embeddings: bool | None,
+             bos_token_id, eos_token_id) -> dict:
+    """The HF config arguments Llama and Qwen2 share, from hf.build's sizes."""
+    return dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=ffn_hidden_size or 4 * hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                num_key_value_heads=num_kv_heads or num_heads, max_position_embeddings=max_position_embeddings,
+                tie_word_embeddings=bool(tie_embeddings), bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+
+
+def hf_model(**sizes):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(**hf_sizes(**sizes)))
+
+
+FAMILY = register(Family(
+    name="llama", architecture="LlamaForCausalLM", model_type="llama",
+    matches=lambda cfg: cfg.swiglu_family and not cfg.add_qkv_bias, model_flags=MODEL_FLAGS,
+    block_class="LlamaLayer", block=block, hf_rules=RULES, config_from_hf=_llama_config_from_hf,
+    hf_config=_llama_hf_config, hf_model=hf_model, grouped_query=True, ignored_hf_suffixes=(".rotary_emb.inv_freq",)))

@@ -50,18 +50,18 @@ from typing import Sequence
 
 import torch
 
+from megatron_ucp.checkpoint.format import LATEST_FILE, METADATA_KEY
+from megatron_ucp.checkpoint.format import MODEL_STATES_RE as MODEL_FILE_RE
+from megatron_ucp.checkpoint.format import OPTIM_STATES_RE as OPTIM_FILE_RE
+from megatron_ucp.checkpoint.format import ZERO3_MODEL_STATES_RE as ZERO3_MODEL_FILE_RE
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PAYLOAD_KEY = "untrusted_extra"  # the key a payload hides under; any name would do
-METADATA_KEY = "megatron_ucp"  # our metadata in model-state files (the converter trusts its param table)
 OPTIMIZER_STATE_DICT = "optimizer_state_dict"
 PARAM_SLICE_MAPPINGS = "param_slice_mappings"
 FP32_PARTITIONS = "single_partition_of_fp32_groups"
-LATEST, LATEST_UNIVERSAL = "latest", "latest_universal"
-
-MODEL_FILE_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-ZERO3_MODEL_FILE_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-OPTIM_FILE_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+LATEST, LATEST_UNIVERSAL = LATEST_FILE, "latest_universal"
 HF_WEIGHT_RE = re.compile(r"(\.safetensors|\.bin|\.index\.json)$")
 
 CHILD_ADDRESS_SPACE = 16 << 30
@@ -191,7 +191,7 @@ def _optim_files(folder: str, mp: int | None = None) -> list[str]:
     found = []
     for n in os.listdir(folder):
         if m := OPTIM_FILE_RE.match(n):
-            dp, rank = int(m.group(1)), int(m.group(2))
+            dp, rank = int(m.group(2)), int(m.group(3))
             if mp is None or rank == mp:
                 found.append(((rank, dp), os.path.join(folder, n)))
     return [p for _, p in sorted(found)]

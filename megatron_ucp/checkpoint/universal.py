@@ -42,6 +42,15 @@ from typing import Callable, Protocol, cast
 
 import torch
 
+from megatron_ucp.checkpoint.format import (
+    OPTIMIZER_STATE_FILE,
+    STEP_KEY,
+    atom_file,
+    atom_path,
+    model_state_names,
+    optimizer_state_path,
+    zero_dir,
+)
 from megatron_ucp.checkpoint.publish import (  # noqa: F401 - LATEST_UNIVERSAL, staged_folder: re-exported
     LATEST_UNIVERSAL,
     check_replaceable,
@@ -494,24 +503,24 @@ def write_atom_from_memory(atom: dict, path: str) -> int:
     return data_offset + len(data) + len(tail)
 
 
-def convert_param(src: ParamSource, rule: MergeRule, ckpt: ZeroCheckpoint, zero_dir: str) -> int:
+def convert_param(src: ParamSource, rule: MergeRule, ckpt: ZeroCheckpoint, atoms_dir: str) -> int:
     """Write ``zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt`` for one parameter; return bytes written.
 
     Sharded parameters are copied file to file; replicated ones are read (they are small) so that
     every TP rank's copy can be checked bitwise equal.
     """
-    out_dir = path_inside(zero_dir, check_name(src.name, ckpt.folder))
+    out_dir = path_inside(atoms_dir, check_name(src.name, ckpt.folder))
     os.makedirs(out_dir, exist_ok=True)
     written = 0
     step = ckpt.step(src.pp, 0, src.fragments[0][0].dp, src.group)
     if step is not None:
         step_key = ("step", repr(step), str(step.dtype) if torch.is_tensor(step) else type(step).__name__)
         written += _write_small(step.clone() if torch.is_tensor(step) else step, step_key,
-                                os.path.join(out_dir, "step.pt"))
+                                os.path.join(out_dir, atom_file(STEP_KEY)))
     sources_are_fp32 = all(ckpt.flat_ref(src.pp, t, f.dp, src.group, k).dtype == torch.float32
                            for t in range(ckpt.tp) for f in src.fragments[t] for k in STATE_KEYS)
     for key in STATE_KEYS:
-        path = os.path.join(out_dir, f"{key}.pt")
+        path = os.path.join(out_dir, atom_file(key))
         if rule.kind is Kind.REPLICATED or not sources_are_fp32:
             atom = merged_state(src, rule, key, ckpt)
             written += write_atom_from_memory(atom, path)
@@ -554,11 +563,6 @@ def optimizer_state(ckpt: ZeroCheckpoint) -> dict:
     return stage_compatible_global_state(small, param_groups, ckpt.step(0, 0, 0, 0))
 
 
-def model_state_names(mp_rank: int) -> tuple[str, str]:
-    """The names the ZeRO-1/2 and the ZeRO-3 universal loaders look for, for one mp rank."""
-    return f"mp_rank_{mp_rank:02d}_model_states.pt", f"zero_pp_rank_0_mp_rank_{mp_rank:02d}_model_states.pt"
-
-
 def place_model_states(src: str, folder: str, mp_rank: int) -> int:
     """Copy ``src`` to the first name of ``model_state_names`` and hard-link the second; bytes written."""
     first, second = (os.path.join(folder, n) for n in model_state_names(mp_rank))
@@ -584,7 +588,7 @@ def check_output_path(input_folder: str, output_folder: str) -> tuple[str, str]:
 def is_universal_folder(path: str) -> bool:
     """A universal checkpoint folder, ours or DeepSpeed's: ``zero/`` beside model-state files."""
     names = os.listdir(path)
-    return os.path.isdir(os.path.join(path, "zero")) and any(n.endswith("model_states.pt") for n in names)
+    return os.path.isdir(zero_dir(path)) and any(n.endswith("model_states.pt") for n in names)
 
 
 def conversion_request(ckpt: ZeroCheckpoint, strict: bool, inject_missing_state: bool) -> dict:
@@ -631,8 +635,8 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
 
     n_workers = max(1, workers or min(4, os.cpu_count() or 1))
     with staged_folder(out) as tmp:
-        zero_dir = os.path.join(tmp, "zero")
-        os.makedirs(zero_dir)
+        atoms_dir = zero_dir(tmp)
+        os.makedirs(atoms_dir)
         # Largest first, so the long tasks start early and the pool ends together.
         order = sorted(ckpt.param_sources.values(), key=lambda s: -_numel(s))
         prog = _Progress(len(order), progress)
@@ -641,8 +645,8 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
             # optimizer_state.pt needs DeepSpeed's real classes (importing DeepSpeed takes a while):
             # it runs beside the copies instead of after them.
             global_state = pool.submit(
-                lambda: _save(optimizer_state(ckpt), os.path.join(zero_dir, "optimizer_state.pt")))
-            futures = [pool.submit(convert_param, src, rules[src.name], ckpt, zero_dir) for src in order]
+                lambda: _save(optimizer_state(ckpt), optimizer_state_path(tmp)))
+            futures = [pool.submit(convert_param, src, rules[src.name], ckpt, atoms_dir) for src in order]
             for fut in as_completed(futures):
                 nbytes = fut.result()
                 written += nbytes
@@ -711,21 +715,21 @@ def _numel(src: ParamSource) -> int:
 
 def verify_universal(ckpt: ZeroCheckpoint, output_folder: str, rules: dict[str, MergeRule]) -> None:
     """Re-read every written atom and compare it with the input shards, independently of the writer."""
-    zero_dir = os.path.join(output_folder, "zero")
-    names = set(os.listdir(zero_dir)) - {"optimizer_state.pt"}
+    atoms_dir = zero_dir(output_folder)
+    names = set(os.listdir(atoms_dir)) - {OPTIMIZER_STATE_FILE}
     if names != set(ckpt.param_sources):
-        raise CheckpointError(f"{zero_dir}: holds {sorted(names ^ set(ckpt.param_sources))[:5]} unexpectedly")
+        raise CheckpointError(f"{atoms_dir}: holds {sorted(names ^ set(ckpt.param_sources))[:5]} unexpectedly")
     for name, src in ckpt.param_sources.items():
         rule = rules[name]
         for key in STATE_KEYS:
-            atom = load_file(os.path.join(zero_dir, name, f"{key}.pt"), mmap=True)
+            atom = load_file(atom_path(output_folder, name, key), mmap=True)
             param = atom["param"]
             m = _tp_map(src, rule, ckpt.tp, ckpt.folder)
             for tp in range(ckpt.tp):
                 # Rank tp's local tensor cut from the saved one (padding rows zero): compare it with its fragments.
                 local = m.apply([param], tp)
                 if not _local_matches(local, m, src, tp, key, ckpt):
-                    raise CheckpointError(f"{os.path.join(zero_dir, name, key + '.pt')}: does not match TP rank {tp} "
+                    raise CheckpointError(f"{atom_path(output_folder, name, key)}: does not match TP rank {tp} "
                                           f"of {ckpt.folder}")
 
 

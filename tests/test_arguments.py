@@ -95,14 +95,14 @@ def test_every_flag_round_trips_to_its_field(cls):
             assert moved - {"max_position_embeddings"} == {f.name} - {"max_position_embeddings"}, (name, moved)
 
 
-# Every flag at once, with values the dataclasses accept together (a Llama model), set to non-defaults.
+# Every flag at once, with values the dataclasses accept together (a Qwen2-shaped model), set to non-defaults.
 FULL_ARGV = [
     "--num-layers", "3", "--hidden-size", "64", "--num-attention-heads", "16", "--max-position-embeddings", "40",
     "--ffn-hidden-size", "96", "--make-vocab-size-divisible-by", "16", "--layernorm-epsilon", "1e-6",
     "--hidden-dropout", "0.05", "--attention-dropout", "0.0", "--init-method-std", "0.01",
     "--untie-embeddings-and-output-weights", "--swiglu", "--normalization", "rmsnorm",
     "--use-rotary-position-embeddings", "--rope-theta", "500000", "--disable-bias-linear",
-    "--num-key-value-heads", "2",
+    "--num-key-value-heads", "2", "--add-qkv-bias",
     "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "1", "--zero-stage", "2",
     "--micro-batch-size", "2", "--global-batch-size", "12", "--seq-length", "32", "--train-iters", "30",
     "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "3", "--lr-decay-iters", "25",
@@ -119,7 +119,7 @@ FULL_MODEL = dict(num_layers=3, hidden_size=64, num_attention_heads=16, max_posi
                   make_vocab_size_divisible_by=16, layernorm_epsilon=1e-6, hidden_dropout=0.05, attention_dropout=0.0,
                   init_method_std=0.01, tie_embeddings=False, swiglu=True, normalization="rmsnorm",
                   use_rotary_position_embeddings=True, rope_theta=500000.0, add_bias_linear=False,
-                  num_key_value_heads=2)
+                  num_key_value_heads=2, add_qkv_bias=True)
 FULL_TRAIN = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=1, zero_stage=2, micro_batch_size=2,
                   global_batch_size=12, seq_length=32, train_iters=30, lr=1e-3, min_lr=1e-4, lr_warmup_iters=3,
                   lr_decay_iters=25, lr_decay_style="linear", weight_decay=0.01, adam_beta1=0.8, adam_beta2=0.9,

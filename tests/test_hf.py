@@ -139,7 +139,9 @@ def _assert_close(ref, got, what: str):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("tp,pp", TOPOLOGIES, ids=[f"tp{t}pp{p}" for t, p in TOPOLOGIES])
+@pytest.mark.parametrize("tp,pp", [pytest.param(t, p, id=f"tp{t}pp{p}",
+                                                marks=[pytest.mark.slow] if (t, p) == (1, 4) else [])
+                                   for t, p in TOPOLOGIES])  # PP4 in the full suite only (fast tier time)
 def test_logits_match_transformers(reference, ours, tp, pp):
     got = ours(tp, pp)
     for kind in MODELS:
@@ -365,6 +367,7 @@ def _first_loss(rank, world_size, load, stage, out):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_hf_import_loads_under_zero_2_and_3(hf, universal, tmp_path, stage):
     """The same folder loads into the non-pipeline model under ZeRO-2/3 (stage 3 reads the step and

@@ -52,7 +52,8 @@ from megatron_ucp.tensor_parallel.mappings import (
     scatter_to_tp_region,
 )
 
-WORLD_SIZES = (2, 4)
+# TP 4 (one spawned run shared by every check) runs in the full suite; TP 2 also in the fast tier.
+WORLD_SIZES = (2, pytest.param(4, marks=pytest.mark.slow))
 F64 = torch.float64
 
 

@@ -1,36 +1,31 @@
 """Spawn N gloo ranks in fresh processes and run a module-level function on each.
 
-``run_distributed(fn, world_size, *args)`` sets the environment torchrun would (RANK, LOCAL_RANK,
-WORLD_SIZE, MASTER_ADDR/PORT), initialises the default gloo group and calls
-``fn(rank, world_size, *args)``. A failure on any rank fails the caller with that rank's traceback
-(``torch.multiprocessing.spawn`` re-raises it).
+``run_distributed(fn, world_size, *args)`` starts the ranks with ``megatron_ucp.launch.spawn_ranks``
+(the environment torchrun would set: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT), initialises the
+default gloo group and calls ``fn(rank, world_size, *args)``. A failure on any rank fails the caller
+with that rank's traceback (``torch.multiprocessing.spawn`` re-raises it). ``free_port`` is
+re-exported for the tests that launch ``torchrun`` themselves.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import traceback
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
+
+from megatron_ucp.launch import free_port, spawn_ranks
+
+__all__ = ["free_port", "run_distributed", "spawned_results", "report_check", "run_tp_checks"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world_size, port, fn, args):
-    os.environ.update({
-        "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1",
-    })
+def _gloo_rank(rank, world_size, fn, args):
+    """One spawned rank: CPU DeepSpeed, one thread, the default gloo group around ``fn``."""
+    os.environ["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
+    os.environ["OMP_NUM_THREADS"] = "1"
     import torch
     import torch.distributed as dist
 
@@ -44,7 +39,7 @@ def _worker(rank, world_size, port, fn, args):
 
 
 def run_distributed(fn, world_size: int, *args) -> None:
-    mp.spawn(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+    spawn_ranks(_gloo_rank, world_size, fn, args)
 
 
 def spawned_results(tmp_path_factory, worker, prefix: str):

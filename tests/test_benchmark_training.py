@@ -147,7 +147,7 @@ def test_trainer_env_threads_and_accelerator():
 
 def test_case_needing_more_gpus_is_skipped_without_launching(monkeypatch, tmp_path):
     monkeypatch.setattr(bt, "cuda_device_count", lambda: 1)
-    monkeypatch.setattr(bt.subprocess, "run", lambda *a, **k: pytest.fail("must not launch"))
+    monkeypatch.setattr(bt, "run_in_group", lambda *a, **k: pytest.fail("must not launch"))
     r = bt.run_trainer_case(bt.BenchConfig(), bt.CASES["tp2-pp2-dp2"], tmp_path)
     assert not r.ok and r.status == "skipped: needs 8 GPUs, have 1"
 
@@ -231,3 +231,35 @@ def test_plain_loop_fp32_trains_like_the_trainer():
     r = bt.run_plain_case(bt.BenchConfig(**TINY, warmup_iters=1, dtype="fp32", device="cpu"), threads=1)
     assert r.ok and r.summary.n == 3 and r.summary.min_ms > 0
     _assert_matches_trainer(r.losses, "fp32")
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_every_case_end_to_end_small(tmp_path, capsys):
+    """The benchmark's real cases once, small: the plain loop and both trainer layouts through main.
+
+    The printed table shows the numbers measured (the JSON's summaries and losses), and the three runs
+    train alike: the same weights, samples and schedule give the same fp32 losses at every layout."""
+    out = tmp_path / "bench.json"
+    args = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "16",
+            "--vocab-size", "100", "--global-batch-size", "4", "--micro-batch-size", "2", "--train-iters", "3",
+            "--warmup-iters", "1", "--dtype", "fp32", "--device", "cpu", "--threads", "1"]
+    assert bt.main(["--cases", "plain", "tp1-pp1-dp1", "tp2-pp2-dp2", *args, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    cases = {c["case"]: c for c in data["cases"]}
+    assert sorted(cases) == ["plain", "tp1-pp1-dp1", "tp2-pp2-dp2"]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in printed.splitlines() if line.startswith("| ") and "ms/iteration" not in line}
+    base = cases["plain"]["summary"]["mean_ms"]
+    for name, case in cases.items():
+        assert case["status"] == "ok", case["status"]
+        s, row = case["summary"], rows[name]
+        assert s["n"] == 2 and sorted(case["iteration_ms"], key=int) == ["1", "2", "3"]
+        assert row[2] == f"{bt._fmt_ms(s['mean_ms'])}, {bt._fmt_ms(s['min_ms'])}"
+        assert row[3] == bt._fmt_int(s["tokens_per_s"]) and row[4] == f"{base / s['mean_ms']:.2f}x"
+        assert row[5] == f"{case['losses'][0]:.4f}, {case['losses'][-1]:.4f}"
+        assert len(case["losses"]) == 3
+        assert case["losses"] == pytest.approx(cases["plain"]["losses"], abs=2e-5), name
+    # Negative control: the losses do change over the run, so agreeing is not a constant.
+    assert abs(cases["plain"]["losses"][0] - cases["plain"]["losses"][-1]) > 1e-3

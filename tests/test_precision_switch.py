@@ -19,17 +19,20 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
 def _train_and_record_scaler(rank, world_size, cfg_dict, out_path):
+    """Train (or resume) with the trainer's explicit steps, then record the engine's loss scaler."""
     from megatron_ucp.config import TrainConfig
-    from megatron_ucp.training.trainer import train
+    from megatron_ucp.training.trainer import Trainer
 
-    def record(engine, model, state):
-        scaler = engine.optimizer.loss_scaler
+    with Trainer(LLAMA, TrainConfig(**cfg_dict)) as trainer:
+        trainer.build()
+        trainer.load()
+        trainer.run()
+        optimizer = trainer.engine.optimizer
         if rank == 0:
             with open(out_path, "w") as f:
-                json.dump({"class": type(scaler).__name__, "cur_scale": float(scaler.cur_scale),
-                           "dynamic": bool(getattr(engine.optimizer, "dynamic_loss_scale", False))}, f)
-
-    train(LLAMA, TrainConfig(**cfg_dict), on_finish=record)
+                json.dump({"class": type(optimizer.loss_scaler).__name__,
+                           "cur_scale": float(optimizer.loss_scaler.cur_scale),
+                           "dynamic": bool(getattr(optimizer, "dynamic_loss_scale", False))}, f)
 
 
 @pytest.fixture(scope="module")

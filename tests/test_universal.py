@@ -41,9 +41,13 @@ def _train_and_dump(rank, world_size, cfg_dict, dump_dir, model=None):
     """Train (or just load, when train_iters == the loaded iteration), then dump DP-gathered states."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from megatron_ucp.training.trainer import train
+    from megatron_ucp.training.trainer import Trainer
 
-    def dump(engine, model, state):
+    with Trainer(model or MODEL, TrainConfig(**cfg_dict)) as trainer:
+        trainer.build()
+        trainer.load()
+        trainer.run()
+        engine, state = trainer.engine, trainer.state
         # DeepSpeed 0.19.8 links optimizer-state fragments lazily after the first group's step, before
         # the second group has state, so its accessors miss exp_avg of group 1; link again now.
         opt = engine.optimizer
@@ -51,7 +55,7 @@ def _train_and_dump(rank, world_size, cfg_dict, dump_dir, model=None):
             opt._hp_optimizer_states_linked = False
             opt._lazy_init_hp_params_optimizer_state()
         out = {}
-        for name, p in model.named_parameters():
+        for name, p in trainer.model.named_parameters():
             out[name] = {"fp32": safe_get_full_fp32_param(p).clone(),
                          "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").clone(),
                          "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").clone()}
@@ -60,8 +64,6 @@ def _train_and_dump(rank, world_size, cfg_dict, dump_dir, model=None):
                         "global_steps": engine.global_steps, "lr_steps": engine.lr_scheduler.num_steps,
                         "weight_decay": [g["weight_decay"] for g in opt.param_groups]},
                        os.path.join(dump_dir, f"rank{rank}.pt"))
-
-    train(model or MODEL, TrainConfig(**cfg_dict), on_finish=dump)
 
 
 def _assemble(dump_dir, model=None):
@@ -265,3 +267,33 @@ def test_benchmark_counts_each_parameter_once(sources):
             numel *= d
         want += numel
     assert facts.tp == 2 and facts.parameters == want, (facts.parameters, want)
+
+
+def test_conversion_benchmark_runs_its_real_cases(sources, tmp_path, capsys):
+    """tools/benchmark_conversion.py end to end, small: our converter, DeepSpeed's and cp -r on a real
+    TP2 PP2 DP2 checkpoint. Its printed table must show exactly the numbers it measured (the JSON), and
+    its comparison must find our output equal to DeepSpeed's."""
+    from helpers import load_tool
+
+    bc = load_tool("benchmark_conversion")
+    root, src = sources
+    out_json = tmp_path / "bench.json"
+    assert bc.main(["--input", str(src["tp2pp2dp2"]["zero"]), "--cases", "ours,deepspeed,cp", "--repeats", "1",
+                    "--workdir", str(tmp_path / "work"), "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads(out_json.read_text())
+    assert doc["outputs_equal"] is True and doc["comparison"]["compared"] > 50
+    assert "ours == DeepSpeed (compare_universal().equal): True" in printed
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| case")}
+    assert set(rows) == {bc.CASE_LABELS[c] for c in ("ours", "deepspeed", "cp")}
+    for case in ("ours", "deepspeed", "cp"):
+        r = doc["cases"][case]
+        row = rows[bc.CASE_LABELS[case]]
+        assert len(r["walls"]) == 1 and r["walls"][0] > 0
+        assert row[0] == f"{r['best_wall_s']:.2f}" and row[1] == f"{r['mean_wall_s']:.2f}"
+        assert row[8] == f"{r['output_bytes'] / 1e9:.3f}"
+        assert r["output_bytes"] > 0 and r["peak_rss"] > 0
+    ratio = doc["cases"]["ours"]["best_wall_s"] / doc["cases"]["deepspeed"]["best_wall_s"]
+    assert rows[bc.CASE_LABELS["ours"]][9] == f"{ratio:.2f}x"
+    assert doc["table"] in printed

@@ -71,8 +71,6 @@ import platform
 import resource
 import shlex
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -81,6 +79,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
+
+from megatron_ucp.launch import end_group, free_port, run_in_group, start_in_group
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -170,12 +170,6 @@ def cuda_available() -> bool:
         return False
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -211,13 +205,10 @@ def build_checkpoint(cfg: CheckpointConfig, workdir: str, rebuild: bool = False,
         + shlex.join(cmd))
     t0 = time.perf_counter()
     with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except BaseException:
-            _kill_group(proc)
-            raise
+        rc = run_in_group(cmd, timeout_s=timeout, grace_s=0, cwd=str(REPO), env=env, stdout=out,
+                          stderr=subprocess.STDOUT)
+    if rc is None:
+        raise subprocess.TimeoutExpired(cmd, timeout)
     if rc != 0 or not os.path.isdir(ckpt):
         raise RuntimeError(f"building the checkpoint failed (exit {rc}); last lines of {log_path}:\n"
                            + _tail(log_path, 40))
@@ -226,15 +217,6 @@ def build_checkpoint(cfg: CheckpointConfig, workdir: str, rebuild: bool = False,
         json.dump({"config": want, "build_seconds": round(seconds, 1), "command": cmd}, f, indent=2)
     log(f"built {ckpt} in {seconds:.0f} s")
     return ckpt
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Stop a child started with ``start_new_session`` and everything it started."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
 
 
 def _tail(path: str, n: int) -> str:
@@ -474,14 +456,14 @@ def run_measured(cmd: Sequence[str], *, cwd: str | None = None, env: dict | None
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         io0 = read_proc_io()
         t0 = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=log_f, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = start_in_group(cmd, cwd=cwd, env=env, stdout=log_f, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL)
         sampler = ProcessTreeSampler(proc.pid, interval=interval, watch_dir=watch_dir).start()
         try:
             rc = proc.wait(timeout=timeout)
         except BaseException:
             sampler.stop()
-            _kill_group(proc)
+            end_group(proc, grace_s=0)
             raise
         wall = time.perf_counter() - t0
         io1 = read_proc_io()

@@ -6,7 +6,8 @@
 
 Cases (``--cases``, default all):
 
-* ``plain``       a single-process PyTorch loop over the same modules at TP 1, without DeepSpeed;
+* ``plain``       the trainer's non-pipeline ``GPTModel`` at TP 1 in this process, stepped by a plain
+                  PyTorch loop with the trainer's optimizer groups and schedule, without DeepSpeed;
 * ``tp1-pp1-dp1`` ``torchrun --nproc_per_node 1 -m megatron_ucp.train`` (the DeepSpeed pipeline engine);
 * ``tp2-pp2-dp2`` the same trainer on 8 ranks (TP 2 x PP 2 x DP 2).
 
@@ -45,7 +46,6 @@ import platform
 import re
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,6 +55,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from megatron_ucp.launch import free_port, run_in_group
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -324,12 +326,6 @@ def _load_average() -> list[float] | None:
         return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --------------------------------------------------------------------------------------------------
 # Trainer cases
 
@@ -372,34 +368,13 @@ def trainer_env(case: Case, cuda: bool, base: dict | None = None, cpus: int | No
 
 
 def run_process_group(cmd: list[str], env: dict, log, timeout_s: float) -> int | None:
-    """Run ``cmd`` in its own session, output to ``log``; its exit status, or None after a timeout.
+    """Run ``cmd`` from the repository root in its own process group, output to ``log``; its exit
+    status, or None after a timeout.
 
-    On a timeout or an interrupt the whole process group (torchrun and its ranks) is ended, not
-    only torchrun.
+    On a timeout or an interrupt the whole group (torchrun and its ranks) is ended, SIGTERM first so
+    torchrun can forward it to its ranks (``megatron_ucp.launch.run_in_group``).
     """
-    proc = subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        return proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _end_group(proc)
-        return None
-    except BaseException:
-        _end_group(proc)
-        raise
-
-
-def _end_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the group (torchrun forwards it to its ranks), then SIGKILL whatever is left of it."""
-    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
+    return run_in_group(cmd, timeout_s=timeout_s, env=env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT)
 
 
 def run_trainer_case(cfg: BenchConfig, case: Case, log_dir: str | Path, timeout_s: float = 1800.0,
@@ -443,65 +418,45 @@ def run_trainer_case(cfg: BenchConfig, case: Case, log_dir: str | Path, timeout_
 # The plain PyTorch loop
 
 
-def build_plain_model(cfg: BenchConfig):
-    """The GPT of ``megatron_ucp.model.gpt`` at TP 1 without DeepSpeed, named and initialised as GPTPipe is.
-
-    Parameters carry GPTPipe's global names (``tied_modules.embed.*``, ``1.*`` ... ``{L+1}.*``), so the
-    layout parameter table initialises them with exactly the trainer's starting weights.
-    """
-    from torch import nn
-
+def plain_configs(cfg: BenchConfig):
+    """(ModelConfig, TrainConfig) of the plain case: parsed from the very flags a TP1/PP1/DP1 trainer
+    case gets (``trainer_args``), so the plain loop cannot train a different model or schedule."""
     from megatron_ucp.config import ModelConfig
-    from megatron_ucp.distributed.groups import TensorParallelContext
+    from megatron_ucp.training.arguments import model_kwargs, parse_args, train_config
+
+    values = parse_args(trainer_args(cfg, CASES[BASELINE]))
+    train_cfg = train_config(values)
+    return ModelConfig(vocab_size=cfg.vocab_size, **model_kwargs(values)), train_cfg
+
+
+def single_process_state():
+    """The parallel state of one process at TP 1 / PP 1 / DP 1 with no process groups.
+
+    With no group every tensor-parallel op and the vocab-parallel loss are the identity, so our model
+    runs in this process without torch.distributed (no rendezvous, nothing left initialised).
+    """
+    from megatron_ucp.distributed.groups import ParallelState, TensorParallelContext
+    from megatron_ucp.layout.topology import ParallelLayout
+
+    layout = ParallelLayout()
+    return ParallelState(layout=layout, global_rank=0, coords=layout.coords(0), tp_group=None, dp_group=None,
+                         pp_group=None, mp_group=None, tp=TensorParallelContext())
+
+
+def build_plain_model(cfg: BenchConfig):
+    """The trainer's non-pipeline ``GPTModel`` at TP 1, outside DeepSpeed.
+
+    It carries GPTPipe's parameter names (``tied_modules.embed.*``, ``1.*`` ... ``{L+1}.*``) and is
+    initialised from the layout parameter table with the trainer's seeding, so it starts from exactly
+    the trainer's weights. Returns ``(model, train_config)``.
+    """
     from megatron_ucp.distributed.random import seed_all
-    from megatron_ucp.layout.slicing import padded_vocab_size
-    from megatron_ucp.model.gpt import EmbeddingLayer, FinalNorm, TransformerLayer
-    from megatron_ucp.model.init import initialize_parameters
-    from megatron_ucp.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+    from megatron_ucp.model.sequential import GPTModel
 
-    model_cfg = ModelConfig(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-                            num_attention_heads=cfg.num_attention_heads, vocab_size=cfg.vocab_size,
-                            max_position_embeddings=cfg.seq_length,
-                            make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
-                            hidden_dropout=0.0, attention_dropout=0.0)
-    padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, 1)
-    tp = TensorParallelContext()  # size 1, group None
-    seed_all(cfg.seed, 0, 0, tp.rng)  # the trainer's seeding; also registers the tracker stream
-
-    class PlainGPT(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.tied_modules = nn.ModuleDict({"embed": EmbeddingLayer(model_cfg, padded, tp)})
-            blocks = []
-            for i in range(model_cfg.num_layers):
-                block = TransformerLayer(model_cfg, tp, i)
-                self.add_module(str(1 + i), block)
-                blocks.append(block)
-            self.add_module(str(model_cfg.num_layers + 1), FinalNorm(model_cfg))
-            self.blocks = blocks  # a plain list: already registered above under GPTPipe's names
-
-        def forward(self, ids, labels):
-            embed = self.tied_modules["embed"]
-            x = embed(ids)
-            for block in self.blocks:
-                x = block(x)
-            x = getattr(self, str(model_cfg.num_layers + 1))(x)
-            logits = embed.head(x)
-            return vocab_parallel_cross_entropy(logits, labels, 0, model_cfg.vocab_size, None).mean()
-
-    model = PlainGPT()
-    model.model_config = model_cfg
-    initialize_parameters(model, model_cfg, cfg.seed, padded, 1, 0)
-    return model
-
-
-def _param_groups(named_params: list[tuple[str, object]], model_cfg) -> list[dict]:
-    """The trainer's two AdamW groups: with weight decay, and without (biases and norms)."""
-    from megatron_ucp.layout.params import spec_of
-
-    decay = [p for n, p in named_params if spec_of(n, model_cfg).weight_decay]
-    no_decay = [p for n, p in named_params if not spec_of(n, model_cfg).weight_decay]
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    model_cfg, train_cfg = plain_configs(cfg)
+    state = single_process_state()
+    seed_all(train_cfg.seed, 0, 0, state.tp.rng)  # the trainer's seeding; also registers the tracker stream
+    return GPTModel(model_cfg, state, train_cfg.seed), train_cfg
 
 
 def plain_device(cfg: BenchConfig) -> str:
@@ -514,8 +469,9 @@ def run_plain_case(cfg: BenchConfig, threads: int | None = None) -> CaseResult:
     """Train ``cfg`` in this process with a plain loop and time every iteration."""
     import torch
 
-    from megatron_ucp.training.data import MockDataset, micro_batches
-    from megatron_ucp.training.schedule import LRSchedule, LRScheduler
+    from megatron_ucp.training.data import micro_batches
+    from megatron_ucp.training.optim import build_lr_scheduler, build_optimizer
+    from megatron_ucp.training.trainer import build_datasets
 
     case = CASES[BASELINE]
     result = CaseResult(case.name, case.layout, case.ranks)
@@ -531,23 +487,23 @@ def run_plain_case(cfg: BenchConfig, threads: int | None = None) -> CaseResult:
     start = time.perf_counter()
     try:
         mixed = cfg.dtype == "bf16"  # bf16 model, fp32 master copy stepped by AdamW
-        model = build_plain_model(cfg).to(device)
+        model, train_cfg = build_plain_model(cfg)
+        model.to(device)
         if mixed:
             model.to(torch.bfloat16)
-        named = list(model.named_parameters())
-        model_params = [p for _, p in named]
+        names = [n for n, _ in model.named_parameters()]
+        model_params = [p for _, p in model.named_parameters()]
         if mixed:
             # As DeepSpeed: the module is cast to bf16 first, the fp32 master copy is made from it.
             masters = [torch.nn.Parameter(p.detach().float().clone()) for p in model_params]
-            groups = _param_groups([(n, m) for (n, _), m in zip(named, masters)], model.model_config)
         else:
             masters = model_params
-            groups = _param_groups(named, model.model_config)
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                                      weight_decay=cfg.weight_decay)
-        scheduler = LRScheduler(optimizer, LRSchedule(cfg.lr, cfg.min_lr, 0, cfg.train_iters, "cosine"))
-        data = micro_batches(MockDataset(cfg.vocab_size, cfg.seq_length, cfg.seed), 0, cfg.train_iters,
-                             cfg.global_batch_size, mbs, 0, 1, device)
+        # The trainer's optimizer and schedule, over the tensors this loop steps (under the model's names).
+        optimizer = build_optimizer(zip(names, masters), model.model_config, train_cfg)
+        scheduler = build_lr_scheduler(optimizer, train_cfg)
+        train_data, _, _ = build_datasets(train_cfg)
+        data = micro_batches(train_data, 0, None, train_cfg.global_batch_size, train_cfg.micro_batch_size, 0, 1,
+                             device)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         model.train()
         losses = []
@@ -564,8 +520,8 @@ def run_plain_case(cfg: BenchConfig, threads: int | None = None) -> CaseResult:
                 for m, p in zip(masters, model_params):
                     m.grad = None if p.grad is None else p.grad.float()
                     p.grad = None
-            if cfg.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(masters, cfg.clip_grad)
+            if train_cfg.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(masters, train_cfg.clip_grad)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -1,10 +1,10 @@
 """The logits check: the same token batch through ``transformers`` and through our model at a TP/PP.
 
-Our side loads a universal folder exactly as a run does (``training.trainer.train`` with
-``--universal-checkpoint``, mock data and no training) on ``tp * pp`` spawned ranks, runs one
-``eval_batch`` on the pipeline engine and gathers the vocab-parallel logits of the last stage,
-vocabulary padding stripped. Several folders can be checked in one spawn
-(``our_logits_many``), since starting ranks costs more than a tiny model's forward pass.
+Our side loads a universal folder exactly as a run does (``training.trainer.Trainer``'s ``build`` and
+``load`` with ``--universal-checkpoint --finetune`` and mock data, no training) on ``tp * pp`` ranks
+spawned by ``megatron_ucp.launch``, runs one ``eval_batch`` on the pipeline engine and gathers the
+vocab-parallel logits of the last stage, vocabulary padding stripped. Several folders can be checked
+in one spawn (``our_logits_many``), since starting ranks costs more than a tiny model's forward pass.
 
 ``compare`` reports max |Δlogit|, the KL divergence of ours from the reference per sample (mean over
 positions of the sum over the vocabulary: ``batchmean`` with positions as the batch) and top-1
@@ -14,10 +14,9 @@ agreement. A mean over the vocabulary as well would make even a broken conversio
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, cast
+from typing import Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -61,57 +60,56 @@ def model_kwargs_of(universal_folder: str) -> tuple[dict, int]:
     return cfg, vocab
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _eval_config(job: LogitsJob, tokens: torch.Tensor, tp: int, pp: int):
-    """A run that loads ``job.load`` and trains nothing (``train_iters=0``)."""
+    """The run that loads ``job.load``: fp32, mock data, one micro batch of exactly ``tokens``' shape.
+
+    ``finetune`` loads weights and optimizer state but none of the training counters, as a fine-tune
+    from this folder would; nothing is trained (``Trainer.run`` is never called).
+    """
     from megatron_ucp.config import TrainConfig
 
     b, s = tokens.shape
-    common: dict[str, Any] = dict(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_size=b, global_batch_size=b,
-        seq_length=s, dtype="fp32", mock_data=True, vocab_size=job.vocab_size, load=job.load,
-        universal_checkpoint=True, eval_interval=0, log_interval=1)
-    return TrainConfig(train_iters=0, finetune=True, **common)
+    return TrainConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_size=b,
+                       global_batch_size=b, seq_length=s, dtype="fp32", mock_data=True, vocab_size=job.vocab_size,
+                       load=job.load, universal_checkpoint=True, finetune=True)
 
 
 def _eval_one(job: LogitsJob, tokens: torch.Tensor, tp: int, pp: int) -> None:
-    """Load through the trainer itself (``train`` with ``on_finish``), then one ``eval_batch``."""
+    """Build and load through the trainer's own steps, then one ``eval_batch`` of ``tokens``.
+
+    Loading exactly as a run does is the point: the check then covers the trainer's path from a
+    universal folder to a model, not a copy of it. Rank 0 of the last stage writes the TP-gathered
+    logits, vocabulary padding stripped, to ``job.out``.
+    """
     import torch.distributed as dist
 
     from megatron_ucp.layout.params import Kind
     from megatron_ucp.layout.placement import tp_map
-    from megatron_ucp.training.trainer import train
+    from megatron_ucp.training.trainer import Trainer
 
-    def on_finish(engine, model, state) -> None:
+    with Trainer(job.model_kwargs, _eval_config(job, tokens, tp, pp)) as trainer:
+        trainer.build()
+        trainer.load()
+        state = trainer.state
         labels = torch.roll(tokens, -1, dims=1)
-        _, logits = engine.eval_batch(iter([(tokens, labels)]), return_logits=True, num_micro_batches=1)
+        _, logits = trainer.engine.eval_batch(iter([(tokens, labels)]), return_logits=True, num_micro_batches=1)
         if state.is_last_stage:
             parts = [torch.empty_like(logits) for _ in range(tp)]
             dist.all_gather(parts, logits.contiguous(), group=state.tp_group)
             if state.coords.tp == 0:
                 gather = tp_map(Kind.VOCAB, logits.shape[-1] * tp, tp, kept=job.vocab_size, dim=logits.dim() - 1)
                 torch.save(gather.inverted().apply(parts, 0).float(), job.out)
-        dist.barrier()
-
-    train(job.model_kwargs, _eval_config(job, tokens, tp, pp), on_finish=on_finish)
 
 
-def _worker(rank: int, world_size: int, port: int, jobs: list[LogitsJob], tokens: torch.Tensor, tp: int,
-            pp: int) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+def _worker(rank: int, world_size: int, jobs: list[LogitsJob], tokens: torch.Tensor, tp: int, pp: int) -> None:
+    """One spawned rank (``launch.spawn_ranks`` set its torchrun environment): every job in turn."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     try:
-        for job in jobs:  # train() initialises the default group (NCCL or gloo) on first use
+        for job in jobs:  # the first build() initialises the default group (NCCL or gloo)
             _eval_one(job, tokens, tp, pp)
     finally:
         if dist.is_initialized():
@@ -121,7 +119,7 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[LogitsJob], tokens
 def our_logits_many(folders: list[str], tokens: torch.Tensor, tp: int = 1, pp: int = 1) -> list[torch.Tensor]:
     """Our fp32 logits [b, s, vocab] for each universal folder (a ``*_universal`` folder or the folder
     holding ``latest_universal``), all on one set of ``tp * pp`` spawned ranks."""
-    import torch.multiprocessing as mp
+    from megatron_ucp.launch import spawn_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
         jobs = []
@@ -137,7 +135,7 @@ def our_logits_many(folders: list[str], tokens: torch.Tensor, tp: int = 1, pp: i
             require_verified(folder)  # before any rank starts: a bad folder is one clear error
             kwargs, vocab = model_kwargs_of(folder)
             jobs.append(LogitsJob(load, kwargs, vocab, os.path.join(tmp, f"logits{i}.pt")))
-        mp.spawn(_worker, args=(tp * pp, _free_port(), jobs, tokens, tp, pp), nprocs=tp * pp, join=True)
+        spawn_ranks(_worker, tp * pp, jobs, tokens, tp, pp)
         return [torch.load(job.out, weights_only=True) for job in jobs]  # written just now by our ranks
 
 

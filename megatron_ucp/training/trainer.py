@@ -2,6 +2,9 @@
 
 Run it under ``torchrun`` or the ``deepspeed`` launcher (``python -m megatron_ucp.train ...``). It uses
 NCCL on GPUs and gloo on CPU (``DS_ACCELERATOR=cpu``), with no other difference.
+
+``Trainer`` holds a run as explicit steps (``build``, ``load``, ``run``, ``close``); ``train`` is
+those steps in order and is what the command line runs.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -21,12 +24,17 @@ from megatron_ucp.checkpoint.trust import trust_checkpoint_code
 from megatron_ucp.config import ModelConfig, TrainConfig
 from megatron_ucp.distributed import groups
 from megatron_ucp.distributed.random import get_rng_state, seed_all, set_rng_state
-from megatron_ucp.layout.params import spec_of
 from megatron_ucp.layout.topology import ParallelLayout
 from megatron_ucp.training import checkpointing
 from megatron_ucp.training.data import MockDataset, micro_batches
 from megatron_ucp.training.logger import RunLogger
-from megatron_ucp.training.schedule import LRSchedule, LRScheduler
+from megatron_ucp.training.schedule import LRScheduler
+from megatron_ucp.training.optim import (  # noqa: F401 - optimizer_param_groups: re-exported for callers
+    build_lr_scheduler,
+    build_optimizer,
+    group_hyperparameters,
+    optimizer_param_groups,
+)
 
 if TYPE_CHECKING:
     from megatron_ucp.model.pipe import GPTPipe
@@ -83,24 +91,6 @@ def build_ds_config(cfg: TrainConfig, layout: ParallelLayout) -> dict:
         with open(cfg.deepspeed_config) as f:
             ds.update(json.load(f))
     return ds
-
-
-def optimizer_param_groups(model: torch.nn.Module, cfg: ModelConfig, weight_decay: float) -> list[dict]:
-    """Two groups, always in this order: with weight decay, without (biases and norms)."""
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    for name, p in model.named_parameters():
-        (decay if spec_of(name, cfg).weight_decay else no_decay).append(p)
-    if not decay or not no_decay:
-        raise RuntimeError("every pipeline stage must hold parameters of both weight-decay groups")
-    return [{"params": decay, "name": "decay", "weight_decay": weight_decay},
-            {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
-
-
-def group_hyperparameters(cfg: TrainConfig) -> list[dict]:
-    """The per-group settings of ``optimizer_param_groups``, without the parameters."""
-    common = {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_eps}
-    return [dict(common, weight_decay=cfg.weight_decay), dict(common, weight_decay=0.0)]
 
 
 def build_model(model_cfg: ModelConfig, cfg: TrainConfig, state) -> GPTPipe | GPTModel:
@@ -182,133 +172,234 @@ def _plain_engine_steps(engine, state, gas: int):
     return train_batch, eval_batch
 
 
-def train(model_kwargs: dict, cfg: TrainConfig, on_finish=None) -> TrainResult:
-    """Train to ``cfg.train_iters``; ``on_finish(engine, model, state)`` runs before teardown (tests use it)."""
-    import deepspeed
+class Trainer:
+    """One run in explicit steps: ``build()``, ``load()``, ``run()``, then ``close()``.
 
-    # DeepSpeed's ZeRO-3 calls torch.distributed's renamed collectives on every step.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    if cfg.trust_checkpoint_code:
-        trust_checkpoint_code(True)
-    init_distributed()
-    layout = ParallelLayout.from_world_size(dist.get_world_size(), cfg.tensor_model_parallel_size,
-                                            cfg.pipeline_model_parallel_size)
-    state = groups.initialize(layout)
-    rank0 = state.global_rank == 0
-    try:
-        train_data, valid_data, vocab_size = build_datasets(cfg)
-        model_cfg = ModelConfig(vocab_size=vocab_size, **model_kwargs)
+    ``train()`` is exactly these steps in order. They are separate so that a caller can stop between
+    them with the engine in hand: the logits check builds and loads a model and evaluates it without
+    training; tests read optimizer state after ``run()``. Use it as a context manager::
+
+        with Trainer(model_kwargs, cfg) as trainer:
+            trainer.build()
+            trainer.load()
+            result = trainer.run()
+            ...  # trainer.engine, trainer.model, trainer.state
+
+    Leaving the block waits for every rank (unless an exception is leaving it) and then forgets the
+    process groups, so the next run in the same process starts clean.
+    """
+
+    # Set by build(); reading one before build() is an AttributeError.
+    layout: ParallelLayout
+    state: groups.ParallelState
+    model_cfg: ModelConfig
+    model: GPTPipe | GPTModel
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    ds_config: dict
+    engine: Any  # deepspeed.DeepSpeedEngine or PipelineEngine
+    metadata: checkpointing.CheckpointMetadata
+    train_data: Any
+    valid_data: Any
+    device: torch.device
+    gas: int  # gradient accumulation steps per iteration
+
+    def __init__(self, model_kwargs: dict, cfg: TrainConfig) -> None:
+        self.model_kwargs = dict(model_kwargs)
+        self.cfg = cfg
+        self.iteration = 0  # optimizer steps done (after load(): the checkpoint's)
+        self.consumed = 0  # training samples consumed
+        self.resumed: checkpointing.ResumeState | None = None
+        self._owns_groups = False  # whether close() must destroy the process groups
+        self._train_batch: Callable[[Any], float] | None = None
+        self._eval_batch: Callable[[Any], float] | None = None
+
+    @property
+    def rank0(self) -> bool:
+        return self.state.global_rank == 0
+
+    # -- steps -------------------------------------------------------------------------------------
+
+    def build(self) -> Trainer:
+        """Distributed start-up, layout and process groups, data, model, optimizer, DeepSpeed engine
+        and checkpoint metadata. Every rank must call it (it runs collectives)."""
+        import deepspeed
+
+        cfg = self.cfg
+        # DeepSpeed's ZeRO-3 calls torch.distributed's renamed collectives on every step.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
+                                category=FutureWarning)
+        if cfg.trust_checkpoint_code:
+            trust_checkpoint_code(True)
+        init_distributed()
+        self.layout = ParallelLayout.from_world_size(dist.get_world_size(), cfg.tensor_model_parallel_size,
+                                                     cfg.pipeline_model_parallel_size)
+        self.state = groups.initialize(self.layout)
+        self._owns_groups = True
+        state = self.state
+        self.train_data, self.valid_data, vocab_size = build_datasets(cfg)
+        self.model_cfg = model_cfg = ModelConfig(vocab_size=vocab_size, **self.model_kwargs)
         if model_cfg.max_position_embeddings < cfg.seq_length:
             raise ValueError(f"seq_length {cfg.seq_length} exceeds max_position_embeddings "
                              f"{model_cfg.max_position_embeddings}")
-        if cfg.dtype == "fp16" and enable_cpu_fp16() and rank0:
+        if cfg.dtype == "fp16" and enable_cpu_fp16() and self.rank0:
             print("fp16 on the CPU accelerator: half-precision storage, GEMMs computed in fp32", flush=True)
         seed_all(cfg.seed, state.coords.pp, state.coords.tp, state.tp.rng)
-        model = build_model(model_cfg, cfg, state)
-        optimizer = torch.optim.AdamW(optimizer_param_groups(model, model_cfg, cfg.weight_decay), lr=cfg.lr,
-                                      betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-        assert cfg.lr_decay_iters is not None  # set by TrainConfig.__post_init__
-        schedule = LRSchedule(cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters, cfg.lr_decay_style)
-        scheduler = LRScheduler(optimizer, schedule)
-        ds_config = build_ds_config(cfg, layout)
-        if rank0 and cfg.ds_config_out:
+        self.model = model = build_model(model_cfg, cfg, state)
+        self.optimizer = build_optimizer(model, model_cfg, cfg)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg)
+        self.ds_config = build_ds_config(cfg, self.layout)
+        if self.rank0 and cfg.ds_config_out:
             os.makedirs(os.path.dirname(os.path.abspath(cfg.ds_config_out)), exist_ok=True)
             with open(cfg.ds_config_out, "w") as f:
-                json.dump(ds_config, f, indent=2)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=ds_config,
-                                               mpu=None if cfg.use_pipeline_engine else state)
-        metadata = checkpointing.build_metadata(model_cfg, cfg, state, model.padded_vocab, model.stage_parts())
-
-        iteration, consumed = 0, 0
-        if cfg.load:
-            resumed = checkpointing.load(engine, cfg.load, cfg.universal_checkpoint, state, cfg,
-                                         group_hyperparameters(cfg))
-            iteration, consumed = resumed.iteration, resumed.consumed_train_samples
-            if resumed.rng_state is not None and not cfg.no_load_rng and not cfg.finetune:
-                set_rng_state(resumed.rng_state, state.tp.rng)
-            else:  # another layout: reseed deterministically for this one
-                seed_all(cfg.seed + iteration, state.coords.pp, state.coords.tp, state.tp.rng)
-            if rank0:
-                what = "fine-tuning from" if cfg.finetune else "resumed from"
-                print(f"{what} {resumed.path} at iteration {iteration} (saved at {resumed.source_topology}, "
-                      f"now {layout.to_dict()}){resumed.note}", flush=True)
-
-        topology = dict(layout.to_dict(), zero_stage=cfg.zero_stage, dtype=cfg.dtype)
-        logger = RunLogger(cfg.tensorboard_dir, cfg.loss_log, topology, iteration) if rank0 else None
-        device = next(model.parameters()).device
-        gas = cfg.gradient_accumulation_steps(layout.dp)
-        train_iter = micro_batches(train_data, consumed, None, cfg.global_batch_size, cfg.micro_batch_size,
-                                   state.coords.dp, layout.dp, device)
+                json.dump(self.ds_config, f, indent=2)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
+                                                    lr_scheduler=self.scheduler, config=self.ds_config,
+                                                    mpu=None if cfg.use_pipeline_engine else state)
+        self.metadata = checkpointing.build_metadata(model_cfg, cfg, state, model.padded_vocab, model.stage_parts())
+        self.device = next(model.parameters()).device
+        self.gas = cfg.gradient_accumulation_steps(self.layout.dp)
         if cfg.use_pipeline_engine:
+            engine, gas = self.engine, self.gas
+
             def train_batch(it) -> float:
                 return float(engine.train_batch(data_iter=it))
 
             def eval_batch(it) -> float:
                 return float(engine.eval_batch(it, num_micro_batches=gas))
+
+            self._train_batch, self._eval_batch = train_batch, eval_batch
         else:
-            train_batch, eval_batch = _plain_engine_steps(engine, state, gas)
+            self._train_batch, self._eval_batch = _plain_engine_steps(self.engine, state, self.gas)
+        return self
 
-        def evaluate() -> float:
-            it = micro_batches(valid_data, 0, cfg.eval_iters, cfg.global_batch_size, cfg.micro_batch_size,
-                               state.coords.dp, layout.dp, device)
-            losses = [eval_batch(it) for _ in range(cfg.eval_iters)]
-            return sum(losses) / len(losses)
+    def load(self) -> checkpointing.ResumeState | None:
+        """Resume from ``cfg.load`` (None without it): weights, optimizer, schedule, counters and, at
+        the same layout, the RNG states; fine-tuning restarts the counters and the schedule."""
+        cfg, state = self.cfg, self.state
+        if not cfg.load:
+            return None
+        resumed = checkpointing.load(self.engine, cfg.load, cfg.universal_checkpoint, state, cfg,
+                                     group_hyperparameters(cfg))
+        self.iteration, self.consumed = resumed.iteration, resumed.consumed_train_samples
+        if resumed.rng_state is not None and not cfg.no_load_rng and not cfg.finetune:
+            set_rng_state(resumed.rng_state, state.tp.rng)
+        else:  # another layout: reseed deterministically for this one
+            seed_all(cfg.seed + self.iteration, state.coords.pp, state.coords.tp, state.tp.rng)
+        if self.rank0:
+            what = "fine-tuning from" if cfg.finetune else "resumed from"
+            print(f"{what} {resumed.path} at iteration {self.iteration} (saved at {resumed.source_topology}, "
+                  f"now {self.layout.to_dict()}){resumed.note}", flush=True)
+        self.resumed = resumed
+        return resumed
 
-        def save(folder: str) -> None:
-            path = checkpointing.save(engine, folder, iteration, consumed, cfg.seq_length,
-                                      get_rng_state(state.tp.rng), metadata, state, model_cfg)
-            if rank0:
-                print(f"saved checkpoint {path}", flush=True)
-
-        if rank0:
+    def run(self) -> TrainResult:
+        """Train from the current iteration to ``cfg.train_iters``, logging, evaluating and saving as
+        the flags say (a run already there trains nothing)."""
+        cfg, layout, state, model = self.cfg, self.layout, self.state, self.model
+        assert self._train_batch is not None, "call build() before run()"
+        topology = dict(layout.to_dict(), zero_stage=cfg.zero_stage, dtype=cfg.dtype)
+        logger = RunLogger(cfg.tensorboard_dir, cfg.loss_log, topology, self.iteration) if self.rank0 else None
+        train_iter = micro_batches(self.train_data, self.consumed, None, cfg.global_batch_size,
+                                   cfg.micro_batch_size, state.coords.dp, layout.dp, self.device)
+        if self.rank0:
             n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
             engine_kind = "pipeline engine" if cfg.use_pipeline_engine else "non-pipeline engine"
-            print(f"training {layout} ZeRO-{cfg.zero_stage} {cfg.dtype} ({engine_kind}): vocab {model_cfg.vocab_size} "
-                  f"(padded {model.padded_vocab}), {n_params} parameters on rank 0, stage parts "
-                  f"{model.stage_parts()}, global batch {cfg.global_batch_size} = micro {cfg.micro_batch_size} "
-                  f"x accumulation {gas} x DP {layout.dp}", flush=True)
+            print(f"training {layout} ZeRO-{cfg.zero_stage} {cfg.dtype} ({engine_kind}): vocab "
+                  f"{self.model_cfg.vocab_size} (padded {model.padded_vocab}), {n_params} parameters on rank 0, "
+                  f"stage parts {model.stage_parts()}, global batch {cfg.global_batch_size} = micro "
+                  f"{cfg.micro_batch_size} x accumulation {self.gas} x DP {layout.dp}", flush=True)
         last_loss = last_valid = None
         window_start, window_iters = time.perf_counter(), 0
-        while iteration < cfg.train_iters:
-            lr = scheduler.get_lr()[0]  # the LR this step uses
-            loss = train_batch(train_iter)
-            iteration += 1
-            consumed += cfg.global_batch_size
-            window_iters += 1
-            last_loss = loss
-            grad_norm = engine.get_global_grad_norm()
-            grad_norm = None if grad_norm is None else float(grad_norm)
-            if logger:
-                logger.train_step(iteration, loss, lr, grad_norm, consumed)
-            if rank0 and window_iters and (iteration % cfg.log_interval == 0 or iteration == cfg.train_iters):
-                elapsed = time.perf_counter() - window_start
-                tokens = window_iters * cfg.global_batch_size * cfg.seq_length
-                gn = "n/a" if grad_norm is None else f"{grad_norm:.4f}"
-                print(f" iteration {iteration:6d}/{cfg.train_iters} | consumed samples {consumed:8d} | "
-                      f"elapsed time per iteration (ms): {1000 * elapsed / window_iters:.1f} | "
-                      f"tokens/s: {_tokens_per_s(tokens, elapsed):.0f} | learning rate: {lr:.4E} | "
-                      f"lm loss: {loss:.6E} | grad norm: {gn} |", flush=True)
-                window_start, window_iters = time.perf_counter(), 0
-            if cfg.eval_interval and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters):
-                last_valid = evaluate()
+        try:
+            while self.iteration < cfg.train_iters:
+                lr = self.scheduler.get_lr()[0]  # the LR this step uses
+                loss = self._train_batch(train_iter)
+                self.iteration += 1
+                self.consumed += cfg.global_batch_size
+                iteration = self.iteration
+                window_iters += 1
+                last_loss = loss
+                grad_norm = self.engine.get_global_grad_norm()
+                grad_norm = None if grad_norm is None else float(grad_norm)
                 if logger:
-                    logger.validation(iteration, last_valid)
-                if rank0:
-                    print(f" validation at iteration {iteration} | lm loss: {last_valid:.6E} |", flush=True)
-                window_start, window_iters = time.perf_counter(), 0
-            if cfg.save and (
-                (cfg.save_interval and iteration % cfg.save_interval == 0) or iteration == cfg.train_iters
-            ):
-                save(cfg.save)
-                window_start, window_iters = time.perf_counter(), 0
-        if logger:
-            logger.close()
+                    logger.train_step(iteration, loss, lr, grad_norm, self.consumed)
+                if self.rank0 and window_iters and (iteration % cfg.log_interval == 0
+                                                    or iteration == cfg.train_iters):
+                    elapsed = time.perf_counter() - window_start
+                    tokens = window_iters * cfg.global_batch_size * cfg.seq_length
+                    gn = "n/a" if grad_norm is None else f"{grad_norm:.4f}"
+                    print(f" iteration {iteration:6d}/{cfg.train_iters} | consumed samples {self.consumed:8d} | "
+                          f"elapsed time per iteration (ms): {1000 * elapsed / window_iters:.1f} | "
+                          f"tokens/s: {_tokens_per_s(tokens, elapsed):.0f} | learning rate: {lr:.4E} | "
+                          f"lm loss: {loss:.6E} | grad norm: {gn} |", flush=True)
+                    window_start, window_iters = time.perf_counter(), 0
+                if cfg.eval_interval and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters):
+                    last_valid = self.evaluate()
+                    if logger:
+                        logger.validation(iteration, last_valid)
+                    if self.rank0:
+                        print(f" validation at iteration {iteration} | lm loss: {last_valid:.6E} |", flush=True)
+                    window_start, window_iters = time.perf_counter(), 0
+                if cfg.save and (
+                    (cfg.save_interval and iteration % cfg.save_interval == 0) or iteration == cfg.train_iters
+                ):
+                    self.save(cfg.save)
+                    window_start, window_iters = time.perf_counter(), 0
+        finally:
+            if logger:
+                logger.close()
+        return TrainResult(self.iteration, last_loss, last_valid)
+
+    def close(self, barrier: bool = True) -> None:
+        """Leave together, then forget the process groups this trainer created (safe to call twice).
+
+        The barrier matters: a rank tearing down its process groups while a peer still finishes
+        asynchronous gloo traffic (ZeRO-3's gathers) can abort at exit. After a failure it is skipped,
+        since the peers may never arrive.
+        """
+        if not self._owns_groups:
+            return
+        self._owns_groups = False
+        try:
+            if barrier:
+                dist.barrier()
+        finally:
+            groups.destroy()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(barrier=exc_type is None)
+
+    # -- pieces of run(), usable on their own after build() -------------------------------------------
+
+    def evaluate(self) -> float:
+        """Mean loss over ``cfg.eval_iters`` batches from the start of the validation data."""
+        cfg, layout = self.cfg, self.layout
+        assert self._eval_batch is not None, "call build() before evaluate()"
+        it = micro_batches(self.valid_data, 0, cfg.eval_iters, cfg.global_batch_size, cfg.micro_batch_size,
+                           self.state.coords.dp, layout.dp, self.device)
+        losses = [self._eval_batch(it) for _ in range(cfg.eval_iters)]
+        return sum(losses) / len(losses)
+
+    def save(self, folder: str) -> str:
+        """Write ``<folder>/global_step<iteration>`` (every rank) and return its path."""
+        path = checkpointing.save(self.engine, folder, self.iteration, self.consumed, self.cfg.seq_length,
+                                  get_rng_state(self.state.tp.rng), self.metadata, self.state, self.model_cfg)
+        if self.rank0:
+            print(f"saved checkpoint {path}", flush=True)
+        return path
+
+
+def train(model_kwargs: dict, cfg: TrainConfig, on_finish=None) -> TrainResult:
+    """Train to ``cfg.train_iters``: ``Trainer``'s build, load and run. ``on_finish(engine, model, state)``
+    runs after training, before the ranks leave (kept for callers written before ``Trainer``)."""
+    with Trainer(model_kwargs, cfg) as trainer:
+        trainer.build()
+        trainer.load()
+        result = trainer.run()
         if on_finish is not None:
-            on_finish(engine, model, state)
-        # Leave together: a rank tearing down its process groups while a peer still finishes
-        # asynchronous gloo traffic (ZeRO-3's gathers) can abort at exit.
-        dist.barrier()
-        return TrainResult(iteration, last_loss, last_valid)
-    finally:
-        groups.destroy()
+            on_finish(trainer.engine, trainer.model, trainer.state)
+    return result

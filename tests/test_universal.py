@@ -293,7 +293,9 @@ def test_conversion_benchmark_runs_its_real_cases(sources, tmp_path, capsys):
         assert len(r["walls"]) == 1 and r["walls"][0] > 0
         assert row[0] == f"{r['best_wall_s']:.2f}" and row[1] == f"{r['mean_wall_s']:.2f}"
         assert row[8] == f"{r['output_bytes'] / 1e9:.3f}"
-        assert r["output_bytes"] > 0 and r["peak_rss"] > 0
+        assert r["output_bytes"] > 0
+        if case != "cp":  # cp -r of a small folder can end before the memory sampler's first look
+            assert r["peak_rss"] > 0
     ratio = doc["cases"]["ours"]["best_wall_s"] / doc["cases"]["deepspeed"]["best_wall_s"]
     assert rows[bc.CASE_LABELS["ours"]][9] == f"{ratio:.2f}x"
     assert doc["table"] in printed

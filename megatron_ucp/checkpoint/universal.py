@@ -183,7 +183,7 @@ class ConvertReport:
                 f"{self.workers} workers{ver}{notes}")
 
 
-def _tp_map(src: ParamSource, rule: MergeRule, tp: int, folder: str) -> RegionMap:
+def source_tp_map(src: ParamSource, rule: MergeRule, tp: int, folder: str) -> RegionMap:
     """Where each TP rank's local tensor sits in the atom's full tensor (``layout.placement``)."""
     local = src.local_shapes[0]
     dim = rule.kind.partition_dim
@@ -273,7 +273,7 @@ def merged_state(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroCheckpoi
         return {"param": full}
     if any(s != local for s in src.local_shapes):
         raise CheckpointError(f"{ckpt.folder}: {src.name} has uneven TP shapes {src.local_shapes}")
-    merge_map = _tp_map(src, rule, ckpt.tp, ckpt.folder).inverted()  # drops the vocabulary's padding rows
+    merge_map = source_tp_map(src, rule, ckpt.tp, ckpt.folder).inverted()  # drops the vocabulary's padding rows
     locals_ = []
     for tp in range(ckpt.tp):
         t = torch.empty(local, dtype=torch.float32)
@@ -302,7 +302,7 @@ def _copy_plan(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroCheckpoint
     if rule.kind.partition_dim != 0:
         raise CheckpointError(f"{src.name}: no file-to-file copy plan for {rule.kind.value} parameters")
     local = src.local_shapes[0]
-    m = _tp_map(src, rule, ckpt.tp, ckpt.folder)
+    m = source_tp_map(src, rule, ckpt.tp, ckpt.folder)
     full = (m.src_extents[0],) + tuple(local[1:])  # the kept rows, for VOCAB
     plan: list[list] = []
     for t in range(ckpt.tp):
@@ -393,7 +393,7 @@ def _read_row_parallel(tensor: torch.Tensor, src: ParamSource, rule: MergeRule, 
     Each DP fragment is one contiguous source range; ``preadv`` scatters it into the row pieces it
     covers, so the bytes are copied once, with no intermediate buffer.
     """
-    m = _tp_map(src, rule, ckpt.tp, ckpt.folder)
+    m = source_tp_map(src, rule, ckpt.tp, ckpt.folder)
     full, local = tuple(tensor.shape), tuple(src.local_shapes[0])
     buf = tensor.view(torch.uint8).view(-1).numpy().data  # ndarray.data: the array's bytes as a memoryview
     for t in range(ckpt.tp):
@@ -442,7 +442,7 @@ def _write_atom_by_copy(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroC
     dim = rule.kind.partition_dim
     assert dim is not None  # convert_param sends replicated parameters to merged_state instead
     full = list(src.local_shapes[0])
-    full[dim] = _tp_map(src, rule, ckpt.tp, ckpt.folder).src_extents[0]  # the kept rows, for VOCAB
+    full[dim] = source_tp_map(src, rule, ckpt.tp, ckpt.folder).src_extents[0]  # the kept rows, for VOCAB
     head, tail, data_offset = skeleton_bytes(merge_keys(rule), tuple(full))
     nbytes = 4
     for d in full:
@@ -724,7 +724,7 @@ def verify_universal(ckpt: ZeroCheckpoint, output_folder: str, rules: dict[str, 
         for key in STATE_KEYS:
             atom = load_file(atom_path(output_folder, name, key), mmap=True)
             param = atom["param"]
-            m = _tp_map(src, rule, ckpt.tp, ckpt.folder)
+            m = source_tp_map(src, rule, ckpt.tp, ckpt.folder)
             for tp in range(ckpt.tp):
                 # Rank tp's local tensor cut from the saved one (padding rows zero): compare it with its fragments.
                 local = m.apply([param], tp)

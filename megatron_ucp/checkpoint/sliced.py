@@ -1,0 +1,127 @@
+"""One target rank's piece of a parameter's optimizer state, read straight from a ZeRO checkpoint.
+
+The first building block of direct resume (no universal folder in between): where a target TP rank's
+local tensor comes from is the composition of two placements (``layout.placement``). The source's
+says which source TP rank holds which slices of the full tensor, and the checkpoint's index which
+data-parallel fragment holds which flat range of that rank's tensor, at which byte of which file;
+the target's says which slices of the full tensor the target rank holds. A ``read_plan`` lists the
+byte ranges that land in the target tensor, and nothing else: the bytes a rank reads are the bytes
+it owns (one copy of a replicated parameter; vocabulary padding rows are zeros, not read).
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass
+
+import torch
+
+from megatron_ucp.checkpoint.universal import MergeRule, source_tp_map
+from megatron_ucp.checkpoint.zero import CheckpointError, ParamSource, ZeroCheckpoint
+from megatron_ucp.layout.params import Kind
+from megatron_ucp.layout.placement import flat_segments, tp_map
+
+
+@dataclass(frozen=True)
+class Read:
+    """``numel`` elements at byte ``offset`` of ``path`` go to flat element ``dst`` of the target tensor."""
+
+    path: str
+    offset: int
+    dst: int
+    numel: int
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    local_shape: tuple[int, ...]
+    dtype: torch.dtype
+    reads: tuple[Read, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.numel for r in self.reads) * self.dtype.itemsize
+
+
+def _full_index(kind: Kind, full: tuple[int, ...], target_extent: int, tp: int, tp_rank: int,
+                kept: int | None) -> tuple[tuple[int, ...], list[tuple[int, int, int]]]:
+    """(the target's local shape, its (full flat, local flat, elements) segments sorted by full offset)."""
+    dim = kind.partition_dim
+    assert dim is not None
+    m = tp_map(kind, target_extent, tp, kept=kept)
+    local = list(full)
+    local[dim] = m.dst_extents[tp_rank]
+    numel = 1
+    for d in local:
+        numel *= d
+    segs = [(f, a, n) for a, f, n in flat_segments(m.runs_into(tp_rank), dim, full, local, 0, numel)]
+    return tuple(local), sorted(segs)
+
+
+def read_plan(ckpt: ZeroCheckpoint, src: ParamSource, rule: MergeRule, key: str, tp: int, tp_rank: int,
+              target_extent: int | None = None) -> ReadPlan:
+    """The byte ranges of ``ckpt``'s shards that make TP rank ``tp_rank``'s (of ``tp``) tensor of state
+    ``key`` of parameter ``src``. ``target_extent``: the target's padded vocabulary rows (VOCAB kinds;
+    the default keeps the source's padded size when ``tp`` allows it)."""
+    refs = {(s, f.dp): ckpt.flat_ref(src.pp, s, f.dp, src.group, key) for s in range(ckpt.tp) for f in src.fragments[s]}
+    dtype = next(iter(refs.values())).dtype
+    size = dtype.itemsize
+    if rule.kind is Kind.REPLICATED:  # every rank holds the whole tensor: one copy, source TP rank 0's
+        reads, lo = [], 0
+        for frag in src.fragments[0]:
+            ref = refs[(0, frag.dp)]
+            reads.append(Read(ref.path, ref.offset + frag.start * size, lo, frag.numel))
+            lo += frag.numel
+        return ReadPlan(tuple(src.local_shapes[0]), dtype, tuple(reads))
+
+    dim = rule.kind.partition_dim
+    assert dim is not None
+    source = source_tp_map(src, rule, ckpt.tp, ckpt.folder)
+    kept = rule.kept_vocab_rows if rule.kind is Kind.VOCAB else None
+    full = list(src.local_shapes[0])
+    full[dim] = source.src_extents[0]  # the kept rows, for VOCAB
+    extent = target_extent if target_extent is not None else src.local_shapes[0][dim] * ckpt.tp
+    try:
+        local, index = _full_index(rule.kind, tuple(full), extent, tp, tp_rank, kept)
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt.folder}: {src.name} at TP {tp}: {e}") from None
+    starts = [f for f, _, _ in index]
+    reads = []
+    for s in range(ckpt.tp):
+        runs = source.runs_into(s)
+        lo = 0
+        for frag in src.fragments[s]:
+            ref = refs[(s, frag.dp)]
+            for a, f, n in flat_segments(runs, dim, tuple(full), tuple(src.local_shapes[s]), lo, lo + frag.numel):
+                # [f, f + n) of the full tensor, from element a of source rank s: where does the target want it?
+                i = max(bisect.bisect_right(starts, f) - 1, 0)
+                while i < len(index) and index[i][0] < f + n:
+                    g, t, m = index[i]
+                    x, y = max(f, g), min(f + n, g + m)
+                    if x < y:
+                        src_elem = frag.start + (a - lo) + (x - f)
+                        reads.append(Read(ref.path, ref.offset + src_elem * size, t + (x - g), y - x))
+                    i += 1
+            lo += frag.numel
+    return ReadPlan(local, dtype, tuple(sorted(reads, key=lambda r: r.dst)))
+
+
+def read_local(plan: ReadPlan) -> torch.Tensor:
+    """Execute ``plan``: the target tensor, zeros where no source byte lands (vocabulary padding)."""
+    out = torch.zeros(plan.local_shape, dtype=plan.dtype)
+    buf = out.view(-1).view(torch.uint8).numpy().data  # the tensor's bytes as a writable memoryview
+    size = plan.dtype.itemsize
+    fds: dict[str, int] = {}
+    try:
+        for r in plan.reads:
+            if r.path not in fds:
+                fds[r.path] = os.open(r.path, os.O_RDONLY)
+            want = r.numel * size
+            got = os.preadv(fds[r.path], [buf[r.dst * size:r.dst * size + want]], r.offset)
+            if got != want:
+                raise CheckpointError(f"{r.path}: truncated: {got} of {want} bytes at offset {r.offset}")
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return out

@@ -96,3 +96,23 @@ def test_a_wrong_source_rule_reads_the_wrong_bytes(sources):
     assert torch.equal(right, full)
     wrong = read_local(read_plan(ckpt, ckpt.param_sources[name], MergeRule(Kind.COLUMN), "fp32", 1, 0))
     assert wrong.shape == full.shape and not torch.equal(wrong, full)
+
+
+def test_windows_are_what_a_zero_rank_owns(sources):
+    """A target DP rank owns a flat window of its TP slice (uneven where the partition splits it):
+    windows read alone join into the whole slice, each reading only its own bytes."""
+    zero, universal = sources["gpt_tp1dp3"]
+    ckpt = open_zero_checkpoint(str(zero))
+    rules = conversion_rules(ckpt, strict=True, inject_missing_state=False)
+    name = "1.self_attention.query_key_value.weight"
+    whole = read_local(read_plan(ckpt, ckpt.param_sources[name], rules[name], "exp_avg", 2, 1))
+    n = whole.numel()
+    cuts = [0, n // 3 + 1, n - 5, n]  # uneven, as a DP partition boundary falls anywhere
+    parts = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        plan = read_plan(ckpt, ckpt.param_sources[name], rules[name], "exp_avg", 2, 1, window=(lo, hi))
+        assert plan.nbytes == (hi - lo) * 4
+        parts.append(read_local(plan))
+    assert torch.equal(torch.cat(parts), whole.reshape(-1))
+    with pytest.raises(Exception, match=r"window \[0, 100000\) is outside"):
+        read_plan(ckpt, ckpt.param_sources[name], rules[name], "exp_avg", 2, 1, window=(0, 100_000))

@@ -60,10 +60,32 @@ def _full_index(kind: Kind, full: tuple[int, ...], target_extent: int, tp: int, 
 
 
 def read_plan(ckpt: ZeroCheckpoint, src: ParamSource, rule: MergeRule, key: str, tp: int, tp_rank: int,
-              target_extent: int | None = None) -> ReadPlan:
+              target_extent: int | None = None, window: tuple[int, int] | None = None) -> ReadPlan:
     """The byte ranges of ``ckpt``'s shards that make TP rank ``tp_rank``'s (of ``tp``) tensor of state
     ``key`` of parameter ``src``. ``target_extent``: the target's padded vocabulary rows (VOCAB kinds;
-    the default keeps the source's padded size when ``tp`` allows it)."""
+    the default keeps the source's padded size when ``tp`` allows it). ``window``: only flat elements
+    [lo, hi) of that tensor, the part of it a ZeRO data-parallel rank owns (element ``dst`` of a read
+    then counts from ``lo``)."""
+    plan = _read_plan(ckpt, src, rule, key, tp, tp_rank, target_extent)
+    if window is None:
+        return plan
+    lo, hi = window
+    numel = 1
+    for d in plan.local_shape:
+        numel *= d
+    if not 0 <= lo <= hi <= numel:
+        raise CheckpointError(f"{src.name}: window [{lo}, {hi}) is outside its {numel} elements")
+    size = plan.dtype.itemsize
+    reads = []
+    for r in plan.reads:
+        a, b = max(lo, r.dst), min(hi, r.dst + r.numel)
+        if a < b:
+            reads.append(Read(r.path, r.offset + (a - r.dst) * size, a - lo, b - a))
+    return ReadPlan((hi - lo,), plan.dtype, tuple(reads))
+
+
+def _read_plan(ckpt: ZeroCheckpoint, src: ParamSource, rule: MergeRule, key: str, tp: int, tp_rank: int,
+               target_extent: int | None) -> ReadPlan:
     refs = {(s, f.dp): ckpt.flat_ref(src.pp, s, f.dp, src.group, key) for s in range(ckpt.tp) for f in src.fragments[s]}
     dtype = next(iter(refs.values())).dtype
     size = dtype.itemsize

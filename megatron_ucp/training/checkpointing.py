@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_ucp.atomic import atomic_write
 from megatron_ucp.checkpoint.format import (
     LATEST_FILE,
     MEGATRON_TRACKER_FILE,
@@ -92,10 +93,7 @@ def save(engine, save_dir: str, iteration: int, consumed_samples: int, seq_lengt
     engine.save_checkpoint(save_dir, tag=tag, client_state=client)
     dist.barrier()
     if dist.get_rank() == 0:
-        tmp = os.path.join(save_dir, MEGATRON_TRACKER_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(iteration))
-        os.replace(tmp, os.path.join(save_dir, MEGATRON_TRACKER_FILE))
+        atomic_write(os.path.join(save_dir, MEGATRON_TRACKER_FILE), str(iteration))
     dist.barrier()
     return os.path.join(save_dir, tag)
 

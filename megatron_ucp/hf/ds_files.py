@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import os
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
 
 import torch
 
 from megatron_ucp.checkpoint.format import model_state_names, optimizer_state_path, zero_dir
 from megatron_ucp.checkpoint.universal import stage_compatible_global_state
 from megatron_ucp.config import TrainConfig
+from megatron_ucp.training.optim import GROUP_NAMES, group_hyperparameters
 from megatron_ucp.training.schedule import LRSchedule, LRScheduler
 
 
@@ -39,14 +39,12 @@ def deepspeed_version() -> str:
 
 
 def default_param_groups(cfg: TrainConfig | None = None) -> list[dict]:
-    """The trainer's two AdamW groups (decay, no_decay) as ``optimizer.state_dict()['param_groups']``."""
+    """The trainer's two AdamW groups (decay, no_decay) as ``optimizer.state_dict()['param_groups']``:
+    ``training.optim``'s names and settings, around a stand-in parameter each."""
     cfg = cfg or TrainConfig(mock_data=True, vocab_size=1)
-    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
-    groups: list[dict[str, Any]] = [{"params": [a], "name": "decay"},
-                                    {"params": [b], "name": "no_decay", "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                            weight_decay=cfg.weight_decay)
-    return opt.state_dict()["param_groups"]
+    groups = [dict(settings, params=[torch.nn.Parameter(torch.zeros(1))], name=name)
+              for settings, name in zip(group_hyperparameters(cfg), GROUP_NAMES)]
+    return torch.optim.AdamW(groups, lr=cfg.lr).state_dict()["param_groups"]
 
 
 def fresh_scheduler_state(cfg: TrainConfig | None = None) -> dict:

@@ -17,6 +17,7 @@ from megatron_ucp.layout.params import spec_of
 from megatron_ucp.training.schedule import LRSchedule, LRScheduler
 
 NamedParameters = Iterable[tuple[str, torch.nn.Parameter]]
+GROUP_NAMES = ("decay", "no_decay")  # the groups' order, which universal checkpoints rely on
 
 
 def optimizer_param_groups(params: torch.nn.Module | NamedParameters, cfg: ModelConfig,
@@ -34,8 +35,8 @@ def optimizer_param_groups(params: torch.nn.Module | NamedParameters, cfg: Model
         (decay if spec_of(name, cfg).weight_decay else no_decay).append(p)
     if not decay or not no_decay:
         raise RuntimeError("every pipeline stage must hold parameters of both weight-decay groups")
-    return [{"params": decay, "name": "decay", "weight_decay": weight_decay},
-            {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+    return [{"params": decay, "name": GROUP_NAMES[0], "weight_decay": weight_decay},
+            {"params": no_decay, "name": GROUP_NAMES[1], "weight_decay": 0.0}]
 
 
 def group_hyperparameters(cfg: TrainConfig) -> list[dict]:

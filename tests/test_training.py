@@ -77,10 +77,14 @@ def test_init_is_identical_at_tp1pp1_and_tp2pp2(tmp_path):
     assert differing >= 4 * MODEL["num_layers"] + 1, differing  # QKV, dense, two MLP weights per layer, embedding
 
 
-def _train(rank, world_size, model_kwargs, cfg_dict):
+def _train(rank, world_size, model_kwargs, cfg_dict, finish_file=None):
     from megatron_ucp.training.trainer import train
 
-    train(model_kwargs, TrainConfig(**cfg_dict))
+    def on_finish(engine, model, state):  # the library hook: runs after the loop, before teardown
+        with open(f"{finish_file}.rank{rank}", "w") as f:
+            f.write(f"{engine.global_steps} {state.layout.tp} {state.layout.pp}")
+
+    train(model_kwargs, TrainConfig(**cfg_dict), on_finish=on_finish if finish_file else None)
 
 
 def _losses(path):
@@ -102,8 +106,10 @@ def test_same_topology_resume_is_exact_in_fp32(tmp_path):
 
     Dropout is on, so this also checks the RNG states; the negative control resumes without them.
     """
-    run_distributed(_train, 4, MODEL, _cfg(tmp_path, "full"))
+    run_distributed(_train, 4, MODEL, _cfg(tmp_path, "full"), str(tmp_path / "finished"))
     full = _losses(tmp_path / "full.jsonl")
+    for rank in range(4):  # train()'s on_finish ran on every rank, with the engine after the last step
+        assert (tmp_path / f"finished.rank{rank}").read_text() == "6 2 2"
     assert sorted(full) == [1, 2, 3, 4, 5, 6]
     ckpt = tmp_path / "ckpt"
     assert (ckpt / "latest").read_text() == "global_step6"

@@ -12,13 +12,14 @@ it owns (one copy of a replicated parameter; vocabulary padding rows are zeros, 
 from __future__ import annotations
 
 import bisect
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 
 from megatron_ucp.checkpoint.universal import MergeRule, source_tp_map
-from megatron_ucp.checkpoint.zero import CheckpointError, ParamSource, ZeroCheckpoint
+from megatron_ucp.checkpoint.zero import CheckpointError, ParamSource, ZeroCheckpoint, pread_exact
 from megatron_ucp.layout.params import Kind
 from megatron_ucp.layout.placement import flat_segments, tp_map
 
@@ -52,10 +53,7 @@ def _full_index(kind: Kind, full: tuple[int, ...], target_extent: int, tp: int, 
     m = tp_map(kind, target_extent, tp, kept=kept)
     local = list(full)
     local[dim] = m.dst_extents[tp_rank]
-    numel = 1
-    for d in local:
-        numel *= d
-    segs = [(f, a, n) for a, f, n in flat_segments(m.runs_into(tp_rank), dim, full, local, 0, numel)]
+    segs = [(f, a, n) for a, f, n in flat_segments(m.runs_into(tp_rank), dim, full, local, 0, math.prod(local))]
     return tuple(local), sorted(segs)
 
 
@@ -70,9 +68,7 @@ def read_plan(ckpt: ZeroCheckpoint, src: ParamSource, rule: MergeRule, key: str,
     if window is None:
         return plan
     lo, hi = window
-    numel = 1
-    for d in plan.local_shape:
-        numel *= d
+    numel = math.prod(plan.local_shape)
     if not 0 <= lo <= hi <= numel:
         raise CheckpointError(f"{src.name}: window [{lo}, {hi}) is outside its {numel} elements")
     size = plan.dtype.itemsize
@@ -139,10 +135,7 @@ def read_local(plan: ReadPlan) -> torch.Tensor:
         for r in plan.reads:
             if r.path not in fds:
                 fds[r.path] = os.open(r.path, os.O_RDONLY)
-            want = r.numel * size
-            got = os.preadv(fds[r.path], [buf[r.dst * size:r.dst * size + want]], r.offset)
-            if got != want:
-                raise CheckpointError(f"{r.path}: truncated: {got} of {want} bytes at offset {r.offset}")
+            pread_exact(fds[r.path], buf[r.dst * size:(r.dst + r.numel) * size], r.offset, r.path)
     finally:
         for fd in fds.values():
             os.close(fd)

@@ -98,17 +98,22 @@ def read_into(ref: FlatRef, start: int, dst: torch.Tensor) -> None:
     if nbytes == 0:
         return
     view = dst.view(torch.uint8).view(-1).numpy().data  # ndarray.data: the array's bytes as a memoryview
-    pos = ref.offset + start * dst.element_size()
     fd = os.open(ref.path, os.O_RDONLY)
     try:
-        done = 0
-        while done < nbytes:
-            n = os.preadv(fd, [view[done:done + (1 << 30)]], pos + done)
-            if n <= 0:
-                raise CheckpointError(f"{ref.path}: truncated: ends before byte {pos + nbytes}")
-            done += n
+        pread_exact(fd, view, ref.offset + start * dst.element_size(), ref.path)
     finally:
         os.close(fd)
+
+
+def pread_exact(fd: int, view: memoryview, pos: int, path: str) -> None:
+    """Fill ``view`` from byte ``pos`` of the open file ``fd``: a short read (a signal, the 2 GiB cap of one
+    call) is continued; the file ending first is a CheckpointError naming ``path``."""
+    done, nbytes = 0, len(view)
+    while done < nbytes:
+        n = os.preadv(fd, [view[done:done + (1 << 30)]], pos + done)
+        if n <= 0:
+            raise CheckpointError(f"{path}: truncated: ends before byte {pos + nbytes}")
+        done += n
 
 
 def stored_equals(ref: FlatRef, tensor: torch.Tensor, chunk_elems: int = 1 << 20) -> bool:

@@ -61,8 +61,8 @@ from megatron_ucp.config import ModelConfig
 from megatron_ucp.hf.ds_files import write_loader_files
 from megatron_ucp.hf.reader import HFCheckpoint, open_hf_checkpoint, read_config
 from megatron_ucp.hf.transforms import to_hf, to_ours
+from megatron_ucp.families import Family
 from megatron_ucp.layout.hf import (
-    Family,
     HFMapping,
     UnsupportedConfig,
     hf_mappings,

@@ -21,15 +21,6 @@ if TYPE_CHECKING:
     from megatron_ucp.families import Family
 
 
-def __getattr__(name: str):
-    """``Family`` for older importers, resolved lazily (the family modules import this one)."""
-    if name == "Family":
-        from megatron_ucp.families import Family
-
-        return Family
-    raise AttributeError(name)
-
-
 class Combine(enum.Enum):
     """How the HF tensors of one of our parameters are joined (after any transpose)."""
 

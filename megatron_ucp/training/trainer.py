@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ucp.checkpoint.trust import trust_checkpoint_code
-from megatron_ucp.config import ModelConfig, TrainConfig
+from megatron_ucp.config import ModelConfig, TrainConfig, check_run
 from megatron_ucp.distributed import groups
 from megatron_ucp.distributed.random import get_rng_state, seed_all, set_rng_state
 from megatron_ucp.layout.topology import ParallelLayout
@@ -238,10 +238,9 @@ class Trainer:
         self._owns_groups = True
         state = self.state
         self.train_data, self.valid_data, vocab_size = build_datasets(cfg)
-        self.model_cfg = model_cfg = ModelConfig(vocab_size=vocab_size, **self.model_kwargs)
-        if model_cfg.max_position_embeddings < cfg.seq_length:
-            raise ValueError(f"seq_length {cfg.seq_length} exceeds max_position_embeddings "
-                             f"{model_cfg.max_position_embeddings}")
+        # The same whole-run checks the entry point ran before start-up, for library callers; now with
+        # the tokenizer's vocabulary and the real world size.
+        self.model_cfg = model_cfg = check_run(self.model_kwargs, cfg, dist.get_world_size(), vocab_size)
         if cfg.dtype == "fp16" and enable_cpu_fp16() and self.rank0:
             print("fp16 on the CPU accelerator: half-precision storage, GEMMs computed in fp32", flush=True)
         seed_all(cfg.seed, state.coords.pp, state.coords.tp, state.tp.rng)

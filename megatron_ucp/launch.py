@@ -53,7 +53,18 @@ def _rank_main(rank: int, world_size: int, port: int, env: dict[str, str], fn: C
 
 # What the CPU fork server imports once, so that each rank starts in a fraction of a second instead of
 # importing torch and DeepSpeed again (seconds per rank, and most of a small test's time).
-FORKSERVER_PRELOAD = ("torch", "torch.distributed", "deepspeed", "megatron_ucp.training.trainer")
+# Beyond the top-level packages, what a training run imports lazily: torch.optim's AdamW imports
+# torch._dynamo, DeepSpeed's optimizer check imports its Muon optimizer (torch.compile), and the
+# engine its ZeRO stages and expert-parallel layers; seconds per rank otherwise, on every launch.
+# The fork server skips a name that does not import (another DeepSpeed version).
+FORKSERVER_PRELOAD = (
+    "torch", "torch.distributed", "torch._dynamo", "torch._inductor", "deepspeed",
+    "deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.superoffload.superoffload_stage3",
+    "deepspeed.module_inject.auto_ep_layer", "deepspeed.runtime.pipe.engine", "deepspeed.runtime.zero.stage3",
+    "deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.bf16_optimizer",
+    "megatron_ucp.training.trainer", "megatron_ucp.model.pipe", "megatron_ucp.model.sequential",
+    "megatron_ucp.families",
+)
 
 
 def start_method() -> str:

@@ -251,6 +251,11 @@ class TrainConfig:
     load: str | None = field(default=None, metadata=cli("--load", help="checkpoint folder to resume from"))
     universal_checkpoint: bool = field(default=False, metadata=cli(
         "--universal-checkpoint", help="--load is a universal checkpoint (any topology)"))
+    universal_loader: str = field(default="ours", metadata=cli(
+        "--universal-loader", choices=("ours", "deepspeed"),
+        help="how --load state is read at a new topology: ours (each rank reads only the bytes it owns, from "
+             "a universal folder or straight from a ZeRO checkpoint) or deepspeed (its universal loader: whole "
+             "atoms; a ZeRO checkpoint at another topology must be converted first)"))
     no_load_rng: bool = field(default=False, metadata=cli(
         "--no-load-rng", help="do not restore RNG states on resume"))
     # checkpoint.trust.TRUST_FLAG (tests/test_arguments.py checks the spelling; importing it here would import torch)
@@ -314,6 +319,8 @@ class TrainConfig:
             raise ValueError(f"save_interval must be positive, got {self.save_interval}")
         if self.universal_checkpoint and not self.load:
             raise ValueError("--universal-checkpoint needs --load")
+        if self.universal_loader not in ("ours", "deepspeed"):
+            raise ValueError(f"universal_loader must be ours or deepspeed, got {self.universal_loader!r}")
         if self.finetune and not self.load:
             raise ValueError("--finetune needs --load")
 

@@ -104,8 +104,14 @@ def _training_metadata() -> CheckpointMetadata:
                         mock_data=True, vocab_size=50, eval_interval=0, save="/runs/ckpt", save_interval=1,
                         log_interval=1)
     meta = build_metadata(model, train, SimpleNamespace(layout=ParallelLayout(1, 1, 1)), 56, [0, 5])
-    return dataclasses.replace(meta, iteration=1, consumed_train_samples=1,
+    # The train config is a record of the run: flags added since that run are simply not in it.
+    assert meta.train_config is not None
+    record = {k: v for k, v in meta.train_config.items() if k not in TRAIN_FLAGS_SINCE_V1}
+    return dataclasses.replace(meta, iteration=1, consumed_train_samples=1, train_config=record,
                                versions=Versions(megatron_ucp="0.1.0", torch="2.13.0+cpu", deepspeed="0.19.8"))
+
+
+TRAIN_FLAGS_SINCE_V1 = ("universal_loader",)
 
 
 def _import_metadata() -> CheckpointMetadata:

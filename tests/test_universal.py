@@ -39,31 +39,36 @@ def _cfg(tp, pp, dtype="bf16", **kw):
 
 def _train_and_dump(rank, world_size, cfg_dict, dump_dir, model=None):
     """Train (or just load, when train_iters == the loaded iteration), then dump DP-gathered states."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
     from megatron_ucp.training.trainer import Trainer
 
     with Trainer(model or MODEL, TrainConfig(**cfg_dict)) as trainer:
         trainer.build()
         trainer.load()
         trainer.run()
-        engine, state = trainer.engine, trainer.state
-        # DeepSpeed 0.19.8 links optimizer-state fragments lazily after the first group's step, before
-        # the second group has state, so its accessors miss exp_avg of group 1; link again now.
-        opt = engine.optimizer
-        if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
-            opt._hp_optimizer_states_linked = False
-            opt._lazy_init_hp_params_optimizer_state()
-        out = {}
-        for name, p in trainer.model.named_parameters():
-            out[name] = {"fp32": safe_get_full_fp32_param(p).clone(),
-                         "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").clone(),
-                         "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").clone()}
-        if dump_dir and state.coords.dp == 0:
-            torch.save({"coords": (state.coords.pp, state.coords.tp), "state": out,
-                        "global_steps": engine.global_steps, "lr_steps": engine.lr_scheduler.num_steps,
-                        "weight_decay": [g["weight_decay"] for g in opt.param_groups]},
-                       os.path.join(dump_dir, f"rank{rank}.pt"))
+        _dump_states(trainer, rank, dump_dir)
+
+
+def _dump_states(trainer, rank, dump_dir):
+    """Each parameter's DP-gathered fp32 master and Adam moments, written by DP rank 0 to ``rank{r}.pt``."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    engine, state = trainer.engine, trainer.state
+    # DeepSpeed 0.19.8 links optimizer-state fragments lazily after the first group's step, before
+    # the second group has state, so its accessors miss exp_avg of group 1; link again now.
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+    out = {}
+    for name, p in trainer.model.named_parameters():
+        out[name] = {"fp32": safe_get_full_fp32_param(p).clone(),
+                     "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").clone(),
+                     "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").clone()}
+    if dump_dir and state.coords.dp == 0:
+        torch.save({"coords": (state.coords.pp, state.coords.tp), "state": out,
+                    "global_steps": engine.global_steps, "lr_steps": engine.lr_scheduler.num_steps,
+                    "weight_decay": [g["weight_decay"] for g in opt.param_groups]},
+                   os.path.join(dump_dir, f"rank{rank}.pt"))
 
 
 def _assemble(dump_dir, model=None):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_ucp.checkpoint.universal import MergeRule, source_tp_map
-from megatron_ucp.checkpoint.zero import CheckpointError, ParamSource, ZeroCheckpoint, pread_exact
+from megatron_ucp.checkpoint.zero import CheckpointError, FlatRef, ParamSource, ZeroCheckpoint, pread_exact
 from megatron_ucp.layout.params import Kind
 from megatron_ucp.layout.placement import flat_segments, tp_map
 
@@ -65,12 +65,15 @@ def read_plan(ckpt: ZeroCheckpoint, src: ParamSource, rule: MergeRule, key: str,
     [lo, hi) of that tensor, the part of it a ZeRO data-parallel rank owns (element ``dst`` of a read
     then counts from ``lo``)."""
     plan = _read_plan(ckpt, src, rule, key, tp, tp_rank, target_extent)
-    if window is None:
-        return plan
+    return plan if window is None else window_plan(plan, window, src.name)
+
+
+def window_plan(plan: ReadPlan, window: tuple[int, int], what: str) -> ReadPlan:
+    """The reads of flat elements [lo, hi) of ``plan``'s tensor, as a flat tensor of ``hi - lo`` elements."""
     lo, hi = window
     numel = math.prod(plan.local_shape)
     if not 0 <= lo <= hi <= numel:
-        raise CheckpointError(f"{src.name}: window [{lo}, {hi}) is outside its {numel} elements")
+        raise CheckpointError(f"{what}: window [{lo}, {hi}) is outside its {numel} elements")
     size = plan.dtype.itemsize
     reads = []
     for r in plan.reads:
@@ -78,6 +81,28 @@ def read_plan(ckpt: ZeroCheckpoint, src: ParamSource, rule: MergeRule, key: str,
         if a < b:
             reads.append(Read(r.path, r.offset + (a - r.dst) * size, a - lo, b - a))
     return ReadPlan((hi - lo,), plan.dtype, tuple(reads))
+
+
+def atom_read_plan(ref: FlatRef, shape: tuple[int, ...], kind: Kind, tp: int, tp_rank: int,
+                   target_extent: int | None = None) -> ReadPlan:
+    """The byte ranges of a universal atom (the full tensor of ``shape``, stored contiguously at
+    ``ref``) that make TP rank ``tp_rank``'s (of ``tp``) tensor. A VOCAB atom holds the original
+    vocabulary's rows; ``target_extent`` is the target's padded row count (default: no padding)."""
+    size = ref.dtype.itemsize
+    if math.prod(shape) != ref.numel:
+        raise CheckpointError(f"{ref.path}: holds {ref.numel} elements, its shape {shape} needs {math.prod(shape)}")
+    if kind is Kind.REPLICATED:
+        return ReadPlan(tuple(shape), ref.dtype, (Read(ref.path, ref.offset, 0, ref.numel),))
+    dim = kind.partition_dim
+    assert dim is not None
+    extent = shape[dim] if target_extent is None else target_extent
+    kept = shape[dim] if kind is Kind.VOCAB else None
+    try:
+        local, index = _full_index(kind, tuple(shape), extent, tp, tp_rank, kept)
+    except ValueError as e:
+        raise CheckpointError(f"{ref.path}: at TP {tp}: {e}") from None
+    reads = tuple(Read(ref.path, ref.offset + f * size, t, n) for f, t, n in index)
+    return ReadPlan(local, ref.dtype, tuple(sorted(reads, key=lambda r: r.dst)))
 
 
 def _read_plan(ckpt: ZeroCheckpoint, src: ParamSource, rule: MergeRule, key: str, tp: int, tp_rank: int,

@@ -239,6 +239,9 @@ def open_zero_checkpoint(folder: str) -> ZeroCheckpoint:
         tp, pp = meta.topology.tp, meta.topology.pp
     else:
         tp, pp = n_mp, 1
+    if meta is not None and meta.topology is not None and (meta.topology.tp, meta.topology.pp) != (tp, pp):
+        raise CheckpointError(f"{model_files[0]}: our metadata records TP {meta.topology.tp} x PP {meta.topology.pp}, "
+                              f"but DeepSpeed recorded TP {tp} x PP {pp} for these files")
     if tp * pp != n_mp:
         raise CheckpointError(f"{model_files[0]}: records TP {tp} x PP {pp} but the folder has {n_mp} mp_rank files")
     for path, st in zip(model_files, states):

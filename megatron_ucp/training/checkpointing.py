@@ -17,6 +17,7 @@ We also keep Megatron's ``latest_checkpointed_iteration.txt`` beside ``latest``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ import torch.distributed as dist
 from megatron_ucp.atomic import atomic_write
 from megatron_ucp.checkpoint.format import (
     LATEST_FILE,
+    MODEL_STATES_RE,
+    ZERO3_MODEL_STATES_RE,
     MEGATRON_TRACKER_FILE,
     SOURCE_TRAINING,
     CheckpointMetadata,
@@ -34,13 +37,16 @@ from megatron_ucp.checkpoint.format import (
     Versions,
     client_state,
     metadata_from_state,
+    read_metadata,
     step_folder_name,
 )
 from megatron_ucp.checkpoint.publish import LATEST_UNIVERSAL, require_verified
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name, path_inside, restricted_torch_load
+from megatron_ucp.checkpoint.zero import open_zero_checkpoint
 from megatron_ucp.config import ModelConfig, TrainConfig
 from megatron_ucp.distributed.groups import ParallelState
 from megatron_ucp.layout.params import pipe_entries
+from megatron_ucp.training.sliced_load import UniversalSource, ZeroSource, sliced_universal_load
 
 
 def build_metadata(model_cfg: ModelConfig, train_cfg: TrainConfig, state: ParallelState,
@@ -115,6 +121,35 @@ def checkpoint_folder(load_dir: str, universal: bool) -> str:
     return path_inside(load_dir, check_name(tag, tracker, "checkpoint folder name"))
 
 
+def _layout_text(topology, zero_stage, dtype) -> str:
+    return f"TP{topology.tp} PP{topology.pp} DP{topology.dp} ZeRO-{zero_stage} {dtype}"
+
+
+def load_route(folder: str, universal: bool, state: ParallelState, cfg: TrainConfig):
+    """(what the load does, in words; the sliced source, or None for DeepSpeed's own loader).
+
+    A universal folder is read by our sliced reader unless ``--universal-loader deepspeed``. A ZeRO
+    checkpoint saved at this run's layout (TP, PP, DP, ZeRO stage, precision) loads through DeepSpeed's
+    native path; at any other layout it is resharded directly from its shards."""
+    if universal:
+        if cfg.universal_loader == "deepspeed":
+            return "universal checkpoint, DeepSpeed's loader", None
+        return "universal checkpoint, sliced loader", UniversalSource(folder)
+    model_files = sorted(os.path.join(folder, n) for n in os.listdir(folder) if MODEL_STATES_RE.match(n) or ZERO3_MODEL_STATES_RE.match(n))
+    meta = read_metadata(model_files[0]) if model_files else None
+    if meta is None or meta.topology is None:
+        return "same layout (no metadata)", None
+    src = _layout_text(meta.topology, meta.zero_stage, meta.dtype)
+    dst = _layout_text(state.layout, cfg.zero_stage, cfg.dtype)
+    if src == dst:
+        return f"same layout ({dst})", None
+    if cfg.universal_loader == "deepspeed":
+        raise CheckpointError(f"{folder}: saved at {src}, this run is {dst}; DeepSpeed's loader cannot change the "
+                              "layout of a ZeRO checkpoint: convert it with tools/ds_to_universal.py and pass "
+                              "--universal-checkpoint, or use --universal-loader ours")
+    return f"direct reshard {src} -> {dst}", ZeroSource(open_zero_checkpoint(folder))
+
+
 def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: TrainConfig,
          group_hyperparameters: list[dict]) -> ResumeState:
     """Resume model, optimizer, scheduler and counters through DeepSpeed's loader.
@@ -139,17 +174,26 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
     folder = checkpoint_folder(load_dir, universal)
     if universal:
         require_verified(folder)
+    route, source = load_route(folder, universal, state, cfg)
     optimizer = engine.optimizer
     fresh_scaler = {k: getattr(optimizer, k) for k in ("loss_scaler", "dynamic_loss_scale") if hasattr(optimizer, k)}
-    with restricted_torch_load():  # DeepSpeed unpickles with weights_only=False; we do not
-        path, client = engine.load_checkpoint(load_dir, load_optimizer_states=True,
+    stats = None
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(restricted_torch_load())  # DeepSpeed unpickles with weights_only=False; we do not
+        if source is not None:
+            stats = stack.enter_context(sliced_universal_load(engine, source, state.layout.tp, state.coords.tp))
+        path, client = engine.load_checkpoint(load_dir, tag=os.path.basename(folder), load_optimizer_states=True,
                                               load_lr_scheduler_states=not cfg.finetune)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint to load in {load_dir}")
     if "iteration" not in client:
         raise ValueError(f"{path}: not written by megatron_ucp (no 'iteration' in its client state)")
     meta = metadata_from_state(client, path)
-    notes = []
+    notes = [route]
+    if stats is not None:
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, stats.state_bytes)
+        notes.append(f"state bytes read per rank: {', '.join(f'{b:,}' for b in per_rank)}")
     if meta is not None and meta.dtype != cfg.dtype:
         for key, value in fresh_scaler.items():
             setattr(optimizer, key, value)
@@ -166,7 +210,7 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
         notes.append("fine-tuning: iteration, data position and LR schedule start fresh")
         iteration, consumed = 0, 0
     else:
-        if universal and cfg.zero_stage == 3:
+        if (universal or source is not None) and cfg.zero_stage == 3:  # a universal-load sequence ran
             for group, hp in zip(groups, group_hyperparameters):
                 group["weight_decay"] = hp["weight_decay"]
             _unshare_steps(optimizer)

@@ -1,0 +1,275 @@
+"""Loading optimizer state at a new topology, each rank reading only the bytes it owns.
+
+DeepSpeed's universal load asks every ZeRO optimizer for ``_load_universal_checkpoint(folder, ...)``;
+its own version ``torch.load``s the *full* atom of every parameter a rank holds a piece of, then cuts
+the piece out. Ours is installed in its place for the duration of one ``engine.load_checkpoint``: for
+each parameter piece the rank owns (its ZeRO window of its TP-local tensor) it runs a read plan
+(``checkpoint.sliced``) and fills the optimizer's fp32 master, Adam moments and step exactly where
+DeepSpeed's loader would have put them. Everything around it (model-state files, LR scheduler,
+counters, the lp params refreshed from the fp32 masters) stays DeepSpeed's own sequence.
+
+Two sources feed the same hook:
+
+* ``ZeroSource``: a ZeRO checkpoint folder written at any topology (direct resume, no universal
+  folder in between; the plan composes the source's and the target's placements);
+* ``UniversalSource``: a universal folder (ours, DeepSpeed's or an HF import), read by byte range
+  from each atom instead of whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import types
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import torch
+
+from megatron_ucp.checkpoint.format import STATE_KEYS, STEP_KEY, atom_path, metadata_from_state, optimizer_state_path
+from megatron_ucp.checkpoint.sliced import ReadPlan, atom_read_plan, read_local, read_plan, window_plan
+from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file
+from megatron_ucp.checkpoint.universal import MergeRule, conversion_rules, optimizer_state, rules_from_table
+from megatron_ucp.checkpoint.zero import OPTIMIZER_STATE_DICT, FlatRef, ZeroCheckpoint
+from megatron_ucp.layout.params import Kind
+
+LOADERS = ("ours", "deepspeed")  # --universal-loader
+
+
+class StateSource(Protocol):
+    folder: str
+    model_files: list[str] | None  # the model-state files to read client state from; None: DeepSpeed's choice
+
+    def plan(self, name: str, key: str, local_shape: tuple[int, ...], tp: int, tp_rank: int) -> ReadPlan: ...
+
+    def step(self, name: str): ...
+
+    def global_state(self) -> dict: ...
+
+
+def _vocab_extent(kind: Kind, local_shape: tuple[int, ...], tp: int) -> int | None:
+    return local_shape[0] * tp if kind is Kind.VOCAB else None
+
+
+def _check_shape(plan: ReadPlan, local_shape: tuple[int, ...], name: str, where: str) -> ReadPlan:
+    if tuple(plan.local_shape) != tuple(local_shape):
+        raise CheckpointError(f"{where}: {name} would load as {tuple(plan.local_shape)} but this rank's parameter is "
+                              f"{tuple(local_shape)} (the checkpoint describes another model or layout)")
+    return plan
+
+
+class ZeroSource:
+    """A ZeRO-1/2/3 checkpoint folder at any topology, read through its recorded layout."""
+
+    def __init__(self, ckpt: ZeroCheckpoint) -> None:
+        if ckpt.checkpoint_metadata is None:
+            raise CheckpointError(f"{ckpt.model_files[0]}: no megatron_ucp metadata, so its layout is unknown; "
+                                  "convert it with tools/ds_to_universal.py and load with --universal-checkpoint")
+        self.ckpt = ckpt
+        self.folder = ckpt.folder
+        self.model_files: list[str] | None = list(ckpt.model_files)
+        self.rules: dict[str, MergeRule] = conversion_rules(ckpt, strict=True, inject_missing_state=False)
+
+    def _source(self, name: str):
+        src = self.ckpt.param_sources.get(name)
+        if src is None:
+            raise CheckpointError(f"{self.folder}: has no parameter {name}")
+        return src
+
+    def plan(self, name: str, key: str, local_shape: tuple[int, ...], tp: int, tp_rank: int) -> ReadPlan:
+        src, rule = self._source(name), self.rules[name]
+        plan = read_plan(self.ckpt, src, rule, key, tp, tp_rank, _vocab_extent(rule.kind, local_shape, tp))
+        return _check_shape(plan, local_shape, name, self.folder)
+
+    def step(self, name: str):
+        src = self._source(name)
+        return self.ckpt.step(src.pp, 0, src.fragments[0][0].dp, src.group)
+
+    def global_state(self) -> dict:
+        return optimizer_state(self.ckpt)
+
+
+class UniversalSource:
+    """A universal folder; each atom is read by byte range, never whole."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        names = sorted(n for n in os.listdir(folder) if n.endswith("model_states.pt"))
+        if not names:
+            raise CheckpointError(f"{folder}: no model-state files (not a universal checkpoint folder)")
+        self.model_files: list[str] | None = None  # DeepSpeed's universal load picks among them
+        first_file = os.path.join(folder, names[0])
+        meta = metadata_from_state(load_file(first_file, meta=True), first_file)
+        if meta is None:
+            raise CheckpointError(f"{first_file}: no megatron_ucp metadata, so the parameters' kinds are "
+                                  "unknown; load it with --universal-loader deepspeed")
+        self.rule = rules_from_table(meta.to_dict())
+        self._refs: dict[tuple[str, str], tuple[FlatRef, tuple[int, ...]]] = {}
+        self._global: dict | None = None
+
+    def _atom(self, name: str, key: str) -> tuple[FlatRef, tuple[int, ...]]:
+        if (name, key) not in self._refs:
+            path = atom_path(self.folder, check_name(name, self.folder), key)
+            atom = load_file(path, meta=True)
+            tensor = atom.get("param") if isinstance(atom, dict) else None
+            if not torch.is_tensor(tensor):
+                raise CheckpointError(f"{path}: no 'param' tensor")
+            self._refs[(name, key)] = (FlatRef.of(path, tensor.reshape(-1)), tuple(tensor.shape))
+        return self._refs[(name, key)]
+
+    def plan(self, name: str, key: str, local_shape: tuple[int, ...], tp: int, tp_rank: int) -> ReadPlan:
+        ref, shape = self._atom(name, key)
+        kind = self.rule(name).kind
+        plan = atom_read_plan(ref, shape, kind, tp, tp_rank, _vocab_extent(kind, local_shape, tp))
+        return _check_shape(plan, local_shape, name, ref.path)
+
+    def step(self, name: str):
+        path = atom_path(self.folder, check_name(name, self.folder), STEP_KEY)
+        return load_file(path, mmap=False) if os.path.isfile(path) else None
+
+    def global_state(self) -> dict:
+        if self._global is None:
+            self._global = load_file(optimizer_state_path(self.folder), mmap=False)
+        return self._global
+
+
+@dataclass
+class LoadStats:
+    """What one rank read: state bytes by plan (the bytes it owns) and how many pieces."""
+
+    state_bytes: int = 0
+    pieces: int = 0
+    params: set[str] = field(default_factory=set)
+
+
+def _read(source: StateSource, stats: LoadStats, name: str, key: str, local_shape: tuple[int, ...], tp: int,
+          tp_rank: int, window: tuple[int, int]) -> torch.Tensor:
+    plan = window_plan(source.plan(name, key, local_shape, tp, tp_rank), window, name)
+    stats.state_bytes += plan.nbytes
+    stats.pieces += 1
+    stats.params.add(name)
+    return read_local(plan)
+
+
+def _load_zero12(opt, source: StateSource, stats: LoadStats, lp_groups_name: str, tp: int, tp_rank: int) -> None:
+    """DeepSpeed's ``load_hp_checkpoint_state_from_checkpoint_dir`` (ZeRO-1/2, BF16_Optimizer), with
+    every parameter's fragment read by plan: same destinations, same group hyperparameters."""
+    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
+
+    optim_sd = source.global_state()
+    opt._load_global_state(optim_sd)
+    lp_groups = getattr(opt, lp_groups_name)
+    for i, (group, saved) in enumerate(zip(opt.optimizer.param_groups, optim_sd["param_groups"])):
+        keys: set[str] = set()
+        steps = []
+        for lp in lp_groups[i]:
+            mapping = lp._hp_mapping
+            if mapping is None:
+                continue
+            name = opt.param_names[lp]
+            addr = mapping.lp_fragment_address
+            window = (int(addr.start), int(addr.start) + int(addr.numel))
+            mapping.optim_fragment = {}
+            for key in STATE_KEYS:
+                piece = _read(source, stats, name, key, tuple(lp.shape), tp, tp_rank, window)
+                if key == "fp32":
+                    mapping.get_hp_fragment().data.copy_(piece)
+                else:
+                    mapping.optim_fragment[key] = piece
+            keys.update(mapping.get_optim_state_keys())
+            steps.append(source.step(name))
+        if steps:
+            if any(not _same_step(s, steps[0]) for s in steps):
+                raise CheckpointError(f"{source.folder}: optimizer group {i} has parameters at different steps")
+            hp = group["params"][0]
+            if steps[0] is not None:
+                opt.optimizer.state[hp]["step"] = steps[0]
+            map_to_flat_opt_states(hp, lp_groups[i], opt.optimizer.state, keys)
+        for key, value in saved.items():
+            if key != "params":
+                group[key] = value
+
+
+def _same_step(a, b) -> bool:
+    return bool(torch.equal(torch.as_tensor(a), torch.as_tensor(b)))
+
+
+def _load_zero3(opt, source: StateSource, stats: LoadStats, tp: int, tp_rank: int) -> None:
+    """DeepSpeed's ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``, each rank reading its own
+    ``ceil(numel / DP)`` window of every TP-local parameter (zeros past the end)."""
+    import torch.distributed as dist
+
+    if getattr(opt, "swap_optimizer", False):
+        raise CheckpointError("the sliced loader does not support ZeRO-3 optimizer offload to NVMe; "
+                              "use --universal-loader deepspeed")
+    optim_sd = source.global_state()
+    opt._load_global_state_stage3(optim_sd)
+    step = optim_sd[OPTIMIZER_STATE_DICT]["state"][0]["step"]
+    for key in STATE_KEYS:
+        for sub_group, fp16_group in enumerate(opt.fp16_groups):
+            flat = opt.fp32_partitioned_groups_flat[sub_group]
+            filled = torch.zeros_like(flat)
+            offset = 0
+            for param in fp16_group:
+                group = opt._get_param_partition_group(param)
+                rank, world = dist.get_rank(group=group), dist.get_world_size(group=group)
+                numel = int(param.ds_numel)
+                part = math.ceil(numel / world)
+                lo, hi = min(rank * part, numel), min((rank + 1) * part, numel)
+                piece = _read(source, stats, opt.param_names[param], key, tuple(param.ds_shape), tp, tp_rank, (lo, hi))
+                filled.narrow(0, offset, hi - lo).copy_(piece)
+                offset += part
+            if key == "fp32":
+                flat.data.copy_(filled)
+                opt.optimizer.state[flat]["step"] = step
+            else:
+                opt.optimizer.state[flat][key] = filled
+    for group in opt.optimizer.param_groups:
+        for key, value in optim_sd[OPTIMIZER_STATE_DICT]["param_groups"][0].items():
+            group[key] = [] if key == "params" else value
+    for sub_group in range(len(opt.fp32_partitioned_groups_flat)):
+        fp32 = opt.fp32_partitioned_groups_flat[sub_group]
+        if sum(fp32.size()) > 0:
+            opt.fp16_partitioned_groups_flat[sub_group].data.copy_(fp32.data)
+    for sub_group in range(len(opt.fp16_partitioned_groups_flat)):
+        updated = opt.unflatten(opt.fp16_partitioned_groups_flat[sub_group], opt.fp16_partitioned_groups[sub_group])
+        for partitioned, q in zip(opt.fp16_partitioned_groups[sub_group], updated):
+            partitioned.data = q.data
+
+
+@contextlib.contextmanager
+def sliced_universal_load(engine, source: StateSource, tp: int, tp_rank: int) -> Iterator[LoadStats]:
+    """Within the block, ``engine.load_checkpoint`` runs DeepSpeed's universal-load sequence with our
+    sliced reader in place of its per-parameter loader, on ``source``'s files."""
+    opt = engine.optimizer
+    stats = LoadStats()
+    lp_groups_name = next((n for n in ("bit16_groups", "bf16_groups") if hasattr(opt, n)), None)
+    if engine.zero_optimization_partition_weights():
+        def hook(self, folder, load_optimizer_states, load_from_fp32_weights):
+            _load_zero3(self, source, stats, tp, tp_rank)
+    elif lp_groups_name is not None:
+        def hook(self, folder, load_optimizer_states, load_from_fp32_weights):
+            _load_zero12(self, source, stats, lp_groups_name, tp, tp_rank)
+    else:
+        raise CheckpointError(f"{source.folder}: the sliced loader needs a ZeRO or bf16 optimizer, "
+                              f"not {type(opt).__name__}")
+    config = engine._config
+    saved_flag = config.load_universal_checkpoint
+    saved_names = engine.__dict__.get("_get_all_ckpt_names")
+    opt._load_universal_checkpoint = types.MethodType(hook, opt)
+    # The model-state files (client state, LR scheduler, counters) are the source's own, whatever the
+    # target's ZeRO stage would call them.
+    if source.model_files is not None:
+        files = list(source.model_files)
+        engine._get_all_ckpt_names = lambda load_dir, tag: files
+    config.load_universal_checkpoint = True
+    try:
+        yield stats
+    finally:
+        config.load_universal_checkpoint = saved_flag
+        del opt._load_universal_checkpoint
+        if saved_names is None:
+            engine.__dict__.pop("_get_all_ckpt_names", None)
+        else:
+            engine._get_all_ckpt_names = saved_names

@@ -298,10 +298,11 @@ class TrainConfig:
             )
         if self.no_pipeline_parallel and self.pipeline_model_parallel_size > 1:
             raise ValueError("--no-pipeline-parallel needs --pipeline-model-parallel-size 1")
-        if self.zero_stage == 3 and self.tensor_model_parallel_size > 1:
+        if self.zero_stage == 3 and self.tensor_model_parallel_size > 1 and self.universal_loader == "deepspeed":
             raise ValueError(
-                f"ZeRO stage 3 supports tensor parallel size 1 only, got {self.tensor_model_parallel_size}: "
-                "DeepSpeed's stage-3 universal loader slices tensor-parallel weights only for AutoTP models"
+                f"ZeRO stage 3 with --universal-loader deepspeed supports tensor parallel size 1 only, got "
+                f"{self.tensor_model_parallel_size}: DeepSpeed's stage-3 universal loader slices tensor-parallel "
+                "weights only for AutoTP models (our loader, the default, has no such limit)"
             )
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(

@@ -31,7 +31,8 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 RESUME_AT, ITERS = 3, 13  # resume at 3, then 10 more steps compared with the source's
 
 # name: (zero stage, tp, pp, dp, global batch)
-SOURCES = {"z1_tp2pp2dp2": (1, 2, 2, 2, 4), "z3_dp4": (3, 1, 1, 4, 4), "z1_dp3": (1, 1, 1, 3, 6)}
+SOURCES = {"z1_tp2pp2dp2": (1, 2, 2, 2, 4), "z1_tp1pp2dp2": (1, 1, 2, 2, 4), "z3_dp4": (3, 1, 1, 4, 4),
+           "z1_dp3": (1, 1, 1, 3, 6)}
 
 
 def _cfg(stage, tp, pp, batch, **kw):
@@ -102,19 +103,23 @@ def _state_bytes(dump_dir, vocab=50) -> int:
     return total
 
 
-# source, target (zero stage, tp, pp, dp), the converter whose output DeepSpeed's loader gets
+# source, target (zero stage, tp, pp, dp), the reference route: converter + loader
 CASES = [
-    ("z1_tp2pp2dp2", (1, 1, 4, 1), "deepspeed"),
+    ("z1_tp2pp2dp2", (1, 1, 4, 1), ("deepspeed", "deepspeed")),
     # DeepSpeed's ZeRO-3 loader needs optimizer_state.pt in the form ours writes
-    ("z1_tp2pp2dp2", (3, 1, 1, 4), "ours"),
+    ("z1_tp2pp2dp2", (3, 1, 1, 4), ("ours", "deepspeed")),
+    # ZeRO-3 at TP 2 with the padded vocabulary: DeepSpeed's ZeRO-3 loader cannot slice TP (the trainer
+    # refuses it there), so the reference is DeepSpeed's converter read by our sliced universal loader
+    ("z1_tp1pp2dp2", (3, 2, 1, 2), ("deepspeed", "ours")),
     # DeepSpeed's converter writes ZeRO-3 atoms as raw flat tensors, which its ZeRO-1/2 loader cannot read
-    ("z3_dp4", (1, 4, 1, 1), "ours"),
-    ("z1_dp3", (1, 2, 1, 1), "deepspeed"),
+    ("z3_dp4", (1, 4, 1, 1), ("ours", "deepspeed")),
+    ("z1_dp3", (1, 2, 1, 1), ("deepspeed", "deepspeed")),
 ]
 
 
-def _reference(src, converter, target, batch, tmp_path):
-    """Converted to a universal folder and loaded by DeepSpeed's loader: the classic route."""
+def _reference(src, route, target, batch, tmp_path):
+    """The classic route: converted to a universal folder, then loaded at the target."""
+    converter, loader = route
     universal = tmp_path / "universal" / f"global_step{RESUME_AT}_universal"
     if converter == "deepspeed":
         from deepspeed.checkpoint import ds_to_universal
@@ -127,14 +132,14 @@ def _reference(src, converter, target, batch, tmp_path):
     dump = tmp_path / "ref_dump"
     dump.mkdir()
     cfg = _cfg(stage, tp, pp, batch, train_iters=RESUME_AT, load=str(universal.parent), universal_checkpoint=True,
-               universal_loader="deepspeed")
+               universal_loader=loader)
     run_distributed(_run, tp * pp * dp, cfg, str(dump), "load", None)
     return dump
 
 
-@pytest.mark.parametrize("source,target,converter", CASES, ids=[f"{s}-to-z{t[0]}_tp{t[1]}pp{t[2]}dp{t[3]}"
+@pytest.mark.parametrize("source,target,route", CASES, ids=[f"{s}-to-z{t[0]}_tp{t[1]}pp{t[2]}dp{t[3]}"
                                                                  for s, t, _ in CASES])
-def test_direct_resume(sources, tmp_path, source, target, converter):
+def test_direct_resume(sources, tmp_path, source, target, route):
     root, all_src = sources
     src = all_src[source]
     stage, tp, pp, dp = target
@@ -146,7 +151,7 @@ def test_direct_resume(sources, tmp_path, source, target, converter):
 
     want, _, _, _ = _assemble(src["dump"])
     got, padding, global_steps, lr_steps = _assemble(dump)
-    ref, _, _, _ = _assemble(_reference(src, converter, target, src["batch"], tmp_path))
+    ref, _, _, _ = _assemble(_reference(src, route, target, src["batch"], tmp_path))
     assert want.keys() == got.keys() == ref.keys()
     for key in want:
         assert torch.equal(want[key], got[key]), key
@@ -214,3 +219,48 @@ def test_wrong_source_layout_fails(sources, tmp_path):
     got, _, _, _ = _assemble(dump)
     differ = sorted({name for name, key in want if not torch.equal(want[(name, key)], got[(name, key)])})
     assert differ == ["tied_modules.embed.word_embeddings.weight"], differ
+
+
+def _killed_mid_reshard(rank, world_size, cfg_dict, victim, after_reads):
+    """A resume in which rank ``victim`` is SIGKILLed in the middle of its reads."""
+    import signal
+
+    import megatron_ucp.checkpoint.sliced as sliced
+    import megatron_ucp.training.sliced_load as sliced_load
+
+    if rank == victim:
+        real, calls = sliced.read_local, [0]
+
+        def read_then_die(plan):
+            calls[0] += 1
+            if calls[0] > after_reads:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(plan)
+
+        sliced_load.read_local = read_then_die
+    _run(rank, world_size, cfg_dict, None, None, None)
+
+
+def _digest(folder) -> dict:
+    import hashlib
+
+    return {p.name: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_rank_killed_during_a_direct_reshard_loses_nothing(sources, tmp_path):
+    """SIGKILL of one rank mid-reshard: the job fails, the source checkpoint is untouched (the reshard
+    writes nothing), and the rerun resumes with the source's state bitwise."""
+    _, all_src = sources
+    src = all_src["z1_tp2pp2dp2"]
+    before = _digest(src["zero"].parent)
+    cfg = _cfg(3, 1, 1, src["batch"], train_iters=RESUME_AT, load=str(src["zero"].parent))
+    with pytest.raises(Exception, match="process 2 terminated with signal SIGKILL"):
+        run_distributed(_killed_mid_reshard, 4, cfg, 2, 20)
+    assert _digest(src["zero"].parent) == before
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    run_distributed(_run, 4, cfg, str(dump), "load", None)
+    want, _, _, _ = _assemble(src["dump"])
+    got, _, _, _ = _assemble(dump)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

@@ -172,10 +172,12 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 
 
 def embedding_rows(vocab_size: int, divisible_by: int, tp: int, zero_stage: int = 0) -> int:
-    """Rows of the embedding and head. ZeRO-3 keeps the vocabulary unpadded: DeepSpeed's stage-3
-    universal loader flattens each atom without re-padding vocabulary rows, so a padded parameter would
-    shift every later parameter's slice (ZeRO-3 runs at TP 1, see ``TrainConfig``)."""
-    if zero_stage == 3:
+    """Rows of the embedding and head: Megatron's padded vocabulary, except ZeRO-3 at TP 1, which keeps
+    it unpadded. DeepSpeed's stage-3 universal loader flattens each atom without re-padding vocabulary
+    rows (a padded parameter would shift every later parameter's slice), and at TP 1 it is a loader a
+    run may choose; at TP > 1 only our sliced loader loads ZeRO-3 (DeepSpeed's slices TP only for
+    AutoTP models), which pads like every other stage."""
+    if zero_stage == 3 and tp == 1:
         return vocab_size
     return padded_vocab_size(vocab_size, divisible_by, tp)
 

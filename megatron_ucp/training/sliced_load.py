@@ -27,7 +27,15 @@ from typing import Iterator, Protocol
 
 import torch
 
-from megatron_ucp.checkpoint.format import STATE_KEYS, STEP_KEY, atom_path, metadata_from_state, optimizer_state_path
+from megatron_ucp.checkpoint.format import (
+    MODEL_STATES_RE,
+    STATE_KEYS,
+    STEP_KEY,
+    ZERO3_MODEL_STATES_RE,
+    atom_path,
+    metadata_from_state,
+    optimizer_state_path,
+)
 from megatron_ucp.checkpoint.sliced import ReadPlan, atom_read_plan, read_local, read_plan, window_plan
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file
 from megatron_ucp.checkpoint.universal import MergeRule, conversion_rules, optimizer_state, rules_from_table
@@ -39,7 +47,7 @@ LOADERS = ("ours", "deepspeed")  # --universal-loader
 
 class StateSource(Protocol):
     folder: str
-    model_files: list[str] | None  # the model-state files to read client state from; None: DeepSpeed's choice
+    model_files: list[str] | None  # the model-state files (by mp rank) to read client state from
 
     def plan(self, name: str, key: str, local_shape: tuple[int, ...], tp: int, tp_rank: int) -> ReadPlan: ...
 
@@ -98,8 +106,15 @@ class UniversalSource:
         names = sorted(n for n in os.listdir(folder) if n.endswith("model_states.pt"))
         if not names:
             raise CheckpointError(f"{folder}: no model-state files (not a universal checkpoint folder)")
-        self.model_files: list[str] | None = None  # DeepSpeed's universal load picks among them
-        first_file = os.path.join(folder, names[0])
+        # The source's model-state files by mp rank, whichever of DeepSpeed's two names a converter wrote
+        # (ours writes both; DeepSpeed's only mp_rank_XX, which its ZeRO-3 engine would not find).
+        by_mp = {int(m.group(1)): n for n in names if (m := MODEL_STATES_RE.match(n))}
+        if not by_mp:
+            by_mp = {int(m.group(2)): n for n in names if (m := ZERO3_MODEL_STATES_RE.match(n)) and m.group(1) == "0"}
+        if sorted(by_mp) != list(range(len(by_mp))):
+            raise CheckpointError(f"{folder}: model-state files for mp ranks {sorted(by_mp)}, expected 0..{len(by_mp) - 1}")
+        self.model_files: list[str] | None = [os.path.join(folder, by_mp[i]) for i in range(len(by_mp))]
+        first_file = self.model_files[0]
         meta = metadata_from_state(load_file(first_file, meta=True), first_file)
         if meta is None:
             raise CheckpointError(f"{first_file}: no megatron_ucp metadata, so the parameters' kinds are "
@@ -205,7 +220,13 @@ def _load_zero3(opt, source: StateSource, stats: LoadStats, tp: int, tp_rank: in
                               "use --universal-loader deepspeed")
     optim_sd = source.global_state()
     opt._load_global_state_stage3(optim_sd)
-    step = optim_sd[OPTIMIZER_STATE_DICT]["state"][0]["step"]
+    # ZeRO-3's form of the global state (ours) carries the step and the hyperparameters inside the
+    # inner optimizer state; DeepSpeed's converter writes the ZeRO-1/2 form: the step of any parameter's
+    # atom then, and the first param group's hyperparameters.
+    inner = optim_sd.get(OPTIMIZER_STATE_DICT)
+    first_name = opt.param_names[opt.fp16_groups[0][0]]
+    step = inner["state"][0]["step"] if inner is not None else source.step(first_name)
+    hyper = (inner if inner is not None else optim_sd)["param_groups"][0]
     for key in STATE_KEYS:
         for sub_group, fp16_group in enumerate(opt.fp16_groups):
             flat = opt.fp32_partitioned_groups_flat[sub_group]
@@ -226,7 +247,7 @@ def _load_zero3(opt, source: StateSource, stats: LoadStats, tp: int, tp_rank: in
             else:
                 opt.optimizer.state[flat][key] = filled
     for group in opt.optimizer.param_groups:
-        for key, value in optim_sd[OPTIMIZER_STATE_DICT]["param_groups"][0].items():
+        for key, value in hyper.items():
             group[key] = [] if key == "params" else value
     for sub_group in range(len(opt.fp32_partitioned_groups_flat)):
         fp32 = opt.fp32_partitioned_groups_flat[sub_group]

@@ -251,6 +251,9 @@ class TrainConfig:
     load: str | None = field(default=None, metadata=cli("--load", help="checkpoint folder to resume from"))
     universal_checkpoint: bool = field(default=False, metadata=cli(
         "--universal-checkpoint", help="--load is a universal checkpoint (any topology)"))
+    ckpt_step: int | None = field(default=None, metadata=cli(
+        "--ckpt-step", help="resume from the checkpoint of this iteration in --load (default: the one its "
+                            "'latest' file names)"))
     universal_loader: str = field(default="ours", metadata=cli(
         "--universal-loader", choices=("ours", "deepspeed"),
         help="how --load state is read at a new topology: ours (each rank reads only the bytes it owns, from "
@@ -320,6 +323,8 @@ class TrainConfig:
             raise ValueError(f"save_interval must be positive, got {self.save_interval}")
         if self.universal_checkpoint and not self.load:
             raise ValueError("--universal-checkpoint needs --load")
+        if self.ckpt_step is not None and (not self.load or self.ckpt_step < 0):
+            raise ValueError(f"--ckpt-step needs --load and an iteration >= 0, got {self.ckpt_step}")
         if self.universal_loader not in ("ours", "deepspeed"):
             raise ValueError(f"universal_loader must be ours or deepspeed, got {self.universal_loader!r}")
         if self.finetune and not self.load:

@@ -111,7 +111,7 @@ FULL_ARGV = [
     "--split", "90,10,0", "--tokenizer-type", "GPT2BPETokenizer", "--tokenizer-model", "t.model",
     "--vocab-file", "v.json", "--merge-file", "m.txt", "--vocab-size", "100", "--log-interval", "2",
     "--eval-interval", "5", "--eval-iters", "1", "--tensorboard-dir", "tb", "--loss-log", "l.jsonl",
-    "--save", "s", "--save-interval", "10", "--load", "in", "--universal-checkpoint", "--universal-loader", "deepspeed", "--no-load-rng",
+    "--save", "s", "--save-interval", "10", "--load", "in", "--universal-checkpoint", "--ckpt-step", "8", "--universal-loader", "deepspeed", "--no-load-rng",
     "--trust-checkpoint-code", "--finetune", "--no-pipeline-parallel", "--deepspeed-config", "ds.json",
     "--ds-config-out", "out.json",
 ]
@@ -127,7 +127,7 @@ FULL_TRAIN = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=1, 
                   split="90,10,0", tokenizer_type="GPT2BPETokenizer", tokenizer_model="t.model",
                   vocab_file="v.json", merge_file="m.txt", vocab_size=100, log_interval=2, eval_interval=5,
                   eval_iters=1, tensorboard_dir="tb", loss_log="l.jsonl", save="s", save_interval=10, load="in",
-                  universal_checkpoint=True, universal_loader="deepspeed", no_load_rng=True, trust_checkpoint_code=True, finetune=True,
+                  universal_checkpoint=True, ckpt_step=8, universal_loader="deepspeed", no_load_rng=True, trust_checkpoint_code=True, finetune=True,
                   no_pipeline_parallel=True, deepspeed_config="ds.json", ds_config_out="out.json")
 
 

@@ -1,5 +1,6 @@
-"""A small version of the whole demo through the shell recipes: baseline TP2 PP2 DP2, our converter,
-resume at TP1 PP2 DP1, plot with --assert-close (fp32, so the verdict can be strict)."""
+"""A small version of the whole demo through the shell recipes: baseline TP2 PP2 DP2; resume at TP1 PP2
+DP1 from our converter's universal checkpoint, and again straight from the ZeRO checkpoint (direct
+reshard, no conversion); plot each with --assert-close (fp32, so the verdict can be strict)."""
 
 import json
 import os
@@ -34,3 +35,11 @@ def test_demo_recipes_end_to_end(tmp_path):
     plots = tmp_path / "plots_fp32_z1_tp1_pp2_dp1_sp1_from_tp2_pp2_dp2_it3"
     assert (plots / "training_loss.png").stat().st_size > 10_000
     assert (plots / "validation_loss.png").exists()
+    # The direct route: no universal folder, the trainer says what it did, and its verdict passes too.
+    direct = tmp_path / "fp32_z1_tp1_pp2_dp1_sp1_from_tp2_pp2_dp2_it3_direct"
+    log = (direct / "train.log").read_text()
+    assert "direct reshard TP2 PP2 DP2 ZeRO-1 fp32 -> TP1 PP2 DP1 ZeRO-1 fp32" in log, log[-3000:]
+    assert "checkpoints/global_step3/mp_rank_00_model_states.pt at iteration 3" in log  # --ckpt-step, not latest
+    assert sorted(p.name for p in base.iterdir() if p.name.startswith("universal_")) == ["universal_ours"]
+    assert json.loads((tmp_path / "verdict_direct.json").read_text())["pass"] is True
+    assert (tmp_path / f"plots_{direct.name}" / "training_loss.png").stat().st_size > 10_000

@@ -130,7 +130,7 @@ TARGET_PP="${TARGET_PP:-4}"
 TARGET_DP="${TARGET_DP:-1}"
 TARGET_ZERO_STAGE="${TARGET_ZERO_STAGE:-$ZERO_STAGE}"  # resume at another ZeRO stage (2/3: TARGET_PP=1)
 TARGET_DTYPE="${TARGET_DTYPE:-$DTYPE}"                # or in another precision (the loss scaler is reset)
-CONVERTER="${CONVERTER:-ours}"          # ours | deepspeed
+CONVERTER="${CONVERTER:-ours}"          # ours | deepspeed | auto (no conversion: direct reshard at load)
 ASSERT_ATOL="${ASSERT_ATOL:-}"          # e.g. 1e-3: fail the recipe if the curves differ by more
 
 # convert_to_universal ZERO_FOLDER UNIVERSAL_FOLDER: run the chosen converter. Ours verifies before it

@@ -111,8 +111,15 @@ def _unshare_steps(optimizer) -> None:
             state["step"] = state["step"].clone()
 
 
-def checkpoint_folder(load_dir: str, universal: bool) -> str:
-    """The folder ``latest`` (or ``latest_universal``) in ``load_dir`` names, checked to lie inside it."""
+def checkpoint_folder(load_dir: str, universal: bool, step: int | None = None) -> str:
+    """The folder ``latest`` (or ``latest_universal``) in ``load_dir`` names, checked to lie inside it;
+    ``step``: the folder of that iteration instead (``global_step<N>``, ``..._universal``)."""
+    if step is not None:
+        name = step_folder_name(step) + ("_universal" if universal else "")
+        folder = path_inside(load_dir, name)
+        if not os.path.isdir(folder):
+            raise CheckpointError(f"{folder}: no such checkpoint folder (--ckpt-step {step})")
+        return folder
     tracker = os.path.join(load_dir, LATEST_UNIVERSAL if universal else LATEST_FILE)
     if not os.path.isfile(tracker):
         raise CheckpointError(f"{tracker}: no such file; nothing to resume from in {load_dir}")
@@ -171,7 +178,7 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
       tensor, which Adam increments in place once per sub-group, so the bias correction would run
       ahead by one step per extra sub-group; each sub-group gets its own copy.
     """
-    folder = checkpoint_folder(load_dir, universal)
+    folder = checkpoint_folder(load_dir, universal, cfg.ckpt_step)
     if universal:
         require_verified(folder)
     route, source = load_route(folder, universal, state, cfg)

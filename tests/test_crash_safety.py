@@ -64,7 +64,10 @@ def _check_state_after_kill(parent: Path, out: Path) -> str:
     return "nothing published"
 
 
-def test_killed_conversions_leave_a_complete_output_or_none(zero_checkpoint, tmp_path):
+def test_killed_conversions_leave_a_complete_output_or_none(zero_checkpoint, tmp_path, capsys):
+    from helpers import load_tool
+
+    cli = load_tool("ds_to_universal")  # the reruns run in this process: no interpreter start-up each
     reference = tmp_path / "reference" / "global_step1_universal"
     t0 = time.perf_counter()
     subprocess.run(_command(zero_checkpoint, reference), check=True, env=_env(), capture_output=True)
@@ -99,11 +102,12 @@ def test_killed_conversions_leave_a_complete_output_or_none(zero_checkpoint, tmp
         state = _check_state_after_kill(parent, out)
         leftovers = sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name)
         # The same command again: succeeds, and cleans up after the dead process.
-        rerun = subprocess.run(_command(zero_checkpoint, out), env=_env(), capture_output=True, text=True)
-        assert rerun.returncode == 0, rerun.stderr
+        capsys.readouterr()
+        assert cli.main(_command(zero_checkpoint, out)[2:]) == 0
+        rerun_err = capsys.readouterr().err
         assert sorted(p.name for p in parent.iterdir()) == ["global_step1_universal", "latest_universal"]
         for name in leftovers:
-            assert f"removed {parent / name}" in rerun.stderr, rerun.stderr
+            assert f"removed {parent / name}" in rerun_err, rerun_err
         cmp = compare_universal(str(reference), str(out))
         assert cmp.equal and cmp.compared > 100, cmp.summary()
         require_verified(str(out))

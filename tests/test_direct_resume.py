@@ -28,7 +28,7 @@ from test_universal import MODEL, _assemble, _ds_args, _dump_states, _losses
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-RESUME_AT, ITERS = 3, 13  # resume at 3, then 10 more steps compared with the source's
+RESUME_AT, ITERS = 3, 23  # resume at 3, then 20 more steps compared with the source's
 
 # name: (zero stage, tp, pp, dp, global batch)
 SOURCES = {"z1_tp2pp2dp2": (1, 2, 2, 2, 4), "z1_tp1pp2dp2": (1, 1, 2, 2, 4), "z3_dp4": (3, 1, 1, 4, 4),

@@ -67,6 +67,21 @@ def _run(rank, world_size, cfg_dict, dump_dir, dump_when, log_path):
             f.write(out.getvalue())
 
 
+def _source_run(rank, world_size, cfg_dict, dump_dir, loss_log):
+    """One source run: train to RESUME_AT and save there, dump the state, then carry on to ITERS
+    without saving, logging the losses the resumed runs are compared with."""
+    import dataclasses
+
+    from megatron_ucp.training.trainer import Trainer
+
+    with Trainer(MODEL, TrainConfig(**cfg_dict)) as trainer:
+        trainer.build()
+        trainer.run()
+        _dump_states(trainer, rank, dump_dir)
+        trainer.cfg = dataclasses.replace(trainer.cfg, train_iters=ITERS, save=None, loss_log=loss_log)
+        trainer.run()
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """Per source layout: its checkpoint of iteration RESUME_AT with the state dumped there, and the
@@ -77,11 +92,10 @@ def sources(tmp_path_factory):
         dump = root / f"{name}_dump"
         dump.mkdir()
         cfg = _cfg(stage, tp, pp, batch, train_iters=RESUME_AT, save=str(root / name), save_interval=RESUME_AT)
-        run_distributed(_run, tp * pp * dp, cfg, str(dump), "end", None)
-        cfg = _cfg(stage, tp, pp, batch, loss_log=str(root / f"{name}.jsonl"))
-        run_distributed(_run, tp * pp * dp, cfg, None, None, None)
+        run_distributed(_source_run, tp * pp * dp, cfg, str(dump), str(root / f"{name}.jsonl"))
         out[name] = {"zero": root / name / f"global_step{RESUME_AT}", "dump": dump,
                      "losses": _losses(root / f"{name}.jsonl"), "batch": batch}
+    assert sorted(out["z1_dp3"]["losses"]) == list(range(RESUME_AT + 1, ITERS + 1))
     return root, out
 
 

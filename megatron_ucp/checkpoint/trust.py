@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import os
 import pickle
 import re
 import threading
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, cast
 
 import torch
 
@@ -174,6 +175,42 @@ class _stub_pickle:  # noqa: N801 - a stand-in for the pickle module, as torch.l
 _original_torch_load = torch.load
 
 
+class _ExactReader(io.RawIOBase):
+    """A file read with ``pread`` exactly as asked, no read-ahead: what a header-only (meta) load reads
+    is the zip directory and the pickle, a few KiB, not a buffered file's 8 KiB chunks per seek."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self._fd = os.open(path, os.O_RDONLY)
+        self._size = os.fstat(self._fd).st_size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        data = os.pread(self._fd, len(buffer), self._pos)
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
 def load_file(path: str, mmap: bool = True, meta: bool = False, map_location: Any = None) -> Any:
     """``torch.load`` of a file we did not just write: restricted unpickling, clear one-line errors.
 
@@ -184,12 +221,17 @@ def load_file(path: str, mmap: bool = True, meta: bool = False, map_location: An
         raise CheckpointError(f"{path}: missing file")
     location = "meta" if meta else (map_location if map_location is not None else "cpu")
     try:
+        if meta:
+            with _ExactReader(path) as reader:
+                f = cast(IO[bytes], reader)  # a raw binary file: what torch.load reads from
+                if _trusted:
+                    return _original_torch_load(f, map_location="meta", weights_only=False, pickle_module=_stub_pickle)
+                with _lock, torch.serialization.safe_globals(allowed_globals(stub_deepspeed=True)):
+                    return _original_torch_load(f, map_location="meta", weights_only=True)
         if _trusted:
-            if meta:
-                return _original_torch_load(path, map_location="meta", weights_only=False, pickle_module=_stub_pickle)
             return _original_torch_load(path, map_location=location, mmap=mmap, weights_only=False)
-        with _lock, torch.serialization.safe_globals(allowed_globals(stub_deepspeed=meta)):
-            return _original_torch_load(path, map_location=location, mmap=mmap and not meta, weights_only=True)
+        with _lock, torch.serialization.safe_globals(allowed_globals(stub_deepspeed=False)):
+            return _original_torch_load(path, map_location=location, mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as e:
         raise _refusal(path, e) from None
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means the file is unusable

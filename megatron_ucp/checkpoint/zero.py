@@ -321,7 +321,7 @@ def _index_fragments(ckpt: ZeroCheckpoint, pipeline_replicated) -> None:
                     refs.append({"fp32": FlatRef.of(path, osd[SINGLE_PARTITION_OF_FP32_GROUPS][g]),
                                  "exp_avg": FlatRef.of(path, state["exp_avg"]),
                                  "exp_avg_sq": FlatRef.of(path, state["exp_avg_sq"])})
-                    group_steps.append(_read_scalar(path, state.get("step")))
+                    group_steps.append(read_scalar(path, state.get("step")))
                 ckpt.flat_refs[(dp, mp)] = refs
                 ckpt.steps[(dp, mp)] = group_steps
                 for g, mapping in enumerate(mappings):
@@ -392,7 +392,7 @@ def _index_zero3_fragments(ckpt: ZeroCheckpoint) -> None:
                 if len({r.numel for r in refs[-1].values()}) != 1:
                     raise CheckpointError(f"{path}: sub-group {g}'s fp32, exp_avg and exp_avg_sq partitions differ "
                                           f"in size ({[r.numel for r in refs[-1].values()]})")
-                got = _read_scalar(path, st.get("step"))
+                got = read_scalar(path, st.get("step"))
                 if step is not None and got is not None and int(got) != step:
                     raise CheckpointError(f"{path}: optimizer is at step {int(got)}, but {ckpt.model_files[mp]} is "
                                           f"at step {step} (mixed-iteration shard files)")
@@ -442,7 +442,7 @@ def _check_inside_partition(path: str, name: str, frag: Fragment, refs: dict[str
                                   f"lies outside its {key} partition of {ref.numel} elements")
 
 
-def _read_scalar(path: str, value):
+def read_scalar(path: str, value):
     """A step value as saved: a python number, or a 0-d tensor whose bytes are read from the file."""
     if value is None or not torch.is_tensor(value):
         return value

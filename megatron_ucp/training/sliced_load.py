@@ -39,7 +39,7 @@ from megatron_ucp.checkpoint.format import (
 from megatron_ucp.checkpoint.sliced import ReadPlan, atom_read_plan, read_local, read_plan, window_plan
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file
 from megatron_ucp.checkpoint.universal import MergeRule, conversion_rules, optimizer_state, rules_from_table
-from megatron_ucp.checkpoint.zero import OPTIMIZER_STATE_DICT, FlatRef, ZeroCheckpoint
+from megatron_ucp.checkpoint.zero import OPTIMIZER_STATE_DICT, FlatRef, ZeroCheckpoint, read_scalar
 from megatron_ucp.layout.params import Kind
 
 LOADERS = ("ours", "deepspeed")  # --universal-loader
@@ -140,8 +140,9 @@ class UniversalSource:
         return _check_shape(plan, local_shape, name, ref.path)
 
     def step(self, name: str):
+        """The parameter's step atom (a 0-d tensor or a number): its header, then its few bytes."""
         path = atom_path(self.folder, check_name(name, self.folder), STEP_KEY)
-        return load_file(path, mmap=False) if os.path.isfile(path) else None
+        return read_scalar(path, load_file(path, meta=True)) if os.path.isfile(path) else None
 
     def global_state(self) -> dict:
         if self._global is None:

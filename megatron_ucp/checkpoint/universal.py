@@ -25,20 +25,25 @@ It is produced differently from DeepSpeed's:
 * **Safe.** Output goes to ``<output>.tmp-<pid>`` next to the target and is renamed into place when
   complete; ``latest_universal`` is written last; a non-empty output is refused unless
   ``overwrite``; the output may not be inside the input.
+* **On many processes** (``Partition``; ``torchrun tools/ds_to_universal.py``): the parameters are split
+  between them by size, each writes its share into the one staging folder, and the output is the same,
+  bit for bit, as one process's. They only synchronise (a few small ``all_gather_object`` calls), and a
+  failure in any of them stops all of them before anything is published.
 """
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import io
 import os
 import re
 import shutil
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, cast
+from typing import Any, Callable, Iterator, Protocol, cast
 
 import torch
 
@@ -76,9 +81,11 @@ from megatron_ucp.checkpoint.zero import (
     open_zero_checkpoint,
     read_into,
 )
+from megatron_ucp.cli import one_line
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.layout.params import Kind, spec_of
 from megatron_ucp.layout.placement import RegionMap, flat_segments, tp_map
+from megatron_ucp.progress import ByteProgress, byte_progress
 
 UNIVERSAL_KIND = "universal"  # the completion marker's kind for our converter's output
 
@@ -166,21 +173,23 @@ class ConvertReport:
     params: int
     bytes_written: int
     seconds: float
-    workers: int
+    workers: int  # threads (in each process)
     verified: bool = False
     notes: list[str] = field(default_factory=list)
+    processes: int = 1
 
     def summary(self) -> str:
         gb = self.bytes_written / 1e9
         rate = gb / self.seconds if self.seconds > 0 else float("nan")
         ver = ", verified" if self.verified else ", NOT verified"
         notes = "".join(f"; {n}" for n in self.notes)
+        procs = f" in each of {self.processes} processes" if self.processes > 1 else ""
         if self.workers == 0:  # kept: nothing was converted
             return f"{self.output_folder}: {self.params} parameters of iteration {self.iteration}{notes}"
         return (f"converted {self.params} parameters of iteration {self.iteration} "
                 f"(TP{self.topology['tp']} PP{self.topology['pp']} DP{self.topology['dp']}) into "
                 f"{self.output_folder}: {gb:.3f} GB in {self.seconds:.2f} s ({rate:.2f} GB/s), "
-                f"{self.workers} workers{ver}{notes}")
+                f"{self.workers} workers{procs}{ver}{notes}")
 
 
 def source_tp_map(src: ParamSource, rule: MergeRule, tp: int, folder: str) -> RegionMap:
@@ -599,73 +608,231 @@ def conversion_request(ckpt: ZeroCheckpoint, strict: bool, inject_missing_state:
             "strict": strict, "inject_missing_state": inject_missing_state}
 
 
-class _Progress:
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled, self.t0 = total, 0, enabled, time.time()
+@dataclass(frozen=True)
+class Partition:
+    """This process's place among the processes that convert one checkpoint together.
 
-    def tick(self, nbytes: int) -> None:
-        self.done += 1
-        if self.enabled and (self.done == self.total or self.done % max(1, self.total // 20) == 0):
-            print(f"  [{self.done}/{self.total}] parameters, {time.time() - self.t0:.1f} s", file=sys.stderr, flush=True)
+    The default, ``world_size`` 1, is one process on its own (no ``torch.distributed`` needed). With more,
+    every process calls ``convert_zero_to_universal`` with the same arguments and its own ``rank``; they
+    coordinate over ``group`` (default: the default group, which must be initialised; gloo is enough)
+    with a few small ``all_gather_object`` calls only: no tensor travels, every process reads its share
+    from the input and writes it into the one staging folder (a file system all of them see).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    group: Any = None  # a torch.distributed ProcessGroup; None: the default group
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not one of {self.world_size} processes")
+
+    @classmethod
+    def of_process_group(cls, group: Any = None) -> "Partition":
+        """This process's rank and the size of ``group`` (default: the default group)."""
+        import torch.distributed as dist
+
+        return cls(dist.get_rank(group), dist.get_world_size(group), group)
+
+    def all_gather(self, obj: Any) -> list:
+        """Every process's ``obj`` (small, picklable), in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def agree(self, error: BaseException | None, payload: Any = None) -> list:
+        """Every process's ``payload``, once all of them got here. When any process failed (``error``), every
+        process raises: the failed ones their own error, the others a ``CheckpointError`` repeating the first
+        failure's one-line message, so that no process goes on (or waits forever) alone."""
+        gathered = self.all_gather((None if error is None else _one_line(error), None if error else payload))
+        if error is not None:
+            raise error
+        for r, (msg, _) in enumerate(gathered):
+            if msg is not None:
+                raise CheckpointError(f"{msg} (in conversion process {r} of {self.world_size})")
+        return [p for _, p in gathered]
+
+    def together(self) -> "_Together":
+        """``with part.together() as step: ...; step.share = x``: the block runs here, then every process
+        agrees (``agree``): a failure in any process's block raises in every process; else ``step.gathered``
+        holds every process's ``share``."""
+        return _Together(self)
+
+
+class _Together:
+    def __init__(self, part: Partition) -> None:
+        self.part = part
+        self.share: Any = None
+        self.gathered: list = []
+
+    def __enter__(self) -> "_Together":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # never swallows the block's exception
+        if exc is not None and not isinstance(exc, Exception):
+            return  # KeyboardInterrupt, SystemExit: the launcher stops the other processes
+        self.gathered = self.part.agree(exc, self.share)  # raises exc itself when this block failed
+
+
+def _one_line(e: BaseException) -> str:
+    msg = one_line(e)
+    return msg if isinstance(e, CheckpointError) else f"{type(e).__name__}: {msg}"
+
+
+def assign_params(sizes: dict[str, int], world_size: int) -> list[list[str]]:
+    """Split parameters between ``world_size`` processes, balanced by size (``sizes``: name -> elements).
+
+    Largest first, each to the process with the least so far (ties: the lower rank); names order equal
+    sizes, so every process computes the same split. Each share is in that order, largest first. No
+    process gets more than an even share plus the largest parameter (greedy list scheduling).
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size {world_size}: need at least one process")
+    shares: list[list[str]] = [[] for _ in range(world_size)]
+    loads = [(0, r) for r in range(world_size)]  # a heap of (elements so far, rank)
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        load, r = heapq.heappop(loads)
+        shares[r].append(name)
+        heapq.heappush(loads, (load + sizes[name], r))
+    return shares
+
+
+def _source_bytes(src: ParamSource, ckpt: ZeroCheckpoint) -> int:
+    """Bytes of optimizer state read from the shards for one parameter (every TP copy, every state)."""
+    return sum(f.numel * ckpt.flat_ref(src.pp, tp, f.dp, src.group, key).dtype.itemsize
+               for tp, frags in enumerate(src.fragments) for f in frags for key in STATE_KEYS)
+
+
+@contextlib.contextmanager
+def _shared_staging(part: Partition, out: str) -> Iterator[str]:
+    """``staged_folder(out)`` made by process 0 (with its ``zero/``), its name given to every process.
+
+    The block's steps must be agreed (``Partition.together``), so that it raises in every process or in
+    none. When it completes, process 0 publishes (the marker must be there) and every process returns
+    once that is done, or raises if publishing failed; when it raises, process 0 removes the folder.
+    """
+    completed = False
+    publish_error: Exception | None = None
+    try:
+        with contextlib.ExitStack() as stack:
+            with part.together() as step:
+                if part.rank == 0:
+                    tmp = stack.enter_context(staged_folder(out))
+                    os.makedirs(zero_dir(tmp))
+                    step.share = tmp
+            yield step.gathered[0]
+            completed = True
+    except Exception as e:
+        if not completed:
+            raise  # the block's failure, which every process raises
+        publish_error = e  # process 0's publishing
+    part.agree(publish_error)
+
+
+def _write_share(ckpt: ZeroCheckpoint, rules: dict[str, MergeRule], sources: list[ParamSource], folder: str,
+                 n_workers: int, lead: bool, bar: ByteProgress) -> int:
+    """Write the atoms of ``sources`` into ``folder``; the lead process also ``optimizer_state.pt`` and the
+    model-state files. Bytes written."""
+    atoms_dir = zero_dir(folder)
+    written = 0
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        # optimizer_state.pt needs DeepSpeed's real classes (importing DeepSpeed takes a while):
+        # it runs beside the copies instead of after them.
+        global_state = pool.submit(lambda: _save(optimizer_state(ckpt), optimizer_state_path(folder))) if lead else None
+        futures = {pool.submit(convert_param, src, rules[src.name], ckpt, atoms_dir): src for src in sources}
+        for fut in as_completed(futures):
+            written += fut.result()
+            bar.update(_source_bytes(futures[fut], ckpt))
+        if global_state is not None:
+            written += global_state.result()
+    if lead:
+        for mp, path in enumerate(ckpt.model_files):
+            written += place_model_states(path, folder, mp)
+    return written
 
 
 def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers: int | None = None,
                               overwrite: bool = False, strict: bool = True, inject_missing_state: bool = False,
-                              verify: bool = True, progress: bool = False) -> ConvertReport:
+                              verify: bool = True, progress: bool = False,
+                              partition: Partition | None = None) -> ConvertReport:
     """Convert ``input_folder`` (``<save>/global_stepN``) into a universal checkpoint at ``output_folder``.
 
     The output is verified against the input before it is published (``verify=False`` skips that;
     such an output is marked unverified, is not named by ``latest_universal``, and the trainer refuses
     it). ``latest_universal`` (containing the output folder's name) goes into the output's parent. A
     finished, verified output of the same request is kept as it is, so rerunning after a crash works.
+    ``progress`` draws a progress bar on stderr when it is a terminal (``megatron_ucp.progress``).
+
+    Several processes may share the work (``partition``; all call this with the same arguments): the
+    parameters are split between them by size (``assign_params``) and each writes its share's atoms into
+    process 0's staging folder, with ``workers`` threads each; process 0 alone writes the other files.
+    Each process then verifies the share the next process wrote, process 0 writes the marker, publishes
+    and writes ``latest_universal``. A failure in any process raises in every process, and then nothing
+    is published. The output is the same, bit for bit, whatever the number of processes; only process 0
+    draws progress, over the parameters it converts, then over those it verifies.
     """
+    part = partition or Partition()
+    lead = part.rank == 0
     t0 = time.time()
-    inp, out = check_output_path(input_folder, output_folder)
-    ckpt = open_zero_checkpoint(inp)
-    request = conversion_request(ckpt, strict, inject_missing_state)
+    with part.together() as step:
+        inp, out = check_output_path(input_folder, output_folder)
+        ckpt = open_zero_checkpoint(inp)
+        request = conversion_request(ckpt, strict, inject_missing_state)
+        step.share = (request["input_fingerprint"], lead and finished_output(out, UNIVERSAL_KIND, request) is not None)
+    for r, (seen, _) in enumerate(step.gathered):  # the same decision in every process: no one waits alone
+        if seen != step.gathered[0][0]:
+            raise CheckpointError(f"{inp}: conversion process {r} sees other files (names, sizes or times) than "
+                                  "process 0; every process must read the same checkpoint")
     topology = ckpt.topology
-    if finished_output(out, UNIVERSAL_KIND, request):
-        remove_stale_temporaries(out)
-        write_latest_universal(out)
+    if step.gathered[0][1]:  # a finished output of this request
+        with part.together():
+            if lead:
+                remove_stale_temporaries(out)
+                write_latest_universal(out)
         return ConvertReport(input_folder=inp, output_folder=out, iteration=ckpt.iteration, topology=topology,
                              params=len(ckpt.param_sources), bytes_written=0, seconds=time.time() - t0, workers=0,
-                             verified=True, notes=["already converted and verified: kept as it is"])
-    check_replaceable(out, is_universal_folder, "a universal checkpoint folder", overwrite)
-    rules = conversion_rules(ckpt, strict, inject_missing_state)
+                             verified=True, notes=["already converted and verified: kept as it is"],
+                             processes=part.world_size)
+    with part.together():
+        if lead:
+            check_replaceable(out, is_universal_folder, "a universal checkpoint folder", overwrite)
+        rules = conversion_rules(ckpt, strict, inject_missing_state)
 
     n_workers = max(1, workers or min(4, os.cpu_count() or 1))
-    with staged_folder(out) as tmp:
-        atoms_dir = zero_dir(tmp)
-        os.makedirs(atoms_dir)
-        # Largest first, so the long tasks start early and the pool ends together.
-        order = sorted(ckpt.param_sources.values(), key=lambda s: -_numel(s))
-        prog = _Progress(len(order), progress)
-        written = 0
-        with ThreadPoolExecutor(max_workers=n_workers) as pool:
-            # optimizer_state.pt needs DeepSpeed's real classes (importing DeepSpeed takes a while):
-            # it runs beside the copies instead of after them.
-            global_state = pool.submit(
-                lambda: _save(optimizer_state(ckpt), optimizer_state_path(tmp)))
-            futures = [pool.submit(convert_param, src, rules[src.name], ckpt, atoms_dir) for src in order]
-            for fut in as_completed(futures):
-                nbytes = fut.result()
-                written += nbytes
-                prog.tick(nbytes)
-            written += global_state.result()
-        for mp, path in enumerate(ckpt.model_files):
-            written += place_model_states(path, tmp, mp)
+    shares = assign_params({name: _numel(src) for name, src in ckpt.param_sources.items()}, part.world_size)
+    mine = [ckpt.param_sources[name] for name in shares[part.rank]]  # largest first: the pool ends together
+    checked = [ckpt.param_sources[name] for name in shares[(part.rank + 1) % part.world_size]]
+    desc = "" if part.world_size == 1 else f" (process 0 of {part.world_size})"
+    show = progress and lead
+    with _shared_staging(part, out) as tmp:
+        with part.together() as step:
+            with byte_progress(sum(_source_bytes(s, ckpt) for s in mine), "converting" + desc, show) as bar:
+                step.share = _write_share(ckpt, rules, mine, tmp, n_workers, lead, bar)
+        written = sum(step.gathered)
         if verify:
-            verify_universal(ckpt, tmp, rules)
-        write_marker(tmp, UNIVERSAL_KIND, request, verified=verify,
-                     extra={"iteration": ckpt.iteration, "source_topology": topology})
+            with part.together():
+                if lead:
+                    check_atom_names(ckpt, tmp)
+                with byte_progress(sum(_source_bytes(s, ckpt) for s in checked), "verifying" + desc, show) as bar:
+                    verify_atoms(ckpt, tmp, rules, checked, bar)
+        with part.together():
+            if lead:
+                write_marker(tmp, UNIVERSAL_KIND, request, verified=verify,
+                             extra={"iteration": ckpt.iteration, "source_topology": topology})
     notes = []
     if verify:
-        write_latest_universal(out)
+        with part.together():
+            if lead:
+                write_latest_universal(out)
     else:
         notes.append(f"not verified: {LATEST_UNIVERSAL} left as it was, and the trainer will refuse this output")
     return ConvertReport(input_folder=inp, output_folder=out, iteration=ckpt.iteration, topology=topology,
-                         params=len(order), bytes_written=written, seconds=time.time() - t0, workers=n_workers,
-                         verified=verify, notes=notes)
+                         params=len(ckpt.param_sources), bytes_written=written, seconds=time.time() - t0,
+                         workers=n_workers, verified=verify, notes=notes, processes=part.world_size)
 
 
 def conversion_rules(ckpt: ZeroCheckpoint, strict: bool, inject_missing_state: bool) -> dict[str, MergeRule]:
@@ -715,11 +882,24 @@ def _numel(src: ParamSource) -> int:
 
 def verify_universal(ckpt: ZeroCheckpoint, output_folder: str, rules: dict[str, MergeRule]) -> None:
     """Re-read every written atom and compare it with the input shards, independently of the writer."""
+    check_atom_names(ckpt, output_folder)
+    verify_atoms(ckpt, output_folder, rules, list(ckpt.param_sources.values()))
+
+
+def check_atom_names(ckpt: ZeroCheckpoint, output_folder: str) -> None:
+    """``zero/`` holds one folder per parameter of the input (and ``optimizer_state.pt``), nothing else."""
     atoms_dir = zero_dir(output_folder)
     names = set(os.listdir(atoms_dir)) - {OPTIMIZER_STATE_FILE}
     if names != set(ckpt.param_sources):
         raise CheckpointError(f"{atoms_dir}: holds {sorted(names ^ set(ckpt.param_sources))[:5]} unexpectedly")
-    for name, src in ckpt.param_sources.items():
+
+
+def verify_atoms(ckpt: ZeroCheckpoint, output_folder: str, rules: dict[str, MergeRule], sources: list[ParamSource],
+                 bar: ByteProgress | None = None) -> None:
+    """Re-read the atoms of ``sources`` and compare them with the input shards; a mismatch raises a
+    ``CheckpointError`` naming the atom's file. ``bar`` counts each parameter's source bytes when done."""
+    for src in sources:
+        name = src.name
         rule = rules[name]
         for key in STATE_KEYS:
             atom = load_file(atom_path(output_folder, name, key), mmap=True)
@@ -731,6 +911,8 @@ def verify_universal(ckpt: ZeroCheckpoint, output_folder: str, rules: dict[str, 
                 if not _local_matches(local, m, src, tp, key, ckpt):
                     raise CheckpointError(f"{atom_path(output_folder, name, key)}: does not match TP rank {tp} "
                                           f"of {ckpt.folder}")
+        if bar is not None:
+            bar.update(_source_bytes(src, ckpt))
 
 
 def _local_matches(local: torch.Tensor, m: RegionMap, src: ParamSource, tp: int, key: str,

@@ -188,7 +188,8 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
     with contextlib.ExitStack() as stack:
         stack.enter_context(restricted_torch_load())  # DeepSpeed unpickles with weights_only=False; we do not
         if source is not None:
-            stats = stack.enter_context(sliced_universal_load(engine, source, state.layout.tp, state.coords.tp))
+            stats = stack.enter_context(sliced_universal_load(engine, source, state.layout.tp, state.coords.tp,
+                                                              progress=dist.get_rank() == 0))
         path, client = engine.load_checkpoint(load_dir, tag=os.path.basename(folder), load_optimizer_states=True,
                                               load_lr_scheduler_states=not cfg.finetune)
     if path is None:

@@ -41,6 +41,7 @@ from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file
 from megatron_ucp.checkpoint.universal import MergeRule, conversion_rules, optimizer_state, rules_from_table
 from megatron_ucp.checkpoint.zero import OPTIMIZER_STATE_DICT, FlatRef, ZeroCheckpoint, read_scalar
 from megatron_ucp.layout.params import Kind
+from megatron_ucp.progress import byte_progress
 
 LOADERS = ("ours", "deepspeed")  # --universal-loader
 
@@ -157,15 +158,24 @@ class LoadStats:
     state_bytes: int = 0
     pieces: int = 0
     params: set[str] = field(default_factory=set)
+    show_progress: bool = False  # a byte progress bar (on a terminal), for one rank
 
 
-def _read(source: StateSource, stats: LoadStats, name: str, key: str, local_shape: tuple[int, ...], tp: int,
-          tp_rank: int, window: tuple[int, int]) -> torch.Tensor:
+def _plan(source: StateSource, stats: LoadStats, name: str, key: str, local_shape: tuple[int, ...], tp: int,
+          tp_rank: int, window: tuple[int, int]) -> ReadPlan:
     plan = window_plan(source.plan(name, key, local_shape, tp, tp_rank), window, name)
     stats.state_bytes += plan.nbytes
     stats.pieces += 1
     stats.params.add(name)
-    return read_local(plan)
+    return plan
+
+
+def _read_all(plans: list[ReadPlan], stats: LoadStats, desc: str) -> Iterator[torch.Tensor]:
+    """Each plan's tensor, in order, drawing the bytes read so far (all planned first: a true total)."""
+    with byte_progress(sum(p.nbytes for p in plans), desc, enabled=stats.show_progress) as bar:
+        for plan in plans:
+            yield read_local(plan)
+            bar.update(plan.nbytes)
 
 
 def _load_zero12(opt, source: StateSource, stats: LoadStats, lp_groups_name: str, tp: int, tp_rank: int) -> None:
@@ -176,25 +186,30 @@ def _load_zero12(opt, source: StateSource, stats: LoadStats, lp_groups_name: str
     optim_sd = source.global_state()
     opt._load_global_state(optim_sd)
     lp_groups = getattr(opt, lp_groups_name)
-    for i, (group, saved) in enumerate(zip(opt.optimizer.param_groups, optim_sd["param_groups"])):
-        keys: set[str] = set()
-        steps = []
+    pieces = []  # (the fragment's mapping, state key, plan), every group's
+    for i in range(len(opt.optimizer.param_groups)):
         for lp in lp_groups[i]:
             mapping = lp._hp_mapping
             if mapping is None:
                 continue
-            name = opt.param_names[lp]
             addr = mapping.lp_fragment_address
             window = (int(addr.start), int(addr.start) + int(addr.numel))
             mapping.optim_fragment = {}
             for key in STATE_KEYS:
-                piece = _read(source, stats, name, key, tuple(lp.shape), tp, tp_rank, window)
-                if key == "fp32":
-                    mapping.get_hp_fragment().data.copy_(piece)
-                else:
-                    mapping.optim_fragment[key] = piece
-            keys.update(mapping.get_optim_state_keys())
-            steps.append(source.step(name))
+                plan = _plan(source, stats, opt.param_names[lp], key, tuple(lp.shape), tp, tp_rank, window)
+                pieces.append((mapping, key, plan))
+    for (mapping, key, _), piece in zip(pieces, _read_all([p for _, _, p in pieces], stats, "resharding")):
+        if key == "fp32":
+            mapping.get_hp_fragment().data.copy_(piece)
+        else:
+            mapping.optim_fragment[key] = piece
+    for i, (group, saved) in enumerate(zip(opt.optimizer.param_groups, optim_sd["param_groups"])):
+        keys: set[str] = set()
+        steps = []
+        for lp in lp_groups[i]:
+            if lp._hp_mapping is not None:
+                keys.update(lp._hp_mapping.get_optim_state_keys())
+                steps.append(source.step(opt.param_names[lp]))
         if steps:
             if any(not _same_step(s, steps[0]) for s in steps):
                 raise CheckpointError(f"{source.folder}: optimizer group {i} has parameters at different steps")
@@ -228,25 +243,30 @@ def _load_zero3(opt, source: StateSource, stats: LoadStats, tp: int, tp_rank: in
     first_name = opt.param_names[opt.fp16_groups[0][0]]
     step = inner["state"][0]["step"] if inner is not None else source.step(first_name)
     hyper = (inner if inner is not None else optim_sd)["param_groups"][0]
+    pieces = []  # (state key, sub-group, offset in its flat partition, plan)
     for key in STATE_KEYS:
         for sub_group, fp16_group in enumerate(opt.fp16_groups):
-            flat = opt.fp32_partitioned_groups_flat[sub_group]
-            filled = torch.zeros_like(flat)
             offset = 0
             for param in fp16_group:
                 group = opt._get_param_partition_group(param)
                 rank, world = dist.get_rank(group=group), dist.get_world_size(group=group)
                 numel = int(param.ds_numel)
                 part = math.ceil(numel / world)
-                lo, hi = min(rank * part, numel), min((rank + 1) * part, numel)
-                piece = _read(source, stats, opt.param_names[param], key, tuple(param.ds_shape), tp, tp_rank, (lo, hi))
-                filled.narrow(0, offset, hi - lo).copy_(piece)
+                window = (min(rank * part, numel), min((rank + 1) * part, numel))
+                plan = _plan(source, stats, opt.param_names[param], key, tuple(param.ds_shape), tp, tp_rank, window)
+                pieces.append((key, sub_group, offset, plan))
                 offset += part
-            if key == "fp32":
-                flat.data.copy_(filled)
-                opt.optimizer.state[flat]["step"] = step
-            else:
-                opt.optimizer.state[flat][key] = filled
+    filled = {(key, g): torch.zeros_like(opt.fp32_partitioned_groups_flat[g])
+              for key in STATE_KEYS for g in range(len(opt.fp16_groups))}
+    for (key, g, offset, plan), piece in zip(pieces, _read_all([p[-1] for p in pieces], stats, "resharding")):
+        filled[(key, g)].narrow(0, offset, piece.numel()).copy_(piece)
+    for (key, g), tensor in filled.items():
+        flat = opt.fp32_partitioned_groups_flat[g]
+        if key == "fp32":
+            flat.data.copy_(tensor)
+            opt.optimizer.state[flat]["step"] = step
+        else:
+            opt.optimizer.state[flat][key] = tensor
     for group in opt.optimizer.param_groups:
         for key, value in hyper.items():
             group[key] = [] if key == "params" else value
@@ -261,11 +281,13 @@ def _load_zero3(opt, source: StateSource, stats: LoadStats, tp: int, tp_rank: in
 
 
 @contextlib.contextmanager
-def sliced_universal_load(engine, source: StateSource, tp: int, tp_rank: int) -> Iterator[LoadStats]:
+def sliced_universal_load(engine, source: StateSource, tp: int, tp_rank: int,
+                          progress: bool = False) -> Iterator[LoadStats]:
     """Within the block, ``engine.load_checkpoint`` runs DeepSpeed's universal-load sequence with our
-    sliced reader in place of its per-parameter loader, on ``source``'s files."""
+    sliced reader in place of its per-parameter loader, on ``source``'s files. ``progress``: draw a
+    byte progress bar of this rank's reads (on a terminal; pass it on one rank)."""
     opt = engine.optimizer
-    stats = LoadStats()
+    stats = LoadStats(show_progress=progress)
     lp_groups_name = next((n for n in ("bit16_groups", "bf16_groups") if hasattr(opt, n)), None)
     if engine.zero_optimization_partition_weights():
         def hook(self, folder, load_optimizer_states, load_from_fp32_weights):

@@ -142,7 +142,8 @@ def load_route(folder: str, universal: bool, state: ParallelState, cfg: TrainCon
         if cfg.universal_loader == "deepspeed":
             return "universal checkpoint, DeepSpeed's loader", None
         return "universal checkpoint, sliced loader", UniversalSource(folder)
-    model_files = sorted(os.path.join(folder, n) for n in os.listdir(folder) if MODEL_STATES_RE.match(n) or ZERO3_MODEL_STATES_RE.match(n))
+    model_files = sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                         if MODEL_STATES_RE.match(n) or ZERO3_MODEL_STATES_RE.match(n))
     meta = read_metadata(model_files[0]) if model_files else None
     if meta is None or meta.topology is None:
         return "same layout (no metadata)", None

@@ -113,7 +113,8 @@ class UniversalSource:
         if not by_mp:
             by_mp = {int(m.group(2)): n for n in names if (m := ZERO3_MODEL_STATES_RE.match(n)) and m.group(1) == "0"}
         if sorted(by_mp) != list(range(len(by_mp))):
-            raise CheckpointError(f"{folder}: model-state files for mp ranks {sorted(by_mp)}, expected 0..{len(by_mp) - 1}")
+            raise CheckpointError(f"{folder}: model-state files for mp ranks {sorted(by_mp)}, "
+                                  f"expected 0..{len(by_mp) - 1}")
         self.model_files: list[str] | None = [os.path.join(folder, by_mp[i]) for i in range(len(by_mp))]
         first_file = self.model_files[0]
         meta = metadata_from_state(load_file(first_file, meta=True), first_file)
@@ -259,7 +260,7 @@ def _load_zero3(opt, source: StateSource, stats: LoadStats, tp: int, tp_rank: in
     filled = {(key, g): torch.zeros_like(opt.fp32_partitioned_groups_flat[g])
               for key in STATE_KEYS for g in range(len(opt.fp16_groups))}
     for (key, g, offset, plan), piece in zip(pieces, _read_all([p[-1] for p in pieces], stats, "resharding")):
-        filled[(key, g)].narrow(0, offset, piece.numel()).copy_(piece)
+        filled[(key, g)].narrow(0, offset, piece.numel()).copy_(piece)  # a ZeRO-3 partition slot, not TP
     for (key, g), tensor in filled.items():
         flat = opt.fp32_partitioned_groups_flat[g]
         if key == "fp32":

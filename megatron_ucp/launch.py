@@ -18,6 +18,7 @@ needs, each with a trap that is easy to get wrong in one copy:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -97,8 +98,17 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, port: int |
     if method == "forkserver" and not _PRELOAD_SET:
         multiprocessing.set_forkserver_preload(list(FORKSERVER_PRELOAD))  # read when the server starts
         _PRELOAD_SET = True
-    mp.start_processes(_rank_main, args=(world_size, free_port() if port is None else port, dict(os.environ), fn,
-                                         args), nprocs=world_size, join=True, start_method=method)
+    context = mp.start_processes(_rank_main, args=(world_size, free_port() if port is None else port,
+                                                   dict(os.environ), fn, args),
+                                 nprocs=world_size, join=False, start_method=method)
+    assert context is not None  # join=False returns the processes' context
+    try:
+        while not context.join():
+            pass
+    finally:  # a rank that raised left its traceback in a temporary file, which torch never removes
+        for path in context.error_files:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
 
 def start_in_group(cmd: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:

@@ -109,11 +109,15 @@ def test_spawn_ranks_sets_the_environment_and_ranks_communicate(tmp_path):
         assert g["env"] == {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_PORT": str(port)}
 
 
-def test_spawn_ranks_reraises_a_rank_failure():
+def test_spawn_ranks_reraises_a_rank_failure(tmp_path, monkeypatch):
+    import tempfile
+
     import torch.multiprocessing as mp
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where torch puts each rank's error file
     with pytest.raises(mp.ProcessRaisedException, match="rank one refuses"):
         spawn_ranks(_fail_on_rank_one, 2)
+    assert list(tmp_path.iterdir()) == []  # the failed rank's traceback file is removed, not left behind
 
 
 # --------------------------------------------------------------------------------------------------

@@ -101,7 +101,6 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib
-import importlib.metadata
 import io
 import json
 import math
@@ -802,15 +801,10 @@ def format_time_table(summaries: Sequence[TimeSummary]) -> str:
 # CLI
 
 
-def _version(dist_name: str) -> str:
-    try:
-        return importlib.metadata.version(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def machine_info() -> dict:
     import torch
+
+    from megatron_ucp.checkpoint.format import Versions
 
     try:
         load = [round(x, 2) for x in os.getloadavg()]
@@ -818,7 +812,7 @@ def machine_info() -> dict:
         load = None
     return {"host": platform.node(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "usable_cpus": usable_cpus(), "python": platform.python_version(), "torch": torch.__version__,
-            "deepspeed": _version("deepspeed"), "load_average": load}
+            "deepspeed": Versions.installed().deepspeed, "load_average": load}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

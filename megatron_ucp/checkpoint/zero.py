@@ -208,27 +208,39 @@ def _list_files(folder: str):
     return model, optim, zero3
 
 
+def _by_mp_rank(folder: str, model: dict[int, str], zero3: dict[tuple[int, int], str]) -> tuple[list[str], bool]:
+    """(the model-state files by mp rank, whether they are ZeRO-3's): ``mp_rank_XX_model_states.pt``, or,
+    when there are none, DP rank 0's of ZeRO-3's per-DP-rank files. A missing mp rank is a missing file."""
+    stage3 = bool(zero3) and not model
+    if stage3:  # every DP rank wrote its model states; DP rank 0's stand for each mp rank
+        model = {mp: path for (dp, mp), path in zero3.items() if dp == 0}
+        if not model:
+            raise CheckpointError(f"{os.path.join(folder, zero3_model_states_name(0))}: missing file")
+    if model and sorted(model) != list(range(len(model))):
+        missing = sorted(set(range(max(model) + 1)) - set(model))
+        name = zero3_model_states_name(missing[0]) if stage3 else model_states_name(missing[0])
+        raise CheckpointError(f"{os.path.join(folder, name)}: missing file")
+    return [model[i] for i in range(len(model))], stage3
+
+
+def model_state_files(folder: str) -> list[str]:
+    """The model-state files of a checkpoint folder (ZeRO or universal) by mp rank; empty if it has none."""
+    model, _, zero3 = _list_files(folder)
+    return _by_mp_rank(folder, model, zero3)[0]
+
+
 def open_zero_checkpoint(folder: str) -> ZeroCheckpoint:
     """Index a ZeRO-1/2/3 checkpoint folder and check that its files belong together."""
     folder = os.path.normpath(folder)
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: not a checkpoint folder")
     model, optim, zero3 = _list_files(folder)
-    stage3 = bool(zero3) and not model
-    if stage3:  # every DP rank wrote its model states; DP rank 0's stand for each mp rank
-        model = {mp: path for (dp, mp), path in zero3.items() if dp == 0}
-        if not model:
-            raise CheckpointError(f"{os.path.join(folder, zero3_model_states_name(0))}: missing file")
-    if not model:
+    model_files, stage3 = _by_mp_rank(folder, model, zero3)
+    if not model_files:
         raise CheckpointError(f"{folder}: no mp_rank_XX_model_states.pt files (not a DeepSpeed checkpoint folder?)")
     if not optim:
         raise CheckpointError(f"{folder}: no *_optim_states.pt files (ZeRO-0 checkpoints cannot be converted)")
-    n_mp = len(model)
-    if sorted(model) != list(range(n_mp)):
-        missing = sorted(set(range(max(model) + 1)) - set(model))
-        name = zero3_model_states_name(missing[0]) if stage3 else model_states_name(missing[0])
-        raise CheckpointError(f"{os.path.join(folder, name)}: missing file")
-    model_files = [model[i] for i in range(n_mp)]
+    n_mp = len(model_files)
     states = [load_file(p, mmap=True) for p in model_files]
     first = states[0]
     meta = metadata_from_state(first, model_files[0])

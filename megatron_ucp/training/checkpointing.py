@@ -28,8 +28,6 @@ import torch.distributed as dist
 from megatron_ucp.atomic import atomic_write
 from megatron_ucp.checkpoint.format import (
     LATEST_FILE,
-    MODEL_STATES_RE,
-    ZERO3_MODEL_STATES_RE,
     MEGATRON_TRACKER_FILE,
     SOURCE_TRAINING,
     CheckpointMetadata,
@@ -42,7 +40,7 @@ from megatron_ucp.checkpoint.format import (
 )
 from megatron_ucp.checkpoint.publish import LATEST_UNIVERSAL, require_verified
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name, path_inside, restricted_torch_load
-from megatron_ucp.checkpoint.zero import open_zero_checkpoint
+from megatron_ucp.checkpoint.zero import model_state_files, open_zero_checkpoint
 from megatron_ucp.config import ModelConfig, TrainConfig
 from megatron_ucp.distributed.groups import ParallelState
 from megatron_ucp.layout.params import pipe_entries
@@ -142,14 +140,13 @@ def load_route(folder: str, universal: bool, state: ParallelState, cfg: TrainCon
         if cfg.universal_loader == "deepspeed":
             return "universal checkpoint, DeepSpeed's loader", None
         return "universal checkpoint, sliced loader", UniversalSource(folder)
-    model_files = sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                         if MODEL_STATES_RE.match(n) or ZERO3_MODEL_STATES_RE.match(n))
+    model_files = model_state_files(folder)
     meta = read_metadata(model_files[0]) if model_files else None
     if meta is None or meta.topology is None:
         return "same layout (no metadata)", None
-    src = _layout_text(meta.topology, meta.zero_stage, meta.dtype)
-    dst = _layout_text(state.layout, cfg.zero_stage, cfg.dtype)
-    if src == dst:
+    saved, now = (meta.topology, meta.zero_stage, meta.dtype), (state.layout, cfg.zero_stage, cfg.dtype)
+    src, dst = _layout_text(*saved), _layout_text(*now)
+    if saved == now:
         return f"same layout ({dst})", None
     if cfg.universal_loader == "deepspeed":
         raise CheckpointError(f"{folder}: saved at {src}, this run is {dst}; DeepSpeed's loader cannot change the "

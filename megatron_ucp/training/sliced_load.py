@@ -28,10 +28,8 @@ from typing import Iterator, Protocol
 import torch
 
 from megatron_ucp.checkpoint.format import (
-    MODEL_STATES_RE,
     STATE_KEYS,
     STEP_KEY,
-    ZERO3_MODEL_STATES_RE,
     atom_path,
     metadata_from_state,
     optimizer_state_path,
@@ -39,7 +37,13 @@ from megatron_ucp.checkpoint.format import (
 from megatron_ucp.checkpoint.sliced import ReadPlan, atom_read_plan, read_local, read_plan, window_plan
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file
 from megatron_ucp.checkpoint.universal import MergeRule, conversion_rules, optimizer_state, rules_from_table
-from megatron_ucp.checkpoint.zero import OPTIMIZER_STATE_DICT, FlatRef, ZeroCheckpoint, read_scalar
+from megatron_ucp.checkpoint.zero import (
+    OPTIMIZER_STATE_DICT,
+    FlatRef,
+    ZeroCheckpoint,
+    model_state_files,
+    read_scalar,
+)
 from megatron_ucp.layout.params import Kind
 from megatron_ucp.progress import byte_progress
 
@@ -48,7 +52,7 @@ LOADERS = ("ours", "deepspeed")  # --universal-loader
 
 class StateSource(Protocol):
     folder: str
-    model_files: list[str] | None  # the model-state files (by mp rank) to read client state from
+    model_files: list[str]  # the model-state files (by mp rank) to read client state from
 
     def plan(self, name: str, key: str, local_shape: tuple[int, ...], tp: int, tp_rank: int) -> ReadPlan: ...
 
@@ -77,7 +81,7 @@ class ZeroSource:
                                   "convert it with tools/ds_to_universal.py and load with --universal-checkpoint")
         self.ckpt = ckpt
         self.folder = ckpt.folder
-        self.model_files: list[str] | None = list(ckpt.model_files)
+        self.model_files = list(ckpt.model_files)
         self.rules: dict[str, MergeRule] = conversion_rules(ckpt, strict=True, inject_missing_state=False)
 
     def _source(self, name: str):
@@ -104,18 +108,11 @@ class UniversalSource:
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
-        names = sorted(n for n in os.listdir(folder) if n.endswith("model_states.pt"))
-        if not names:
+        # By mp rank, whichever of DeepSpeed's two names a converter wrote (ours writes both; DeepSpeed's
+        # only mp_rank_XX, which its ZeRO-3 engine would not find).
+        self.model_files = model_state_files(folder)
+        if not self.model_files:
             raise CheckpointError(f"{folder}: no model-state files (not a universal checkpoint folder)")
-        # The source's model-state files by mp rank, whichever of DeepSpeed's two names a converter wrote
-        # (ours writes both; DeepSpeed's only mp_rank_XX, which its ZeRO-3 engine would not find).
-        by_mp = {int(m.group(1)): n for n in names if (m := MODEL_STATES_RE.match(n))}
-        if not by_mp:
-            by_mp = {int(m.group(2)): n for n in names if (m := ZERO3_MODEL_STATES_RE.match(n)) and m.group(1) == "0"}
-        if sorted(by_mp) != list(range(len(by_mp))):
-            raise CheckpointError(f"{folder}: model-state files for mp ranks {sorted(by_mp)}, "
-                                  f"expected 0..{len(by_mp) - 1}")
-        self.model_files: list[str] | None = [os.path.join(folder, by_mp[i]) for i in range(len(by_mp))]
         first_file = self.model_files[0]
         meta = metadata_from_state(load_file(first_file, meta=True), first_file)
         if meta is None:
@@ -305,9 +302,8 @@ def sliced_universal_load(engine, source: StateSource, tp: int, tp_rank: int,
     opt._load_universal_checkpoint = types.MethodType(hook, opt)
     # The model-state files (client state, LR scheduler, counters) are the source's own, whatever the
     # target's ZeRO stage would call them.
-    if source.model_files is not None:
-        files = list(source.model_files)
-        engine._get_all_ckpt_names = lambda load_dir, tag: files
+    files = list(source.model_files)
+    engine._get_all_ckpt_names = lambda load_dir, tag: files
     config.load_universal_checkpoint = True
     try:
         yield stats

@@ -53,16 +53,36 @@ def test_converts_and_verifies(ckpt, tmp_path):
                        torch.tensor(2.0))
 
 
-def test_verify_catches_a_changed_atom(ckpt, tmp_path):
+@pytest.mark.parametrize("name,index", [
+    ("2.mlp.dense_h_to_4h.weight", (3, 1)),  # column-parallel
+    ("2.self_attention.dense.weight", (5, 31)),  # row-parallel: its last column
+    ("tied_modules.embed.word_embeddings.weight", (49, 0)),  # the vocabulary's last kept row
+    ("2.post_attention_layernorm.bias", (7,)),  # replicated
+])
+def test_verify_catches_a_changed_atom(ckpt, tmp_path, name, index):
     out = tmp_path / "global_step2_universal"
     convert_zero_to_universal(str(ckpt / "global_step2"), str(out))
-    path = out / "zero" / "2.mlp.dense_h_to_4h.weight" / "exp_avg_sq.pt"
-    atom = torch.load(path, weights_only=False)
-    atom["param"][3, 1] *= 1.5
-    torch.save(atom, path)
     zc = open_zero_checkpoint(str(ckpt / "global_step2"))
-    rules = {name: universal.rules_from_table(zc.metadata)(name) for name in zc.param_sources}
-    with pytest.raises(CheckpointError, match=r"2\.mlp\.dense_h_to_4h\.weight/exp_avg_sq\.pt: does not match TP rank 0"):
+    rules = {n: universal.rules_from_table(zc.metadata)(n) for n in zc.param_sources}
+    verify_universal(zc, str(out), rules)  # the control: unchanged, it passes
+    path = out / "zero" / name / "exp_avg_sq.pt"
+    atom = torch.load(path, weights_only=False)
+    atom["param"][index] = atom["param"][index] * 1.5 + 1.0
+    torch.save(atom, path)
+    with pytest.raises(CheckpointError, match=rf"{name}/exp_avg_sq\.pt: does not match TP rank 0"):
+        verify_universal(zc, str(out), rules)
+
+
+def test_verify_catches_a_reshaped_atom(ckpt, tmp_path):
+    out = tmp_path / "global_step2_universal"
+    convert_zero_to_universal(str(ckpt / "global_step2"), str(out))
+    zc = open_zero_checkpoint(str(ckpt / "global_step2"))
+    rules = {n: universal.rules_from_table(zc.metadata)(n) for n in zc.param_sources}
+    path = out / "zero" / "2.self_attention.dense.weight" / "fp32.pt"
+    atom = torch.load(path, weights_only=False)
+    atom["param"] = atom["param"].t().contiguous()  # the same elements, the other shape
+    torch.save(atom, path)
+    with pytest.raises(CheckpointError, match=r"dense\.weight/fp32\.pt: does not match TP rank 0"):
         verify_universal(zc, str(out), rules)
 
 

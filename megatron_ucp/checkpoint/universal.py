@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import io
+import math
 import os
 import re
 import shutil
@@ -79,6 +80,7 @@ from megatron_ucp.checkpoint.zero import (
     ZeroCheckpoint,
     load_file,
     open_zero_checkpoint,
+    pread_exact,
     read_into,
 )
 from megatron_ucp.cli import one_line
@@ -386,11 +388,13 @@ _IOV_MAX = 1024
 _THREAD = threading.local()
 
 
-def _scratch(nbytes: int) -> torch.Tensor:
-    """A per-thread byte buffer of at least ``nbytes``, grown as needed and reused across atoms."""
-    buf = getattr(_THREAD, "scratch", None)
+def _scratch(nbytes: int, slot: str = "scratch") -> torch.Tensor:
+    """A per-thread byte buffer of at least ``nbytes``, grown as needed and reused across atoms (fresh
+    memory costs a page fault per page); ``slot`` names one of several."""
+    buf = getattr(_THREAD, slot, None)
     if buf is None or buf.numel() < nbytes:
-        buf = _THREAD.scratch = torch.empty(nbytes, dtype=torch.uint8)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        setattr(_THREAD, slot, buf)
     return buf[:nbytes]
 
 
@@ -407,6 +411,19 @@ def _read_row_parallel(tensor: torch.Tensor, src: ParamSource, rule: MergeRule, 
     buf = tensor.view(torch.uint8).view(-1).numpy().data  # ndarray.data: the array's bytes as a memoryview
     for t in range(ckpt.tp):
         runs = m.runs_into(t)
+        if len(full) == 2 and len(runs) == 1 and runs[0].dst_start == 0 and runs[0].length == local[1]:
+            # One column block: read each fragment whole, then one strided copy (no per-row work in Python).
+            block = tensor.narrow(1, runs[0].src_start, runs[0].length)
+            lo = 0
+            for frag in src.fragments[t]:
+                ref = ckpt.flat_ref(src.pp, t, frag.dp, src.group, key)
+                if ref.path not in fds:
+                    fds[ref.path] = os.open(ref.path, os.O_RDONLY)
+                piece = _scratch(frag.numel * 4, "fragment").view(torch.float32)
+                pread_exact(fds[ref.path], piece.view(torch.uint8).numpy().data, ref.offset + frag.start * 4, ref.path)
+                _copy_flat_range(block, lo, piece)
+                lo += frag.numel
+            continue
         lo = 0
         for frag in src.fragments[t]:
             ref = ckpt.flat_ref(src.pp, t, frag.dp, src.group, key)
@@ -818,7 +835,7 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
                 if lead:
                     check_atom_names(ckpt, tmp)
                 with byte_progress(sum(_source_bytes(s, ckpt) for s in checked), "verifying" + desc, show) as bar:
-                    verify_atoms(ckpt, tmp, rules, checked, bar)
+                    verify_atoms(ckpt, tmp, rules, checked, bar, n_workers)
         with part.together():
             if lead:
                 write_marker(tmp, UNIVERSAL_KIND, request, verified=verify,
@@ -883,7 +900,7 @@ def _numel(src: ParamSource) -> int:
 def verify_universal(ckpt: ZeroCheckpoint, output_folder: str, rules: dict[str, MergeRule]) -> None:
     """Re-read every written atom and compare it with the input shards, independently of the writer."""
     check_atom_names(ckpt, output_folder)
-    verify_atoms(ckpt, output_folder, rules, list(ckpt.param_sources.values()))
+    verify_atoms(ckpt, output_folder, rules, list(ckpt.param_sources.values()), workers=min(4, os.cpu_count() or 1))
 
 
 def check_atom_names(ckpt: ZeroCheckpoint, output_folder: str) -> None:
@@ -895,41 +912,40 @@ def check_atom_names(ckpt: ZeroCheckpoint, output_folder: str) -> None:
 
 
 def verify_atoms(ckpt: ZeroCheckpoint, output_folder: str, rules: dict[str, MergeRule], sources: list[ParamSource],
-                 bar: ByteProgress | None = None) -> None:
-    """Re-read the atoms of ``sources`` and compare them with the input shards; a mismatch raises a
-    ``CheckpointError`` naming the atom's file. ``bar`` counts each parameter's source bytes when done."""
-    for src in sources:
+                 bar: ByteProgress | None = None, workers: int = 1) -> None:
+    """Re-read the atoms of ``sources`` and compare them with the input shards, on ``workers`` threads; a
+    mismatch raises a ``CheckpointError`` naming the atom's file. ``bar`` counts each parameter's source
+    bytes when done."""
+    def check(src: ParamSource) -> ParamSource:
         name = src.name
-        rule = rules[name]
+        m = source_tp_map(src, rules[name], ckpt.tp, ckpt.folder)
         for key in STATE_KEYS:
-            atom = load_file(atom_path(output_folder, name, key), mmap=True)
-            param = atom["param"]
-            m = source_tp_map(src, rule, ckpt.tp, ckpt.folder)
+            param = load_file(atom_path(output_folder, name, key), mmap=True)["param"]
             for tp in range(ckpt.tp):
-                # Rank tp's local tensor cut from the saved one (padding rows zero): compare it with its fragments.
-                local = m.apply([param], tp)
-                if not _local_matches(local, m, src, tp, key, ckpt):
+                if not _local_matches(param, m, src, tp, key, ckpt):
                     raise CheckpointError(f"{atom_path(output_folder, name, key)}: does not match TP rank {tp} "
                                           f"of {ckpt.folder}")
-        if bar is not None:
-            bar.update(_source_bytes(src, ckpt))
+        return src
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for src in pool.map(check, sources):  # in order: the first failure raises, the rest are cancelled
+            if bar is not None:
+                bar.update(_source_bytes(src, ckpt))
 
 
-def _local_matches(local: torch.Tensor, m: RegionMap, src: ParamSource, tp: int, key: str,
+def _local_matches(param: torch.Tensor, m: RegionMap, src: ParamSource, tp: int, key: str,
                    ckpt: ZeroCheckpoint) -> bool:
-    """Rank ``tp``'s fragments equal ``local`` wherever its placement puts real elements (padding rows are
-    not in the atom, so they are not compared)."""
-    flat = local.contiguous().view(-1)
-    keep = flat.numel()
-    if m.dim == 0:  # rows past the last run are the vocabulary's padding
-        row_elems = int(local[0].numel()) if local.dim() > 1 else 1
-        keep = max((r.dst_start + r.length for r in m.runs_into(tp)), default=0) * row_elems
-    offset = 0
-    for frag in src.fragments[tp]:
-        piece = torch.empty(frag.numel, dtype=torch.float32)
-        _read_fragment(src, tp, frag, key, ckpt, piece)
-        lo, hi = offset, min(offset + frag.numel, keep)
-        if hi > lo and not torch.equal(flat.narrow(0, lo, hi - lo), piece.narrow(0, 0, hi - lo)):  # a DP fragment
-            return False
-        offset += frag.numel
-    return True
+    """TP rank ``tp``'s fragments, read into a reused buffer, equal the saved full tensor ``param`` wherever
+    the placement ``m`` puts them (padding rows are not in the atom, so they are not compared)."""
+    shape = tuple(src.local_shapes[0])
+    expected = list(shape)
+    if m.dim is not None:
+        expected[m.dim] = m.src_extents[0]
+    if param.dtype != torch.float32 or tuple(param.shape) != tuple(expected):
+        return False
+    local = _scratch(4 * math.prod(shape)).view(torch.float32).view(shape)
+    _copy_fragments_into(local, src, tp, key, ckpt)  # contiguous: each DP fragment read straight into its range
+    if m.dim is None:
+        return torch.equal(local, param)
+    return all(torch.equal(local.narrow(m.dim, r.dst_start, r.length), param.narrow(m.dim, r.src_start, r.length))
+               for r in m.runs_into(tp))

@@ -65,6 +65,7 @@ def _from_dict(cls, d: dict[str, Any]):
 
 
 NORMALIZATIONS = ("layernorm", "rmsnorm")
+ROPE_SCALINGS = ("none", "linear", "llama3")  # rotary frequency scalings, as transformers computes them
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,23 @@ class ModelConfig:
         "--num-key-value-heads", help="key/value heads for grouped-query attention (default: all heads)"))
     add_qkv_bias: bool = field(default=False, metadata=cli(
         "--add-qkv-bias", help="biases on the query, key and value projections only (the Qwen2 family)"))
+    kv_channels: int | None = field(default=None, metadata=cli(
+        "--kv-channels", help="attention head dimension (default: hidden size / attention heads)"))
+    qk_layernorm: bool = field(default=False, metadata=cli(
+        "--qk-layernorm", help="RMSNorm on each query and key head before rotary embeddings (the Qwen3 family)"))
+    sliding_window: int | None = field(default=None, metadata=cli(
+        "--sliding-window", help="each token attends to itself and the previous N-1 tokens (the Mistral family)"))
+    rope_scaling_type: str = field(default="none", metadata=cli(
+        "--rope-scaling-type", help="rotary frequency scaling: none | linear | llama3", choices=ROPE_SCALINGS))
+    rope_scaling_factor: float = field(default=1.0, metadata=cli(
+        "--rope-scaling-factor", help="linear and llama3 scaling factor"))
+    rope_low_freq_factor: float = field(default=1.0, metadata=cli(
+        "--rope-low-freq-factor", help="llama3 scaling: low_freq_factor"))
+    rope_high_freq_factor: float = field(default=4.0, metadata=cli(
+        "--rope-high-freq-factor", help="llama3 scaling: high_freq_factor"))
+    rope_original_max_position_embeddings: int | None = field(default=None, metadata=cli(
+        "--rope-original-max-position-embeddings",
+        help="llama3 scaling: the context length of pre-training (default: --max-position-embeddings)"))
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None:
@@ -121,10 +139,6 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
-            )
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -147,6 +161,34 @@ class ModelConfig:
         if self.add_qkv_bias and not self.swiglu_family:
             raise ValueError("--add-qkv-bias is for the Llama-shaped families (Qwen2); GPT's linear biases "
                              "already include the QKV projection")
+        self._validate_attention()
+
+    def _validate_attention(self) -> None:
+        """Head dimension, q/k norms, sliding window and rotary scaling (the Llama-shaped families)."""
+        llama_only = {"--kv-channels": self.kv_channels is not None, "--qk-layernorm": self.qk_layernorm,
+                      "--sliding-window": self.sliding_window is not None,
+                      "--rope-scaling-type": self.rope_scaling_type != "none"}
+        for flag, used in llama_only.items():
+            if used and not self.swiglu_family:
+                raise ValueError(f"{flag} is for the Llama-shaped families (rotary embeddings, RMSNorm, SwiGLU)")
+        for name in ("kv_channels", "sliding_window", "rope_original_max_position_embeddings"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"ModelConfig.{name} must be a positive integer or None, got {value!r}")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.rope_scaling_type not in ROPE_SCALINGS:
+            raise ValueError(f"rope_scaling_type must be one of {', '.join(ROPE_SCALINGS)}, got "
+                             f"{self.rope_scaling_type!r}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+        if self.rope_scaling_type != "none" and not self.rope_scaling_factor > 0:
+            raise ValueError(f"rope_scaling_factor must be positive, got {self.rope_scaling_factor}")
+        if self.rope_scaling_type == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ValueError(f"llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor, got "
+                             f"{self.rope_low_freq_factor} and {self.rope_high_freq_factor}")
 
     @property
     def swiglu_family(self) -> bool:
@@ -155,7 +197,18 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        """Per-head width: ``kv_channels`` when set (Qwen3, some Llamas), else hidden / heads."""
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def attention_width(self) -> int:
+        """Width of the attention output before the dense projection: heads x head dim."""
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def rope_original_context(self) -> int:
+        """The pre-training context of llama3 scaling (its ``original_max_position_embeddings``)."""
+        return self.rope_original_max_position_embeddings or self.max_position_embeddings
 
     def check_tensor_parallel(self, tp: int) -> None:
         """Raise ValueError when ``tp`` cannot split this model evenly."""

@@ -102,7 +102,9 @@ FULL_ARGV = [
     "--hidden-dropout", "0.05", "--attention-dropout", "0.0", "--init-method-std", "0.01",
     "--untie-embeddings-and-output-weights", "--swiglu", "--normalization", "rmsnorm",
     "--use-rotary-position-embeddings", "--rope-theta", "500000", "--disable-bias-linear",
-    "--num-key-value-heads", "2", "--add-qkv-bias",
+    "--num-key-value-heads", "2", "--add-qkv-bias", "--kv-channels", "8", "--qk-layernorm", "--sliding-window", "16",
+    "--rope-scaling-type", "llama3", "--rope-scaling-factor", "8", "--rope-low-freq-factor", "2",
+    "--rope-high-freq-factor", "8", "--rope-original-max-position-embeddings", "20",
     "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "1", "--zero-stage", "2",
     "--micro-batch-size", "2", "--global-batch-size", "12", "--seq-length", "32", "--train-iters", "30",
     "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "3", "--lr-decay-iters", "25",
@@ -119,7 +121,9 @@ FULL_MODEL = dict(num_layers=3, hidden_size=64, num_attention_heads=16, max_posi
                   make_vocab_size_divisible_by=16, layernorm_epsilon=1e-6, hidden_dropout=0.05, attention_dropout=0.0,
                   init_method_std=0.01, tie_embeddings=False, swiglu=True, normalization="rmsnorm",
                   use_rotary_position_embeddings=True, rope_theta=500000.0, add_bias_linear=False,
-                  num_key_value_heads=2, add_qkv_bias=True)
+                  num_key_value_heads=2, add_qkv_bias=True, kv_channels=8, qk_layernorm=True, sliding_window=16,
+                  rope_scaling_type="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=2.0,
+                  rope_high_freq_factor=8.0, rope_original_max_position_embeddings=20)
 FULL_TRAIN = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=1, zero_stage=2, micro_batch_size=2,
                   global_batch_size=12, seq_length=32, train_iters=30, lr=1e-3, min_lr=1e-4, lr_warmup_iters=3,
                   lr_decay_iters=25, lr_decay_style="linear", weight_decay=0.01, adam_beta1=0.8, adam_beta2=0.9,

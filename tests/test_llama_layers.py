@@ -677,7 +677,56 @@ def check_indivisible_kv_heads_raise(ctx: TensorParallelContext) -> None:
         LlamaLayer(64, 8, nkv, 96, 1e-5, ctx, 0)
 
 
-CHECKS = {f.__name__[len("check_"):]: f for f in (check_llama_layer_tp, check_indivisible_kv_heads_raise)}
+VARIANT_KINDS = dict(LAYER_KINDS, **{"mlp.dense_h_to_4h.weight": Kind.COLUMN_2SUB,
+                                      "self_attention.q_layernorm.weight": Kind.REPLICATED,
+                                      "self_attention.k_layernorm.weight": Kind.REPLICATED})
+
+
+def check_attention_variants_tp(ctx: TensorParallelContext) -> None:
+    """A Qwen3/Mistral/Llama-3-shaped layer (head_dim 12 != 64 / 8, q/k norms, a window of 3, llama3 rope
+    scaling) at TP = N against TP = 1: output, input grad and every parameter grad. The q/k norm weights
+    act on each rank's own heads: without the gradient all-reduce over TP they would drift apart."""
+    from megatron_ucp.model.llama import Rotary
+
+    world, rank, group = ctx.size, ctx.rank, ctx.group
+    hidden, nh, nkv, ffn, hn = 64, 8, 4, 96, 12
+    kw = dict(head_dim=hn, qk_norm=True, sliding_window=3,
+              rotary=Rotary(theta=500.0, scaling="llama3", factor=8.0, original_context=4))
+    dense = LlamaLayer(hidden, nh, nkv, ffn, 1e-5, _tp1(), 0, **kw).to(F64)
+    layer = LlamaLayer(hidden, nh, nkv, ffn, 1e-5, ctx, 0, **kw).to(F64)
+    full = {name: _randn(900 + i, *p.shape, scale=0.3) + (1.0 if p.dim() == 1 else 0.0)
+            for i, (name, p) in enumerate(dense.named_parameters())}
+    assert set(full) == set(VARIANT_KINDS) and dense.self_attention.dense.weight.shape == (hidden, nh * hn)
+    for name, p in dense.named_parameters():
+        load_param(p, full[name])
+    for name, p in layer.named_parameters():
+        load_param(p, slicing.shard(full[name], VARIANT_KINDS[name], world, rank))
+
+    x, g = _randn(910, B, S, hidden), _randn(911, B, S, hidden)
+    xd, xl = leaf(x), leaf(x)
+    yd = dense(xd)
+    yd.backward(g)
+    y = layer(xl)
+    _close(y, yd.detach(), "layer output")
+    y.backward(g)
+    _close(xl.grad, xd.grad, "layer input grad")
+    dense_grads = {n: p.grad for n, p in dense.named_parameters()}
+    for name, p in layer.named_parameters():
+        merged = slicing.merge(_all_gather(p.grad, group), VARIANT_KINDS[name])  # replicated: bitwise equal
+        _close(merged, dense_grads[name], f"grad of {name}")
+    # negative control: the q/k norms without their TP all-reduce give each rank a partial gradient
+    attn = layer.self_attention
+    attn.q_layernorm.tp = attn.k_layernorm.tp = None
+    for p in layer.parameters():
+        p.grad = None
+    layer(leaf(x)).backward(g)
+    partial = attn.q_layernorm.weight.grad
+    assert_fails(lambda: _close(partial, dense_grads["self_attention.q_layernorm.weight"], "no all-reduce"),
+                 "q/k norm gradient without the TP all-reduce")
+
+
+CHECKS = {f.__name__[len("check_"):]: f
+          for f in (check_llama_layer_tp, check_attention_variants_tp, check_indivisible_kv_heads_raise)}
 
 
 def _tp_worker(rank: int, world_size: int, out_dir: str) -> None:
@@ -695,6 +744,13 @@ def tp_results(tmp_path_factory):
 def test_llama_layer_tp_parity(tp_results, world_size):
     """LlamaLayer at TP=world size vs TP=1: output, input grad, every parameter grad (float64)."""
     report_check(tp_results(world_size), "llama_layer_tp")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_attention_variants_tp_parity(tp_results, world_size):
+    """head_dim != hidden / heads, q/k norms, sliding window and llama3 rope at TP = N vs TP = 1 (float64)."""
+    report_check(tp_results(world_size), "attention_variants_tp")
 
 
 @pytest.mark.dist

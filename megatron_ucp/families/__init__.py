@@ -1,6 +1,6 @@
 """The model families, one module each, found through one registry.
 
-A family module (``gpt.py``, ``llama.py``, ``qwen2.py``) declares everything that is particular to it:
+A family module (``gpt.py``, ``llama.py``, ``qwen2.py``, ``mistral.py``, ``qwen3.py``) declares everything that is particular to it:
 
 * which ``ModelConfig`` shapes belong to it (``matches``) and the trainer flags that select it (the
   recipes' defaults, ``model_flags``);
@@ -34,7 +34,7 @@ class Family:
     hf_rules: Mapping[tuple[Role, str], HFRule]  # one per parameter-table entry the family's configs produce
     config_from_hf: Callable[[dict], dict]  # HF config.json -> ModelConfig keyword arguments
     hf_config: Callable[[ModelConfig], dict]  # ModelConfig -> the family's config.json entries
-    hf_model: Callable[..., Any]  # (sizes...) -> a random-init transformers model (hf.build)
+    hf_model: Callable[..., Any]  # (sizes..., overrides=config.json entries) -> a random-init transformers model
     grouped_query: bool = False  # takes --num-key-value-heads and a free --ffn-hidden-size in recipes
     ignored_hf_suffixes: tuple[str, ...] = field(default=())  # HF tensors that carry nothing of ours
 
@@ -93,4 +93,4 @@ def block_classes() -> str:
 
 
 # The registry's contents: importing a family module registers it (order: the export preference).
-from megatron_ucp.families import gpt, llama, qwen2  # noqa: E402,F401
+from megatron_ucp.families import gpt, llama, mistral, qwen2, qwen3  # noqa: E402,F401

@@ -70,13 +70,14 @@ def block(cfg: ModelConfig, tp, layer_number: int):
 
 def hf_model(*, vocab_size: int, num_layers: int, hidden_size: int, num_heads: int, num_kv_heads: int | None,
              ffn_hidden_size: int | None, max_position_embeddings: int, tie_embeddings: bool | None,
-             bos_token_id, eos_token_id):
+             bos_token_id, eos_token_id, overrides: dict | None = None):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(
+    return GPT2LMHeadModel(GPT2Config(**dict(
         vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
         n_positions=max_position_embeddings, n_inner=ffn_hidden_size, bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id, tie_word_embeddings=True if tie_embeddings is None else tie_embeddings))
+        eos_token_id=eos_token_id, tie_word_embeddings=True if tie_embeddings is None else tie_embeddings),
+        **(overrides or {})))
 
 
 FAMILY = register(Family(

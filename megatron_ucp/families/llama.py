@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.families import Family, register
-from megatron_ucp.layout.hf import Combine, HFRule, UnsupportedConfig, require, rope_theta_of
+from megatron_ucp.layout.hf import Combine, HFRule, hf_rope, require, rope_of
 from megatron_ucp.layout.params import Role
 
 L = "model.layers.{i}."
@@ -38,10 +38,8 @@ def config_from_hf(hf: dict) -> dict:
     require(hf, "hidden_act", "silu", "SwiGLU uses SiLU", "silu")
     require(hf, "pretraining_tp", 1, "sliced projections are not modelled", 1)
     heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    if head_dim * heads != hf["hidden_size"]:
-        raise UnsupportedConfig(f"head_dim={head_dim} x num_attention_heads={heads} != hidden_size="
-                                f"{hf['hidden_size']} is not supported (our attention width is hidden_size)")
+    head_dim = hf.get("head_dim")
+    kv_channels = None if head_dim is None or head_dim * heads == hf["hidden_size"] else int(head_dim)
     return dict(
         num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"], num_attention_heads=heads,
         num_key_value_heads=hf.get("num_key_value_heads") or heads, vocab_size=hf["vocab_size"],
@@ -50,7 +48,8 @@ def config_from_hf(hf: dict) -> dict:
         attention_dropout=float(hf.get("attention_dropout", 0.0)),
         init_method_std=float(hf.get("initializer_range", 0.02)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), swiglu=True, normalization="rmsnorm",
-        use_rotary_position_embeddings=True, rope_theta=rope_theta_of(hf), add_bias_linear=False)
+        use_rotary_position_embeddings=True, add_bias_linear=False,
+        kv_channels=kv_channels, **rope_of(hf))
 
 
 def _llama_config_from_hf(hf: dict) -> dict:
@@ -65,15 +64,24 @@ def hf_config(cfg: ModelConfig) -> dict:
                 num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
                 head_dim=cfg.head_dim, intermediate_size=cfg.ffn_hidden_size,
                 max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.layernorm_epsilon,
-                hidden_act="silu", attention_dropout=cfg.attention_dropout, rope_theta=cfg.rope_theta,
-                rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+                hidden_act="silu", attention_dropout=cfg.attention_dropout, **hf_rope(cfg))
 
 
 def _llama_hf_config(cfg: ModelConfig) -> dict:
     return dict(hf_config(cfg), attention_bias=False, mlp_bias=False, pretraining_tp=1)
 
 
+def rotary(cfg: ModelConfig):
+    """The model's ``Rotary`` (base and frequency scaling) from its config."""
+    from megatron_ucp.model.llama import Rotary
+
+    return Rotary(theta=cfg.rope_theta, scaling=cfg.rope_scaling_type, factor=cfg.rope_scaling_factor,
+                  low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                  original_context=cfg.rope_original_context)
+
+
 def block(cfg: ModelConfig, tp, layer_number: int):
+    """Every Llama-shaped family's block: the config's switches say which parts it has."""
     from deepspeed.pipe import LayerSpec
 
     from megatron_ucp.model.llama import LlamaLayer
@@ -81,7 +89,8 @@ def block(cfg: ModelConfig, tp, layer_number: int):
     return LayerSpec(LlamaLayer, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                      cfg.ffn_hidden_size, cfg.layernorm_epsilon, tp, layer_number, rope_theta=cfg.rope_theta,
                      attention_dropout=cfg.attention_dropout, hidden_dropout=cfg.hidden_dropout,
-                     qkv_bias=cfg.add_qkv_bias)
+                     qkv_bias=cfg.add_qkv_bias, head_dim=cfg.head_dim, rotary=rotary(cfg),
+                     qk_norm=cfg.qk_layernorm, sliding_window=cfg.sliding_window)
 
 
 def hf_sizes(*, vocab_size: int, num_layers: int, hidden_size: int, num_heads: int, num_kv_heads: int | None,
@@ -94,14 +103,15 @@ def hf_sizes(*, vocab_size: int, num_layers: int, hidden_size: int, num_heads: i
                 tie_word_embeddings=bool(tie_embeddings), bos_token_id=bos_token_id, eos_token_id=eos_token_id)
 
 
-def hf_model(**sizes):
+def hf_model(overrides: dict | None = None, **sizes):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(**hf_sizes(**sizes)))
+    return LlamaForCausalLM(LlamaConfig(**dict(hf_sizes(**sizes), **(overrides or {}))))
 
 
 FAMILY = register(Family(
     name="llama", architecture="LlamaForCausalLM", model_type="llama",
-    matches=lambda cfg: cfg.swiglu_family and not cfg.add_qkv_bias, model_flags=MODEL_FLAGS,
+    matches=lambda cfg: cfg.swiglu_family and not (cfg.add_qkv_bias or cfg.qk_layernorm or cfg.sliding_window),
+    model_flags=MODEL_FLAGS,
     block_class="LlamaLayer", block=block, hf_rules=RULES, config_from_hf=_llama_config_from_hf,
     hf_config=_llama_hf_config, hf_model=hf_model, grouped_query=True, ignored_hf_suffixes=(".rotary_emb.inv_freq",)))

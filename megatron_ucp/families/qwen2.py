@@ -25,14 +25,15 @@ def hf_config(cfg: ModelConfig) -> dict:
     return dict(llama.hf_config(cfg), use_sliding_window=False, max_window_layers=cfg.num_layers)
 
 
-def hf_model(**sizes):
+def hf_model(overrides: dict | None = None, **sizes):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    return Qwen2ForCausalLM(Qwen2Config(**llama.hf_sizes(**sizes)))
+    return Qwen2ForCausalLM(Qwen2Config(**dict(llama.hf_sizes(**sizes), **(overrides or {}))))
 
 
 FAMILY = register(Family(
     name="qwen2", architecture="Qwen2ForCausalLM", model_type="qwen2",
-    matches=lambda cfg: cfg.swiglu_family and cfg.add_qkv_bias, model_flags=llama.MODEL_FLAGS + ("--add-qkv-bias",),
+    matches=lambda cfg: cfg.swiglu_family and cfg.add_qkv_bias and not (cfg.qk_layernorm or cfg.sliding_window),
+    model_flags=llama.MODEL_FLAGS + ("--add-qkv-bias",),
     block_class="LlamaLayer", block=llama.block, hf_rules=RULES, config_from_hf=config_from_hf,
     hf_config=hf_config, hf_model=hf_model, grouped_query=True, ignored_hf_suffixes=(".rotary_emb.inv_freq",)))

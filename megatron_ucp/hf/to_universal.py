@@ -15,6 +15,7 @@ when they are regular files inside the source folder (or the HF cache's blobs).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -61,7 +62,7 @@ from megatron_ucp.config import ModelConfig
 from megatron_ucp.hf.ds_files import write_loader_files
 from megatron_ucp.hf.reader import HFCheckpoint, open_hf_checkpoint, read_config
 from megatron_ucp.hf.transforms import to_hf, to_ours
-from megatron_ucp.families import Family
+from megatron_ucp.families import Family, family_of_model
 from megatron_ucp.layout.hf import (
     HFMapping,
     UnsupportedConfig,
@@ -119,15 +120,18 @@ def _numel(shape) -> int:
     return n
 
 
-def check_coverage(ckpt: HFCheckpoint, mappings: list[HFMapping], cfg: ModelConfig, family: Family) -> None:
-    """Every HF tensor we need is present with the shape the config implies; nothing else is left over."""
+def check_coverage(ckpt: HFCheckpoint, mappings: list[HFMapping], cfg: ModelConfig, family: Family,
+                   dropped: frozenset[str] = frozenset()) -> None:
+    """Every HF tensor we need is present with the shape the config implies; nothing else is left over
+    (but the ``dropped`` names: a negative control's)."""
     available = set(ckpt.names())
     needed = {n for m in mappings for n in m.hf_names}
     missing = sorted(needed - available)
     if missing:
         raise CheckpointError(f"{ckpt.folder}: {len(missing)} tensors a {family.architecture} of this config needs "
                               f"are missing, e.g. {missing[:3]}")
-    extra = sorted(n for n in available - needed if not is_ignored(n, cfg, family))
+    extra = sorted(n for n in available - needed
+                   if not is_ignored(n, cfg, family) and n not in dropped)
     if extra:
         raise CheckpointError(f"{ckpt.file_of(extra[0])}: {len(extra)} tensors map to nothing of ours "
                               f"(e.g. {extra[:3]}); is config.json the model's own?")
@@ -188,22 +192,32 @@ def verify_import(folder: str, mappings: list[HFMapping], ours) -> None:
 
 def convert_hf_to_universal(hf_checkpoint_dir: str, save_dir: str, *, safe_serialization: bool | None = None,
                             overwrite: bool = False, make_vocab_size_divisible_by: int = 128,
-                            _skip_qkv_reorder: bool = False, _skip_conv1d_transpose: bool = False) -> HFImportReport:
+                            _skip_qkv_reorder: bool = False, _skip_conv1d_transpose: bool = False,
+                            _override_config: dict | None = None) -> HFImportReport:
     """Write the universal checkpoint of the HF model in ``hf_checkpoint_dir`` to ``save_dir``.
 
     ``latest_universal`` (naming ``save_dir``) goes into ``save_dir``'s parent: load with
-    ``--load <parent> --universal-checkpoint``. The ``_skip_*`` flags are negative controls (tests).
+    ``--load <parent> --universal-checkpoint``. The ``_``-prefixed arguments are negative controls (tests):
+    a converter that skips a reorder or a transpose, or that reads config.json into a ModelConfig with
+    some fields replaced (``_override_config``: rope scaling ignored, ``head_dim`` taken as hidden / heads,
+    no q/k norms, ...; HF tensors the replaced config no longer maps are then left out).
     """
     t0 = time.time()
     hf_config = read_config(hf_checkpoint_dir)
     try:
         family, cfg = model_config_from_hf(hf_config, make_vocab_size_divisible_by)
+        dropped: frozenset[str] = frozenset()
+        if _override_config:
+            meant = {n for m in hf_mappings(cfg, family) for n in m.hf_names}
+            cfg = dataclasses.replace(cfg, **_override_config)
+            family = family_of_model(cfg)
+            dropped = frozenset(meant - {n for m in hf_mappings(cfg, family) for n in m.hf_names})
     except (UnsupportedConfig, KeyError, ValueError) as e:
         what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
         raise CheckpointError(f"{os.path.join(hf_checkpoint_dir, 'config.json')}: {what}") from None
     ckpt = open_hf_checkpoint(hf_checkpoint_dir, safe_serialization)
     mappings = hf_mappings(cfg, family)
-    check_coverage(ckpt, mappings, cfg, family)
+    check_coverage(ckpt, mappings, cfg, family, dropped)
 
     inp, out = check_output_path(hf_checkpoint_dir, save_dir)
     extras = [f for f in TOKENIZER_FILES if os.path.lexists(os.path.join(inp, f))]
@@ -212,7 +226,7 @@ def convert_hf_to_universal(hf_checkpoint_dir: str, save_dir: str, *, safe_seria
                "input_fingerprint": fingerprint([ckpt.file_of(n) for n in ckpt.names()] + extra_paths
                                                 + [os.path.join(inp, "config.json")]),
                "format": ckpt.format, "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
-               "controls": [_skip_qkv_reorder, _skip_conv1d_transpose]}
+               "controls": [_skip_qkv_reorder, _skip_conv1d_transpose, _override_config or {}]}
     if finished_output(out, UNIVERSAL_KIND, request):
         remove_stale_temporaries(out)
         write_latest_universal(out)

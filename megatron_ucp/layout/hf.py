@@ -97,13 +97,58 @@ def require(hf: dict, key: str, wanted, why: str, default=None) -> None:
         raise UnsupportedConfig(f"{key}={value!r} is not supported ({why}); expected {wanted!r}")
 
 
-def rope_theta_of(hf: dict) -> float:
-    """rope_theta from ``rope_parameters`` (transformers >= 5) or the top level, default RoPE only."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+ROPE_TYPES = ("default", "linear", "llama3")  # the rope_type values we compute exactly as transformers does
+
+
+def rope_of(hf: dict) -> dict:
+    """The rotary ``ModelConfig`` fields of an HF config, in either form: ``rope_parameters`` (transformers 5,
+    ``rope_theta`` inside) or top-level ``rope_theta`` with ``rope_scaling`` (the Hub's transformers 4
+    configs). ``default``, ``linear`` and ``llama3`` are computed exactly; every other type is refused."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise UnsupportedConfig(f"rope_parameters per layer type ({', '.join(params)}) are not supported: "
+                                "every layer shares one rotary embedding here")
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise UnsupportedConfig(f"rope_type {rope_type!r} is not supported (only the default rotary embedding)")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if rope_type not in ROPE_TYPES:
+        raise UnsupportedConfig(f"rope_type={rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise UnsupportedConfig(f"partial_rotary_factor={partial!r} is not supported (rotary embeddings cover "
+                                "the whole head)")
+    out = dict(rope_theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))),
+               rope_scaling_type="none" if rope_type == "default" else rope_type)
+
+    def need(key: str):
+        if params.get(key) is None:
+            raise UnsupportedConfig(f"rope_type={rope_type!r} needs {key} in its rope parameters")
+        return params[key]
+
+    if rope_type in ("linear", "llama3"):
+        out["rope_scaling_factor"] = float(need("factor"))
+    if rope_type == "llama3":
+        out["rope_low_freq_factor"] = float(need("low_freq_factor"))
+        out["rope_high_freq_factor"] = float(need("high_freq_factor"))
+        # transformers takes a top-level original_max_position_embeddings first, then the rope parameters',
+        # then max_position_embeddings
+        original = hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+        out["rope_original_max_position_embeddings"] = int(original or hf["max_position_embeddings"])
+    return out
+
+
+def hf_rope(cfg: ModelConfig) -> dict:
+    """The rotary entries of an exported config.json: ``rope_theta`` and ``rope_parameters`` (read by
+    transformers 5), and for a scaled rope also ``rope_scaling`` (what transformers 4 reads)."""
+    params: dict = {"rope_type": "default" if cfg.rope_scaling_type == "none" else cfg.rope_scaling_type,
+                    "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling_type in ("linear", "llama3"):
+        params["factor"] = cfg.rope_scaling_factor
+    if cfg.rope_scaling_type == "llama3":
+        params.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                      original_max_position_embeddings=cfg.rope_original_context)
+    out: dict = {"rope_theta": cfg.rope_theta, "rope_parameters": params}
+    if cfg.rope_scaling_type != "none":
+        out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    return out
 
 
 def source_dtype(hf: dict) -> str | None:

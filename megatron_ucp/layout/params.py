@@ -164,8 +164,11 @@ def param_specs(cfg: ModelConfig) -> tuple[ParamSpec, ...]:
     if bias or cfg.add_qkv_bias:  # every linear's bias (GPT), or the QKV projection's alone (Qwen2)
         specs.append(ParamSpec(Role.BLOCK, "self_attention.query_key_value.bias", Kind.COLUMN, Init.ZEROS, False,
                                lambda c: (_qkv_rows(c),)))
+    if cfg.qk_layernorm:  # per-head RMSNorm weights, the same for every head: replicated across TP (Qwen3)
+        specs += [ParamSpec(Role.BLOCK, f"self_attention.{n}_layernorm.weight", Kind.REPLICATED, Init.ONES, False,
+                            lambda c: (c.head_dim,)) for n in "qk"]
     specs.append(ParamSpec(Role.BLOCK, "self_attention.dense.weight", Kind.ROW, Init.SCALED_NORMAL, True,
-                           lambda c: (c.hidden_size, c.hidden_size)))
+                           lambda c: (c.hidden_size, c.attention_width)))
     if bias:
         specs.append(ParamSpec(Role.BLOCK, "self_attention.dense.bias", Kind.REPLICATED, Init.ZEROS, False, _h))
     specs += norm(Role.BLOCK, "post_attention_layernorm")

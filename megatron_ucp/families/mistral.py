@@ -1,0 +1,39 @@
+"""Mistral: the Llama block with sliding-window attention; HF ``MistralForCausalLM``.
+
+Each token attends to itself and the ``sliding_window - 1`` tokens before it (a banded causal mask
+through SDPA, ``model/llama.py``). The weights and their names are Llama's. A Mistral config without a
+window (``sliding_window: null``, as in Mistral 7B v0.2 and later) is the Llama model exactly: it
+imports, and exports as ``LlamaForCausalLM``, since nothing in our config tells the two apart.
+"""
+
+from __future__ import annotations
+
+from megatron_ucp.config import ModelConfig
+from megatron_ucp.families import Family, llama, register
+
+DEFAULT_WINDOW = 4096  # transformers' MistralConfig default, and the recipes' --sliding-window
+
+
+def config_from_hf(hf: dict) -> dict:
+    window = hf.get("sliding_window")
+    return dict(llama.config_from_hf(hf), sliding_window=int(window) if window is not None else None)
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    return dict(llama.hf_config(cfg), sliding_window=cfg.sliding_window)
+
+
+def hf_model(overrides: dict | None = None, **sizes):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = dict(llama.hf_sizes(**sizes), sliding_window=DEFAULT_WINDOW)
+    return MistralForCausalLM(MistralConfig(**dict(config, **(overrides or {}))))
+
+
+FAMILY = register(Family(
+    name="mistral", architecture="MistralForCausalLM", model_type="mistral",
+    matches=lambda cfg: cfg.swiglu_family and cfg.sliding_window is not None and not (
+        cfg.add_qkv_bias or cfg.qk_layernorm),
+    model_flags=llama.MODEL_FLAGS + ("--sliding-window", str(DEFAULT_WINDOW)),
+    block_class="LlamaLayer", block=llama.block, hf_rules=llama.RULES, config_from_hf=config_from_hf,
+    hf_config=hf_config, hf_model=hf_model, grouped_query=True, ignored_hf_suffixes=(".rotary_emb.inv_freq",)))

@@ -278,9 +278,10 @@ def test_errors_name_the_file_and_the_problem(hf, tmp_path):
     rope = tmp_path / "rope"
     shutil.copytree(dirs["llama"], rope)
     cfg = json.loads((rope / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}
+    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 500.0}
     (rope / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="rope_type 'linear' is not supported"):
+    with pytest.raises(CheckpointError, match=r"config\.json: rope_type='yarn' is not supported \(supported: "
+                                              r"default, linear, llama3\)"):
         convert_hf_to_universal(str(rope), str(tmp_path / "o4" / "u"))
 
 
@@ -394,11 +395,15 @@ def test_hf_import_loads_under_zero_2_and_3(hf, universal, tmp_path, stage):
 
 @pytest.mark.slow
 def test_finetune_recipe_exports_a_model_transformers_generates_from(tmp_path):
-    """The recipe end to end with tiny sizes: build, convert, fine-tune at TP2 PP2, export, check, generate."""
+    """The recipe end to end with tiny sizes: build a Llama 3.1-style model (llama3 rope scaling, head_dim
+    32 != 64 / 4), convert, fine-tune at TP2 PP2, export, check, generate."""
     import re
 
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
     env = dict(os.environ, OUTPUT_DIR=str(tmp_path), TRAIN_ITERS="4", EVAL_INTERVAL="2", EVAL_ITERS="1",
                LOG_INTERVAL="1", SEQ_LEN="32", MASTER_PORT=str(free_port()),
+               HF_SET=f"head_dim=32 rope_parameters={json.dumps(rope, separators=(',', ':'))}",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     recipe = REPO / "examples_deepspeed" / "universal_checkpointing" / "run_hf_finetune.sh"
     proc = subprocess.run(["bash", str(recipe)], env=env, capture_output=True, text=True, timeout=600)
@@ -415,6 +420,7 @@ def test_finetune_recipe_exports_a_model_transformers_generates_from(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(export)
+    assert model.config.rope_parameters == rope and model.config.head_dim == 32
     src = torch.load(run / "universal" / "global_step4_universal" / "zero" / "3.final_layernorm.weight" / "fp32.pt",
                      weights_only=False)["param"]
     assert_equal(model.model.norm.weight.detach(), src, "final norm after fine-tuning")

@@ -2,7 +2,8 @@
 # Hugging Face -> universal -> fine-tune at TP=2 PP=2 -> ZeRO -> universal -> Hugging Face.
 #
 #   1. take an HF model folder (HF_DIR=...) or build one with transformers at random init from a local
-#      config (MODEL_FAMILY llama | qwen2 | gpt, sizes below, the SentencePiece tokenizer's 8000-token vocabulary);
+#      config (MODEL_FAMILY llama | qwen2 | qwen3 | mistral | gpt, sizes below, the SentencePiece tokenizer's
+#      8000-token vocabulary, plus any HF_SET config entries);
 #   2. tools/hf_to_universal.py: universal atoms, zero moments, step 0, plus the trainer's model settings;
 #   3. fine-tune it with --universal-checkpoint --finetune at TP x PP x DP on the bundled corpus;
 #   4. tools/ds_to_universal.py on the last checkpoint, then tools/universal_to_hf.py (fp32);
@@ -13,6 +14,10 @@
 # GLOBAL_BATCH MICRO_BATCH TRAIN_ITERS SAVE_INTERVAL EVAL_INTERVAL EVAL_ITERS LOG_INTERVAL LR MIN_LR
 # WARMUP SEED DROPOUT OUTPUT_DIR DATA_PATH TOKENIZER_MODEL LAUNCHER ...), with tiny defaults here, and
 #   HF_DIR      an existing HF folder (its config must use the tokenizer's vocabulary size)
+#   HF_SET      further config.json entries of the built model, KEY=JSON separated by spaces (no spaces
+#               inside a value), e.g. a Llama 3.1-style model with an explicit head dimension:
+#               HF_SET='head_dim=32 rope_parameters={"rope_type":"llama3","rope_theta":500000.0,"factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":16}'
+
 #   HF_ATOL     logits tolerance of the final check (default 1e-4)
 #   PROMPT      the generate() prompt
 # Runs in a couple of minutes on 2 CPU cores with the defaults.
@@ -26,6 +31,7 @@ LOG_INTERVAL="${LOG_INTERVAL:-5}" LR="${LR:-3e-3}" MIN_LR="${MIN_LR:-3e-4}"
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 HF_DIR="${HF_DIR:-}"
+HF_SET="${HF_SET:-}"
 HF_ATOL="${HF_ATOL:-1e-4}"
 PROMPT="${PROMPT:-It is a truth universally acknowledged}"
 
@@ -36,8 +42,10 @@ mkdir -p "$RUN_DIR"
 if [[ -z "$HF_DIR" ]]; then
     HF_DIR="$RUN_DIR/hf_init"
     if [[ ! -f "$HF_DIR/config.json" ]]; then
+        SETS=()
+        for entry in $HF_SET; do SETS+=(--set "$entry"); done
         # Families without grouped-query attention (gpt) ignore --num-kv-heads.
-        python -m megatron_ucp.hf.build --family "$MODEL_FAMILY" --tokenizer-model "$TOKENIZER_MODEL" \
+        python -m megatron_ucp.hf.build "${SETS[@]}" --family "$MODEL_FAMILY" --tokenizer-model "$TOKENIZER_MODEL" \
             --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-heads "$HEADS" --num-kv-heads "$KV_HEADS" \
             --ffn-hidden-size "$FFN_HIDDEN" --max-position-embeddings "$SEQ_LEN" --seed "$SEED" --output-dir "$HF_DIR"
     fi

@@ -121,5 +121,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return max(part.all_gather(rc))  # --certify fails in process 0 only
 
 
+def exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown, which here only frees the modules of torch and DeepSpeed
+    (about half a second on 2 cores, a tenth of a conversion of 5 GB). By now the output is published
+    or removed, every file is closed and a process group is destroyed; the streams are flushed here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

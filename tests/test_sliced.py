@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from megatron_ucp.checkpoint.sliced import atom_read_plan, read_local, read_plan
+from megatron_ucp.checkpoint.sliced import atom_read_plan, read_local, read_plan, window_plan
 from megatron_ucp.checkpoint.universal import MergeRule, conversion_rules, convert_zero_to_universal
 from megatron_ucp.checkpoint.zero import STATE_KEYS, FlatRef, load_file, open_zero_checkpoint
 from megatron_ucp.config import ModelConfig, TrainConfig
@@ -116,6 +116,30 @@ def test_windows_are_what_a_zero_rank_owns(sources):
     assert torch.equal(torch.cat(parts), whole.reshape(-1))
     with pytest.raises(Exception, match=r"window \[0, 100000\) is outside"):
         read_plan(ckpt, ckpt.param_sources[name], rules[name], "exp_avg", 2, 1, window=(0, 100_000))
+
+
+def test_reading_into_a_given_tensor_zeroes_what_no_read_covers(sources):
+    """The loader reads into the optimizer's own memory: the same values as a new tensor, the padding
+    rows zeroed over whatever was there, and a destination of the wrong size refused."""
+    zero, _ = sources["gpt_tp1dp3"]
+    ckpt = open_zero_checkpoint(str(zero))
+    rules = conversion_rules(ckpt, strict=True, inject_missing_state=False)
+    name = "tied_modules.embed.word_embeddings.weight"
+    src = ckpt.param_sources[name]
+    kept = rules[name].kept_vocab_rows
+    plan = read_plan(ckpt, src, rules[name], "fp32", 1, 0, target_extent=kept + 8)  # 8 padding rows
+    want = read_local(plan)
+    assert plan.nbytes == kept * want.shape[1] * 4 and want.shape[0] == kept + 8
+    assert not want[-8:].any() and want[:kept].abs().sum() > 0  # the padding: no read lands there
+    out = torch.full(want.shape, float("nan"))
+    assert read_local(plan, out) is out and torch.equal(out, want)
+    lo, hi = 5, want.numel() - 3
+    part = window_plan(plan, (lo, hi), name)
+    dst = torch.full((hi - lo,), 7.0)
+    read_local(part, dst)
+    assert torch.equal(dst, want.reshape(-1)[lo:hi])
+    with pytest.raises(ValueError, match="is not the plan's"):
+        read_local(plan, torch.empty(want.numel() - 1))
 
 
 @pytest.mark.parametrize("name", list(SOURCES))

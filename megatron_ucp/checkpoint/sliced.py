@@ -150,9 +150,24 @@ def _read_plan(ckpt: ZeroCheckpoint, src: ParamSource, rule: MergeRule, key: str
     return ReadPlan(local, dtype, tuple(sorted(reads, key=lambda r: r.dst)))
 
 
-def read_local(plan: ReadPlan) -> torch.Tensor:
-    """Execute ``plan``: the target tensor, zeros where no source byte lands (vocabulary padding)."""
-    out = torch.zeros(plan.local_shape, dtype=plan.dtype)
+def read_local(plan: ReadPlan, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Execute ``plan``: the target tensor, zeros where no source byte lands (vocabulary padding).
+
+    ``out``: fill this contiguous tensor of the plan's dtype and size instead of a new one (an optimizer's
+    own flat partition: no fresh memory, whose first touch costs a page fault per page)."""
+    if out is None:
+        out = torch.zeros(plan.local_shape, dtype=plan.dtype)
+    else:
+        if out.dtype != plan.dtype or out.numel() != math.prod(plan.local_shape) or not out.is_contiguous():
+            raise ValueError(f"read_local: the destination ({out.dtype}, {out.numel()} elements, contiguous "
+                             f"{out.is_contiguous()}) is not the plan's {plan.dtype} x {plan.local_shape}")
+        flat, pos = out.view(-1), 0
+        for r in plan.reads:  # sorted by destination: zero what falls between them
+            if r.dst > pos:
+                flat[pos:r.dst].zero_()
+            pos = max(pos, r.dst + r.numel)
+        if pos < flat.numel():
+            flat[pos:].zero_()
     buf = out.view(-1).view(torch.uint8).numpy().data  # the tensor's bytes as a writable memoryview
     size = plan.dtype.itemsize
     fds: dict[str, int] = {}

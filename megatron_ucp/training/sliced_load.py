@@ -168,53 +168,58 @@ def _plan(source: StateSource, stats: LoadStats, name: str, key: str, local_shap
     return plan
 
 
-def _read_all(plans: list[ReadPlan], stats: LoadStats, desc: str) -> Iterator[torch.Tensor]:
-    """Each plan's tensor, in order, drawing the bytes read so far (all planned first: a true total)."""
-    with byte_progress(sum(p.nbytes for p in plans), desc, enabled=stats.show_progress) as bar:
-        for plan in plans:
-            yield read_local(plan)
+def _read_all(pieces: list[tuple[ReadPlan, torch.Tensor]], stats: LoadStats, desc: str) -> None:
+    """Read each plan into its destination (a contiguous view of the optimizer's own memory), drawing
+    the bytes read so far (all planned first: a true total)."""
+    with byte_progress(sum(p.nbytes for p, _ in pieces), desc, enabled=stats.show_progress) as bar:
+        for plan, dst in pieces:
+            read_local(plan, dst)
             bar.update(plan.nbytes)
+
+
+def _zeroed_state(state: dict, like: torch.Tensor, key: str) -> torch.Tensor:
+    """The optimizer's ``key`` tensor for the flat partition ``like``, zeroed: its own when it has one of
+    that shape (DeepSpeed allocates Adam's moments at start-up), else a new one."""
+    own = state.get(like, {}).get(key)
+    if torch.is_tensor(own) and own.shape == like.shape and own.dtype == like.dtype:
+        return own.zero_()
+    return torch.zeros_like(like)
 
 
 def _load_zero12(opt, source: StateSource, stats: LoadStats, lp_groups_name: str, tp: int, tp_rank: int) -> None:
     """DeepSpeed's ``load_hp_checkpoint_state_from_checkpoint_dir`` (ZeRO-1/2, BF16_Optimizer), with
     every parameter's fragment read by plan: same destinations, same group hyperparameters."""
-    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
-
     optim_sd = source.global_state()
     opt._load_global_state(optim_sd)
     lp_groups = getattr(opt, lp_groups_name)
-    pieces = []  # (the fragment's mapping, state key, plan), every group's
-    for i in range(len(opt.optimizer.param_groups)):
-        for lp in lp_groups[i]:
+    moments = [k for k in STATE_KEYS if k != "fp32"]
+    pieces = []  # (plan, destination): the fp32 master fragment, or a moment's place in its flat state
+    flats = []  # per group: {moment: its flat state tensor}, when the group has mapped parameters
+    for i, group in enumerate(opt.optimizer.param_groups):
+        hp = group["params"][0]
+        mapped = [lp for lp in lp_groups[i] if lp._hp_mapping is not None]
+        flat = {key: _zeroed_state(opt.optimizer.state, hp, key) for key in moments} if mapped else {}
+        flats.append(flat)
+        for lp in mapped:
             mapping = lp._hp_mapping
-            if mapping is None:
-                continue
-            addr = mapping.lp_fragment_address
+            addr, hp_addr = mapping.lp_fragment_address, mapping.get_hp_fragment_address()
             window = (int(addr.start), int(addr.start) + int(addr.numel))
-            mapping.optim_fragment = {}
+            # As DeepSpeed's map_to_flat_opt_states leaves them: views of the group's flat moments.
+            mapping.optim_fragment = {key: flat[key].narrow(0, hp_addr.start, hp_addr.numel) for key in moments}
             for key in STATE_KEYS:
                 plan = _plan(source, stats, opt.param_names[lp], key, tuple(lp.shape), tp, tp_rank, window)
-                pieces.append((mapping, key, plan))
-    for (mapping, key, _), piece in zip(pieces, _read_all([p for _, _, p in pieces], stats, "resharding")):
-        if key == "fp32":
-            mapping.get_hp_fragment().data.copy_(piece)
-        else:
-            mapping.optim_fragment[key] = piece
+                dst = mapping.get_hp_fragment().data if key == "fp32" else mapping.optim_fragment[key]
+                pieces.append((plan, dst))
+    _read_all(pieces, stats, "resharding")
     for i, (group, saved) in enumerate(zip(opt.optimizer.param_groups, optim_sd["param_groups"])):
-        keys: set[str] = set()
-        steps = []
-        for lp in lp_groups[i]:
-            if lp._hp_mapping is not None:
-                keys.update(lp._hp_mapping.get_optim_state_keys())
-                steps.append(source.step(opt.param_names[lp]))
+        steps = [source.step(opt.param_names[lp]) for lp in lp_groups[i] if lp._hp_mapping is not None]
         if steps:
             if any(not _same_step(s, steps[0]) for s in steps):
                 raise CheckpointError(f"{source.folder}: optimizer group {i} has parameters at different steps")
             hp = group["params"][0]
             if steps[0] is not None:
                 opt.optimizer.state[hp]["step"] = steps[0]
-            map_to_flat_opt_states(hp, lp_groups[i], opt.optimizer.state, keys)
+            opt.optimizer.state[hp].update(flats[i])
         for key, value in saved.items():
             if key != "params":
                 group[key] = value
@@ -241,7 +246,15 @@ def _load_zero3(opt, source: StateSource, stats: LoadStats, tp: int, tp_rank: in
     first_name = opt.param_names[opt.fp16_groups[0][0]]
     step = inner["state"][0]["step"] if inner is not None else source.step(first_name)
     hyper = (inner if inner is not None else optim_sd)["param_groups"][0]
-    pieces = []  # (state key, sub-group, offset in its flat partition, plan)
+    # Every flat partition (the fp32 master and each moment's) zeroed, then each parameter's window read
+    # into its slot: zeros past the end of each window, as DeepSpeed's loader leaves them.
+    filled = {}
+    for g, flat in enumerate(opt.fp32_partitioned_groups_flat):
+        filled[("fp32", g)] = flat.data.zero_()
+        for key in STATE_KEYS:
+            if key != "fp32":
+                filled[(key, g)] = _zeroed_state(opt.optimizer.state, flat, key)
+    pieces = []  # (plan, its slot in a flat partition)
     for key in STATE_KEYS:
         for sub_group, fp16_group in enumerate(opt.fp16_groups):
             offset = 0
@@ -252,16 +265,13 @@ def _load_zero3(opt, source: StateSource, stats: LoadStats, tp: int, tp_rank: in
                 part = math.ceil(numel / world)
                 window = (min(rank * part, numel), min((rank + 1) * part, numel))
                 plan = _plan(source, stats, opt.param_names[param], key, tuple(param.ds_shape), tp, tp_rank, window)
-                pieces.append((key, sub_group, offset, plan))
+                # a ZeRO-3 partition slot, not a TP cut
+                pieces.append((plan, filled[(key, sub_group)].narrow(0, offset, window[1] - window[0])))
                 offset += part
-    filled = {(key, g): torch.zeros_like(opt.fp32_partitioned_groups_flat[g])
-              for key in STATE_KEYS for g in range(len(opt.fp16_groups))}
-    for (key, g, offset, plan), piece in zip(pieces, _read_all([p[-1] for p in pieces], stats, "resharding")):
-        filled[(key, g)].narrow(0, offset, piece.numel()).copy_(piece)  # a ZeRO-3 partition slot, not TP
+    _read_all(pieces, stats, "resharding")
     for (key, g), tensor in filled.items():
         flat = opt.fp32_partitioned_groups_flat[g]
         if key == "fp32":
-            flat.data.copy_(tensor)
             opt.optimizer.state[flat]["step"] = step
         else:
             opt.optimizer.state[flat][key] = tensor

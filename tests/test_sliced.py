@@ -15,6 +15,7 @@ from megatron_ucp.checkpoint.universal import MergeRule, conversion_rules, conve
 from megatron_ucp.checkpoint.zero import STATE_KEYS, FlatRef, load_file, open_zero_checkpoint
 from megatron_ucp.config import ModelConfig, TrainConfig
 from megatron_ucp.layout.params import Kind
+from megatron_ucp.layout import slicing
 from megatron_ucp.layout.placement import padded_vocab_size
 from megatron_ucp.layout.slicing import pad_vocab, shard
 
@@ -179,3 +180,34 @@ def test_universal_atoms_are_read_by_byte_range(sources, name):
     assert torch.equal(right, shard(full, rules[pname].kind, 2, 1))
     if rules[pname].kind is not Kind.COLUMN:
         assert not torch.equal(read_local(atom_read_plan(ref, tuple(full.shape), Kind.COLUMN, 2, 1)), right)
+
+
+@pytest.mark.parametrize("name", ["gpt_tp1dp3", "llama_tp2dp1"])
+def test_one_plan_per_parameter_serves_every_state(sources, name):
+    """The loader plans the fp32 master's reads and moves them to each moment's bytes (``rebased``): the
+    same reads as planning each state on its own, from the ZeRO shards and from the universal atoms; and a
+    plan moved to the wrong state's bytes reads other values."""
+    from megatron_ucp.checkpoint.sliced import rebased
+    from megatron_ucp.training.sliced_load import UniversalSource, ZeroSource
+
+    zero, universal = sources[name]
+    ckpt = open_zero_checkpoint(str(zero))
+    rules = conversion_rules(ckpt, strict=True, inject_missing_state=False)
+    cfg = ModelConfig.from_dict(ckpt.metadata["model_config"])
+    for source in (ZeroSource(ckpt), UniversalSource(str(universal))):
+        checked = 0
+        for pname in ckpt.param_sources:
+            kind = rules[pname].kind
+            full = list(load_file(str(universal / "zero" / pname / "fp32.pt"), meta=True)["param"].shape)
+            for tp in TARGETS[name]:
+                if kind is Kind.VOCAB:
+                    full[0] = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
+                local = tuple(slicing.local_shape(kind, tuple(full), tp))
+                for r in range(tp):
+                    fp32 = source.plan(pname, "fp32", local, tp, r)
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        assert rebased(fp32, source.moves(pname, "fp32", key)) == source.plan(pname, key, local, tp, r)
+                    checked += 1
+        assert checked >= len(ckpt.param_sources)
+        wrong = rebased(fp32, source.moves(pname, "fp32", "exp_avg_sq"))
+        assert not torch.equal(read_local(wrong), read_local(source.plan(pname, "exp_avg", local, tp, r)))

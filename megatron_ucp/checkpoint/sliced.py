@@ -83,6 +83,14 @@ def window_plan(plan: ReadPlan, window: tuple[int, int], what: str) -> ReadPlan:
     return ReadPlan((hi - lo,), plan.dtype, tuple(reads))
 
 
+def rebased(plan: ReadPlan, moves: dict[str, tuple[str, int]]) -> ReadPlan:
+    """The same reads from other files or places: bytes at ``offset`` of ``path`` are at ``offset + delta``
+    of ``moves[path] = (new path, delta)``. Adam's moments lie in the shards (or atoms) exactly as the fp32
+    master does, so one plan per parameter serves all three states."""
+    return ReadPlan(plan.local_shape, plan.dtype,
+                    tuple(Read(moves[r.path][0], r.offset + moves[r.path][1], r.dst, r.numel) for r in plan.reads))
+
+
 def atom_read_plan(ref: FlatRef, shape: tuple[int, ...], kind: Kind, tp: int, tp_rank: int,
                    target_extent: int | None = None) -> ReadPlan:
     """The byte ranges of a universal atom (the full tensor of ``shape``, stored contiguously at

@@ -34,7 +34,7 @@ from megatron_ucp.checkpoint.format import (
     metadata_from_state,
     optimizer_state_path,
 )
-from megatron_ucp.checkpoint.sliced import ReadPlan, atom_read_plan, read_local, read_plan, window_plan
+from megatron_ucp.checkpoint.sliced import ReadPlan, atom_read_plan, read_local, read_plan, rebased, window_plan
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file
 from megatron_ucp.checkpoint.universal import MergeRule, conversion_rules, optimizer_state, rules_from_table
 from megatron_ucp.checkpoint.zero import (
@@ -55,6 +55,8 @@ class StateSource(Protocol):
     model_files: list[str]  # the model-state files (by mp rank) to read client state from
 
     def plan(self, name: str, key: str, local_shape: tuple[int, ...], tp: int, tp_rank: int) -> ReadPlan: ...
+
+    def moves(self, name: str, from_key: str, to_key: str) -> dict[str, tuple[str, int]]: ...
 
     def step(self, name: str): ...
 
@@ -94,6 +96,22 @@ class ZeroSource:
         src, rule = self._source(name), self.rules[name]
         plan = read_plan(self.ckpt, src, rule, key, tp, tp_rank, _vocab_extent(rule.kind, local_shape, tp))
         return _check_shape(plan, local_shape, name, self.folder)
+
+    def moves(self, name: str, from_key: str, to_key: str) -> dict[str, tuple[str, int]]:
+        """Where ``to_key``'s bytes of ``name`` are, relative to ``from_key``'s (``sliced.rebased``): in
+        each shard file, that state's flat tensor instead of the other's."""
+        src = self._source(name)
+        out: dict[str, tuple[str, int]] = {}
+        for s in range(self.ckpt.tp):
+            for f in src.fragments[s]:
+                a = self.ckpt.flat_ref(src.pp, s, f.dp, src.group, from_key)
+                b = self.ckpt.flat_ref(src.pp, s, f.dp, src.group, to_key)
+                move = (b.path, b.offset - a.offset)
+                # (the last DP rank's fp32 partition may be shorter than its moments: padding)
+                if a.dtype != b.dtype or f.start + f.numel > min(a.numel, b.numel) or \
+                        out.setdefault(a.path, move) != move:
+                    raise CheckpointError(f"{a.path}: {to_key} of {name} is not laid out as its {from_key}")
+        return out
 
     def step(self, name: str):
         src = self._source(name)
@@ -138,6 +156,13 @@ class UniversalSource:
         plan = atom_read_plan(ref, shape, kind, tp, tp_rank, _vocab_extent(kind, local_shape, tp))
         return _check_shape(plan, local_shape, name, ref.path)
 
+    def moves(self, name: str, from_key: str, to_key: str) -> dict[str, tuple[str, int]]:
+        """``to_key``'s atom of ``name`` in place of ``from_key``'s (``sliced.rebased``)."""
+        (a, shape_a), (b, shape_b) = self._atom(name, from_key), self._atom(name, to_key)
+        if a.dtype != b.dtype or shape_a != shape_b:
+            raise CheckpointError(f"{b.path}: {tuple(shape_b)} {b.dtype}, but {a.path} is {tuple(shape_a)} {a.dtype}")
+        return {a.path: (b.path, b.offset - a.offset)}
+
     def step(self, name: str):
         """The parameter's step atom (a 0-d tensor or a number): its header, then its few bytes."""
         path = atom_path(self.folder, check_name(name, self.folder), STEP_KEY)
@@ -159,13 +184,18 @@ class LoadStats:
     show_progress: bool = False  # a byte progress bar (on a terminal), for one rank
 
 
-def _plan(source: StateSource, stats: LoadStats, name: str, key: str, local_shape: tuple[int, ...], tp: int,
-          tp_rank: int, window: tuple[int, int]) -> ReadPlan:
-    plan = window_plan(source.plan(name, key, local_shape, tp, tp_rank), window, name)
-    stats.state_bytes += plan.nbytes
-    stats.pieces += 1
+def _plans(source: StateSource, stats: LoadStats, name: str, local_shape: tuple[int, ...], tp: int,
+           tp_rank: int, window: tuple[int, int]) -> dict[str, ReadPlan]:
+    """Each state's reads of this rank's ``window`` of parameter ``name``: planned once, for the fp32
+    master, and moved to the moments' bytes."""
+    first, *others = STATE_KEYS
+    base = window_plan(source.plan(name, first, local_shape, tp, tp_rank), window, name)
+    plans = {first: base}
+    plans.update({key: rebased(base, source.moves(name, first, key)) for key in others})
+    stats.state_bytes += sum(p.nbytes for p in plans.values())
+    stats.pieces += len(plans)
     stats.params.add(name)
-    return plan
+    return plans
 
 
 def _read_all(pieces: list[tuple[ReadPlan, torch.Tensor]], stats: LoadStats, desc: str) -> None:
@@ -206,10 +236,10 @@ def _load_zero12(opt, source: StateSource, stats: LoadStats, lp_groups_name: str
             window = (int(addr.start), int(addr.start) + int(addr.numel))
             # As DeepSpeed's map_to_flat_opt_states leaves them: views of the group's flat moments.
             mapping.optim_fragment = {key: flat[key].narrow(0, hp_addr.start, hp_addr.numel) for key in moments}
+            plans = _plans(source, stats, opt.param_names[lp], tuple(lp.shape), tp, tp_rank, window)
             for key in STATE_KEYS:
-                plan = _plan(source, stats, opt.param_names[lp], key, tuple(lp.shape), tp, tp_rank, window)
                 dst = mapping.get_hp_fragment().data if key == "fp32" else mapping.optim_fragment[key]
-                pieces.append((plan, dst))
+                pieces.append((plans[key], dst))
     _read_all(pieces, stats, "resharding")
     for i, (group, saved) in enumerate(zip(opt.optimizer.param_groups, optim_sd["param_groups"])):
         steps = [source.step(opt.param_names[lp]) for lp in lp_groups[i] if lp._hp_mapping is not None]
@@ -255,19 +285,18 @@ def _load_zero3(opt, source: StateSource, stats: LoadStats, tp: int, tp_rank: in
             if key != "fp32":
                 filled[(key, g)] = _zeroed_state(opt.optimizer.state, flat, key)
     pieces = []  # (plan, its slot in a flat partition)
-    for key in STATE_KEYS:
-        for sub_group, fp16_group in enumerate(opt.fp16_groups):
-            offset = 0
-            for param in fp16_group:
-                group = opt._get_param_partition_group(param)
-                rank, world = dist.get_rank(group=group), dist.get_world_size(group=group)
-                numel = int(param.ds_numel)
-                part = math.ceil(numel / world)
-                window = (min(rank * part, numel), min((rank + 1) * part, numel))
-                plan = _plan(source, stats, opt.param_names[param], key, tuple(param.ds_shape), tp, tp_rank, window)
-                # a ZeRO-3 partition slot, not a TP cut
-                pieces.append((plan, filled[(key, sub_group)].narrow(0, offset, window[1] - window[0])))
-                offset += part
+    for sub_group, fp16_group in enumerate(opt.fp16_groups):
+        offset = 0
+        for param in fp16_group:
+            group = opt._get_param_partition_group(param)
+            rank, world = dist.get_rank(group=group), dist.get_world_size(group=group)
+            numel = int(param.ds_numel)
+            part = math.ceil(numel / world)
+            window = (min(rank * part, numel), min((rank + 1) * part, numel))
+            plans = _plans(source, stats, opt.param_names[param], tuple(param.ds_shape), tp, tp_rank, window)
+            for key in STATE_KEYS:  # a ZeRO-3 partition slot, not a TP cut
+                pieces.append((plans[key], filled[(key, sub_group)].narrow(0, offset, window[1] - window[0])))
+            offset += part
     _read_all(pieces, stats, "resharding")
     for (key, g), tensor in filled.items():
         flat = opt.fp32_partitioned_groups_flat[g]

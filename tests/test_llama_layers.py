@@ -620,6 +620,19 @@ def _layer_configs(world: int) -> list[tuple[int, int]]:
     return [(8, 2), (8, 4)] if world == 2 else [(8, 4), (8, 8)]
 
 
+def _same_forward_and_backward(dense, layer, x: torch.Tensor, g: torch.Tensor):
+    """The TP = 1 layer and the TP layer on the same input and output gradient: their outputs and input
+    gradients must be close. Returns the dense output and the dense layer's parameter gradients."""
+    xd, xl = leaf(x), leaf(x)
+    yd = dense(xd)
+    yd.backward(g)
+    y = layer(xl)
+    _close(y, yd.detach(), "layer output")
+    y.backward(g)
+    _close(xl.grad, xd.grad, "layer input grad")
+    return yd, {n: p.grad for n, p in dense.named_parameters()}
+
+
 def _check_layer_tp(ctx: TensorParallelContext, nh: int, nkv: int) -> None:
     world, rank, group = ctx.size, ctx.rank, ctx.group
     hidden, ffn, eps, theta = 64, 96, 1e-5, 10000.0
@@ -632,14 +645,7 @@ def _check_layer_tp(ctx: TensorParallelContext, nh: int, nkv: int) -> None:
     assert layer.self_attention.query_key_value.weight.shape == ((nh + 2 * nkv) * (hidden // nh) // world, hidden)
 
     x, g = _randn(800, B, S, hidden), _randn(801, B, S, hidden)
-    xd, xl = leaf(x), leaf(x)
-    yd = dense(xd)
-    yd.backward(g)
-    y = layer(xl)
-    _close(y, yd.detach(), "layer output")
-    y.backward(g)
-    _close(xl.grad, xd.grad, "layer input grad")
-    dense_grads = {n: p.grad for n, p in dense.named_parameters()}
+    yd, dense_grads = _same_forward_and_backward(dense, layer, x, g)
     # the dense gradients in the TP layout: only the SwiGLU fusion depends on the degree
     expected = dict(dense_grads)
     expected["mlp.dense_h_to_4h.weight"] = fuse_swiglu(*unfuse_swiglu(dense_grads["mlp.dense_h_to_4h.weight"], 1),
@@ -703,14 +709,7 @@ def check_attention_variants_tp(ctx: TensorParallelContext) -> None:
         load_param(p, slicing.shard(full[name], VARIANT_KINDS[name], world, rank))
 
     x, g = _randn(910, B, S, hidden), _randn(911, B, S, hidden)
-    xd, xl = leaf(x), leaf(x)
-    yd = dense(xd)
-    yd.backward(g)
-    y = layer(xl)
-    _close(y, yd.detach(), "layer output")
-    y.backward(g)
-    _close(xl.grad, xd.grad, "layer input grad")
-    dense_grads = {n: p.grad for n, p in dense.named_parameters()}
+    _, dense_grads = _same_forward_and_backward(dense, layer, x, g)
     for name, p in layer.named_parameters():
         merged = slicing.merge(_all_gather(p.grad, group), VARIANT_KINDS[name])  # replicated: bitwise equal
         _close(merged, dense_grads[name], f"grad of {name}")

@@ -73,6 +73,29 @@ def test_verify_catches_a_changed_atom(ckpt, tmp_path, name, index):
         verify_universal(zc, str(out), rules)
 
 
+def test_verify_maps_atoms_of_a_confirmed_layout_and_still_catches_changed_bytes(ckpt, tmp_path, monkeypatch):
+    """Verification unpickles the first atom of each layout; a later atom whose bytes around the data
+    equal it is mapped from the file instead. A byte changed in place in its data is still caught."""
+    out = tmp_path / "global_step2_universal"
+    convert_zero_to_universal(str(ckpt / "global_step2"), str(out))
+    zc = open_zero_checkpoint(str(ckpt / "global_step2"))
+    rules = {n: universal.rules_from_table(zc.metadata)(n) for n in zc.param_sources}
+    first, second = (zc.param_sources[f"{i}.self_attention.dense.weight"] for i in (1, 2))  # one layout
+    path = out / "zero" / second.name / "exp_avg_sq.pt"
+    unpickled = []
+    real_load = universal.load_file
+    monkeypatch.setattr(universal, "load_file", lambda p, **kw: unpickled.append(os.path.basename(
+        os.path.dirname(p))) or real_load(p, **kw))
+    universal.verify_atoms(zc, str(out), rules, [first, second])  # the control: unchanged, it passes
+    assert unpickled == [first.name]  # its fp32 atom; its moments and all the second's atoms are mapped
+    offset = universal.skeleton_bytes({"cat_dim": 1}, (32, 32))[2]
+    data = bytearray(path.read_bytes())
+    data[offset + 4 * 7 + 3] ^= 0x40  # one element's exponent, in place: the file's framing is unchanged
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"2\.self_attention\.dense\.weight/exp_avg_sq\.pt: does not match"):
+        universal.verify_atoms(zc, str(out), rules, [first, second])
+
+
 def test_verify_catches_a_reshaped_atom(ckpt, tmp_path):
     out = tmp_path / "global_step2_universal"
     convert_zero_to_universal(str(ckpt / "global_step2"), str(out))

@@ -37,11 +37,13 @@ import contextlib
 import heapq
 import io
 import math
+import mmap
 import os
 import re
 import shutil
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, cast
@@ -915,22 +917,107 @@ def verify_atoms(ckpt: ZeroCheckpoint, output_folder: str, rules: dict[str, Merg
                  bar: ByteProgress | None = None, workers: int = 1) -> None:
     """Re-read the atoms of ``sources`` and compare them with the input shards, on ``workers`` threads; a
     mismatch raises a ``CheckpointError`` naming the atom's file. ``bar`` counts each parameter's source
-    bytes when done."""
+    bytes when done. How each atom is opened: ``_AtomReader``."""
+    reader = _AtomReader()
+
     def check(src: ParamSource) -> ParamSource:
         name = src.name
         m = source_tp_map(src, rules[name], ckpt.tp, ckpt.folder)
+        keys, shape = _atom_layout(src, rules[name], m)
         for key in STATE_KEYS:
-            param = load_file(atom_path(output_folder, name, key), mmap=True)["param"]
-            for tp in range(ckpt.tp):
-                if not _local_matches(param, m, src, tp, key, ckpt):
-                    raise CheckpointError(f"{atom_path(output_folder, name, key)}: does not match TP rank {tp} "
-                                          f"of {ckpt.folder}")
+            path = atom_path(output_folder, name, key)
+            with reader.param(path, keys, shape) as (param, confirm):
+                for tp in range(ckpt.tp):
+                    if not _local_matches(param, m, src, tp, key, ckpt):
+                        raise CheckpointError(f"{path}: does not match TP rank {tp} of {ckpt.folder}")
+                confirm()
         return src
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for src in pool.map(check, sources):  # in order: the first failure raises, the rest are cancelled
             if bar is not None:
                 bar.update(_source_bytes(src, ckpt))
+
+
+def _atom_layout(src: ParamSource, rule: MergeRule, m: RegionMap) -> tuple[dict, tuple[int, ...]]:
+    """The keys beside the tensor and the tensor's shape in a parameter's atom files."""
+    local = tuple(src.local_shapes[0])
+    if m.dim is None:
+        return {}, local
+    full = list(local)
+    full[m.dim] = m.src_extents[0]
+    return merge_keys(rule), tuple(full)
+
+
+class _AtomReader:
+    """Opens atoms for verification without unpickling each one.
+
+    ``torch.load`` of an atom costs about a millisecond of Python (holding the GIL) whatever its size; a
+    checkpoint has thousands. So the first atom of each layout (its keys and tensor shape) is read by
+    ``torch.load`` and compared as a whole, and once it matches, its bytes around the tensor data are
+    known to be a correct atom of that layout. Every later atom whose bytes around the data are the
+    same, byte for byte (two small reads), has that structure too, and its tensor is mapped straight
+    from the file at the same offset. Anything else (another writer's atom, a changed file) is read
+    by ``torch.load``.
+    """
+
+    def __init__(self) -> None:
+        self._confirmed: dict[tuple, tuple[bytes, bytes, int]] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def param(self, path: str, keys: dict, shape: tuple[int, ...]) -> Iterator[tuple[torch.Tensor, Callable]]:
+        layout = (tuple(keys.items()), shape)
+        with self._lock:
+            known = self._confirmed.get(layout)
+        mapped = self._mapped(path, known, shape) if known is not None else None
+        if mapped is not None:
+            yield mapped, lambda: None
+            return
+        param = load_file(path, mmap=True)["param"]
+
+        def confirm() -> None:  # the whole atom matched: remember its bytes around the data
+            with self._lock:
+                if layout not in self._confirmed:
+                    self._confirmed[layout] = self._framing(path, param, keys, shape)
+
+        yield param, confirm
+
+    @staticmethod
+    def _framing(path: str, param: torch.Tensor, keys: dict, shape: tuple[int, ...]) -> tuple[bytes, bytes, int]:
+        _, tail, offset = skeleton_bytes(keys, shape)  # where torch.save puts the data of this layout
+        framing = (b"", b"", -1)  # not laid out so: every atom of this layout goes through torch.load
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            head = os.pread(fd, offset, 0)
+            tail = os.pread(fd, len(tail), offset + 4 * math.prod(shape))
+        finally:
+            os.close(fd)
+        if param.dtype == torch.float32 and tuple(param.shape) == shape:
+            at_offset = _AtomReader._mapped(path, (head, tail, offset), shape)
+            if at_offset is not None and torch.equal(at_offset, param):  # the loaded tensor is the bytes there
+                framing = (head, tail, offset)
+        return framing
+
+    @staticmethod
+    def _mapped(path: str, known: tuple[bytes, bytes, int], shape: tuple[int, ...]) -> torch.Tensor | None:
+        head, tail, offset = known
+        if offset < 0:
+            return None
+        nbytes = 4 * math.prod(shape)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if os.fstat(fd).st_size != offset + nbytes + len(tail) or os.pread(fd, len(head), 0) != head or \
+                    os.pread(fd, len(tail), offset + nbytes) != tail:
+                return None
+            if nbytes == 0:
+                return torch.empty(shape, dtype=torch.float32)
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        with warnings.catch_warnings():  # read-only memory is fine: the tensor is only compared
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(mm, dtype=torch.float32, count=nbytes // 4, offset=offset).view(shape)
 
 
 def _local_matches(param: torch.Tensor, m: RegionMap, src: ParamSource, tp: int, key: str,

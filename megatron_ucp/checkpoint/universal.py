@@ -82,7 +82,6 @@ from megatron_ucp.checkpoint.zero import (
     ZeroCheckpoint,
     load_file,
     open_zero_checkpoint,
-    pread_exact,
     read_into,
 )
 from megatron_ucp.cli import one_line
@@ -221,8 +220,8 @@ def _copy_fragments_into(dst: torch.Tensor, src: ParamSource, tp: int, key: str,
     for frag in src.fragments[tp]:
         if flat is not None:
             _read_fragment(src, tp, frag, key, ckpt, flat.narrow(0, offset, frag.numel))  # a DP fragment's range
-        else:
-            piece = torch.empty(frag.numel, dtype=dst.dtype)
+        else:  # through a reused per-thread buffer (fresh memory costs a page fault per page)
+            piece = _scratch(frag.numel * dst.element_size(), "fragment").view(dst.dtype)
             _read_fragment(src, tp, frag, key, ckpt, piece)
             _copy_flat_range(dst, offset, piece)
         offset += frag.numel
@@ -415,16 +414,7 @@ def _read_row_parallel(tensor: torch.Tensor, src: ParamSource, rule: MergeRule, 
         runs = m.runs_into(t)
         if len(full) == 2 and len(runs) == 1 and runs[0].dst_start == 0 and runs[0].length == local[1]:
             # One column block: read each fragment whole, then one strided copy (no per-row work in Python).
-            block = tensor.narrow(1, runs[0].src_start, runs[0].length)
-            lo = 0
-            for frag in src.fragments[t]:
-                ref = ckpt.flat_ref(src.pp, t, frag.dp, src.group, key)
-                if ref.path not in fds:
-                    fds[ref.path] = os.open(ref.path, os.O_RDONLY)
-                piece = _scratch(frag.numel * 4, "fragment").view(torch.float32)
-                pread_exact(fds[ref.path], piece.view(torch.uint8).numpy().data, ref.offset + frag.start * 4, ref.path)
-                _copy_flat_range(block, lo, piece)
-                lo += frag.numel
+            _copy_fragments_into(tensor.narrow(1, runs[0].src_start, runs[0].length), src, t, key, ckpt)
             continue
         lo = 0
         for frag in src.fragments[t]:
@@ -467,14 +457,10 @@ def pwrite_all(fd: int, data, offset: int) -> None:
 def _write_atom_by_copy(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroCheckpoint, path: str) -> int:
     """Write a sharded atom without ever filling it with zeros or holding it: the torch.save bytes
     around the tensor come from a cached skeleton, the tensor's bytes are copied in from the shards."""
-    dim = rule.kind.partition_dim
-    assert dim is not None  # convert_param sends replicated parameters to merged_state instead
-    full = list(src.local_shapes[0])
-    full[dim] = source_tp_map(src, rule, ckpt.tp, ckpt.folder).src_extents[0]  # the kept rows, for VOCAB
-    head, tail, data_offset = skeleton_bytes(merge_keys(rule), tuple(full))
-    nbytes = 4
-    for d in full:
-        nbytes *= d
+    assert rule.kind.partition_dim is not None  # convert_param sends replicated parameters to merged_state instead
+    keys, full = _atom_layout(src, rule, source_tp_map(src, rule, ckpt.tp, ckpt.folder))  # kept rows, for VOCAB
+    head, tail, data_offset = skeleton_bytes(keys, full)
+    nbytes = 4 * math.prod(full)
     dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     fds: dict[str, int] = {}
     try:
@@ -928,7 +914,7 @@ def verify_atoms(ckpt: ZeroCheckpoint, output_folder: str, rules: dict[str, Merg
             path = atom_path(output_folder, name, key)
             with reader.param(path, keys, shape) as (param, confirm):
                 for tp in range(ckpt.tp):
-                    if not _local_matches(param, m, src, tp, key, ckpt):
+                    if not _local_matches(param, shape, m, src, tp, key, ckpt):
                         raise CheckpointError(f"{path}: does not match TP rank {tp} of {ckpt.folder}")
                 confirm()
         return src
@@ -985,12 +971,12 @@ class _AtomReader:
 
     @staticmethod
     def _framing(path: str, param: torch.Tensor, keys: dict, shape: tuple[int, ...]) -> tuple[bytes, bytes, int]:
-        _, tail, offset = skeleton_bytes(keys, shape)  # where torch.save puts the data of this layout
+        _, skeleton_tail, offset = skeleton_bytes(keys, shape)  # where torch.save puts the data of this layout
         framing = (b"", b"", -1)  # not laid out so: every atom of this layout goes through torch.load
         fd = os.open(path, os.O_RDONLY)
         try:
             head = os.pread(fd, offset, 0)
-            tail = os.pread(fd, len(tail), offset + 4 * math.prod(shape))
+            tail = os.pread(fd, len(skeleton_tail), offset + 4 * math.prod(shape))
         finally:
             os.close(fd)
         if param.dtype == torch.float32 and tuple(param.shape) == shape:
@@ -1020,14 +1006,12 @@ class _AtomReader:
             return torch.frombuffer(mm, dtype=torch.float32, count=nbytes // 4, offset=offset).view(shape)
 
 
-def _local_matches(param: torch.Tensor, m: RegionMap, src: ParamSource, tp: int, key: str,
-                   ckpt: ZeroCheckpoint) -> bool:
-    """TP rank ``tp``'s fragments, read into a reused buffer, equal the saved full tensor ``param`` wherever
-    the placement ``m`` puts them (padding rows are not in the atom, so they are not compared)."""
+def _local_matches(param: torch.Tensor, expected: tuple[int, ...], m: RegionMap, src: ParamSource, tp: int,
+                   key: str, ckpt: ZeroCheckpoint) -> bool:
+    """TP rank ``tp``'s fragments, read into a reused buffer, equal the saved full tensor ``param`` (of the
+    atom's shape ``expected``) wherever the placement ``m`` puts them (padding rows are not in the atom, so
+    they are not compared)."""
     shape = tuple(src.local_shapes[0])
-    expected = list(shape)
-    if m.dim is not None:
-        expected[m.dim] = m.src_extents[0]
     if param.dtype != torch.float32 or tuple(param.shape) != tuple(expected):
         return False
     local = _scratch(4 * math.prod(shape)).view(torch.float32).view(shape)

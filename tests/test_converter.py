@@ -4,6 +4,7 @@ The input is a real DeepSpeed checkpoint written by our trainer (TP1 PP1 DP2, Ze
 
 import os
 import shutil
+import struct
 
 import pytest
 import torch
@@ -94,6 +95,46 @@ def test_verify_maps_atoms_of_a_confirmed_layout_and_still_catches_changed_bytes
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"2\.self_attention\.dense\.weight/exp_avg_sq\.pt: does not match"):
         universal.verify_atoms(zc, str(out), rules, [first, second])
+
+
+def _poke(zc, name: str, key: str, element: int, value: float) -> None:
+    """Overwrite element ``element`` of ``name``'s ``key`` state (TP rank 0's first DP fragment) in its
+    ZeRO shard file, in place."""
+    src = zc.param_sources[name]
+    frag = src.fragments[0][0]
+    ref = zc.flat_ref(src.pp, 0, frag.dp, src.group, key)
+    with open(ref.path, "r+b") as f:
+        f.seek(ref.offset + 4 * (frag.start + element))
+        f.write(struct.pack("<f", value))
+
+
+def test_verify_compares_bits_not_values(ckpt, tmp_path, monkeypatch):
+    """A NaN in the state (a run that diverged) converts and verifies: it equals its copy bit for bit.
+    A zero whose sign bit flipped in the output is caught, though -0.0 == 0.0 as values. The negative
+    control compares values (``torch.equal``, as verification once did): the NaN then fails."""
+    source = _copy(ckpt / "global_step2", tmp_path / "in" / "global_step2")
+    zc = open_zero_checkpoint(str(source))
+    name = "2.mlp.dense_h_to_4h.weight"  # column-parallel [128, 32]; TP 1, so element k is full element k
+    _poke(zc, name, "exp_avg", 0, float("nan"))
+    _poke(zc, name, "exp_avg_sq", 1, 0.0)
+    out = tmp_path / "global_step2_universal"
+    convert_zero_to_universal(str(source), str(out), verify=True)
+    flat = {k: torch.load(out / "zero" / name / f"{k}.pt", weights_only=True)["param"].view(-1)
+            for k in ("exp_avg", "exp_avg_sq")}
+    assert torch.isnan(flat["exp_avg"][0]) and flat["exp_avg_sq"][1].item() == 0.0
+
+    rules = {n: universal.rules_from_table(zc.metadata)(n) for n in zc.param_sources}
+    path = out / "zero" / name / "exp_avg_sq.pt"
+    data = bytearray(path.read_bytes())
+    data[universal.skeleton_bytes({"cat_dim": 0}, (128, 32))[2] + 4 * 1 + 3] ^= 0x80  # element 1's sign bit
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)["param"].view(-1)[1].item() == 0.0  # -0.0: the same value
+    with pytest.raises(CheckpointError, match=rf"{name}/exp_avg_sq\.pt: does not match TP rank 0"):
+        verify_universal(zc, str(out), rules)
+
+    monkeypatch.setattr(universal, "bitwise_equal", lambda a, b: a.shape == b.shape and torch.equal(a, b))
+    with pytest.raises(CheckpointError, match=rf"{name}/exp_avg\.pt: does not match TP rank 0"):
+        convert_zero_to_universal(str(source), str(tmp_path / "values" / "global_step2_universal"))
 
 
 def test_verify_catches_a_reshaped_atom(ckpt, tmp_path):

@@ -127,6 +127,33 @@ def test_replicated_merge_refuses_drift():
         slicing.merge([a, b], Kind.REPLICATED)
 
 
+def test_bitwise_equal_compares_bits_not_values():
+    nan = torch.tensor([1.0, float("nan"), 3.0])
+    assert not torch.equal(nan, nan.clone())  # why values are not enough: a NaN state never matches its copy
+    assert slicing.bitwise_equal(nan, nan.clone())
+    zero = torch.zeros(3)
+    assert torch.equal(zero, -zero)  # ...and a flipped sign bit passes as a value
+    assert not slicing.bitwise_equal(zero, -zero)
+    other_nan = nan.clone()
+    other_nan.view(torch.int32)[1] ^= 1  # another NaN payload: different bits
+    assert not slicing.bitwise_equal(nan, other_nan)
+    for dtype in (torch.bfloat16, torch.float16, torch.float64, torch.complex64, torch.int64, torch.bool):
+        t = torch.arange(6).reshape(2, 3).to(dtype)
+        assert slicing.bitwise_equal(t, t.clone())
+        assert not slicing.bitwise_equal(t, t.flip(0))  # the control: other elements, other bits
+    full = torch.arange(12.0).reshape(3, 4)
+    assert slicing.bitwise_equal(full[:, 1:3], full.clone()[:, 1:3])  # strided views
+    assert not slicing.bitwise_equal(full, full.double())  # dtype differs
+    assert not slicing.bitwise_equal(full, full.reshape(4, 3))  # shape differs
+
+
+def test_replicated_merge_compares_bits():
+    a = torch.tensor([0.0, float("nan")])
+    assert slicing.bitwise_equal(slicing.merge([a, a.clone()], Kind.REPLICATED), a)
+    with pytest.raises(ValueError, match="replicated parameter differs between TP rank 0 and TP rank 1"):
+        slicing.merge([a, torch.tensor([-0.0, float("nan")])], Kind.REPLICATED)
+
+
 def test_shard_refuses_indivisible():
     with pytest.raises(ValueError, match="tensor parallel 3 does not divide dim 0"):
         slicing.shard(torch.zeros(8, 4), Kind.COLUMN, 3, 0)

@@ -26,13 +26,13 @@ from megatron_ucp.checkpoint.format import (
 )
 from megatron_ucp.checkpoint.publish import COMPLETE_MARKER, check_manifest, read_marker
 from megatron_ucp.checkpoint.zero import OPTIMIZER_STATE_DICT, CheckpointError, load_file, open_zero_checkpoint
+from megatron_ucp.layout.slicing import bitwise_equal
 
 
 def deep_equal(a, b) -> bool:
-    """Exact equality of nested checkpoint objects: tensors by dtype, shape and value (torch.equal)."""
+    """Exact equality of nested checkpoint objects: tensors by dtype, shape and bits (``bitwise_equal``)."""
     if torch.is_tensor(a) or torch.is_tensor(b):
-        return (torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape
-                and torch.equal(a, b))
+        return torch.is_tensor(a) and torch.is_tensor(b) and bitwise_equal(a, b)
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b)
     if isinstance(a, dict):
@@ -162,7 +162,7 @@ def compare_universal(a: str, b: str, include_model_states: bool = True, values_
         cmp.compared += 1
         if values_only:
             va, vb = _param_values(load_file(pa, mmap=True)), _param_values(load_file(pb, mmap=True))
-            same = va.dtype == vb.dtype and va.shape == vb.shape and torch.equal(va, vb)
+            same = bitwise_equal(va, vb)
         elif rel.startswith(ZERO):
             xa, xb = load_file(pa, mmap=True), load_file(pb, mmap=True)
             if rel == OPTIMIZER_STATE_REL and isinstance(xa, dict) and isinstance(xb, dict):

@@ -88,6 +88,7 @@ from megatron_ucp.cli import one_line
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.layout.params import Kind, spec_of
 from megatron_ucp.layout.placement import RegionMap, flat_segments, tp_map
+from megatron_ucp.layout.slicing import bitwise_equal
 from megatron_ucp.progress import ByteProgress, byte_progress
 
 UNIVERSAL_KIND = "universal"  # the completion marker's kind for our converter's output
@@ -252,7 +253,7 @@ def _replicas_equal(ref: torch.Tensor, src: ParamSource, tp: int, key: str, ckpt
     for frag in src.fragments[tp]:
         piece = torch.empty(frag.numel, dtype=ref.dtype)
         _read_fragment(src, tp, frag, key, ckpt, piece)
-        if not torch.equal(flat.narrow(0, offset, frag.numel), piece):  # a DP fragment's range
+        if not bitwise_equal(flat.narrow(0, offset, frag.numel), piece):  # a DP fragment's range
             return False
         offset += frag.numel
     return True
@@ -981,7 +982,7 @@ class _AtomReader:
             os.close(fd)
         if param.dtype == torch.float32 and tuple(param.shape) == shape:
             at_offset = _AtomReader._mapped(path, (head, tail, offset), shape)
-            if at_offset is not None and torch.equal(at_offset, param):  # the loaded tensor is the bytes there
+            if at_offset is not None and bitwise_equal(at_offset, param):  # the loaded tensor is the bytes there
                 framing = (head, tail, offset)
         return framing
 
@@ -1006,17 +1007,57 @@ class _AtomReader:
             return torch.frombuffer(mm, dtype=torch.float32, count=nbytes // 4, offset=offset).view(shape)
 
 
+# Source bytes read per comparison in verification: small enough that the buffer stays in the CPU cache
+# (a buffer the size of a whole local tensor, up to 100 MB, made verification about twice as slow).
+_VERIFY_CHUNK_BYTES = 1 << 20
+
+
+def _read_local_range(dst: torch.Tensor, src: ParamSource, tp: int, key: str, ckpt: ZeroCheckpoint,
+                      start: int) -> None:
+    """Elements [start, start + numel) of TP rank ``tp``'s local tensor (row-major) into the contiguous
+    1-D ``dst``, from the DP fragments that hold them."""
+    end, lo = start + dst.numel(), 0
+    for frag in src.fragments[tp]:
+        a, b = max(start, lo), min(end, lo + frag.numel)
+        if a < b:
+            read_into(ckpt.flat_ref(src.pp, tp, frag.dp, src.group, key), frag.start + a - lo,
+                      dst.narrow(0, a - start, b - a))
+        lo += frag.numel
+        if lo >= end:
+            return
+    raise CheckpointError(f"{ckpt.folder}: the fragments of {src.name} on TP rank {tp} end at element {lo}, "
+                          f"before {end}")
+
+
 def _local_matches(param: torch.Tensor, expected: tuple[int, ...], m: RegionMap, src: ParamSource, tp: int,
                    key: str, ckpt: ZeroCheckpoint) -> bool:
-    """TP rank ``tp``'s fragments, read into a reused buffer, equal the saved full tensor ``param`` (of the
-    atom's shape ``expected``) wherever the placement ``m`` puts them (padding rows are not in the atom, so
-    they are not compared)."""
+    """TP rank ``tp``'s fragments equal, bit for bit, the saved full tensor ``param`` (of the atom's shape
+    ``expected``) wherever the placement ``m`` puts them (padding rows are not in the atom, so they are not
+    compared). The local tensor is read a few dim-0 rows at a time into a reused, cache-sized buffer."""
     shape = tuple(src.local_shapes[0])
     if param.dtype != torch.float32 or tuple(param.shape) != tuple(expected):
         return False
-    local = _scratch(4 * math.prod(shape)).view(torch.float32).view(shape)
-    _copy_fragments_into(local, src, tp, key, ckpt)  # contiguous: each DP fragment read straight into its range
-    if m.dim is None:
-        return torch.equal(local, param)
-    return all(torch.equal(local.narrow(m.dim, r.dst_start, r.length), param.narrow(m.dim, r.src_start, r.length))
-               for r in m.runs_into(tp))
+    if not shape:  # a 0-d tensor: one row of one element
+        shape, param = (1,), param.reshape(1)
+    width = math.prod(shape[1:])
+    step = max(1, _VERIFY_CHUNK_BYTES // (4 * max(width, 1)))
+    buf = _scratch(4 * min(step, shape[0]) * width, "verify").view(torch.float32)
+    for r0 in range(0, shape[0], step):
+        n = min(step, shape[0] - r0)
+        local = buf[:n * width].view((n,) + shape[1:])  # local rows [r0, r0 + n)
+        _read_local_range(local.view(-1), src, tp, key, ckpt, r0 * width)
+        if m.dim is None:
+            if not bitwise_equal(local, param.narrow(0, r0, n)):
+                return False
+        elif m.dim == 0:  # local rows [dst_start, +length) sit at full rows [src_start, +length)
+            for r in m.runs_into(tp):
+                lo, hi = max(r0, r.dst_start), min(r0 + n, r.dst_start + r.length)
+                if lo < hi and not bitwise_equal(local.narrow(0, lo - r0, hi - lo),
+                                                 param.narrow(0, r.src_start + lo - r.dst_start, hi - lo)):
+                    return False
+        else:  # the same rows of the full tensor, in the columns (or later dim) the placement gives
+            rows = param.narrow(0, r0, n)
+            if not all(bitwise_equal(local.narrow(m.dim, r.dst_start, r.length), rows.narrow(m.dim, r.src_start, r.length))
+                       for r in m.runs_into(tp)):
+                return False
+    return True

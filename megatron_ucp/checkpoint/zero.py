@@ -43,6 +43,7 @@ from megatron_ucp.checkpoint.format import (  # noqa: F401 - STATE_KEYS: re-expo
     zero3_model_states_name,
 )
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file  # noqa: F401 - re-exported
+from megatron_ucp.layout.slicing import bitwise_equal
 
 # File names (defined in checkpoint.format), under the names this module has always exported.
 MODEL_FILE_RE = MODEL_STATES_RE
@@ -126,7 +127,7 @@ def stored_equals(ref: FlatRef, tensor: torch.Tensor, chunk_elems: int = 1 << 20
     for start in range(0, ref.numel, chunk_elems):
         n = min(chunk_elems, ref.numel - start)
         read_into(ref, start, buf[:n])
-        if not torch.equal(buf[:n], flat[start:start + n]):
+        if not bitwise_equal(buf[:n], flat[start:start + n]):
             return False
     return True
 

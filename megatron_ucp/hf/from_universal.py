@@ -43,6 +43,7 @@ from megatron_ucp.checkpoint.universal import check_output_path
 from megatron_ucp.checkpoint.zero import CheckpointError, load_file
 from megatron_ucp.hf.transforms import to_hf
 from megatron_ucp.layout.hf import family_of_model, hf_config_from_model, hf_mappings
+from megatron_ucp.layout.slicing import bitwise_equal
 
 HF_EXPORT_KIND = "hf_export"  # the completion marker's kind for an exported Hugging Face folder
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -191,7 +192,7 @@ def verify_export(folder: str, files: list[str], shards: list[list[str]], shard_
                 raise CheckpointError(f"{path}: holds {sorted(f.keys())[:3]}..., expected {sorted(want)[:3]}...")
             for name, t in want.items():
                 got = f.get_tensor(name)
-                if got.dtype != t.dtype or got.shape != t.shape or not torch.equal(got, t):
+                if not bitwise_equal(got, t):
                     raise CheckpointError(f"{path}: {name} does not match the universal checkpoint it came from")
 
 

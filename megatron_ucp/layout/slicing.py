@@ -19,6 +19,23 @@ from megatron_ucp.layout.placement import (  # noqa: F401 - padded_vocab_size, v
 )
 
 
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits. ``torch.equal`` compares values: a NaN never equals itself (so a state
+    holding one would never match its own copy) and ``-0.0`` equals ``0.0`` (a flipped sign bit passes);
+    here floating tensors are compared as integers of the same width, which works on strided views too."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.is_complex:
+        return bitwise_equal(torch.view_as_real(a), torch.view_as_real(b))
+    if a.dtype.is_floating_point:
+        as_int = _SAME_WIDTH_INT[a.element_size()]
+        a, b = a.view(as_int), b.view(as_int)
+    return bool(torch.equal(a, b))
+
+
 def pad_vocab(t: torch.Tensor, padded_rows: int) -> torch.Tensor:
     """Zero rows appended on dim 0 up to ``padded_rows`` (the padded vocabulary)."""
     if t.shape[0] > padded_rows:
@@ -58,7 +75,7 @@ def merge(shards: list[torch.Tensor], kind: Kind, kept: int | None = None) -> to
     if dim is None:
         first = shards[0]
         for r, other in enumerate(shards[1:], start=1):
-            if not torch.equal(first, other):
+            if not bitwise_equal(first, other):
                 raise ValueError(f"replicated parameter differs between TP rank 0 and TP rank {r}")
         return first
     if any(s.shape != shards[0].shape for s in shards):

@@ -3,6 +3,7 @@ the wchar-based temporary-bytes measurement, checkpoint caching and CLI wiring. 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -97,6 +98,14 @@ def test_case_result_from_runs():
     assert (r.best_wall, r.mean_wall, r.peak_pss, r.peak_rss, r.temp_bytes, r.peak_tmp_bytes, r.output_bytes,
             r.cpu_s) == (1.0, 2.0, 30, 20, 50, 7, 100, 0.5)
     json.dumps(r.to_dict())
+    # Unsampled timed runs (memory 0) and one sampled memory run: walls and CPU from the timed runs only,
+    # memory and the folder's peak from the memory run, temp bytes the worst of all.
+    timed = [dataclasses.replace(x, peak_pss=0, peak_rss=0, peak_tmp_bytes=0) for x in runs]
+    mem = bc.RunMeasurement(wall_s=9.0, returncode=0, peak_pss=40, peak_rss=45, wchar=400, output_bytes=100,
+                            peak_tmp_bytes=3, cpu_s=0.1)
+    r = bc.CaseResult.from_runs("ours", timed, [mem])
+    assert (r.walls, r.cpu_s, r.peak_pss, r.peak_rss, r.peak_tmp_bytes, r.temp_bytes) == ([3.0, 1.0], 0.5, 40, 45, 3, 300)
+    assert json.loads(json.dumps(r.to_dict()))["memory_runs"][0]["wall_s"] == 9.0
 
 
 def _py(code: str) -> list[str]:
@@ -254,5 +263,10 @@ def test_main_with_cp_only(tmp_path, monkeypatch, capsys):
     doc = json.loads(out_json.read_text())
     cp = doc["cases"]["cp"]
     assert len(cp["walls"]) == 2 and cp["output_bytes"] == 1_500_000 and cp["temp_bytes"] <= (1 << 20)
+    # The timed runs are not sampled; one sampled run after them measures memory (cp -r of 1.5 MB may end
+    # before the first sample finds it, so only that the sampler ran is certain).
+    assert [m["samples"] for m in cp["runs"]] == [0, 0] and len(cp["memory_runs"]) == 1
+    assert cp["memory_runs"][0]["samples"] >= 1 and cp["peak_rss"] < (64 << 20)
+    assert "timed cp r1" in text and "not sampled" in text and "memory cp mem1" in text
     assert doc["outputs_equal"] is None
     assert not os.listdir(tmp_path / "work" / "runs")  # outputs deleted after each run

@@ -25,7 +25,11 @@
    every case N times untimed first. No case fsyncs its output, so wall times are "output in the page
    cache", the same for all three. Outputs are deleted (untimed) after each run, except that in the
    last round the ``ours`` and ``deepspeed`` outputs are kept until they have been compared.
-4. **Measurements** per run:
+4. **Measurements.** The timed runs measure only what costs nothing while they run (wall, CPU, ``wchar``).
+   Peak memory and the temporary folder need a sampler thread, whose CPU (about 15 ms a sample, 0.9-1.4 s
+   during one run of ours) slowed the run it measured by 10% on 2 cores; so they come from
+   ``--memory-runs`` (default 1) extra sampled runs of every case after the timed rounds, whose walls
+   are not used (``--memory-runs 0`` samples the timed runs instead, as this benchmark used to).
 
    * wall time of the subprocess (start to exit, interpreter start-up included) and GB/s = input
      checkpoint bytes / wall seconds; also the tree's CPU seconds (user + system, from
@@ -446,8 +450,10 @@ def temp_bytes(wchar: int, output_bytes: int) -> int:
 
 
 def run_measured(cmd: Sequence[str], *, cwd: str | None = None, env: dict | None = None, log_path: str | None = None,
-                 interval: float = 0.02, watch_dir: str | None = None, timeout: float | None = None) -> RunMeasurement:
-    """Run ``cmd`` and measure wall time, peak Σ PSS / Σ RSS of its process tree, and its tree's I/O.
+                 interval: float = 0.02, watch_dir: str | None = None, timeout: float | None = None,
+                 sample: bool = True) -> RunMeasurement:
+    """Run ``cmd`` and measure wall time, its tree's CPU time and I/O, and (``sample``) the peak Σ PSS / Σ RSS
+    of its process tree and the peak size of ``watch_dir``. Unsampled, the memory and folder peaks are 0.
 
     Nothing else in this process may write while it runs (its ``/proc/self/io`` delta is the tree's).
     """
@@ -459,7 +465,9 @@ def run_measured(cmd: Sequence[str], *, cwd: str | None = None, env: dict | None
         t0 = time.perf_counter()
         proc = start_in_group(cmd, cwd=cwd, env=env, stdout=log_f, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL)
-        sampler = ProcessTreeSampler(proc.pid, interval=interval, watch_dir=watch_dir).start()
+        sampler = ProcessTreeSampler(proc.pid, interval=interval, watch_dir=watch_dir)
+        if sample:
+            sampler.start()
         try:
             rc = proc.wait(timeout=timeout)
         except BaseException:
@@ -506,7 +514,9 @@ def case_command(case: str, input_folder: str, output_folder: str, workers: int 
 
 @dataclass
 class CaseResult:
-    """A case's numbers over its repeats: best and mean wall; memory and temp bytes are the worst run's."""
+    """A case's numbers over its repeats: best and mean wall of the timed runs; memory and the temporary
+    folder's peak are the worst of the sampled runs (``memory_runs``, or the timed runs when there are
+    none); temp bytes (exact in every run) the worst of all."""
 
     case: str
     walls: list[float]
@@ -515,8 +525,9 @@ class CaseResult:
     temp_bytes: int
     peak_tmp_bytes: int
     output_bytes: int
-    cpu_s: float = float("nan")  # user + system seconds of the tree, best run
+    cpu_s: float = float("nan")  # user + system seconds of the tree, best timed run
     runs: list[RunMeasurement] = field(default_factory=list)
+    memory_runs: list[RunMeasurement] = field(default_factory=list)
 
     @property
     def best_wall(self) -> float:
@@ -527,13 +538,16 @@ class CaseResult:
         return statistics.fmean(self.walls)
 
     @classmethod
-    def from_runs(cls, case: str, runs: Sequence[RunMeasurement]) -> "CaseResult":
+    def from_runs(cls, case: str, runs: Sequence[RunMeasurement],
+                  memory_runs: Sequence[RunMeasurement] = ()) -> "CaseResult":
         if not runs:
             raise ValueError(f"{case}: no runs")
-        return cls(case=case, walls=[r.wall_s for r in runs], peak_pss=max(r.peak_pss for r in runs),
-                   peak_rss=max(r.peak_rss for r in runs), temp_bytes=max(r.temp_bytes for r in runs),
-                   peak_tmp_bytes=max(r.peak_tmp_bytes for r in runs), output_bytes=runs[-1].output_bytes,
-                   cpu_s=min(r.cpu_s for r in runs), runs=list(runs))
+        sampled = list(memory_runs) or list(runs)
+        return cls(case=case, walls=[r.wall_s for r in runs], peak_pss=max(r.peak_pss for r in sampled),
+                   peak_rss=max(r.peak_rss for r in sampled),
+                   temp_bytes=max(r.temp_bytes for r in [*runs, *memory_runs]),
+                   peak_tmp_bytes=max(r.peak_tmp_bytes for r in sampled), output_bytes=runs[-1].output_bytes,
+                   cpu_s=min(r.cpu_s for r in runs), runs=list(runs), memory_runs=list(memory_runs))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -803,8 +817,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=_positive_int, default=None,
                    help="ours: --num_extract_workers N (default: the converter's own default)")
     # Each sample walks the process table and reads every process's smaps: at 20 ms that kept about one of
-    # two cores busy beside a DeepSpeed conversion, slowing whichever case ran; 100 ms costs a fifth of it.
+    # two cores busy beside a DeepSpeed conversion, slowing whichever case ran; 100 ms costs a fifth of it,
+    # which is still 0.9-1.4 s of CPU during one 6-10 s run of ours (10% of its wall time on 2 cores, as
+    # the median of 4 paired runs). So by default the timed runs are not sampled at all.
     b.add_argument("--interval", type=float, default=0.1, help="memory sampling interval, seconds (default 0.1)")
+    b.add_argument("--memory-runs", type=int, default=1,
+                   help="sampled runs of every case after the timed rounds, for peak memory and the temporary "
+                        "folder (their walls are not used); 0: sample the timed runs instead, whose walls "
+                        "then include the sampler's CPU")
     b.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     b.add_argument("--no-compare", dest="compare", action="store_false", help="skip comparing ours with DeepSpeed's")
     b.add_argument("--keep-outputs", action="store_true", help="keep every output folder")
@@ -851,10 +871,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     warm_imports(env)
     runs: dict[str, list[RunMeasurement]] = {c: [] for c in args.cases}
+    memory_runs: dict[str, list[RunMeasurement]] = {c: [] for c in args.cases}
     kept: dict[str, str] = {}
     comparison = None
 
-    def one_run(case: str, tag: str, timed: bool, keep: bool) -> None:
+    def one_run(case: str, tag: str, timed: bool, keep: bool, sampled: bool) -> None:
         nonlocal comparison
         run_dir = os.path.join(runs_root, f"{case}-{tag}")
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -865,18 +886,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         warm_s = prewarm(input_folder)
         os.sync()
         m = run_measured(cmd, cwd=str(REPO), env=env, log_path=os.path.join(run_dir, "log.txt"),
-                         interval=args.interval, watch_dir=os.path.join(out, "tmp"), timeout=args.timeout)
+                         interval=args.interval, watch_dir=os.path.join(out, "tmp"), timeout=args.timeout,
+                         sample=sampled)
         if m.returncode != 0:
             raise SystemExit(f"{case} failed (exit {m.returncode}): {shlex.join(cmd)}\n{_tail(m.log, 30)}")
         m.output_bytes = folder_bytes(out)
-        print(f"  {'timed' if timed else 'warm-up'} {case} {tag}: {m.wall_s:.2f} s (CPU {m.cpu_s:.2f} s, load "
-              f"{m.load_average:.1f} at start), peak PSS "
-              f"{m.peak_pss / GiB:.3f} GiB, RSS {m.peak_rss / GiB:.3f} GiB, wchar {m.wchar / GB:.3f} GB, "
-              f"output {m.output_bytes / GB:.3f} GB, peak OUT/tmp {m.peak_tmp_bytes / GB:.3f} GB, "
-              f"{m.samples} samples (every {1000 * m.mean_sample_interval_s:.0f} ms), input pre-read {warm_s:.1f} s",
-              flush=True)
+        kind = "timed" if timed else ("memory" if sampled else "warm-up")
+        memory = (f"peak PSS {m.peak_pss / GiB:.3f} GiB, RSS {m.peak_rss / GiB:.3f} GiB, peak OUT/tmp "
+                  f"{m.peak_tmp_bytes / GB:.3f} GB, {m.samples} samples (every {1000 * m.mean_sample_interval_s:.0f}"
+                  " ms)") if sampled else "not sampled"
+        print(f"  {kind} {case} {tag}: {m.wall_s:.2f} s (CPU {m.cpu_s:.2f} s, load {m.load_average:.1f} at start), "
+              f"wchar {m.wchar / GB:.3f} GB, output {m.output_bytes / GB:.3f} GB, {memory}, input pre-read "
+              f"{warm_s:.1f} s", flush=True)
         if timed:
             runs[case].append(m)
+        elif sampled:
+            memory_runs[case].append(m)
         if keep:
             kept[case] = out
         elif not args.keep_outputs:
@@ -894,18 +919,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for w in range(args.warmup_runs):
         for case in args.cases:
-            one_run(case, f"warmup{w + 1}", timed=False, keep=False)
+            one_run(case, f"warmup{w + 1}", timed=False, keep=False, sampled=False)
     for r in range(args.repeats):
         last = r == args.repeats - 1
         for case in args.cases:
-            one_run(case, f"r{r + 1}", timed=True, keep=last and args.compare and case in ("ours", "deepspeed"))
+            one_run(case, f"r{r + 1}", timed=True, keep=last and args.compare and case in ("ours", "deepspeed"),
+                    sampled=args.memory_runs <= 0)
+    for i in range(max(0, args.memory_runs)):
+        for case in args.cases:
+            one_run(case, f"mem{i + 1}", timed=False, keep=False, sampled=True)
 
-    results = {c: CaseResult.from_runs(c, runs[c]) for c in args.cases}
+    results = {c: CaseResult.from_runs(c, runs[c], memory_runs[c]) for c in args.cases}
     targets = evaluate_targets(results, facts.largest_numel)
     facts_after = machine_info(workdir)
     print()
     print(f"input: {facts.folder} ({facts.bytes / GB:.3f} GB, {facts.parameters:,} parameters); "
-          f"{args.repeats} timed round(s), warm page cache; ratios = best wall / reference best wall; "
+          f"{args.repeats} timed round(s), warm page cache; memory from "
+          f"{f'{args.memory_runs} sampled run(s) per case after them' if args.memory_runs > 0 else 'the timed runs'}; "
+          "ratios = best wall / reference best wall; "
           f"GB = 1e9 B, GiB = 2^30 B")
     print(format_table(results, facts.bytes))
     print()

@@ -936,7 +936,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"input: {facts.folder} ({facts.bytes / GB:.3f} GB, {facts.parameters:,} parameters); "
           f"{args.repeats} timed round(s), warm page cache; memory from "
           f"{f'{args.memory_runs} sampled run(s) per case after them' if args.memory_runs > 0 else 'the timed runs'}; "
-          "ratios = best wall / reference best wall; "
+          "ratios = medians over rounds of the walls of the same round; "
           f"GB = 1e9 B, GiB = 2^30 B")
     print(format_table(results, facts.bytes))
     print()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_ucp.layout.slicing import bitwise_equal
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -22,7 +24,7 @@ def load_tool(name: str):
 
 def assert_equal(actual, expected, what: str) -> None:
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.equal(actual, expected), f"{what}: not bitwise equal (max diff {(actual - expected).abs().max()})"
+    assert bitwise_equal(actual, expected), f"{what}: not bitwise equal (max diff {(actual - expected).abs().max()})"
 
 
 def assert_fails(fn, what: str) -> None:

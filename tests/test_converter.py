@@ -5,6 +5,8 @@ The input is a real DeepSpeed checkpoint written by our trainer (TP1 PP1 DP2, Ze
 import os
 import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -216,6 +218,20 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(ckpt, tmp_pat
     with pytest.raises(RuntimeError, match="disk full"):
         convert_zero_to_universal(str(ckpt / "global_step2"), str(tmp_path / "u" / "global_step2_universal"), workers=1)
     assert os.listdir(tmp_path / "u") == []  # no output folder, no temp folder, no latest_universal
+
+
+def test_indexing_does_not_import_deepspeed(ckpt):
+    """Indexing reads only the files' pickles, with DeepSpeed's classes as stand-ins: importing DeepSpeed
+    (about half a second) stays off the converter's critical path. The control, in the same fresh
+    interpreter: unpickling a model-state file with the real classes does import it."""
+    code = ("import sys\n"
+            "from megatron_ucp.checkpoint.zero import load_file, open_zero_checkpoint\n"
+            f"ckpt = open_zero_checkpoint({str(ckpt / 'global_step2')!r})\n"
+            "print(len(ckpt.param_sources), 'deepspeed' in sys.modules)\n"
+            "load_file(ckpt.model_files[0])\n"
+            "print('deepspeed' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["28", "False", "True"], out
 
 
 def test_cli_wiring(ckpt, tmp_path, capsys):

@@ -216,6 +216,10 @@ def test_trainer_and_case_commands():
     assert ours[1].endswith("tools/ds_to_universal.py") and ours[-2:] == ["--num_extract_workers", "3"]
     assert "--no-verify" in ours  # timed like DeepSpeed's converter, which does not re-read its output
     assert "--num_extract_workers" not in bc.case_command("ours", "/in", "/out")
+    verified = bc.case_command("ours-verified", "/in", "/out", workers=3)
+    assert verified == [x for x in ours if x != "--no-verify"]  # the tool as a user runs it: it verifies
+    assert bc.build_parser().parse_args([]).cases == list(bc.DEFAULT_CASES) == ["ours", "deepspeed", "cp"]
+    assert bc.build_parser().parse_args(["--cases", "ours,ours-verified"]).cases == ["ours", "ours-verified"]
     assert bc.case_command("deepspeed", "/in", "/out")[1:] == [
         "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", "/in", "--output_folder", "/out"]
     assert bc.case_command("cp", "/in", "/out") == ["cp", "-r", "/in", "/out"]

@@ -13,8 +13,9 @@
    hidden 1024, 16 heads, vocab 50257, seq 64 (about 355M parameters); ``--small``: 4 layers, hidden 256,
    8 heads, vocab 8000.
 2. **Cases**, all on the same input folder, each output into a fresh folder outside it:
-   ``ours`` = ``python tools/ds_to_universal.py --input_folder IN --output_folder OUT``
-   (``--workers N`` adds ``--num_extract_workers N``); ``deepspeed`` =
+   ``ours`` = ``python tools/ds_to_universal.py --input_folder IN --output_folder OUT --no-verify``
+   (``--workers N`` adds ``--num_extract_workers N``); ``ours-verified`` (not among the default cases) =
+   the same without ``--no-verify``, as a user runs it; ``deepspeed`` =
    ``python -m deepspeed.checkpoint.ds_to_universal --input_folder IN --output_folder OUT`` with its
    default flags; ``cp`` = ``cp -r IN OUT``. Rounds are interleaved (round 1: every case in
    ``--cases`` order, round 2: again, ...; ``--repeats`` rounds) and best and mean wall times are reported.
@@ -93,8 +94,10 @@ GB = 1e9
 GiB = 1 << 30
 MiB = 1 << 20
 
-CASES = ("ours", "deepspeed", "cp")
-CASE_LABELS = {"ours": "ours (tools/ds_to_universal.py)", "deepspeed": "DeepSpeed ds_to_universal", "cp": "cp -r"}
+CASES = ("ours", "deepspeed", "cp", "ours-verified")
+DEFAULT_CASES = ("ours", "deepspeed", "cp")
+CASE_LABELS = {"ours": "ours (tools/ds_to_universal.py)", "deepspeed": "DeepSpeed ds_to_universal", "cp": "cp -r",
+               "ours-verified": "ours, verifying (its default)"}
 DEFAULT_WORKDIR = "/tmp/megatron_ucp_conversion_bench"
 
 SPEEDUP_TARGET = 10.0  # ours at least this many times faster than DeepSpeed (median of paired rounds)
@@ -497,10 +500,11 @@ def run_measured(cmd: Sequence[str], *, cwd: str | None = None, env: dict | None
 
 
 def case_command(case: str, input_folder: str, output_folder: str, workers: int | None = None) -> list[str]:
-    if case == "ours":
-        # --no-verify: DeepSpeed's converter does not re-read its output either (like for like)
+    if case in ("ours", "ours-verified"):
+        # --no-verify: DeepSpeed's converter does not re-read its output either (like for like);
+        # ours-verified is the tool as a user runs it, re-reading every atom against the shards
         cmd = [sys.executable, str(REPO / "tools" / "ds_to_universal.py"), "--input_folder", input_folder,
-               "--output_folder", output_folder, "--no-verify"]
+               "--output_folder", output_folder] + (["--no-verify"] if case == "ours" else [])
         if workers is not None:
             cmd += ["--num_extract_workers", str(workers)]
         return cmd
@@ -810,8 +814,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rebuild", action="store_true", help="build the checkpoint even if a cached one matches")
     g.add_argument("--build-timeout", type=float, default=3600, help="seconds")
     b = p.add_argument_group("benchmark")
-    b.add_argument("--cases", type=parse_cases, default=",".join(CASES),
-                   help="comma-separated subset of ours,deepspeed,cp")
+    b.add_argument("--cases", type=parse_cases, default=",".join(DEFAULT_CASES),
+                   help=f"comma-separated subset of {','.join(CASES)} (ours-verified: ours with its default "
+                        "verification, not like for like with DeepSpeed's converter)")
     b.add_argument("--repeats", type=_positive_int, default=1, help="timed rounds (interleaved over cases)")
     b.add_argument("--warmup-runs", type=int, default=0, help="untimed runs of every case before the timed rounds")
     b.add_argument("--workers", type=_positive_int, default=None,

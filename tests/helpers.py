@@ -46,6 +46,26 @@ def leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().requires_grad_()
 
 
+def close64(actual, expected, what: str) -> None:
+    """float64 TP parity: TP only reorders floating-point sums (~1e-16 relative), while a real mistake (a
+    wrong slice, a missing all-reduce, a bias added twice) is O(1)."""
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"{what}: {m}")
+
+
+def same_forward_and_backward(dense, layer, x: torch.Tensor, g: torch.Tensor):
+    """The TP = 1 layer and the TP layer on the same input and output gradient: their outputs and input
+    gradients must be close (``close64``). Returns the dense output and the dense layer's parameter
+    gradients by name."""
+    xd, xl = leaf(x), leaf(x)
+    yd = dense(xd)
+    yd.backward(g)
+    y = layer(xl)
+    close64(y, yd.detach(), "layer output")
+    y.backward(g)
+    close64(xl.grad, xd.grad, "layer input grad")
+    return yd, {n: p.grad for n, p in dense.named_parameters()}
+
+
 def vouch_for(folder) -> None:
     """Mark a deliberately damaged universal folder as verified, so that the trainer loads it: the
     negative controls that use it test what the damage does to training, not the completion marker."""

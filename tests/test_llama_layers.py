@@ -32,7 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_utils import report_check, run_tp_checks, spawned_results
-from helpers import assert_equal, assert_fails, leaf, load_param
+from helpers import assert_equal, assert_fails, leaf, load_param, same_forward_and_backward
+from helpers import close64 as _close
 from megatron_ucp.distributed.groups import TensorParallelContext
 from megatron_ucp.distributed.random import MODEL_PARALLEL_RNG
 from megatron_ucp.layout import slicing
@@ -73,10 +74,6 @@ def _gen(seed: int) -> torch.Generator:
 
 def _randn(seed: int, *shape: int, dtype=F64, scale: float = 1.0) -> torch.Tensor:
     return (scale * torch.randn(*shape, generator=_gen(seed), dtype=F64)).to(dtype)
-
-
-def _close(actual, expected, what: str) -> None:
-    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"{what}: {m}")
 
 
 def _close_hf(actual, expected, what: str) -> None:
@@ -620,19 +617,6 @@ def _layer_configs(world: int) -> list[tuple[int, int]]:
     return [(8, 2), (8, 4)] if world == 2 else [(8, 4), (8, 8)]
 
 
-def _same_forward_and_backward(dense, layer, x: torch.Tensor, g: torch.Tensor):
-    """The TP = 1 layer and the TP layer on the same input and output gradient: their outputs and input
-    gradients must be close. Returns the dense output and the dense layer's parameter gradients."""
-    xd, xl = leaf(x), leaf(x)
-    yd = dense(xd)
-    yd.backward(g)
-    y = layer(xl)
-    _close(y, yd.detach(), "layer output")
-    y.backward(g)
-    _close(xl.grad, xd.grad, "layer input grad")
-    return yd, {n: p.grad for n, p in dense.named_parameters()}
-
-
 def _check_layer_tp(ctx: TensorParallelContext, nh: int, nkv: int) -> None:
     world, rank, group = ctx.size, ctx.rank, ctx.group
     hidden, ffn, eps, theta = 64, 96, 1e-5, 10000.0
@@ -645,7 +629,7 @@ def _check_layer_tp(ctx: TensorParallelContext, nh: int, nkv: int) -> None:
     assert layer.self_attention.query_key_value.weight.shape == ((nh + 2 * nkv) * (hidden // nh) // world, hidden)
 
     x, g = _randn(800, B, S, hidden), _randn(801, B, S, hidden)
-    yd, dense_grads = _same_forward_and_backward(dense, layer, x, g)
+    yd, dense_grads = same_forward_and_backward(dense, layer, x, g)
     # the dense gradients in the TP layout: only the SwiGLU fusion depends on the degree
     expected = dict(dense_grads)
     expected["mlp.dense_h_to_4h.weight"] = fuse_swiglu(*unfuse_swiglu(dense_grads["mlp.dense_h_to_4h.weight"], 1),
@@ -709,7 +693,7 @@ def check_attention_variants_tp(ctx: TensorParallelContext) -> None:
         load_param(p, slicing.shard(full[name], VARIANT_KINDS[name], world, rank))
 
     x, g = _randn(910, B, S, hidden), _randn(911, B, S, hidden)
-    _, dense_grads = _same_forward_and_backward(dense, layer, x, g)
+    _, dense_grads = same_forward_and_backward(dense, layer, x, g)
     for name, p in layer.named_parameters():
         merged = slicing.merge(_all_gather(p.grad, group), VARIANT_KINDS[name])  # replicated: bitwise equal
         _close(merged, dense_grads[name], f"grad of {name}")

@@ -30,7 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_utils import report_check, run_tp_checks, spawned_results
-from helpers import assert_equal, assert_fails, leaf, load_param
+from helpers import assert_equal, assert_fails, leaf, load_param, same_forward_and_backward
+from helpers import close64 as _close  # float64; the module docstring says why these tolerances
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.distributed.groups import TensorParallelContext
 from megatron_ucp.distributed.random import MODEL_PARALLEL_RNG, RNGStatesTracker, seed_all
@@ -73,11 +74,6 @@ def _randn(seed: int, *shape: int, dtype=F64) -> torch.Tensor:
 def _ints(seed: int, *shape: int) -> torch.Tensor:
     """Small integers stored as float64: every sum of a few of them is exact in any order."""
     return torch.randint(-8, 9, shape, generator=_gen(seed)).to(F64)
-
-
-def _close(actual, expected, what: str) -> None:
-    """float64 comparison; see the module docstring for why these tolerances."""
-    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"{what}: {m}")
 
 
 def _close32(actual, expected, what: str) -> None:
@@ -384,16 +380,9 @@ def check_transformer_layer(ctx: TensorParallelContext) -> None:
     _load_tp_layer(layer, full, world, rank)
 
     X, G = _randn(4100, B, 5, cfg.hidden_size), _randn(4101, B, 5, cfg.hidden_size)
-    Xd, x = leaf(X), leaf(X)
-    yd = dense(Xd)
-    yd.backward(G)
-    y = layer(x)
-    _close(y, yd.detach(), "layer output")
-    y.backward(G)
-    _close(x.grad, Xd.grad, "layer input grad")
-    dense_params = dict(dense.named_parameters())
+    yd, dense_grads = same_forward_and_backward(dense, layer, X, G)
     for name, p in layer.named_parameters():
-        _close(_merged_grad(p, spec_of(f"1.{name}", cfg).kind, group), dense_params[name].grad, f"grad of {name}")
+        _close(_merged_grad(p, spec_of(f"1.{name}", cfg).kind, group), dense_grads[name], f"grad of {name}")
 
     # negative control: hand each rank its neighbour's heads (QKV shard) -> the output must change
     _load_tp_layer(layer, full, world, rank, swap="self_attention.query_key_value")

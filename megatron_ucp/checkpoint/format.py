@@ -48,6 +48,8 @@ from megatron_ucp.layout.ucp_info import universal_checkpoint_info
 ZERO_DIR = "zero"  # a universal folder's atoms and global optimizer state
 OPTIMIZER_STATE_FILE = "optimizer_state.pt"  # inside ZERO_DIR: param groups, step, loss scaler, ds_version
 STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")  # the per-parameter state atoms, weights first
+MASTER_KEY = STATE_KEYS[0]  # the fp32 master weights
+MOMENT_KEYS = STATE_KEYS[1:]  # Adam's moments: every state atom but the fp32 master
 STEP_KEY = "step"  # the per-parameter step atom (ZeRO-1/2 style; a 0-d tensor)
 ATOM_KEYS = STATE_KEYS + (STEP_KEY,)
 LATEST_FILE = "latest"  # DeepSpeed's tracker: names the newest ``global_stepN`` folder

@@ -214,17 +214,33 @@ def _read_fragment(src: ParamSource, tp: int, frag, key: str, ckpt: ZeroCheckpoi
     read_into(ckpt.flat_ref(src.pp, tp, frag.dp, src.group, key), frag.start, dst)
 
 
+def _read_local_range(dst: torch.Tensor, src: ParamSource, tp: int, key: str, ckpt: ZeroCheckpoint,
+                      start: int) -> None:
+    """Elements [start, start + numel) of TP rank ``tp``'s local tensor (row-major) into the contiguous
+    1-D ``dst``, from the DP fragments that hold them."""
+    end, lo = start + dst.numel(), 0
+    for frag in src.fragments[tp]:
+        a, b = max(start, lo), min(end, lo + frag.numel)
+        if a < b:
+            read_into(ckpt.flat_ref(src.pp, tp, frag.dp, src.group, key), frag.start + a - lo,
+                      dst.narrow(0, a - start, b - a))  # a DP fragment's range
+        lo += frag.numel
+        if lo >= end:
+            return
+    raise CheckpointError(f"{ckpt.folder}: the fragments of {src.name} on TP rank {tp} end at element {lo}, "
+                          f"before {end}")
+
+
 def _copy_fragments_into(dst: torch.Tensor, src: ParamSource, tp: int, key: str, ckpt: ZeroCheckpoint) -> None:
     """Fill ``dst`` (TP rank ``tp``'s local tensor, possibly a strided view) from its DP fragments."""
+    if dst.is_contiguous():  # each DP fragment read straight into its range
+        _read_local_range(dst.view(-1), src, tp, key, ckpt, 0)
+        return
     offset = 0
-    flat = dst.view(-1) if dst.is_contiguous() else None
-    for frag in src.fragments[tp]:
-        if flat is not None:
-            _read_fragment(src, tp, frag, key, ckpt, flat.narrow(0, offset, frag.numel))  # a DP fragment's range
-        else:  # through a reused per-thread buffer (fresh memory costs a page fault per page)
-            piece = _scratch(frag.numel * dst.element_size(), "fragment").view(dst.dtype)
-            _read_fragment(src, tp, frag, key, ckpt, piece)
-            _copy_flat_range(dst, offset, piece)
+    for frag in src.fragments[tp]:  # through a reused per-thread buffer (fresh memory costs a page fault per page)
+        piece = _scratch(frag.numel * dst.element_size(), "fragment").view(dst.dtype)
+        _read_fragment(src, tp, frag, key, ckpt, piece)
+        _copy_flat_range(dst, offset, piece)
         offset += frag.numel
 
 
@@ -1025,23 +1041,6 @@ class _AtomReader:
 # instead of one the size of a whole local tensor (100 MB for the 354M model's embedding). Measured in
 # pairs, the verification time is the same either way.
 _VERIFY_CHUNK_BYTES = 1 << 20
-
-
-def _read_local_range(dst: torch.Tensor, src: ParamSource, tp: int, key: str, ckpt: ZeroCheckpoint,
-                      start: int) -> None:
-    """Elements [start, start + numel) of TP rank ``tp``'s local tensor (row-major) into the contiguous
-    1-D ``dst``, from the DP fragments that hold them."""
-    end, lo = start + dst.numel(), 0
-    for frag in src.fragments[tp]:
-        a, b = max(start, lo), min(end, lo + frag.numel)
-        if a < b:
-            read_into(ckpt.flat_ref(src.pp, tp, frag.dp, src.group, key), frag.start + a - lo,
-                      dst.narrow(0, a - start, b - a))  # a DP fragment's range
-        lo += frag.numel
-        if lo >= end:
-            return
-    raise CheckpointError(f"{ckpt.folder}: the fragments of {src.name} on TP rank {tp} end at element {lo}, "
-                          f"before {end}")
 
 
 def _local_matches(param: torch.Tensor, expected: tuple[int, ...], m: RegionMap, src: ParamSource, tp: int,

@@ -33,6 +33,7 @@ import torch
 
 from megatron_ucp.checkpoint.format import (  # noqa: F401 - STATE_KEYS: re-exported
     MODEL_STATES_RE,
+    MOMENT_KEYS,
     OPTIM_STATES_RE,
     STATE_KEYS,
     ZERO3_MODEL_STATES_RE,
@@ -330,7 +331,7 @@ def _index_fragments(ckpt: ZeroCheckpoint, pipeline_replicated) -> None:
                 refs, group_steps = [], []
                 for g in range(len(mappings)):
                     state = base["state"].get(g, {})
-                    if not {"exp_avg", "exp_avg_sq"} <= set(state):
+                    if not set(MOMENT_KEYS) <= set(state):
                         raise CheckpointError(f"{path}: optimizer group {g} has no exp_avg/exp_avg_sq "
                                               "(only Adam-family optimizers convert)")
                     refs.append({"fp32": FlatRef.of(path, osd[SINGLE_PARTITION_OF_FP32_GROUPS][g]),
@@ -399,7 +400,7 @@ def _index_zero3_fragments(ckpt: ZeroCheckpoint) -> None:
             refs, group_steps = [], []
             for g, flat in enumerate(flats):
                 st = state.get(g, {})
-                if not {"exp_avg", "exp_avg_sq"} <= set(st):
+                if not set(MOMENT_KEYS) <= set(st):
                     raise CheckpointError(f"{path}: optimizer sub-group {g} has no exp_avg/exp_avg_sq "
                                           "(only Adam-family optimizers convert)")
                 refs.append({"fp32": FlatRef.of(path, flat), "exp_avg": FlatRef.of(path, st["exp_avg"]),

@@ -28,6 +28,8 @@ from typing import Iterator, Protocol
 import torch
 
 from megatron_ucp.checkpoint.format import (
+    MASTER_KEY,
+    MOMENT_KEYS,
     STATE_KEYS,
     STEP_KEY,
     atom_path,
@@ -188,10 +190,9 @@ def _plans(source: StateSource, stats: LoadStats, name: str, local_shape: tuple[
            tp_rank: int, window: tuple[int, int]) -> dict[str, ReadPlan]:
     """Each state's reads of this rank's ``window`` of parameter ``name``: planned once, for the fp32
     master, and moved to the moments' bytes."""
-    first, *others = STATE_KEYS
-    base = window_plan(source.plan(name, first, local_shape, tp, tp_rank), window, name)
-    plans = {first: base}
-    plans.update({key: rebased(base, source.moves(name, first, key)) for key in others})
+    base = window_plan(source.plan(name, MASTER_KEY, local_shape, tp, tp_rank), window, name)
+    plans = {MASTER_KEY: base}
+    plans.update({key: rebased(base, source.moves(name, MASTER_KEY, key)) for key in MOMENT_KEYS})
     stats.state_bytes += sum(p.nbytes for p in plans.values())
     stats.pieces += len(plans)
     stats.params.add(name)
@@ -222,23 +223,22 @@ def _load_zero12(opt, source: StateSource, stats: LoadStats, lp_groups_name: str
     optim_sd = source.global_state()
     opt._load_global_state(optim_sd)
     lp_groups = getattr(opt, lp_groups_name)
-    moments = [k for k in STATE_KEYS if k != "fp32"]
     pieces = []  # (plan, destination): the fp32 master fragment, or a moment's place in its flat state
     flats = []  # per group: {moment: its flat state tensor}, when the group has mapped parameters
     for i, group in enumerate(opt.optimizer.param_groups):
         hp = group["params"][0]
         mapped = [lp for lp in lp_groups[i] if lp._hp_mapping is not None]
-        flat = {key: _zeroed_state(opt.optimizer.state, hp, key) for key in moments} if mapped else {}
+        flat = {key: _zeroed_state(opt.optimizer.state, hp, key) for key in MOMENT_KEYS} if mapped else {}
         flats.append(flat)
         for lp in mapped:
             mapping = lp._hp_mapping
             addr, hp_addr = mapping.lp_fragment_address, mapping.get_hp_fragment_address()
             window = (int(addr.start), int(addr.start) + int(addr.numel))
             # As DeepSpeed's map_to_flat_opt_states leaves them: views of the group's flat moments.
-            mapping.optim_fragment = {key: flat[key].narrow(0, hp_addr.start, hp_addr.numel) for key in moments}
+            mapping.optim_fragment = {key: flat[key].narrow(0, hp_addr.start, hp_addr.numel) for key in MOMENT_KEYS}
             plans = _plans(source, stats, opt.param_names[lp], tuple(lp.shape), tp, tp_rank, window)
             for key in STATE_KEYS:
-                dst = mapping.get_hp_fragment().data if key == "fp32" else mapping.optim_fragment[key]
+                dst = mapping.get_hp_fragment().data if key == MASTER_KEY else mapping.optim_fragment[key]
                 pieces.append((plans[key], dst))
     _read_all(pieces, stats, "resharding")
     for i, (group, saved) in enumerate(zip(opt.optimizer.param_groups, optim_sd["param_groups"])):
@@ -280,10 +280,9 @@ def _load_zero3(opt, source: StateSource, stats: LoadStats, tp: int, tp_rank: in
     # into its slot: zeros past the end of each window, as DeepSpeed's loader leaves them.
     filled = {}
     for g, flat in enumerate(opt.fp32_partitioned_groups_flat):
-        filled[("fp32", g)] = flat.data.zero_()
-        for key in STATE_KEYS:
-            if key != "fp32":
-                filled[(key, g)] = _zeroed_state(opt.optimizer.state, flat, key)
+        filled[(MASTER_KEY, g)] = flat.data.zero_()
+        for key in MOMENT_KEYS:
+            filled[(key, g)] = _zeroed_state(opt.optimizer.state, flat, key)
     pieces = []  # (plan, its slot in a flat partition)
     for sub_group, fp16_group in enumerate(opt.fp16_groups):
         offset = 0
@@ -300,7 +299,7 @@ def _load_zero3(opt, source: StateSource, stats: LoadStats, tp: int, tp_rank: in
     _read_all(pieces, stats, "resharding")
     for (key, g), tensor in filled.items():
         flat = opt.fp32_partitioned_groups_flat[g]
-        if key == "fp32":
+        if key == MASTER_KEY:
             opt.optimizer.state[flat]["step"] = step
         else:
             opt.optimizer.state[flat][key] = tensor

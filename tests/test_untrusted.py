@@ -142,7 +142,7 @@ def test_trust_flag_is_the_only_way_around(real, craft, tmp_path, capsys):
     assert rc == 0 and os.path.exists(crafted.marker)
 
 
-def _trainer_load(load: str, universal: bool, tmp_path) -> subprocess.CompletedProcess:
+def _trainer_load(load: str, universal: bool, tmp_path, extra: list[str] | None = None) -> subprocess.CompletedProcess:
     """``python -m megatron_ucp.train --load ...`` as one rank, the environment torchrun would set."""
     args = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--max-position-embeddings",
             "16", "--make-vocab-size-divisible-by", "8", "--seq-length", "16", "--micro-batch-size", "1",
@@ -150,6 +150,7 @@ def _trainer_load(load: str, universal: bool, tmp_path) -> subprocess.CompletedP
             "--eval-interval", "0", "--load", load]
     if universal:
         args.append("--universal-checkpoint")
+    args += extra or []
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "megatron_ucp.train", *args], cwd=REPO, env=env,
@@ -254,3 +255,83 @@ def test_hf_linked_extra_file_is_not_copied(real, craft, hf_folder, tmp_path, ca
     rc, err = _run_tool("hf_to_universal", ["--hf_checkpoint_dir", crafted.path, "--save_dir", str(out)], capsys)
     assert rc == 2 and err.startswith(f"error: {crafted.bad_file}: links to "), err
     assert not out.exists()
+
+
+# --- malformed structure: one line naming the file and the key path ------------------------------------
+
+_GROUPS = "optimizer_state_dict.base_optimizer_state.param_groups[0]"
+MALFORMED_MESSAGES = {  # after "error: <bad file>: "
+    "bf16_partition": "optimizer_state_dict.single_partition_of_fp32_groups[0]: expected a torch.float32 tensor, "
+                      "found torch.bfloat16",
+    "optimizer_state_not_dict": "optimizer_state_dict: expected a dict, found list [1, 2]",
+    "base_state_missing": "optimizer_state_dict: missing key 'base_optimizer_state'",
+    "group_state_not_dict": "optimizer_state_dict.base_optimizer_state.state[0]: expected a dict, found list "
+                            "['exp_avg', 'exp_avg_sq']",
+    "slice_mapping_not_address": "optimizer_state_dict.param_slice_mappings[0]['1.mlp.dense_4h_to_h.weight']: "
+                                 "expected a fragment address (start, numel), found int 7",
+    "lr_string": f"{_GROUPS}.lr: expected a finite number, found str '0.001'",
+    "betas_number": f"{_GROUPS}.betas: expected a list, found float 0.9",
+    "eps_negative": f"{_GROUPS}.eps: -1.0 is outside (0, inf)",
+    "negative_topology": "checkpoint_parallel_dimensions.tp_degree: -1 is less than 1",
+    "param_shapes_not_list": "param_shapes: expected a list, found dict {'a': 1}",
+    "missing_model_states": "missing file (the folder holds 2 optimizer shards but no model-state file)",
+}
+
+
+def _malformed(real, craft, tmp_path, case):
+    if case == "missing_model_states":
+        return craft.craft_zero_missing_model_states(str(real[1]), str(tmp_path / "work"))
+    return craft.craft_zero_malformed(str(real[1]), str(tmp_path / "work"), case)
+
+
+def _assert_one_line(rc: int, err: str, bad_file: str, message: str) -> None:
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error: ")]
+    assert lines == [f"error: {bad_file}: {message}"], err
+
+
+def test_real_checkpoint_passes_the_structure_checks(real, capsys):
+    """Negative control: the checkpoint every malformed case is cut from is read without complaint."""
+    rc, err = _run_tool("inspect_checkpoint", [str(real[1])], capsys)
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_MESSAGES))
+def test_malformed_zero_files_are_one_line(real, craft, tmp_path, capsys, case):
+    crafted = _malformed(real, craft, tmp_path, case)
+    out = tmp_path / "out" / "global_step2_universal"
+    rc, err = _run_tool("ds_to_universal", ["--input_folder", crafted.path, "--output_folder", str(out)], capsys)
+    _assert_one_line(rc, err, crafted.bad_file, MALFORMED_MESSAGES[case])
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+    rc, err = _run_tool("inspect_checkpoint", [crafted.path], capsys)
+    _assert_one_line(rc, err, crafted.bad_file, MALFORMED_MESSAGES[case])
+
+
+TRAINER_MESSAGES = {
+    "missing_model_states": "missing file; nothing to resume from",
+    "no_iteration": "not written by megatron_ucp (no 'iteration' in its client state)",
+    "bf16_partition": MALFORMED_MESSAGES["bf16_partition"],
+    "lr_string": MALFORMED_MESSAGES["lr_string"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAINER_MESSAGES))
+def test_trainer_refuses_malformed_zero_with_one_line(real, craft, tmp_path, case):
+    """``--load`` at one rank (DP 1, the checkpoint is DP 2: the direct reshard reads the shards)."""
+    crafted = _malformed(real, craft, tmp_path, case)
+    run = _trainer_load(crafted.root, False, tmp_path)
+    _assert_one_line(run.returncode, run.stderr, crafted.bad_file, TRAINER_MESSAGES[case])
+
+
+@pytest.mark.parametrize("case,loader", [("bf16_atom", "ours"), ("lr_string", "ours"), ("lr_string", "deepspeed")])
+def test_trainer_refuses_malformed_universal_with_one_line(real, craft, tmp_path, case, loader):
+    """The sliced loader and DeepSpeed's own (its files pass through our check as it unpickles them)."""
+    from helpers import vouch_for
+
+    crafted = craft.craft_universal_malformed(str(real[2]), str(tmp_path / "work"), case)
+    vouch_for(crafted.path)
+    run = _trainer_load(crafted.root, True, tmp_path, ["--universal-loader", loader])
+    message = {"bf16_atom": "param: expected a torch.float32 tensor, found torch.bfloat16",
+               "lr_string": "param_groups[0].lr: expected a finite number, found str '0.001'"}[case]
+    _assert_one_line(run.returncode, run.stderr, crafted.bad_file, message)

@@ -389,6 +389,68 @@ def craft_zero_huge_declared(zero_folder: str, work: str, numel: int = 2**40) ->
     return Crafted(name, root, path, bad, None, None)
 
 
+# --- malformed ZeRO files: one value of the wrong type, range or dtype ----------------------------
+
+
+def _first_param_name(mappings: dict) -> str:
+    return next(iter(mappings))
+
+
+def _set_group_value(key: str, value):
+    def edit(state: dict) -> None:
+        state[OPTIMIZER_STATE_DICT]["base_optimizer_state"]["param_groups"][0][key] = value
+    return edit
+
+
+# case -> (the file changed: "model" (mp rank 0's model states) or "optim" (mp rank 0's last DP shard), the change)
+MALFORMED_ZERO = {
+    # the fp32 master partition stored as bf16: a reader sizing its copy from the file reads half of it
+    "bf16_partition": ("optim", lambda s: s[OPTIMIZER_STATE_DICT][FP32_PARTITIONS].__setitem__(
+        0, s[OPTIMIZER_STATE_DICT][FP32_PARTITIONS][0].to(torch.bfloat16))),
+    # containers of the optimizer state replaced by other types, or missing
+    "optimizer_state_not_dict": ("optim", lambda s: s.__setitem__(OPTIMIZER_STATE_DICT, [1, 2])),
+    "base_state_missing": ("optim", lambda s: s[OPTIMIZER_STATE_DICT].pop("base_optimizer_state")),
+    "group_state_not_dict": ("optim", lambda s: s[OPTIMIZER_STATE_DICT]["base_optimizer_state"]["state"]
+                             .__setitem__(0, ["exp_avg", "exp_avg_sq"])),
+    "slice_mapping_not_address": ("optim", lambda s: s[OPTIMIZER_STATE_DICT][PARAM_SLICE_MAPPINGS][0].__setitem__(
+        _first_param_name(s[OPTIMIZER_STATE_DICT][PARAM_SLICE_MAPPINGS][0]), 7)),
+    # hyperparameters that load and then break the optimizer's step
+    "lr_string": ("optim", _set_group_value("lr", "0.001")),
+    "betas_number": ("optim", _set_group_value("betas", 0.9)),
+    "eps_negative": ("optim", _set_group_value("eps", -1.0)),
+    # model states
+    "no_iteration": ("model", lambda s: s.pop("iteration")),
+    "negative_topology": ("model", lambda s: s.__setitem__("checkpoint_parallel_dimensions",
+                                                            {"tp_degree": -1, "pp_degree": -1})),
+    "param_shapes_not_list": ("model", lambda s: s.__setitem__("param_shapes", {"a": 1})),
+}
+
+
+def craft_zero_malformed(zero_folder: str, work: str, case: str) -> Crafted:
+    """A copy of a ZeRO-1/2 checkpoint with one value changed as ``MALFORMED_ZERO[case]`` says, in mp
+    rank 0's model-state file or in its last DP rank's optimizer shard (``bad_file``)."""
+    which, edit = MALFORMED_ZERO[case]
+    name = f"zero_{case}"
+    root, path = _copy_zero(zero_folder, work, name)
+    _require_stage12(path, "craft_zero_malformed")
+    bad = _first_model_state_file(path) if which == "model" else _optim_files(path, mp=0)[-1]
+    state = _load_real(bad)
+    edit(state)
+    _remove_file(bad)  # never write through a hard link
+    torch.save(state, bad)
+    return Crafted(name, root, path, bad, None, None)
+
+
+def craft_zero_missing_model_states(zero_folder: str, work: str) -> Crafted:
+    """``mp_rank_00_model_states.pt`` deleted: the optimizer shards are there, the file that says what
+    they hold is not (``bad_file`` is the missing path)."""
+    name = "zero_missing_model_states"
+    root, path = _copy_zero(zero_folder, work, name)
+    bad = _first_model_state_file(path)
+    _remove_file(bad)
+    return Crafted(name, root, path, bad, None, None)
+
+
 # --- universal cases ------------------------------------------------------------------------------
 
 
@@ -420,6 +482,41 @@ def craft_universal_payload_in_model_states(universal_folder: str, work: str) ->
         _remove_file(f)  # unlink first: never write through a hard link into its twin
         torch.save(state, f)
     return Crafted(name, root, path, bad, marker, None)
+
+
+def _first_atom(path: str, key: str = "fp32") -> str:
+    zero = os.path.join(path, "zero")
+    param = next(n for n in sorted(os.listdir(zero)) if os.path.isfile(os.path.join(zero, n, f"{key}.pt")))
+    return os.path.join(zero, param, f"{key}.pt")
+
+
+def _bf16_atom(state: dict) -> None:
+    state["param"] = state["param"].to(torch.bfloat16)
+
+
+def _lr_string(state: dict) -> None:
+    state["param_groups"][0]["lr"] = "0.001"
+
+
+# case -> (the file changed: "atom" (the first parameter's fp32.pt) or "optimizer_state" (zero/optimizer_state.pt),
+# the change)
+MALFORMED_UNIVERSAL = {
+    "bf16_atom": ("atom", _bf16_atom),  # fp32 master weights stored as bf16
+    "lr_string": ("optimizer_state", _lr_string),  # a hyperparameter that loads and breaks the step
+}
+
+
+def craft_universal_malformed(universal_folder: str, work: str, case: str) -> Crafted:
+    """A copy of a universal folder with one value changed as ``MALFORMED_UNIVERSAL[case]`` says."""
+    which, edit = MALFORMED_UNIVERSAL[case]
+    name = f"universal_{case}"
+    root, path = _copy_universal(universal_folder, work, name)
+    bad = _first_atom(path) if which == "atom" else os.path.join(path, "zero", "optimizer_state.pt")
+    state = _load_real(bad)
+    edit(state)
+    _remove_file(bad)
+    torch.save(state, bad)
+    return Crafted(name, root, path, bad, None, None)
 
 
 # --- Hugging Face cases ---------------------------------------------------------------------------

@@ -485,3 +485,213 @@ def metadata_from_state(state: Any, path: str) -> CheckpointMetadata | None:
 def read_metadata(path: str) -> CheckpointMetadata | None:
     """Our metadata in the model-state file ``path`` (read through the restricted unpickler)."""
     return metadata_from_state(load_file(path, meta=True), path)
+
+
+# --- DeepSpeed's files: the structure our readers rely on ----------------------------------------
+#
+# DeepSpeed's model-state and optimizer files are pickles of nested dicts. Each reader checks, once,
+# where it reads a file, that the entries it uses have the types and ranges it relies on; an error
+# names the file and the key path (``optimizer_state_dict.base_optimizer_state.param_groups[0].lr``).
+
+
+def _dict(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}: expected a dict, {_found(value)}")
+    return value
+
+
+def _list(value: Any, where: str) -> list | tuple:
+    if not isinstance(value, (list, tuple)):
+        raise CheckpointError(f"{where}: expected a list, {_found(value)}")
+    return value
+
+
+def _key(d: dict, key: str, where: str) -> Any:
+    if key not in d:
+        raise CheckpointError(f"{where}: missing key {key!r}")
+    return d[key]
+
+
+def _count(value: Any, where: str, minimum: int = 0) -> int:
+    """An int (not a bool) >= ``minimum``; a DeepSpeed enum (``ZeroStageEnum``, or its stand-in) counts as its value."""
+    if hasattr(value, "args") and type(value).__name__ == "ZeroStageEnum":  # trust._DeepSpeedStub
+        value = value.args[0] if value.args else None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"{where}: expected an int, {_found(value)}")
+    if value < minimum:
+        raise CheckpointError(f"{where}: {value} is {'negative' if minimum == 0 else f'less than {minimum}'}")
+    return int(value)
+
+
+def _float_tensor(value: Any, where: str) -> torch.Tensor:
+    """A tensor of fp32: the master weights and Adam's moments are kept in fp32 whatever the training precision."""
+    if not torch.is_tensor(value):
+        raise CheckpointError(f"{where}: expected a tensor, {_found(value)}")
+    if value.dtype != torch.float32:
+        raise CheckpointError(f"{where}: expected a torch.float32 tensor, found {value.dtype}")
+    return value
+
+
+def _number(value: Any, where: str, low: float, high: float | None = None, *, low_open: bool = False) -> float:
+    """A finite int or float (not a bool) in [low, high) (``low_open``: (low, high))."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"{where}: expected a finite number, {_found(value)}")
+    if value < low or (low_open and value == low) or (high is not None and value >= high):
+        bounds = f"{'(' if low_open else '['}{low:g}, {'inf' if high is None else f'{high:g}'})"
+        raise CheckpointError(f"{where}: {value!r} is outside {bounds}")
+    return value
+
+
+def _step_value(value: Any, where: str) -> None:
+    """An optimizer step: a number or a 0-d (or one-element) tensor, not negative."""
+    if torch.is_tensor(value):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise CheckpointError(f"{where}: expected a one-element real tensor, found {value.dtype} "
+                                  f"{tuple(value.shape)}")
+        return
+    _number(value, where, 0.0)
+
+
+# The hyperparameters an Adam-family param group holds, with the values its step can take.
+_GROUP_NUMBERS = {"lr": (0.0, None, False), "eps": (0.0, None, True), "weight_decay": (0.0, None, False),
+                  "initial_lr": (0.0, None, False)}
+_GROUP_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay", "bias_correction",
+                "adam_w_mode")
+
+
+def check_param_groups(value: Any, where: str) -> list[dict]:
+    """An optimizer's ``param_groups``: a list of dicts whose hyperparameters have the types and ranges
+    Adam's step needs (keys of other optimizers are left alone)."""
+    groups = _list(value, where)
+    for i, group in enumerate(groups):
+        at = f"{where}[{i}]"
+        group = _dict(group, at)
+        for key, (low, high, low_open) in _GROUP_NUMBERS.items():
+            if key in group:
+                _number(group[key], f"{at}.{key}", low, high, low_open=low_open)
+        if "betas" in group:
+            betas = _list(group["betas"], f"{at}.betas")
+            if len(betas) != 2:
+                raise CheckpointError(f"{at}.betas: expected 2 numbers, found {len(betas)}")
+            for j, beta in enumerate(betas):
+                _number(beta, f"{at}.betas[{j}]", 0.0, 1.0)
+        if "step" in group:
+            _step_value(group["step"], f"{at}.step")
+        for key in _GROUP_FLAGS:
+            if key in group and not isinstance(group[key], bool):
+                raise CheckpointError(f"{at}.{key}: expected a bool, {_found(group[key])}")
+        if "params" in group:
+            for j, p in enumerate(_list(group["params"], f"{at}.params")):
+                _count(p, f"{at}.params[{j}]")
+    return list(groups)
+
+
+def _check_adam_state(value: Any, where: str) -> dict:
+    """An optimizer's ``state``: group (or parameter) index -> {exp_avg, exp_avg_sq: fp32 tensors, step}."""
+    state = _dict(value, where)
+    for g, entry in state.items():
+        at = f"{where}[{g!r}]"
+        _count(g, f"{where}: key {g!r}")
+        entry = _dict(entry, at)
+        for key in MOMENT_KEYS:
+            if key in entry:
+                _float_tensor(entry[key], f"{at}.{key}")
+        if "step" in entry and entry["step"] is not None:
+            _step_value(entry["step"], f"{at}.step")
+    return state
+
+
+def _check_fragment_address(value: Any, where: str) -> None:
+    """DeepSpeed's ``fragment_address`` (or its stand-in): ``start`` and ``numel``, both ints >= 0."""
+    for attr in ("start", "numel"):
+        if not hasattr(value, attr):
+            raise CheckpointError(f"{where}: expected a fragment address (start, numel), {_found(value)}")
+        _count(getattr(value, attr), f"{where}.{attr}")
+
+
+def check_optimizer_shard(value: Any, path: str, stage3: bool | None = False) -> dict:
+    """A ZeRO optimizer file of ``path`` (1/2: ``param_slice_mappings`` and ``single_partition_of_fp32_groups``;
+    ``stage3``: ``fp32_flat_groups``; None: whichever it holds): the entries our readers use, typed; returns
+    its ``optimizer_state_dict``."""
+    top = _dict(value, path)
+    where = f"{path}: optimizer_state_dict"
+    osd = _dict(_key(top, "optimizer_state_dict", path), where)
+    if "zero_stage" in osd:
+        _count(osd["zero_stage"], f"{where}.zero_stage")
+    if stage3 is None:
+        stage3 = "fp32_flat_groups" in osd
+    if stage3:
+        if "fp32_flat_groups" not in osd:
+            raise CheckpointError(f"{path}: no fp32_flat_groups (not a ZeRO-3 optimizer file)")
+        for i, t in enumerate(_list(osd["fp32_flat_groups"], f"{where}.fp32_flat_groups")):
+            _float_tensor(t, f"{where}.fp32_flat_groups[{i}]")
+        inner_where = f"{where}.optimizer_state_dict"
+        inner = _dict(_key(osd, "optimizer_state_dict", where), inner_where)
+        _check_adam_state(_key(inner, "state", inner_where), f"{inner_where}.state")
+        check_param_groups(_key(inner, "param_groups", inner_where), f"{inner_where}.param_groups")
+        return osd
+    if "param_slice_mappings" not in osd:
+        raise CheckpointError(f"{path}: no param_slice_mappings (ZeRO-3 or an elastic checkpoint?)")
+    for g, mapping in enumerate(_list(osd["param_slice_mappings"], f"{where}.param_slice_mappings")):
+        at = f"{where}.param_slice_mappings[{g}]"
+        for name, address in _dict(mapping, at).items():
+            _check_fragment_address(address, f"{at}[{name!r}]")
+    partitions = f"{where}.single_partition_of_fp32_groups"
+    for i, t in enumerate(_list(_key(osd, "single_partition_of_fp32_groups", where), partitions)):
+        _float_tensor(t, f"{partitions}[{i}]")
+    base_where = f"{where}.base_optimizer_state"
+    base = _dict(_key(osd, "base_optimizer_state", where), base_where)
+    if not isinstance(_key(base, "state", base_where), dict):
+        raise CheckpointError(f"{path}: base_optimizer_state['state'] is not a dict "
+                              "(zero_optimization.elastic_checkpoint must be false)")
+    _check_adam_state(base["state"], f"{base_where}.state")
+    check_param_groups(_key(base, "param_groups", base_where), f"{base_where}.param_groups")
+    return osd
+
+
+def check_global_optimizer_state(value: Any, path: str) -> dict:
+    """A universal folder's ``zero/optimizer_state.pt``: its param groups (and ZeRO-3 entry), typed."""
+    top = _dict(value, path)
+    check_param_groups(_key(top, "param_groups", path), f"{path}: param_groups")
+    if top.get("optimizer_state_dict") is not None:
+        where = f"{path}: optimizer_state_dict"
+        inner = _dict(top["optimizer_state_dict"], where)
+        if "state" in inner:
+            _check_adam_state(inner["state"], f"{where}.state")
+        if "param_groups" in inner:
+            check_param_groups(inner["param_groups"], f"{where}.param_groups")
+    return top
+
+
+def _check_shape(value: Any, where: str) -> None:
+    for i, d in enumerate(_list(value, where)):
+        _count(d, f"{where}[{i}]")
+
+
+def check_model_states(value: Any, path: str) -> dict:
+    """A model-state file of ``path`` (DeepSpeed's ``mp_rank_XX`` or ZeRO-3's): the counters, degrees and
+    ``param_shapes`` our readers use, typed and in range (each may be absent: not every writer writes it)."""
+    state = _dict(value, path)
+    for key in ("iteration", "global_steps", "skipped_steps", "consumed_train_samples"):
+        if state.get(key) is not None:
+            _count(state[key], f"{path}: {key}")
+    for key in ("dp_world_size", "mp_world_size"):
+        if state.get(key) is not None:
+            _count(state[key], f"{path}: {key}", minimum=1)
+    dims = state.get("checkpoint_parallel_dimensions")
+    if dims:
+        where = f"{path}: checkpoint_parallel_dimensions"
+        dims = _dict(dims, where)
+        for key in ("tp_degree", "pp_degree"):
+            _count(_key(dims, key, where), f"{where}.{key}", minimum=1)
+    if state.get("param_shapes") is not None:
+        where = f"{path}: param_shapes"
+        for g, group in enumerate(_list(state["param_shapes"], where)):
+            for name, shape in _dict(group, f"{where}[{g}]").items():
+                _check_shape(shape, f"{where}[{g}][{name!r}]")
+    info = state.get("universal_checkpoint_info")
+    if info is not None:
+        _dict(info, f"{path}: universal_checkpoint_info")
+    return state

@@ -241,15 +241,19 @@ def load_file(path: str, mmap: bool = True, meta: bool = False, map_location: An
 
 
 @contextlib.contextmanager
-def restricted_torch_load() -> Iterator[None]:
+def restricted_torch_load(check: Callable[[str, Any], None] | None = None) -> Iterator[None]:
     """Route every ``torch.load`` in this block (DeepSpeed's loaders pass ``weights_only=False``: its
     checkpoint engine, its universal loader reading atoms, ``optimizer_state.pt``) through
-    ``load_file``, with DeepSpeed's real classes on the allowlist."""
+    ``load_file``, with DeepSpeed's real classes on the allowlist. ``check(path, loaded)``: run on what
+    each file holds before DeepSpeed sees it (a structure check that raises ``CheckpointError``)."""
 
     def guarded(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **kwargs):
         if not isinstance(f, (str, os.PathLike)):
             raise CheckpointError(f"{f!r}: refusing to unpickle a stream of unknown origin")
-        return load_file(os.fspath(f), mmap=bool(mmap), map_location=map_location)
+        loaded = load_file(os.fspath(f), mmap=bool(mmap), map_location=map_location)
+        if check is not None:
+            check(os.fspath(f), loaded)
+        return loaded
 
     if _trusted:
         yield

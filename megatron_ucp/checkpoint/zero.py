@@ -38,6 +38,8 @@ from megatron_ucp.checkpoint.format import (  # noqa: F401 - STATE_KEYS: re-expo
     STATE_KEYS,
     ZERO3_MODEL_STATES_RE,
     CheckpointMetadata,
+    check_model_states,
+    check_optimizer_shard,
     metadata_from_state,
     model_states_name,
     optim_states_name,
@@ -239,13 +241,16 @@ def open_zero_checkpoint(folder: str) -> ZeroCheckpoint:
     model, optim, zero3 = _list_files(folder)
     model_files, stage3 = _by_mp_rank(folder, model, zero3)
     if not model_files:
+        if optim:  # optimizer shards without the file that says what they hold
+            raise CheckpointError(f"{os.path.join(folder, model_states_name(0))}: missing file (the folder holds "
+                                  f"{len(optim)} optimizer shards but no model-state file)")
         raise CheckpointError(f"{folder}: no mp_rank_XX_model_states.pt files (not a DeepSpeed checkpoint folder?)")
     if not optim:
         raise CheckpointError(f"{folder}: no *_optim_states.pt files (ZeRO-0 checkpoints cannot be converted)")
     n_mp = len(model_files)
     # Only their small entries are read: the pickle alone (no tensor data), DeepSpeed's classes as stand-ins
     # (importing DeepSpeed costs about half a second, which the converter spends beside its copies instead).
-    states = [load_file(p, meta=True) for p in model_files]
+    states = [check_model_states(load_file(p, meta=True), p) for p in model_files]
     first = states[0]
     meta = metadata_from_state(first, model_files[0])
     dims = first.get("checkpoint_parallel_dimensions")
@@ -316,18 +321,13 @@ def _index_fragments(ckpt: ZeroCheckpoint, pipeline_replicated) -> None:
             groups: dict[str, int] = {}
             for dp in range(ckpt.dp):
                 path = ckpt.optim_file(pp, tp, dp)
-                osd = load_file(path, meta=True).get(OPTIMIZER_STATE_DICT)
-                if not isinstance(osd, dict) or PARAM_SLICE_MAPPINGS not in osd:
-                    raise CheckpointError(f"{path}: no param_slice_mappings (ZeRO-3 or an elastic checkpoint?)")
+                osd = check_optimizer_shard(load_file(path, meta=True), path)
                 ckpt.zero_stage = int(osd.get("zero_stage", 1))
                 mappings = osd[PARAM_SLICE_MAPPINGS]
                 if len(mappings) != len(shapes):
                     raise CheckpointError(f"{path}: {len(mappings)} optimizer groups, but {ckpt.model_files[mp]} "
                                           f"records {len(shapes)}")
                 base = osd[BASE_OPTIMIZER_STATE]
-                if not isinstance(base.get("state"), dict):
-                    raise CheckpointError(f"{path}: base_optimizer_state['state'] is not a dict "
-                                          "(zero_optimization.elastic_checkpoint must be false)")
                 refs, group_steps = [], []
                 for g in range(len(mappings)):
                     state = base["state"].get(g, {})
@@ -392,9 +392,7 @@ def _index_zero3_fragments(ckpt: ZeroCheckpoint) -> None:
         sizes = None
         for dp in range(ckpt.dp):
             path = ckpt.optim_file(0, tp, dp)
-            osd = load_file(path, meta=True).get(OPTIMIZER_STATE_DICT)
-            if not isinstance(osd, dict) or FP32_FLAT_GROUPS not in osd:
-                raise CheckpointError(f"{path}: no fp32_flat_groups (not a ZeRO-3 optimizer file)")
+            osd = check_optimizer_shard(load_file(path, meta=True), path, stage3=True)
             flats = osd[FP32_FLAT_GROUPS]
             state = osd.get(OPTIMIZER_STATE_DICT, {}).get("state", {})
             refs, group_steps = [], []

@@ -29,17 +29,24 @@ from megatron_ucp.atomic import atomic_write
 from megatron_ucp.checkpoint.format import (
     LATEST_FILE,
     MEGATRON_TRACKER_FILE,
+    MODEL_STATES_RE,
+    OPTIM_STATES_RE,
+    OPTIMIZER_STATE_FILE,
     SOURCE_TRAINING,
+    ZERO3_MODEL_STATES_RE,
     CheckpointMetadata,
     PipeEntryRecord,
     Versions,
+    check_global_optimizer_state,
+    check_model_states,
+    check_optimizer_shard,
     client_state,
     metadata_from_state,
-    read_metadata,
+    model_states_name,
     step_folder_name,
 )
 from megatron_ucp.checkpoint.publish import LATEST_UNIVERSAL, require_verified
-from megatron_ucp.checkpoint.trust import CheckpointError, check_name, path_inside, restricted_torch_load
+from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file, path_inside, restricted_torch_load
 from megatron_ucp.checkpoint.zero import model_state_files, open_zero_checkpoint
 from megatron_ucp.config import ModelConfig, TrainConfig
 from megatron_ucp.distributed.groups import ParallelState
@@ -130,18 +137,43 @@ def _layout_text(topology, zero_stage, dtype) -> str:
     return f"TP{topology.tp} PP{topology.pp} DP{topology.dp} ZeRO-{zero_stage} {dtype}"
 
 
+def check_resume_state(value, path: str) -> dict:
+    """The model-state file ``path`` a resume reads its counters from: typed (``format.check_model_states``),
+    with the counters our trainer writes."""
+    state = check_model_states(value, path)
+    for key in ("iteration", "consumed_train_samples"):
+        if key not in state:
+            raise CheckpointError(f"{path}: not written by megatron_ucp (no {key!r} in its client state)")
+    return state
+
+
+def check_loaded_file(path: str, loaded) -> None:
+    """What DeepSpeed's own loaders unpickle (``trust.restricted_torch_load``), checked before they use it:
+    model states, ZeRO optimizer shards and a universal folder's global optimizer state."""
+    name = os.path.basename(path)
+    if MODEL_STATES_RE.match(name) or ZERO3_MODEL_STATES_RE.match(name):
+        check_model_states(loaded, path)
+    elif OPTIM_STATES_RE.match(name):
+        check_optimizer_shard(loaded, path, stage3=None)
+    elif name == OPTIMIZER_STATE_FILE:
+        check_global_optimizer_state(loaded, path)
+
+
 def load_route(folder: str, universal: bool, state: ParallelState, cfg: TrainConfig):
     """(what the load does, in words; the sliced source, or None for DeepSpeed's own loader).
 
     A universal folder is read by our sliced reader unless ``--universal-loader deepspeed``. A ZeRO
     checkpoint saved at this run's layout (TP, PP, DP, ZeRO stage, precision) loads through DeepSpeed's
     native path; at any other layout it is resharded directly from its shards."""
+    model_files = model_state_files(folder)
+    if not model_files:
+        raise CheckpointError(f"{os.path.join(folder, model_states_name(0))}: missing file; nothing to resume from")
+    resume_state = check_resume_state(load_file(model_files[0], meta=True), model_files[0])
     if universal:
         if cfg.universal_loader == "deepspeed":
             return "universal checkpoint, DeepSpeed's loader", None
         return "universal checkpoint, sliced loader", UniversalSource(folder)
-    model_files = model_state_files(folder)
-    meta = read_metadata(model_files[0]) if model_files else None
+    meta = metadata_from_state(resume_state, model_files[0])
     if meta is None or meta.topology is None:
         return "same layout (no metadata)", None
     saved, now = (meta.topology, meta.zero_stage, meta.dtype), (state.layout, cfg.zero_stage, cfg.dtype)
@@ -184,7 +216,8 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
     fresh_scaler = {k: getattr(optimizer, k) for k in ("loss_scaler", "dynamic_loss_scale") if hasattr(optimizer, k)}
     stats = None
     with contextlib.ExitStack() as stack:
-        stack.enter_context(restricted_torch_load())  # DeepSpeed unpickles with weights_only=False; we do not
+        # DeepSpeed unpickles with weights_only=False; we do not, and check what it reads before it uses it
+        stack.enter_context(restricted_torch_load(check=check_loaded_file))
         if source is not None:
             stats = stack.enter_context(sliced_universal_load(engine, source, state.layout.tp, state.coords.tp,
                                                               progress=dist.get_rank() == 0))
@@ -192,8 +225,7 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
                                               load_lr_scheduler_states=not cfg.finetune)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint to load in {load_dir}")
-    if "iteration" not in client:
-        raise ValueError(f"{path}: not written by megatron_ucp (no 'iteration' in its client state)")
+    check_resume_state(client, path)
     meta = metadata_from_state(client, path)
     notes = [route]
     if stats is not None:

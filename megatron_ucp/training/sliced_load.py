@@ -33,6 +33,7 @@ from megatron_ucp.checkpoint.format import (
     STATE_KEYS,
     STEP_KEY,
     atom_path,
+    check_global_optimizer_state,
     metadata_from_state,
     optimizer_state_path,
 )
@@ -149,6 +150,8 @@ class UniversalSource:
             tensor = atom.get("param") if isinstance(atom, dict) else None
             if not torch.is_tensor(tensor):
                 raise CheckpointError(f"{path}: no 'param' tensor")
+            if tensor.dtype != torch.float32:  # fp32 master weights and moments, whatever the training precision
+                raise CheckpointError(f"{path}: param: expected a torch.float32 tensor, found {tensor.dtype}")
             self._refs[(name, key)] = (FlatRef.of(path, tensor.reshape(-1)), tuple(tensor.shape))
         return self._refs[(name, key)]
 
@@ -172,7 +175,8 @@ class UniversalSource:
 
     def global_state(self) -> dict:
         if self._global is None:
-            self._global = load_file(optimizer_state_path(self.folder), mmap=False)
+            path = optimizer_state_path(self.folder)
+            self._global = check_global_optimizer_state(load_file(path, mmap=False), path)
         return self._global
 
 

@@ -11,6 +11,7 @@ namespace.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import MISSING, dataclass, field
 from typing import Any
@@ -141,8 +142,15 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {value}")
+            if not _finite(value) or not 0.0 <= value < 1.0:
+                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {value!r}")
+        for name in ("layernorm_epsilon", "rope_theta", "rope_scaling_factor", "rope_low_freq_factor",
+                     "rope_high_freq_factor"):
+            value = getattr(self, name)
+            if not _finite(value) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {value!r}")
+        if not _finite(self.init_method_std) or self.init_method_std < 0:
+            raise ValueError(f"ModelConfig.init_method_std must be a finite number >= 0, got {self.init_method_std!r}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be {' or '.join(NORMALIZATIONS)}, got {self.normalization!r}")
         if not isinstance(self.num_key_value_heads, int) or self.num_key_value_heads < 1 or \
@@ -231,6 +239,11 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         return _from_dict(cls, d)
+
+
+def _finite(value: Any) -> bool:
+    """An int or float (not a bool) that is neither infinite nor NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 DTYPES = ("bf16", "fp16", "fp32")

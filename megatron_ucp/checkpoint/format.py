@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import re
 import types
@@ -187,6 +188,38 @@ def _check_json(value: Any, where: str, depth: int = 0) -> None:
             _check_json(v, f"{where}[{i}]", depth + 1)
     elif value is not None and not isinstance(value, (str, int, float, bool)):
         raise CheckpointError(f"{where}: expected JSON data, found {type(value).__name__}")
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')  # a JSON string literal, escapes included
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_depth(text: str) -> int:
+    """How deeply ``text``'s arrays and objects nest (brackets inside strings do not count), found without
+    parsing: ``json.loads`` recurses once per level, so a file nested 100,000 deep exhausts the stack."""
+    depth = deepest = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def read_json(path: str, what: str = "a JSON file") -> Any:
+    """The JSON data in the file ``path`` (untrusted): nested at most ``_MAX_DEPTH`` levels, checked before
+    it is parsed; a missing, unreadable, too deep or invalid file is a one-line ``CheckpointError``."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing file ({what})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({what}): {e}") from None
+    if json_depth(text) > _MAX_DEPTH:
+        raise CheckpointError(f"{path}: nested deeper than {_MAX_DEPTH} levels; not {what}")
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
 
 
 def _check_fields(cls: type, d: dict[str, Any], where: str, strict: bool) -> None:

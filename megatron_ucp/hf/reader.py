@@ -19,12 +19,12 @@ what is wrong.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import torch
 
+from megatron_ucp.checkpoint.format import read_json
 from megatron_ucp.checkpoint.trust import check_name
 from megatron_ucp.checkpoint.zero import CheckpointError, FlatRef, load_file, read_into
 
@@ -143,14 +143,15 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
 
 
 def read_config(folder: str) -> dict:
+    """``config.json`` of an HF folder: a JSON object (depth-bounded, ``format.read_json``); its entries are
+    checked where they are used (``layout.hf.check_hf_config``)."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing; a Hugging Face checkpoint folder needs its config.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    config = read_json(path, "a Hugging Face config.json")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
 
 
 def open_hf_checkpoint(folder: str, safe_serialization: bool | None = None) -> HFCheckpoint:
@@ -166,11 +167,10 @@ def open_hf_checkpoint(folder: str, safe_serialization: bool | None = None) -> H
     for fmt, single, index in formats:
         index_path = os.path.join(folder, index)
         if os.path.isfile(index_path):
-            try:
-                with open(index_path) as f:
-                    weight_map = dict(json.load(f)["weight_map"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index_path}: not a valid index (needs a 'weight_map' object): {e}") from None
+            index_data = read_json(index_path, "a weight index")
+            if not isinstance(index_data, dict) or not isinstance(index_data.get("weight_map"), dict):
+                raise CheckpointError(f"{index_path}: not a valid index (needs a 'weight_map' object)")
+            weight_map = dict(index_data["weight_map"])
             for tensor, file in weight_map.items():
                 check_name(file, f"{index_path} ({tensor})", "shard file name")
             return HFCheckpoint(folder, fmt, weight_map)

@@ -15,11 +15,13 @@ when they are regular files inside the source folder (or the HF cache's blobs).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -66,6 +68,7 @@ from megatron_ucp.families import Family, family_of_model
 from megatron_ucp.layout.hf import (
     HFMapping,
     UnsupportedConfig,
+    check_declared_sizes,
     hf_mappings,
     is_ignored,
     model_config_from_hf,
@@ -190,6 +193,16 @@ def verify_import(folder: str, mappings: list[HFMapping], ours) -> None:
             raise CheckpointError(f"{path}: does not match the source tensors {', '.join(m.hf_names)}")
 
 
+@contextlib.contextmanager
+def _config_errors(path: str) -> Iterator[None]:
+    """What config.json says that we cannot use, as one ``CheckpointError`` naming the file."""
+    try:
+        yield
+    except (UnsupportedConfig, KeyError, ValueError) as e:
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"{path}: {what}") from None
+
+
 def convert_hf_to_universal(hf_checkpoint_dir: str, save_dir: str, *, safe_serialization: bool | None = None,
                             overwrite: bool = False, make_vocab_size_divisible_by: int = 128,
                             _skip_qkv_reorder: bool = False, _skip_conv1d_transpose: bool = False,
@@ -204,18 +217,19 @@ def convert_hf_to_universal(hf_checkpoint_dir: str, save_dir: str, *, safe_seria
     """
     t0 = time.time()
     hf_config = read_config(hf_checkpoint_dir)
-    try:
+    config_path = os.path.join(hf_checkpoint_dir, "config.json")
+    with _config_errors(config_path):
         family, cfg = model_config_from_hf(hf_config, make_vocab_size_divisible_by)
+    ckpt = open_hf_checkpoint(hf_checkpoint_dir, safe_serialization)
+    with _config_errors(config_path):
+        # before any table is built from the sizes config.json declares
+        check_declared_sizes(hf_config, cfg, family, {n: ckpt.shape(n) for n in ckpt.names()})
         dropped: frozenset[str] = frozenset()
         if _override_config:
             meant = {n for m in hf_mappings(cfg, family) for n in m.hf_names}
             cfg = dataclasses.replace(cfg, **_override_config)
             family = family_of_model(cfg)
             dropped = frozenset(meant - {n for m in hf_mappings(cfg, family) for n in m.hf_names})
-    except (UnsupportedConfig, KeyError, ValueError) as e:
-        what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
-        raise CheckpointError(f"{os.path.join(hf_checkpoint_dir, 'config.json')}: {what}") from None
-    ckpt = open_hf_checkpoint(hf_checkpoint_dir, safe_serialization)
     mappings = hf_mappings(cfg, family)
     check_coverage(ckpt, mappings, cfg, family, dropped)
 

@@ -10,6 +10,8 @@ never a silently missing tensor.
 from __future__ import annotations
 
 import enum
+import math
+import re
 from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
@@ -157,8 +159,112 @@ def source_dtype(hf: dict) -> str | None:
     return str(value) if value else None
 
 
+# The config.json entries the families read, by the values they may take: sizes are positive integers
+# (null where optional), epsilons and the rotary base positive finite numbers, dropouts in [0, 1).
+_POSITIVE_INTS = ("num_hidden_layers", "n_layer", "hidden_size", "n_embd", "num_attention_heads", "n_head",
+                  "vocab_size", "max_position_embeddings", "n_positions", "intermediate_size")
+_OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "n_inner", "head_dim", "original_max_position_embeddings",
+                           "sliding_window", "max_window_layers")
+_POSITIVE_NUMBERS = ("rope_theta", "rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps")
+_DROPOUTS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
+_BOOLS = ("tie_word_embeddings",)
+_ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor")  # positive, inside rope_scaling
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_hf_config(hf) -> None:
+    """The entries of an HF ``config.json`` (untrusted) the families read: types and ranges, by name.
+    UnsupportedConfig names the key and the value (the caller names the file)."""
+    if not isinstance(hf, dict):
+        raise UnsupportedConfig(f"expected a JSON object, found {_shown(hf)}")
+    archs = hf.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise UnsupportedConfig(f"architectures: expected a list of class names, found {_shown(archs)}")
+    if hf.get("model_type") is not None and not isinstance(hf["model_type"], str):
+        raise UnsupportedConfig(f"model_type: expected a string, found {_shown(hf['model_type'])}")
+
+    def positive_int(d: dict, key: str, where: str, optional: bool) -> None:
+        value = d.get(key)
+        if value is None and (optional or key not in d):
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UnsupportedConfig(f"{where}{key}: expected a positive integer, found {_shown(value)}")
+
+    def positive_number(d: dict, key: str, where: str) -> None:
+        if key in d and not (_is_number(d[key]) and d[key] > 0):
+            raise UnsupportedConfig(f"{where}{key}: expected a positive finite number, found {_shown(d[key])}")
+
+    for key in _POSITIVE_INTS:
+        positive_int(hf, key, "", optional=False)
+    for key in _OPTIONAL_POSITIVE_INTS:
+        positive_int(hf, key, "", optional=True)
+    for key in _POSITIVE_NUMBERS:
+        positive_number(hf, key, "")
+    for key in _DROPOUTS:
+        if key in hf and not (_is_number(hf[key]) and 0 <= hf[key] < 1):
+            raise UnsupportedConfig(f"{key}: expected a dropout probability in [0, 1), found {_shown(hf[key])}")
+    if "initializer_range" in hf and not (_is_number(hf["initializer_range"]) and hf["initializer_range"] >= 0):
+        raise UnsupportedConfig(f"initializer_range: expected a finite number >= 0, found {_shown(hf['initializer_range'])}")
+    for key in _BOOLS:
+        if key in hf and not isinstance(hf[key], bool):
+            raise UnsupportedConfig(f"{key}: expected true or false, found {_shown(hf[key])}")
+    for section in ("rope_parameters", "rope_scaling"):
+        params = hf.get(section)
+        if params is None:
+            continue
+        if not isinstance(params, dict):
+            raise UnsupportedConfig(f"{section}: expected an object or null, found {_shown(params)}")
+        for key in _ROPE_NUMBERS:
+            if params.get(key) is not None:
+                positive_number(params, key, f"{section}.")
+        positive_int(params, "original_max_position_embeddings", f"{section}.", optional=True)
+
+
+def _hf_key(hf: dict, *names: str) -> str:
+    """The name config.json gives a size (families spell some differently: ``n_layer``, ``num_hidden_layers``)."""
+    return next((n for n in names if n in hf), names[0])
+
+
+def check_declared_sizes(hf: dict, cfg: ModelConfig, family: Family, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The sizes config.json declares, against the tensors the weights hold (``shapes``: name -> shape, from
+    the reader's index), before anything is sized from them: the parameter table has entries per layer, and
+    the attention maps work per head, so a config declaring a million layers or heads would take gigabytes
+    of memory before the tensors could disagree. UnsupportedConfig names the key."""
+    prefixes = {t.split("{i}")[0] for rule in family.hf_rules.values() for t in rule.hf_names if "{i}" in t}
+    layer_re = re.compile("^(?:" + "|".join(re.escape(p) for p in sorted(prefixes)) + r")(\d+)\.")
+    layers = {int(m.group(1)) for name in shapes if (m := layer_re.match(name))}
+    if len(layers) != cfg.num_layers or (layers and max(layers) != cfg.num_layers - 1):  # not 0..n-1 exactly
+        held = f"layers {min(layers)}-{max(layers)}" if layers else "no layers"
+        raise UnsupportedConfig(f"{_hf_key(hf, 'num_hidden_layers', 'n_layer')}: {cfg.num_layers} layers declared, "
+                                f"but the weights hold {len(layers)} ({held})")
+    embed = family.hf_rules.get((Role.EMBED, "word_embeddings.weight"))
+    if embed is not None and embed.hf_names[0] in shapes:
+        name, shape = embed.hf_names[0], shapes[embed.hf_names[0]]
+        declared = (cfg.vocab_size, cfg.hidden_size)
+        if tuple(shape) != declared:
+            raise UnsupportedConfig(f"{_hf_key(hf, 'vocab_size')} x {_hf_key(hf, 'hidden_size', 'n_embd')}: "
+                                    f"{declared[0]} x {declared[1]} declared, but {name} is {tuple(shape)}")
+    largest = max((d for shape in shapes.values() for d in shape), default=0)
+    sizes = {_hf_key(hf, "num_attention_heads", "n_head"): cfg.num_attention_heads,
+             _hf_key(hf, "num_key_value_heads"): cfg.num_key_value_heads,
+             _hf_key(hf, "intermediate_size", "n_inner"): cfg.ffn_hidden_size, "head_dim": cfg.kv_channels}
+    for key, value in sizes.items():
+        if value is not None and value > largest:
+            raise UnsupportedConfig(f"{key}: {value} is larger than every dimension of every tensor in the "
+                                    f"weights (at most {largest})")
+
+
 def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> tuple[Family, ModelConfig]:
     """(family, ModelConfig) for an HF ``config.json`` dict; UnsupportedConfig for what we cannot match."""
+    check_hf_config(hf)
     family = family_of(hf)
     kwargs = family.config_from_hf(hf)
     return family, ModelConfig(make_vocab_size_divisible_by=make_vocab_size_divisible_by, **kwargs)

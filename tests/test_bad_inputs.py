@@ -1,0 +1,177 @@
+"""Bad Hugging Face configs and pickled numpy dtypes: one line naming the file, exit code 2, no traceback.
+
+The HF folders are built here without ``transformers``: our own config export and parameter table give a
+tiny Llama and GPT-2 (``config.json`` plus ``model.safetensors``) that import cleanly (the negative
+control); each case changes one entry of ``config.json``. No DeepSpeed training runs in this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import REPO, load_tool
+from megatron_ucp.config import ModelConfig
+from megatron_ucp.families import family_of_model
+from megatron_ucp.hf.transforms import to_hf
+from megatron_ucp.layout.hf import hf_config_from_model, hf_mappings
+
+LLAMA = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, ffn_hidden_size=48,
+                    vocab_size=64, max_position_embeddings=16, swiglu=True, normalization="rmsnorm",
+                    use_rotary_position_embeddings=True, tie_embeddings=False, add_bias_linear=False)
+GPT2 = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64, max_position_embeddings=16)
+
+
+def write_hf_folder(folder, cfg: ModelConfig, seed: int = 0) -> str:
+    """``config.json`` and ``model.safetensors`` of the HF model equal to ``cfg``, with random weights."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    family = family_of_model(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for m in hf_mappings(cfg, family):
+        ours = torch.randn(m.spec.shape(cfg), generator=gen)
+        for name, t in zip(m.hf_names, to_hf(m, ours, cfg)):
+            tensors[name] = t.contiguous()
+    save_file(tensors, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf_config_from_model(cfg, "float32"), f)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_bad")
+    return {"llama": write_hf_folder(root / "llama", LLAMA), "gpt2": write_hf_folder(root / "gpt2", GPT2)}
+
+
+def _with_config(src: str, dst, change) -> str:
+    """A copy of the HF folder ``src`` whose config.json is ``change(config)`` (a dict or the file's text)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    new = change(config)
+    with open(path, "w") as f:
+        f.write(new if isinstance(new, str) else json.dumps(new if new is not None else config))
+    return str(dst)
+
+
+def _import(folder: str, out, capsys) -> tuple[int, str]:
+    rc = load_tool("hf_to_universal").main(["--hf_checkpoint_dir", folder, "--save_dir", str(out)])
+    return rc, capsys.readouterr().err
+
+
+def _assert_one_line(rc: int, err: str, line: str) -> None:
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines() == [line], err
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_built_folders_import(folders, tmp_path, capsys, family):
+    """Negative control: the folders every case is cut from import cleanly."""
+    rc, err = _import(folders[family], tmp_path / "u" / "x", capsys)
+    assert rc == 0, err
+
+
+def _set(**entries):
+    def change(config: dict) -> dict:
+        config.update(entries)
+        return config
+    return change
+
+
+# case -> (the family's folder, the change to config.json, what follows "error: <config.json>: ")
+CONFIG_CASES = {
+    "architectures_int": ("llama", _set(architectures=5),
+                          "architectures: expected a list of class names, found int 5"),
+    "config_is_a_list": ("llama", lambda c: [c], "expected a JSON object, found list"),
+    "nested_100000_deep": ("llama", lambda c: "[" * 100_000 + "]" * 100_000,
+                           "nested deeper than 32 levels; not a Hugging Face config.json"),
+    "rope_theta_infinity": ("llama", _set(rope_theta=float("inf"), rope_parameters=None),
+                            "rope_theta: expected a positive finite number, found float inf"),
+    "rope_theta_zero": ("llama", _set(rope_theta=0.0, rope_parameters=None),
+                        "rope_theta: expected a positive finite number, found float 0.0"),
+    "rope_factor_negative": ("llama", _set(rope_parameters={"rope_type": "linear", "factor": -2.0,
+                                                            "rope_theta": 10000.0}),
+                             "rope_parameters.factor: expected a positive finite number, found float -2.0"),
+    "rope_scaling_nan": ("llama", _set(rope_parameters=None, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                                          "low_freq_factor": float("nan"),
+                                                                          "high_freq_factor": 4.0}),
+                         "rope_scaling.low_freq_factor: expected a positive finite number, found float nan"),
+    "rms_norm_eps_negative": ("llama", _set(rms_norm_eps=-1),
+                              "rms_norm_eps: expected a positive finite number, found int -1"),
+    "layer_norm_epsilon_infinity": ("gpt2", _set(layer_norm_epsilon=float("-inf")),
+                                    "layer_norm_epsilon: expected a positive finite number, found float -inf"),
+    "dropout_one": ("gpt2", _set(attn_pdrop=1.0),
+                    "attn_pdrop: expected a dropout probability in [0, 1), found float 1.0"),
+    "dropout_string": ("llama", _set(attention_dropout="0.1"),
+                       "attention_dropout: expected a dropout probability in [0, 1), found str '0.1'"),
+    "layers_a_string": ("llama", _set(num_hidden_layers="2"),
+                        "num_hidden_layers: expected a positive integer, found str '2'"),
+    "vocab_larger_than_the_embedding": ("llama", _set(vocab_size=10 ** 9),
+                                        "vocab_size x hidden_size: 1000000000 x 32 declared, but "
+                                        "model.embed_tokens.weight is (64, 32)"),
+    "layers_fewer_than_held": ("gpt2", _set(n_layer=1),
+                               "n_layer: 1 layers declared, but the weights hold 2 (layers 0-1)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_bad_config_is_one_line(folders, tmp_path, capsys, case):
+    family, change, message = CONFIG_CASES[case]
+    folder = _with_config(folders[family], tmp_path / "hf", change)
+    out = tmp_path / "u" / "x"
+    rc, err = _import(folder, out, capsys)
+    _assert_one_line(rc, err, f"error: {os.path.join(folder, 'config.json')}: {message}")
+    assert not out.exists()
+
+
+# Runs the importer in a child and reports that child's peak RSS: this launcher has no other child, so
+# RUSAGE_CHILDREN is the importer's own.
+_PEAK_RSS = textwrap.dedent("""
+    import json, resource, subprocess, sys
+    run = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+    print(json.dumps({"rc": run.returncode, "stderr": run.stderr,
+                      "peak_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+""")
+
+# case -> (the change, what follows "error: <config.json>: ")
+DECLARED_CASES = {
+    "a_million_layers": (_set(num_hidden_layers=1_000_000),
+                         "num_hidden_layers: 1000000 layers declared, but the weights hold 2 (layers 0-1)"),
+    "a_million_heads": (_set(num_attention_heads=2 ** 20, num_key_value_heads=2, head_dim=8),
+                        "num_attention_heads: 1048576 is larger than every dimension of every tensor in the "
+                        "weights (at most 64)"),
+    "a_billion_wide_mlp": (_set(intermediate_size=10 ** 9),
+                           "intermediate_size: 1000000000 is larger than every dimension of every tensor in the "
+                           "weights (at most 64)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DECLARED_CASES))
+def test_declared_sizes_are_checked_before_any_table_is_built(folders, tmp_path, case):
+    """A 646-byte config.json declaring a million layers once took 3.4 GB before failing: the sizes it
+    declares are now checked against the tensors the weights hold first, at the memory of an import."""
+    change, message = DECLARED_CASES[case]
+    folder = _with_config(folders["llama"], tmp_path / "hf", change)
+    tool = [sys.executable, str(REPO / "tools" / "hf_to_universal.py"), "--hf_checkpoint_dir", folder,
+            "--save_dir", str(tmp_path / "u" / "x")]
+    run = subprocess.run([sys.executable, "-S", "-c", _PEAK_RSS, *tool], cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    result = json.loads(run.stdout)
+    _assert_one_line(result["rc"], result["stderr"], f"error: {os.path.join(folder, 'config.json')}: {message}")
+    print(f"{case}: peak RSS {result['peak_kb'] / 1024:.0f} MB")
+    assert result["peak_kb"] <= 300 * 1024, f"peak RSS {result['peak_kb'] / 1024:.0f} MB"

@@ -175,3 +175,66 @@ def test_declared_sizes_are_checked_before_any_table_is_built(folders, tmp_path,
     _assert_one_line(result["rc"], result["stderr"], f"error: {os.path.join(folder, 'config.json')}: {message}")
     print(f"{case}: peak RSS {result['peak_kb'] / 1024:.0f} MB")
     assert result["peak_kb"] <= 300 * 1024, f"peak RSS {result['peak_kb'] / 1024:.0f} MB"
+
+
+# --- numpy dtypes with hidden fields --------------------------------------------------------------------
+
+_REFUSED = ("error: {path}: holds pickled content the restricted unpickler refuses ({reason}; only plain numeric "
+            "dtypes are accepted), which is not on the allowlist of checkpoint contents; refused, nothing in the file "
+            "ran (pass --trust-checkpoint-code only for a file you trust)")
+NUMPY_REASONS = {
+    "dtype_object_field": "numpy dtype 'O' is not plain (kind 'O')",
+    "dtype_float_field": "numpy dtype state (3, '|', None, ('a',), {'a': (dtype('float64'), 0)}, 8, 1, 0) adds "
+                         "fields, a sub-array or flags",
+    "dtype_object_flags": "numpy dtype state (3, '|', None, None, None, 8, 1, 63) adds fields, a sub-array or flags",
+    "scalar_object_field": "numpy dtype 'O' is not plain (kind 'O')",
+    "array_object_field": "numpy dtype 'O' is not plain (kind 'O')",
+    "array_from_buffer": "numpy ndarray called with a buffer, offset or strides",
+}
+
+# Loads a file as every tool does (restricted unpickling, errors through run_tool) and touches every value.
+_LOAD = textwrap.dedent("""
+    import json, sys
+    from megatron_ucp.checkpoint.trust import load_file
+    from megatron_ucp.cli import run_tool
+
+    def body():
+        state = load_file(sys.argv[1])
+        print(json.dumps({k: [type(v).__name__, str(v.dtype), repr(v.tolist())] for k, v in state.items()}))
+        return 0
+
+    sys.exit(run_tool(body))
+""")
+
+
+def _load_in_child(path: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _LOAD, path], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, DS_ACCELERATOR="cpu"))
+
+
+def test_plain_numpy_values_still_load(tmp_path):
+    """Negative control: numpy scalars and a uint32 array (as our model-state files hold) load as before,
+    values and dtypes as numpy's own unpickling gives them (a big-endian array comes back in native order)."""
+    path = tmp_path / "state.pt"
+    torch.save({"np_float": np.float64(1.5), "np_int": np.int64(-3), "np_bool": np.bool_(True),
+                "np_complex": np.complex64(1 - 2j), "np_array": np.arange(4, dtype=np.uint32),
+                "np_big_endian": np.arange(3).astype(">i4")}, path)
+    run = _load_in_child(str(path))
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got == {"np_float": ["float64", "float64", "1.5"], "np_int": ["int64", "int64", "-3"],
+                   "np_bool": ["bool", "bool", "True"], "np_complex": ["complex64", "complex64", "(1-2j)"],
+                   "np_array": ["CheckedArray", "uint32", "[0, 1, 2, 3]"],
+                   "np_big_endian": ["CheckedArray", "int32", "[0, 1, 2]"]}  # numpy unpickles to native order
+
+
+@pytest.mark.parametrize("case", sorted(NUMPY_REASONS))
+def test_numpy_dtype_with_hidden_fields_is_refused(tmp_path, case):
+    """In a child process, so that a crash reading the value would show as its exit status."""
+    craft = load_tool("untrusted_inputs")
+    path = craft.craft_numpy_hidden_field(str(tmp_path / "state.pt"), case)
+    if case.startswith("dtype_"):  # negative control: full pickle gives the dtype its hidden field or flags
+        hidden = torch.load(path, weights_only=False)["hidden"]
+        assert hidden.hasobject or hidden.fields is not None
+    run = _load_in_child(path)
+    _assert_one_line(run.returncode, run.stderr, _REFUSED.format(path=path, reason=NUMPY_REASONS[case]))

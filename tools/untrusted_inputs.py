@@ -519,6 +519,54 @@ def craft_universal_malformed(universal_folder: str, work: str, case: str) -> Cr
     return Crafted(name, root, path, bad, None, None)
 
 
+# --- numpy values whose dtype hides an object field --------------------------------------------------
+
+
+class _PickledAs:
+    """Unpickles as ``func(*args)``, then a BUILD with ``state`` when given: any call numpy's own pickles make,
+    with arguments and state of our choosing."""
+
+    def __init__(self, func, args: tuple, state=None) -> None:
+        self.func, self.args, self.state = func, args, state
+
+    def __reduce__(self):
+        return (self.func, self.args) if self.state is None else (self.func, self.args, self.state)
+
+
+def numpy_hidden_field_dtype(field: str = "O", flags: int = 63):
+    """``float64``'s dtype as a pickle rebuilds it, with a BUILD state that adds one field of dtype ``field``
+    (``"O"``: an object field, whose bytes numpy reads as object pointers) and the object flags; ``field=None``:
+    only the flags. A plain ``float64`` pickles the state ``(3, '<', None, None, None, -1, -1, 0)``."""
+    import numpy as np
+
+    fields = None if field is None else {"a": (_PickledAs(np.dtype, (field, False, True)), 0)}
+    names = None if field is None else ("a",)
+    return _PickledAs(np.dtype, ("f8", False, True), (3, "|", None, names, fields, 8, 1, flags))
+
+
+NUMPY_CASES = {  # how the hidden field reaches the file: a bare dtype, a scalar, an array
+    "dtype_object_field": lambda np: numpy_hidden_field_dtype("O"),
+    "dtype_float_field": lambda np: numpy_hidden_field_dtype("f8", flags=0),
+    "dtype_object_flags": lambda np: numpy_hidden_field_dtype(None),
+    "scalar_object_field": lambda np: _PickledAs(np._core.multiarray.scalar, (numpy_hidden_field_dtype("O"),
+                                                                              b"\x41" * 8)),
+    "array_object_field": lambda np: _PickledAs(np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+                                                (1, (1,), numpy_hidden_field_dtype("O"), False, b"\x41" * 8)),
+    "array_from_buffer": lambda np: _PickledAs(np.ndarray, ((1,), _PickledAs(np.dtype, ("f8", False, True)),
+                                                            b"\x41" * 8)),
+}
+
+
+def craft_numpy_hidden_field(path: str, case: str) -> str:
+    """``torch.save`` of a client-state-like dict (numpy scalars and an RNG-like array, as our model-state
+    files hold) with one value built as ``NUMPY_CASES[case]`` says, at ``path``."""
+    import numpy as np
+
+    torch.save({"np_scalar": np.float64(1.5), "np_array": np.arange(4, dtype=np.uint32),
+                "hidden": NUMPY_CASES[case](np)}, path)
+    return path
+
+
 # --- Hugging Face cases ---------------------------------------------------------------------------
 
 

@@ -9,7 +9,9 @@ containers. The allowlist was built by listing the globals
 
 * DeepSpeed's ``fragment_address`` (ZeRO-1/2 slice mappings), ``LossScaler`` and
   ``DynamicLossScaler``, and the ``ZeroStageEnum``;
-* numpy's array reconstructors (the numpy RNG state in our client state) and numpy scalars;
+* numpy's array reconstructors (the numpy RNG state in our client state) and numpy scalars, through the
+  checked stand-ins of ``numpy_safe`` (plain numeric dtypes only: a dtype's pickled state could otherwise
+  give it hidden object fields);
 * ``torch.torch_version.TorchVersion`` (a version string) and ``argparse.Namespace`` (the args that
   Megatron-DeepSpeed checkpoints carry).
 
@@ -103,35 +105,24 @@ SafeGlobal = Callable[..., Any] | tuple[Callable[..., Any], str]
 
 
 def allowed_globals(stub_deepspeed: bool) -> list[SafeGlobal]:
-    """``(object, full name)`` pairs for ``torch.serialization.safe_globals``."""
+    """``(object, full name)`` pairs for ``torch.serialization.safe_globals``. numpy's names get the checked
+    stand-ins of ``numpy_safe`` (plain numeric dtypes only), never numpy's own dtype, array or scalar builders."""
+    try:
+        from megatron_ucp.checkpoint.numpy_safe import STAND_INS
+    except ImportError:  # no numpy: no numpy values can be read
+        STAND_INS = {}
     out: list[SafeGlobal] = []
     for module, names in ALLOWED_GLOBALS.items():
         for name in names:
             full = f"{module}.{name}"
             if module.startswith("deepspeed") and stub_deepspeed:
                 out.append((_stub(full), full))
+            elif module.startswith("numpy"):
+                if full in STAND_INS:
+                    out.append((STAND_INS[full], full))
             else:
-                try:
-                    out.append((_real(module, name), full))
-                except (ImportError, AttributeError):  # e.g. numpy 1.x has no numpy._core
-                    continue
-    return out + _numpy_dtype_classes()
-
-
-def _numpy_dtype_classes() -> list[tuple[Any, str]]:
-    """numpy's numeric dtype classes: a pickled array rebuilds its dtype with BUILD on one of them."""
-    try:
-        import numpy as np
-    except ImportError:
-        return []
-    kinds = "biufc"  # bool, signed, unsigned, float, complex
-    out = []
-    for code in np.typecodes["All"]:
-        dt = np.dtype(code)
-        if dt.kind in kinds:
-            cls = type(dt)
-            out.append((cls, f"{cls.__module__}.{cls.__qualname__}"))
-    return list(dict(out).items())
+                out.append((_real(module, name), full))
+    return out
 
 
 def _allowed_names() -> set[str]:

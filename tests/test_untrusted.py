@@ -324,7 +324,15 @@ def test_trainer_refuses_malformed_zero_with_one_line(real, craft, tmp_path, cas
     _assert_one_line(run.returncode, run.stderr, crafted.bad_file, TRAINER_MESSAGES[case])
 
 
-@pytest.mark.parametrize("case,loader", [("bf16_atom", "ours"), ("lr_string", "ours"), ("lr_string", "deepspeed")])
+UNIVERSAL_MESSAGES = {
+    "bf16_atom": "param: expected a torch.float32 tensor, found torch.bfloat16",
+    "atom_without_param": "missing key 'param'",
+    "lr_string": "param_groups[0].lr: expected a finite number, found str '0.001'",
+}
+
+
+@pytest.mark.parametrize("case,loader", [("bf16_atom", "ours"), ("bf16_atom", "deepspeed"), ("lr_string", "ours"),
+                                         ("lr_string", "deepspeed"), ("atom_without_param", "deepspeed")])
 def test_trainer_refuses_malformed_universal_with_one_line(real, craft, tmp_path, case, loader):
     """The sliced loader and DeepSpeed's own (its files pass through our check as it unpickles them)."""
     from helpers import vouch_for
@@ -332,6 +340,11 @@ def test_trainer_refuses_malformed_universal_with_one_line(real, craft, tmp_path
     crafted = craft.craft_universal_malformed(str(real[2]), str(tmp_path / "work"), case)
     vouch_for(crafted.path)
     run = _trainer_load(crafted.root, True, tmp_path, ["--universal-loader", loader])
-    message = {"bf16_atom": "param: expected a torch.float32 tensor, found torch.bfloat16",
-               "lr_string": "param_groups[0].lr: expected a finite number, found str '0.001'"}[case]
-    _assert_one_line(run.returncode, run.stderr, crafted.bad_file, message)
+    _assert_one_line(run.returncode, run.stderr, crafted.bad_file, UNIVERSAL_MESSAGES[case])
+
+
+@pytest.mark.parametrize("case", ["bf16_atom", "atom_without_param"])
+def test_inspect_refuses_malformed_universal_atoms_with_one_line(real, craft, tmp_path, capsys, case):
+    crafted = craft.craft_universal_malformed(str(real[2]), str(tmp_path / "work"), case)
+    rc, err = _run_tool("inspect_checkpoint", [crafted.path], capsys)
+    _assert_one_line(rc, err, crafted.bad_file, UNIVERSAL_MESSAGES[case])

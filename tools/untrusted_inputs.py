@@ -502,6 +502,7 @@ def _lr_string(state: dict) -> None:
 # the change)
 MALFORMED_UNIVERSAL = {
     "bf16_atom": ("atom", _bf16_atom),  # fp32 master weights stored as bf16
+    "atom_without_param": ("atom", lambda state: state.pop("param")),  # the merge keys, no tensor
     "lr_string": ("optimizer_state", _lr_string),  # a hyperparameter that loads and breaks the step
 }
 

@@ -728,3 +728,19 @@ def check_model_states(value: Any, path: str) -> dict:
     if info is not None:
         _dict(info, f"{path}: universal_checkpoint_info")
     return state
+
+
+def check_state_atom(value: Any, path: str) -> torch.Tensor:
+    """A universal state atom (``fp32``, ``exp_avg``, ``exp_avg_sq``): an fp32 tensor, bare (DeepSpeed's
+    ZeRO-3 atoms) or under ``param`` beside its merge keys."""
+    if isinstance(value, dict):
+        return _float_tensor(_key(value, "param", path), f"{path}: param")
+    return _float_tensor(value, path)
+
+
+def check_atom(value: Any, path: str, key: str) -> None:
+    """The universal atom ``<param>/<key>.pt``: a state atom, or for ``step`` a number or one-element tensor."""
+    if key == STEP_KEY:
+        _step_value(value, path)
+    else:
+        check_state_atom(value, path)

@@ -20,11 +20,14 @@ from megatron_ucp.checkpoint.format import (
     ZERO_DIR,
     atom_file,
     atom_path,
+    check_model_states,
+    check_state_atom,
     metadata_from_state,
     model_states_name,
     zero_dir,
 )
 from megatron_ucp.checkpoint.publish import COMPLETE_MARKER, check_manifest, read_marker
+from megatron_ucp.checkpoint.trust import check_name
 from megatron_ucp.checkpoint.zero import OPTIMIZER_STATE_DICT, CheckpointError, load_file, open_zero_checkpoint
 from megatron_ucp.layout.slicing import bitwise_equal
 
@@ -187,15 +190,16 @@ def describe_universal(folder: str) -> list[str]:
           or sorted(f for f in names if _zero3_alias_of(f)))
     if mp:
         path = os.path.join(folder, mp[0])
-        st = load_file(path, mmap=True)
+        st = check_model_states(load_file(path, mmap=True), path)
         meta = metadata_from_state(st, path)
         topology = meta.topology.to_dict() if meta is not None and meta.topology is not None else None
         lines.append(f"  iteration {st.get('iteration', st.get('global_steps'))}, source topology "
                      f"{topology}, {len(mp)} model-state files")
     for name in sorted(n for n in os.listdir(zero) if os.path.isdir(os.path.join(zero, n))):
-        atom = load_file(atom_path(folder, name, STATE_KEYS[0]), mmap=True)
+        path = atom_path(folder, check_name(name, zero), STATE_KEYS[0])
+        atom = load_file(path, mmap=True)
+        t = check_state_atom(atom, path)
         extra = {k: v for k, v in atom.items() if k != "param"} if isinstance(atom, dict) else {}
-        t = atom["param"] if isinstance(atom, dict) else atom
         states = [k for k in ATOM_KEYS if os.path.exists(atom_path(folder, name, k))]
         lines.append(f"  {name:60s} {str(tuple(t.shape)):18s} {str(t.dtype):14s} {','.join(states)} {extra or ''}")
     return lines

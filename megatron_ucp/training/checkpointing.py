@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from megatron_ucp.atomic import atomic_write
 from megatron_ucp.checkpoint.format import (
+    ATOM_KEYS,
     LATEST_FILE,
     MEGATRON_TRACKER_FILE,
     MODEL_STATES_RE,
@@ -34,9 +35,12 @@ from megatron_ucp.checkpoint.format import (
     OPTIMIZER_STATE_FILE,
     SOURCE_TRAINING,
     ZERO3_MODEL_STATES_RE,
+    ZERO_DIR,
     CheckpointMetadata,
     PipeEntryRecord,
     Versions,
+    atom_file,
+    check_atom,
     check_global_optimizer_state,
     check_model_states,
     check_optimizer_shard,
@@ -157,6 +161,11 @@ def check_loaded_file(path: str, loaded) -> None:
         check_optimizer_shard(loaded, path, stage3=None)
     elif name == OPTIMIZER_STATE_FILE:
         check_global_optimizer_state(loaded, path)
+    elif name in ATOM_FILES and os.path.basename(os.path.dirname(os.path.dirname(path))) == ZERO_DIR:
+        check_atom(loaded, path, name[:-len(".pt")])
+
+
+ATOM_FILES = {atom_file(key) for key in ATOM_KEYS}  # a universal folder's zero/<param>/<key>.pt
 
 
 def load_route(folder: str, universal: bool, state: ParallelState, cfg: TrainConfig):

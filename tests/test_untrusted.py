@@ -157,6 +157,31 @@ def _trainer_load(load: str, universal: bool, tmp_path, extra: list[str] | None 
                           capture_output=True, text=True, timeout=300)
 
 
+def _trainer_load_2ranks(load: str) -> list[tuple[int, str]]:
+    """``--load`` on two ranks (the checkpoint's own TP1 PP1 DP2: DeepSpeed's native loader reads the shards):
+    each rank's (exit code, stderr)."""
+    args = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--max-position-embeddings",
+            "16", "--make-vocab-size-divisible-by", "8", "--seq-length", "16", "--micro-batch-size", "1",
+            "--global-batch-size", "2", "--train-iters", "3", "--fp32", "--mock-data", "--vocab-size", "50",
+            "--eval-interval", "0", "--load", load]
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_ucp.train", *args], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    out = []
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        out.append((proc.returncode, err))
+    return out
+
+
 def _free_port() -> int:
     from dist_utils import free_port
 
@@ -348,3 +373,19 @@ def test_inspect_refuses_malformed_universal_atoms_with_one_line(real, craft, tm
     crafted = craft.craft_universal_malformed(str(real[2]), str(tmp_path / "work"), case)
     rc, err = _run_tool("inspect_checkpoint", [crafted.path], capsys)
     _assert_one_line(rc, err, crafted.bad_file, UNIVERSAL_MESSAGES[case])
+
+
+def test_native_resume_of_the_real_checkpoint_trains_on(real):
+    """Negative control: at its own layout the checkpoint resumes and trains its third step."""
+    for rc, err in _trainer_load_2ranks(str(real[0] / "ckpt")):
+        assert rc == 0, err[-3000:]
+
+
+@pytest.mark.parametrize("case", ["lr_string", "bf16_partition"])
+def test_native_resume_refuses_malformed_shards_with_one_line(real, craft, tmp_path, case):
+    """At the checkpoint's own layout DeepSpeed's loader reads the shards itself, each rank only its own:
+    every rank checks its files first and all share the verdict, so a string lr in DP rank 1's shard is
+    refused on both ranks at load, not at the optimizer's next step."""
+    crafted = _malformed(real, craft, tmp_path, case)
+    for rc, err in _trainer_load_2ranks(crafted.root):
+        _assert_one_line(rc, err, crafted.bad_file, MALFORMED_MESSAGES[case])

@@ -565,10 +565,16 @@ def _float_tensor(value: Any, where: str) -> torch.Tensor:
     return value
 
 
-def _number(value: Any, where: str, low: float, high: float | None = None, *, low_open: bool = False) -> float:
-    """A finite int or float (not a bool) in [low, high) (``low_open``: (low, high))."""
+def _number(value: Any, where: str, low: float, high: float | None = None, *, low_open: bool = False) -> Any:
+    """A finite int or float (not a bool) in [low, high) (``low_open``: (low, high)); a one-element real
+    tensor (torch optimizers accept tensor hyperparameters) is taken as it is, its value unread."""
     import math
 
+    if torch.is_tensor(value):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise CheckpointError(f"{where}: expected a number or a one-element real tensor, found {value.dtype} "
+                                  f"{tuple(value.shape)}")
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise CheckpointError(f"{where}: expected a finite number, {_found(value)}")
     if value < low or (low_open and value == low) or (high is not None and value >= high):
@@ -644,10 +650,11 @@ def _check_fragment_address(value: Any, where: str) -> None:
         _count(getattr(value, attr), f"{where}.{attr}")
 
 
-def check_optimizer_shard(value: Any, path: str, stage3: bool | None = False) -> dict:
+def check_optimizer_shard(value: Any, path: str, stage3: bool | None = False, lenient: bool = False) -> dict:
     """A ZeRO optimizer file of ``path`` (1/2: ``param_slice_mappings`` and ``single_partition_of_fp32_groups``;
     ``stage3``: ``fp32_flat_groups``; None: whichever it holds): the entries our readers use, typed; returns
-    its ``optimizer_state_dict``."""
+    its ``optimizer_state_dict``. ``lenient``: for a file DeepSpeed's own loader reads, entries it may lack
+    (an elastic checkpoint's) are not required, and those present are checked."""
     top = _dict(value, path)
     where = f"{path}: optimizer_state_dict"
     osd = _dict(_key(top, "optimizer_state_dict", path), where)
@@ -665,16 +672,19 @@ def check_optimizer_shard(value: Any, path: str, stage3: bool | None = False) ->
         _check_adam_state(_key(inner, "state", inner_where), f"{inner_where}.state")
         check_param_groups(_key(inner, "param_groups", inner_where), f"{inner_where}.param_groups")
         return osd
-    if "param_slice_mappings" not in osd:
+    if "param_slice_mappings" not in osd and not lenient:
         raise CheckpointError(f"{path}: no param_slice_mappings (ZeRO-3 or an elastic checkpoint?)")
-    for g, mapping in enumerate(_list(osd["param_slice_mappings"], f"{where}.param_slice_mappings")):
+    for g, mapping in enumerate(_list(osd.get("param_slice_mappings", []), f"{where}.param_slice_mappings")):
         at = f"{where}.param_slice_mappings[{g}]"
         for name, address in _dict(mapping, at).items():
             _check_fragment_address(address, f"{at}[{name!r}]")
     partitions = f"{where}.single_partition_of_fp32_groups"
-    for i, t in enumerate(_list(_key(osd, "single_partition_of_fp32_groups", where), partitions)):
-        _float_tensor(t, f"{partitions}[{i}]")
+    if not lenient or "single_partition_of_fp32_groups" in osd:
+        for i, t in enumerate(_list(_key(osd, "single_partition_of_fp32_groups", where), partitions)):
+            _float_tensor(t, f"{partitions}[{i}]")
     base_where = f"{where}.base_optimizer_state"
+    if lenient and not isinstance(osd.get("base_optimizer_state"), dict):  # absent, or an elastic list
+        return osd
     base = _dict(_key(osd, "base_optimizer_state", where), base_where)
     if not isinstance(_key(base, "state", base_where), dict):
         raise CheckpointError(f"{path}: base_optimizer_state['state'] is not a dict "

@@ -48,6 +48,7 @@ from megatron_ucp.checkpoint.format import (
     metadata_from_state,
     model_states_name,
     step_folder_name,
+    zero3_model_states_name,
 )
 from megatron_ucp.checkpoint.publish import LATEST_UNIVERSAL, require_verified
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file, path_inside, restricted_torch_load
@@ -158,7 +159,7 @@ def check_loaded_file(path: str, loaded) -> None:
     if MODEL_STATES_RE.match(name) or ZERO3_MODEL_STATES_RE.match(name):
         check_model_states(loaded, path)
     elif OPTIM_STATES_RE.match(name):
-        check_optimizer_shard(loaded, path, stage3=None)
+        check_optimizer_shard(loaded, path, stage3=None, lenient=True)
     elif name == OPTIMIZER_STATE_FILE:
         check_global_optimizer_state(loaded, path)
     elif name in ATOM_FILES and os.path.basename(os.path.dirname(os.path.dirname(path))) == ZERO_DIR:
@@ -166,6 +167,30 @@ def check_loaded_file(path: str, loaded) -> None:
 
 
 ATOM_FILES = {atom_file(key) for key in ATOM_KEYS}  # a universal folder's zero/<param>/<key>.pt
+
+
+def check_native_files(folder: str, state: ParallelState) -> None:
+    """Before DeepSpeed's native loader reads a ZeRO checkpoint at this run's layout: each rank checks the
+    model-state file and the optimizer shard it will read (DeepSpeed reads only its own), and the first
+    problem any rank found is raised on every rank; a rank failing alone would leave the others waiting in
+    a collective (or training on with the rest of the state)."""
+    mp, dp = state.get_model_parallel_rank(), state.coords.dp
+    problem = None
+    try:
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            m = OPTIM_STATES_RE.match(name)
+            if m and (int(m.group(2)), int(m.group(3))) == (dp, mp):
+                check_optimizer_shard(load_file(path, meta=True), path, stage3=None, lenient=True)
+            elif name in (model_states_name(mp), zero3_model_states_name(mp, dp)):
+                check_model_states(load_file(path, meta=True), path)
+    except CheckpointError as e:
+        problem = str(e)
+    problems: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    first = next((p for p in problems if p is not None), None)
+    if first is not None:
+        raise CheckpointError(first)
 
 
 def load_route(folder: str, universal: bool, state: ParallelState, cfg: TrainConfig):
@@ -221,6 +246,8 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
     if universal:
         require_verified(folder)
     route, source = load_route(folder, universal, state, cfg)
+    if source is None and not universal:
+        check_native_files(folder, state)
     optimizer = engine.optimizer
     fresh_scaler = {k: getattr(optimizer, k) for k in ("loss_scaler", "dynamic_loss_scale") if hasattr(optimizer, k)}
     stats = None

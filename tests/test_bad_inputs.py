@@ -238,3 +238,62 @@ def test_numpy_dtype_with_hidden_fields_is_refused(tmp_path, case):
         assert hidden.hasobject or hidden.fields is not None
     run = _load_in_child(path)
     _assert_one_line(run.returncode, run.stderr, _REFUSED.format(path=path, reason=NUMPY_REASONS[case]))
+
+
+# --- optimizer state: the checks every reader of ZeRO and universal files runs ---------------------------
+
+GOOD_GROUP = {"lr": 3e-05, "betas": (0.9, 0.95), "eps": 1e-08, "weight_decay": 0.1, "amsgrad": False,
+              "params": [0], "name": "decay", "foreach": None}
+
+
+def _zero3_shard(flat_dtype=torch.float32, **group) -> dict:
+    """The entries of a ZeRO-3 optimizer file that our readers use, as DeepSpeed 0.19.8 writes them."""
+    flat = torch.zeros(8, dtype=flat_dtype)
+    state = {0: {"step": torch.tensor(2.0), "exp_avg": torch.zeros(8), "exp_avg_sq": torch.zeros(8)}}
+    return {"optimizer_state_dict": {"zero_stage": 3, "fp32_flat_groups": [flat],
+                                     "optimizer_state_dict": {"state": state,
+                                                              "param_groups": [dict(GOOD_GROUP, **group)]}}}
+
+
+_INNER = "optimizer_state_dict.optimizer_state_dict.param_groups[0]"
+PARAM_GROUP_CASES = {  # group entries -> the message after "<file>: "
+    "lr_nan": (dict(lr=float("nan")), f"{_INNER}.lr: expected a finite number, found float nan"),
+    "lr_negative": (dict(lr=-0.1), f"{_INNER}.lr: -0.1 is outside [0, inf)"),
+    "beta_one": (dict(betas=(0.9, 1.0)), f"{_INNER}.betas[1]: 1.0 is outside [0, 1)"),
+    "three_betas": (dict(betas=[0.9, 0.99, 0.999]), f"{_INNER}.betas: expected 2 numbers, found 3"),
+    "eps_zero": (dict(eps=0.0), f"{_INNER}.eps: 0.0 is outside (0, inf)"),
+    "weight_decay_string": (dict(weight_decay="0.1"), f"{_INNER}.weight_decay: expected a finite number, found str "
+                                                      "'0.1'"),
+    "amsgrad_string": (dict(amsgrad="no"), f"{_INNER}.amsgrad: expected a bool, found str 'no'"),
+    "step_negative": (dict(step=-1), f"{_INNER}.step: -1 is outside [0, inf)"),
+    "params_not_indices": (dict(params=["w"]), f"{_INNER}.params[0]: expected an int, found str 'w'"),
+}
+
+
+def test_a_real_shaped_zero3_shard_passes():
+    """Negative control for the cases below, and tensor hyperparameters (torch accepts a tensor lr) pass."""
+    from megatron_ucp.checkpoint.format import check_optimizer_shard
+
+    check_optimizer_shard(_zero3_shard(), "f.pt", stage3=True)
+    check_optimizer_shard(_zero3_shard(lr=torch.tensor(1e-3)), "f.pt", stage3=True)
+
+
+@pytest.mark.parametrize("case", sorted(PARAM_GROUP_CASES))
+def test_bad_hyperparameters_are_named(case):
+    from megatron_ucp.checkpoint.format import check_optimizer_shard
+    from megatron_ucp.checkpoint.trust import CheckpointError
+
+    group, message = PARAM_GROUP_CASES[case]
+    with pytest.raises(CheckpointError) as e:
+        check_optimizer_shard(_zero3_shard(**group), "f.pt", stage3=True)
+    assert str(e.value) == f"f.pt: {message}"
+
+
+def test_zero3_bf16_flat_partition_is_named():
+    from megatron_ucp.checkpoint.format import check_optimizer_shard
+    from megatron_ucp.checkpoint.trust import CheckpointError
+
+    with pytest.raises(CheckpointError) as e:
+        check_optimizer_shard(_zero3_shard(flat_dtype=torch.bfloat16), "f.pt", stage3=True)
+    assert str(e.value) == ("f.pt: optimizer_state_dict.fp32_flat_groups[0]: expected a torch.float32 tensor, "
+                            "found torch.bfloat16")

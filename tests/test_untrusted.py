@@ -299,6 +299,8 @@ MALFORMED_MESSAGES = {  # after "error: <bad file>: "
     "eps_negative": f"{_GROUPS}.eps: -1.0 is outside (0, inf)",
     "negative_topology": "checkpoint_parallel_dimensions.tp_degree: -1 is less than 1",
     "param_shapes_not_list": "param_shapes: expected a list, found dict {'a': 1}",
+    "negative_dp_world_size": "dp_world_size: -2 is less than 1",
+    "negative_metadata_topology": "megatron_ucp.topology: parallel degree tp must be a positive integer, got -1",
     "missing_model_states": "missing file (the folder holds 2 optimizer shards but no model-state file)",
 }
 

@@ -423,6 +423,8 @@ MALFORMED_ZERO = {
     "negative_topology": ("model", lambda s: s.__setitem__("checkpoint_parallel_dimensions",
                                                             {"tp_degree": -1, "pp_degree": -1})),
     "param_shapes_not_list": ("model", lambda s: s.__setitem__("param_shapes", {"a": 1})),
+    "negative_dp_world_size": ("model", lambda s: s.__setitem__("dp_world_size", -2)),
+    "negative_metadata_topology": ("model", lambda s: s[METADATA_KEY]["topology"].__setitem__("tp", -1)),
 }
 
 

@@ -190,6 +190,7 @@ def check_native_files(folder: str, state: ParallelState) -> None:
     dist.all_gather_object(problems, problem)
     first = next((p for p in problems if p is not None), None)
     if first is not None:
+        dist.barrier()  # every rank fails here together: none tears its groups down under a peer's gloo traffic
         raise CheckpointError(first)
 
 

@@ -301,6 +301,8 @@ MALFORMED_MESSAGES = {  # after "error: <bad file>: "
     "param_shapes_not_list": "param_shapes: expected a list, found dict {'a': 1}",
     "negative_dp_world_size": "dp_world_size: -2 is less than 1",
     "negative_metadata_topology": "megatron_ucp.topology: parallel degree tp must be a positive integer, got -1",
+    "pattern_not_a_regex": "universal_checkpoint_info.pipeline_replicated_parameter_patterns[0]: '(' is not a "
+                           "regular expression (missing ), unterminated subpattern at position 0)",
     "missing_model_states": "missing file (the folder holds 2 optimizer shards but no model-state file)",
 }
 

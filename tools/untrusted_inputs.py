@@ -425,6 +425,8 @@ MALFORMED_ZERO = {
     "param_shapes_not_list": ("model", lambda s: s.__setitem__("param_shapes", {"a": 1})),
     "negative_dp_world_size": ("model", lambda s: s.__setitem__("dp_world_size", -2)),
     "negative_metadata_topology": ("model", lambda s: s[METADATA_KEY]["topology"].__setitem__("tp", -1)),
+    "pattern_not_a_regex": ("model", lambda s: s["universal_checkpoint_info"].__setitem__(
+        "pipeline_replicated_parameter_patterns", ["("])),
 }
 
 

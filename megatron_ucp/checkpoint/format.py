@@ -736,8 +736,35 @@ def check_model_states(value: Any, path: str) -> dict:
                 _check_shape(shape, f"{where}[{g}][{name!r}]")
     info = state.get("universal_checkpoint_info")
     if info is not None:
-        _dict(info, f"{path}: universal_checkpoint_info")
+        check_ucp_info(info, f"{path}: universal_checkpoint_info")
     return state
+
+
+def _pattern(value: Any, where: str) -> None:
+    if not isinstance(value, str):
+        raise CheckpointError(f"{where}: expected a regular expression string, {_found(value)}")
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise CheckpointError(f"{where}: {value[:60]!r} is not a regular expression ({e})") from None
+
+
+def check_ucp_info(value: Any, where: str) -> dict:
+    """DeepSpeed's ``universal_checkpoint_info``: pattern lists of regular expressions (or, for sub-parameter
+    entries, dicts whose ``patterns`` are), integer vocabulary sizes."""
+    info = _dict(value, where)
+    for key, entry in info.items():
+        at = f"{where}.{key}"
+        if key in ("original_vocab_size", "padded_vocab_size") and entry is not None:
+            _count(entry, at, minimum=1)
+        elif isinstance(entry, (list, tuple)):
+            for i, item in enumerate(entry):
+                if isinstance(item, dict):
+                    for j, p in enumerate(_list(_key(item, "patterns", f"{at}[{i}]"), f"{at}[{i}].patterns")):
+                        _pattern(p, f"{at}[{i}].patterns[{j}]")
+                else:
+                    _pattern(item, f"{at}[{i}]")
+    return info
 
 
 def check_state_atom(value: Any, path: str) -> torch.Tensor:

@@ -357,11 +357,13 @@ UNIVERSAL_MESSAGES = {
     "bf16_atom": "param: expected a torch.float32 tensor, found torch.bfloat16",
     "atom_without_param": "missing key 'param'",
     "lr_string": "param_groups[0].lr: expected a finite number, found str '0.001'",
+    "step_string": "expected a finite number, found str '2'",
 }
 
 
 @pytest.mark.parametrize("case,loader", [("bf16_atom", "ours"), ("bf16_atom", "deepspeed"), ("lr_string", "ours"),
-                                         ("lr_string", "deepspeed"), ("atom_without_param", "deepspeed")])
+                                         ("lr_string", "deepspeed"), ("atom_without_param", "deepspeed"),
+                                         ("step_string", "ours"), ("step_string", "deepspeed")])
 def test_trainer_refuses_malformed_universal_with_one_line(real, craft, tmp_path, case, loader):
     """The sliced loader and DeepSpeed's own (its files pass through our check as it unpickles them)."""
     from helpers import vouch_for

@@ -502,12 +502,13 @@ def _lr_string(state: dict) -> None:
     state["param_groups"][0]["lr"] = "0.001"
 
 
-# case -> (the file changed: "atom" (the first parameter's fp32.pt) or "optimizer_state" (zero/optimizer_state.pt),
-# the change)
+# case -> (the file changed: "atom" (the first parameter's fp32.pt), "step" (its step.pt, replaced by what the
+# change returns) or "optimizer_state" (zero/optimizer_state.pt), the change)
 MALFORMED_UNIVERSAL = {
     "bf16_atom": ("atom", _bf16_atom),  # fp32 master weights stored as bf16
     "atom_without_param": ("atom", lambda state: state.pop("param")),  # the merge keys, no tensor
     "lr_string": ("optimizer_state", _lr_string),  # a hyperparameter that loads and breaks the step
+    "step_string": ("step", lambda state: "2"),  # a step Adam's bias correction cannot use
 }
 
 
@@ -516,9 +517,13 @@ def craft_universal_malformed(universal_folder: str, work: str, case: str) -> Cr
     which, edit = MALFORMED_UNIVERSAL[case]
     name = f"universal_{case}"
     root, path = _copy_universal(universal_folder, work, name)
-    bad = _first_atom(path) if which == "atom" else os.path.join(path, "zero", "optimizer_state.pt")
+    bad = {"atom": lambda: _first_atom(path), "step": lambda: _first_atom(path, "step"),
+           "optimizer_state": lambda: os.path.join(path, "zero", "optimizer_state.pt")}[which]()
     state = _load_real(bad)
-    edit(state)
+    if which == "step":
+        state = edit(state)
+    else:
+        edit(state)
     _remove_file(bad)
     torch.save(state, bad)
     return Crafted(name, root, path, bad, None, None)

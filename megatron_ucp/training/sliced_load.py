@@ -33,6 +33,7 @@ from megatron_ucp.checkpoint.format import (
     STATE_KEYS,
     STEP_KEY,
     atom_path,
+    check_atom,
     check_global_optimizer_state,
     metadata_from_state,
     optimizer_state_path,
@@ -171,7 +172,11 @@ class UniversalSource:
     def step(self, name: str):
         """The parameter's step atom (a 0-d tensor or a number): its header, then its few bytes."""
         path = atom_path(self.folder, check_name(name, self.folder), STEP_KEY)
-        return read_scalar(path, load_file(path, meta=True)) if os.path.isfile(path) else None
+        if not os.path.isfile(path):
+            return None
+        value = load_file(path, meta=True)
+        check_atom(value, path, STEP_KEY)
+        return read_scalar(path, value)
 
     def global_state(self) -> dict:
         if self._global is None:

@@ -89,6 +89,7 @@ from megatron_ucp.config import ModelConfig
 from megatron_ucp.layout.params import Kind, spec_of
 from megatron_ucp.layout.placement import RegionMap, flat_segments, tp_map
 from megatron_ucp.layout.slicing import bitwise_equal
+from megatron_ucp.pacing import point
 from megatron_ucp.progress import ByteProgress, byte_progress
 
 UNIVERSAL_KIND = "universal"  # the completion marker's kind for our converter's output
@@ -482,6 +483,7 @@ def _write_atom_by_copy(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroC
     fds: dict[str, int] = {}
     try:
         pwrite_all(dst, head, 0)
+        point("atom-started")
         if rule.kind is Kind.ROW:
             # Row-parallel slices interleave every row (pieces of a few KB), which copy_file_range moves
             # slowly; scatter-read each fragment straight into its rows (preadv), then write once.
@@ -527,6 +529,7 @@ def write_atom_from_memory(atom: dict, path: str) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         pwrite_all(fd, head, 0)
+        point("atom-started")
         pwrite_all(fd, data, data_offset)
         pwrite_all(fd, tail, data_offset + len(data))
     finally:
@@ -558,6 +561,7 @@ def convert_param(src: ParamSource, rule: MergeRule, ckpt: ZeroCheckpoint, atoms
             del atom
         else:
             written += _write_atom_by_copy(src, rule, key, ckpt, path)
+    point("param-written")
     return written
 
 
@@ -745,6 +749,7 @@ def _shared_staging(part: Partition, out: str) -> Iterator[str]:
                 if part.rank == 0:
                     tmp = stack.enter_context(staged_folder(out))
                     os.makedirs(zero_dir(tmp))
+                    point("staged")
                     step.share = tmp
             yield step.gathered[0]
             completed = True
@@ -818,6 +823,7 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
         inp, out = check_output_path(input_folder, output_folder)
         ckpt = open_zero_checkpoint(inp)
         request = conversion_request(ckpt, strict, inject_missing_state)
+        point("indexed")
         step.share = (request["input_fingerprint"], lead and finished_output(out, UNIVERSAL_KIND, request) is not None)
     for r, (seen, _) in enumerate(step.gathered):  # the same decision in every process: no one waits alone
         if seen != step.gathered[0][0]:
@@ -848,6 +854,7 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
         with part.together() as step:
             with byte_progress(sum(_source_bytes(s, ckpt) for s in mine), "converting" + desc, show) as bar:
                 step.share = _write_share(ckpt, rules, mine, tmp, n_workers, lead, bar)
+            point("written")
         written = sum(step.gathered)
         if verify:
             with part.together():
@@ -859,10 +866,12 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
             if lead:
                 write_marker(tmp, UNIVERSAL_KIND, request, verified=verify,
                              extra={"iteration": ckpt.iteration, "source_topology": topology})
+                point("marked")
     notes = []
     if verify:
         with part.together():
             if lead:
+                point("published")
                 write_latest_universal(out)
     else:
         notes.append(f"not verified: {LATEST_UNIVERSAL} left as it was, and the trainer will refuse this output")
@@ -948,6 +957,7 @@ def verify_atoms(ckpt: ZeroCheckpoint, output_folder: str, rules: dict[str, Merg
                     if not _local_matches(param, shape, m, src, tp, key, ckpt):
                         raise CheckpointError(f"{path}: does not match TP rank {tp} of {ckpt.folder}")
                 confirm()
+        point("param-verified")
         return src
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -175,7 +175,10 @@ class ResumeState:
 
 def save(engine, save_dir: str, iteration: int, consumed_samples: int, seq_length: int,
          rng_state: dict, metadata: CheckpointMetadata, state: ParallelState, model_cfg: ModelConfig) -> str:
-    """Write ``<save_dir>/global_step<iteration>`` on every rank; return its path."""
+    """Write ``<save_dir>/global_step<iteration>`` on every rank; return its path.
+
+    Refused on every rank, with nothing written, when an entry the save writes is a link
+    (``save_folder_problem``)."""
     if metadata.model_config != model_cfg:
         raise RuntimeError("the checkpoint metadata describes another model than the one being saved")
     rng_states = gather_over_dp(rng_state, state)

@@ -376,3 +376,26 @@ def test_real_checkpoint_resume_in_place_and_certify(tmp_path, outside, monkeypa
     assert (save / "latest").read_text() == "global_step4" and not (save / "latest").is_symlink()
     assert (save / "global_step4" / "mp_rank_00_model_states.pt").is_file()
     assert not (save / "global_step4").is_symlink()
+
+
+def test_dataset_builder_never_writes_through_a_planted_temporary(tmp_path, outside, monkeypatch):
+    """The tokenized dataset's temporaries are created exclusively: a link already at the name (forced
+    here by fixing the random part) is refused, not followed; the control writes the dataset."""
+    import numpy as np
+
+    from megatron_ucp import atomic
+    from megatron_ucp.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    monkeypatch.setattr(atomic, "_random_part", lambda: "fixed")
+    prefix = tmp_path / "data" / "corpus"
+    (tmp_path / "data").mkdir()
+    planted = Path(f"{prefix}.bin.tmp-{atomic.HOST}-{os.getpid()}-rfixed")
+    planted.symlink_to(outside / "id_rsa")
+    with pytest.raises(FileExistsError):
+        IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    assert planted.is_symlink() and not Path(f"{prefix}.bin").exists()
+    planted.unlink()  # control: the same build without the link
+    with IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16) as b:
+        b.add_document([1, 2, 3])
+        b.finalize(f"{prefix}.idx")
+    assert list(IndexedDataset(str(prefix))[0]) == [1, 2, 3]

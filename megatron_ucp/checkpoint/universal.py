@@ -22,8 +22,8 @@ It is produced differently from DeepSpeed's:
   are checked bitwise equal across TP ranks, vocab padding is stripped to the original vocab, and
   pipeline-tied weights are read from the first stage. Other checkpoints fall back to their
   ``universal_checkpoint_info`` patterns, as DeepSpeed does.
-* **Safe.** Output goes to ``<output>.tmp-<pid>`` next to the target and is renamed into place when
-  complete; ``latest_universal`` is written last; a non-empty output is refused unless
+* **Safe.** Output goes to ``<output>.tmp-<host>-<pid>-r<random>`` (created exclusively) next to the
+  target and is renamed into place when complete; ``latest_universal`` is written last; a non-empty output is refused unless
   ``overwrite``; the output may not be inside the input.
 * **On many processes** (``Partition``; ``torchrun tools/ds_to_universal.py``): the parameters are split
   between them by size, each writes its share into the one staging folder, and the output is the same,

@@ -462,3 +462,120 @@ def test_mutated_real_checkpoint_converts_exactly_or_is_refused(real, tmp_path_f
 @pytest.mark.slow
 def test_mutated_real_checkpoint_converts_exactly_or_is_refused_many(real, tmp_path_factory):
     _real_property(real, tmp_path_factory, REAL_FULL)
+
+
+# --------------------------------------------------------------------------------------------------
+# A real transformers model: its pytorch_model.bin mutated through the import, an atom through the export
+HF_FAST, HF_FULL = 6, 40
+
+
+@pytest.fixture(scope="module")
+def hf_real(tmp_path_factory):
+    """A tiny GPT-2 saved by transformers as pytorch_model.bin, its import and the import's export."""
+    transformers = pytest.importorskip("transformers")
+    from megatron_ucp.hf.from_universal import convert_universal_to_hf
+    from megatron_ucp.hf.to_universal import convert_hf_to_universal
+
+    root = tmp_path_factory.mktemp("properties_hf")
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    model.save_pretrained(str(root / "hf"))
+    # transformers 5 writes safetensors only; the .bin is what 4.x's save_pretrained(safe_serialization=False)
+    # wrote: torch.save of the state dict (the tied lm_head left out, as there)
+    torch.save({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, root / "hf" / BIN_FILE)
+    os.remove(root / "hf" / "model.safetensors")
+    convert_hf_to_universal(str(root / "hf"), str(root / "u" / "imported"))
+    convert_universal_to_hf(str(root / "u" / "imported"), str(root / "export"))
+    return root / "hf", root / "u" / "imported", root / "export"
+
+
+def _hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file as load_safetensors
+
+    out: dict[str, torch.Tensor] = {}
+    for p in sorted(folder.glob("*.safetensors")):
+        out.update(load_safetensors(str(p)))
+    return out
+
+
+@st.composite
+def hf_mutations(draw):
+    route = draw(st.sampled_from(["import", "export"]))
+    kind = draw(st.sampled_from(["reorder", "reforge", "truncate", "record"] + (["metadata"] * (route == "import"))))
+    if kind in ("reorder", "reforge", "truncate"):
+        return route, kind, draw(st.integers(0, 10**6))
+    if kind == "metadata":
+        return route, kind, (draw(st.integers(0, 10**6)), draw(st.sampled_from(_VALUES)))
+    change = draw(st.sampled_from(["dtype", "numel", "offset", "stride0", "shape"]))
+    return route, kind, (draw(st.integers(0, 10**6)), change, draw(st.sampled_from(forge.DTYPES)))
+
+
+def check_hf_mutation(hf_real, work: Path, mutation) -> str:
+    from megatron_ucp.checkpoint.inspect import compare_universal, deep_equal
+    from megatron_ucp.hf.from_universal import convert_universal_to_hf
+    from megatron_ucp.hf.to_universal import convert_hf_to_universal
+
+    hf, imported, export = hf_real
+    route, kind, arg = mutation
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    if route == "import":
+        src = work / "hf"
+        shutil.copytree(hf, src)
+        target = src / BIN_FILE
+    else:
+        src = work / "u" / "imported"
+        shutil.copytree(imported, src)
+        atoms = sorted((src / "zero").glob("*/fp32.pt"))
+        target = atoms[(arg if isinstance(arg, int) else arg[0]) % len(atoms)]
+    original = _restricted_load(target)
+    _mutate(target, kind, arg)
+    mutated = _restricted_load(target)
+    same = mutated is not None and deep_equal(original, mutated)
+    before = _digest(src)
+    out = work / "out" / "result"
+    try:
+        if route == "import":
+            convert_hf_to_universal(str(src), str(out))
+        else:
+            convert_universal_to_hf(str(src), str(out))
+    except Exception as e:  # noqa: BLE001 - the property: only a one-line refusal naming the file
+        _check_one_line(e, src)
+        assert not out.exists(), "a refused conversion left its output"
+        assert not same, f"{kind} of {target.name} keeps torch.load's content, but the {route} refused: {e}"
+        outcome = "refused"
+    else:
+        if same and route == "import":
+            cmp = compare_universal(str(imported), str(out))
+            assert cmp.equal, cmp.summary()
+        elif same:
+            _same_tensors(_hf_tensors(out), _hf_tensors(export), "export")
+        outcome = "converted"
+    assert _digest(src) == before, "the input changed"
+    return f"{route} {kind}{'' if same else '*'}: {outcome}"
+
+
+def _hf_property(hf_real, tmp_path_factory, n: int):
+    work = tmp_path_factory.mktemp("hf_mutated")
+    outcomes: dict[str, int] = {}
+
+    @_settings(n)
+    @given(hf_mutations())
+    def prop(mutation):
+        key = check_hf_mutation(hf_real, work / "w", mutation)
+        outcomes[key] = outcomes.get(key, 0) + 1
+
+    prop()
+    print(f"{n} mutations of a real transformers model and its import (* = torch.load reads other content):",
+          outcomes)
+    return outcomes
+
+
+def test_mutated_hf_files_import_and_export_exactly_or_are_refused(hf_real, tmp_path_factory):
+    _hf_property(hf_real, tmp_path_factory, HF_FAST)
+
+
+@pytest.mark.slow
+def test_mutated_hf_files_import_and_export_exactly_or_are_refused_many(hf_real, tmp_path_factory):
+    _hf_property(hf_real, tmp_path_factory, HF_FULL)

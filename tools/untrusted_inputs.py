@@ -600,6 +600,47 @@ def swap_records(a: str, b: str) -> Callable[[list[str]], list[str]]:
     return lambda names: [b if n == a else a if n == b else n for n in names]
 
 
+_CENTRAL_SIGNATURE = 0x02014B50
+_DESCRIPTOR_SIGNATURE = 0x08074B50
+
+
+def swap_records_in_place(path: str, a: str, b: str) -> None:
+    """Records ``a`` and ``b`` (relative names, equal sizes and name lengths) trade places in ``path``,
+    every other byte of the file unchanged: their local headers' names, their data and their data
+    descriptors are swapped, and the directory points each name at its record's new place. ``torch.load``
+    reads the file as before; a reader computing offsets from torch's own layout reads ``a``'s bytes
+    where ``b``'s are and the reverse, and every other record right."""
+    with zipfile.ZipFile(path) as zf:
+        infos = {i.filename.split("/", 1)[1]: i for i in zf.infolist()}
+        start_dir = zf.start_dir
+    ia, ib = infos[a], infos[b]
+    if ia.file_size != ib.file_size or len(ia.filename) != len(ib.filename):
+        raise ValueError(f"{path}: {a} and {b} differ in size or name length; they cannot swap in place")
+    buf = bytearray(open(path, "rb").read())
+    n = ia.file_size
+
+    def data_at(info: zipfile.ZipInfo) -> int:
+        name_len, extra_len = struct.unpack_from("<HH", buf, info.header_offset + 26)
+        return info.header_offset + 30 + name_len + extra_len
+
+    da, db = data_at(ia), data_at(ib)
+    names = (ia.header_offset + 30, ib.header_offset + 30)
+    buf[names[0]:names[0] + len(ia.filename)], buf[names[1]:names[1] + len(ib.filename)] = \
+        ib.filename.encode(), ia.filename.encode()
+    tail = 16 if struct.unpack_from("<I", buf, da + n)[0] == _DESCRIPTOR_SIGNATURE else 0
+    buf[da:da + n + tail], buf[db:db + n + tail] = bytes(buf[db:db + n + tail]), bytes(buf[da:da + n + tail])
+    pos = start_dir  # the central directory: each name now points at its record's new place
+    while struct.unpack_from("<I", buf, pos)[0] == _CENTRAL_SIGNATURE:
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", buf, pos + 28)
+        name = bytes(buf[pos + 46:pos + 46 + name_len]).decode()
+        if name in (ia.filename, ib.filename):
+            other = ib if name == ia.filename else ia
+            struct.pack_into("<I", buf, pos + 42, other.header_offset)
+        pos += 46 + name_len + extra_len + comment_len
+    with open(path, "wb") as f:
+        f.write(buf)
+
+
 def craft_all(zero: str, universal: str, work: str, hf: str | None = None) -> list[tuple[str, Crafted]]:
     """Every case as (kind, Crafted); kind is "zero", "universal" or "hf" (which tools apply)."""
     cases = [("zero", craft_zero_payload_in_model_states(zero, work)),

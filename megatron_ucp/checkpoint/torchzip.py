@@ -173,6 +173,7 @@ def load_meta(path: str, unpickler: type) -> Any:
         if key not in storages:
             storage = torch.UntypedStorage(nbytes, device="meta")
             storage._checkpoint_offset = rec.data_offset  # type: ignore[attr-defined]  # torch's own name for it
+            storage._checkpoint_nbytes = nbytes  # type: ignore[attr-defined]  # set_ grows a meta storage silently
             storages[key] = storage
         return torch.storage.TypedStorage(wrap_storage=storages[key], dtype=dtype, _internal=True)
 
@@ -222,6 +223,12 @@ def tensors(obj: Any) -> Iterator[tuple[tuple, torch.Tensor]]:
         stack.extend((where + (k,), v) for k, v in reversed(children))
 
 
+def stored_nbytes(storage: torch.UntypedStorage) -> int:
+    """The bytes a storage has in its file: a meta storage's size as its record declared it (a view
+    rebuilt past its end makes torch grow the meta storage without a word), else its size."""
+    return int(getattr(storage, "_checkpoint_nbytes", storage.nbytes()))
+
+
 def view_problem(t: torch.Tensor) -> str | None:
     """Why the view ``t`` does not address distinct elements inside its storage's bytes, or None."""
     if t.layout != torch.strided:
@@ -239,8 +246,8 @@ def view_problem(t: torch.Tensor) -> str | None:
     if t.storage_offset() < 0:
         return "starts before its storage"
     end = (t.storage_offset() + reach + 1) * t.element_size()
-    if end > t.untyped_storage().nbytes():
-        return f"needs {end} bytes of a storage of {t.untyped_storage().nbytes()}"
+    if end > stored_nbytes(t.untyped_storage()):
+        return f"needs {end} bytes of a storage of {stored_nbytes(t.untyped_storage())}"
     return None
 
 

@@ -256,3 +256,85 @@ def test_a_stride0_bin_bomb_is_refused_in_little_memory(craft, tiny_hf, tmp_path
                                "strides (0,)) addresses some elements more than once"), err
     assert rss_kib < 300 * 1024, f"peak RSS {rss_kib} KiB"
     assert not os.path.exists(tmp_path / "out")
+
+
+# --- a reordered pytorch_model.bin through import and export --------------------------------------
+
+
+def test_a_reordered_bin_imports_and_exports_as_torch_load_reads_it(craft, tiny_hf, tmp_path, monkeypatch):
+    from megatron_ucp.checkpoint.inspect import compare_universal
+    from megatron_ucp.hf.from_universal import convert_universal_to_hf
+    from megatron_ucp.hf.to_universal import convert_hf_to_universal
+
+    folder = str(tmp_path / "reordered")
+    craft._copy_hf_side_files(tiny_hf, folder, weights=True)
+    bin_path = os.path.join(folder, "pytorch_model.bin")
+    craft.reorder_zip_records(bin_path, bin_path)
+    want = torch.load(bin_path, weights_only=True)
+    plain = str(tmp_path / "u_plain" / "step0")
+    convert_hf_to_universal(tiny_hf, plain)
+    ours = str(tmp_path / "u" / "step0")
+    convert_hf_to_universal(folder, ours)
+    same = compare_universal(plain, ours, include_model_states=False)
+    assert same.equal and same.compared > 0, same.summary()
+    exported = str(tmp_path / "hf_out")
+    convert_universal_to_hf(ours, exported, dtype="fp32")
+    back = craft._hf_tensors(exported)
+    assert back and set(back) <= set(want)
+    for name, t in back.items():
+        assert torch.equal(t, want[name]), name
+
+
+def _twin_records(path: str) -> tuple[str, str]:
+    """Two tensor records of one size and name length, neither data/0 (whose offset even torch's computed
+    reader looks up)."""
+    _, records = torchzip.read_records(path)
+    by_size: dict[tuple[int, int], list[str]] = {}
+    for name, rec in records.items():
+        if name.startswith("data/") and name != "data/0":
+            by_size.setdefault((rec.size, len(name)), []).append(name)
+    pair = next(names for names in by_size.values() if len(names) >= 2)
+    return pair[0], pair[1]
+
+
+def test_computed_offsets_fail_the_bin_import_only_through_the_crosscheck(craft, tiny_hf, tmp_path, monkeypatch):
+    """Negative control: two equal records of a .bin swapped in place. With torch's computed offsets the
+    import reads each one's bytes for the other, and its own verification (the same reader) passes:
+    only the comparison with torch.load refuses to publish."""
+    from megatron_ucp.checkpoint.inspect import compare_universal
+    from megatron_ucp.hf import to_universal
+
+    folder = str(tmp_path / "swapped")
+    craft._copy_hf_side_files(tiny_hf, folder, weights=True)
+    bin_path = os.path.join(folder, "pytorch_model.bin")
+    craft.swap_records_in_place(bin_path, *_twin_records(bin_path))
+    plain = str(tmp_path / "u_plain" / "step0")
+    to_universal.convert_hf_to_universal(tiny_hf, plain)
+    right = str(tmp_path / "u_right" / "step0")
+    to_universal.convert_hf_to_universal(folder, right)  # our reader: the same atoms
+    assert compare_universal(plain, right, include_model_states=False).equal
+    monkeypatch.setattr(torchzip, "FORCE_COMPUTED_OFFSETS", True)
+    with pytest.raises(CheckpointError, match=rf"^{bin_path}: the bytes our reader located .* differ from torch\.load's"):
+        to_universal.convert_hf_to_universal(folder, str(tmp_path / "u_wrong" / "step0"))
+    assert not (tmp_path / "u_wrong" / "step0").exists()
+    assert not (tmp_path / "u_wrong" / "latest_universal").exists()
+    monkeypatch.setattr(to_universal, "crosscheck_files", lambda paths, every=False: 0)
+    unchecked = str(tmp_path / "u_unchecked" / "step0")
+    to_universal.convert_hf_to_universal(folder, unchecked)  # verified, and wrong
+    assert not compare_universal(plain, unchecked, include_model_states=False).equal
+
+
+def test_a_stride0_atom_is_refused_by_the_export(tiny_hf, tmp_path):
+    from megatron_ucp.hf.from_universal import convert_universal_to_hf
+    from megatron_ucp.hf.to_universal import convert_hf_to_universal
+
+    universal = str(tmp_path / "u" / "step0")
+    convert_hf_to_universal(tiny_hf, universal)
+    atom = os.path.join(universal, "zero", "3.final_layernorm.weight", "fp32.pt")
+    saved = torch.load(atom, weights_only=True)
+    shape = tuple(saved["param"].shape)
+    torch.save(dict(saved, param=torch.zeros(1).expand(shape)), atom)
+    msg = _one_line_error(lambda: convert_universal_to_hf(universal, str(tmp_path / "hf")))
+    assert msg == (f"{atom}: the tensor at param (shape {shape}, strides (0,)) addresses some elements more "
+                   "than once (an expanded or overlapping view); refused")
+    assert not (tmp_path / "hf").exists()

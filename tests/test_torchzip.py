@@ -9,7 +9,7 @@ views that are not stored bytes), and check that the converter's differential ch
 The slow tests use real DeepSpeed checkpoints of our trainer (ZeRO-1 and ZeRO-3, DP2, fp32).
 """
 
-import json
+import math
 import os
 import shutil
 import subprocess
@@ -338,3 +338,199 @@ def test_a_stride0_atom_is_refused_by_the_export(tiny_hf, tmp_path):
     assert msg == (f"{atom}: the tensor at param (shape {shape}, strides (0,)) addresses some elements more "
                    "than once (an expanded or overlapping view); refused")
     assert not (tmp_path / "hf").exists()
+
+
+# --- real DeepSpeed checkpoints ------------------------------------------------------------------------
+
+MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
+             make_vocab_size_divisible_by=8, hidden_dropout=0.0, attention_dropout=0.0)
+STAGES = {"zero1": 1, "zero3": 3}
+
+
+def _train(rank, world_size, cfg_dict):
+    from megatron_ucp.config import TrainConfig
+    from megatron_ucp.training.trainer import train
+
+    train(MODEL, TrainConfig(**cfg_dict))
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """ZeRO-1 and ZeRO-3 checkpoints of our trainer (TP1 PP1 DP2, fp32) and their conversions."""
+    from dist_utils import run_distributed
+    from megatron_ucp.checkpoint.universal import convert_zero_to_universal
+
+    root = tmp_path_factory.mktemp("real")
+    out = {}
+    for name, stage in STAGES.items():
+        cfg = dict(micro_batch_size=1, global_batch_size=2, seq_length=16, train_iters=2, dtype="fp32", mock_data=True,
+                   vocab_size=50, eval_interval=0, save=str(root / name), save_interval=2, zero_stage=stage)
+        run_distributed(_train, 2, cfg)
+        universal = root / f"{name}_u" / "global_step2_universal"
+        convert_zero_to_universal(str(root / name / "global_step2"), str(universal))
+        out[name] = (root / name / "global_step2", universal)
+    return out
+
+
+def _reordered_copy(craft, folder, dst):
+    shutil.copytree(folder, dst)
+    for name in sorted(os.listdir(dst)):
+        if name.endswith(".pt"):
+            craft.reorder_zip_records(str(dst / name), str(dst / name))
+    return dst
+
+
+def _flat_by_torch_load(path: str, stage3: bool, group: int, key: str) -> torch.Tensor:
+    osd = load_file(path, mmap=True, stub_deepspeed=True)["optimizer_state_dict"]
+    if stage3:
+        return osd["fp32_flat_groups"][group] if key == "fp32" else osd["optimizer_state_dict"]["state"][group][key]
+    if key == "fp32":
+        return osd["single_partition_of_fp32_groups"][group]
+    return osd["base_optimizer_state"]["state"][group][key]
+
+
+def _plans(ckpt, rules, tps=(1, 2)):
+    """Every (parameter, state, target TP, target rank) read plan of ``ckpt``, also split in two DP windows."""
+    from megatron_ucp.checkpoint.sliced import read_plan
+    from megatron_ucp.checkpoint.zero import STATE_KEYS
+
+    for name, src in ckpt.param_sources.items():
+        for key in STATE_KEYS:
+            for tp in tps:
+                for r in range(tp):
+                    plan = read_plan(ckpt, src, rules[name], key, tp, r)
+                    n = math.prod(plan.local_shape)
+                    yield (name, key, tp, r), plan
+                    yield (name, key, tp, r, "low"), read_plan(ckpt, src, rules[name], key, tp, r, window=(0, n // 3))
+                    yield (name, key, tp, r, "high"), read_plan(ckpt, src, rules[name], key, tp, r, window=(n // 3, n))
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_reordered_shards_convert_and_reshard_as_torch_load_reads_them(real, craft, tmp_path, stage):
+    from megatron_ucp.checkpoint.inspect import compare_universal
+    from megatron_ucp.checkpoint.sliced import read_local
+    from megatron_ucp.checkpoint.universal import conversion_rules, convert_zero_to_universal
+    from megatron_ucp.checkpoint.zero import STATE_KEYS, open_zero_checkpoint
+
+    zero, universal = real[stage]
+    moved = _reordered_copy(craft, zero, tmp_path / "global_step2")
+    out = tmp_path / "u" / "global_step2_universal"
+    assert convert_zero_to_universal(str(moved), str(out)).verified
+    same = compare_universal(str(universal), str(out), include_model_states=False)
+    assert same.equal and same.compared > 0, same.summary()
+
+    original, ckpt = open_zero_checkpoint(str(zero)), open_zero_checkpoint(str(moved))
+    rules = conversion_rules(ckpt, strict=True, inject_missing_state=False)
+    plans = dict(_plans(original, rules))
+    for where, plan in _plans(ckpt, rules):
+        assert torch.equal(read_local(plan), read_local(plans[where])), where
+    for name, src in ckpt.param_sources.items():  # at the source's own layout: exactly what torch.load reads
+        for key in STATE_KEYS:
+            flat = [_flat_by_torch_load(ckpt.optim_file(0, 0, f.dp), stage == "zero3", src.group, key)
+                    [f.start:f.start + f.numel] for f in src.fragments[0]]
+            local = torch.cat(flat).view(src.local_shapes[0])
+            got = read_local(plans[(name, key, 1, 0)])
+            rows = rules[name].vocab_rows or local.shape[0]
+            assert torch.equal(got[:rows], local[:rows]), (name, key)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_no_planned_read_leaves_its_partition(real, stage):
+    """Every byte range a direct reshard plans for a state lies inside that state's flat partition of one
+    shard, at every target TP and in every DP window."""
+    from megatron_ucp.checkpoint.universal import conversion_rules
+    from megatron_ucp.checkpoint.zero import open_zero_checkpoint
+
+    ckpt = open_zero_checkpoint(str(real[stage][0]))
+    rules = conversion_rules(ckpt, strict=True, inject_missing_state=False)
+    partitions: dict[str, list[tuple[str, int, int]]] = {}
+    for groups in ckpt.flat_refs.values():
+        for refs in groups:
+            for key, ref in refs.items():
+                partitions.setdefault(key, []).append((ref.path, ref.offset, ref.offset + ref.numel * ref.dtype.itemsize))
+    reads = 0
+    for where, plan in _plans(ckpt, rules):
+        for r in plan.reads:
+            end = r.offset + r.numel * plan.dtype.itemsize
+            assert any(p == r.path and lo <= r.offset and end <= hi for p, lo, hi in partitions[where[1]]), (where, r)
+            reads += 1
+    assert reads > 100
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_computed_offsets_fail_the_crosscheck_and_nothing_is_published(real, craft, tmp_path, monkeypatch, capsys):
+    """Negative control: in one optimizer shard two equal-size records (Adam's two moments, or whichever
+    pair is not data/0) trade places. Our reader converts it as the original; torch's computed offsets
+    read each record's bytes for the other, and the converter's verification, reading with the same
+    reader, passes: only the comparison with torch.load sees it, and the tool publishes nothing."""
+    from megatron_ucp.checkpoint import universal as universal_mod
+    from megatron_ucp.checkpoint.inspect import compare_universal
+
+    zero, universal = real["zero1"]
+    swapped = tmp_path / "global_step2"
+    shutil.copytree(zero, swapped)
+    shard = str(swapped / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    craft.swap_records_in_place(shard, *_twin_records(shard))
+    right = tmp_path / "right" / "global_step2_universal"
+    assert universal_mod.convert_zero_to_universal(str(swapped), str(right)).verified
+    assert compare_universal(str(universal), str(right), include_model_states=False).equal
+
+    monkeypatch.setattr(torchzip, "FORCE_COMPUTED_OFFSETS", True)
+    tool = load_tool("ds_to_universal")
+    parent = tmp_path / "wrong"
+    parent.mkdir()
+    rc = tool.main(["--input_folder", str(swapped), "--output_folder", str(parent / "global_step2_universal"),
+                    "--quiet"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error: ")]
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: {shard}: the bytes our reader located for the tensor at "), err
+    assert "differ from torch.load's" in lines[0]
+    assert os.listdir(parent) == []  # no output folder, no staging leftovers, no latest_universal
+    rc = tool.main(["--input_folder", str(swapped), "--output_folder", str(right), "--certify"])
+    assert rc == 2 and f"error: {shard}: the bytes our reader located" in capsys.readouterr().err
+
+    monkeypatch.setattr(universal_mod, "crosscheck_files", lambda paths, every=False: 0)
+    unchecked = tmp_path / "unchecked" / "global_step2_universal"
+    assert universal_mod.convert_zero_to_universal(str(swapped), str(unchecked)).verified  # verified, and wrong
+    assert not compare_universal(str(universal), str(unchecked), include_model_states=False).equal
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_zero3_shard_with_mixed_dtypes_is_refused_by_name(real, craft, tmp_path):
+    """A ZeRO-3 shard whose exp_avg is bf16 beside fp32 states (elements no longer bytes / 4): refused
+    when indexed, and, with an unreferenced record after it, for that record; a plan whose pieces mix
+    dtypes is refused too, rather than read at one element size past a partition."""
+    from megatron_ucp.checkpoint.sliced import read_plan
+    from megatron_ucp.checkpoint.universal import conversion_rules
+    from megatron_ucp.checkpoint.zero import open_zero_checkpoint
+
+    zero, _ = real["zero3"]
+    bad = tmp_path / "global_step2"
+    shutil.copytree(zero, bad)
+    shard = str(bad / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    first = str(bad / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    state = load_file(shard, mmap=False)
+    inner = state["optimizer_state_dict"]["optimizer_state_dict"]["state"][0]
+    inner["exp_avg"] = inner["exp_avg"].to(torch.bfloat16)
+    torch.save(state, shard)
+    assert _one_line_error(lambda: open_zero_checkpoint(str(bad))) == \
+        (f"{shard}: sub-group 0's exp_avg partition is stored as torch.bfloat16, but the fp32 master in {first} "
+         "as torch.float32; mixed dtypes are not read")
+    craft.rewrite_torch_zip(shard, shard, add={"data/999": bytes(26688)})
+    assert _one_line_error(lambda: open_zero_checkpoint(str(bad))).startswith(
+        f"{shard}: record zero_pp_rank_1_mp_rank_00_optim_states/data/999 is not referenced by the pickle")
+
+    ckpt = open_zero_checkpoint(str(zero))  # the plan's own check, on an index changed in memory
+    rules = conversion_rules(ckpt, strict=True, inject_missing_state=False)
+    ref = ckpt.flat_refs[(1, 0)][0]["exp_avg"]
+    ckpt.flat_refs[(1, 0)][0]["exp_avg"] = FlatRef(ref.path, ref.offset, ref.numel, torch.bfloat16)
+    name = next(n for n, s in ckpt.param_sources.items() if any(f.dp == 1 for f in s.fragments[0]))
+    msg = _one_line_error(lambda: read_plan(ckpt, ckpt.param_sources[name], rules[name], "exp_avg", 1, 0))
+    assert msg.startswith(f"{ref.path}: holds exp_avg of {name} as torch.bfloat16, but "), msg

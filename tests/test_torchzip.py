@@ -79,6 +79,10 @@ def test_reordered_records_read_as_torch_load_reads_them(craft, tmp_path, monkey
     assert order.index("data/0") > order.index("data/1")  # physically reversed
     assert _all_read_as_torch_load(path)
     assert crosscheck_file(path, every=True) > 0
+    from megatron_ucp.checkpoint import trust
+    monkeypatch.setattr(trust, "_trusted", True)  # --trust-checkpoint-code: full pickle, the same offsets
+    assert _all_read_as_torch_load(path)
+    monkeypatch.setattr(trust, "_trusted", False)
     monkeypatch.setattr(torchzip, "FORCE_COMPUTED_OFFSETS", True)  # negative control: torch's computed offsets
     assert not _all_read_as_torch_load(path)
     with pytest.raises(CheckpointError, match=rf"^{path}: the bytes our reader located .* differ from torch\.load's"):
@@ -526,6 +530,18 @@ def test_a_zero3_shard_with_mixed_dtypes_is_refused_by_name(real, craft, tmp_pat
     craft.rewrite_torch_zip(shard, shard, add={"data/999": bytes(26688)})
     assert _one_line_error(lambda: open_zero_checkpoint(str(bad))).startswith(
         f"{shard}: record zero_pp_rank_1_mp_rank_00_optim_states/data/999 is not referenced by the pickle")
+
+    state = load_file(first, mmap=False)  # the whole sub-group of DP rank 0 in bf16: the others differ from it
+    for key in ("exp_avg", "exp_avg_sq"):
+        inner = state["optimizer_state_dict"]["optimizer_state_dict"]["state"][0]
+        inner[key] = inner[key].to(torch.bfloat16)
+    flats = state["optimizer_state_dict"]["fp32_flat_groups"]
+    flats[0] = flats[0].to(torch.bfloat16)
+    shutil.copy(zero / "zero_pp_rank_1_mp_rank_00_optim_states.pt", shard)
+    torch.save(state, first)
+    assert _one_line_error(lambda: open_zero_checkpoint(str(bad))) == \
+        (f"{shard}: sub-group 0's fp32 partition is stored as torch.float32, but the fp32 master in {first} "
+         "as torch.bfloat16; mixed dtypes are not read")
 
     ckpt = open_zero_checkpoint(str(zero))  # the plan's own check, on an index changed in memory
     rules = conversion_rules(ckpt, strict=True, inject_missing_state=False)

@@ -18,7 +18,9 @@ file runs. ``trust_checkpoint_code()`` (the tools' ``--trust-checkpoint-code``) 
 around it, for files the user vouches for.
 
 Indexing a checkpoint (``meta=True``) must not import DeepSpeed, so DeepSpeed's classes are then
-replaced by plain stand-ins that keep their fields. Names taken from a file become paths only
+replaced by plain stand-ins that keep their fields; its tensors are located by the zip's directory
+(``checkpoint.torchzip``), not by the offsets torch computes for a meta load. Every tensor loaded,
+meta or not, must be a plain view of its stored bytes (no expanded or overlapping elements). Names taken from a file become paths only
 through ``check_name`` and ``path_inside``.
 """
 

@@ -14,7 +14,8 @@ Files (DeepSpeed 0.19.8's checkpoint layout):
   rank's flat partition, rank ``r`` holding elements ``[r * c, (r + 1) * c)`` (the last one padded).
 
 Opening a checkpoint reads only the pickles: optimizer files are loaded onto the ``meta`` device,
-which gives every tensor's dtype, shape and byte offset inside the file without touching its data.
+which gives every tensor's dtype, shape and byte offset inside the file without touching its data
+(the offset as the zip's directory records it: ``checkpoint.torchzip``).
 Readers then copy exactly the bytes they need with ``pread`` (``read_into``), straight into their
 destination tensors: no mapping of whole files, so memory stays bounded by what is being merged.
 Every problem is reported as ``CheckpointError`` naming the file and what is wrong. The files are

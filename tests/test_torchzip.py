@@ -394,12 +394,15 @@ def _flat_by_torch_load(path: str, stage3: bool, group: int, key: str) -> torch.
 
 
 def _plans(ckpt, rules, tps=(1, 2)):
-    """Every (parameter, state, target TP, target rank) read plan of ``ckpt``, also split in two DP windows."""
-    from megatron_ucp.checkpoint.sliced import read_plan
-    from megatron_ucp.checkpoint.zero import STATE_KEYS
+    """Every (parameter, state, target TP, target rank) read plan of ``ckpt``, also split in two DP windows,
+    and as the direct loader makes the moments' plans: the fp32 master's, moved (``sliced.rebased``)."""
+    from megatron_ucp.checkpoint.format import MASTER_KEY, MOMENT_KEYS
+    from megatron_ucp.checkpoint.sliced import read_plan, rebased
+    from megatron_ucp.training.sliced_load import ZeroSource
 
+    source = ZeroSource(ckpt)
     for name, src in ckpt.param_sources.items():
-        for key in STATE_KEYS:
+        for key in (MASTER_KEY,) + tuple(MOMENT_KEYS):
             for tp in tps:
                 for r in range(tp):
                     plan = read_plan(ckpt, src, rules[name], key, tp, r)
@@ -407,6 +410,9 @@ def _plans(ckpt, rules, tps=(1, 2)):
                     yield (name, key, tp, r), plan
                     yield (name, key, tp, r, "low"), read_plan(ckpt, src, rules[name], key, tp, r, window=(0, n // 3))
                     yield (name, key, tp, r, "high"), read_plan(ckpt, src, rules[name], key, tp, r, window=(n // 3, n))
+                    if key != MASTER_KEY:
+                        master = read_plan(ckpt, src, rules[name], MASTER_KEY, tp, r)
+                        yield (name, key, tp, r, "moved"), rebased(master, source.moves(name, MASTER_KEY, key))
 
 
 @pytest.mark.slow

@@ -11,7 +11,9 @@ and has nothing to keep.
         --output_folder RUN/checkpoints_universal/global_step100_universal
 
 The output is verified against the input before it appears under its name, and rerunning a finished
-conversion keeps it. Checkpoint files are unpickled with an allowlist (``--trust-checkpoint-code``
+conversion keeps it. Verifying includes reading a sample of each input file's tensor bytes both where
+our reader located them and through ``torch.load`` (they must be equal); ``--certify`` compares every
+byte so. Checkpoint files are unpickled with an allowlist (``--trust-checkpoint-code``
 lifts it, for files you trust). A progress bar is drawn when stderr is a terminal (not with ``--quiet``).
 
 Under ``torchrun`` the parameters are split between all its processes, by size, on one node or many
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "latest_universal is not written and the trainer refuses it")
     p.add_argument("--certify", action="store_true",
                    help="write nothing new: verify an existing output folder (e.g. DeepSpeed's converter's) "
-                        "against the input and mark it verified")
+                        "against the input, every input byte also read through torch.load, and mark it verified")
     add_trust_flag(p)
     p.add_argument("--distributed", action="store_true",
                    help="join the process group that WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT describe, even "

@@ -50,6 +50,7 @@ from typing import Any, Callable, Iterator, Protocol, cast
 
 import torch
 
+from megatron_ucp.checkpoint.crosscheck import crosscheck_files
 from megatron_ucp.checkpoint.format import (
     OPTIMIZER_STATE_FILE,
     STEP_KEY,
@@ -803,6 +804,8 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
     """Convert ``input_folder`` (``<save>/global_stepN``) into a universal checkpoint at ``output_folder``.
 
     The output is verified against the input before it is published (``verify=False`` skips that;
+    verifying also compares a sample of each input file's bytes, as located by our reader, with
+    ``torch.load``'s reading of them: ``checkpoint.crosscheck``;
     such an output is marked unverified, is not named by ``latest_universal``, and the trainer refuses
     it). ``latest_universal`` (containing the output folder's name) goes into the output's parent. A
     finished, verified output of the same request is kept as it is, so rerunning after a crash works.
@@ -858,6 +861,7 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
         written = sum(step.gathered)
         if verify:
             with part.together():
+                crosscheck_files(input_files(ckpt)[part.rank::part.world_size])  # each process some files
                 if lead:
                     check_atom_names(ckpt, tmp)
                 with byte_progress(sum(_source_bytes(s, ckpt) for s in checked), "verifying" + desc, show) as bar:
@@ -909,16 +913,23 @@ def conversion_rules(ckpt: ZeroCheckpoint, strict: bool, inject_missing_state: b
 def certify_universal(input_folder: str, universal_folder: str, *, strict: bool = True,
                       inject_missing_state: bool = False) -> None:
     """Verify a universal folder another converter wrote (DeepSpeed's ``ds_to_universal``) against its
-    ZeRO input and mark it verified, so that the trainer accepts it."""
+    ZeRO input and mark it verified, so that the trainer accepts it. Every byte of every input tensor
+    our reader locates is first compared with ``torch.load``'s reading (``checkpoint.crosscheck``)."""
     inp, out = check_output_path(input_folder, universal_folder)
     ckpt = open_zero_checkpoint(inp)
     if not os.path.isdir(out) or not is_universal_folder(out):
         raise CheckpointError(f"{universal_folder}: not a universal checkpoint folder")
+    crosscheck_files(input_files(ckpt), every=True)
     verify_universal(ckpt, out, conversion_rules(ckpt, strict, inject_missing_state))
     write_marker(out, UNIVERSAL_KIND, conversion_request(ckpt, strict, inject_missing_state), verified=True,
                  extra={"iteration": ckpt.iteration, "certified": True,
                         "source_topology": ckpt.topology})
     write_latest_universal(out)
+
+
+def input_files(ckpt: ZeroCheckpoint) -> list[str]:
+    """Every file of ``ckpt`` the converter reads tensors from: model states, then optimizer shards."""
+    return list(ckpt.model_files) + [ckpt.optim_files[k] for k in sorted(ckpt.optim_files)]
 
 
 def _numel(src: ParamSource) -> int:

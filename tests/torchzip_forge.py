@@ -177,10 +177,18 @@ def reforge(obj, path, mutate=None, at: int = 0, order_seed: int | None = None) 
 
 
 def read_records(path) -> list[tuple[str, bytes]]:
-    """Every record of a zip, in its physical order (by local header offset)."""
+    """Every record of a zip of stored records, in its physical order (by local header offset), its bytes
+    taken from after its local header (torch's writers may leave the CRC unset, which zipfile would reject)."""
     with zipfile.ZipFile(path) as z:
         infos = sorted(z.infolist(), key=lambda i: i.header_offset)
-        return [(i.filename, z.read(i)) for i in infos]
+    raw = open(path, "rb").read()
+    out = []
+    for i in infos:
+        n, m = int.from_bytes(raw[i.header_offset + 26:i.header_offset + 28], "little"), \
+            int.from_bytes(raw[i.header_offset + 28:i.header_offset + 30], "little")
+        start = i.header_offset + 30 + n + m
+        out.append((i.filename, raw[start:start + i.compress_size]))
+    return out
 
 
 def reorder(src, dst, order=None) -> list[str]:

@@ -129,10 +129,6 @@ def _write_forged(f: forge.Forge, cut: int | None, folder: Path) -> Path:
     return path
 
 
-def _largest_real_tensor(path: Path) -> int:
-    return os.path.getsize(path)  # no real tensor is larger than the file holding it
-
-
 def _check_refusal(e: Exception, path: Path) -> None:
     msg = str(e)
     assert isinstance(e, CheckpointError), f"{type(e).__name__} instead of a CheckpointError: {msg}"
@@ -163,8 +159,7 @@ def check_hf_bin_reader(path: Path) -> str:
         assert expected is not None, f"torch.load refuses {path}, but the reader read {sorted(got)}"
         _same_tensors(got, {k: v for k, v in expected.items() if torch.is_tensor(v)}, "HF .bin reader")
         outcome = "read"
-    grown = _peak() - base
-    assert grown <= MEMORY_FACTOR * _largest_real_tensor(path) + MEMORY_CONSTANT, f"peak grew by {grown} bytes"
+    _check_peak(base, path.parent)
     return outcome
 
 
@@ -386,6 +381,14 @@ def _digest(folder: Path) -> dict[str, bytes]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _check_peak(base: int, folder: Path) -> None:
+    """The peak resident set since the last reset grew by at most the bound: a few times the largest input
+    file (no real tensor is larger than the file that holds it) plus the constant."""
+    largest = max(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    grown = _peak() - base
+    assert grown <= MEMORY_FACTOR * largest + MEMORY_CONSTANT, f"peak grew by {grown} bytes (largest file {largest})"
+
+
 def _check_one_line(e: Exception, where: Path) -> None:
     msg = str(e)
     assert isinstance(e, (CheckpointError, ValueError)), f"{type(e).__name__} instead of a one-line refusal: {msg}"
@@ -408,6 +411,8 @@ def check_real_mutation(real, work: Path, mutation) -> str:
     same = mutated is not None and deep_equal(original, mutated)
     outcomes = []
     out = work / "out" / f"{STEP}_universal"
+    base = _rss()
+    _peak_reset()
     try:
         convert_zero_to_universal(str(folder), str(out), workers=1)
     except Exception as e:  # noqa: BLE001 - the property: only a one-line refusal naming the file
@@ -438,6 +443,7 @@ def check_real_mutation(real, work: Path, mutation) -> str:
     except Exception as e:  # noqa: BLE001
         _check_one_line(e, folder)
         outcomes.append("inspect refused")
+    _check_peak(base, folder)
     assert _digest(work / "ckpt") == before, "the input changed"
     assert sorted(p.name for p in work.iterdir()) in (["ckpt"], ["ckpt", "out"])
     if (work / "out").exists():
@@ -544,6 +550,8 @@ def check_hf_mutation(hf_real, work: Path, mutation) -> str:
     same = mutated is not None and deep_equal(original, mutated)
     before = _digest(src)
     out = work / "out" / "result"
+    base = _rss()
+    _peak_reset()
     try:
         if route == "import":
             convert_hf_to_universal(str(src), str(out))
@@ -561,6 +569,7 @@ def check_hf_mutation(hf_real, work: Path, mutation) -> str:
         elif same:
             _same_tensors(_hf_tensors(out), _hf_tensors(export), "export")
         outcome = "converted"
+    _check_peak(base, src)
     assert _digest(src) == before, "the input changed"
     return f"{route} {kind}{'' if same else '*'}: {outcome}"
 
@@ -588,3 +597,28 @@ def test_mutated_hf_files_import_and_export_exactly_or_are_refused(hf_real, tmp_
 @pytest.mark.slow
 def test_mutated_hf_files_import_and_export_exactly_or_are_refused_many(hf_real, tmp_path_factory):
     _hf_property(hf_real, tmp_path_factory, HF_FULL)
+
+
+def test_negative_control_the_memory_bound_sees_an_allocation(tmp_path):
+    """What the bound guards against: a reader that materialises more than the file holds shows in the peak."""
+    (tmp_path / "small").write_bytes(b"x" * 1000)
+    base = _rss()
+    _peak_reset()
+    big = torch.ones(MEMORY_CONSTANT // 4 + (8 << 20))  # touched: resident
+    with pytest.raises(AssertionError, match="peak grew by"):
+        _check_peak(base, tmp_path)
+    del big
+
+
+@pytest.mark.slow
+def test_negative_control_the_real_property_sees_a_wrong_reader(real, tmp_path, monkeypatch):
+    """With torch's computed offsets and no cross-check, a reordered shard converts to wrong atoms and is
+    published; the property fails on it. With our reader the same mutation passes."""
+    from megatron_ucp.checkpoint import torchzip, universal
+
+    name = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    assert check_real_mutation(real, tmp_path / "ok", (name, "reorder", 1)).startswith("reorder: converted")
+    monkeypatch.setattr(torchzip, "FORCE_COMPUTED_OFFSETS", True)
+    monkeypatch.setattr(universal, "crosscheck_files", lambda *a, **k: 0)
+    with pytest.raises(AssertionError):
+        check_real_mutation(real, tmp_path / "wrong", (name, "reorder", 1))

@@ -29,6 +29,10 @@ def _refuse(e: BaseException) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         model_kwargs, cfg = configs_from_flags(argv)
+        if cfg.save:  # a link where the saves would write: refused once per node, before start-up
+            from megatron_ucp.training.checkpointing import check_save_folder, saved_iterations
+
+            check_save_folder(cfg.save, saved_iterations(cfg.train_iters, cfg.save_interval))
     except (ValueError, OSError) as e:
         return _refuse(e)
     from megatron_ucp.training.trainer import train  # imports DeepSpeed: only for a valid run

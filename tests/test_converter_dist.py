@@ -197,3 +197,79 @@ def test_a_tampered_atom_of_another_process_stops_publishing(zero, tmp_path):
     assert errors[1] == errors[0] + " (in conversion process 0 of 2)"
     assert "\n" not in errors[1]
     assert os.listdir(tmp_path / "u") == []  # no output, no staging folder, no latest_universal
+
+
+def _convert_in_a_subprocess(rank, world_size, zero, out, extra, result_dir, env_changes=None):
+    """Rank 0 of a running job starts the converter as a job script does: a subprocess inheriting the
+    job's environment (WORLD_SIZE, RANK, MASTER_ADDR/PORT, and torchrun's run id as under torchrun)."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    if rank == 0:
+        env = dict(os.environ, TORCHELASTIC_RUN_ID="job-under-torchrun", **(env_changes or {}))
+        run = subprocess.run([sys.executable, str(REPO / "tools" / "ds_to_universal.py"), "--input_folder", zero,
+                              "--output_folder", out, "--num_extract_workers", "1", "--quiet", *extra],
+                             env=env, capture_output=True, text=True, timeout=600)
+        _report(rank, result_dir, rc=run.returncode, stdout=run.stdout, stderr=run.stderr,
+                world=os.environ["WORLD_SIZE"])
+
+
+def test_a_converter_started_inside_a_job_converts_alone(zero, outputs, tmp_path):
+    folders, _ = outputs
+    out = tmp_path / "inside" / NAME
+    (tmp_path / "r").mkdir()
+    run_distributed(_convert_in_a_subprocess, 2, str(zero), str(out), [], str(tmp_path / "r"))
+    res = json.loads((tmp_path / "r" / "rank0.json").read_text())
+    assert res["world"] == "2" and res["rc"] == 0, res["stderr"]
+    assert "WORLD_SIZE=2 RANK=0" in res["stderr"] and "converting in this process alone" in res["stderr"]
+    assert res["stdout"].startswith("converted ") and " processes" not in res["stdout"], res["stdout"]
+    cmp = compare_universal(str(folders[1]), str(out))
+    assert cmp.equal and cmp.compared > 100, cmp.summary()
+    assert require_verified(str(out))["verified"] is True
+
+
+def test_joining_a_group_that_never_forms_is_one_line_within_the_timeout(zero, tmp_path):
+    """Negative control: asked to join (--distributed) the group the inherited variables describe, the
+    converter cannot: as rank 0, the job's own store holds the port; as rank 1 of a group whose store never
+    comes, it gives up after --join-timeout. Either way one line names the variables it found."""
+    from dist_utils import free_port
+
+    for i, (changes, reason) in enumerate([({}, "address already in use"),
+                                           ({"RANK": "1", "MASTER_PORT": str(free_port())}, "")]):
+        out = tmp_path / f"forced{i}" / NAME
+        (tmp_path / f"r{i}").mkdir()
+        run_distributed(_convert_in_a_subprocess, 2, str(zero), str(out), ["--distributed", "--join-timeout", "3"],
+                        str(tmp_path / f"r{i}"), changes)
+        res = json.loads((tmp_path / f"r{i}" / "rank0.json").read_text())
+        assert res["rc"] == 2, res
+        lines = res["stderr"].strip().splitlines()
+        rank = changes.get("RANK", "0")
+        assert lines[-1].startswith("error: could not join the other conversion processes within 3 s "
+                                    f"(WORLD_SIZE=2 RANK={rank} "), lines
+        assert "TORCHELASTIC_RUN_ID=job-under-torchrun" in lines[-1] and reason in lines[-1]
+        assert "Traceback" not in res["stderr"] and len(lines) == 1, res["stderr"]
+        assert not (tmp_path / f"forced{i}").exists()  # nothing written
+
+
+def test_torchrun_processes_share_the_conversion(zero, outputs, tmp_path):
+    """The real launcher: torchrun's own processes join (the parent is torchrun) and split the work."""
+    import subprocess
+    import sys
+
+    from dist_utils import free_port
+    from helpers import REPO
+
+    folders, _ = outputs
+    out = tmp_path / "torchrun" / NAME
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), str(REPO / "tools" / "ds_to_universal.py"), "--input_folder", str(zero),
+                          "--output_folder", str(out), "--num_extract_workers", "1", "--quiet"],
+                         env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "in each of 2 processes, verified" in run.stdout, run.stdout
+    cmp = compare_universal(str(folders[1]), str(out))
+    assert cmp.equal and cmp.compared > 100, cmp.summary()

@@ -1,9 +1,15 @@
 """A conversion killed at any instant leaves what was there before or a complete, verified output.
 
-A real subprocess converts a real checkpoint (about 100 MB of optimizer state, a few seconds) and is
-SIGKILLed at instants spread over its run, from start-up through copying, verifying and publishing.
-After each kill ``latest_universal`` names nothing incomplete or unverified, and rerunning the same
-command exits 0 with output equal to an uninterrupted conversion and no temporary folder left.
+A real subprocess converts a real checkpoint and is SIGKILLed in every phase of its run: start-up,
+indexing, copying (an atom half written, a parameter done), verifying, after the marker and after
+publishing. After each kill ``latest_universal`` names nothing incomplete or unverified, and rerunning
+the same command exits 0 with output equal to an uninterrupted conversion and no temporary folder left.
+
+The kills do not depend on the machine's speed. Most land on the converter's named points
+(``megatron_ucp.pacing``): the converter stops itself there with SIGSTOP and the test kills it, so
+each phase is hit however fast it runs. The rest land at instants spread over a measured run, paced
+by a sleep at every point (``UCP_KILL_TEST_PACE`` seconds, default 0.01), so that they fall inside the
+work rather than in interpreter start-up; ``UCP_KILL_TEST_PACE=0`` runs them unpaced.
 """
 
 import os
@@ -20,13 +26,14 @@ from helpers import REPO
 from megatron_ucp.checkpoint.inspect import compare_universal
 from megatron_ucp.checkpoint.publish import COMPLETE_MARKER, read_marker, require_verified
 from megatron_ucp.config import TrainConfig
+from megatron_ucp.pacing import CONVERTER_POINTS, PACE_ENV, STOP_ENV
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-# Large enough that copying and verifying take a good part of the run.
-MODEL = dict(num_layers=4, hidden_size=512, num_attention_heads=8, max_position_embeddings=16,
+MODEL = dict(num_layers=4, hidden_size=256, num_attention_heads=8, max_position_embeddings=16,
              make_vocab_size_divisible_by=128, hidden_dropout=0.0, attention_dropout=0.0)
-KILLS = 10
+PACE = float(os.environ.get("UCP_KILL_TEST_PACE", "0.01"))
+TIMED_KILLS = 4
 
 
 def _train(rank, world_size, cfg_dict):
@@ -49,8 +56,12 @@ def _command(src: Path, out: Path, *extra: str) -> list[str]:
             "--output_folder", str(out), "--num_extract_workers", "1", "--quiet", *extra]
 
 
-def _env() -> dict:
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+def _env(**extra: str) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **extra)
+    for name in (PACE_ENV, STOP_ENV):
+        if name not in extra:
+            env.pop(name, None)
+    return env
 
 
 def _check_state_after_kill(parent: Path, out: Path) -> str:
@@ -61,26 +72,89 @@ def _check_state_after_kill(parent: Path, out: Path) -> str:
         require_verified(str(named))  # raises on an incomplete or unverified folder
         return "published"
     assert not out.exists() or read_marker(str(out)) is not None, f"{out} exists without its marker"
-    return "nothing published"
+    return "in place, not named" if out.exists() else "nothing published"
 
 
-def test_killed_conversions_leave_a_complete_output_or_none(zero_checkpoint, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def reference(zero_checkpoint, tmp_path_factory):
+    """An uninterrupted conversion, and its number of parameters."""
+    out = tmp_path_factory.mktemp("reference") / "global_step1_universal"
+    subprocess.run(_command(zero_checkpoint, out), check=True, env=_env(), capture_output=True)
+    return out, len([p for p in (out / "zero").iterdir() if p.is_dir()])
+
+
+def _rerun_and_compare(cli, capsys, zero_checkpoint: Path, reference: Path, parent: Path, out: Path) -> int:
+    """Rerun the same command in this process: it succeeds, cleans up after the dead process and gives the
+    reference's output. Returns how many temporary folders the kill had left."""
+    leftovers = sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name)
+    capsys.readouterr()
+    assert cli.main(_command(zero_checkpoint, out)[2:]) == 0
+    rerun_err = capsys.readouterr().err
+    assert sorted(p.name for p in parent.iterdir()) == ["global_step1_universal", "latest_universal"]
+    for name in leftovers:
+        assert f"removed {parent / name}" in rerun_err, rerun_err
+    cmp = compare_universal(str(reference), str(out))
+    assert cmp.equal and cmp.compared > 100, cmp.summary()
+    require_verified(str(out))
+    return len(leftovers)
+
+
+def _stop_then_kill(proc: subprocess.Popen) -> bool:
+    """Wait until ``proc`` stops itself at its point and SIGKILL it there; False if it exited first."""
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen
+        return False
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return True
+
+
+def test_killed_in_every_phase_leaves_a_complete_output_or_none(zero_checkpoint, reference, tmp_path, capsys):
     from helpers import load_tool
 
     cli = load_tool("ds_to_universal")  # the reruns run in this process: no interpreter start-up each
-    reference = tmp_path / "reference" / "global_step1_universal"
-    t0 = time.perf_counter()
-    subprocess.run(_command(zero_checkpoint, reference), check=True, env=_env(), capture_output=True)
-    duration = time.perf_counter() - t0
-    assert duration >= 2.0, f"the conversion took {duration:.2f} s; the kill test needs at least 2 s"
+    ref, n_params = reference
+    assert n_params > 10
+    # (point, arrival, what a reader must find, temporary folders left): every phase, at its first,
+    # middle or last arrival; atom-started arrives three times per parameter (fp32, exp_avg, exp_avg_sq).
+    stops = [("indexed", 1, "nothing published", 0), ("staged", 1, "nothing published", 1),
+             ("atom-started", 1, "nothing published", 1), ("atom-started", 3 * n_params // 2, "nothing published", 1),
+             ("param-written", n_params // 2, "nothing published", 1), ("written", 1, "nothing published", 1),
+             ("param-verified", 1, "nothing published", 1), ("param-verified", n_params, "nothing published", 1),
+             ("marked", 1, "nothing published", 1), ("published", 1, "in place, not named", 0)]
+    assert {p for p, *_ in stops} == set(CONVERTER_POINTS)
+    for i, (name, arrival, expected, left) in enumerate(stops):
+        parent = tmp_path / f"stop{i}"
+        parent.mkdir()
+        out = parent / "global_step1_universal"
+        proc = subprocess.Popen(_command(zero_checkpoint, out), env=_env(**{STOP_ENV: f"{name}:{arrival}"}),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert _stop_then_kill(proc), f"the conversion ended (rc {proc.returncode}) before {name}:{arrival}"
+        assert _check_state_after_kill(parent, out) == expected, (name, arrival)
+        if name == "marked":  # the temporary folder is complete, but unpublished: a reader never sees it
+            (tmp,) = [p for p in parent.iterdir() if ".tmp-" in p.name]
+            assert (tmp / COMPLETE_MARKER).exists()
+        assert _rerun_and_compare(cli, capsys, zero_checkpoint, ref, parent, out) == left, (name, arrival)
 
-    # Instants spread over the whole run, the last ones close to its end (verification, publishing), as
-    # fractions of its duration. Runs vary (the first one pays for a cold page cache), so a run that
-    # ends before its instant teaches the estimate its real length and the same fraction is tried again.
-    fractions = [(i + 0.5) / KILLS for i in range(KILLS)] + [0.97, 0.99]
+
+def test_killed_at_instants_spread_over_a_run(zero_checkpoint, reference, tmp_path, capsys):
+    from helpers import load_tool
+
+    cli = load_tool("ds_to_universal")
+    ref, _ = reference
+    env = _env(**{PACE_ENV: str(PACE)})
+    t0 = time.perf_counter()
+    subprocess.run(_command(zero_checkpoint, tmp_path / "timed" / "global_step1_universal"), check=True, env=env,
+                   capture_output=True)
+    duration = time.perf_counter() - t0
+    # Instants spread over the whole run, as fractions of its measured duration. Runs vary (the first one
+    # pays for a cold page cache), so a run that ends before its instant teaches the estimate its real
+    # length and the same fraction is tried again.
+    fractions = [(i + 0.5) / TIMED_KILLS for i in range(TIMED_KILLS)] + [0.97]
     outcomes = []
-    attempt = 0
-    while fractions and attempt < 3 * (KILLS + 2):
+    attempt, attempts = 0, 4 * len(fractions)
+    while fractions and attempt < attempts:
         frac = fractions.pop(0)
         when = frac * duration
         parent = tmp_path / f"kill{attempt}"
@@ -88,7 +162,7 @@ def test_killed_conversions_leave_a_complete_output_or_none(zero_checkpoint, tmp
         out = parent / "global_step1_universal"
         parent.mkdir()
         start = time.perf_counter()
-        proc = subprocess.Popen(_command(zero_checkpoint, out), env=_env(), stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(_command(zero_checkpoint, out), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         while proc.poll() is None and time.perf_counter() - start < when:
             time.sleep(0.005)
@@ -100,24 +174,10 @@ def test_killed_conversions_leave_a_complete_output_or_none(zero_checkpoint, tmp
             fractions.append(frac)  # missed: the same point of the run again, on the shorter estimate
         proc.wait()
         state = _check_state_after_kill(parent, out)
-        leftovers = sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name)
-        # The same command again: succeeds, and cleans up after the dead process.
-        capsys.readouterr()
-        assert cli.main(_command(zero_checkpoint, out)[2:]) == 0
-        rerun_err = capsys.readouterr().err
-        assert sorted(p.name for p in parent.iterdir()) == ["global_step1_universal", "latest_universal"]
-        for name in leftovers:
-            assert f"removed {parent / name}" in rerun_err, rerun_err
-        cmp = compare_universal(str(reference), str(out))
-        assert cmp.equal and cmp.compared > 100, cmp.summary()
-        require_verified(str(out))
-        outcomes.append((round(when, 2), killed, state, len(leftovers)))
-    # The kills really hit the run in different phases: at least KILLS of them hit a live conversion,
-    # some before anything was published (a temporary folder left behind), none of which left a
-    # readable-but-incomplete output.
-    assert sum(1 for _, killed, _, _ in outcomes if killed) >= KILLS, outcomes
-    assert any(n for *_, n in outcomes), f"no kill left a temporary folder: {outcomes}"
-    print("kills (instant s, killed, state found, temporary folders left):", outcomes)
+        left = _rerun_and_compare(cli, capsys, zero_checkpoint, ref, parent, out)
+        outcomes.append((round(when, 2), killed, state, left))
+    assert sum(1 for _, killed, _, _ in outcomes if killed) >= TIMED_KILLS, outcomes
+    print(f"pace {PACE} s; kills (instant s, killed, state found, temporary folders left):", outcomes)
 
 
 def test_overwrite_refuses_what_is_not_a_universal_checkpoint(zero_checkpoint, tmp_path):

@@ -49,10 +49,10 @@ def _gone(pid: int, timeout_s: float = 5.0) -> bool:
     return False
 
 
-def _grandchild_cmd(pid_file, exit_code: int | None = None) -> list[str]:
+def _grandchild_cmd(pid_file, exit_code: int | None = None, then: str = "true") -> list[str]:
     """A shell whose background grandchild ignores SIGTERM (as a stuck rank may) and writes its pid;
-    the shell then exits with ``exit_code``, or waits forever when None."""
-    tail = f"exit {exit_code}" if exit_code is not None else "sleep 60"
+    the shell then exits with ``exit_code``, or waits a minute and runs ``then`` when None."""
+    tail = f"exit {exit_code}" if exit_code is not None else f"sleep 60; {then}"
     return ["sh", "-c", f"(trap '' TERM; exec sleep 60) & echo $! > {pid_file}; {tail}"]
 
 
@@ -139,9 +139,10 @@ def test_run_in_group_returns_exit_codes(tmp_path):
 
 def test_timeout_ends_the_whole_group_grandchild_included(tmp_path):
     pid_file = tmp_path / "pid"
-    start = time.monotonic()
-    assert run_in_group(_grandchild_cmd(pid_file), timeout_s=0.5, grace_s=0.5) is None
-    assert time.monotonic() - start < 10
+    finished = tmp_path / "finished"
+    # The shell would wait 60 s and then leave a marker: its absence shows the timeout did not wait for it.
+    assert run_in_group(_grandchild_cmd(pid_file, then=f"touch {finished}"), timeout_s=0.5, grace_s=0.5) is None
+    assert not finished.exists()
     grandchild = _wait_for_pid(pid_file)
     # It ignores SIGTERM: only the group SIGKILL after the grace period ends it.
     assert _gone(grandchild), f"grandchild {grandchild} survived the timeout"

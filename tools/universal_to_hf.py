@@ -8,6 +8,12 @@ The input is written by our ZeRO converter (``tools/ds_to_universal.py``) or by
 ``tools/hf_to_universal.py``. Output: ``config.json``, ``generation_config.json`` when the end-of-text
 id is known, safetensors shards (with ``model.safetensors.index.json`` when more than one), and the
 tokenizer files when known. ``--dtype`` defaults to the HF source's dtype, else bf16.
+
+From an HF import, only regular tokenizer files (``tokenizer.json``, ``tokenizer_config.json``,
+``special_tokens_map.json``, ``added_tokens.json``, ``tokenizer.model``, ``vocab.json``,
+``merges.txt``) are taken from its ``hf_extras`` folder; links, ``config.json``,
+``generation_config.json`` and code files are left out (a note on stderr names them), since the model's
+configuration is always generated and verified here.
 """
 
 from __future__ import annotations

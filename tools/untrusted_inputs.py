@@ -42,11 +42,13 @@ import re
 import shlex
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -686,6 +688,112 @@ def craft_hf_symlinked_extra(hf_folder: str, work: str) -> Crafted:
 
 
 # --- crafting every case --------------------------------------------------------------------------
+
+
+# --- rewriting a torch zip file -------------------------------------------------------------------
+
+_ALIGN = 64  # torch.save aligns each record's data to 64 bytes; the rewrites keep that
+_PADDING_ID = 0x7A70  # an extra-field id no reader interprets: padding only
+
+
+def _padding(offset: int, name: str) -> bytes:
+    """An extra field that puts the data of a record whose local header starts at ``offset`` on a
+    64-byte boundary (30 bytes of fixed header, then the name, then this)."""
+    pad = -(offset + 30 + len(name.encode())) % _ALIGN
+    if pad < 4:  # an extra field needs its 4-byte header
+        pad += _ALIGN
+    return struct.pack("<HH", _PADDING_ID, pad - 4) + bytes(pad - 4)
+
+
+def rewrite_torch_zip(src: str, dst: str, order: Callable[[list[str]], list[str]] | None = None,
+                      replace: dict[str, bytes] | None = None, drop: Sequence[str] = (),
+                      add: dict[str, bytes] | None = None, compress: Sequence[str] = ()) -> list[str]:
+    """Write the records of the torch zip ``src`` into ``dst`` (which may be ``src``): in the physical
+    order ``order`` gives (a permutation of the names, in their present order), with the bytes of
+    ``replace``, without ``drop``, with ``add`` appended, ``compress`` deflated. Names are relative to
+    the archive folder (``data.pkl``, ``data/0``). Returns the relative names in their new order."""
+    with zipfile.ZipFile(src) as zf:
+        infos = zf.infolist()
+        prefix = infos[0].filename.split("/", 1)[0]
+        records = {i.filename[len(prefix) + 1:]: zf.read(i) for i in infos}
+    records.update(replace or {})
+    for name in drop:
+        del records[name]
+    records.update(add or {})
+    names = list(records)
+    if order is not None:
+        names = order(names)
+        if sorted(names) != sorted(records):
+            raise ValueError("order must return a permutation of the record names")
+    tmp = dst + ".rewrite"
+    with open(tmp, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as out:
+        for name in names:
+            info = zipfile.ZipInfo(f"{prefix}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+            if name in compress:
+                info.compress_type = zipfile.ZIP_DEFLATED
+            else:
+                info.extra = _padding(f.tell(), info.filename)
+            out.writestr(info, records[name])
+    os.replace(tmp, dst)
+    return names
+
+
+def reorder_zip_records(src: str, dst: str, order: Callable[[list[str]], list[str]] | None = None) -> list[str]:
+    """``src`` with the same records (names and bytes) in another physical order, by default the tensor
+    records (``data/*``) reversed, as any zip writer may lay them out: ``torch.load`` reads it as the
+    original, a reader that assumes torch's own writer's layout does not."""
+    def data_reversed(names: list[str]) -> list[str]:
+        data = [n for n in names if n.startswith("data/")]
+        flipped = iter(reversed(data))
+        return [next(flipped) if n.startswith("data/") else n for n in names]
+
+    return rewrite_torch_zip(src, dst, order or data_reversed)
+
+
+def swap_records(a: str, b: str) -> Callable[[list[str]], list[str]]:
+    """An ``order`` for ``rewrite_torch_zip``: records ``a`` and ``b`` trade places."""
+    return lambda names: [b if n == a else a if n == b else n for n in names]
+
+
+_CENTRAL_SIGNATURE = 0x02014B50
+_DESCRIPTOR_SIGNATURE = 0x08074B50
+
+
+def swap_records_in_place(path: str, a: str, b: str) -> None:
+    """Records ``a`` and ``b`` (relative names, equal sizes and name lengths) trade places in ``path``,
+    every other byte of the file unchanged: their local headers' names, their data and their data
+    descriptors are swapped, and the directory points each name at its record's new place. ``torch.load``
+    reads the file as before; a reader computing offsets from torch's own layout reads ``a``'s bytes
+    where ``b``'s are and the reverse, and every other record right."""
+    with zipfile.ZipFile(path) as zf:
+        infos = {i.filename.split("/", 1)[1]: i for i in zf.infolist()}
+        start_dir = zf.start_dir
+    ia, ib = infos[a], infos[b]
+    if ia.file_size != ib.file_size or len(ia.filename) != len(ib.filename):
+        raise ValueError(f"{path}: {a} and {b} differ in size or name length; they cannot swap in place")
+    buf = bytearray(open(path, "rb").read())
+    n = ia.file_size
+
+    def data_at(info: zipfile.ZipInfo) -> int:
+        name_len, extra_len = struct.unpack_from("<HH", buf, info.header_offset + 26)
+        return info.header_offset + 30 + name_len + extra_len
+
+    da, db = data_at(ia), data_at(ib)
+    names = (ia.header_offset + 30, ib.header_offset + 30)
+    buf[names[0]:names[0] + len(ia.filename)], buf[names[1]:names[1] + len(ib.filename)] = \
+        ib.filename.encode(), ia.filename.encode()
+    tail = 16 if struct.unpack_from("<I", buf, da + n)[0] == _DESCRIPTOR_SIGNATURE else 0
+    buf[da:da + n + tail], buf[db:db + n + tail] = bytes(buf[db:db + n + tail]), bytes(buf[da:da + n + tail])
+    pos = start_dir  # the central directory: each name now points at its record's new place
+    while struct.unpack_from("<I", buf, pos)[0] == _CENTRAL_SIGNATURE:
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", buf, pos + 28)
+        name = bytes(buf[pos + 46:pos + 46 + name_len]).decode()
+        if name in (ia.filename, ib.filename):
+            other = ib if name == ia.filename else ia
+            struct.pack_into("<I", buf, pos + 42, other.header_offset)
+        pos += 46 + name_len + extra_len + comment_len
+    with open(path, "wb") as f:
+        f.write(buf)
 
 
 def craft_all(zero: str, universal: str, work: str, hf: str | None = None) -> list[tuple[str, Crafted]]:

@@ -4,8 +4,8 @@ Every converter writes its output under a temporary sibling name, verifies it th
 completion marker (``COMPLETE_MARKER``, last, holding the verification result and a manifest of
 every file with its size), and only then renames the folder into place:
 
-* killed while writing or verifying, the temporary folder ``<out>.tmp-<host>-<pid>`` is all that is
-  left; the next run removes it (``remove_stale_temporaries``: only when its process is dead) and
+* killed while writing or verifying, the temporary folder ``<out>.tmp-<host>-<pid>-r<random>`` is all
+  that is left; the next run removes it (``remove_stale_temporaries``: only when its process is dead) and
   says so;
 * a finished output of the same request is recognised by its marker and kept (``finished_output``),
   so rerunning a command after a crash succeeds;
@@ -32,7 +32,13 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from megatron_ucp.atomic import HOST, atomic_open, atomic_write, temporary_name  # noqa: F401 - re-exported
+from megatron_ucp.atomic import (  # noqa: F401 - temporary_name: re-exported
+    HOST,
+    atomic_open,
+    atomic_write,
+    make_temporary_folder,
+    temporary_name,
+)
 from megatron_ucp.checkpoint.trust import CheckpointError
 
 COMPLETE_MARKER = "megatron_ucp_complete.json"
@@ -56,12 +62,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(out: str, say: Callable[[str], None] = _say) -> list[str]:
-    """Remove ``<out>.tmp-<host>-<pid>`` folders (and files) that dead processes of this host left."""
+    """Remove ``<out>.tmp-<host>-<pid>[-r<random>]`` folders (and files) that dead processes of this host left.
+
+    A link left under such a name is removed itself; nothing it points to is touched."""
     parent, base = os.path.split(os.path.abspath(out))
     if not os.path.isdir(parent):
         return []
     # also the names earlier versions used: <out>.tmp-<pid> and <out>.old-<pid>
-    pattern = re.compile(re.escape(base) + r"\.(tmp|old)-(?:(?P<host>[A-Za-z0-9_.-]+)-)?(?P<pid>\d+)$")
+    pattern = re.compile(re.escape(base) + r"\.(tmp|old)-(?:(?P<host>[A-Za-z0-9_.-]+)-)?(?P<pid>\d+)"
+                         r"(?:-r[0-9a-f]+)?$")
     removed = []
     for name in sorted(os.listdir(parent)):
         m = pattern.match(name)
@@ -198,7 +207,7 @@ def publish(tmp: str, out: str) -> None:
     if not os.path.lexists(out):
         os.rename(tmp, out)
         return
-    if os.path.isdir(out) and not os.listdir(out):
+    if os.path.isdir(out) and not os.path.islink(out) and not os.listdir(out):
         os.rename(tmp, out)  # replaces an empty folder atomically
         return
     try:
@@ -212,12 +221,11 @@ def publish(tmp: str, out: str) -> None:
 
 @contextmanager
 def staged_folder(out: str) -> Iterator[str]:
-    """Write a folder as ``<out>.tmp-<host>-<pid>`` and publish it at ``out`` when the block completes
-    (the block writes the marker last); if it raises, the temporary folder goes and ``out`` stays."""
+    """Write a folder as a fresh ``<out>.tmp-<host>-<pid>-r<random>`` and publish it at ``out`` when the
+    block completes (the block writes the marker last); if it raises, the temporary folder goes and
+    ``out`` stays. The folder is made with ``mkdir`` under a name no one could plant a link at."""
     remove_stale_temporaries(out)
-    tmp = temporary_name(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = make_temporary_folder(out)
     try:
         yield tmp
         if not os.path.isfile(os.path.join(tmp, COMPLETE_MARKER)):

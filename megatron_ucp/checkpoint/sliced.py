@@ -116,7 +116,12 @@ def atom_read_plan(ref: FlatRef, shape: tuple[int, ...], kind: Kind, tp: int, tp
 def _read_plan(ckpt: ZeroCheckpoint, src: ParamSource, rule: MergeRule, key: str, tp: int, tp_rank: int,
                target_extent: int | None) -> ReadPlan:
     refs = {(s, f.dp): ckpt.flat_ref(src.pp, s, f.dp, src.group, key) for s in range(ckpt.tp) for f in src.fragments[s]}
-    dtype = next(iter(refs.values())).dtype
+    first = next(iter(refs.values()))
+    dtype = first.dtype
+    for ref in refs.values():  # one element size for every piece: a plan has one dtype
+        if ref.dtype != dtype:
+            raise CheckpointError(f"{ref.path}: holds {key} of {src.name} as {ref.dtype}, but {first.path} as "
+                                  f"{dtype}; refusing to read mixed dtypes into one tensor")
     size = dtype.itemsize
     if rule.kind is Kind.REPLICATED:  # every rank holds the whole tensor: one copy, source TP rank 0's
         reads, lo = [], 0

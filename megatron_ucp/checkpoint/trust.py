@@ -20,7 +20,9 @@ file runs. ``trust_checkpoint_code()`` (the tools' ``--trust-checkpoint-code``) 
 around it, for files the user vouches for.
 
 Indexing a checkpoint (``meta=True``) must not import DeepSpeed, so DeepSpeed's classes are then
-replaced by plain stand-ins that keep their fields. Names taken from a file become paths only
+replaced by plain stand-ins that keep their fields; its tensors are located by the zip's directory
+(``checkpoint.torchzip``), not by the offsets torch computes for a meta load. Every tensor loaded,
+meta or not, must be a plain view of its stored bytes (no expanded or overlapping elements). Names taken from a file become paths only
 through ``check_name`` and ``path_inside``.
 """
 
@@ -36,6 +38,7 @@ import threading
 from typing import IO, Any, Callable, Iterator, cast
 
 import torch
+import torch._weights_only_unpickler as _weights_only_unpickler
 
 
 class CheckpointError(ValueError):
@@ -163,6 +166,16 @@ class _stub_pickle:  # noqa: N801 - a stand-in for the pickle module, as torch.l
     __name__ = "pickle"
 
 
+class _TrustedMetaUnpickler(_StubUnpickler):
+    """Full pickle (trusted files only) as torch.load's wrapper does it: storage classes by name."""
+
+    def find_class(self, module: str, name: str):
+        if "Storage" in name:
+            with contextlib.suppress(KeyError):
+                return torch.serialization.StorageType(name)
+        return super().find_class({"torch.tensor": "torch._tensor"}.get(module, module), name)
+
+
 _original_torch_load = torch.load
 
 
@@ -202,17 +215,27 @@ class _ExactReader(io.RawIOBase):
         super().close()
 
 
-def load_file(path: str, mmap: bool = True, meta: bool = False, map_location: Any = None) -> Any:
+def load_file(path: str, mmap: bool = True, meta: bool = False, map_location: Any = None,
+              stub_deepspeed: bool = False) -> Any:
     """``torch.load`` of a file we did not just write: restricted unpickling, clear one-line errors.
 
-    ``meta=True`` reads only the pickle: tensors come back on the meta device with their file
-    offsets, and DeepSpeed's classes as stand-ins (their fields only), so DeepSpeed is not imported.
+    ``meta=True`` reads only the pickle (``checkpoint.torchzip``): tensors come back on the meta device
+    with their file offsets as the zip directory gives them, and DeepSpeed's classes as stand-ins
+    (their fields only), so DeepSpeed is not imported; ``stub_deepspeed`` does the same for a real load.
+    Either way every tensor must be a plain view of its stored bytes (``torchzip.check_views``).
     """
+    from megatron_ucp.checkpoint import torchzip  # it imports CheckpointError from here
+
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing file")
     location = "meta" if meta else (map_location if map_location is not None else "cpu")
     try:
-        if meta:
+        if meta and not torchzip.FORCE_COMPUTED_OFFSETS:
+            if _trusted:
+                return torchzip.load_meta(path, _TrustedMetaUnpickler)
+            with _lock, torch.serialization.safe_globals(allowed_globals(stub_deepspeed=True)):
+                return torchzip.load_meta(path, _weights_only_unpickler.Unpickler)
+        if meta:  # torch's computed offsets: only for tests, as the reader the checks must catch
             with _ExactReader(path) as reader:
                 f = cast(IO[bytes], reader)  # a raw binary file: what torch.load reads from
                 if _trusted:
@@ -220,9 +243,14 @@ def load_file(path: str, mmap: bool = True, meta: bool = False, map_location: An
                 with _lock, torch.serialization.safe_globals(allowed_globals(stub_deepspeed=True)):
                     return _original_torch_load(f, map_location="meta", weights_only=True)
         if _trusted:
-            return _original_torch_load(path, map_location=location, mmap=mmap, weights_only=False)
-        with _lock, torch.serialization.safe_globals(allowed_globals(stub_deepspeed=False)):
-            return _original_torch_load(path, map_location=location, mmap=mmap, weights_only=True)
+            obj = _original_torch_load(path, map_location=location, mmap=mmap, weights_only=False)
+        else:
+            with _lock, torch.serialization.safe_globals(allowed_globals(stub_deepspeed=stub_deepspeed)):
+                obj = _original_torch_load(path, map_location=location, mmap=mmap, weights_only=True)
+        torchzip.check_views(path, obj)  # before any caller copies an expanded view into real memory
+        return obj
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         raise _refusal(path, e) from None
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means the file is unusable

@@ -22,8 +22,8 @@ It is produced differently from DeepSpeed's:
   are checked bitwise equal across TP ranks, vocab padding is stripped to the original vocab, and
   pipeline-tied weights are read from the first stage. Other checkpoints fall back to their
   ``universal_checkpoint_info`` patterns, as DeepSpeed does.
-* **Safe.** Output goes to ``<output>.tmp-<pid>`` next to the target and is renamed into place when
-  complete; ``latest_universal`` is written last; a non-empty output is refused unless
+* **Safe.** Output goes to ``<output>.tmp-<host>-<pid>-r<random>`` (created exclusively) next to the
+  target and is renamed into place when complete; ``latest_universal`` is written last; a non-empty output is refused unless
   ``overwrite``; the output may not be inside the input.
 * **On many processes** (``Partition``; ``torchrun tools/ds_to_universal.py``): the parameters are split
   between them by size, each writes its share into the one staging folder, and the output is the same,
@@ -50,6 +50,7 @@ from typing import Any, Callable, Iterator, Protocol, cast
 
 import torch
 
+from megatron_ucp.checkpoint.crosscheck import crosscheck_files
 from megatron_ucp.checkpoint.format import (
     OPTIMIZER_STATE_FILE,
     STEP_KEY,
@@ -89,6 +90,7 @@ from megatron_ucp.config import ModelConfig
 from megatron_ucp.layout.params import Kind, spec_of
 from megatron_ucp.layout.placement import RegionMap, flat_segments, tp_map
 from megatron_ucp.layout.slicing import bitwise_equal
+from megatron_ucp.pacing import point
 from megatron_ucp.progress import ByteProgress, byte_progress
 
 UNIVERSAL_KIND = "universal"  # the completion marker's kind for our converter's output
@@ -482,6 +484,7 @@ def _write_atom_by_copy(src: ParamSource, rule: MergeRule, key: str, ckpt: ZeroC
     fds: dict[str, int] = {}
     try:
         pwrite_all(dst, head, 0)
+        point("atom-started")
         if rule.kind is Kind.ROW:
             # Row-parallel slices interleave every row (pieces of a few KB), which copy_file_range moves
             # slowly; scatter-read each fragment straight into its rows (preadv), then write once.
@@ -527,6 +530,7 @@ def write_atom_from_memory(atom: dict, path: str) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         pwrite_all(fd, head, 0)
+        point("atom-started")
         pwrite_all(fd, data, data_offset)
         pwrite_all(fd, tail, data_offset + len(data))
     finally:
@@ -558,6 +562,7 @@ def convert_param(src: ParamSource, rule: MergeRule, ckpt: ZeroCheckpoint, atoms
             del atom
         else:
             written += _write_atom_by_copy(src, rule, key, ckpt, path)
+    point("param-written")
     return written
 
 
@@ -745,6 +750,7 @@ def _shared_staging(part: Partition, out: str) -> Iterator[str]:
                 if part.rank == 0:
                     tmp = stack.enter_context(staged_folder(out))
                     os.makedirs(zero_dir(tmp))
+                    point("staged")
                     step.share = tmp
             yield step.gathered[0]
             completed = True
@@ -798,6 +804,8 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
     """Convert ``input_folder`` (``<save>/global_stepN``) into a universal checkpoint at ``output_folder``.
 
     The output is verified against the input before it is published (``verify=False`` skips that;
+    verifying also compares a sample of each input file's bytes, as located by our reader, with
+    ``torch.load``'s reading of them: ``checkpoint.crosscheck``;
     such an output is marked unverified, is not named by ``latest_universal``, and the trainer refuses
     it). ``latest_universal`` (containing the output folder's name) goes into the output's parent. A
     finished, verified output of the same request is kept as it is, so rerunning after a crash works.
@@ -818,6 +826,7 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
         inp, out = check_output_path(input_folder, output_folder)
         ckpt = open_zero_checkpoint(inp)
         request = conversion_request(ckpt, strict, inject_missing_state)
+        point("indexed")
         step.share = (request["input_fingerprint"], lead and finished_output(out, UNIVERSAL_KIND, request) is not None)
     for r, (seen, _) in enumerate(step.gathered):  # the same decision in every process: no one waits alone
         if seen != step.gathered[0][0]:
@@ -848,9 +857,11 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
         with part.together() as step:
             with byte_progress(sum(_source_bytes(s, ckpt) for s in mine), "converting" + desc, show) as bar:
                 step.share = _write_share(ckpt, rules, mine, tmp, n_workers, lead, bar)
+            point("written")
         written = sum(step.gathered)
         if verify:
             with part.together():
+                crosscheck_files(input_files(ckpt)[part.rank::part.world_size])  # each process some files
                 if lead:
                     check_atom_names(ckpt, tmp)
                 with byte_progress(sum(_source_bytes(s, ckpt) for s in checked), "verifying" + desc, show) as bar:
@@ -859,10 +870,12 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
             if lead:
                 write_marker(tmp, UNIVERSAL_KIND, request, verified=verify,
                              extra={"iteration": ckpt.iteration, "source_topology": topology})
+                point("marked")
     notes = []
     if verify:
         with part.together():
             if lead:
+                point("published")
                 write_latest_universal(out)
     else:
         notes.append(f"not verified: {LATEST_UNIVERSAL} left as it was, and the trainer will refuse this output")
@@ -900,16 +913,23 @@ def conversion_rules(ckpt: ZeroCheckpoint, strict: bool, inject_missing_state: b
 def certify_universal(input_folder: str, universal_folder: str, *, strict: bool = True,
                       inject_missing_state: bool = False) -> None:
     """Verify a universal folder another converter wrote (DeepSpeed's ``ds_to_universal``) against its
-    ZeRO input and mark it verified, so that the trainer accepts it."""
+    ZeRO input and mark it verified, so that the trainer accepts it. Every byte of every input tensor
+    our reader locates is first compared with ``torch.load``'s reading (``checkpoint.crosscheck``)."""
     inp, out = check_output_path(input_folder, universal_folder)
     ckpt = open_zero_checkpoint(inp)
     if not os.path.isdir(out) or not is_universal_folder(out):
         raise CheckpointError(f"{universal_folder}: not a universal checkpoint folder")
+    crosscheck_files(input_files(ckpt), every=True)
     verify_universal(ckpt, out, conversion_rules(ckpt, strict, inject_missing_state))
     write_marker(out, UNIVERSAL_KIND, conversion_request(ckpt, strict, inject_missing_state), verified=True,
                  extra={"iteration": ckpt.iteration, "certified": True,
                         "source_topology": ckpt.topology})
     write_latest_universal(out)
+
+
+def input_files(ckpt: ZeroCheckpoint) -> list[str]:
+    """Every file of ``ckpt`` the converter reads tensors from: model states, then optimizer shards."""
+    return list(ckpt.model_files) + [ckpt.optim_files[k] for k in sorted(ckpt.optim_files)]
 
 
 def _numel(src: ParamSource) -> int:
@@ -948,6 +968,7 @@ def verify_atoms(ckpt: ZeroCheckpoint, output_folder: str, rules: dict[str, Merg
                     if not _local_matches(param, shape, m, src, tp, key, ckpt):
                         raise CheckpointError(f"{path}: does not match TP rank {tp} of {ckpt.folder}")
                 confirm()
+        point("param-verified")
         return src
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -14,7 +14,8 @@ Files (DeepSpeed 0.19.8's checkpoint layout):
   rank's flat partition, rank ``r`` holding elements ``[r * c, (r + 1) * c)`` (the last one padded).
 
 Opening a checkpoint reads only the pickles: optimizer files are loaded onto the ``meta`` device,
-which gives every tensor's dtype, shape and byte offset inside the file without touching its data.
+which gives every tensor's dtype, shape and byte offset inside the file without touching its data
+(the offset as the zip's directory records it: ``checkpoint.torchzip``).
 Readers then copy exactly the bytes they need with ``pread`` (``read_into``), straight into their
 destination tensors: no mapping of whole files, so memory stays bounded by what is being merged.
 Every problem is reported as ``CheckpointError`` naming the file and what is wrong. The files are
@@ -45,6 +46,7 @@ from megatron_ucp.checkpoint.format import (  # noqa: F401 - STATE_KEYS: re-expo
     optim_states_name,
     zero3_model_states_name,
 )
+from megatron_ucp.checkpoint.torchzip import stored_nbytes
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file  # noqa: F401 - re-exported
 from megatron_ucp.layout.slicing import bitwise_equal
 
@@ -83,18 +85,22 @@ class FlatRef:
         span = t.numel() if span is None else span
         first = int(t.storage_offset()) * t.element_size()
         end = first + span * t.element_size()
-        if t.storage_offset() < 0 or end > storage.nbytes():
+        nbytes = stored_nbytes(storage)
+        if t.storage_offset() < 0 or end > nbytes:
             raise CheckpointError(f"{path}: a tensor of {span} {t.dtype} elements runs past its storage of "
-                                  f"{storage.nbytes()} bytes")
-        if int(storage_offset) + storage.nbytes() > os.path.getsize(path):
-            raise CheckpointError(f"{path}: declares a storage of {storage.nbytes()} bytes at byte {storage_offset}, "
+                                  f"{nbytes} bytes")
+        if int(storage_offset) + nbytes > os.path.getsize(path):
+            raise CheckpointError(f"{path}: declares a storage of {nbytes} bytes at byte {storage_offset}, "
                                   f"past the end of the file ({os.path.getsize(path)} bytes)")
         return cls(path, int(storage_offset) + first, span, t.dtype)
 
 
 def read_into(ref: FlatRef, start: int, dst: torch.Tensor) -> None:
     """Copy elements [start, start + dst.numel()) of ``ref`` into the contiguous tensor ``dst``."""
-    if dst.dtype != ref.dtype or not dst.is_contiguous():
+    if dst.dtype != ref.dtype:
+        raise CheckpointError(f"{ref.path}: holds {ref.dtype} elements where {dst.dtype} ones are read "
+                              "(optimizer state in another dtype than the fp32 master is not read)")
+    if not dst.is_contiguous():
         raise CheckpointError(f"{ref.path}: read_into needs a contiguous {ref.dtype} destination")
     if start < 0 or start + dst.numel() > ref.numel:
         raise CheckpointError(f"{ref.path}: fragment [{start}, {start + dst.numel()}) outside a tensor of {ref.numel}")
@@ -406,6 +412,8 @@ def _index_zero3_fragments(ckpt: ZeroCheckpoint) -> None:
                 if len({r.numel for r in refs[-1].values()}) != 1:
                     raise CheckpointError(f"{path}: sub-group {g}'s fp32, exp_avg and exp_avg_sq partitions differ "
                                           f"in size ({[r.numel for r in refs[-1].values()]})")
+                rank0 = ckpt.flat_refs.get((0, mp), [])
+                _check_one_dtype(path, g, refs[-1], rank0[g] if g < len(rank0) else None)
                 got = read_scalar(path, st.get("step"))
                 if step is not None and got is not None and int(got) != step:
                     raise CheckpointError(f"{path}: optimizer is at step {int(got)}, but {ckpt.model_files[mp]} is "
@@ -446,6 +454,16 @@ def _index_zero3_fragments(ckpt: ZeroCheckpoint) -> None:
         if len(src.fragments) != ckpt.tp:
             raise CheckpointError(f"{ckpt.folder}: parameter {name} found on {len(src.fragments)} of {ckpt.tp} TP ranks")
     ckpt.param_sources = sources
+
+
+def _check_one_dtype(path: str, group: int, refs: dict[str, FlatRef], rank0: dict[str, FlatRef] | None) -> None:
+    """A ZeRO-3 sub-group's states all have DP rank 0's fp32 master's dtype: parameters are placed by
+    element counts, which are byte ranges only at one element size."""
+    want = (rank0 or refs)["fp32"]
+    for key, ref in refs.items():
+        if ref.dtype != want.dtype:
+            raise CheckpointError(f"{path}: sub-group {group}'s {key} partition is stored as {ref.dtype}, but the "
+                                  f"fp32 master in {want.path} as {want.dtype}; mixed dtypes are not read")
 
 
 def _check_inside_partition(path: str, name: str, frag: Fragment, refs: dict[str, FlatRef]) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from megatron_ucp.atomic import temporary_name
+from megatron_ucp.atomic import fresh_temporary_name
 
 __all__ = [
     "DTYPE_CODES",
@@ -79,8 +79,15 @@ def index_file_path(prefix: str | os.PathLike) -> str:
 
 
 def _tmp_name(path: str) -> str:
-    # The project's temporary-sibling name (same directory, so os.replace is an atomic rename).
-    return temporary_name(path)
+    # A fresh temporary sibling (same directory, so os.replace is an atomic rename), never guessed in advance.
+    return fresh_temporary_name(path)
+
+
+def _create_exclusively(path: str):
+    """A new file at ``path`` opened for binary writing; whatever is already there (a planted link
+    included) is never opened or followed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    return os.fdopen(fd, "wb")
 
 
 class IndexedDatasetBuilder:
@@ -98,7 +105,7 @@ class IndexedDatasetBuilder:
         self._code = _code_of(self.dtype)
         self._tmp_bin = _tmp_name(self.bin_path)
         Path(self.bin_path).parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self._tmp_bin, "wb")
+        self._file = _create_exclusively(self._tmp_bin)
         self._sizes: list[int] = []
         self._finalized = False
         if np.issubdtype(self.dtype, np.integer):
@@ -130,7 +137,7 @@ class IndexedDatasetBuilder:
         np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
         doc_idx = np.arange(len(sizes) + 1, dtype=np.int64)
         tmp_idx = _tmp_name(idx_path)
-        with open(tmp_idx, "wb") as f:
+        with _create_exclusively(tmp_idx) as f:
             f.write(_HEADER.pack(HEADER_MAGIC, VERSION, self._code, len(sizes), len(doc_idx)))
             f.write(sizes.astype("<i4").tobytes())
             f.write(pointers.astype("<i8").tobytes())

@@ -9,13 +9,23 @@ written; memory stays at one shard plus one parameter. Every shard is re-read an
 the atoms before the folder is published (``checkpoint/publish.py``); tokenizer files are copied
 only when they are regular files inside the input (a path in the metadata only when it is a
 SentencePiece model).
+
+From an HF import's ``hf_extras`` folder only the tokenizer files of ``EXTRAS_ALLOWED`` are taken,
+each only when it is a regular file directly inside an ``hf_extras`` that is itself a real folder
+(no symbolic link is followed, at either level). ``config.json``, ``generation_config.json`` and
+any code (``*.py``) are never taken from the input: they are generated here, so nothing a checkpoint
+carries can replace the verified model description or bring code that ``trust_remote_code`` would
+run. What is left out is named in one note on stderr; the export goes on without it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import stat
+import sys
 import time
 from dataclasses import dataclass
 
@@ -38,7 +48,6 @@ from megatron_ucp.checkpoint.publish import (
     staged_folder,
     write_marker,
 )
-from megatron_ucp.checkpoint.trust import regular_file_inside
 from megatron_ucp.checkpoint.universal import check_output_path
 from megatron_ucp.checkpoint.zero import CheckpointError, load_file
 from megatron_ucp.hf.transforms import to_hf
@@ -49,6 +58,11 @@ HF_EXPORT_KIND = "hf_export"  # the completion marker's kind for an exported Hug
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 _FROM_HF_NAME = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# Tokenizer files (data, no code) an export copies from ``hf_extras``; everything else there is left out.
+EXTRAS_ALLOWED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "tokenizer.model", "vocab.json", "merges.txt")
+# Config keys that name code for ``trust_remote_code`` to fetch and run; our families need none.
+CODE_KEYS = ("auto_map", "custom_pipelines")
 
 
 @dataclass
@@ -132,15 +146,82 @@ def _tokenizer_model(meta: CheckpointMetadata) -> str | None:
     return path
 
 
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _without_code_keys(data: bytes, path: str) -> tuple[bytes, list[str]]:
+    """``tokenizer_config.json``'s bytes, without ``CODE_KEYS`` (and the keys dropped)."""
+    try:
+        cfg = json.loads(data)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    dropped = [k for k in CODE_KEYS if isinstance(cfg, dict) and k in cfg]
+    if not dropped:
+        return data, []  # byte for byte as imported
+    return json.dumps({k: v for k, v in cfg.items() if k not in CODE_KEYS}, indent=2).encode(), dropped
+
+
+def _copy_extras(input_folder: str, folder: str) -> list[str] | None:
+    """Copy the allowed tokenizer files of ``<input>/hf_extras`` into ``folder``; None without a usable
+    ``hf_extras`` (absent, a link or not a folder: then it is not read at all).
+
+    Every file is opened relative to the folder's handle with ``O_NOFOLLOW`` and checked to be a
+    regular file on the open descriptor, so a link cannot be swapped in between check and copy."""
+    extras = os.path.join(input_folder, HF_EXTRAS_DIR)
+    if not os.path.lexists(extras):
+        return None
+    try:
+        dir_fd = os.open(extras, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        what = "a symbolic link" if os.path.islink(extras) else "not a folder"
+        _say(f"{extras}: is {what}; no tokenizer file is taken from it")
+        return None
+    written, left_out = [], []
+    try:
+        for name in sorted(os.listdir(dir_fd)):
+            path = os.path.join(extras, name)
+            if name not in EXTRAS_ALLOWED:
+                left_out.append(name)
+                continue
+            if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                left_out.append(f"{name} (not a regular file)")
+                continue
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise OSError(e.errno, e.strerror, path) from None
+                left_out.append(f"{name} (not a regular file)")  # became a link since the check above
+                continue
+            with os.fdopen(fd, "rb") as src:
+                if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                    left_out.append(f"{name} (not a regular file)")
+                    continue
+                data = src.read()
+            if name == "tokenizer_config.json":
+                data, dropped = _without_code_keys(data, path)
+                if dropped:
+                    left_out.append(f"{name}'s {' and '.join(dropped)} (names code to run)")
+            with open(os.path.join(folder, name), "xb") as dst:  # a new file in our own staging folder
+                dst.write(data)
+            written.append(name)
+    finally:
+        os.close(dir_fd)
+    if left_out:
+        _say(f"{extras}: left out of the export (only regular tokenizer files are copied; config.json and "
+             f"generation_config.json are generated, code is never copied): {', '.join(left_out)}")
+    return written
+
+
 def _write_tokenizer(meta: CheckpointMetadata, folder: str, input_folder: str) -> list[str]:
     """Copy the source's tokenizer files (HF import) or our SentencePiece model (training metadata)."""
-    extras = os.path.join(input_folder, HF_EXTRAS_DIR)
-    written = []
-    if os.path.isdir(extras):
-        for name in sorted(os.listdir(extras)):
-            shutil.copyfile(regular_file_inside(extras, name, extras), os.path.join(folder, name))
-            written.append(name)
+    written = _copy_extras(input_folder, folder)
+    if written is not None:
         return written
+    written = []
     tok = _tokenizer_model(meta)
     if tok:
         shutil.copy2(tok, os.path.join(folder, "tokenizer.model"))
@@ -258,6 +339,8 @@ def convert_universal_to_hf(input_folder: str, output_dir: str, *, dtype: str | 
                           indent=2)
         base = dict(meta.hf_source.config if meta.hf_source else {})
         base.pop("torch_dtype", None)
+        for key in CODE_KEYS:  # our families are built into transformers: no code to name
+            base.pop(key, None)
         base.update(hf_config_from_model(cfg, HF_DTYPE_NAMES[torch_dtype], _token_ids(meta)))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(base, f, indent=2, sort_keys=True)

@@ -8,8 +8,9 @@ shard:
   that tensor's bytes; the mapping (and its resident pages) goes when the caller drops the tensor;
 * ``.bin`` (torch zip): each shard's pickle is read once, by the restricted unpickler
   (``checkpoint.trust``), onto the ``meta`` device, which gives every
-  tensor's dtype, shape, strides and byte offset in the file (``checkpoint.zero.load_file``), and a
-  read ``pread``s exactly that tensor's bytes. (``torch.load(mmap=True)`` would also avoid a copy, but
+  tensor's dtype, shape, strides and byte offset in the file (``checkpoint.torchzip``, which also
+  refuses views that are not plain stored bytes, such as a stride-0 tensor declaring 2**40
+  elements), and a read ``pread``s exactly that tensor's bytes. (``torch.load(mmap=True)`` would also avoid a copy, but
   every page touched stays in the process's resident set until the whole shard is unmapped.)
 
 Index entries must be plain file names in the folder; every tensor's bytes are checked to lie

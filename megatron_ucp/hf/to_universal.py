@@ -8,7 +8,8 @@ bytes around a file hole, so they cost neither memory nor write time.
 
 The result starts a run from step 0 with fresh moments; ``--finetune`` (or a new run's flags) sets
 the schedule and hyperparameters. Output goes to a temporary sibling folder, is verified there (every
-weight atom re-read against the source) and marked complete, then renamed into place, and
+weight atom re-read against the source; a ``.bin`` source's bytes, as our reader located them,
+sampled against ``torch.load``'s: ``checkpoint.crosscheck``) and marked complete, then renamed into place, and
 ``latest_universal`` is written last (``checkpoint/publish.py``). Tokenizer files are copied only
 when they are regular files inside the source folder (or the HF cache's blobs).
 """
@@ -25,6 +26,7 @@ from typing import Iterator
 
 import torch
 
+from megatron_ucp.checkpoint.crosscheck import crosscheck_files
 from megatron_ucp.checkpoint.format import (  # noqa: F401 - HF_EXTRAS_DIR: re-exported
     HF_EXTRAS_DIR,
     SOURCE_HUGGINGFACE,
@@ -266,6 +268,8 @@ def convert_hf_to_universal(hf_checkpoint_dir: str, save_dir: str, *, safe_seria
                 shutil.copyfile(path, os.path.join(tmp, HF_EXTRAS_DIR, name))
         with open(os.path.join(tmp, SOURCE_NOTE_FILE), "w") as f:
             f.write(f"Hugging Face {family.architecture} checkpoint {inp}\n")
+        if ckpt.format == "bin":  # the reader that verification re-reads with, against torch.load's
+            crosscheck_files(sorted({ckpt.file_of(n) for n in ckpt.names()}))
         verify_import(tmp, mappings, ours)
         write_marker(tmp, UNIVERSAL_KIND, request, verified=True,
                      extra={"iteration": metadata.iteration, "source": metadata.source})

@@ -13,6 +13,12 @@ ZeRO optimizer shards) and ``<save>/latest``. Our client state, merged by DeepSp
 What those are and what the files are called is defined once, in ``checkpoint.format``.
 
 We also keep Megatron's ``latest_checkpointed_iteration.txt`` beside ``latest``.
+
+DeepSpeed writes those files by path (``open``, ``torch.save``, ``shutil.copyfile``, ``chmod``), so a
+symbolic link at any of them, planted in a folder that is resumed in place (``--load X --save X``),
+would have the save overwrite whatever it points at. ``save_folder_problem`` finds such entries; the
+trainer refuses a ``--save`` folder with one before distributed start-up, and ``save`` checks again,
+on every rank, right before each save.
 """
 
 from __future__ import annotations
@@ -20,7 +26,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
+import stat
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -79,6 +88,87 @@ def build_metadata(model_cfg: ModelConfig, train_cfg: TrainConfig, state: Parall
     )
 
 
+# What a save writes at the top of the save folder, besides the step folder: DeepSpeed's tracker and
+# recovery scripts, and Megatron's tracker (written by us, atomically).
+SAVE_FOLDER_FILES = (LATEST_FILE, MEGATRON_TRACKER_FILE, "zero_to_fp32.py", "zero_to_torch.py")
+_STEP_FOLDER = re.compile(r"global_step(\d+)$")
+
+
+def saved_iterations(train_iters: int, save_interval: int | None) -> set[int]:
+    """Every iteration a run to ``train_iters`` may save at (whatever iteration it resumes from)."""
+    every = set(range(save_interval, train_iters + 1, save_interval)) if save_interval else set()
+    return every | ({train_iters} if train_iters > 0 else set())
+
+
+def _write_target_problem(path: str, want_folder: bool) -> str | None:
+    """Why a save must not write at ``path`` (a link, not a plain file or folder, a file with other
+    names); None when it may (also when nothing is there yet)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path}: is a symbolic link (to {os.readlink(path)}), which the save would write through"
+    if want_folder:
+        return None if stat.S_ISDIR(st.st_mode) else f"{path}: exists and is not a folder"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path}: exists and is not a regular file"
+    if st.st_nlink > 1:
+        return f"{path}: has {st.st_nlink} hard links, whose other names the save would overwrite too"
+    return None
+
+
+def _step_folder_problem(folder: str) -> str | None:
+    """The first entry under a step folder a save would write through (no link is followed)."""
+    problem = _write_target_problem(folder, want_folder=True)
+    if problem or not os.path.isdir(folder):
+        return problem
+    with os.scandir(folder) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            is_folder = entry.is_dir(follow_symlinks=False)
+            problem = _write_target_problem(entry.path, want_folder=is_folder)
+            if problem is None and is_folder:
+                problem = _step_folder_problem(entry.path)
+            if problem:
+                return problem
+    return None
+
+
+def save_folder_problem(save_dir: str, iterations: Iterable[int] | None = None) -> str | None:
+    """``<path>: <what>`` for the first entry of ``save_dir`` that a save would write through, or None.
+
+    Checked: ``SAVE_FOLDER_FILES`` and the ``global_step<N>`` folders of ``iterations`` (every one
+    present when None), with everything under them. Each must be absent, or a regular file with no
+    other hard link (a folder for a step folder and folders inside it). Every symbolic link among them
+    is refused, wherever it points: DeepSpeed never makes one, so one there was planted or left by
+    hand. ``save_dir`` itself may be a link (a folder on scratch storage, say): the user named it.
+    """
+    if not os.path.lexists(save_dir):
+        return None
+    if not os.path.isdir(save_dir):
+        return f"{save_dir}: exists and is not a folder; cannot save a checkpoint into it"
+    for name in SAVE_FOLDER_FILES:
+        problem = _write_target_problem(os.path.join(save_dir, name), want_folder=False)
+        if problem:
+            return problem
+    wanted = None if iterations is None else set(iterations)
+    for name in sorted(os.listdir(save_dir)):
+        m = _STEP_FOLDER.match(name)
+        if m and (wanted is None or int(m.group(1)) in wanted):
+            problem = _step_folder_problem(os.path.join(save_dir, name))
+            if problem:
+                return problem
+    return None
+
+
+def check_save_folder(save_dir: str, iterations: Iterable[int] | None = None) -> None:
+    """``save_folder_problem`` as a one-line ``CheckpointError`` that says nothing was saved."""
+    problem = save_folder_problem(save_dir, iterations)
+    if problem:
+        raise CheckpointError(f"{problem}; refusing to save into {save_dir} (nothing was written; remove the entry "
+                              "or save elsewhere)")
+
+
 def gather_over_dp(obj, state: ParallelState) -> list:
     out = [None] * state.layout.dp
     dist.all_gather_object(out, obj, group=state.dp_group)
@@ -97,7 +187,10 @@ class ResumeState:
 
 def save(engine, save_dir: str, iteration: int, consumed_samples: int, seq_length: int,
          rng_state: dict, metadata: CheckpointMetadata, state: ParallelState, model_cfg: ModelConfig) -> str:
-    """Write ``<save_dir>/global_step<iteration>`` on every rank; return its path."""
+    """Write ``<save_dir>/global_step<iteration>`` on every rank; return its path.
+
+    Refused on every rank, with nothing written, when an entry the save writes is a link
+    (``save_folder_problem``)."""
     if metadata.model_config != model_cfg:
         raise RuntimeError("the checkpoint metadata describes another model than the one being saved")
     rng_states = gather_over_dp(rng_state, state)
@@ -106,6 +199,14 @@ def save(engine, save_dir: str, iteration: int, consumed_samples: int, seq_lengt
     tag = step_folder_name(iteration)
     if engine.global_steps != iteration:
         raise RuntimeError(f"engine is at step {engine.global_steps} but the trainer at iteration {iteration}")
+    # Again right before writing (a link may have appeared during the run), on every rank (ranks on other
+    # nodes may see another file system); all refuse together if any one finds a problem.
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, save_folder_problem(save_dir, [iteration]))
+    problem = next((p for p in problems if p), None)
+    if problem:
+        raise CheckpointError(f"{problem}; refusing to save iteration {iteration} into {save_dir} "
+                              "(nothing was written)")
     engine.save_checkpoint(save_dir, tag=tag, client_state=client)
     dist.barrier()
     if dist.get_rank() == 0:

@@ -231,6 +231,9 @@ class Trainer:
                                 category=FutureWarning)
         if cfg.trust_checkpoint_code:
             trust_checkpoint_code(True)
+        if cfg.save:  # before start-up: a link in the save folder would have the saves write through it
+            checkpointing.check_save_folder(cfg.save, checkpointing.saved_iterations(cfg.train_iters,
+                                                                                     cfg.save_interval))
         init_distributed()
         self.layout = ParallelLayout.from_world_size(dist.get_world_size(), cfg.tensor_model_parallel_size,
                                                      cfg.pipeline_model_parallel_size)

@@ -556,11 +556,12 @@ def _count(value: Any, where: str, minimum: int = 0) -> int:
     return int(value)
 
 
-def _float_tensor(value: Any, where: str) -> torch.Tensor:
-    """A tensor of fp32: the master weights and Adam's moments are kept in fp32 whatever the training precision."""
+def _float_tensor(value: Any, where: str, fp32: bool = True) -> torch.Tensor:
+    """A tensor of fp32: the master weights and Adam's moments are kept in fp32 whatever the training precision.
+    ``fp32=False``: any tensor (a ZeRO-3 shard's dtypes are checked against DP rank 0's by its index)."""
     if not torch.is_tensor(value):
         raise CheckpointError(f"{where}: expected a tensor, {_found(value)}")
-    if value.dtype != torch.float32:
+    if fp32 and value.dtype != torch.float32:
         raise CheckpointError(f"{where}: expected a torch.float32 tensor, found {value.dtype}")
     return value
 
@@ -627,7 +628,7 @@ def check_param_groups(value: Any, where: str) -> list[dict]:
     return list(groups)
 
 
-def _check_adam_state(value: Any, where: str) -> dict:
+def _check_adam_state(value: Any, where: str, fp32: bool = True) -> dict:
     """An optimizer's ``state``: group (or parameter) index -> {exp_avg, exp_avg_sq: fp32 tensors, step}."""
     state = _dict(value, where)
     for g, entry in state.items():
@@ -636,7 +637,7 @@ def _check_adam_state(value: Any, where: str) -> dict:
         entry = _dict(entry, at)
         for key in MOMENT_KEYS:
             if key in entry:
-                _float_tensor(entry[key], f"{at}.{key}")
+                _float_tensor(entry[key], f"{at}.{key}", fp32)
         if "step" in entry and entry["step"] is not None:
             _step_value(entry["step"], f"{at}.step")
     return state
@@ -665,11 +666,12 @@ def check_optimizer_shard(value: Any, path: str, stage3: bool | None = False, le
     if stage3:
         if "fp32_flat_groups" not in osd:
             raise CheckpointError(f"{path}: no fp32_flat_groups (not a ZeRO-3 optimizer file)")
+        # dtypes: zero._index_zero3_fragments checks every rank's against DP rank 0's fp32 master
         for i, t in enumerate(_list(osd["fp32_flat_groups"], f"{where}.fp32_flat_groups")):
-            _float_tensor(t, f"{where}.fp32_flat_groups[{i}]")
+            _float_tensor(t, f"{where}.fp32_flat_groups[{i}]", fp32=False)
         inner_where = f"{where}.optimizer_state_dict"
         inner = _dict(_key(osd, "optimizer_state_dict", where), inner_where)
-        _check_adam_state(_key(inner, "state", inner_where), f"{inner_where}.state")
+        _check_adam_state(_key(inner, "state", inner_where), f"{inner_where}.state", fp32=False)
         check_param_groups(_key(inner, "param_groups", inner_where), f"{inner_where}.param_groups")
         return osd
     if "param_slice_mappings" not in osd and not lenient:

@@ -347,10 +347,13 @@ TRAINER_MESSAGES = {
 
 @pytest.mark.parametrize("case", sorted(TRAINER_MESSAGES))
 def test_trainer_refuses_malformed_zero_with_one_line(real, craft, tmp_path, case):
-    """``--load`` at one rank (DP 1, the checkpoint is DP 2: the direct reshard reads the shards)."""
+    """``--load`` at one rank (DP 1, the checkpoint is DP 2: the direct reshard reads the shards). The
+    model-state file is checked by the entry point, before distributed start-up (no pipeline is built)."""
     crafted = _malformed(real, craft, tmp_path, case)
     run = _trainer_load(crafted.root, False, tmp_path)
     _assert_one_line(run.returncode, run.stderr, crafted.bad_file, TRAINER_MESSAGES[case])
+    started = "Using topology" in run.stdout + run.stderr
+    assert started == (case not in ("missing_model_states", "no_iteration")), run.stdout[-2000:]
 
 
 UNIVERSAL_MESSAGES = {

@@ -253,6 +253,20 @@ def check_resume_state(value, path: str) -> dict:
     return state
 
 
+def _resume_files(folder: str) -> tuple[list[str], dict]:
+    """(the model-state files of ``folder`` by mp rank, the first one's checked counters)."""
+    model_files = model_state_files(folder)
+    if not model_files:
+        raise CheckpointError(f"{os.path.join(folder, model_states_name(0))}: missing file; nothing to resume from")
+    return model_files, check_resume_state(load_file(model_files[0], meta=True), model_files[0])
+
+
+def check_load_folder(load_dir: str, universal: bool, step: int | None = None) -> None:
+    """What ``--load`` resumes from, checked before distributed start-up (the entry point): the folder its
+    tracker (or ``step``) names, and that folder's first model-state file with the counters a resume reads."""
+    _resume_files(checkpoint_folder(load_dir, universal, step))
+
+
 def check_loaded_file(path: str, loaded) -> None:
     """What DeepSpeed's own loaders unpickle (``trust.restricted_torch_load``), checked before they use it:
     model states, ZeRO optimizer shards and a universal folder's global optimizer state."""
@@ -301,10 +315,7 @@ def load_route(folder: str, universal: bool, state: ParallelState, cfg: TrainCon
     A universal folder is read by our sliced reader unless ``--universal-loader deepspeed``. A ZeRO
     checkpoint saved at this run's layout (TP, PP, DP, ZeRO stage, precision) loads through DeepSpeed's
     native path; at any other layout it is resharded directly from its shards."""
-    model_files = model_state_files(folder)
-    if not model_files:
-        raise CheckpointError(f"{os.path.join(folder, model_states_name(0))}: missing file; nothing to resume from")
-    resume_state = check_resume_state(load_file(model_files[0], meta=True), model_files[0])
+    model_files, resume_state = _resume_files(folder)
     if universal:
         if cfg.universal_loader == "deepspeed":
             return "universal checkpoint, DeepSpeed's loader", None

@@ -299,3 +299,17 @@ def test_zero3_flat_partition_must_be_a_tensor():
     with pytest.raises(CheckpointError) as e:
         check_optimizer_shard(shard, "f.pt", stage3=True)
     assert str(e.value) == "f.pt: optimizer_state_dict.fp32_flat_groups[0]: expected a tensor, found str 'flat'"
+
+
+def test_a_deeply_nested_completion_marker_is_one_line(tmp_path, capsys):
+    """The completion marker of a universal folder is JSON from an untrusted folder too: json.loads would
+    recurse once per level of a marker nested 100,000 deep."""
+    from megatron_ucp.checkpoint.publish import COMPLETE_MARKER
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        (folder / "zero").mkdir(parents=True)
+    (a / COMPLETE_MARKER).write_text("[" * 100_000 + "]" * 100_000)
+    rc = load_tool("inspect_checkpoint").main(["--compare", str(a), str(b)])
+    err = capsys.readouterr().err
+    _assert_one_line(rc, err, f"error: {a / COMPLETE_MARKER}: nested deeper than 32 levels; not a completion marker")

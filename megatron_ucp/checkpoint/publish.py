@@ -39,6 +39,7 @@ from megatron_ucp.atomic import (  # noqa: F401 - temporary_name: re-exported
     make_temporary_folder,
     temporary_name,
 )
+from megatron_ucp.checkpoint.format import read_json
 from megatron_ucp.checkpoint.trust import CheckpointError
 
 COMPLETE_MARKER = "megatron_ucp_complete.json"
@@ -120,11 +121,7 @@ def read_marker(folder: str) -> dict | None:
     path = os.path.join(folder, COMPLETE_MARKER)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path) as f:
-            marker = json.load(f)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    marker = read_json(path, "a completion marker")  # nesting bounded: the folder is untrusted
     if not isinstance(marker, dict) or marker.get("format") != "megatron_ucp.complete":
         raise CheckpointError(f"{path}: not a megatron_ucp completion marker")
     return marker

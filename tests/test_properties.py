@@ -34,7 +34,7 @@ from megatron_ucp.checkpoint.trust import CheckpointError
 from megatron_ucp.hf.reader import BIN_FILE, open_hf_checkpoint
 from megatron_ucp.layout.slicing import bitwise_equal
 
-FAST, FULL = 40, 400
+FAST, FULL = 40, 1000
 MEMORY_CONSTANT = 64 << 20  # bytes a reader may take beyond a few copies of its largest real tensor
 MEMORY_FACTOR = 4
 REASONS: list[str] = []  # the refusals' messages (without the file), for the printed summary
@@ -247,7 +247,7 @@ def test_negative_control_the_property_sees_a_wrong_reader(tmp_path, monkeypatch
 # A real DeepSpeed checkpoint, one file mutated, through the converter, the sliced reads and inspect
 MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
              make_vocab_size_divisible_by=8, hidden_dropout=0.0, attention_dropout=0.0)
-REAL_FAST, REAL_FULL = 8, 60
+REAL_FAST, REAL_FULL = 8, 100
 STEP = "global_step2"
 
 
@@ -302,8 +302,8 @@ _VALUES = [None, -1, "x", 2**40, [], {}, 1.5, float("inf"), True]
 @st.composite
 def mutations(draw, files: list[str]):
     name = draw(st.sampled_from(files))
-    kind = draw(st.sampled_from(["reorder", "reforge", "truncate", "metadata", "record"]))
-    if kind == "reorder":
+    kind = draw(st.sampled_from(["reorder", "reforge", "truncate", "metadata", "record", "symlink"]))
+    if kind in ("reorder", "symlink"):
         return name, kind, draw(st.integers(0, 2**16))
     if kind == "reforge":
         return name, kind, draw(st.integers(0, 2**16))
@@ -348,6 +348,17 @@ def _record_change(change: str, dtype: torch.dtype):
 def _mutate(path: Path, kind: str, arg) -> None:
     from megatron_ucp.checkpoint.trust import load_file
 
+    if kind == "symlink":  # the file becomes a link: to a sibling, or to a copy of itself outside the folder
+        siblings = sorted(p for p in path.parent.iterdir() if p.suffix == ".pt")
+        target = siblings[arg % len(siblings)]
+        if target == path:
+            outside = path.parents[2] / "outside" / path.name
+            outside.parent.mkdir(exist_ok=True)
+            shutil.copy(path, outside)
+            target = outside
+        path.unlink()
+        path.symlink_to(target)
+        return
     if kind == "reorder":
         n = sum(1 for name, _ in forge.read_records(path) if "/data/" in name)
         import random
@@ -411,6 +422,11 @@ def check_real_mutation(real, work: Path, mutation) -> str:
     same = mutated is not None and deep_equal(original, mutated)
     outcomes = []
     out = work / "out" / f"{STEP}_universal"
+    # A link planted where the converter writes latest_universal, to a file outside: it must stay as it was.
+    victim = work / "victim"
+    victim.write_text("precious")
+    (work / "out").mkdir()
+    (work / "out" / "latest_universal").symlink_to(victim)
     base = _rss()
     _peak_reset()
     try:
@@ -420,6 +436,7 @@ def check_real_mutation(real, work: Path, mutation) -> str:
         assert not out.exists(), "a refused conversion left its output"
         assert not same, f"{kind} of {name} keeps torch.load's content, but the converter refused: {e}"
         outcomes.append("convert refused")
+        (work / "out" / "latest_universal").unlink()
     else:
         if same:  # the atoms by content; the model-state files are copied as they are, so by what they hold
             cmp = compare_universal(str(ref), str(out), include_model_states=False)
@@ -445,9 +462,11 @@ def check_real_mutation(real, work: Path, mutation) -> str:
         outcomes.append("inspect refused")
     _check_peak(base, folder)
     assert _digest(work / "ckpt") == before, "the input changed"
-    assert sorted(p.name for p in work.iterdir()) in (["ckpt"], ["ckpt", "out"])
-    if (work / "out").exists():
-        assert sorted(p.name for p in (work / "out").iterdir()) in ([], [out.name, "latest_universal"])
+    assert victim.read_text() == "precious", "a write went through the planted link"
+    assert sorted(p.name for p in work.iterdir() if p.name != "outside") == ["ckpt", "out", "victim"]
+    assert sorted(p.name for p in (work / "out").iterdir()) in ([], [out.name, "latest_universal"])
+    if out.exists():
+        assert not (work / "out" / "latest_universal").is_symlink()
     return f"{kind}{'' if same else '*'}: " + ", ".join(outcomes)
 
 
@@ -481,7 +500,7 @@ def test_mutated_real_checkpoint_converts_exactly_or_is_refused_many(real, tmp_p
 
 # --------------------------------------------------------------------------------------------------
 # A real transformers model: its pytorch_model.bin mutated through the import, an atom through the export
-HF_FAST, HF_FULL = 6, 40
+HF_FAST, HF_FULL = 6, 80
 
 
 @pytest.fixture(scope="module")

@@ -74,3 +74,18 @@ def vouch_for(folder) -> None:
 
     (Path(folder) / "megatron_ucp_complete.json").unlink(missing_ok=True)
     write_marker(str(folder), UNIVERSAL_KIND, {"test": "damaged on purpose"}, verified=True)
+
+
+# The tiny GPT most real-checkpoint tests train, and the training settings they share.
+TINY_GPT = dict(num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
+                make_vocab_size_divisible_by=8, hidden_dropout=0.0, attention_dropout=0.0)
+TINY_TRAIN = dict(micro_batch_size=1, global_batch_size=2, seq_length=16, dtype="fp32", mock_data=True, vocab_size=50,
+                  eval_interval=0)
+
+
+def train_tiny(rank, world_size, cfg_dict):
+    """One rank of a training run of ``TINY_GPT`` (module level: ``run_distributed`` pickles it by name)."""
+    from megatron_ucp.config import TrainConfig
+    from megatron_ucp.training.trainer import train
+
+    train(TINY_GPT, TrainConfig(**cfg_dict))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, load_tool
+from helpers import REPO, TINY_GPT, TINY_TRAIN, load_tool, train_tiny
 from megatron_ucp.checkpoint.publish import COMPLETE_MARKER, remove_stale_temporaries, require_verified
 from megatron_ucp.config import TrainConfig
 from megatron_ucp.training.checkpointing import check_save_folder, save_folder_problem, saved_iterations
@@ -281,24 +281,12 @@ def test_stale_temporary_links_are_removed_not_followed(tmp_path, outside):
 
 # --- real checkpoints (slow) --------------------------------------------------------------------------
 
-MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
-             make_vocab_size_divisible_by=8, hidden_dropout=0.0, attention_dropout=0.0)
-TRAIN = dict(micro_batch_size=1, global_batch_size=2, seq_length=16, dtype="fp32", mock_data=True, vocab_size=50,
-             eval_interval=0)
-
-
-def _train(rank, world_size, cfg_dict):
-    from megatron_ucp.training.trainer import train
-
-    train(MODEL, TrainConfig(**cfg_dict))
-
-
 def _resume_then_plant(rank, world_size, cfg_dict, plant_after: int, link: str, target: str, result: str):
     """Resume in place; after the save at ``plant_after`` a link appears at ``link``; the next save must refuse."""
     from megatron_ucp.checkpoint.trust import CheckpointError
     from megatron_ucp.training.trainer import Trainer
 
-    with Trainer(MODEL, TrainConfig(**cfg_dict)) as trainer:
+    with Trainer(TINY_GPT, TrainConfig(**cfg_dict)) as trainer:
         trainer.build()
         trainer.load()
         save = trainer.save
@@ -327,7 +315,7 @@ def test_real_checkpoint_resume_in_place_and_certify(tmp_path, outside, monkeypa
     from megatron_ucp.checkpoint.universal import convert_zero_to_universal
 
     save = tmp_path / "ckpt"
-    run_distributed(_train, 1, dict(TRAIN, train_iters=2, save=str(save), save_interval=2))
+    run_distributed(train_tiny, 1, dict(TINY_TRAIN, train_iters=2, save=str(save), save_interval=2))
     assert (save / "latest").read_text() == "global_step2"
 
     # --certify into a folder with links planted at the marker's temporary names (the predictable one of
@@ -368,7 +356,7 @@ def test_real_checkpoint_resume_in_place_and_certify(tmp_path, outside, monkeypa
     for name, data in keep.items():
         (save / name).write_bytes(data)
     result = tmp_path / "result.json"
-    cfg = dict(TRAIN, train_iters=6, save=str(save), load=str(save), save_interval=2)
+    cfg = dict(TINY_TRAIN, train_iters=6, save=str(save), load=str(save), save_interval=2)
     run_distributed(_resume_then_plant, 1, cfg, 4, str(save / "global_step6"), str(outside / "folder"), str(result))
     outcome = json.loads(result.read_text())
     assert outcome["iteration"] == 6

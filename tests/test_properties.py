@@ -245,32 +245,15 @@ def test_negative_control_the_property_sees_a_wrong_reader(tmp_path, monkeypatch
 
 # --------------------------------------------------------------------------------------------------
 # A real DeepSpeed checkpoint, one file mutated, through the converter, the sliced reads and inspect
-MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
-             make_vocab_size_divisible_by=8, hidden_dropout=0.0, attention_dropout=0.0)
 REAL_FAST, REAL_FULL = 8, 100
 STEP = "global_step2"
 
 
-def _train(rank, world_size, cfg_dict):
-    from megatron_ucp.config import TrainConfig
-    from megatron_ucp.training.trainer import train
-
-    train(MODEL, TrainConfig(**cfg_dict))
-
-
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    """A real ZeRO-1 checkpoint (TP1 PP1 DP2, fp32), its conversion and its parameters' full fp32 tensors."""
-    from dist_utils import run_distributed
-    from megatron_ucp.checkpoint.universal import convert_zero_to_universal
-
-    root = tmp_path_factory.mktemp("properties_real")
-    cfg = dict(micro_batch_size=1, global_batch_size=2, seq_length=16, dtype="fp32", mock_data=True, vocab_size=50,
-               eval_interval=0, train_iters=2, save=str(root / "ckpt"), save_interval=2, lr=1e-3)
-    run_distributed(_train, 2, cfg)
-    zero = root / "ckpt" / STEP
-    ref = root / "ref" / f"{STEP}_universal"
-    convert_zero_to_universal(str(zero), str(ref), workers=1)
+def real(tiny_checkpoints):
+    """A real ZeRO-1 checkpoint (TP1 PP1 DP2, fp32; shared, read only), its conversion and its parameters'
+    full fp32 tensors."""
+    zero, ref = tiny_checkpoints(1)
     return zero, ref, _full_tensors(zero)
 
 

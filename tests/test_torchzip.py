@@ -346,34 +346,14 @@ def test_a_stride0_atom_is_refused_by_the_export(tiny_hf, tmp_path):
 
 # --- real DeepSpeed checkpoints ------------------------------------------------------------------------
 
-MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
-             make_vocab_size_divisible_by=8, hidden_dropout=0.0, attention_dropout=0.0)
 STAGES = {"zero1": 1, "zero3": 3}
 
 
-def _train(rank, world_size, cfg_dict):
-    from megatron_ucp.config import TrainConfig
-    from megatron_ucp.training.trainer import train
-
-    train(MODEL, TrainConfig(**cfg_dict))
-
-
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    """ZeRO-1 and ZeRO-3 checkpoints of our trainer (TP1 PP1 DP2, fp32) and their conversions."""
-    from dist_utils import run_distributed
-    from megatron_ucp.checkpoint.universal import convert_zero_to_universal
-
-    root = tmp_path_factory.mktemp("real")
-    out = {}
-    for name, stage in STAGES.items():
-        cfg = dict(micro_batch_size=1, global_batch_size=2, seq_length=16, train_iters=2, dtype="fp32", mock_data=True,
-                   vocab_size=50, eval_interval=0, save=str(root / name), save_interval=2, zero_stage=stage)
-        run_distributed(_train, 2, cfg)
-        universal = root / f"{name}_u" / "global_step2_universal"
-        convert_zero_to_universal(str(root / name / "global_step2"), str(universal))
-        out[name] = (root / name / "global_step2", universal)
-    return out
+def real(tiny_checkpoints):
+    """ZeRO-1 and ZeRO-3 checkpoints of our trainer (TP1 PP1 DP2, fp32; shared, read only) and their
+    conversions."""
+    return {name: tiny_checkpoints(stage) for name, stage in STAGES.items()}
 
 
 def _reordered_copy(craft, folder, dst):

@@ -14,33 +14,16 @@ import textwrap
 
 import pytest
 
-from dist_utils import run_distributed
 from helpers import REPO, load_tool
-from megatron_ucp.checkpoint.universal import convert_zero_to_universal
-from megatron_ucp.config import TrainConfig
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
-             make_vocab_size_divisible_by=8, hidden_dropout=0.0, attention_dropout=0.0)
-TRAIN = dict(micro_batch_size=1, global_batch_size=2, seq_length=16, dtype="fp32", mock_data=True, vocab_size=50,
-             eval_interval=0)
-
-
-def _train(rank, world_size, cfg_dict):
-    from megatron_ucp.training.trainer import train
-
-    train(MODEL, TrainConfig(**cfg_dict))
-
-
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    """A real ZeRO-1 checkpoint (TP1 PP1 DP2, fp32) and its universal conversion."""
-    root = tmp_path_factory.mktemp("untrusted")
-    run_distributed(_train, 2, dict(TRAIN, train_iters=2, save=str(root / "ckpt"), save_interval=2))
-    universal = root / "universal" / "global_step2_universal"
-    convert_zero_to_universal(str(root / "ckpt" / "global_step2"), str(universal))
-    return root, root / "ckpt" / "global_step2", universal
+def real(tiny_checkpoints):
+    """A real ZeRO-1 checkpoint (TP1 PP1 DP2, fp32) and its universal conversion (shared by the session;
+    every crafted input is a copy)."""
+    zero, universal = tiny_checkpoints(1)
+    return zero.parent.parent, zero, universal
 
 
 @pytest.fixture(scope="module")

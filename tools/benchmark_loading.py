@@ -128,6 +128,7 @@ _T0 = time.monotonic()  # progress lines show seconds since main() started
 LOAD_IMPORTS = (
     "megatron_ucp.checkpoint.format", "megatron_ucp.checkpoint.publish", "megatron_ucp.checkpoint.sliced",
     "megatron_ucp.checkpoint.trust", "megatron_ucp.checkpoint.universal", "megatron_ucp.checkpoint.zero",
+    "megatron_ucp.checkpoint.torchzip", "megatron_ucp.checkpoint.numpy_safe", "megatron_ucp.checkpoint.crosscheck",
     "megatron_ucp.training.checkpointing", "megatron_ucp.training.sliced_load",
     "deepspeed.checkpoint", "deepspeed.checkpoint.constants", "deepspeed.checkpoint.universal_checkpoint",
     "deepspeed.runtime.state_dict_factory", "deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine",

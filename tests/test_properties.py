@@ -51,20 +51,21 @@ def _peak_reset() -> None:
         f.write("5")
 
 
-def _peak() -> int:
+def _status_bytes(field: str) -> int:
+    """A size from /proc/self/status (``VmRSS``: resident now; ``VmHWM``: the peak since the last reset)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc/self/status")
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+def _peak() -> int:
+    return _status_bytes("VmHWM")
 
 
 def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
+    return _status_bytes("VmRSS")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,13 +343,16 @@ def _mutate(path: Path, kind: str, arg) -> None:
         path.unlink()
         path.symlink_to(target)
         return
-    if kind == "reorder":
-        n = sum(1 for name, _ in forge.read_records(path) if "/data/" in name)
+    if kind == "reorder":  # the tensor records shuffled, names and bytes unchanged
         import random
 
-        order = list(range(n))
-        random.Random(arg).shuffle(order)
-        forge.reorder(path, path.with_suffix(".new"), order)
+        def shuffled(names: list[str]) -> list[str]:
+            data = [n for n in names if n.startswith("data/")]
+            random.Random(arg).shuffle(data)
+            return [n for n in names if not n.startswith("data/")][:1] + data + \
+                [n for n in names if not n.startswith("data/")][1:]
+
+        forge._CRAFT.reorder_zip_records(str(path), str(path.with_suffix(".new")), shuffled)
     elif kind == "truncate":
         size = os.path.getsize(path)
         shutil.copy(path, path.with_suffix(".new"))

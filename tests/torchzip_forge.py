@@ -10,8 +10,7 @@
   references to records that are not there.
 
 ``torch.load(path, weights_only=True)`` is the oracle: a reader must give exactly its tensors, or refuse.
-``reorder`` rewrites any torch zip (a real DeepSpeed shard included) with its records in another
-physical order, names and bytes unchanged.
+``reforge`` writes a real checkpoint's content this way, one record's declaration changed.
 """
 
 from __future__ import annotations
@@ -19,11 +18,13 @@ from __future__ import annotations
 import collections
 import io
 import pickle
-import zipfile
 from dataclasses import dataclass, field
 
 import torch
 
+from helpers import load_tool
+
+_CRAFT = load_tool("untrusted_inputs")  # its zip writer lays the records out
 ARCHIVE = "archive"
 _LEGACY = {torch.float32: "FloatStorage", torch.float64: "DoubleStorage", torch.float16: "HalfStorage",
            torch.bfloat16: "BFloat16Storage", torch.int64: "LongStorage", torch.int32: "IntStorage",
@@ -105,29 +106,16 @@ def pickled(f: Forge) -> bytes:
 
 def _records(f: Forge, pkl: bytes | None = None) -> list[tuple[str, bytes]]:
     keys = f.order if f.order is not None else sorted(f.storages, key=lambda k: (len(k), k))
-    recs = [(f"{ARCHIVE}/data.pkl", pickled(f) if pkl is None else pkl), (f"{ARCHIVE}/.format_version", b"1"),
-            (f"{ARCHIVE}/.storage_alignment", b"64"), (f"{ARCHIVE}/byteorder", b"little")]
-    recs += [(f"{ARCHIVE}/data/{k}", f.storages[k].data) for k in keys if k not in f.missing]
-    recs += [(f"{ARCHIVE}/data/{k}", data) for k, data in f.unreferenced.items()]
-    recs += [(f"{ARCHIVE}/version", b"3\n"), (f"{ARCHIVE}/.data/serialization_id", b"0" * 40)]
+    recs = [("data.pkl", pickled(f) if pkl is None else pkl), (".format_version", b"1"),
+            (".storage_alignment", b"64"), ("byteorder", b"little")]
+    recs += [(f"data/{k}", f.storages[k].data) for k in keys if k not in f.missing]
+    recs += [(f"data/{k}", data) for k, data in f.unreferenced.items()]
+    recs += [("version", b"3\n"), (".data/serialization_id", b"0" * 40)]
     return recs
 
 
-def write_records(path, records: list[tuple[str, bytes]], align: int = 64) -> None:
-    """A zip of stored records in this order, each record's data starting at a multiple of ``align``
-    (padding in the local header's extra field, as torch's writer does)."""
-    with open(path, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as z:
-        for name, data in records:
-            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_STORED
-            header = 30 + len(name.encode())
-            pad = (-(raw.tell() + header + 4)) % align if align > 1 else 0
-            info.extra = b"FB" + pad.to_bytes(2, "little") + b"Z" * pad if align > 1 else b""
-            z.writestr(info, data)
-
-
 def write(f: Forge, path) -> None:
-    write_records(path, _records(f), f.align)
+    _CRAFT.write_zip_records(str(path), ARCHIVE, _records(f), aligned=f.align > 1)
 
 
 def tensor_paths(obj, path=()) -> list[tuple]:
@@ -173,34 +161,7 @@ def reforge(obj, path, mutate=None, at: int = 0, order_seed: int | None = None) 
 
         f.order = sorted(f.storages)
         random.Random(order_seed).shuffle(f.order)
-    write_records(path, _records(f, buf.getvalue()), f.align)
-
-
-def read_records(path) -> list[tuple[str, bytes]]:
-    """Every record of a zip of stored records, in its physical order (by local header offset), its bytes
-    taken from after its local header (torch's writers may leave the CRC unset, which zipfile would reject)."""
-    with zipfile.ZipFile(path) as z:
-        infos = sorted(z.infolist(), key=lambda i: i.header_offset)
-    raw = open(path, "rb").read()
-    out = []
-    for i in infos:
-        n, m = int.from_bytes(raw[i.header_offset + 26:i.header_offset + 28], "little"), \
-            int.from_bytes(raw[i.header_offset + 28:i.header_offset + 30], "little")
-        start = i.header_offset + 30 + n + m
-        out.append((i.filename, raw[start:start + i.compress_size]))
-    return out
-
-
-def reorder(src, dst, order=None) -> list[str]:
-    """Rewrite the torch zip ``src`` at ``dst`` with its storage records in another physical order (default:
-    reversed), every record's name and bytes unchanged, 64-byte aligned. Returns the new order of names."""
-    records = read_records(src)
-    data = [r for r in records if "/data/" in r[0]]
-    rest = [r for r in records if "/data/" not in r[0]]
-    data = [data[i] for i in order] if order is not None else data[::-1]
-    records = [rest[0], *data, *rest[1:]]  # data.pkl first, as torch writes it
-    write_records(dst, records)
-    return [n for n, _ in records]
+    _CRAFT.write_zip_records(str(path), ARCHIVE, _records(f, buf.getvalue()))
 
 
 def oracle(path) -> dict | None:

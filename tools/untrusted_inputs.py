@@ -705,6 +705,39 @@ def _padding(offset: int, name: str) -> bytes:
     return struct.pack("<HH", _PADDING_ID, pad - 4) + bytes(pad - 4)
 
 
+def read_zip_records(path: str) -> tuple[str, list[tuple[str, bytes]]]:
+    """(the archive folder, every record as (name relative to it, bytes) in physical order) of the torch
+    zip ``path``. The bytes are taken from after each local header: torch's writer, and our converter's
+    copy path, may leave a record's CRC unset, which ``zipfile``'s own reading would reject."""
+    with zipfile.ZipFile(path) as zf:
+        infos = sorted(zf.infolist(), key=lambda i: i.header_offset)
+    prefix = infos[0].filename.split("/", 1)[0]
+    raw = open(path, "rb").read()
+    records = []
+    for i in infos:
+        name_len, extra_len = struct.unpack_from("<HH", raw, i.header_offset + 26)
+        start = i.header_offset + 30 + name_len + extra_len
+        records.append((i.filename[len(prefix) + 1:], raw[start:start + i.compress_size]))
+    return prefix, records
+
+
+def write_zip_records(dst: str, prefix: str, records: list[tuple[str, bytes]], compress: Sequence[str] = (),
+                      aligned: bool = True) -> None:
+    """A zip at ``dst`` of ``records`` ((name relative to ``prefix``, bytes)) in this physical order, stored
+    (``compress``: deflated) and, when ``aligned``, each record's data on a 64-byte boundary as torch writes
+    it. Written beside ``dst`` and renamed over it."""
+    tmp = dst + ".rewrite"
+    with open(tmp, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as out:
+        for name, data in records:
+            info = zipfile.ZipInfo(f"{prefix}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+            if name in compress:
+                info.compress_type = zipfile.ZIP_DEFLATED
+            elif aligned:
+                info.extra = _padding(f.tell(), info.filename)
+            out.writestr(info, data)
+    os.replace(tmp, dst)
+
+
 def rewrite_torch_zip(src: str, dst: str, order: Callable[[list[str]], list[str]] | None = None,
                       replace: dict[str, bytes] | None = None, drop: Sequence[str] = (),
                       add: dict[str, bytes] | None = None, compress: Sequence[str] = ()) -> list[str]:
@@ -712,10 +745,8 @@ def rewrite_torch_zip(src: str, dst: str, order: Callable[[list[str]], list[str]
     order ``order`` gives (a permutation of the names, in their present order), with the bytes of
     ``replace``, without ``drop``, with ``add`` appended, ``compress`` deflated. Names are relative to
     the archive folder (``data.pkl``, ``data/0``). Returns the relative names in their new order."""
-    with zipfile.ZipFile(src) as zf:
-        infos = zf.infolist()
-        prefix = infos[0].filename.split("/", 1)[0]
-        records = {i.filename[len(prefix) + 1:]: zf.read(i) for i in infos}
+    prefix, present = read_zip_records(src)
+    records = dict(present)
     records.update(replace or {})
     for name in drop:
         del records[name]
@@ -725,16 +756,7 @@ def rewrite_torch_zip(src: str, dst: str, order: Callable[[list[str]], list[str]
         names = order(names)
         if sorted(names) != sorted(records):
             raise ValueError("order must return a permutation of the record names")
-    tmp = dst + ".rewrite"
-    with open(tmp, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as out:
-        for name in names:
-            info = zipfile.ZipInfo(f"{prefix}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
-            if name in compress:
-                info.compress_type = zipfile.ZIP_DEFLATED
-            else:
-                info.extra = _padding(f.tell(), info.filename)
-            out.writestr(info, records[name])
-    os.replace(tmp, dst)
+    write_zip_records(dst, prefix, [(n, records[n]) for n in names], compress)
     return names
 
 

@@ -294,9 +294,9 @@ class TrainConfig:
         "--mock-data", help="deterministic random tokens instead of a dataset"))
     split: str = field(default="969,30,1", metadata=cli("--split", help="train,valid,test weights over documents"))
     tokenizer_type: str = field(default="SentencePieceTokenizer", metadata=cli(
-        "--tokenizer-type", help="SentencePieceTokenizer | GPT2BPETokenizer"))
+        "--tokenizer-type", help="SentencePieceTokenizer | GPT2BPETokenizer | HFTokenizer"))
     tokenizer_model: str | None = field(default=None, metadata=cli(
-        "--tokenizer-model", help="SentencePiece model file"))
+        "--tokenizer-model", help="SentencePiece model file, or a local Hugging Face tokenizer folder"))
     vocab_file: str | None = field(default=None, metadata=cli("--vocab-file", help="GPT-2 vocab.json"))
     merge_file: str | None = field(default=None, metadata=cli("--merge-file", help="GPT-2 merges.txt"))
     vocab_size: int | None = field(default=None, metadata=cli(  # only with mock data (no tokenizer)
@@ -473,12 +473,16 @@ def check_inputs(cfg: TrainConfig) -> None:
         if cfg.tokenizer_type not in SUPPORTED_TOKENIZERS:
             raise ValueError(f"unknown tokenizer type {cfg.tokenizer_type!r}; supported: "
                              f"{', '.join(SUPPORTED_TOKENIZERS)}")
-        files = ({"--tokenizer-model": cfg.tokenizer_model} if cfg.tokenizer_type == "SentencePieceTokenizer"
+        files = ({"--tokenizer-model": cfg.tokenizer_model} if cfg.tokenizer_type != "GPT2BPETokenizer"
                  else {"--vocab-file": cfg.vocab_file, "--merge-file": cfg.merge_file})
         for flag, path in files.items():
             if path is None:
                 raise ValueError(f"--tokenizer-type {cfg.tokenizer_type} needs {flag}")
-            need(path, flag)
+            if cfg.tokenizer_type == "HFTokenizer":  # a folder of tokenizer files
+                if not os.path.isdir(path):
+                    raise ValueError(f"{flag} {path}: no such folder")
+            else:
+                need(path, flag)
     if cfg.load and not os.path.isdir(cfg.load):
         raise ValueError(f"--load {cfg.load}: no such folder")
     if cfg.deepspeed_config:

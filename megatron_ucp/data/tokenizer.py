@@ -6,9 +6,11 @@
 * ``vocab_size``      -- the *unpadded* vocabulary size (the model pads it for TP),
 * ``eod``             -- the token id appended after each document,
 * ``tokenize(text)``  -- ``str -> list[int]``,
-* ``detokenize(ids)`` -- ``list[int] -> str``.
+* ``detokenize(ids)`` -- ``list[int] -> str``,
+* ``identity``        -- ``{"type": name, "sha256": hex}``: a hash of the files that define it
+  (see :func:`files_sha256`), so a dataset can record which tokenizer wrote it.
 
-Two kinds exist:
+Three kinds exist:
 
 ``SentencePieceTokenizer``
     Wraps ``sentencepiece.SentencePieceProcessor``; ``eod`` is the model's eos id.  The
@@ -19,10 +21,17 @@ Two kinds exist:
     plain Python; ``eod`` is the id of ``<|endoftext|>``.  That string inside the *text* is
     encoded as ordinary characters (as Megatron's GPT-2 tokenizer does); EOD only comes
     from ``eod``.
+``HFTokenizer``
+    A local Hugging Face tokenizer folder (``tokenizer.json``, ``tokenizer_config.json``, ...)
+    loaded with ``transformers.AutoTokenizer`` from local files only, without remote code.
+    ``tokenize`` gives exactly ``AutoTokenizer.from_pretrained(folder)(text)["input_ids"]``
+    (so a BOS comes first where the folder's config says so); ``eod`` is its EOS id and
+    ``vocab_size`` is ``len(tokenizer)``, added tokens included.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import lzma
@@ -38,6 +47,9 @@ __all__ = [
     "Tokenizer",
     "SentencePieceTokenizer",
     "GPT2BPETokenizer",
+    "HFTokenizer",
+    "HF_TOKENIZER_FILES",
+    "files_sha256",
     "SUPPORTED_TOKENIZERS",
     "build_tokenizer",
     "bytes_to_unicode",
@@ -46,7 +58,17 @@ __all__ = [
     "train_sentencepiece",
 ]
 
-SUPPORTED_TOKENIZERS = ("SentencePieceTokenizer", "GPT2BPETokenizer")
+SUPPORTED_TOKENIZERS = ("SentencePieceTokenizer", "GPT2BPETokenizer", "HFTokenizer")
+# The files of a Hugging Face tokenizer folder that define its behaviour (hashed for its identity).
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 GPT2_EOD = "<|endoftext|>"
 _NO_RANK = float("inf")
 
@@ -61,6 +83,28 @@ class Tokenizer(Protocol):
     def tokenize(self, text: str) -> list[int]: ...
 
     def detokenize(self, ids: Sequence[int]) -> str: ...
+
+    @property
+    def identity(self) -> dict[str, str]: ...
+
+
+def files_sha256(files: Sequence[tuple[str, str | os.PathLike]]) -> str:
+    """One sha256 over ``(label, path)`` pairs: each label, size and content, in the given order.
+
+    A link, or anything that is not a regular file, is refused with ``ValueError`` naming it:
+    the hash must describe the bytes the tokenizer was read from, not wherever a link points.
+    """
+    digest = hashlib.sha256()
+    for label, path in files:
+        p = Path(path)
+        if p.is_symlink():
+            raise ValueError(f"{p}: is a symbolic link; tokenizer files must be regular files")
+        if not p.is_file():
+            raise ValueError(f"{p}: not a regular file")
+        data = p.read_bytes()
+        digest.update(f"{label}\0{len(data)}\0".encode("utf-8"))
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def _require_file(path: str | os.PathLike | None, what: str) -> Path:
@@ -88,6 +132,10 @@ def build_tokenizer(
         return SentencePieceTokenizer(_require_file(tokenizer_model, "--tokenizer-model"))
     if tokenizer_type == "GPT2BPETokenizer":
         return GPT2BPETokenizer(_require_file(vocab_file, "--vocab-file"), _require_file(merge_file, "--merge-file"))
+    if tokenizer_type == "HFTokenizer":
+        if tokenizer_model is None:
+            raise ValueError("--tokenizer-model (a Hugging Face tokenizer folder) is required")
+        return HFTokenizer(tokenizer_model)
     raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; supported: {', '.join(SUPPORTED_TOKENIZERS)}")
 
 
@@ -111,6 +159,10 @@ class SentencePieceTokenizer:
         self.eod = int(self._sp.eos_id())
         if self.eod < 0:
             raise ValueError(f"{self.model_file}: SentencePiece model has no eos piece (eos_id=-1)")
+
+    @property
+    def identity(self) -> dict[str, str]:
+        return {"type": self.name, "sha256": files_sha256([("tokenizer.model", self.model_file)])}
 
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -342,6 +394,11 @@ class GPT2BPETokenizer:
             self._cache[piece] = result
         return result
 
+    @property
+    def identity(self) -> dict[str, str]:
+        files = [("vocab.json", self.vocab_file), ("merges.txt", self.merge_file)]
+        return {"type": self.name, "sha256": files_sha256(files)}
+
     def tokenize(self, text: str) -> list[int]:
         ids: list[int] = []
         for piece in self._pattern.findall(text):
@@ -362,3 +419,60 @@ class GPT2BPETokenizer:
 
     def __setstate__(self, state: dict) -> None:
         type(self).__init__(self, state["vocab_file"], state["merge_file"], use_regex=state["use_regex"])
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+class HFTokenizer:
+    """A local Hugging Face tokenizer folder, through ``transformers.AutoTokenizer``.
+
+    Only local files are read (``local_files_only``, and ``HF_HUB_OFFLINE=1`` is set in this
+    process) and no code from the folder runs (``trust_remote_code=False``).  The folder must
+    define an EOS token, which becomes ``eod``.
+    """
+
+    name = "HFTokenizer"
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        path = Path(folder)
+        if path.is_symlink():
+            raise ValueError(f"{path}: is a symbolic link; give the tokenizer folder itself")
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: Hugging Face tokenizer folder not found")
+        self.folder = str(path)
+        present = [(n, path / n) for n in HF_TOKENIZER_FILES if (path / n).is_symlink() or (path / n).exists()]
+        if not present:
+            raise ValueError(f"{path}: no tokenizer files (expected one of {', '.join(HF_TOKENIZER_FILES)})")
+        self._sha256 = files_sha256(present)  # also refuses links before anything reads them
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelize with processes
+        from transformers import AutoTokenizer  # imported lazily: it is slow and optional
+
+        try:
+            self._tok = AutoTokenizer.from_pretrained(self.folder, local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ValueError(f"{path}: not a loadable Hugging Face tokenizer ({' '.join(str(e).split())})") from None
+        eos = self._tok.eos_token_id
+        if eos is None:
+            raise ValueError(f"{path}: the tokenizer defines no EOS token, which is needed as the end-of-document id")
+        self.eod = int(eos)
+        self.vocab_size = len(self._tok)
+
+    @property
+    def identity(self) -> dict[str, str]:
+        return {"type": self.name, "sha256": self._sha256}
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._tok(text, verbose=False)["input_ids"])
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        text = self._tok.decode([int(i) for i in ids])
+        assert isinstance(text, str)  # one sequence in, one string out
+        return text
+
+    def __getstate__(self) -> dict:  # reload from the folder in the receiving process
+        return {"folder": self.folder}
+
+    def __setstate__(self, state: dict) -> None:
+        type(self).__init__(self, state["folder"])

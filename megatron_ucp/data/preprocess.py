@@ -1,6 +1,8 @@
 """Turn a text corpus into Megatron ``.bin``/``.idx`` token datasets.
 
-Input formats (chosen by file name):
+Input: one file, or a folder whose ``.txt``/``.txt.xz``/``.jsonl``/``.json`` files (and xz-compressed
+JSON lines) are read in sorted name order, not recursively; links in it are refused.
+Formats (chosen by file name):
 
 * ``.txt`` / ``.txt.xz`` -- one document per *paragraph*: text separated by one or more
   blank (empty or whitespace-only) lines.  Each paragraph is stripped of surrounding
@@ -11,7 +13,11 @@ Input formats (chosen by file name):
 A document that is empty after ``strip()`` is skipped.  With ``append_eod`` the
 tokenizer's EOD id follows every document.  Output for key ``k`` goes to
 ``{output_prefix}_{k}_document.bin/.idx`` (so ``_text_document`` for text), written via
-temporary names and renamed into place only when complete.
+temporary names and renamed into place only when complete.  Next to it,
+``{output_prefix}_{k}_document.tokenizer.json`` records which tokenizer wrote it (type, sha256 of
+its files, vocab_size, eod), also written atomically.
+
+On a terminal a progress bar shows documents and tokens per second; off one it is silent.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_ucp.atomic import atomic_write
+from megatron_ucp.progress import is_terminal
 from megatron_ucp.data.indexed_dataset import (
     IndexedDatasetBuilder,
     best_dtype,
@@ -36,7 +44,20 @@ from megatron_ucp.data.indexed_dataset import (
 )
 from megatron_ucp.data.tokenizer import Tokenizer, build_tokenizer, read_text
 
-__all__ = ["PreprocessReport", "iter_documents", "output_prefix_for", "preprocess", "split_paragraphs"]
+__all__ = [
+    "INPUT_SUFFIXES",
+    "PreprocessReport",
+    "input_files",
+    "iter_documents",
+    "output_prefix_for",
+    "preprocess",
+    "sidecar_path",
+    "split_paragraphs",
+    "tokenizer_record",
+]
+
+# What a folder given as --input contributes (a file given by name may be any of these too).
+INPUT_SUFFIXES = (".txt", ".txt.xz", ".jsonl", ".json", ".jsonl.xz", ".json.xz")
 
 _BLANK_LINES = re.compile(r"\n(?:[ \t\f\v]*\n)+")
 
@@ -59,9 +80,38 @@ def _is_jsonl(path: Path) -> bool:
     return path.name.endswith((".jsonl", ".json", ".jsonl.xz", ".json.xz"))
 
 
-def iter_documents(input_path: str | os.PathLike, json_keys: Sequence[str] = ("text",)) -> Iterator[dict[str, str]]:
-    """Yield ``{key: text}`` per document, in input order (empty documents included)."""
+def input_files(input_path: str | os.PathLike) -> list[Path]:
+    """The files ``input_path`` names: itself, or a folder's input files in sorted order.
+
+    A folder's links are refused (``ValueError`` naming the link), as is a folder with no input file.
+    """
     path = Path(input_path)
+    if not path.is_dir():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: input not found")
+        return [path]
+    files = []
+    for entry in sorted(path.iterdir(), key=lambda p: p.name):
+        if not entry.name.endswith(INPUT_SUFFIXES):
+            continue
+        if entry.is_symlink():
+            raise ValueError(f"{entry}: is a symbolic link; input folders must hold regular files")
+        if entry.is_file():
+            files.append(entry)
+    if not files:
+        raise ValueError(f"{path}: no input files in the folder (looked for {', '.join(INPUT_SUFFIXES)})")
+    return files
+
+
+def iter_documents(input_path: str | os.PathLike, json_keys: Sequence[str] = ("text",)) -> Iterator[dict[str, str]]:
+    """Yield ``{key: text}`` per document, in input order (empty documents included).
+
+    ``input_path`` may be a folder (see :func:`input_files`); its files follow each other."""
+    for path in input_files(input_path):
+        yield from _file_documents(path, json_keys)
+
+
+def _file_documents(path: Path, json_keys: Sequence[str]) -> Iterator[dict[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: input not found")
     if not _is_jsonl(path):
@@ -87,6 +137,16 @@ def iter_documents(input_path: str | os.PathLike, json_keys: Sequence[str] = ("t
             if bad:
                 raise ValueError(f"{path}:{lineno}: value of key(s) {bad} is not a string")
             yield doc
+
+
+def sidecar_path(prefix: str | os.PathLike) -> str:
+    """Where the tokenizer record of dataset ``prefix`` goes: ``{prefix}.tokenizer.json``."""
+    return f"{prefix}.tokenizer.json"
+
+
+def tokenizer_record(tokenizer: Tokenizer) -> dict[str, Any]:
+    """What a dataset's sidecar says about the tokenizer that wrote it."""
+    return {**tokenizer.identity, "vocab_size": int(tokenizer.vocab_size), "eod": int(tokenizer.eod)}
 
 
 def output_prefix_for(output_prefix: str | os.PathLike, key: str) -> str:
@@ -120,6 +180,22 @@ def _encode(doc: dict[str, str]) -> dict[str, list[int]]:
     return out
 
 
+def _document_bar(enabled: bool) -> Any:
+    """A ``tqdm`` bar counting documents on stderr, or ``None`` off a terminal."""
+    if not (enabled and is_terminal(sys.stderr)):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc="tokenizing", unit=" docs", file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+
+
+def _advance(bar: Any, tokens: int, start: float) -> None:
+    bar.update(1)
+    if bar.n % 256 == 0:  # the postfix redraws; keep it cheap
+        elapsed = time.perf_counter() - start
+        bar.set_postfix_str(f"{tokens / elapsed if elapsed > 0 else 0:,.0f} tokens/s", refresh=False)
+
+
 def preprocess(
     input_path: str | os.PathLike,
     output_prefix: str | os.PathLike,
@@ -132,12 +208,14 @@ def preprocess(
     append_eod: bool = False,
     workers: int = 1,
     log_interval: int = 0,
+    progress: bool = True,
 ) -> PreprocessReport:
     """Tokenize ``input_path`` into one indexed dataset per key; see the module docstring.
 
     ``workers > 1`` tokenizes in a process pool; the output is identical to ``workers=1``
     (documents keep input order).  ``log_interval > 0`` prints progress to stderr every
-    that many documents.
+    that many documents.  ``progress`` draws a bar (documents, tokens/s) when stderr is a
+    terminal, instead of those lines.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -150,7 +228,8 @@ def preprocess(
     )
     tokenizer = build_tokenizer(**tokenizer_kwargs)  # fail fast, and for vocab_size
     dtype = best_dtype(tokenizer.vocab_size)
-    documents = iter_documents(input_path, json_keys)  # also checks the input exists
+    input_files(input_path)  # fail fast on a missing input or a bad folder
+    documents = iter_documents(input_path, json_keys)
 
     prefixes = {k: output_prefix_for(output_prefix, k) for k in json_keys}
     builders = {k: IndexedDatasetBuilder(data_file_path(p), dtype) for k, p in prefixes.items()}
@@ -158,6 +237,7 @@ def preprocess(
     skipped = tokens = seen = 0
     pool = None
     encoded: Iterator[dict[str, list[int]]]
+    bar = _document_bar(progress)
     try:
         if workers == 1:
             _init_worker(tokenizer_kwargs, append_eod)
@@ -175,12 +255,18 @@ def preprocess(
                 builders[key].add_document(ids)
                 written[key] += 1
                 tokens += len(ids)
-            if log_interval > 0 and seen % log_interval == 0:
+            if bar is not None:
+                _advance(bar, tokens, start)
+            elif log_interval > 0 and seen % log_interval == 0:
                 elapsed = time.perf_counter() - start
                 print(f"processed {seen} documents, {tokens} tokens, {elapsed:.1f} s", file=sys.stderr)
         for key, builder in builders.items():
             builder.finalize(index_file_path(prefixes[key]))
+            record = json.dumps(tokenizer_record(tokenizer), indent=2, sort_keys=True) + "\n"
+            atomic_write(sidecar_path(prefixes[key]), record)
     finally:
+        if bar is not None:
+            bar.close()
         if pool is not None:
             pool.terminate()
         for builder in builders.values():

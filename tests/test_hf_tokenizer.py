@@ -199,3 +199,35 @@ def test_trainer_flags_accept_an_hf_tokenizer_folder(folders, tmp_path):
     assert cfg.tokenizer_type == "HFTokenizer" and cfg.tokenizer_model == str(folders["byte_level"])
     with pytest.raises(ValueError, match=r"--tokenizer-model .*missing: no such folder"):
         configs_from_flags(base + ["--tokenizer-model", str(tmp_path / "missing")], environ={})
+
+
+class _Terminal:
+    """A stderr that says it is a terminal and keeps what is written to it."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_bar_only_on_a_terminal(folders, tmp_path, monkeypatch, capsys):
+    (tmp_path / "in.txt").write_text(PLAIN)
+    kwargs = dict(tokenizer_model=folders["byte_level"], log_interval=0)
+    preprocess(tmp_path / "in.txt", tmp_path / "quiet", "HFTokenizer", **kwargs)
+    assert capsys.readouterr().err == ""  # off a terminal: nothing
+
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    preprocess(tmp_path / "in.txt", tmp_path / "bar", "HFTokenizer", **kwargs)
+    assert "tokenizing" in terminal.text and "3 docs" in terminal.text
+    drawn = terminal.text
+    preprocess(tmp_path / "in.txt", tmp_path / "off", "HFTokenizer", progress=False, **kwargs)
+    assert terminal.text == drawn  # progress=False: nothing more, even on a terminal

@@ -184,6 +184,11 @@ def test_bad_tokenizer_folders_are_refused_in_one_line(folders, tmp_path, capsys
     (linked / "tokenizer.json").unlink()
     os.symlink(folders["byte_level"] / "tokenizer.json", linked / "tokenizer.json")
     assert "symbolic link" in run(linked)
+
+    fifo = tmp_path / "fifo"
+    shutil.copytree(folders["byte_level"], fifo)
+    os.mkfifo(fifo / "tokenizer.model")  # must be refused, not block the hash
+    assert "tokenizer.model: not a regular file" in run(fifo)
     assert not list(tmp_path.glob("o_*"))  # nothing written
 
 

@@ -36,6 +36,7 @@ import io
 import json
 import lzma
 import os
+import stat
 import unicodedata
 from collections.abc import Iterable, Sequence
 from functools import cache, lru_cache
@@ -99,9 +100,12 @@ def files_sha256(files: Sequence[tuple[str, str | os.PathLike]]) -> str:
         p = Path(path)
         if p.is_symlink():
             raise ValueError(f"{p}: is a symbolic link; tokenizer files must be regular files")
-        if not p.is_file():
-            raise ValueError(f"{p}: not a regular file")
-        data = p.read_bytes()
+        # O_NOFOLLOW: a link swapped in after the check is not read either; O_NONBLOCK: nor does a fifo block.
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ValueError(f"{p}: not a regular file")
+            data = f.read()
         digest.update(f"{label}\0{len(data)}\0".encode("utf-8"))
         digest.update(data)
     return digest.hexdigest()

@@ -408,3 +408,36 @@ def test_preprocess_jsonl_gpt2(tmp_path):
     (tmp_path / "in.txt").write_text("x")
     with pytest.raises(ValueError, match="only the key 'text'"):
         preprocess(tmp_path / "in.txt", tmp_path / "o", "GPT2BPETokenizer", **GPT2_FILES, json_keys=["title"])
+
+
+def test_workers_read_the_input_a_window_at_a_time(tmp_path, monkeypatch):
+    """Two workers over several windows write the same bytes as one, and the reader stays at most one
+    window ahead of the writer (Pool.imap alone would queue the whole input)."""
+    from megatron_ucp.data import preprocess as pp
+
+    monkeypatch.setattr(pp, "_CHUNK", 2)
+    monkeypatch.setattr(pp, "_WINDOW_CHUNKS", 1)  # windows of 4 documents with 2 workers
+    docs = [f"Document {i} of the window test, {'word ' * (i % 7)}end." for i in range(23)]
+    (tmp_path / "in.txt").write_text("\n\n".join(docs))
+    outs = {}
+    for workers in (1, 2):
+        report = pp.preprocess(tmp_path / "in.txt", tmp_path / f"w{workers}", "SentencePieceTokenizer",
+                               tokenizer_model=SP_MODEL, append_eod=True, workers=workers, progress=False)
+        assert report.documents == 23
+        outs[workers] = [Path(report.outputs["text"] + ext).read_bytes() for ext in (".bin", ".idx")]
+    assert outs[1] == outs[2]
+
+    consumed = []
+
+    def counted():
+        for i in range(100):
+            consumed.append(i)
+            yield {"text": str(i)}
+
+    class SerialPool:
+        def imap(self, fn, items, chunksize):
+            return map(lambda d: {"text": [int(d["text"])]}, items)
+
+    results = pp._in_windows(SerialPool(), counted(), workers=2)
+    assert next(results) == {"text": [0]} and len(consumed) == 4  # one window read, not the whole input
+    assert [r["text"][0] for r in results] == list(range(1, 100))

@@ -22,6 +22,7 @@ On a terminal a progress bar shows documents and tokens per second; off one it i
 
 from __future__ import annotations
 
+import itertools
 import json
 import lzma
 import multiprocessing
@@ -196,6 +197,24 @@ def _advance(bar: Any, tokens: int, start: float) -> None:
         bar.set_postfix_str(f"{tokens / elapsed if elapsed > 0 else 0:,.0f} tokens/s", refresh=False)
 
 
+_CHUNK = 64  # documents per task sent to a worker: amortizes the IPC cost of small paragraphs
+_WINDOW_CHUNKS = 16  # chunks per worker read ahead of what has been written
+
+
+def _in_windows(pool: Any, documents: Iterator[dict[str, str]], workers: int) -> Iterator[dict[str, list[int]]]:
+    """``pool.imap(_encode, documents)`` in input order, reading the input a window at a time.
+
+    ``Pool.imap`` alone hands the whole input to a feeder thread, which reads it as fast as it can: a
+    200 MB jsonl would sit in memory as pending tasks. Here at most ``workers * _WINDOW_CHUNKS`` chunks
+    are read ahead of the writer, so memory stays bounded by the window, not the corpus."""
+    window = workers * _WINDOW_CHUNKS * _CHUNK
+    while True:
+        batch = list(itertools.islice(documents, window))
+        if not batch:
+            return
+        yield from pool.imap(_encode, batch, chunksize=_CHUNK)
+
+
 def preprocess(
     input_path: str | os.PathLike,
     output_prefix: str | os.PathLike,
@@ -244,8 +263,7 @@ def preprocess(
             encoded = map(_encode, documents)
         else:
             pool = multiprocessing.Pool(workers, _init_worker, (tokenizer_kwargs, append_eod))
-            # imap keeps input order; chunks amortize the IPC cost of small paragraphs.
-            encoded = pool.imap(_encode, documents, chunksize=64)
+            encoded = _in_windows(pool, documents, workers)
         for doc in encoded:
             seen += 1
             for key, ids in doc.items():

@@ -42,7 +42,8 @@ def _hf_gpt2(folder: Path, vocab: int, tokenizer: Path | None) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=16, n_layer=1, n_head=2, n_positions=16)).save_pretrained(folder)
+    config = GPT2Config(vocab_size=vocab, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    GPT2LMHeadModel(config).save_pretrained(folder)
     if tokenizer is not None:
         for name in os.listdir(tokenizer):
             shutil.copyfile(tokenizer / name, folder / name)
@@ -159,8 +160,41 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(world, capsys):
                    f"rows (10 new, for --tokenizer-model {world['a10']}) is not supported yet: the loaders would "
                    "leave the new rows zero instead of initialising them")
     # mock data: --vocab-size is the vocabulary
-    mock = MODEL + ["--mock-data", "--vocab-size", str(rows + 1), "--load", str(world["bare"]), "--universal-checkpoint"]
-    assert _refusal(capsys, mock).startswith(f"error: --vocab-size {rows + 1}: {rows + 1} tokens, more than the {rows} ")
+    load = ["--load", str(world["bare"]), "--universal-checkpoint"]
+    mock = MODEL + ["--mock-data", "--vocab-size", str(rows + 1)] + load
+    assert _refusal(capsys, mock) == (f"error: --vocab-size {rows + 1}: {rows + 1} tokens, more than the {rows} of the "
+                                      f"vocabulary of {folder} (its original_vocab_size); pass --allow-vocab-extension "
+                                      "if the extension is deliberate")
     # negative controls: the model's own size passes, and so does a smaller one
     _passes(_flags(world, "a", "a", "bare"))
-    _passes(MODEL + ["--mock-data", "--vocab-size", str(rows), "--load", str(world["bare"]), "--universal-checkpoint"])
+    _passes(MODEL + ["--mock-data", "--vocab-size", str(rows)] + load)
+    _passes(MODEL + ["--mock-data", "--vocab-size", str(rows - 1)] + load)
+
+
+@pytest.mark.slow
+def test_the_models_own_tokenizer_and_data_train(world, tmp_path):
+    """Positive control through the real entry point: the import, its tokenizer and data made by it pass the
+    check and one fine-tuning step runs (one rank, the environment torchrun would set)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from dist_utils import free_port
+    from helpers import REPO
+    from megatron_ucp.config import ModelConfig
+    from megatron_ucp.hf.logits import model_kwargs_of
+    from megatron_ucp.hf.to_universal import trainer_model_settings
+
+    kwargs, vocab = model_kwargs_of(str(world["with_a"] / "hf_universal"))
+    settings = trainer_model_settings(ModelConfig(vocab_size=vocab, **kwargs))
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(settings))
+    flags = _flags(world, "a", "a", "with_a", "--finetune", "--split", "1,1,0", "--log-interval", "1")
+    flags = ["--yaml-cfg", str(tmp_path / "model.yaml")] + flags[6:]  # the model's shape from its import, not MODEL's
+    assert flags[2] == "--seq-length"
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "megatron_ucp.train", *flags], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"vocab {vocab} (padded" in run.stdout and "iteration      1/1" in run.stdout

@@ -146,6 +146,18 @@ def test_data_made_by_another_tokenizer_than_the_models_is_refused(world, capsys
     _passes(_flags(world, "a", "a", "bare"))
 
 
+def test_library_callers_get_the_data_check_when_the_datasets_are_built(world):
+    from megatron_ucp.training.trainer import build_datasets
+
+    _, cfg = configs_from_flags(_flags(world, "a", "a", None, "--split", "1,1,0"), environ={})
+    assert build_datasets(cfg)[2] == HFTokenizer(world["a"]).vocab_size
+    _, cfg = configs_from_flags(_flags(world, "b", "a", None, "--split", "1,1,0"), environ={})
+    with pytest.raises(ValueError) as e:
+        build_datasets(cfg)
+    assert str(e.value) == (f"{sidecar_path(world['data_b'])}: the dataset was made by tokenizer "
+                            f"{describe(_record(world['b']))}, but --tokenizer-model {world['a']} is "
+                            f"{describe(_record(world['a']))}; preprocess the data with this tokenizer (or use the "
+                            "one that made it)")
 def test_a_tokenizer_larger_than_the_embedding_is_refused(world, capsys):
     folder = world["bare"] / "hf_universal"
     rows = HFTokenizer(world["a"]).vocab_size

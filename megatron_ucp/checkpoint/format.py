@@ -15,7 +15,8 @@ Format versions (``format_version``), each read by ``from_dict``:
   ``pipeline_parts``, ``pipe_entries`` and ``zero_stage`` but no ``source``; the Hugging Face import
   wrote ``source`` and ``hf_source`` instead of those, and no DeepSpeed version.
 * 2: one key set, every key present (``null`` where it does not apply), ``source`` always named and
-  ``versions.deepspeed`` always present. Older versions are upgraded on reading.
+  ``versions.deepspeed`` always present. Older versions are upgraded on reading. Added since, as an
+  optional key (absent reads as ``null``): ``hf_source.tokenizer``, the imported tokenizer's identity.
 
 **Names.** The model-state and optimizer files DeepSpeed 0.19.8 writes and globs (``mp_rank_XX_...``,
 ``zero_pp_rank_D_mp_rank_XX_...``), and a universal folder's layout: ``zero/<param>/{fp32,exp_avg,

@@ -210,3 +210,21 @@ def test_the_models_own_tokenizer_and_data_train(world, tmp_path):
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"vocab {vocab} (padded" in run.stdout and "iteration      1/1" in run.stdout
+
+
+def test_a_malformed_sidecar_is_refused_in_one_line_naming_it(world, tmp_path, capsys):
+    prefix = tmp_path / "d"
+    for suffix in (".bin", ".idx"):
+        shutil.copyfile(f"{world['data_a']}{suffix}", f"{prefix}{suffix}")
+    sidecar = Path(sidecar_path(prefix))
+    flags = _flags(world, "a", "a", None)
+    flags[flags.index("--data-path") + 1] = str(prefix)
+    record = json.loads(Path(sidecar_path(world["data_a"])).read_text())
+    sidecar.write_text(json.dumps(dict(record, sha256="zz")))
+    assert _refusal(capsys, flags) == f"error: {sidecar}.sha256: expected 64 lowercase hex digits, found str 'zz'"
+    sidecar.write_text(json.dumps({k: v for k, v in record.items() if k != "eod"}))
+    assert _refusal(capsys, flags) == f"error: {sidecar}: missing key 'eod'"
+    sidecar.write_text("{")
+    assert _refusal(capsys, flags).startswith(f"error: {sidecar}: not valid JSON: ")
+    sidecar.write_text(json.dumps(record))  # control: the record preprocessing wrote passes
+    _passes(flags)

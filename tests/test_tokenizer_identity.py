@@ -103,6 +103,9 @@ def test_an_import_records_the_identity_of_its_tokenizer(world):
     assert meta.hf_source.tokenizer == _record(folder / "hf_extras")  # the copies hash as the source files
     assert meta.hf_source.tokenizer["vocab_size"] == meta.original_vocab_size
     assert json.loads(Path(sidecar_path(world["data_a"])).read_text())["sha256"] == meta.hf_source.tokenizer["sha256"]
+    from megatron_ucp.checkpoint.inspect import describe_universal
+
+    assert f"  imported with tokenizer {describe(_record(world['a']))}" in describe_universal(str(folder))
     bare = read_metadata(model_state_files(str(world["bare"] / "hf_universal"))[0])
     assert bare is not None and bare.hf_source is not None and bare.hf_source.tokenizer is None
 

@@ -308,6 +308,12 @@ TOKENIZER_RECORD_KEYS = ("type", "sha256", "vocab_size")  # an HF import's recor
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
+def describe_tokenizer(record: dict[str, Any]) -> str:
+    """``HFTokenizer sha256 0123456789ab..., vocab 8000`` (vocab left out when unknown): a checked record, short."""
+    vocab = "" if record.get("vocab_size") is None else f", vocab {record['vocab_size']}"
+    return f"{record['type']} sha256 {record['sha256'][:12]}...{vocab}"
+
+
 def check_tokenizer_record(value: Any, where: str, sidecar: bool) -> dict[str, Any]:
     """A tokenizer's identity as a record (untrusted): ``type``, ``sha256`` (64 hex digits) and ``vocab_size``
     (a positive int; null allowed in an import's record), plus ``eod`` in a dataset's sidecar

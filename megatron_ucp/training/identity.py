@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from megatron_ucp.checkpoint.format import CheckpointMetadata, check_tokenizer_record, read_json
+from megatron_ucp.checkpoint.format import CheckpointMetadata, check_tokenizer_record, describe_tokenizer, read_json
 from megatron_ucp.config import TrainConfig
 
 
@@ -33,10 +33,7 @@ def tokenizer_source(cfg: TrainConfig) -> str:
     return f"--tokenizer-model {cfg.tokenizer_model}"
 
 
-def describe(record: dict[str, Any]) -> str:
-    """``HFTokenizer sha256 0123456789ab..., vocab 8000`` (vocab left out when unknown)."""
-    vocab = "" if record.get("vocab_size") is None else f", vocab {record['vocab_size']}"
-    return f"{record['type']} sha256 {record['sha256'][:12]}...{vocab}"
+describe = describe_tokenizer  # ``HFTokenizer sha256 0123456789ab..., vocab 8000``
 
 
 def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -301,6 +301,10 @@ class TrainConfig:
     merge_file: str | None = field(default=None, metadata=cli("--merge-file", help="GPT-2 merges.txt"))
     vocab_size: int | None = field(default=None, metadata=cli(  # only with mock data (no tokenizer)
         "--vocab-size", help="vocabulary size for --mock-data"))
+    allow_vocab_extension: bool = field(default=False, metadata=cli(
+        "--allow-vocab-extension",
+        help="a tokenizer larger than the --load checkpoint's vocabulary is deliberate (not supported yet: "
+             "refused with a note instead of the plain refusal)"))
     # logging and evaluation
     log_interval: int = field(default=10, metadata=cli("--log-interval", help="iterations between progress lines"))
     eval_interval: int = field(default=20, metadata=cli(

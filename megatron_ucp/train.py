@@ -33,10 +33,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from megatron_ucp.training.checkpointing import check_save_folder, saved_iterations
 
             check_save_folder(cfg.save, saved_iterations(cfg.train_iters, cfg.save_interval))
+        folder = metadata = None
         if cfg.load:  # a missing or malformed model-state file: refused once per node, before start-up
             from megatron_ucp.training.checkpointing import check_load_folder
 
-            check_load_folder(cfg.load, cfg.universal_checkpoint, cfg.ckpt_step)
+            folder, metadata = check_load_folder(cfg.load, cfg.universal_checkpoint, cfg.ckpt_step)
+        from megatron_ucp.training.identity import check_run_tokenizer
+
+        # data made by another tokenizer, or a model imported with another one: refused before start-up
+        check_run_tokenizer(cfg, folder, metadata)
     except (ValueError, OSError) as e:
         return _refuse(e)
     from megatron_ucp.training.trainer import train  # imports DeepSpeed: only for a valid run

@@ -111,7 +111,7 @@ def _training_metadata() -> CheckpointMetadata:
                                versions=Versions(megatron_ucp="0.1.0", torch="2.13.0+cpu", deepspeed="0.19.8"))
 
 
-TRAIN_FLAGS_SINCE_V1 = ("ckpt_step", "universal_loader")
+TRAIN_FLAGS_SINCE_V1 = ("ckpt_step", "universal_loader", "allow_vocab_extension")
 
 
 def _import_metadata() -> CheckpointMetadata:

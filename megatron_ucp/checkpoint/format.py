@@ -15,7 +15,8 @@ Format versions (``format_version``), each read by ``from_dict``:
   ``pipeline_parts``, ``pipe_entries`` and ``zero_stage`` but no ``source``; the Hugging Face import
   wrote ``source`` and ``hf_source`` instead of those, and no DeepSpeed version.
 * 2: one key set, every key present (``null`` where it does not apply), ``source`` always named and
-  ``versions.deepspeed`` always present. Older versions are upgraded on reading.
+  ``versions.deepspeed`` always present. Older versions are upgraded on reading. Added since, as an
+  optional key (absent reads as ``null``): ``hf_source.tokenizer``, the imported tokenizer's identity.
 
 **Names.** The model-state and optimizer files DeepSpeed 0.19.8 writes and globs (``mp_rank_XX_...``,
 ``zero_pp_rank_D_mp_rank_XX_...``), and a universal folder's layout: ``zero/<param>/{fp32,exp_avg,
@@ -238,10 +239,9 @@ def _check_fields(cls: type, d: dict[str, Any], where: str, strict: bool) -> Non
 
 
 def _parse_flat(cls: type, value: Any, where: str) -> Any:
-    """A flat frozen dataclass of JSON scalars, every field present and typed."""
+    """A flat frozen dataclass of JSON data, typed; a field with a default may be absent (a key added later)."""
     d = _object(value, where)
-    _check_keys(d, [f.name for f in dataclasses.fields(cls)], where)
-    _check_fields(cls, d, where, strict=True)
+    _check_fields(cls, d, where, strict=True)  # every field without a default present, no unknown key
     return cls(**d)
 
 
@@ -293,9 +293,42 @@ class HFSource:
     dtype: str | None  # config.json's dtype (or torch_dtype), as written there
     config: dict[str, Any]  # config.json as read (JSON data)
     path: str
+    # The tokenizer the model came with (``TOKENIZER_RECORD_KEYS``: type, sha256 of its files as
+    # ``HFTokenizer.identity`` hashes them, vocab_size or null); null when the folder had none, and in
+    # imports written before it was recorded (the key may be absent there).
+    tokenizer: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check_json(self.config, f"{METADATA_KEY}.hf_source.config")
+        if self.tokenizer is not None:
+            check_tokenizer_record(self.tokenizer, f"{METADATA_KEY}.hf_source.tokenizer", sidecar=False)
+
+
+TOKENIZER_RECORD_KEYS = ("type", "sha256", "vocab_size")  # an HF import's record; a dataset's sidecar adds eod
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def describe_tokenizer(record: dict[str, Any]) -> str:
+    """``HFTokenizer sha256 0123456789ab..., vocab 8000`` (vocab left out when unknown): a checked record, short."""
+    vocab = "" if record.get("vocab_size") is None else f", vocab {record['vocab_size']}"
+    return f"{record['type']} sha256 {record['sha256'][:12]}...{vocab}"
+
+
+def check_tokenizer_record(value: Any, where: str, sidecar: bool) -> dict[str, Any]:
+    """A tokenizer's identity as a record (untrusted): ``type``, ``sha256`` (64 hex digits) and ``vocab_size``
+    (a positive int; null allowed in an import's record), plus ``eod`` in a dataset's sidecar
+    (``data.preprocess.tokenizer_record``). One-line ``CheckpointError`` naming ``where`` and the key."""
+    d = _object(value, where)
+    _check_keys(d, TOKENIZER_RECORD_KEYS + (("eod",) if sidecar else ()), where)
+    _check_value(d["type"], str, f"{where}.type")
+    if not isinstance(d["sha256"], str) or not _SHA256.match(d["sha256"]):
+        raise CheckpointError(f"{where}.sha256: expected 64 lowercase hex digits, {_found(d['sha256'])}")
+    vocab = _check_value(d["vocab_size"], int if sidecar else int | None, f"{where}.vocab_size")
+    if vocab is not None and vocab < 1:
+        raise CheckpointError(f"{where}.vocab_size: {vocab} is not positive")
+    if sidecar:
+        _check_value(d["eod"], int, f"{where}.eod")
+    return dict(d)
 
 
 @dataclass(frozen=True)
@@ -446,6 +479,8 @@ def _check_relations(m: dict[str, Any], where: str) -> None:
 
 def _hf_source(value: Any, where: str) -> HFSource:
     _check_json(value, where)
+    if isinstance(value, dict) and value.get("tokenizer") is not None:  # named where it was read
+        check_tokenizer_record(value["tokenizer"], f"{where}.tokenizer", sidecar=False)
     return _parse_flat(HFSource, value, where)
 
 

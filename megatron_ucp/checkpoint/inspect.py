@@ -22,6 +22,7 @@ from megatron_ucp.checkpoint.format import (
     atom_path,
     check_model_states,
     check_state_atom,
+    describe_tokenizer,
     metadata_from_state,
     model_states_name,
     zero_dir,
@@ -195,6 +196,8 @@ def describe_universal(folder: str) -> list[str]:
         topology = meta.topology.to_dict() if meta is not None and meta.topology is not None else None
         lines.append(f"  iteration {st.get('iteration', st.get('global_steps'))}, source topology "
                      f"{topology}, {len(mp)} model-state files")
+        if meta is not None and meta.hf_source is not None and meta.hf_source.tokenizer is not None:
+            lines.append(f"  imported with tokenizer {describe_tokenizer(meta.hf_source.tokenizer)}")
     for name in sorted(n for n in os.listdir(zero) if os.path.isdir(os.path.join(zero, n))):
         path = atom_path(folder, check_name(name, zero), STATE_KEYS[0])
         atom = load_file(path, mmap=True)

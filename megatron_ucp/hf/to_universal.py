@@ -80,7 +80,24 @@ from megatron_ucp.layout.params import Kind
 from megatron_ucp.layout.slicing import padded_vocab_size
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "generation_config.json")
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
+
+
+def tokenizer_identity(folder: str) -> dict | None:
+    """The tokenizer record an import keeps (``format.HFSource.tokenizer``) of the tokenizer files copied into
+    ``folder`` (its ``hf_extras``): ``HFTokenizer``'s identity of them, so a dataset preprocessed with the
+    source folder's tokenizer carries the same sha256, and its vocabulary size when ``transformers`` can load
+    it (null otherwise: an import does not need a working tokenizer). None when no tokenizer file was copied."""
+    from megatron_ucp.data.tokenizer import HF_TOKENIZER_FILES, HFTokenizer, files_sha256
+
+    present = [(n, os.path.join(folder, n)) for n in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(folder, n))]
+    if not present:
+        return None
+    try:
+        tok = HFTokenizer(folder)
+    except ValueError:  # not loadable, or no EOS: the files' hash still identifies them
+        return {"type": HFTokenizer.name, "sha256": files_sha256(present), "vocab_size": None}
+    return {**tok.identity, "vocab_size": int(tok.vocab_size)}
 
 
 @dataclass
@@ -148,8 +165,10 @@ def check_coverage(ckpt: HFCheckpoint, mappings: list[HFMapping], cfg: ModelConf
                                       f"implies {shape}")
 
 
-def import_metadata(cfg: ModelConfig, family: Family, hf_config: dict, folder: str) -> CheckpointMetadata:
-    """The metadata of an import: fp32 weights at iteration 0, the HF config kept for the way back."""
+def import_metadata(cfg: ModelConfig, family: Family, hf_config: dict, folder: str,
+                    tokenizer: dict | None = None) -> CheckpointMetadata:
+    """The metadata of an import: fp32 weights at iteration 0, the HF config kept for the way back, and the
+    identity of the tokenizer it came with (``tokenizer_identity``), which the trainer checks data against."""
     return CheckpointMetadata(
         source=SOURCE_HUGGINGFACE,
         model_config=cfg,
@@ -159,7 +178,7 @@ def import_metadata(cfg: ModelConfig, family: Family, hf_config: dict, folder: s
         iteration=0,
         consumed_train_samples=0,
         hf_source=HFSource(architecture=family.architecture, dtype=source_dtype(hf_config), config=hf_config,
-                           path=os.path.abspath(folder)),
+                           path=os.path.abspath(folder), tokenizer=tokenizer),
         versions=Versions.installed(),
     )
 
@@ -260,12 +279,14 @@ def convert_hf_to_universal(hf_checkpoint_dir: str, save_dir: str, *, safe_seria
             full = ours(m)
             write_param_atoms(tmp, m, full, cfg.vocab_size)
             del full
-        metadata = import_metadata(cfg, family, hf_config, inp)
-        write_loader_files(tmp, client_state=client_state(metadata, tokens=0))
-        if extras:
+        tokenizer = None
+        if extras:  # copied first: the tokenizer's identity is that of the files the folder keeps
             os.makedirs(os.path.join(tmp, HF_EXTRAS_DIR))
             for name, path in zip(extras, extra_paths):
                 shutil.copyfile(path, os.path.join(tmp, HF_EXTRAS_DIR, name))
+            tokenizer = tokenizer_identity(os.path.join(tmp, HF_EXTRAS_DIR))
+        metadata = import_metadata(cfg, family, hf_config, inp, tokenizer)
+        write_loader_files(tmp, client_state=client_state(metadata, tokens=0))
         with open(os.path.join(tmp, SOURCE_NOTE_FILE), "w") as f:
             f.write(f"Hugging Face {family.architecture} checkpoint {inp}\n")
         if ckpt.format == "bin":  # the reader that verification re-reads with, against torch.load's

@@ -261,10 +261,13 @@ def _resume_files(folder: str) -> tuple[list[str], dict]:
     return model_files, check_resume_state(load_file(model_files[0], meta=True), model_files[0])
 
 
-def check_load_folder(load_dir: str, universal: bool, step: int | None = None) -> None:
+def check_load_folder(load_dir: str, universal: bool, step: int | None = None) -> tuple[str, CheckpointMetadata | None]:
     """What ``--load`` resumes from, checked before distributed start-up (the entry point): the folder its
-    tracker (or ``step``) names, and that folder's first model-state file with the counters a resume reads."""
-    _resume_files(checkpoint_folder(load_dir, universal, step))
+    tracker (or ``step``) names, and that folder's first model-state file with the counters a resume reads.
+    Returns (that folder, our metadata in that file, or None for a checkpoint we did not write)."""
+    folder = checkpoint_folder(load_dir, universal, step)
+    model_files, state = _resume_files(folder)
+    return folder, metadata_from_state(state, model_files[0])
 
 
 def check_loaded_file(path: str, loaded) -> None:

@@ -119,6 +119,9 @@ def build_datasets(cfg: TrainConfig):
     assert cfg.data_path is not None  # TrainConfig.validate: --data-path unless --mock-data
     tok = build_tokenizer(cfg.tokenizer_type, tokenizer_model=cfg.tokenizer_model,
                           vocab_file=cfg.vocab_file, merge_file=cfg.merge_file)
+    from megatron_ucp.training.identity import check_tokenizer_identity
+
+    check_tokenizer_identity(cfg, tok)  # data made by another tokenizer (its sidecar says): for library callers too
     train = GPTDataset(cfg.data_path, cfg.seq_length, cfg.seed, split=cfg.split, name="train")
     valid = GPTDataset(cfg.data_path, cfg.seq_length, cfg.seed, split=cfg.split, name="valid")
     return train, valid, tok.vocab_size

@@ -620,12 +620,7 @@ def _number(value: Any, where: str, low: float, high: float | None = None, *, lo
 
 
 def _step_value(value: Any, where: str) -> None:
-    """An optimizer step: a number or a 0-d (or one-element) tensor, not negative."""
-    if torch.is_tensor(value):
-        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-            raise CheckpointError(f"{where}: expected a one-element real tensor, found {value.dtype} "
-                                  f"{tuple(value.shape)}")
-        return
+    """An optimizer step: a number, not negative, or a 0-d (or one-element) real tensor."""
     _number(value, where, 0.0)
 
 

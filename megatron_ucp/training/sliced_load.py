@@ -35,6 +35,7 @@ from megatron_ucp.checkpoint.format import (
     atom_path,
     check_atom,
     check_global_optimizer_state,
+    check_state_atom,
     metadata_from_state,
     optimizer_state_path,
 )
@@ -148,11 +149,10 @@ class UniversalSource:
         if (name, key) not in self._refs:
             path = atom_path(self.folder, check_name(name, self.folder), key)
             atom = load_file(path, meta=True)
-            tensor = atom.get("param") if isinstance(atom, dict) else None
-            if not torch.is_tensor(tensor):
-                raise CheckpointError(f"{path}: no 'param' tensor")
-            if tensor.dtype != torch.float32:  # fp32 master weights and moments, whatever the training precision
-                raise CheckpointError(f"{path}: param: expected a torch.float32 tensor, found {tensor.dtype}")
+            if not isinstance(atom, dict):  # our atoms hold the tensor under 'param', beside its merge keys
+                raise CheckpointError(f"{path}: expected an atom dict with a 'param' tensor, found "
+                                      f"{type(atom).__name__}")
+            tensor = check_state_atom(atom, path)  # the fp32 master weights and moments, whatever the precision
             self._refs[(name, key)] = (FlatRef.of(path, tensor.reshape(-1)), tuple(tensor.shape))
         return self._refs[(name, key)]
 

@@ -28,9 +28,10 @@ import os
 import re
 import secrets
 import socket
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator, TypeVar
 
 HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"  # safe inside a file name
+T = TypeVar("T")
 _TRIES = 16  # fresh names tried before giving up (a collision of random names is next to impossible)
 
 
@@ -57,30 +58,29 @@ def _collisions(out: str) -> OSError:
                                          "to write through something planted there", out)
 
 
+def _create_fresh(out: str, create: Callable[[str], T], path: str) -> tuple[str, T]:
+    """(name, ``create(name)``) for the first fresh temporary name of ``out`` that ``create`` makes without
+    finding it taken (``FileExistsError``); ``path`` is named if ``_TRIES`` names all are."""
+    for _ in range(_TRIES):
+        name = fresh_temporary_name(out)
+        try:
+            return name, create(name)
+        except FileExistsError:
+            continue
+    raise _collisions(path)
+
+
 def make_temporary_folder(out: str) -> str:
     """Create and return an empty, fresh temporary sibling folder of ``out`` (``mkdir`` never follows a link);
     the parent folder is made when missing."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    for _ in range(_TRIES):
-        tmp = fresh_temporary_name(out)
-        try:
-            os.mkdir(tmp)
-        except FileExistsError:
-            continue
-        return tmp
-    raise _collisions(out)
+    return _create_fresh(out, os.mkdir, out)[0]
 
 
 def _open_exclusive(dir_fd: int, base: str, mode: str, path: str) -> tuple[str, int]:
     """(name, descriptor) of a new file in the folder ``dir_fd``, never an existing entry or a link."""
     flags = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_RDWR if "+" in mode else os.O_WRONLY)
-    for _ in range(_TRIES):
-        name = fresh_temporary_name(base)
-        try:
-            return name, os.open(name, flags, 0o666, dir_fd=dir_fd)
-        except FileExistsError:
-            continue
-    raise _collisions(path)
+    return _create_fresh(base, lambda name: os.open(name, flags, 0o666, dir_fd=dir_fd), path)
 
 
 @contextlib.contextmanager

@@ -50,6 +50,7 @@ __all__ = [
     "GPT2BPETokenizer",
     "HFTokenizer",
     "HF_TOKENIZER_FILES",
+    "hf_tokenizer_files",
     "files_sha256",
     "SUPPORTED_TOKENIZERS",
     "build_tokenizer",
@@ -87,6 +88,13 @@ class Tokenizer(Protocol):
 
     @property
     def identity(self) -> dict[str, str]: ...
+
+
+def hf_tokenizer_files(folder: str | os.PathLike) -> list[tuple[str, Path]]:
+    """(name, path) of each ``HF_TOKENIZER_FILES`` entry in ``folder`` (links included, for ``files_sha256``
+    to refuse): the files a Hugging Face tokenizer's identity is the hash of."""
+    path = Path(folder)
+    return [(n, path / n) for n in HF_TOKENIZER_FILES if (path / n).is_symlink() or (path / n).exists()]
 
 
 def files_sha256(files: Sequence[tuple[str, str | os.PathLike]]) -> str:
@@ -445,7 +453,7 @@ class HFTokenizer:
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: Hugging Face tokenizer folder not found")
         self.folder = str(path)
-        present = [(n, path / n) for n in HF_TOKENIZER_FILES if (path / n).is_symlink() or (path / n).exists()]
+        present = hf_tokenizer_files(path)
         if not present:
             raise ValueError(f"{path}: no tokenizer files (expected one of {', '.join(HF_TOKENIZER_FILES)})")
         self._sha256 = files_sha256(present)  # also refuses links before anything reads them

@@ -88,9 +88,9 @@ def tokenizer_identity(folder: str) -> dict | None:
     ``folder`` (its ``hf_extras``): ``HFTokenizer``'s identity of them, so a dataset preprocessed with the
     source folder's tokenizer carries the same sha256, and its vocabulary size when ``transformers`` can load
     it (null otherwise: an import does not need a working tokenizer). None when no tokenizer file was copied."""
-    from megatron_ucp.data.tokenizer import HF_TOKENIZER_FILES, HFTokenizer, files_sha256
+    from megatron_ucp.data.tokenizer import HFTokenizer, files_sha256, hf_tokenizer_files
 
-    present = [(n, os.path.join(folder, n)) for n in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(folder, n))]
+    present = hf_tokenizer_files(folder)
     if not present:
         return None
     try:

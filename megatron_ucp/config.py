@@ -303,13 +303,15 @@ class TrainConfig:
         "--vocab-size", help="vocabulary size for --mock-data"))
     allow_vocab_extension: bool = field(default=False, metadata=cli(
         "--allow-vocab-extension",
-        help="a tokenizer larger than the --load checkpoint's vocabulary is deliberate (not supported yet: "
-             "refused with a note instead of the plain refusal)"))
+        help="a tokenizer other than the --load checkpoint's (new tokens, a larger vocabulary) is deliberate: "
+             "rows the checkpoint lacks are initialised as a fresh model's"))
     # logging and evaluation
     log_interval: int = field(default=10, metadata=cli("--log-interval", help="iterations between progress lines"))
     eval_interval: int = field(default=20, metadata=cli(
         "--eval-interval", help="iterations between validations (0 disables)"))
     eval_iters: int = field(default=4, metadata=cli("--eval-iters", help="global batches per validation"))
+    eval_at_start: bool = field(default=False, metadata=cli(
+        "--eval-at-start", help="also validate before the first step: the loss the run starts from"))
     tensorboard_dir: str | None = field(default=None, metadata=cli(
         "--tensorboard-dir", help="TensorBoard event folder"))
     loss_log: str | None = field(default=None, metadata=cli(

@@ -111,7 +111,7 @@ def _training_metadata() -> CheckpointMetadata:
                                versions=Versions(megatron_ucp="0.1.0", torch="2.13.0+cpu", deepspeed="0.19.8"))
 
 
-TRAIN_FLAGS_SINCE_V1 = ("ckpt_step", "universal_loader", "allow_vocab_extension")
+TRAIN_FLAGS_SINCE_V1 = ("ckpt_step", "universal_loader", "allow_vocab_extension", "eval_at_start")
 
 
 def _import_metadata() -> CheckpointMetadata:
@@ -354,3 +354,21 @@ def test_modules_use_the_definitions_here():
         bf16 = fmt.optim_states_name(mp, 3, bf16=True)
         assert bf16.startswith(ds.BF16_ZERO_FILE_PREFIX + "3_") and bf16.endswith(ds.OPTIM_FILE_SUFFIX)
         assert fmt.optim_states_name(mp, 3, bf16=False) == bf16[len("bf16_"):]
+
+
+def test_a_training_checkpoint_records_its_tokenizer():
+    record = {"type": "HFTokenizer", "sha256": "ab" * 32, "vocab_size": 50}
+    meta = dataclasses.replace(_training_metadata(), tokenizer=record)
+    assert CheckpointMetadata.from_dict(meta.to_dict()) == meta
+    assert meta.to_dict()["tokenizer"] == record
+    # written before the key existed: reads as None
+    old = meta.to_dict()
+    del old["tokenizer"]
+    assert CheckpointMetadata.from_dict(old).tokenizer is None
+    bad = meta.to_dict()
+    bad["tokenizer"] = dict(record, sha256="x")
+    assert _refused(bad) == "megatron_ucp.tokenizer.sha256: expected 64 lowercase hex digits, found str 'x'"
+    imported = _import_metadata().to_dict()
+    imported["tokenizer"] = record  # an import's tokenizer is hf_source.tokenizer
+    assert _refused(imported) == ("megatron_ucp.tokenizer: must be null in a huggingface checkpoint (its tokenizer "
+                                  "is hf_source.tokenizer)")

@@ -128,7 +128,8 @@ def test_data_made_by_another_tokenizer_than_the_models_is_refused(world, capsys
     assert a["sha256"] != b["sha256"]
     got = _refusal(capsys, _flags(world, "b", "b", "with_a"))
     assert got == (f"error: {folder}: imported with tokenizer {describe(a)}, but {sidecar} says the data was made "
-                   f"by {describe(b)}; the data was made by another tokenizer than the model's")
+                   f"by {describe(b)}; the data was made by another tokenizer than the model's (pass "
+                   "--allow-vocab-extension if the change is deliberate)")
     # data and run tokenizer disagree, with no checkpoint at all
     got = _refusal(capsys, _flags(world, "b", "a", None))
     assert got == (f"error: {sidecar}: the dataset was made by tokenizer {describe(b)}, but --tokenizer-model "
@@ -142,7 +143,8 @@ def test_data_made_by_another_tokenizer_than_the_models_is_refused(world, capsys
     flags[flags.index("--data-path") + 1] = str(bare_data)
     got = _refusal(capsys, flags)
     assert got == (f"error: {folder}: imported with tokenizer {describe(a)}, but --tokenizer-model {world['b']} is "
-                   f"{describe(b)}; train with the model's own tokenizer (its hf_extras folder)")
+                   f"{describe(b)}; train with the model's own tokenizer (its hf_extras folder), or pass "
+                   "--allow-vocab-extension if the change is deliberate")
     # negative controls: the same tokenizer everywhere passes, with and without a checkpoint
     _passes(_flags(world, "a", "a", "with_a"))
     _passes(_flags(world, "b", "b", None))
@@ -169,11 +171,10 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(world, capsys):
     assert got == (f"error: --tokenizer-model {world['a10']}: {rows + 10} tokens, more than the {rows} of the "
                    f"vocabulary of {folder} (its original_vocab_size); pass --allow-vocab-extension if the extension "
                    "is deliberate")
-    # the flag says it is deliberate, but extension is not supported yet: a refusal that says so
-    got = _refusal(capsys, _flags(world, "a10", "a10", "bare", "--allow-vocab-extension"))
-    assert got == (f"error: --allow-vocab-extension: extending the vocabulary of {folder} from {rows} to {rows + 10} "
-                   f"rows (10 new, for --tokenizer-model {world['a10']}) is not supported yet: the loaders would "
-                   "leave the new rows zero instead of initialising them")
+    # the flag says it is deliberate: the check passes (the loader initialises the new rows, tested below)
+    _passes(_flags(world, "a10", "a10", "bare", "--allow-vocab-extension"))
+    # ... and a tokenizer other than the import's, with data made by it
+    _passes(_flags(world, "a10", "a10", "with_a", "--allow-vocab-extension"))
     # mock data: --vocab-size is the vocabulary
     load = ["--load", str(world["bare"]), "--universal-checkpoint"]
     mock = MODEL + ["--mock-data", "--vocab-size", str(rows + 1)] + load
@@ -231,3 +232,63 @@ def test_a_malformed_sidecar_is_refused_in_one_line_naming_it(world, tmp_path, c
     assert _refusal(capsys, flags).startswith(f"error: {sidecar}: not valid JSON: ")
     sidecar.write_text(json.dumps(record))  # control: the record preprocessing wrote passes
     _passes(flags)
+
+
+def _extended(rank, world_size, load, stage, tp, vocab, out):
+    from megatron_ucp.config import TrainConfig
+    from megatron_ucp.hf.logits import model_kwargs_of
+    from megatron_ucp.training.trainer import Trainer
+
+    kwargs, _ = model_kwargs_of(os.path.join(load, "hf_universal"))
+    cfg = TrainConfig(zero_stage=stage, no_pipeline_parallel=stage > 1, tensor_model_parallel_size=tp,
+                      micro_batch_size=1, global_batch_size=2, seq_length=16, train_iters=1, finetune=True,
+                      dtype="fp32", mock_data=True, vocab_size=vocab, load=load, universal_checkpoint=True,
+                      eval_interval=0, allow_vocab_extension=True)
+    with Trainer(kwargs, cfg) as trainer:
+        trainer.build()
+        resumed = trainer.load()
+        params = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "word_embeddings" in n}
+        moments = {}
+        opt = trainer.engine.optimizer
+        for lp in opt.bit16_groups[0] if stage < 3 and hasattr(opt, "bit16_groups") else []:
+            if "word_embeddings" in opt.param_names[lp] and lp._hp_mapping is not None:
+                moments[opt.param_names[lp]] = lp._hp_mapping.optim_fragment["exp_avg"].clone()
+        torch.save({"params": params, "moments": moments, "note": resumed.note,
+                    "model_cfg": trainer.model_cfg.to_dict(), "padded": trainer.model.padded_vocab},
+                   os.path.join(out, f"rank{rank}.pt"))
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,tp", [(1, 2), (2, 1)])
+def test_a_deliberate_vocab_extension_initialises_the_new_rows_as_a_fresh_model(world, tmp_path, stage, tp):
+    """--allow-vocab-extension with ten more tokens than the import: rows the import has load exactly, the ten
+    new rows are the trainer's own init of a model with the larger vocabulary (the same at every layout),
+    the padding rows stay zero, and the load reports the new rows."""
+    from dist_utils import run_distributed
+    from megatron_ucp.config import ModelConfig
+    from megatron_ucp.layout.init import full_init
+    from megatron_ucp.layout.params import model_params
+
+    rows = HFTokenizer(world["a"]).vocab_size
+    load = str(world["bare"])
+    run_distributed(_extended, 2, load, stage, tp, rows + 10, str(tmp_path))
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    name = "tied_modules.embed.word_embeddings.weight"  # GPT-2 ties its head to the embedding
+    model_cfg = ModelConfig.from_dict(got[0]["model_cfg"])
+    assert model_cfg.vocab_size == rows + 10
+    padded = got[0]["padded"]
+    info = next(i for i in model_params(model_cfg) if i.name == name)
+    fresh = full_init(info, model_cfg, 1234, padded)
+    saved = torch.load(world["bare"] / "hf_universal" / "zero" / name / "fp32.pt", weights_only=False)["param"]
+    assert saved.shape[0] == rows
+    full = torch.cat([got[r]["params"][name] for r in range(tp)]) if tp > 1 else got[0]["params"][name]
+    assert full.shape[0] == padded
+    assert torch.equal(full[:rows], saved), "the import's rows"
+    assert torch.equal(full[rows:rows + 10], fresh[rows:rows + 10]), "the new rows: a fresh model's"
+    assert not torch.equal(fresh[rows:rows + 10], torch.zeros_like(fresh[rows:rows + 10]))  # control: not zeros
+    assert torch.count_nonzero(full[rows + 10:]) == 0, "padding rows"
+    moments = [m for r in range(2) for m in got[r]["moments"].values()]
+    assert moments and all(torch.count_nonzero(m) == 0 for m in moments)  # an import's are zero, the new rows' too
+    assert (f"vocabulary extended from {rows} to {rows + 10} rows: rows {rows}..{rows + 9} of {name}"
+            in got[0]["note"]), got[0]["note"]

@@ -16,7 +16,9 @@ Format versions (``format_version``), each read by ``from_dict``:
   wrote ``source`` and ``hf_source`` instead of those, and no DeepSpeed version.
 * 2: one key set, every key present (``null`` where it does not apply), ``source`` always named and
   ``versions.deepspeed`` always present. Older versions are upgraded on reading. Added since, as an
-  optional key (absent reads as ``null``): ``hf_source.tokenizer``, the imported tokenizer's identity.
+  optional key (absent reads as ``null``): ``hf_source.tokenizer``, the imported tokenizer's identity,
+  and ``tokenizer``, the identity of the tokenizer a training run used (its type, files' sha256 and
+  vocabulary size).
 
 **Names.** The model-state and optimizer files DeepSpeed 0.19.8 writes and globs (``mp_rank_XX_...``,
 ``zero_pp_rank_D_mp_rank_XX_...``), and a universal folder's layout: ``zero/<param>/{fp32,exp_avg,
@@ -371,6 +373,7 @@ class CheckpointMetadata:
     pipe_entries: tuple[PipeEntryRecord, ...] | None = None
     zero_stage: int | None = None
     hf_source: HFSource | None = None
+    tokenizer: dict[str, Any] | None = None  # the training run's tokenizer record (an import's: hf_source's)
 
     def __post_init__(self) -> None:
         _check_relations({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, METADATA_KEY)
@@ -396,6 +399,7 @@ class CheckpointMetadata:
             "consumed_train_samples": self.consumed_train_samples,
             "hf_source": None if self.hf_source is None else copy.deepcopy(dataclasses.asdict(self.hf_source)),
             "versions": dataclasses.asdict(self.versions),
+            "tokenizer": copy.deepcopy(self.tokenizer),
         }
 
     # -- reading --------------------------------------------------------------------------------
@@ -418,7 +422,7 @@ class CheckpointMetadata:
                                   f"({METADATA_FORMAT_VERSION}); upgrade megatron_ucp to read this checkpoint")
         while fv < METADATA_FORMAT_VERSION:
             d, fv = _UPGRADES[fv](d, where), fv + 1
-        _check_keys(d, _V2_KEYS, where)
+        _check_keys(d, _V2_REQUIRED, where, optional=_V2_OPTIONAL)
 
         def optional(key: str, parse):
             return None if d[key] is None else parse(d[key], f"{where}.{key}")
@@ -435,6 +439,8 @@ class CheckpointMetadata:
         fields["pipeline_parts"] = optional("pipeline_parts", _int_list)
         fields["pipe_entries"] = optional("pipe_entries", _pipe_entries)
         fields["hf_source"] = optional("hf_source", _hf_source)
+        if d.get("tokenizer") is not None:
+            fields["tokenizer"] = check_tokenizer_record(d["tokenizer"], f"{where}.tokenizer", sidecar=False)
         fields["versions"] = _parse_flat(Versions, d["versions"], f"{where}.versions")
         _check_relations(fields, where)  # as __post_init__ will, but naming where the data came from
         return cls(**fields)
@@ -470,6 +476,9 @@ def _check_relations(m: dict[str, Any], where: str) -> None:
             raise CheckpointError(f"{where}.{name}: a {source} checkpoint needs it, found null")
         if not wanted and m[name] is not None:
             raise CheckpointError(f"{where}.{name}: must be null in a {source} checkpoint")
+    if imported and m.get("tokenizer") is not None:
+        raise CheckpointError(f"{where}.tokenizer: must be null in a {source} checkpoint (its tokenizer is "
+                              "hf_source.tokenizer)")
     parts, topology = m["pipeline_parts"], m["topology"]
     if parts is not None and topology is not None:
         if len(parts) != topology.pp + 1 or parts[0] != 0 or any(b < a for a, b in zip(parts, parts[1:])):
@@ -500,6 +509,8 @@ def _pipe_entries(value: Any, where: str) -> tuple[PipeEntryRecord, ...]:
 
 
 _V2_KEYS = ("format_version",) + tuple(f.name for f in dataclasses.fields(CheckpointMetadata))
+_V2_OPTIONAL = ("tokenizer",)  # added within format 2: absent reads as null
+_V2_REQUIRED = tuple(k for k in _V2_KEYS if k not in _V2_OPTIONAL)
 _V1_REQUIRED = ("format_version", "model_config", "original_vocab_size", "padded_vocab_size", "dtype",
                 "iteration", "consumed_train_samples", "versions")
 _V1_OPTIONAL = ("source", "hf_source", "train_config", "topology", "pipeline_parts", "pipe_entries", "zero_stage")

@@ -115,9 +115,16 @@ def _default_dtype(meta: CheckpointMetadata) -> str:
 
 
 def _token_ids(meta: CheckpointMetadata) -> dict:
-    """bos/eos ids: from the HF source's config, or from our SentencePiece model (its bos and eos)."""
+    """bos/eos ids: from the HF source's config, the run's Hugging Face tokenizer, or our SentencePiece model."""
     src = meta.hf_source.config if meta.hf_source else {}
     ids = {k: src[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if src.get(k) is not None}
+    run_tokenizer = None if ids else _run_tokenizer_folder(meta)
+    if run_tokenizer:
+        from transformers import AutoTokenizer
+
+        hf_tok = AutoTokenizer.from_pretrained(run_tokenizer, local_files_only=True, trust_remote_code=False)
+        ids = {f"{k}_token_id": getattr(hf_tok, f"{k}_token_id") for k in ("bos", "eos", "pad")}
+        ids = {k: int(v) for k, v in ids.items() if v is not None}
     tok = _tokenizer_model(meta)
     if not ids and tok:
         import sentencepiece as spm
@@ -164,11 +171,17 @@ def _without_code_keys(data: bytes, path: str) -> tuple[bytes, list[str]]:
 
 def _copy_extras(input_folder: str, folder: str) -> list[str] | None:
     """Copy the allowed tokenizer files of ``<input>/hf_extras`` into ``folder``; None without a usable
-    ``hf_extras`` (absent, a link or not a folder: then it is not read at all).
+    ``hf_extras`` (absent, a link or not a folder: then it is not read at all)."""
+    return _copy_tokenizer_files(os.path.join(input_folder, HF_EXTRAS_DIR), folder)
+
+
+def _copy_tokenizer_files(extras: str, folder: str, report: bool = True) -> list[str] | None:
+    """Copy the allowed tokenizer files of the folder ``extras`` into ``folder``; None when ``extras`` is
+    absent, a link or not a folder (then it is not read at all).
 
     Every file is opened relative to the folder's handle with ``O_NOFOLLOW`` and checked to be a
-    regular file on the open descriptor, so a link cannot be swapped in between check and copy."""
-    extras = os.path.join(input_folder, HF_EXTRAS_DIR)
+    regular file on the open descriptor, so a link cannot be swapped in between check and copy. ``report``:
+    say which files were left out (not for a model folder, where the others are its weights and config)."""
     if not os.path.lexists(extras):
         return None
     try:
@@ -210,10 +223,34 @@ def _copy_extras(input_folder: str, folder: str) -> list[str] | None:
             written.append(name)
     finally:
         os.close(dir_fd)
-    if left_out:
+    if left_out and report:
         _say(f"{extras}: left out of the export (only regular tokenizer files are copied; config.json and "
              f"generation_config.json are generated, code is never copied): {', '.join(left_out)}")
     return written
+
+
+def _run_tokenizer_folder(meta: CheckpointMetadata, say: bool = False) -> str | None:
+    """The Hugging Face tokenizer folder a training run used (``--tokenizer-type HFTokenizer``), when its
+    files still hash to the run's record (``CheckpointMetadata.tokenizer``); None otherwise (``say``: and
+    a line saying why, when the metadata names one)."""
+    tc = meta.train_config or {}
+    path, record = tc.get("tokenizer_model"), meta.tokenizer
+    if tc.get("tokenizer_type") != "HFTokenizer" or not isinstance(path, str) or record is None:
+        return None
+    from megatron_ucp.data.tokenizer import files_sha256, hf_tokenizer_files
+
+    try:
+        digest = files_sha256(hf_tokenizer_files(path)) if os.path.isdir(path) else None
+    except (OSError, ValueError) as e:
+        if say:
+            _say(f"{path}: the run's tokenizer folder cannot be read ({e}); the export has no tokenizer")
+        return None
+    if digest != record["sha256"]:
+        if say:
+            _say(f"{path}: {'is not a folder' if digest is None else 'its files changed'} since training (the "
+                 f"checkpoint records sha256 {record['sha256'][:12]}...); the export has no tokenizer")
+        return None
+    return path
 
 
 def _write_tokenizer(meta: CheckpointMetadata, folder: str, input_folder: str) -> list[str]:
@@ -221,7 +258,8 @@ def _write_tokenizer(meta: CheckpointMetadata, folder: str, input_folder: str) -
     written = _copy_extras(input_folder, folder)
     if written is not None:
         return written
-    written = []
+    run_tokenizer = _run_tokenizer_folder(meta, say=True)
+    written = (_copy_tokenizer_files(run_tokenizer, folder, report=False) if run_tokenizer else None) or []
     tok = _tokenizer_model(meta)
     if tok:
         shutil.copy2(tok, os.path.join(folder, "tokenizer.model"))

@@ -14,7 +14,7 @@ import torch
 
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.layout.params import Init, Kind, ParamInfo
-from megatron_ucp.layout.slicing import pad_vocab, shard
+from megatron_ucp.layout.slicing import pad_vocab, shard, vocab_range
 
 
 def param_seed(seed: int, name: str) -> int:
@@ -42,3 +42,20 @@ def full_init(info: ParamInfo, cfg: ModelConfig, seed: int, padded_vocab: int | 
 def local_init(info: ParamInfo, cfg: ModelConfig, seed: int, padded_vocab: int, tp: int, tp_rank: int) -> torch.Tensor:
     """The slice of ``full_init`` that ``tp_rank`` holds."""
     return shard(full_init(info, cfg, seed, padded_vocab), info.kind, tp, tp_rank).contiguous()
+
+
+def new_vocab_rows(info: ParamInfo, cfg: ModelConfig, seed: int, padded_vocab: int, tp: int, tp_rank: int,
+                   kept: int) -> tuple[int, torch.Tensor] | None:
+    """The vocabulary rows [``kept``, ``cfg.vocab_size``) of TP rank ``tp_rank``'s local tensor, which a
+    checkpoint of ``kept`` rows lacks: (the flat element of the local tensor where they start, their
+    initial values flat, as ``local_init`` gives them). None for a parameter that is not VOCAB, or when
+    this rank holds none of those rows. They are contiguous: VOCAB tensors are cut along their rows."""
+    if info.kind is not Kind.VOCAB:
+        return None
+    start, end = vocab_range(padded_vocab, tp, tp_rank)
+    lo, hi = max(kept, start), min(cfg.vocab_size, end)
+    if lo >= hi:
+        return None
+    local = local_init(info, cfg, seed, padded_vocab, tp, tp_rank)
+    row = math.prod(local.shape[1:])
+    return (lo - start) * row, local[lo - start:hi - start].reshape(-1)

@@ -65,12 +65,13 @@ from megatron_ucp.checkpoint.zero import model_state_files, open_zero_checkpoint
 from megatron_ucp.config import ModelConfig, TrainConfig
 from megatron_ucp.distributed.groups import ParallelState
 from megatron_ucp.layout.params import pipe_entries
-from megatron_ucp.training.sliced_load import UniversalSource, ZeroSource, sliced_universal_load
+from megatron_ucp.training.sliced_load import NewVocabRows, UniversalSource, ZeroSource, sliced_universal_load
 
 
 def build_metadata(model_cfg: ModelConfig, train_cfg: TrainConfig, state: ParallelState,
-                   padded_vocab: int, pipeline_parts: list[int]) -> CheckpointMetadata:
-    """This run's metadata at iteration 0; ``save`` stamps each checkpoint's counters into it."""
+                   padded_vocab: int, pipeline_parts: list[int], tokenizer: dict | None = None) -> CheckpointMetadata:
+    """This run's metadata at iteration 0; ``save`` stamps each checkpoint's counters into it.
+    ``tokenizer``: the run's tokenizer record (type, sha256, vocab_size), None with mock data."""
     return CheckpointMetadata(
         source=SOURCE_TRAINING,
         model_config=model_cfg,
@@ -85,6 +86,7 @@ def build_metadata(model_cfg: ModelConfig, train_cfg: TrainConfig, state: Parall
         iteration=0,
         consumed_train_samples=0,
         versions=Versions.installed(),
+        tokenizer=tokenizer,
     )
 
 
@@ -312,13 +314,18 @@ def check_native_files(folder: str, state: ParallelState) -> None:
         raise CheckpointError(first)
 
 
-def load_route(folder: str, universal: bool, state: ParallelState, cfg: TrainConfig):
+def load_route(folder: str, universal: bool, state: ParallelState, cfg: TrainConfig, extend: bool = False):
     """(what the load does, in words; the sliced source, or None for DeepSpeed's own loader).
 
     A universal folder is read by our sliced reader unless ``--universal-loader deepspeed``. A ZeRO
     checkpoint saved at this run's layout (TP, PP, DP, ZeRO stage, precision) loads through DeepSpeed's
-    native path; at any other layout it is resharded directly from its shards."""
+    native path; at any other layout it is resharded directly from its shards. ``extend``: the run's
+    vocabulary is larger than the checkpoint's, which only the sliced reader initialises, so it reads
+    at every layout."""
     model_files, resume_state = _resume_files(folder)
+    if extend and cfg.universal_loader == "deepspeed":
+        raise CheckpointError(f"{folder}: --allow-vocab-extension needs --universal-loader ours: DeepSpeed's loader "
+                              "would leave the new vocabulary rows zero")
     if universal:
         if cfg.universal_loader == "deepspeed":
             return "universal checkpoint, DeepSpeed's loader", None
@@ -328,7 +335,7 @@ def load_route(folder: str, universal: bool, state: ParallelState, cfg: TrainCon
         return "same layout (no metadata)", None
     saved, now = (meta.topology, meta.zero_stage, meta.dtype), (state.layout, cfg.zero_stage, cfg.dtype)
     src, dst = _layout_text(*saved), _layout_text(*now)
-    if saved == now:
+    if saved == now and not extend:
         return f"same layout ({dst})", None
     if cfg.universal_loader == "deepspeed":
         raise CheckpointError(f"{folder}: saved at {src}, this run is {dst}; DeepSpeed's loader cannot change the "
@@ -338,7 +345,7 @@ def load_route(folder: str, universal: bool, state: ParallelState, cfg: TrainCon
 
 
 def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: TrainConfig,
-         group_hyperparameters: list[dict]) -> ResumeState:
+         group_hyperparameters: list[dict], new_rows: NewVocabRows | None = None) -> ResumeState:
     """Resume model, optimizer, scheduler and counters through DeepSpeed's loader.
 
     On top of DeepSpeed's load:
@@ -353,6 +360,8 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
     * Every file is unpickled with the allowlist of ``checkpoint.trust`` (DeepSpeed's own loaders
       would run any code a file carries), and a universal folder must carry the completion marker of a
       verified conversion with every file it lists.
+    * ``new_rows``: the run's vocabulary extends the checkpoint's (``--allow-vocab-extension``); the sliced
+      reader initialises the rows the checkpoint lacks as a fresh model's, and the note reports them.
     * ZeRO-3 universal loads copy group 0's hyperparameters to every group; each group gets its own
       weight decay back (the no-decay group has none). They also give every sub-group the *same* step
       tensor, which Adam increments in place once per sub-group, so the bias correction would run
@@ -361,7 +370,7 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
     folder = checkpoint_folder(load_dir, universal, cfg.ckpt_step)
     if universal:
         require_verified(folder)
-    route, source = load_route(folder, universal, state, cfg)
+    route, source = load_route(folder, universal, state, cfg, extend=new_rows is not None)
     if source is None and not universal:
         check_native_files(folder, state)
     optimizer = engine.optimizer
@@ -372,7 +381,7 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
         stack.enter_context(restricted_torch_load(check=check_loaded_file))
         if source is not None:
             stats = stack.enter_context(sliced_universal_load(engine, source, state.layout.tp, state.coords.tp,
-                                                              progress=dist.get_rank() == 0))
+                                                              progress=dist.get_rank() == 0, new_rows=new_rows))
         path, client = engine.load_checkpoint(load_dir, tag=os.path.basename(folder), load_optimizer_states=True,
                                               load_lr_scheduler_states=not cfg.finetune)
     if path is None:
@@ -384,6 +393,14 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
         per_rank = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, stats.state_bytes)
         notes.append(f"state bytes read per rank: {', '.join(f'{b:,}' for b in per_rank)}")
+    if new_rows is not None:
+        filled: list[dict[str, int]] = [{}] * dist.get_world_size()
+        dist.all_gather_object(filled, new_rows.filled)
+        names = sorted({name for rank in filled for name in rank})
+        vocab = new_rows.cfg.vocab_size
+        notes.append(f"vocabulary extended from {new_rows.kept} to {vocab} rows: rows {new_rows.kept}..{vocab - 1} "
+                     f"of {', '.join(names) or 'no parameter'} initialised as a fresh model's (seed "
+                     f"{new_rows.seed}), their Adam moments zero")
     if meta is not None and meta.dtype != cfg.dtype:
         for key, value in fresh_scaler.items():
             setattr(optimizer, key, value)

@@ -6,10 +6,14 @@ sidecar ``<data-path>.tokenizer.json`` preprocessing wrote beside the dataset, a
 must agree on type, sha256 and vocabulary size; otherwise token ids mean different things in the data,
 the embedding and the tokenizer, and training would run on without a sign of it.
 
+A training checkpoint records its run's tokenizer the same way (``CheckpointMetadata.tokenizer``), so a
+resume on data made by another tokenizer is refused as well.
+
 A tokenizer with more tokens than the loaded checkpoint's vocabulary (its ``original_vocab_size``) is
-refused too. ``--allow-vocab-extension`` says the extension is deliberate, but it is not supported yet:
-the loaders fill rows beyond the checkpoint's vocabulary with zeros rather than initialising them as a
-fresh model would, so the flag turns the refusal into one that says so.
+refused too. ``--allow-vocab-extension`` says a change of tokenizer (new tokens, a larger vocabulary) is
+deliberate: the checkpoint's record is then not held against the run's tokenizer (the data must still
+be the run tokenizer's), and the sliced loader initialises the rows the checkpoint lacks as a fresh
+model's (``training.sliced_load.NewVocabRows``).
 
 Each refusal is one ``ValueError`` line naming both sides (files or folders). Nothing here needs
 torch.distributed: the entry point runs it once per node, with the metadata ``check_load_folder`` read.
@@ -70,24 +74,30 @@ def check_tokenizer_identity(cfg: TrainConfig, tokenizer: Any = None, load_folde
                          f"{describe(built)}; preprocess the data with this tokenizer (or use the one that made it)")
     if metadata is None:
         return
-    imported = metadata.hf_source.tokenizer if metadata.hf_source is not None else None
-    if imported is not None:
-        if sidecar is not None and not same_tokenizer(imported, sidecar):
-            raise ValueError(f"{load_folder}: imported with tokenizer {describe(imported)}, but {sidecar_file} says "
-                             f"the data was made by {describe(sidecar)}; the data was made by another tokenizer "
-                             "than the model's")
-        if sidecar is None and built is not None and not same_tokenizer(imported, built):
-            raise ValueError(f"{load_folder}: imported with tokenizer {describe(imported)}, but {source} is "
-                             f"{describe(built)}; train with the model's own tokenizer (its hf_extras folder)")
+    recorded, how = checkpoint_tokenizer(metadata)
+    extending = cfg.allow_vocab_extension
+    if recorded is not None and not extending:
+        if sidecar is not None and not same_tokenizer(recorded, sidecar):
+            raise ValueError(f"{load_folder}: {how} tokenizer {describe(recorded)}, but {sidecar_file} says the "
+                             f"data was made by {describe(sidecar)}; the data was made by another tokenizer than "
+                             "the model's (pass --allow-vocab-extension if the change is deliberate)")
+        if sidecar is None and built is not None and not same_tokenizer(recorded, built):
+            raise ValueError(f"{load_folder}: {how} tokenizer {describe(recorded)}, but {source} is "
+                             f"{describe(built)}; train with the model's own tokenizer"
+                             f"{' (its hf_extras folder)' if metadata.hf_source is not None else ''}, or pass "
+                             "--allow-vocab-extension if the change is deliberate")
     vocab = int(tokenizer.vocab_size) if tokenizer is not None else cfg.vocab_size
     rows = metadata.original_vocab_size
-    if vocab is not None and vocab > rows:
-        if not cfg.allow_vocab_extension:
-            raise ValueError(f"{source}: {vocab} tokens, more than the {rows} of the vocabulary of {load_folder} "
-                             "(its original_vocab_size); pass --allow-vocab-extension if the extension is deliberate")
-        raise ValueError(f"--allow-vocab-extension: extending the vocabulary of {load_folder} from {rows} to {vocab} "
-                         f"rows ({vocab - rows} new, for {source}) is not supported yet: the loaders would leave "
-                         "the new rows zero instead of initialising them")
+    if vocab is not None and vocab > rows and not extending:
+        raise ValueError(f"{source}: {vocab} tokens, more than the {rows} of the vocabulary of {load_folder} "
+                         "(its original_vocab_size); pass --allow-vocab-extension if the extension is deliberate")
+
+
+def checkpoint_tokenizer(metadata: CheckpointMetadata) -> tuple[dict[str, Any] | None, str]:
+    """(the tokenizer record a checkpoint keeps, or None; how it came by it, in words)."""
+    if metadata.hf_source is not None:
+        return metadata.hf_source.tokenizer, "imported with"
+    return metadata.tokenizer, "trained with"
 
 
 def check_run_tokenizer(cfg: TrainConfig, load_folder: str | None = None,

@@ -49,7 +49,9 @@ from megatron_ucp.checkpoint.zero import (
     model_state_files,
     read_scalar,
 )
-from megatron_ucp.layout.params import Kind
+from megatron_ucp.config import ModelConfig
+from megatron_ucp.layout.init import new_vocab_rows
+from megatron_ucp.layout.params import Kind, model_params
 from megatron_ucp.progress import byte_progress
 
 LOADERS = ("ours", "deepspeed")  # --universal-loader
@@ -185,6 +187,32 @@ class UniversalSource:
         return self._global
 
 
+class NewVocabRows:
+    """This run's vocabulary (``cfg.vocab_size``) is larger than the checkpoint's ``kept`` rows: a
+    deliberate extension (``--allow-vocab-extension``). Rows [kept, vocab) of every VOCAB parameter's fp32
+    master are initialised as a fresh model's (``layout.init.new_vocab_rows``: the trainer's own init,
+    the same at every layout); their Adam moments stay zero, as the plans leave what they do not read."""
+
+    def __init__(self, cfg: ModelConfig, seed: int, padded_vocab: int, kept: int) -> None:
+        self.cfg, self.seed, self.padded_vocab, self.kept = cfg, seed, padded_vocab, kept
+        self._infos = {info.name: info for info in model_params(cfg)}
+        self.filled: dict[str, int] = {}  # parameter name -> elements this rank initialised
+
+    def fill(self, name: str, window: tuple[int, int], dst: torch.Tensor, tp: int, tp_rank: int) -> None:
+        """Initialise the new rows that fall in flat elements ``window`` of this rank's local tensor of
+        ``name``, whose fp32 master slot is ``dst`` (flat, ``window``'s length)."""
+        info = self._infos.get(name)
+        rows = None if info is None else new_vocab_rows(info, self.cfg, self.seed, self.padded_vocab, tp, tp_rank,
+                                                        self.kept)
+        if rows is None:
+            return
+        first, values = rows
+        lo, hi = max(window[0], first), min(window[1], first + values.numel())
+        if lo < hi:
+            dst.view(-1)[lo - window[0]:hi - window[0]].copy_(values[lo - first:hi - first])
+            self.filled[name] = self.filled.get(name, 0) + hi - lo
+
+
 @dataclass
 class LoadStats:
     """What one rank read: state bytes by plan (the bytes it owns) and how many pieces."""
@@ -226,7 +254,8 @@ def _zeroed_state(state: dict, like: torch.Tensor, key: str) -> torch.Tensor:
     return torch.zeros_like(like)
 
 
-def _load_zero12(opt, source: StateSource, stats: LoadStats, lp_groups_name: str, tp: int, tp_rank: int) -> None:
+def _load_zero12(opt, source: StateSource, stats: LoadStats, lp_groups_name: str, tp: int, tp_rank: int,
+                 new_rows: NewVocabRows | None = None) -> None:
     """DeepSpeed's ``load_hp_checkpoint_state_from_checkpoint_dir`` (ZeRO-1/2, BF16_Optimizer), with
     every parameter's fragment read by plan: same destinations, same group hyperparameters."""
     optim_sd = source.global_state()
@@ -234,6 +263,7 @@ def _load_zero12(opt, source: StateSource, stats: LoadStats, lp_groups_name: str
     lp_groups = getattr(opt, lp_groups_name)
     pieces = []  # (plan, destination): the fp32 master fragment, or a moment's place in its flat state
     flats = []  # per group: {moment: its flat state tensor}, when the group has mapped parameters
+    masters = []  # (name, window, its fp32 master fragment)
     for i, group in enumerate(opt.optimizer.param_groups):
         hp = group["params"][0]
         mapped = [lp for lp in lp_groups[i] if lp._hp_mapping is not None]
@@ -249,7 +279,11 @@ def _load_zero12(opt, source: StateSource, stats: LoadStats, lp_groups_name: str
             for key in STATE_KEYS:
                 dst = mapping.get_hp_fragment().data if key == MASTER_KEY else mapping.optim_fragment[key]
                 pieces.append((plans[key], dst))
+            masters.append((opt.param_names[lp], window, mapping.get_hp_fragment().data))
     _read_all(pieces, stats, "resharding")
+    if new_rows is not None:
+        for name, window, dst in masters:
+            new_rows.fill(name, window, dst, tp, tp_rank)
     for i, (group, saved) in enumerate(zip(opt.optimizer.param_groups, optim_sd["param_groups"])):
         steps = [source.step(opt.param_names[lp]) for lp in lp_groups[i] if lp._hp_mapping is not None]
         if steps:
@@ -268,7 +302,8 @@ def _same_step(a, b) -> bool:
     return bool(torch.equal(torch.as_tensor(a), torch.as_tensor(b)))
 
 
-def _load_zero3(opt, source: StateSource, stats: LoadStats, tp: int, tp_rank: int) -> None:
+def _load_zero3(opt, source: StateSource, stats: LoadStats, tp: int, tp_rank: int,
+                new_rows: NewVocabRows | None = None) -> None:
     """DeepSpeed's ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``, each rank reading its own
     ``ceil(numel / DP)`` window of every TP-local parameter (zeros past the end)."""
     import torch.distributed as dist
@@ -293,6 +328,7 @@ def _load_zero3(opt, source: StateSource, stats: LoadStats, tp: int, tp_rank: in
         for key in MOMENT_KEYS:
             filled[(key, g)] = _zeroed_state(opt.optimizer.state, flat, key)
     pieces = []  # (plan, its slot in a flat partition)
+    masters = []  # (name, window, its fp32 master slot)
     for sub_group, fp16_group in enumerate(opt.fp16_groups):
         offset = 0
         for param in fp16_group:
@@ -304,8 +340,13 @@ def _load_zero3(opt, source: StateSource, stats: LoadStats, tp: int, tp_rank: in
             plans = _plans(source, stats, opt.param_names[param], tuple(param.ds_shape), tp, tp_rank, window)
             for key in STATE_KEYS:  # a ZeRO-3 partition slot, not a TP cut
                 pieces.append((plans[key], filled[(key, sub_group)].narrow(0, offset, window[1] - window[0])))
+            masters.append((opt.param_names[param], window,
+                            filled[(MASTER_KEY, sub_group)].narrow(0, offset, window[1] - window[0])))
             offset += part
     _read_all(pieces, stats, "resharding")
+    if new_rows is not None:
+        for name, window, dst in masters:
+            new_rows.fill(name, window, dst, tp, tp_rank)
     for (key, g), tensor in filled.items():
         flat = opt.fp32_partitioned_groups_flat[g]
         if key == MASTER_KEY:
@@ -326,20 +367,21 @@ def _load_zero3(opt, source: StateSource, stats: LoadStats, tp: int, tp_rank: in
 
 
 @contextlib.contextmanager
-def sliced_universal_load(engine, source: StateSource, tp: int, tp_rank: int,
-                          progress: bool = False) -> Iterator[LoadStats]:
+def sliced_universal_load(engine, source: StateSource, tp: int, tp_rank: int, progress: bool = False,
+                          new_rows: NewVocabRows | None = None) -> Iterator[LoadStats]:
     """Within the block, ``engine.load_checkpoint`` runs DeepSpeed's universal-load sequence with our
     sliced reader in place of its per-parameter loader, on ``source``'s files. ``progress``: draw a
-    byte progress bar of this rank's reads (on a terminal; pass it on one rank)."""
+    byte progress bar of this rank's reads (on a terminal; pass it on one rank). ``new_rows``: the
+    vocabulary rows the checkpoint lacks, initialised after the reads."""
     opt = engine.optimizer
     stats = LoadStats(show_progress=progress)
     lp_groups_name = next((n for n in ("bit16_groups", "bf16_groups") if hasattr(opt, n)), None)
     if engine.zero_optimization_partition_weights():
         def hook(self, folder, load_optimizer_states, load_from_fp32_weights):
-            _load_zero3(self, source, stats, tp, tp_rank)
+            _load_zero3(self, source, stats, tp, tp_rank, new_rows)
     elif lp_groups_name is not None:
         def hook(self, folder, load_optimizer_states, load_from_fp32_weights):
-            _load_zero12(self, source, stats, lp_groups_name, tp, tp_rank)
+            _load_zero12(self, source, stats, lp_groups_name, tp, tp_rank, new_rows)
     else:
         raise CheckpointError(f"{source.folder}: the sliced loader needs a ZeRO or bf16 optimizer, "
                               f"not {type(opt).__name__}")

@@ -107,18 +107,26 @@ def build_model(model_cfg: ModelConfig, cfg: TrainConfig, state) -> GPTPipe | GP
     return model
 
 
-def build_datasets(cfg: TrainConfig):
-    """(train, valid, vocab_size) sample sources."""
+def build_run_tokenizer(cfg: TrainConfig):
+    """The run's tokenizer (None with mock data)."""
+    if cfg.mock_data:
+        return None
+    from megatron_ucp.data.tokenizer import build_tokenizer
+
+    return build_tokenizer(cfg.tokenizer_type, tokenizer_model=cfg.tokenizer_model,
+                           vocab_file=cfg.vocab_file, merge_file=cfg.merge_file)
+
+
+def build_datasets(cfg: TrainConfig, tok=None):
+    """(train, valid, vocab_size) sample sources; ``tok``: the run's tokenizer, when already built."""
     if cfg.mock_data:
         assert cfg.vocab_size is not None  # TrainConfig.validate: --mock-data needs --vocab-size
         return (MockDataset(cfg.vocab_size, cfg.seq_length, cfg.seed),
                 MockDataset(cfg.vocab_size, cfg.seq_length, cfg.seed + 1), cfg.vocab_size)
     from megatron_ucp.data.gpt_dataset import GPTDataset
-    from megatron_ucp.data.tokenizer import build_tokenizer
 
     assert cfg.data_path is not None  # TrainConfig.validate: --data-path unless --mock-data
-    tok = build_tokenizer(cfg.tokenizer_type, tokenizer_model=cfg.tokenizer_model,
-                          vocab_file=cfg.vocab_file, merge_file=cfg.merge_file)
+    tok = tok if tok is not None else build_run_tokenizer(cfg)
     from megatron_ucp.training.identity import check_tokenizer_identity
 
     check_tokenizer_identity(cfg, tok)  # data made by another tokenizer (its sidecar says): for library callers too
@@ -243,7 +251,8 @@ class Trainer:
         self.state = groups.initialize(self.layout)
         self._owns_groups = True
         state = self.state
-        self.train_data, self.valid_data, vocab_size = build_datasets(cfg)
+        tokenizer = build_run_tokenizer(cfg)
+        self.train_data, self.valid_data, vocab_size = build_datasets(cfg, tokenizer)
         # The same whole-run checks the entry point ran before start-up, for library callers; now with
         # the tokenizer's vocabulary and the real world size.
         self.model_cfg = model_cfg = check_run(self.model_kwargs, cfg, dist.get_world_size(), vocab_size)
@@ -261,7 +270,9 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
                                                     lr_scheduler=self.scheduler, config=self.ds_config,
                                                     mpu=None if cfg.use_pipeline_engine else state)
-        self.metadata = checkpointing.build_metadata(model_cfg, cfg, state, model.padded_vocab, model.stage_parts())
+        record = None if tokenizer is None else {**tokenizer.identity, "vocab_size": int(tokenizer.vocab_size)}
+        self.metadata = checkpointing.build_metadata(model_cfg, cfg, state, model.padded_vocab, model.stage_parts(),
+                                                     record)
         self.device = next(model.parameters()).device
         self.gas = cfg.gradient_accumulation_steps(self.layout.dp)
         if cfg.use_pipeline_engine:
@@ -284,8 +295,15 @@ class Trainer:
         cfg, state = self.cfg, self.state
         if not cfg.load:
             return None
+        new_rows = None
+        if cfg.allow_vocab_extension:  # rows the checkpoint lacks are initialised as this model's own
+            from megatron_ucp.training.sliced_load import NewVocabRows
+
+            _, meta = checkpointing.check_load_folder(cfg.load, cfg.universal_checkpoint, cfg.ckpt_step)
+            if meta is not None and self.model_cfg.vocab_size > meta.original_vocab_size:
+                new_rows = NewVocabRows(self.model_cfg, cfg.seed, self.model.padded_vocab, meta.original_vocab_size)
         resumed = checkpointing.load(self.engine, cfg.load, cfg.universal_checkpoint, state, cfg,
-                                     group_hyperparameters(cfg))
+                                     group_hyperparameters(cfg), new_rows)
         self.iteration, self.consumed = resumed.iteration, resumed.consumed_train_samples
         if resumed.rng_state is not None and not cfg.no_load_rng and not cfg.finetune:
             set_rng_state(resumed.rng_state, state.tp.rng)
@@ -317,6 +335,8 @@ class Trainer:
         last_loss = last_valid = None
         window_start, window_iters = time.perf_counter(), 0
         try:
+            if cfg.eval_at_start and self.iteration < cfg.train_iters:
+                self._validate(logger)
             while self.iteration < cfg.train_iters:
                 lr = self.scheduler.get_lr()[0]  # the LR this step uses
                 loss = self._train_batch(train_iter)
@@ -340,11 +360,7 @@ class Trainer:
                           f"lm loss: {loss:.6E} | grad norm: {gn} |", flush=True)
                     window_start, window_iters = time.perf_counter(), 0
                 if cfg.eval_interval and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters):
-                    last_valid = self.evaluate()
-                    if logger:
-                        logger.validation(iteration, last_valid)
-                    if self.rank0:
-                        print(f" validation at iteration {iteration} | lm loss: {last_valid:.6E} |", flush=True)
+                    last_valid = self._validate(logger)
                     window_start, window_iters = time.perf_counter(), 0
                 if cfg.save and (
                     (cfg.save_interval and iteration % cfg.save_interval == 0) or iteration == cfg.train_iters
@@ -379,6 +395,15 @@ class Trainer:
         self.close(barrier=exc_type is None)
 
     # -- pieces of run(), usable on their own after build() -------------------------------------------
+
+    def _validate(self, logger: RunLogger | None) -> float:
+        """``evaluate`` at the current iteration, logged and printed."""
+        loss = self.evaluate()
+        if logger:
+            logger.validation(self.iteration, loss)
+        if self.rank0:
+            print(f" validation at iteration {self.iteration} | lm loss: {loss:.6E} |", flush=True)
+        return loss
 
     def evaluate(self) -> float:
         """Mean loss over ``cfg.eval_iters`` batches from the start of the validation data."""

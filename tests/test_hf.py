@@ -394,33 +394,61 @@ def test_hf_import_loads_under_zero_2_and_3(hf, universal, tmp_path, stage):
 
 
 @pytest.mark.slow
-def test_finetune_recipe_exports_a_model_transformers_generates_from(tmp_path):
-    """The recipe end to end with tiny sizes: build a Llama 3.1-style model (llama3 rope scaling, head_dim
-    32 != 64 / 4), convert, fine-tune at TP2 PP2, export, check, generate."""
+def test_finetune_recipe_continues_pretraining_a_hub_style_folder_with_its_own_tokenizer(tmp_path):
+    """The recipe end to end on a folder as the Hub gives one: a Llama 3.1-style model (llama3 rope scaling,
+    head_dim 32 != 64 / 4) with a 32k byte-level BPE tokenizer beside it, built here. HF_DIR=<folder>: the
+    corpus is tokenized with that tokenizer, 20 iterations at TP2 PP2 lower the validation loss, and the
+    export (with the tokenizer) matches transformers and generates."""
     import re
+
+    from megatron_ucp.data.tokenizer import HFTokenizer
 
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
-    env = dict(os.environ, OUTPUT_DIR=str(tmp_path), TRAIN_ITERS="4", EVAL_INTERVAL="2", EVAL_ITERS="1",
-               LOG_INTERVAL="1", SEQ_LEN="32", MASTER_PORT=str(free_port()),
-               HF_SET=f"head_dim=32 rope_parameters={json.dumps(rope, separators=(',', ':'))}",
+    hf_dir = tmp_path / "my_llama"
+    build = [sys.executable, "-m", "megatron_ucp.hf.build", "--family", "llama", "--byte-level-bpe", "32000",
+             "--num-layers", "2", "--hidden-size", "64", "--num-heads", "4", "--num-kv-heads", "2",
+             "--ffn-hidden-size", "128", "--max-position-embeddings", "64", "--set", "head_dim=32",
+             "--set", f"rope_parameters={json.dumps(rope)}", "--output-dir", str(hf_dir)]
+    proc = subprocess.run(build, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tokenizer = HFTokenizer(hf_dir)
+    assert tokenizer.vocab_size == 32000 and json.loads((hf_dir / "config.json").read_text())["vocab_size"] == 32000
+    env = dict(os.environ, OUTPUT_DIR=str(tmp_path / "out"), HF_DIR=str(hf_dir), TRAIN_ITERS="20",
+               EVAL_INTERVAL="10", EVAL_ITERS="2", LOG_INTERVAL="5", SEQ_LEN="32", MASTER_PORT=str(free_port()),
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     recipe = REPO / "examples_deepspeed" / "universal_checkpointing" / "run_hf_finetune.sh"
-    proc = subprocess.run(["bash", str(recipe)], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(["bash", str(recipe)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run = tmp_path / "hf_finetune_llama_fp32_z1_tp2_pp2_dp1_sp1"
+    run = tmp_path / "out" / "hf_finetune_llama_fp32_z1_tp2_pp2_dp1_sp1"
+    # the data: the bundled corpus in the folder's own tokenizer, cached under its hash
+    data = sorted((tmp_path / "out" / "data").glob("*_text_document.idx"))
+    assert len(data) == 1 and f"_tok{tokenizer.identity['sha256'][:12]}_" in data[0].name
+    # the model's own sizes (from its config.json), and the validation loss before and after
+    train_log = (run / "train.log").read_text()
+    assert "fine-tuning from" in train_log and "vocab 32000 (padded 32000)" in train_log
+    before, after = (float(x) for x in re.search(
+        r"^validation loss: (\S+) before the first step, (\S+) after iteration 20 \(lower\)$", proc.stdout,
+        flags=re.M).groups())
+    print(f"validation loss {before} -> {after}")
+    assert after < before
+    valid = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in valid if r["split"] == "valid"] == [0, 10, 20]
+    assert (run / "plots" / "validation_loss.png").stat().st_size > 0
     log = (run / "logits_check.log").read_text()
     print(re.findall(r"^(?:TP|generate).*$", log, flags=re.M))
     max_abs = float(re.search(r"max \|dlogit\| (\S+)", log).group(1))
     assert max_abs <= ATOL and "top-1 agreement 100.00%" in log
     assert re.search(r"^generate: .+ -> '.+'$", log, flags=re.M)
-    assert "fine-tuning from" in (run / "train.log").read_text()
     export = run / "hf_export"
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.model"} <= set(os.listdir(export))
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json"} <= set(os.listdir(export))
+    assert (export / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(export)
     assert model.config.rope_parameters == rope and model.config.head_dim == 32
-    src = torch.load(run / "universal" / "global_step4_universal" / "zero" / "3.final_layernorm.weight" / "fp32.pt",
+    assert (model.config.bos_token_id, model.config.eos_token_id) == (0, 1)  # the tokenizer's, not lost in training
+    src = torch.load(run / "universal" / "global_step20_universal" / "zero" / "3.final_layernorm.weight" / "fp32.pt",
                      weights_only=False)["param"]
     assert_equal(model.model.norm.weight.detach(), src, "final norm after fine-tuning")

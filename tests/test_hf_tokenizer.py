@@ -18,7 +18,7 @@ import pytest
 
 from megatron_ucp.data.indexed_dataset import IndexedDataset
 from megatron_ucp.data.preprocess import preprocess, sidecar_path, split_paragraphs
-from megatron_ucp.data.tokenizer import HFTokenizer, build_tokenizer, read_text
+from megatron_ucp.data.tokenizer import HFTokenizer, build_tokenizer, read_text, train_byte_level_bpe
 from test_data import CORPUS, SP_MODEL, load_tool
 
 ROWS = [
@@ -36,20 +36,8 @@ def _reference(folder: Path):
 
 
 def _byte_level_folder(out: Path, text: str, *, bos: bool) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(split_paragraphs(text), trainer)
-    if bos:  # the tokenizer's own rule: BOS before every sequence
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    fast.add_tokens(["<extra_0>"])  # an added token: part of the vocabulary size
-    fast.save_pretrained(str(out))
+    # BOS before every sequence where the tokenizer's own rule says so; an added token counts in its size
+    train_byte_level_bpe(split_paragraphs(text), 400, out, prepend_bos=bos, added_tokens=["<extra_0>"])
     return out
 
 

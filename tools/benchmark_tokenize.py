@@ -79,17 +79,11 @@ class Case:
 
 def build_tokenizers(corpus_text: str, folder: Path, vocab: int) -> dict[str, list[str]]:
     """The three tokenizers of the table, as ``tools/preprocess_data.py`` flags."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from megatron_ucp.data.tokenizer import train_byte_level_bpe
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(corpus_text.split("\n\n"), trainer)
     hf = folder / "hf-bpe"
-    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(hf)
+    bpe = train_byte_level_bpe(corpus_text.split("\n\n"), vocab, hf, bos_token="<|endoftext|>",
+                               eos_token="<|endoftext|>", show_progress=True).backend_tokenizer
     gpt2 = folder / "gpt2-bpe"
     gpt2.mkdir(parents=True, exist_ok=True)
     bpe.model.save(str(gpt2))  # vocab.json and merges.txt

@@ -109,8 +109,13 @@ model_args() {
     echo "$FAMILY_FLAGS"
 }
 
+# tokenizer_args: the run's tokenizer (a recipe may define its own before calling train_args).
+tokenizer_args() {
+    echo --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
+}
+
 train_args() {
-    echo --data-path "$DATA_PATH" --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL" \
+    echo --data-path "$DATA_PATH" $(tokenizer_args) \
         --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS" \
         --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP" --lr-decay-style cosine --seed "$SEED" \
         --zero-stage "$ZERO_STAGE" "--$DTYPE" --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" \

@@ -58,6 +58,7 @@ __all__ = [
     "gpt2_pretokenize_pattern",
     "read_text",
     "train_sentencepiece",
+    "train_byte_level_bpe",
 ]
 
 SUPPORTED_TOKENIZERS = ("SentencePieceTokenizer", "GPT2BPETokenizer", "HFTokenizer")
@@ -488,3 +489,35 @@ class HFTokenizer:
 
     def __setstate__(self, state: dict) -> None:
         type(self).__init__(self, state["folder"])
+
+
+def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, output_dir: str | os.PathLike, *,
+                         bos_token: str = "<s>", eos_token: str = "</s>", prepend_bos: bool = False,
+                         added_tokens: Sequence[str] = (), show_progress: bool = False):
+    """Train a byte-level BPE (GPT-2 / Llama 3 style) on ``texts`` with the ``tokenizers`` library and save
+    it as a Hugging Face tokenizer folder in ``output_dir``, as a Hub download would have it.
+
+    ``vocab_size`` counts the special tokens (``bos_token`` and ``eos_token``, ids 0 and 1, one id when
+    they are the same string); ``prepend_bos``: the tokenizer's post-processor puts BOS before every
+    sequence (as Llama 3's does); ``added_tokens``: further tokens after the trained ones, part of
+    ``len(tokenizer)``. Returns the ``PreTrainedTokenizerFast`` it saved (its ``backend_tokenizer.model``
+    is the BPE, for GPT-2's ``vocab.json``/``merges.txt``)."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(dict.fromkeys([bos_token, eos_token]))
+    bpe = RustTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=show_progress,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    if prepend_bos:
+        bpe.post_processor = processors.TemplateProcessing(single=f"{bos_token} $A",
+                                                           special_tokens=[(bos_token, specials.index(bos_token))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos_token, eos_token=eos_token)
+    if added_tokens:
+        fast.add_tokens(list(added_tokens))
+    fast.save_pretrained(str(output_dir))
+    return fast

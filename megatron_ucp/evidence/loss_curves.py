@@ -649,10 +649,16 @@ def _plot(curves_list: Sequence[Curves], comparisons: Sequence[Comparison], spli
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # not pyplot: the Agg canvas, no global backend, never a window
 
-    fig = Figure(figsize=(10, 7.5), dpi=110)
-    fig.subplots_adjust(left=0.1, right=0.98, top=0.95, bottom=0.07, hspace=0.08)
+    alone = not comparisons  # one run: its curve, no difference panel
+    fig = Figure(figsize=(10, 5.5 if alone else 7.5), dpi=110)
+    fig.subplots_adjust(left=0.1, right=0.98, top=0.93 if alone else 0.95, bottom=0.1 if alone else 0.07,
+                        hspace=0.08)
     FigureCanvasAgg(fig)
-    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.6]})
+    if alone:
+        top = fig.subplots(1, 1)
+        bottom = None
+    else:
+        top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.6]})
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
     marker = "o" if split == "valid" else None
     by_label = {c.compared_label: (colors[i % len(colors)], c) for i, c in enumerate(comparisons)}
@@ -663,7 +669,9 @@ def _plot(curves_list: Sequence[Curves], comparisons: Sequence[Comparison], spli
             continue
         anything = True
         its = sorted(data)
-        if k == 0:
+        if alone:
+            top.plot(its, [data[i] for i in its], color=colors[0], lw=1.6, marker=marker, ms=6, label=cv.label)
+        elif k == 0:
             top.plot(its, [data[i] for i in its], color="0.25", lw=3.2, alpha=0.45, marker=marker, ms=7,
                      label=f"{cv.label} (reference)", zorder=2)
         else:
@@ -674,7 +682,7 @@ def _plot(curves_list: Sequence[Curves], comparisons: Sequence[Comparison], spli
     for c in comparisons:
         resumes.setdefault(c.resume_iteration, []).append(by_label[c.compared_label][0])
     for it, cols in resumes.items():
-        for ax in (top, bottom):
+        for ax in [a for a in (top, bottom) if a is not None]:
             ax.axvline(it, color=cols[0], ls=":", lw=1.4, zorder=1)
         top.annotate(f"resumed after iteration {it}", xy=(it, 0.5), xycoords=("data", "axes fraction"),
                      xytext=(-3, 0), textcoords="offset points", ha="right", va="center", fontsize=9,
@@ -689,6 +697,9 @@ def _plot(curves_list: Sequence[Curves], comparisons: Sequence[Comparison], spli
     default_title = f"{SPLIT_TITLES[split]}: " + " vs ".join(cv.label for cv in curves_list)
     top.set_title(f"{title} - {SPLIT_TITLES[split].lower()}" if title else default_title)
 
+    if bottom is None:
+        top.set_xlabel("iteration")
+        return fig
     atols = {c.atol for c in comparisons if c.atol is not None}
     bottom.axhline(0.0, color="0.3", lw=0.8)
     for c in comparisons:
@@ -748,10 +759,13 @@ def write_report(curves_list: Sequence[Curves], comparisons: Sequence[Comparison
 def compare_runs(paths: Iterable[str | os.PathLike], labels: Sequence[str] | None = None,
                  resume_iteration: int | None = None, atol: float | None = None, rtol_first: float | None = None,
                  exact: bool = False) -> tuple[list[Curves], list[Comparison]]:
-    """Load every run (the first is the reference) and compare each other run with it."""
+    """Load every run (the first is the reference) and compare each other run with it. One run alone is
+    plotted, with nothing to compare (and no assertion to check)."""
     paths = list(paths)
-    if len(paths) < 2:
-        raise LossCurveError("need a reference run and at least one run to compare with it")
+    if not paths:
+        raise LossCurveError("need at least one run")
+    if len(paths) < 2 and (atol is not None or rtol_first is not None or exact):
+        raise LossCurveError("an assertion needs a reference run and at least one run to compare with it")
     if labels is not None and len(labels) != len(paths):
         raise LossCurveError(f"--labels gives {len(labels)} label(s) for {len(paths)} run(s)")
     curves_list = [load_curves(p, labels[i] if labels else None) for i, p in enumerate(paths)]

@@ -1,8 +1,10 @@
 """A randomly initialised ``transformers`` model from a local config, for recipes and tests.
 
 There is no model hub here: the fine-tuning recipe builds its "pretrained" model with ``transformers``
-itself (any registered family's model, e.g. ``LlamaForCausalLM``, at random init), with the vocabulary of our
-SentencePiece tokenizer, and saves it with ``save_pretrained`` exactly as a downloaded one would be.
+itself (any registered family's model, e.g. ``LlamaForCausalLM``, at random init) and saves it with
+``save_pretrained``, its tokenizer beside it, exactly as a downloaded folder would be. The tokenizer is
+our SentencePiece model (as a fast Llama tokenizer), another Hugging Face tokenizer folder, or a
+byte-level BPE trained here on the bundled corpus (``--byte-level-bpe 32000``: a Llama 3-style folder).
 
     python -m megatron_ucp.hf.build --family llama --tokenizer-model data/tokenizer/austen-bpe-8k.model \\
         --num-layers 2 --hidden-size 64 --num-heads 4 --num-kv-heads 2 --ffn-hidden-size 128 \\
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -57,12 +61,68 @@ def parse_setting(text: str) -> tuple[str, object]:
         return key, value
 
 
+BUNDLED_CORPUS = Path(__file__).resolve().parents[2] / "data" / "austen" / "austen-novels.txt.xz"
+# Llama 3's special tokens: a trained byte-level BPE puts BOS before every sequence, as Llama 3's does.
+LLAMA3_BOS, LLAMA3_EOS = "<|begin_of_text|>", "<|end_of_text|>"
+
+
+def save_tokenizer(output_dir: str, *, tokenizer_model: str | None = None, byte_level_bpe: int | None = None,
+                   corpus: str | os.PathLike = BUNDLED_CORPUS):
+    """Write a Hugging Face tokenizer into ``output_dir`` and return it (a ``PreTrainedTokenizerFast``):
+
+    * ``tokenizer_model`` a SentencePiece ``.model``: converted to a fast Llama tokenizer (the model file
+      beside its ``tokenizer.json``; no BOS added, as our SentencePiece pipeline adds none);
+    * ``tokenizer_model`` a Hugging Face tokenizer folder: loaded from local files and saved again;
+    * ``byte_level_bpe`` N: an N-token byte-level BPE trained on ``corpus``'s paragraphs, with Llama 3's
+      special tokens and its BOS rule."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from transformers import AutoTokenizer
+
+    from megatron_ucp.data.preprocess import split_paragraphs
+    from megatron_ucp.data.tokenizer import read_text, train_byte_level_bpe
+
+    if byte_level_bpe is not None:
+        tok = train_byte_level_bpe(split_paragraphs(read_text(corpus)), byte_level_bpe, output_dir,
+                                   bos_token=LLAMA3_BOS, eos_token=LLAMA3_EOS, prepend_bos=True)
+        if len(tok) < byte_level_bpe:  # the corpus ran out of merges: reserved special tokens fill the rest
+            tok.add_special_tokens({"additional_special_tokens": [
+                f"<|reserved_special_token_{i}|>" for i in range(byte_level_bpe - len(tok))]})
+        tok.save_pretrained(output_dir)
+        return tok
+    assert tokenizer_model is not None
+    source = Path(tokenizer_model)
+    if not source.is_dir():  # a SentencePiece model: converted by transformers from a Llama folder of it
+        import shutil
+        import tempfile
+
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(source))
+        piece = sp.id_to_piece
+        with tempfile.TemporaryDirectory() as work:
+            shutil.copyfile(source, os.path.join(work, "tokenizer.model"))
+            with open(os.path.join(work, "tokenizer_config.json"), "w") as f:
+                json.dump({"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": False,
+                           "add_eos_token": False, "bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()),
+                           "unk_token": piece(sp.unk_id())}, f)
+            tok = AutoTokenizer.from_pretrained(work, local_files_only=True, trust_remote_code=False)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
+    tok.save_pretrained(output_dir)
+    return tok
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     from megatron_ucp.families import FAMILIES
 
     p.add_argument("--family", choices=tuple(FAMILIES), required=True)
-    p.add_argument("--tokenizer-model", required=True, help="SentencePiece model: vocabulary size and bos/eos ids")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tokenizer-model", help="the tokenizer: a SentencePiece .model, or a Hugging Face "
+                                                  "tokenizer folder")
+    source.add_argument("--byte-level-bpe", type=int, metavar="VOCAB",
+                        help="train a VOCAB-token byte-level BPE (Llama 3's special tokens and BOS rule) on --corpus")
+    p.add_argument("--corpus", default=str(BUNDLED_CORPUS), help="text (.txt or .txt.xz) for --byte-level-bpe")
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--num-heads", type=int, default=4)
@@ -76,17 +136,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "\"llama3\", ...}' (repeatable)")
     p.add_argument("--output-dir", required=True)
     args = p.parse_args(argv)
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_model)
-    model = build_hf_model(args.family, vocab_size=sp.get_piece_size(), num_layers=args.num_layers,
+    tok = save_tokenizer(args.output_dir, tokenizer_model=args.tokenizer_model, byte_level_bpe=args.byte_level_bpe,
+                         corpus=args.corpus)
+    vocab = len(tok)
+    model = build_hf_model(args.family, vocab_size=vocab, num_layers=args.num_layers,
                            hidden_size=args.hidden_size, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
                            ffn_hidden_size=args.ffn_hidden_size, max_position_embeddings=args.max_position_embeddings,
-                           tie_embeddings=args.tie_embeddings, bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id(),
-                           seed=args.seed, overrides=dict(args.settings))
+                           tie_embeddings=args.tie_embeddings, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id, seed=args.seed, overrides=dict(args.settings))
     model.save_pretrained(args.output_dir)
     n = sum(p.numel() for p in model.parameters())
-    print(f"built a random {type(model).__name__} ({n} parameters, vocab {sp.get_piece_size()}) in {args.output_dir}")
+    print(f"built a random {type(model).__name__} ({n} parameters, vocab {vocab}, tokenizer "
+          f"{type(tok).__name__}) in {args.output_dir}")
     return 0
 
 

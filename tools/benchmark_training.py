@@ -420,7 +420,8 @@ def run_plain_case(cfg: BenchConfig, threads: int | None = None) -> CaseResult:
         if mixed:
             model.to(torch.bfloat16)
         names = [n for n, _ in model.named_parameters()]
-        model_params = [p for _, p in model.named_parameters()]
+        model_params: list[torch.Tensor] = [p for _, p in model.named_parameters()]
+        masters: list[torch.Tensor]
         if mixed:
             # As DeepSpeed: the module is cast to bf16 first, the fp32 master copy is made from it.
             masters = [torch.nn.Parameter(p.detach().float().clone()) for p in model_params]

@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import json
 import math
 import os
@@ -86,6 +85,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from megatron_ucp import bench
+from megatron_ucp.bench import HelpFormatter, child_env, cuda_device_count, package_version, tail, threads_per_rank
 from megatron_ucp.launch import end_group, free_port, run_in_group, start_in_group
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,31 +161,6 @@ SMALL = dict(num_layers=4, hidden_size=256, num_attention_heads=8, vocab_size=80
 MARKER = "benchmark_checkpoint.json"
 
 
-def child_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    if not cuda_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    env.update(extra or {})
-    return env
-
-
-def cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def build_command(cfg: CheckpointConfig, save_dir: str, port: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.ranks),
             "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "megatron_ucp.train",
@@ -206,8 +182,8 @@ def build_checkpoint(cfg: CheckpointConfig, workdir: str, rebuild: bool = False,
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
     cmd = build_command(cfg, os.path.join(root, "checkpoints"), free_port())
-    threads = max(1, usable_cpus() // cfg.ranks)
-    env = child_env({"OMP_NUM_THREADS": str(threads)})
+    threads = threads_per_rank(cfg.ranks)
+    env = child_env(REPO, threads=threads)
     log_path = os.path.join(root, "build.log")
     log(f"building the checkpoint ({cfg.ranks} ranks, OMP_NUM_THREADS={threads}); log: {log_path}\n  "
         + shlex.join(cmd))
@@ -219,20 +195,12 @@ def build_checkpoint(cfg: CheckpointConfig, workdir: str, rebuild: bool = False,
         raise subprocess.TimeoutExpired(cmd, timeout)
     if rc != 0 or not os.path.isdir(ckpt):
         raise RuntimeError(f"building the checkpoint failed (exit {rc}); last lines of {log_path}:\n"
-                           + _tail(log_path, 40))
+                           + tail(log_path, 40))
     seconds = time.perf_counter() - t0
     with open(marker, "w") as f:
         json.dump({"config": want, "build_seconds": round(seconds, 1), "command": cmd}, f, indent=2)
     log(f"built {ckpt} in {seconds:.0f} s")
     return ckpt
-
-
-def _tail(path: str, n: int) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -563,8 +531,7 @@ def paired_ratio(results: dict[str, CaseResult], case: str, ref: str) -> float |
     """The median over rounds of ``case``'s wall / ``ref``'s wall in the same round (None without both)."""
     if case not in results or ref not in results:
         return None
-    pairs = [a / b for a, b in zip(results[case].walls, results[ref].walls) if b > 0]
-    return statistics.median(pairs) if pairs else None
+    return bench.paired_ratio(results[case].walls, results[ref].walls)
 
 
 def format_table(results: dict[str, CaseResult], input_bytes: int) -> str:
@@ -572,7 +539,7 @@ def format_table(results: dict[str, CaseResult], input_bytes: int) -> str:
     header = ["case", "wall s (best)", "wall s (mean)", "CPU s (best)", "GB/s", "peak PSS GiB", "peak RSS GiB",
               "temp GB (wchar - output)", "peak OUT/tmp GB", "output GB", "ratio vs DeepSpeed (median, paired)",
               "ratio vs cp -r (median, paired)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    rows = []
 
     def ratio(case: str, ref: str) -> str:
         r = paired_ratio(results, case, ref)
@@ -584,8 +551,8 @@ def format_table(results: dict[str, CaseResult], input_bytes: int) -> str:
                f"{rate:.3f}", f"{r.peak_pss / GiB:.3f}", f"{r.peak_rss / GiB:.3f}", f"{r.temp_bytes / GB:.3f}",
                f"{r.peak_tmp_bytes / GB:.3f}", f"{r.output_bytes / GB:.3f}", ratio(case, "deepspeed"),
                ratio(case, "cp")]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows.append(row)
+    return bench.markdown_table(header, rows, range(1, len(header)), aligned=False)
 
 
 @dataclass
@@ -688,13 +655,6 @@ def format_targets(targets: Sequence[Target]) -> str:
 # The benchmark
 
 
-def _version(dist_name: str) -> str:
-    try:
-        return importlib.metadata.version(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -722,29 +682,14 @@ def _filesystem(path: str) -> str:
 
 
 def machine_info(workdir: str) -> dict:
+    """``megatron_ucp.bench.machine_info`` with the CPU model, memory and the work folder's file system."""
     import psutil
 
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = None
     vm = psutil.virtual_memory()
-    return {
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": usable_cpus(),
-        "memory_total_gib": round(vm.total / GiB, 2),
-        "memory_available_gib": round(vm.available / GiB, 2),
-        "workdir_filesystem": _filesystem(workdir),
-        "python": platform.python_version(),
-        "torch": _version("torch"),
-        "deepspeed": _version("deepspeed"),
-        "psutil": _version("psutil"),
-        "cuda": cuda_available(),
-        "load_average": load,
-    }
+    return bench.machine_info(cpu=_cpu_model(), memory_total_gib=round(vm.total / GiB, 2),
+                              memory_available_gib=round(vm.available / GiB, 2),
+                              workdir_filesystem=_filesystem(workdir), psutil=package_version("psutil"),
+                              cuda=cuda_device_count() > 0)
 
 
 def prewarm(folder: str, chunk: int = 16 * MiB) -> float:
@@ -789,17 +734,8 @@ def _positive_int(text: str) -> int:
     return v
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None and False (which say nothing)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default is True:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("checkpoint")
     g.add_argument("--input", default=None, help="benchmark this existing ZeRO checkpoint folder (no build)")
     g.add_argument("--small", action="store_true", help="quick preset: 4 layers, hidden 256, 8 heads, vocab 8000")
@@ -849,7 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workdir = os.path.abspath(args.workdir)
     os.makedirs(workdir, exist_ok=True)
-    env = child_env()
+    env = child_env(REPO)
     facts_before = machine_info(workdir)
     print(f"machine: {facts_before['cpu']}, {facts_before['usable_cpus']} usable CPUs, "
           f"{facts_before['memory_total_gib']} GiB RAM ({facts_before['memory_available_gib']} GiB available), "
@@ -894,7 +830,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          interval=args.interval, watch_dir=os.path.join(out, "tmp"), timeout=args.timeout,
                          sample=sampled)
         if m.returncode != 0:
-            raise SystemExit(f"{case} failed (exit {m.returncode}): {shlex.join(cmd)}\n{_tail(m.log, 30)}")
+            raise SystemExit(f"{case} failed (exit {m.returncode}): {shlex.join(cmd)}\n{tail(m.log, 30)}")
         m.output_bytes = folder_bytes(out)
         kind = "timed" if timed else ("memory" if sampled else "warm-up")
         memory = (f"peak PSS {m.peak_pss / GiB:.3f} GiB, RSS {m.peak_rss / GiB:.3f} GiB, peak OUT/tmp "
@@ -971,9 +907,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "comparison": None if comparison is None else dataclasses.asdict(comparison),
             "table": format_table(results, facts.bytes),
         }
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2, default=str)
+        bench.write_json(args.json, doc, default=str)
         print(f"wrote {args.json}")
     return 0
 

@@ -105,9 +105,7 @@ import io
 import json
 import math
 import os
-import platform
 import re
-import shlex
 import shutil
 import statistics
 import sys
@@ -116,6 +114,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from megatron_ucp import bench
+from megatron_ucp.bench import HelpFormatter, command_line, load_average, paired_ratio, tail, threads_per_rank
 
 TOOLS = Path(__file__).resolve().parent
 MiB = 1 << 20
@@ -384,13 +385,6 @@ def rank_entry(rank: int, world_size: int, job: dict) -> None:
 # Launching
 
 
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def _entry() -> Callable[..., None]:
     """``rank_entry`` as the spawned ranks import it: from module ``benchmark_loading`` (``tools/`` must be
     on ``sys.path`` when they start). Run as a script, this file is ``__main__``; the ranks import it by
@@ -409,7 +403,7 @@ def launch(kind: str, world_size: int, out_dir: str, **job: Any) -> list[dict]:
     from megatron_ucp.launch import spawn_ranks
 
     os.makedirs(out_dir, exist_ok=True)
-    job = dict(job, kind=kind, out_dir=out_dir, threads=max(1, usable_cpus() // world_size))
+    job = dict(job, kind=kind, out_dir=out_dir, threads=threads_per_rank(world_size))
     env_before = os.environ.get("DS_ACCELERATOR")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # CPU DeepSpeed; also picks the fork server in spawn_ranks
     added = str(TOOLS) not in sys.path
@@ -422,8 +416,7 @@ def launch(kind: str, world_size: int, out_dir: str, **job: Any) -> list[dict]:
         for r in range(world_size):
             log = Path(out_dir, f"rank{r}.log")
             if log.exists():
-                tails.append(f"--- rank {r} ({log}) ---\n" + "\n".join(log.read_text(errors="replace")
-                                                                        .splitlines()[-15:]))
+                tails.append(f"--- rank {r} ({log}) ---\n" + tail(log, 15))
         raise RunFailed(f"{kind} on {world_size} ranks failed: {type(e).__name__}: {e}\n" + "\n".join(tails)) from e
     finally:
         if added:
@@ -588,17 +581,6 @@ def fmt_ratio(x: float) -> str:
     return f"{x:.2f}x"
 
 
-def _table(header: list[str], rows: list[list[str]], right: set[int]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-    sep = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(header), sep] + [line(r) for r in rows])
-
-
 BYTES_HEADER = ["target", "loader", "read MiB/rank (max)", "read MiB (sum)", "owned MiB/rank (max)",
                 "owned MiB (sum)", "read/owned (max rank)", "read/owned (sum)", "<= 1.1 x owned + 1 MiB"]
 
@@ -613,7 +595,7 @@ def bytes_cells(r: BytesRow) -> list[str]:
 
 
 def format_bytes_table(rows: Sequence[BytesRow]) -> str:
-    return _table(BYTES_HEADER, [bytes_cells(r) for r in rows], {2, 3, 4, 5, 6, 7})
+    return bench.markdown_table(BYTES_HEADER, [bytes_cells(r) for r in rows], {2, 3, 4, 5, 6, 7})
 
 
 def expected_ds_factor(target: str) -> int:
@@ -773,10 +755,11 @@ def summarize_times(runs: Sequence[TimedRun]) -> list[TimeSummary]:
         rs = [r for r in runs if r.route == route]
         if not rs:
             continue
-        ratios = [r.total_s / direct_by_round[r.round] for r in rs if r.round in direct_by_round]
+        paired = [r for r in rs if r.round in direct_by_round]
+        vs_direct = paired_ratio([r.total_s for r in paired], [direct_by_round[r.round] for r in paired])
         out.append(TimeSummary(route, len(rs), med([r.convert_s for r in rs]), med([r.startup_build_s for r in rs]),
                                med([r.load_s for r in rs]), med([r.step_s for r in rs]), med([r.total_s for r in rs]),
-                               med(ratios) if ratios else None, rs[0].loss))
+                               vs_direct, rs[0].loss))
     return out
 
 
@@ -795,35 +778,16 @@ def time_cells(s: TimeSummary) -> list[str]:
 
 
 def format_time_table(summaries: Sequence[TimeSummary]) -> str:
-    return _table(TIME_HEADER, [time_cells(s) for s in summaries], {1, 2, 3, 4, 5, 6, 7, 8})
+    return bench.markdown_table(TIME_HEADER, [time_cells(s) for s in summaries], {1, 2, 3, 4, 5, 6, 7, 8})
 
 
 # --------------------------------------------------------------------------------------------------
 # CLI
 
 
-def machine_info() -> dict:
-    import torch
-
-    from megatron_ucp.checkpoint.format import Versions
-
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = None
-    return {"host": platform.node(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "usable_cpus": usable_cpus(), "python": platform.python_version(), "torch": torch.__version__,
-            "deepspeed": Versions.installed().deepspeed, "load_average": load}
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = BenchConfig()
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], formatter_class=HelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--num-layers", type=int, default=None, help=f"transformer layers (default {d.num_layers})")
     m.add_argument("--hidden-size", type=int, default=None, help=f"hidden size (default {d.hidden_size})")
@@ -867,8 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
-    command = shlex.join([sys.executable, *sys.argv] if argv is None else
-                         [sys.executable, str(Path(__file__).resolve()), *argv])
+    command = command_line(argv, __file__)
     if args.workdir:
         os.makedirs(args.workdir, exist_ok=True)
         return _run(cfg, args, command, args.workdir)
@@ -881,7 +844,7 @@ def _progress(msg: str) -> None:
 
 
 def _run(cfg: BenchConfig, args: argparse.Namespace, command: str, workdir: str) -> int:
-    machine = machine_info()
+    machine = bench.machine_info()
     t_start = time.monotonic()
     ok = True
     job = source_job(cfg, workdir)
@@ -956,7 +919,7 @@ def _run(cfg: BenchConfig, args: argparse.Namespace, command: str, workdir: str)
         ok = ok and same_loss
         out["time"] = {"target": cfg.time_target.name, "runs": [dataclasses.asdict(r) for r in runs],
                        "summary": [dataclasses.asdict(s) for s in summaries], "same_first_loss": same_loss}
-    after = machine_info()["load_average"]
+    after = load_average()
     lines += [f"command: {command}",
               f"machine: {machine['cpu_count']} CPUs ({machine['usable_cpus']} usable), torch {machine['torch']}, "
               f"deepspeed {machine['deepspeed']}, python {machine['python']}, gloo on CPU",
@@ -965,9 +928,7 @@ def _run(cfg: BenchConfig, args: argparse.Namespace, command: str, workdir: str)
     print("\n".join(lines), flush=True)
     if args.json_out:
         out["ok"] = ok
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-        with open(args.json_out, "w") as f:
-            json.dump(out, f, indent=2)
+        bench.write_json(args.json_out, out)
     return 0 if ok else 1
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import statistics
@@ -37,6 +36,8 @@ import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from megatron_ucp.bench import HelpFormatter, child_env, markdown_table, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "austen" / "austen-novels.txt.xz"
@@ -98,7 +99,7 @@ def run_case(flags: list[str], source: Path, out: Path, workers: int) -> Run:
     tool = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(source), "--output-prefix",
             str(out), "--append-eod", "--workers", str(workers), "--log-interval", "0", *flags]
     launched = subprocess.run([sys.executable, "-S", "-c", _LAUNCH, *tool], capture_output=True, text=True,
-                              env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+                              env=dict(child_env(REPO, cuda=False), TOKENIZERS_PARALLELISM="false"))
     result = json.loads(launched.stdout)
     if result["rc"] != 0:
         raise RuntimeError(f"preprocess_data failed ({result['rc']}): {result['stderr'].strip()[-2000:]}")
@@ -125,13 +126,11 @@ def write_jsonl(paragraphs: list[str], path: Path, megabytes: float) -> int:
 
 
 def table(cases: list[Case]) -> str:
-    rows = ["| tokenizer | workers | rounds | documents | tokens | tokens/s | tool s | wall s | peak RSS MB |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for c in cases:
-        rows.append(f"| {c.name} | {c.workers} | {len(c.runs)} | {c.runs[0].documents} | {c.runs[0].tokens} | "
-                    f"{c.tokens_per_s:,.0f} | {c.median('seconds'):.2f} | {c.median('wall'):.2f} | "
-                    f"{c.median('peak_mb'):.0f} |")
-    return "\n".join(rows)
+    header = ["tokenizer", "workers", "rounds", "documents", "tokens", "tokens/s", "tool s", "wall s", "peak RSS MB"]
+    rows = [[c.name, str(c.workers), str(len(c.runs)), str(c.runs[0].documents), str(c.runs[0].tokens),
+             f"{c.tokens_per_s:,.0f}", f"{c.median('seconds'):.2f}", f"{c.median('wall'):.2f}",
+             f"{c.median('peak_mb'):.0f}"] for c in cases]
+    return markdown_table(header, rows, aligned=False)
 
 
 def memory_verdict(memory: list[Case], limit_mb: float) -> tuple[float, str]:
@@ -141,7 +140,7 @@ def memory_verdict(memory: list[Case], limit_mb: float) -> tuple[float, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--corpus", default=str(CORPUS), help="text corpus (.txt or .txt.xz, paragraph = document)")
     p.add_argument("--repeats", type=int, default=3, help="paired rounds (medians are shown)")
     p.add_argument("--vocab", type=int, default=32000, help="BPE vocabulary trained for the HF and GPT-2 cases")
@@ -155,7 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    sys.path.insert(0, str(REPO))
     from megatron_ucp.data.preprocess import split_paragraphs
     from megatron_ucp.data.tokenizer import read_text
 
@@ -191,9 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     worst, verdict = memory_verdict(memory, args.memory_limit_mb)
     print(f"\npeak RSS of the memory case: {worst:.0f} MB (bound {args.memory_limit_mb:.0f} MB): {verdict}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cases": [asdict(c) for c in cases],
-                                               "memory": [asdict(c) for c in memory], "jsonl_bytes": size,
-                                               "memory_peak_mb": worst, "memory_ok": verdict == "PASS"}, indent=2))
+        write_json(args.json, {"cases": [asdict(c) for c in cases], "memory": [asdict(c) for c in memory],
+                               "jsonl_bytes": size, "memory_peak_mb": worst, "memory_ok": verdict == "PASS"})
     return 0 if verdict == "PASS" else 1
 
 

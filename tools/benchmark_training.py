@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
-import json
 import math
 import os
 import platform
@@ -54,9 +52,25 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
+from megatron_ucp.bench import (
+    HelpFormatter,
+    child_env,
+    command_line,
+    cuda_device_count,
+    load_average,
+    markdown_table,
+    tail,
+    threads_per_rank,
+    usable_cpus,
+    write_json,
+)
+from megatron_ucp.bench import machine_info as _machine_info
 from megatron_ucp.launch import free_port, run_in_group
+
+if TYPE_CHECKING:
+    from megatron_ucp.config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -257,73 +271,23 @@ def format_table(results: Sequence[CaseResult], baseline: str = BASELINE) -> str
         loss = "" if r.first_loss is None else f"{r.first_loss:.4f}, {r.last_loss:.4f}"
         rows.append([r.case, r.layout, str(r.ranks), f"{_fmt_ms(s.mean_ms)}, {_fmt_ms(s.min_ms)}",
                      _fmt_int(s.tokens_per_s), rel, loss])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
-    right = {2, 3, 4, 5}
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-    sep = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(header), sep] + [line(row) for row in rows])
+    return markdown_table(header, rows, {2, 3, 4, 5})
 
 
 # --------------------------------------------------------------------------------------------------
 # Environment
 
 
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def threads_per_rank(ranks: int, cpus: int | None = None) -> int:
-    return max(1, (cpus or usable_cpus()) // ranks)
-
-
-def cuda_device_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def _version(dist_name: str) -> str:
-    try:
-        return importlib.metadata.version(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def machine_info() -> dict:
-    import torch
-
+    """``megatron_ucp.bench.machine_info`` with the device the cases run on."""
     gpus = cuda_device_count()
     if gpus:
+        import torch
+
         device = f"cuda: {gpus} x {torch.cuda.get_device_name(0)} (nccl)"
     else:
         device = f"cpu ({platform.processor() or platform.machine()}), gloo, DS_ACCELERATOR=cpu"
-    return {
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": usable_cpus(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "deepspeed": _version("deepspeed"),
-        "device": device,
-        "cuda_devices": gpus,
-        "load_average": _load_average(),
-    }
-
-
-def _load_average() -> list[float] | None:
-    """1/5/15-minute load averages: other work on the machine skews every number here."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
+    return _machine_info(device=device, cuda_devices=gpus)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,15 +320,7 @@ def trainer_command(cfg: BenchConfig, case: Case, port: int) -> list[str]:
 
 
 def trainer_env(case: Case, cuda: bool, base: dict | None = None, cpus: int | None = None) -> dict:
-    env = dict(os.environ if base is None else base)
-    threads = threads_per_rank(case.ranks, cpus)
-    env["OMP_NUM_THREADS"] = str(threads)
-    env["MKL_NUM_THREADS"] = str(threads)
-    if not cuda:
-        env["DS_ACCELERATOR"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
+    return child_env(REPO, base, threads=threads_per_rank(case.ranks, cpus), cuda=cuda)
 
 
 def run_process_group(cmd: list[str], env: dict, log, timeout_s: float) -> int | None:
@@ -418,45 +374,13 @@ def run_trainer_case(cfg: BenchConfig, case: Case, log_dir: str | Path, timeout_
 # The plain PyTorch loop
 
 
-def plain_configs(cfg: BenchConfig):
-    """(ModelConfig, TrainConfig) of the plain case: parsed from the very flags a TP1/PP1/DP1 trainer
+def plain_configs(cfg: BenchConfig) -> tuple[dict, TrainConfig]:
+    """(model kwargs, TrainConfig) of the plain case: parsed from the very flags a TP1/PP1/DP1 trainer
     case gets (``trainer_args``), so the plain loop cannot train a different model or schedule."""
-    from megatron_ucp.config import ModelConfig
     from megatron_ucp.training.arguments import model_kwargs, parse_args, train_config
 
     values = parse_args(trainer_args(cfg, CASES[BASELINE]))
-    train_cfg = train_config(values)
-    return ModelConfig(vocab_size=cfg.vocab_size, **model_kwargs(values)), train_cfg
-
-
-def single_process_state():
-    """The parallel state of one process at TP 1 / PP 1 / DP 1 with no process groups.
-
-    With no group every tensor-parallel op and the vocab-parallel loss are the identity, so our model
-    runs in this process without torch.distributed (no rendezvous, nothing left initialised).
-    """
-    from megatron_ucp.distributed.groups import ParallelState, TensorParallelContext
-    from megatron_ucp.layout.topology import ParallelLayout
-
-    layout = ParallelLayout()
-    return ParallelState(layout=layout, global_rank=0, coords=layout.coords(0), tp_group=None, dp_group=None,
-                         pp_group=None, mp_group=None, tp=TensorParallelContext())
-
-
-def build_plain_model(cfg: BenchConfig):
-    """The trainer's non-pipeline ``GPTModel`` at TP 1, outside DeepSpeed.
-
-    It carries GPTPipe's parameter names (``tied_modules.embed.*``, ``1.*`` ... ``{L+1}.*``) and is
-    initialised from the layout parameter table with the trainer's seeding, so it starts from exactly
-    the trainer's weights. Returns ``(model, train_config)``.
-    """
-    from megatron_ucp.distributed.random import seed_all
-    from megatron_ucp.model.sequential import GPTModel
-
-    model_cfg, train_cfg = plain_configs(cfg)
-    state = single_process_state()
-    seed_all(train_cfg.seed, 0, 0, state.tp.rng)  # the trainer's seeding; also registers the tracker stream
-    return GPTModel(model_cfg, state, train_cfg.seed), train_cfg
+    return model_kwargs(values), train_config(values)
 
 
 def plain_device(cfg: BenchConfig) -> str:
@@ -471,7 +395,7 @@ def run_plain_case(cfg: BenchConfig, threads: int | None = None) -> CaseResult:
 
     from megatron_ucp.training.data import micro_batches
     from megatron_ucp.training.optim import build_lr_scheduler, build_optimizer
-    from megatron_ucp.training.trainer import build_datasets
+    from megatron_ucp.training.trainer import build_datasets, single_process_model
 
     case = CASES[BASELINE]
     result = CaseResult(case.name, case.layout, case.ranks)
@@ -487,12 +411,17 @@ def run_plain_case(cfg: BenchConfig, threads: int | None = None) -> CaseResult:
     start = time.perf_counter()
     try:
         mixed = cfg.dtype == "bf16"  # bf16 model, fp32 master copy stepped by AdamW
-        model, train_cfg = build_plain_model(cfg)
+        kwargs, train_cfg = plain_configs(cfg)
+        train_data, _, vocab_size = build_datasets(train_cfg)
+        # The trainer's non-pipeline GPTModel with GPTPipe's parameter names and the trainer's initial
+        # weights, outside DeepSpeed and torch.distributed.
+        model = single_process_model(kwargs, train_cfg, vocab_size)
         model.to(device)
         if mixed:
             model.to(torch.bfloat16)
         names = [n for n, _ in model.named_parameters()]
-        model_params = [p for _, p in model.named_parameters()]
+        model_params: list[torch.Tensor] = [p for _, p in model.named_parameters()]
+        masters: list[torch.Tensor]
         if mixed:
             # As DeepSpeed: the module is cast to bf16 first, the fp32 master copy is made from it.
             masters = [torch.nn.Parameter(p.detach().float().clone()) for p in model_params]
@@ -501,7 +430,6 @@ def run_plain_case(cfg: BenchConfig, threads: int | None = None) -> CaseResult:
         # The trainer's optimizer and schedule, over the tensors this loop steps (under the model's names).
         optimizer = build_optimizer(zip(names, masters), model.model_config, train_cfg)
         scheduler = build_lr_scheduler(optimizer, train_cfg)
-        train_data, _, _ = build_datasets(train_cfg)
         data = micro_batches(train_data, 0, None, train_cfg.global_batch_size, train_cfg.micro_batch_size, 0, 1,
                              device)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -578,17 +506,10 @@ def selected_cases(args: argparse.Namespace) -> list[str]:
     return list(CASES) if args.cases is None else [n for group in args.cases for n in group]
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None ones (their help says what happens)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = BenchConfig()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=_HelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--cases", type=_parse_cases, nargs="+", default=None, metavar="CASE",
                    help=f"cases to run, space- or comma-separated, from: {', '.join(CASES)} (default: all)")
     p.add_argument("--num-layers", type=int, default=d.num_layers, help="transformer layers")
@@ -637,7 +558,7 @@ def format_report(cfg: BenchConfig, results: Sequence[CaseResult], machine: dict
         f"command: {command}",
         f"machine: {machine['cpu_count']} CPUs ({machine['usable_cpus']} usable), torch {machine['torch']}, "
         f"deepspeed {machine['deepspeed']}, python {machine['python']}, device {machine['device']}",
-        f"load average (1, 5, 15 min) before: {machine.get('load_average')}, after: {_load_average()}",
+        f"load average (1, 5, 15 min) before: {machine.get('load_average')}, after: {load_average()}",
         "",
     ]
     for r in results:
@@ -659,8 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(e))
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be positive, got {args.threads}")
-    command = shlex.join([sys.executable, *sys.argv] if argv is None else
-                         [sys.executable, str(Path(__file__).resolve()), *argv])
+    command = command_line(argv, __file__)
     machine = machine_info()
     # A SIGTERM becomes SystemExit, so a running trainer case ends its whole process group on the way out.
     if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
@@ -684,16 +604,13 @@ def _run_main(args: argparse.Namespace, cfg: BenchConfig, cases: list[str], mach
             results = run_benchmark(cfg, cases, tmp, args.timeout, progress, args.threads)
             for r in results:  # the logs vanish with the folder: show what failed
                 if r.status.startswith("failed") and r.log and os.path.exists(r.log):
-                    tail = Path(r.log).read_text(errors="replace").splitlines()[-40:]
-                    progress(f"--- last lines of {r.case}'s log ---\n" + "\n".join(tail))
+                    progress(f"--- last lines of {r.case}'s log ---\n" + tail(r.log, 40))
                     r.log = None
     print(format_report(cfg, results, machine, command), flush=True)
     if args.json_out:
         out = {"command": command, "machine": machine, "config": dataclasses.asdict(cfg),
                "cases": [r.to_dict() for r in results]}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-        with open(args.json_out, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(args.json_out, out)
     return 0 if all(r.ok or r.status.startswith("skipped") for r in results) else 1
 
 

@@ -122,6 +122,17 @@ def initialize(layout: ParallelLayout) -> ParallelState:
     return _STATE
 
 
+def single_process_state() -> ParallelState:
+    """One process at TP 1 / PP 1 / DP 1 with no process groups, outside the registry.
+
+    With no group every tensor-parallel op and the vocab-parallel loss are the identity, so a model built
+    on it runs in this process without torch.distributed (no rendezvous, nothing left initialised).
+    """
+    layout = ParallelLayout()
+    return ParallelState(layout=layout, global_rank=0, coords=layout.coords(0), tp_group=None, dp_group=None,
+                         pp_group=None, mp_group=None, tp=TensorParallelContext())
+
+
 def get() -> ParallelState:
     if _STATE is None:
         raise RuntimeError("process groups are not initialised; call megatron_ucp.distributed.groups.initialize")

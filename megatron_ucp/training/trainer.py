@@ -135,6 +135,22 @@ def build_datasets(cfg: TrainConfig, tok=None):
     return train, valid, tok.vocab_size
 
 
+def single_process_model(model_kwargs: dict, cfg: TrainConfig, vocab_size: int | None = None) -> GPTModel:
+    """The trainer's model at TP 1 / PP 1 / DP 1 in this process, outside DeepSpeed and torch.distributed.
+
+    It is the non-pipeline ``GPTModel`` (GPTPipe's parameter names), checked by ``check_run`` and seeded
+    as ``Trainer.build`` seeds rank 0, so it starts from exactly the trainer's weights; nothing is
+    initialised and nothing is left behind (``groups.single_process_state``). For code that steps the
+    model by hand, such as the plain-PyTorch baseline of ``tools/benchmark_training.py``.
+    """
+    from megatron_ucp.model.sequential import GPTModel
+
+    model_cfg = check_run(model_kwargs, cfg, 1, vocab_size)
+    state = groups.single_process_state()
+    seed_all(cfg.seed, state.coords.pp, state.coords.tp, state.tp.rng)  # also registers the tracker stream
+    return GPTModel(model_cfg, state, cfg.seed, cfg.zero_stage)
+
+
 @dataclass
 class TrainResult:
     iteration: int

@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_ucp.checkpoint.trust import trust_checkpoint_code
-from megatron_ucp.config import ModelConfig, TrainConfig, check_run
+from megatron_ucp.config import ModelConfig, TrainConfig
 from megatron_ucp.distributed import groups
 from megatron_ucp.distributed.random import get_rng_state, seed_all, set_rng_state
 from megatron_ucp.layout.topology import ParallelLayout
 from megatron_ucp.training import checkpointing
+from megatron_ucp.training.arguments import check_run
 from megatron_ucp.training.data import MockDataset, micro_batches
 from megatron_ucp.training.logger import RunLogger
 from megatron_ucp.training.schedule import LRScheduler

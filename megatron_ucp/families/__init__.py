@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from megatron_ucp.config import ModelConfig
-from megatron_ucp.layout.hf import HFRule, UnsupportedConfig
+from megatron_ucp.layout.hf import HFRule, UnsupportedConfig, check_hf_config
 from megatron_ucp.layout.params import Role
 
 
@@ -77,6 +77,25 @@ def family_of_model(cfg: ModelConfig) -> Family:
         raise ValueError(f"the model config matches {len(hits)} families ({', '.join(f.name for f in hits)}); "
                          "each config must belong to exactly one")
     return hits[0]
+
+
+def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> tuple[Family, ModelConfig]:
+    """(family, ModelConfig) for an HF ``config.json`` dict; UnsupportedConfig for what we cannot match."""
+    check_hf_config(hf)
+    family = family_of_hf(hf)
+    kwargs = family.config_from_hf(hf)
+    return family, ModelConfig(make_vocab_size_divisible_by=make_vocab_size_divisible_by, **kwargs)
+
+
+def hf_config_from_model(cfg: ModelConfig, dtype: str, extra: dict | None = None) -> dict:
+    """The ``config.json`` dict of the HF model equal to ``cfg`` (``extra``: token ids and the like)."""
+    family = family_of_model(cfg)
+    out = {"architectures": [family.architecture], "model_type": family.model_type, "dtype": dtype,
+           "vocab_size": cfg.vocab_size, "initializer_range": cfg.init_method_std,
+           "tie_word_embeddings": cfg.tie_embeddings}
+    out.update(family.hf_config(cfg))
+    out.update(extra or {})
+    return out
 
 
 def recipe_flags(family: Family, kv_heads: int, ffn_hidden: int) -> list[str]:

@@ -451,12 +451,13 @@ def build_plain_model(cfg: BenchConfig):
     the trainer's weights. Returns ``(model, train_config)``.
     """
     from megatron_ucp.distributed.random import seed_all
+    from megatron_ucp.families import family_of_model
     from megatron_ucp.model.sequential import GPTModel
 
     model_cfg, train_cfg = plain_configs(cfg)
     state = single_process_state()
     seed_all(train_cfg.seed, 0, 0, state.tp.rng)  # the trainer's seeding; also registers the tracker stream
-    return GPTModel(model_cfg, state, train_cfg.seed), train_cfg
+    return GPTModel(model_cfg, state, train_cfg.seed, block=family_of_model(model_cfg).block), train_cfg
 
 
 def plain_device(cfg: BenchConfig) -> str:

@@ -4,7 +4,8 @@ A family module (``gpt.py``, ``llama.py``, ``qwen2.py``, ``mistral.py``, ``qwen3
 
 * which ``ModelConfig`` shapes belong to it (``matches``) and the trainer flags that select it (the
   recipes' defaults, ``model_flags``);
-* its transformer block (``block``, built lazily so this package stays importable without DeepSpeed);
+* its transformer block (``block``, built lazily so this package stays importable without DeepSpeed),
+  which the model's builder is given (``model/`` knows no family);
 * the Hugging Face side: architecture and ``model_type``, one ``HFRule`` per entry of the parameter
   table, and the ``config.json`` mapping both ways.
 
@@ -29,8 +30,7 @@ class Family:
     model_type: str  # the HF ``model_type``
     matches: Callable[[ModelConfig], bool]  # this family's ModelConfig shapes
     model_flags: tuple[str, ...]  # trainer flags selecting this family (sizes aside)
-    block_class: str  # the block's class name (DeepSpeed's ``partition_method="type:..."``)
-    block: Callable[..., Any]  # (cfg, tp, layer_number) -> the pipeline LayerSpec of one block
+    block: Callable[..., Any]  # (cfg, tp, layer_number) -> one block's pipeline LayerSpec (model.pipe.BlockBuilder)
     hf_rules: Mapping[tuple[Role, str], HFRule]  # one per parameter-table entry the family's configs produce
     config_from_hf: Callable[[dict], dict]  # HF config.json -> ModelConfig keyword arguments
     hf_config: Callable[[ModelConfig], dict]  # ModelConfig -> the family's config.json entries
@@ -104,11 +104,6 @@ def recipe_flags(family: Family, kv_heads: int, ffn_hidden: int) -> list[str]:
     if family.grouped_query:
         flags += ["--num-key-value-heads", str(kv_heads), "--ffn-hidden-size", str(ffn_hidden)]
     return flags
-
-
-def block_classes() -> str:
-    """``TransformerLayer|LlamaLayer``: every family's block class, for DeepSpeed's layer partitioning."""
-    return "|".join(dict.fromkeys(f.block_class for f in FAMILIES.values()))
 
 
 # The registry's contents: importing a family module registers it (order: the export preference).

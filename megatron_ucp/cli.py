@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Callable
 
-from megatron_ucp.checkpoint.trust import TRUST_FLAG, CheckpointError, trust_checkpoint_code
+from megatron_ucp.checkpoint.trust import TRUST_FLAG, CheckpointError, one_line, trust_checkpoint_code
 
 
 def add_trust_flag(parser: argparse.ArgumentParser) -> None:
@@ -18,15 +18,6 @@ def add_trust_flag(parser: argparse.ArgumentParser) -> None:
 def apply_trust_flag(args: argparse.Namespace) -> None:
     if getattr(args, "trust_checkpoint_code", False):
         trust_checkpoint_code(True)
-
-
-def one_line(e: BaseException) -> str:
-    """``<file>: <what is wrong>`` for the errors bad input raises."""
-    if isinstance(e, OSError) and e.filename is not None:
-        return f"{e.filename}: {e.strerror or e}"
-    if isinstance(e, MemoryError):
-        return f"out of memory: {e}" if str(e) else "out of memory"
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def run_tool(body: Callable[[], int]) -> int:

@@ -11,8 +11,7 @@ import os
 import sys
 from typing import Sequence
 
-from megatron_ucp.checkpoint.trust import CheckpointError
-from megatron_ucp.cli import one_line
+from megatron_ucp.checkpoint.trust import CheckpointError, one_line
 from megatron_ucp.training.arguments import configs_from_flags
 
 

@@ -19,10 +19,10 @@ import yaml
 from helpers import REPO
 from megatron_ucp import train as train_entry
 from megatron_ucp.checkpoint.trust import TRUST_FLAG
-from megatron_ucp.config import ModelConfig, TrainConfig, check_run, cli_default, cli_fields
+from megatron_ucp.config import ModelConfig, TrainConfig, cli_default, cli_fields
 from megatron_ucp.training import arguments
-from megatron_ucp.training.arguments import (FlagError, build_parser, configs_from_flags, defaults, flag_fields,
-                                             model_kwargs, parse_args, train_config, value_type)
+from megatron_ucp.training.arguments import (FlagError, build_parser, check_run, configs_from_flags, defaults,
+                                             flag_fields, model_kwargs, parse_args, train_config, value_type)
 
 # Every option string the trainer accepted before the flags were generated (the compatibility contract).
 FLAGS_BEFORE = """

@@ -78,7 +78,7 @@ def test_a_link_at_the_temporary_name_is_not_followed(tmp_path, outside, monkeyp
 
 def test_a_name_always_taken_is_refused_in_one_line(tmp_path, outside, monkeypatch):
     import megatron_ucp.atomic as atomic
-    from megatron_ucp.cli import one_line
+    from megatron_ucp.checkpoint.trust import one_line
 
     victim, digest = outside
     target = tmp_path / "marker.json"

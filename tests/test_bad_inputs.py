@@ -20,9 +20,9 @@ import torch
 
 from helpers import REPO, load_tool
 from megatron_ucp.config import ModelConfig
-from megatron_ucp.families import family_of_model
+from megatron_ucp.families import family_of_model, hf_config_from_model
 from megatron_ucp.hf.transforms import to_hf
-from megatron_ucp.layout.hf import hf_config_from_model, hf_mappings
+from megatron_ucp.layout.hf import hf_mappings
 
 LLAMA = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, ffn_hidden_size=48,
                     vocab_size=64, max_position_embeddings=16, swiglu=True, normalization="rmsnorm",

@@ -24,7 +24,7 @@ from megatron_ucp.checkpoint.format import (
 )
 from megatron_ucp.checkpoint.trust import CheckpointError
 from megatron_ucp.config import ModelConfig, TrainConfig
-from megatron_ucp.layout.hf import model_config_from_hf
+from megatron_ucp.families import model_config_from_hf
 from megatron_ucp.layout.topology import ParallelLayout
 
 # Format 1, copied from the model-state files the code before format 2 wrote (a TP1 PP1 DP1 ZeRO-1 run

@@ -25,11 +25,11 @@ from dist_utils import run_distributed
 from helpers import assert_equal
 from megatron_ucp.checkpoint.zero import CheckpointError
 from megatron_ucp.config import ModelConfig
-from megatron_ucp.families import family_named, family_of_model
+from megatron_ucp.families import family_named, family_of_model, hf_config_from_model, model_config_from_hf
 from megatron_ucp.hf.from_universal import convert_universal_to_hf
 from megatron_ucp.hf.logits import compare, hf_logits, our_logits_many, random_tokens
 from megatron_ucp.hf.to_universal import convert_hf_to_universal
-from megatron_ucp.layout.hf import UnsupportedConfig, hf_config_from_model, hf_mappings, model_config_from_hf
+from megatron_ucp.layout.hf import UnsupportedConfig, hf_mappings
 from megatron_ucp.layout.params import model_params
 
 VOCAB, BATCH, SEQ, ATOL = 256, 2, 16, 1e-5

@@ -16,11 +16,11 @@ from helpers import assert_equal
 from megatron_ucp.checkpoint.inspect import compare_universal
 from megatron_ucp.checkpoint.universal import convert_zero_to_universal
 from megatron_ucp.config import ModelConfig
-from megatron_ucp.families import family_of_model, family_named
+from megatron_ucp.families import family_of_model, family_named, model_config_from_hf
 from megatron_ucp.hf.from_universal import convert_universal_to_hf
 from megatron_ucp.hf.logits import compare, hf_logits, our_logits_many, random_tokens
 from megatron_ucp.hf.to_universal import convert_hf_to_universal
-from megatron_ucp.layout.hf import hf_mappings, model_config_from_hf
+from megatron_ucp.layout.hf import hf_mappings
 from megatron_ucp.layout.params import model_params
 
 VOCAB, BATCH, SEQ = 96, 2, 16

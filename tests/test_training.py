@@ -22,13 +22,15 @@ def _dump_init(rank, world_size, tp, pp, out_dir):
     import deepspeed
 
     from megatron_ucp.distributed import groups
+    from megatron_ucp.families import family_of_model
     from megatron_ucp.layout.topology import ParallelLayout
     from megatron_ucp.model.pipe import GPTPipe
 
     deepspeed.init_distributed(dist_backend="gloo")
     state = groups.initialize(ParallelLayout.from_world_size(world_size, tp=tp, pp=pp))
     try:
-        model = GPTPipe(ModelConfig(vocab_size=VOCAB, **MODEL), state, seed=1234)
+        cfg = ModelConfig(vocab_size=VOCAB, **MODEL)
+        model = GPTPipe(cfg, state, seed=1234, block=family_of_model(cfg).block)
         torch.save({"coords": (state.coords.pp, state.coords.tp),
                     "params": {n: p.detach().clone() for n, p in model.named_parameters()}},
                    os.path.join(out_dir, f"rank{rank}.pt"))

@@ -45,6 +45,15 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, unsafe or inconsistent; the message names it."""
 
 
+def one_line(e: BaseException) -> str:
+    """``<file>: <what is wrong>`` for the errors bad input raises."""
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    if isinstance(e, MemoryError):
+        return f"out of memory: {e}" if str(e) else "out of memory"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 # Module path -> names, for the globals real checkpoints hold beyond torch's default allowlist.
 ALLOWED_GLOBALS: dict[str, tuple[str, ...]] = {
     "deepspeed.utils.tensor_fragment": ("fragment_address",),

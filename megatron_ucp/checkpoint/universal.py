@@ -70,7 +70,7 @@ from megatron_ucp.checkpoint.publish import (  # noqa: F401 - LATEST_UNIVERSAL, 
     write_latest_universal,
     write_marker,
 )
-from megatron_ucp.checkpoint.trust import check_name, path_inside
+from megatron_ucp.checkpoint.trust import check_name, one_line, path_inside
 from megatron_ucp.checkpoint.zero import (
     BASE_OPTIMIZER_STATE,
     FP32_FLAT_GROUPS,
@@ -85,7 +85,6 @@ from megatron_ucp.checkpoint.zero import (
     open_zero_checkpoint,
     read_into,
 )
-from megatron_ucp.cli import one_line
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.layout.params import Kind, spec_of
 from megatron_ucp.layout.placement import RegionMap, flat_segments, tp_map

@@ -4,7 +4,8 @@ A family module (``gpt.py``, ``llama.py``, ``qwen2.py``, ``mistral.py``, ``qwen3
 
 * which ``ModelConfig`` shapes belong to it (``matches``) and the trainer flags that select it (the
   recipes' defaults, ``model_flags``);
-* its transformer block (``block``, built lazily so this package stays importable without DeepSpeed);
+* its transformer block (``block``, built lazily so this package stays importable without DeepSpeed),
+  which the model's builder is given (``model/`` knows no family);
 * the Hugging Face side: architecture and ``model_type``, one ``HFRule`` per entry of the parameter
   table, and the ``config.json`` mapping both ways.
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from megatron_ucp.config import ModelConfig
-from megatron_ucp.layout.hf import HFRule, UnsupportedConfig
+from megatron_ucp.layout.hf import HFRule, UnsupportedConfig, check_hf_config
 from megatron_ucp.layout.params import Role
 
 
@@ -29,8 +30,7 @@ class Family:
     model_type: str  # the HF ``model_type``
     matches: Callable[[ModelConfig], bool]  # this family's ModelConfig shapes
     model_flags: tuple[str, ...]  # trainer flags selecting this family (sizes aside)
-    block_class: str  # the block's class name (DeepSpeed's ``partition_method="type:..."``)
-    block: Callable[..., Any]  # (cfg, tp, layer_number) -> the pipeline LayerSpec of one block
+    block: Callable[..., Any]  # (cfg, tp, layer_number) -> one block's pipeline LayerSpec (model.pipe.BlockBuilder)
     hf_rules: Mapping[tuple[Role, str], HFRule]  # one per parameter-table entry the family's configs produce
     config_from_hf: Callable[[dict], dict]  # HF config.json -> ModelConfig keyword arguments
     hf_config: Callable[[ModelConfig], dict]  # ModelConfig -> the family's config.json entries
@@ -79,17 +79,31 @@ def family_of_model(cfg: ModelConfig) -> Family:
     return hits[0]
 
 
+def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> tuple[Family, ModelConfig]:
+    """(family, ModelConfig) for an HF ``config.json`` dict; UnsupportedConfig for what we cannot match."""
+    check_hf_config(hf)
+    family = family_of_hf(hf)
+    kwargs = family.config_from_hf(hf)
+    return family, ModelConfig(make_vocab_size_divisible_by=make_vocab_size_divisible_by, **kwargs)
+
+
+def hf_config_from_model(cfg: ModelConfig, dtype: str, extra: dict | None = None) -> dict:
+    """The ``config.json`` dict of the HF model equal to ``cfg`` (``extra``: token ids and the like)."""
+    family = family_of_model(cfg)
+    out = {"architectures": [family.architecture], "model_type": family.model_type, "dtype": dtype,
+           "vocab_size": cfg.vocab_size, "initializer_range": cfg.init_method_std,
+           "tie_word_embeddings": cfg.tie_embeddings}
+    out.update(family.hf_config(cfg))
+    out.update(extra or {})
+    return out
+
+
 def recipe_flags(family: Family, kv_heads: int, ffn_hidden: int) -> list[str]:
     """The trainer flags a recipe passes for ``family`` (its shape flags, then its size flags)."""
     flags = list(family.model_flags)
     if family.grouped_query:
         flags += ["--num-key-value-heads", str(kv_heads), "--ffn-hidden-size", str(ffn_hidden)]
     return flags
-
-
-def block_classes() -> str:
-    """``TransformerLayer|LlamaLayer``: every family's block class, for DeepSpeed's layer partitioning."""
-    return "|".join(dict.fromkeys(f.block_class for f in FAMILIES.values()))
 
 
 # The registry's contents: importing a family module registers it (order: the export preference).

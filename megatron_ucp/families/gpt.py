@@ -83,7 +83,7 @@ def hf_model(*, vocab_size: int, num_layers: int, hidden_size: int, num_heads: i
 FAMILY = register(Family(
     name="gpt", architecture="GPT2LMHeadModel", model_type="gpt2",
     matches=lambda cfg: not cfg.swiglu_family, model_flags=(),
-    block_class="TransformerLayer", block=block, hf_rules=RULES, config_from_hf=config_from_hf,
+    block=block, hf_rules=RULES, config_from_hf=config_from_hf,
     hf_config=hf_config, hf_model=hf_model,
     # attention-mask buffers older GPT-2 checkpoints saved
     ignored_hf_suffixes=(".attn.bias", ".attn.masked_bias")))

@@ -113,5 +113,5 @@ FAMILY = register(Family(
     name="llama", architecture="LlamaForCausalLM", model_type="llama",
     matches=lambda cfg: cfg.swiglu_family and not (cfg.add_qkv_bias or cfg.qk_layernorm or cfg.sliding_window),
     model_flags=MODEL_FLAGS,
-    block_class="LlamaLayer", block=block, hf_rules=RULES, config_from_hf=_llama_config_from_hf,
+    block=block, hf_rules=RULES, config_from_hf=_llama_config_from_hf,
     hf_config=_llama_hf_config, hf_model=hf_model, grouped_query=True, ignored_hf_suffixes=(".rotary_emb.inv_freq",)))

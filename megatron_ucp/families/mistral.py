@@ -35,5 +35,5 @@ FAMILY = register(Family(
     matches=lambda cfg: cfg.swiglu_family and cfg.sliding_window is not None and not (
         cfg.add_qkv_bias or cfg.qk_layernorm),
     model_flags=llama.MODEL_FLAGS + ("--sliding-window", str(DEFAULT_WINDOW)),
-    block_class="LlamaLayer", block=llama.block, hf_rules=llama.RULES, config_from_hf=config_from_hf,
+    block=llama.block, hf_rules=llama.RULES, config_from_hf=config_from_hf,
     hf_config=hf_config, hf_model=hf_model, grouped_query=True, ignored_hf_suffixes=(".rotary_emb.inv_freq",)))

@@ -35,5 +35,5 @@ FAMILY = register(Family(
     name="qwen2", architecture="Qwen2ForCausalLM", model_type="qwen2",
     matches=lambda cfg: cfg.swiglu_family and cfg.add_qkv_bias and not (cfg.qk_layernorm or cfg.sliding_window),
     model_flags=llama.MODEL_FLAGS + ("--add-qkv-bias",),
-    block_class="LlamaLayer", block=llama.block, hf_rules=RULES, config_from_hf=config_from_hf,
+    block=llama.block, hf_rules=RULES, config_from_hf=config_from_hf,
     hf_config=hf_config, hf_model=hf_model, grouped_query=True, ignored_hf_suffixes=(".rotary_emb.inv_freq",)))

@@ -39,5 +39,5 @@ FAMILY = register(Family(
     name="qwen3", architecture="Qwen3ForCausalLM", model_type="qwen3",
     matches=lambda cfg: cfg.swiglu_family and cfg.qk_layernorm and not (cfg.add_qkv_bias or cfg.sliding_window),
     model_flags=llama.MODEL_FLAGS + ("--qk-layernorm",),
-    block_class="LlamaLayer", block=llama.block, hf_rules=RULES, config_from_hf=config_from_hf,
+    block=llama.block, hf_rules=RULES, config_from_hf=config_from_hf,
     hf_config=hf_config, hf_model=hf_model, grouped_query=True, ignored_hf_suffixes=(".rotary_emb.inv_freq",)))

@@ -50,8 +50,9 @@ from megatron_ucp.checkpoint.publish import (
 )
 from megatron_ucp.checkpoint.universal import check_output_path
 from megatron_ucp.checkpoint.zero import CheckpointError, load_file
+from megatron_ucp.families import family_of_model, hf_config_from_model
 from megatron_ucp.hf.transforms import to_hf
-from megatron_ucp.layout.hf import family_of_model, hf_config_from_model, hf_mappings
+from megatron_ucp.layout.hf import hf_mappings
 from megatron_ucp.layout.slicing import bitwise_equal
 
 HF_EXPORT_KIND = "hf_export"  # the completion marker's kind for an exported Hugging Face folder

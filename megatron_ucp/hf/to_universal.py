@@ -66,14 +66,13 @@ from megatron_ucp.config import ModelConfig
 from megatron_ucp.hf.ds_files import write_loader_files
 from megatron_ucp.hf.reader import HFCheckpoint, open_hf_checkpoint, read_config
 from megatron_ucp.hf.transforms import to_hf, to_ours
-from megatron_ucp.families import Family, family_of_model
+from megatron_ucp.families import Family, family_of_model, model_config_from_hf
 from megatron_ucp.layout.hf import (
     HFMapping,
     UnsupportedConfig,
     check_declared_sizes,
     hf_mappings,
     is_ignored,
-    model_config_from_hf,
     source_dtype,
 )
 from megatron_ucp.layout.params import Kind

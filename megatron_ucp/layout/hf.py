@@ -13,14 +13,10 @@ import enum
 import math
 import re
 from dataclasses import dataclass
-
-from typing import TYPE_CHECKING
+from typing import Mapping, Protocol
 
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.layout.params import ParamSpec, Role, model_params
-
-if TYPE_CHECKING:
-    from megatron_ucp.families import Family
 
 
 class Combine(enum.Enum):
@@ -50,10 +46,24 @@ class HFMapping:
     combine: Combine
 
 
+class FamilyRules(Protocol):
+    """What the mappings read of a family (``megatron_ucp.families.Family``, whose registry imports this
+    module; it is passed in, never looked up here)."""
+
+    @property
+    def architecture(self) -> str: ...
+
+    @property
+    def hf_rules(self) -> Mapping[tuple[Role, str], HFRule]: ...
+
+    @property
+    def ignored_hf_suffixes(self) -> tuple[str, ...]: ...
+
+
 TIED_HEAD = "lm_head.weight"  # every family's head; absent from (or a copy in) a tied model's files
 
 
-def hf_mappings(cfg: ModelConfig, family: Family) -> list[HFMapping]:
+def hf_mappings(cfg: ModelConfig, family: FamilyRules) -> list[HFMapping]:
     """Every parameter of the model (table order) with its HF tensors; ValueError for an uncovered one."""
     rules = family.hf_rules
     out = []
@@ -68,7 +78,7 @@ def hf_mappings(cfg: ModelConfig, family: Family) -> list[HFMapping]:
     return out
 
 
-def is_ignored(hf_name: str, cfg: ModelConfig, family: Family) -> bool:
+def is_ignored(hf_name: str, cfg: ModelConfig, family: FamilyRules) -> bool:
     """True for an HF tensor that maps to nothing of ours by design: a tied head's copy of the
     embedding, or a buffer the family lists (attention masks, RoPE frequencies)."""
     if cfg.tie_embeddings and hf_name == TIED_HEAD:
@@ -83,13 +93,6 @@ def is_ignored(hf_name: str, cfg: ModelConfig, family: Family) -> bool:
 
 class UnsupportedConfig(ValueError):
     """An HF config this mapping cannot represent exactly; the message says which field and why."""
-
-
-def family_of(hf: dict) -> Family:
-    """The family of an HF ``config.json`` dict (the registry in ``megatron_ucp.families``)."""
-    from megatron_ucp.families import family_of_hf
-
-    return family_of_hf(hf)
 
 
 def require(hf: dict, key: str, wanted, why: str, default=None) -> None:
@@ -233,7 +236,7 @@ def _hf_key(hf: dict, *names: str) -> str:
     return next((n for n in names if n in hf), names[0])
 
 
-def check_declared_sizes(hf: dict, cfg: ModelConfig, family: Family, shapes: dict[str, tuple[int, ...]]) -> None:
+def check_declared_sizes(hf: dict, cfg: ModelConfig, family: FamilyRules, shapes: dict[str, tuple[int, ...]]) -> None:
     """The sizes config.json declares, against the tensors the weights hold (``shapes``: name -> shape, from
     the reader's index), before anything is sized from them: the parameter table has entries per layer, and
     the attention maps work per head, so a config declaring a million layers or heads would take gigabytes
@@ -261,28 +264,3 @@ def check_declared_sizes(hf: dict, cfg: ModelConfig, family: Family, shapes: dic
             raise UnsupportedConfig(f"{key}: {value} is larger than every dimension of every tensor in the "
                                     f"weights (at most {largest})")
 
-
-def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> tuple[Family, ModelConfig]:
-    """(family, ModelConfig) for an HF ``config.json`` dict; UnsupportedConfig for what we cannot match."""
-    check_hf_config(hf)
-    family = family_of(hf)
-    kwargs = family.config_from_hf(hf)
-    return family, ModelConfig(make_vocab_size_divisible_by=make_vocab_size_divisible_by, **kwargs)
-
-
-def family_of_model(cfg: ModelConfig) -> Family:
-    """The HF family a model config exports to (the one family whose shapes include it)."""
-    from megatron_ucp.families import family_of_model as of_model
-
-    return of_model(cfg)
-
-
-def hf_config_from_model(cfg: ModelConfig, dtype: str, extra: dict | None = None) -> dict:
-    """The ``config.json`` dict of the HF model equal to ``cfg`` (``extra``: token ids and the like)."""
-    family = family_of_model(cfg)
-    out = {"architectures": [family.architecture], "model_type": family.model_type, "dtype": dtype,
-           "vocab_size": cfg.vocab_size, "initializer_range": cfg.init_method_std,
-           "tie_word_embeddings": cfg.tie_embeddings}
-    out.update(family.hf_config(cfg))
-    out.update(extra or {})
-    return out

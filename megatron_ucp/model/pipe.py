@@ -2,10 +2,14 @@
 
 Building the model the same way at every PP keeps parameter names (DeepSpeed's global spec-list
 indices, see ``layout.params``) identical across layouts, which is what universal checkpoints key on.
-The spec list comes from ``layout.params.pipe_entries``, never from hard-coded offsets.
+The spec list comes from ``layout.params.pipe_entries``, never from hard-coded offsets. The transformer
+block is the caller's (``block``: the model family's builder, ``megatron_ucp.families``); this package
+knows no family.
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable, Sequence
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -14,7 +18,6 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.distributed.groups import ParallelState
 from megatron_ucp.layout.params import Role, pipe_entries
-from megatron_ucp.families import block_classes, family_of_model
 from megatron_ucp.layout.placement import embedding_rows, vocab_range
 from megatron_ucp.model.gpt import EmbeddingLayer, FinalNorm, LMHead, TransformerLayer
 from megatron_ucp.model.init import initialize_parameters
@@ -43,9 +46,14 @@ class LMLoss:
         return vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.vocab_size, self.group).mean()
 
 
-def block_spec(cfg: ModelConfig, tp, layer_number: int) -> LayerSpec:
-    """One transformer layer, as the model's family declares it (``megatron_ucp.families``)."""
-    return family_of_model(cfg).block(cfg, tp, layer_number)
+# (cfg, tp, layer_number) -> the LayerSpec of one transformer layer: a family's ``block``
+# (``megatron_ucp.families.family_of_model(cfg).block``), which the caller passes in.
+BlockBuilder = Callable[[ModelConfig, Any, int], LayerSpec]
+
+
+def block_classes(specs: Sequence[LayerSpec]) -> str:
+    """``LlamaLayer``: the blocks' class names, for DeepSpeed's layer partitioning (``type:`` regex)."""
+    return "|".join(dict.fromkeys(spec.typename.__name__ for spec in specs))
 
 
 def padded_vocab_for(cfg: ModelConfig, tp: int, zero_stage: int = 0) -> int:
@@ -61,13 +69,14 @@ def topology_of(state: ParallelState) -> PipeModelDataParallelTopology:
 class GPTPipe(PipelineModule):
     """Embedding, transformer layers, final norm, head (tied to the embedding or not); vocab-parallel CE."""
 
-    def __init__(self, cfg: ModelConfig, state: ParallelState, seed: int) -> None:
+    def __init__(self, cfg: ModelConfig, state: ParallelState, seed: int, *, block: BlockBuilder) -> None:
         layout = state.layout
         cfg.check_tensor_parallel(layout.tp)
         cfg.check_pipeline_parallel(layout.pp)
         padded_vocab = padded_vocab_for(cfg, layout.tp)
         tp = state.tp
         specs = []
+        blocks = []
         for entry in pipe_entries(cfg):
             if entry.role is Role.EMBED and entry.tied_key:
                 specs.append(TiedLayerSpec(entry.tied_key, EmbeddingLayer, cfg, padded_vocab, tp,
@@ -76,7 +85,8 @@ class GPTPipe(PipelineModule):
                 specs.append(LayerSpec(EmbeddingLayer, cfg, padded_vocab, tp))
             elif entry.role is Role.BLOCK:
                 assert entry.layer_number is not None  # pipe_entries numbers every BLOCK entry
-                specs.append(block_spec(cfg, tp, entry.layer_number))
+                blocks.append(block(cfg, tp, entry.layer_number))
+                specs.append(blocks[-1])
             elif entry.role is Role.FINAL_NORM:
                 specs.append(LayerSpec(FinalNorm, cfg))
             elif entry.tied_key:
@@ -90,7 +100,7 @@ class GPTPipe(PipelineModule):
             loss_fn=LMLoss(vocab_start, cfg.vocab_size, state.tp_group),
             topology=topology_of(state),
             # Layers, not parameters: every stage gets whole transformer layers, evenly.
-            partition_method="type:" + block_classes(),
+            partition_method="type:" + block_classes(blocks),
         )
         self.model_config = cfg
         self.padded_vocab = padded_vocab

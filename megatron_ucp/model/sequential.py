@@ -20,13 +20,14 @@ from megatron_ucp.layout.params import Role, pipe_entries
 from megatron_ucp.layout.placement import vocab_range
 from megatron_ucp.model.gpt import EmbeddingLayer, FinalNorm, LMHead
 from megatron_ucp.model.init import initialize_parameters
-from megatron_ucp.model.pipe import LMLoss, block_spec, padded_vocab_for
+from megatron_ucp.model.pipe import BlockBuilder, LMLoss, padded_vocab_for
 
 
 class GPTModel(nn.Module):
     """Embedding, transformer layers, final norm and head called in order; returns the mean LM loss."""
 
-    def __init__(self, cfg: ModelConfig, state: ParallelState, seed: int, zero_stage: int = 0) -> None:
+    def __init__(self, cfg: ModelConfig, state: ParallelState, seed: int, zero_stage: int = 0, *,
+                 block: BlockBuilder) -> None:
         super().__init__()
         layout = state.layout
         if layout.pp != 1:
@@ -49,7 +50,7 @@ class GPTModel(nn.Module):
                     self._order.append(str(entry.index))
             elif entry.role is Role.BLOCK:
                 assert entry.layer_number is not None  # pipe_entries numbers every BLOCK entry
-                self.add_module(str(entry.index), block_spec(cfg, tp, entry.layer_number).build())
+                self.add_module(str(entry.index), block(cfg, tp, entry.layer_number).build())
                 self._order.append(str(entry.index))
             elif entry.role is Role.FINAL_NORM:
                 self.add_module(str(entry.index), FinalNorm(cfg))

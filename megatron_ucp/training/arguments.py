@@ -23,7 +23,7 @@ from typing import Any, Mapping, NoReturn, Sequence
 
 import yaml
 
-from megatron_ucp.config import Cli, ModelConfig, TrainConfig, check_inputs, check_run, cli_default, cli_fields
+from megatron_ucp.config import Cli, ModelConfig, TrainConfig, cli_default, cli_fields
 
 CONFIGS = (ModelConfig, TrainConfig)
 MODEL_KEYS = tuple(f.name for f, _ in cli_fields(ModelConfig))
@@ -231,3 +231,82 @@ def configs_from_flags(argv: Sequence[str] | None = None,
     check_run(kwargs, cfg, launch_world_size(environ))
     check_inputs(cfg)
     return kwargs, cfg
+
+
+def check_run(model_kwargs: dict[str, Any], cfg: TrainConfig, world_size: int,
+              vocab_size: int | None = None) -> ModelConfig:
+    """Every check that needs the whole run: both configs and the world size. Returns the ModelConfig.
+
+    The trainer meets each of these only after distributed start-up (building the layout, the model,
+    the DeepSpeed config and the LR schedule), where a bad setting fails on every rank. The entry point
+    calls this first, with the launcher's world size, so a bad flag fails once and nothing starts. The
+    later checks stay for library callers that build configs themselves.
+
+    ``vocab_size`` is the tokenizer's, known only once it is loaded; no check depends on it, so without
+    it the mock-data vocabulary (or 1) stands in.
+    """
+    from megatron_ucp.layout.topology import ParallelLayout  # pure modules: no torch.distributed, no DeepSpeed
+    from megatron_ucp.training.schedule import LRSchedule
+
+    model = ModelConfig(vocab_size=vocab_size or cfg.vocab_size or 1, **model_kwargs)
+    if model.max_position_embeddings < cfg.seq_length:  # the trainer's own check, worded the same
+        raise ValueError(f"seq_length {cfg.seq_length} exceeds max_position_embeddings "
+                         f"{model.max_position_embeddings}")
+    if model.use_rotary_position_embeddings and model.head_dim % 2:  # the model's own check, worded the same
+        raise ValueError(f"rotary embeddings need an even head dim, got {model.head_dim}")
+    layout = ParallelLayout.from_world_size(world_size, cfg.tensor_model_parallel_size,
+                                            cfg.pipeline_model_parallel_size)
+    model.check_tensor_parallel(layout.tp)
+    model.check_pipeline_parallel(layout.pp)
+    cfg.gradient_accumulation_steps(layout.dp)  # global batch = micro batch x accumulation x DP
+    assert cfg.lr_decay_iters is not None  # set by TrainConfig.__post_init__
+    LRSchedule(cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters, cfg.lr_decay_style)
+    return model
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """The files a run reads exist: dataset (and its --split), tokenizer, --load folder, --deepspeed-config.
+
+    Each is otherwise opened after distributed start-up, on every rank. Existence only: their contents
+    are checked by their readers.
+    """
+    import json
+
+    from megatron_ucp.data.gpt_dataset import parse_split
+    from megatron_ucp.data.indexed_dataset import data_file_path, index_file_path
+    from megatron_ucp.data.tokenizer import SUPPORTED_TOKENIZERS
+
+    def need(path: str, flag: str) -> None:
+        if not os.path.isfile(path):
+            raise ValueError(f"{flag} {path}: no such file")
+
+    if not cfg.mock_data:
+        assert cfg.data_path is not None  # TrainConfig.validate: --data-path unless --mock-data
+        need(data_file_path(cfg.data_path), "--data-path")
+        need(index_file_path(cfg.data_path), "--data-path")
+        parse_split(cfg.split)
+        if cfg.tokenizer_type not in SUPPORTED_TOKENIZERS:
+            raise ValueError(f"unknown tokenizer type {cfg.tokenizer_type!r}; supported: "
+                             f"{', '.join(SUPPORTED_TOKENIZERS)}")
+        files = ({"--tokenizer-model": cfg.tokenizer_model} if cfg.tokenizer_type != "GPT2BPETokenizer"
+                 else {"--vocab-file": cfg.vocab_file, "--merge-file": cfg.merge_file})
+        for flag, path in files.items():
+            if path is None:
+                raise ValueError(f"--tokenizer-type {cfg.tokenizer_type} needs {flag}")
+            if cfg.tokenizer_type == "HFTokenizer":  # a folder of tokenizer files
+                if not os.path.isdir(path):
+                    raise ValueError(f"{flag} {path}: no such folder")
+            else:
+                need(path, flag)
+    if cfg.load and not os.path.isdir(cfg.load):
+        raise ValueError(f"--load {cfg.load}: no such folder")
+    if cfg.deepspeed_config:
+        need(cfg.deepspeed_config, "--deepspeed-config")
+        try:
+            with open(cfg.deepspeed_config) as f:
+                overrides = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--deepspeed-config {cfg.deepspeed_config}: {e}") from None
+        if not isinstance(overrides, dict):
+            raise ValueError(f"--deepspeed-config {cfg.deepspeed_config}: expected a JSON object, "
+                             f"got {type(overrides).__name__}")

@@ -21,11 +21,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_ucp.checkpoint.trust import trust_checkpoint_code
-from megatron_ucp.config import ModelConfig, TrainConfig, check_run
+from megatron_ucp.config import ModelConfig, TrainConfig
 from megatron_ucp.distributed import groups
 from megatron_ucp.distributed.random import get_rng_state, seed_all, set_rng_state
+from megatron_ucp.families import family_of_model
 from megatron_ucp.layout.topology import ParallelLayout
 from megatron_ucp.training import checkpointing
+from megatron_ucp.training.arguments import check_run
 from megatron_ucp.training.data import MockDataset, micro_batches
 from megatron_ucp.training.logger import RunLogger
 from megatron_ucp.training.schedule import LRScheduler
@@ -98,10 +100,10 @@ def build_model(model_cfg: ModelConfig, cfg: TrainConfig, state) -> GPTPipe | GP
     if cfg.use_pipeline_engine:
         from megatron_ucp.model.pipe import GPTPipe
 
-        return GPTPipe(model_cfg, state, cfg.seed)
+        return GPTPipe(model_cfg, state, cfg.seed, block=family_of_model(model_cfg).block)
     from megatron_ucp.model.sequential import GPTModel
 
-    model = GPTModel(model_cfg, state, cfg.seed, cfg.zero_stage)
+    model = GPTModel(model_cfg, state, cfg.seed, cfg.zero_stage, block=family_of_model(model_cfg).block)
     if cfg.zero_stage == 3:
         model.register_tied_head_for_zero3()
     return model
@@ -148,7 +150,7 @@ def single_process_model(model_kwargs: dict, cfg: TrainConfig, vocab_size: int |
     model_cfg = check_run(model_kwargs, cfg, 1, vocab_size)
     state = groups.single_process_state()
     seed_all(cfg.seed, state.coords.pp, state.coords.tp, state.tp.rng)  # also registers the tracker stream
-    return GPTModel(model_cfg, state, cfg.seed, cfg.zero_stage)
+    return GPTModel(model_cfg, state, cfg.seed, cfg.zero_stage, block=family_of_model(model_cfg).block)
 
 
 @dataclass

@@ -115,7 +115,7 @@ FULL_ARGV = [
     "--eval-interval", "5", "--eval-iters", "1", "--tensorboard-dir", "tb", "--loss-log", "l.jsonl",
     "--save", "s", "--save-interval", "10", "--load", "in", "--universal-checkpoint", "--ckpt-step", "8", "--universal-loader", "deepspeed", "--no-load-rng",
     "--trust-checkpoint-code", "--finetune", "--no-pipeline-parallel", "--deepspeed-config", "ds.json",
-    "--ds-config-out", "out.json", "--allow-vocab-extension",
+    "--ds-config-out", "out.json", "--allow-vocab-extension", "--eval-at-start",
 ]
 FULL_MODEL = dict(num_layers=3, hidden_size=64, num_attention_heads=16, max_position_embeddings=40, ffn_hidden_size=96,
                   make_vocab_size_divisible_by=16, layernorm_epsilon=1e-6, hidden_dropout=0.05, attention_dropout=0.0,
@@ -133,7 +133,7 @@ FULL_TRAIN = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=1, 
                   eval_iters=1, tensorboard_dir="tb", loss_log="l.jsonl", save="s", save_interval=10, load="in",
                   universal_checkpoint=True, ckpt_step=8, universal_loader="deepspeed", no_load_rng=True, trust_checkpoint_code=True, finetune=True,
                   no_pipeline_parallel=True, deepspeed_config="ds.json", ds_config_out="out.json",
-                  allow_vocab_extension=True)
+                  allow_vocab_extension=True, eval_at_start=True)
 
 
 def test_every_flag_at_once_builds_both_dataclasses():

@@ -19,7 +19,7 @@ import pytest
 from megatron_ucp.data.indexed_dataset import IndexedDataset
 from megatron_ucp.data.preprocess import preprocess, sidecar_path, split_paragraphs
 from megatron_ucp.data.tokenizer import HFTokenizer, build_tokenizer, read_text
-from test_data import CORPUS, SP_MODEL, load_tool
+from helpers import CORPUS, SP_MODEL, load_tool
 
 ROWS = [
     {"text": "It is a truth universally acknowledged.", "title": "Pride and Prejudice"},
@@ -194,7 +194,7 @@ def test_bad_tokenizer_folders_are_refused_in_one_line(folders, tmp_path, capsys
 
 def test_trainer_flags_accept_an_hf_tokenizer_folder(folders, tmp_path):
     from megatron_ucp.training.arguments import configs_from_flags
-    from test_arguments import TINY
+    from helpers import TINY_FLAGS as TINY
 
     for suffix in (".bin", ".idx"):
         (tmp_path / f"d{suffix}").write_bytes(b"")

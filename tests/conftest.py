@@ -31,23 +31,56 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
-    """``get(zero_stage)`` -> (ZeRO folder, its universal conversion): a real checkpoint of the tiny GPT
-    (``helpers.TINY_GPT``, TP1 PP1 DP2, fp32, saved at iteration 2), trained on first use and shared by
-    every module that asks. They are read only: a test that changes files works on a copy."""
-    cache: dict[int, tuple[Path, Path]] = {}
+    """``get(zero_stage, tp)`` -> (ZeRO folder, its universal conversion): a real checkpoint of the tiny GPT
+    (``helpers.TINY_GPT`` and ``TINY_TRAIN``: TP ``tp`` PP1 DP2, fp32, saved at iterations 1 and 2; the
+    folder is iteration 2's), trained on first use and shared by every module that asks. They are read
+    only: a test that changes files works on a copy."""
+    cache: dict[tuple[int, int], tuple[Path, Path]] = {}
 
-    def get(stage: int = 1) -> tuple[Path, Path]:
-        if stage not in cache:
+    def get(stage: int = 1, tp: int = 1) -> tuple[Path, Path]:
+        if (stage, tp) not in cache:
             from dist_utils import run_distributed
-            from helpers import TINY_TRAIN, train_tiny
+            from helpers import TINY_TRAIN, train_model
             from megatron_ucp.checkpoint.universal import convert_zero_to_universal
 
-            root = tmp_path_factory.mktemp(f"tiny_zero{stage}")
-            run_distributed(train_tiny, 2, dict(TINY_TRAIN, train_iters=2, save=str(root / "ckpt"), save_interval=2,
-                                                zero_stage=stage))
+            root = tmp_path_factory.mktemp(f"tiny_zero{stage}_tp{tp}")
+            run_distributed(train_model, 2 * tp, dict(TINY_TRAIN, train_iters=2, save=str(root / "ckpt"),
+                                                      save_interval=1, zero_stage=stage,
+                                                      tensor_model_parallel_size=tp))
             universal = root / "universal" / "global_step2_universal"
             convert_zero_to_universal(str(root / "ckpt" / "global_step2"), str(universal), workers=1)
-            cache[stage] = (root / "ckpt" / "global_step2", universal)
-        return cache[stage]
+            cache[stage, tp] = (root / "ckpt" / "global_step2", universal)
+        return cache[stage, tp]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def llama_runs(tmp_path_factory):
+    """``get(tp, pp, dp)`` -> {"zero", "universal", "dump", "losses"}: a real fp32 ZeRO-1 run of the tiny
+    Llama (``helpers.TINY_LLAMA``, ``llama_cfg``) saved at LLAMA_RESUME_AT, its DP-gathered state dumped
+    there and its checkpoint converted (verified); the same run then carries on to LLAMA_ITERS without
+    saving, and ``losses`` is its loss log (the reference of a resume). Trained on first use, shared, read
+    only."""
+    cache: dict[tuple[int, int, int], dict] = {}
+
+    def get(tp: int, pp: int, dp: int) -> dict:
+        if (tp, pp, dp) not in cache:
+            from dist_utils import run_distributed
+            from helpers import LLAMA_ITERS, LLAMA_RESUME_AT, TINY_LLAMA, llama_cfg, train_and_dump
+            from megatron_ucp.checkpoint.universal import convert_zero_to_universal
+
+            root = tmp_path_factory.mktemp(f"llama_tp{tp}pp{pp}dp{dp}")
+            (root / "dump").mkdir()
+            cfg = llama_cfg(tp, pp, train_iters=LLAMA_RESUME_AT, save=str(root / "ckpt"),
+                            save_interval=LLAMA_RESUME_AT)
+            run_distributed(train_and_dump, tp * pp * dp, cfg, str(root / "dump"), TINY_LLAMA, LLAMA_ITERS,
+                            str(root / "losses.jsonl"))
+            zero = root / "ckpt" / f"global_step{LLAMA_RESUME_AT}"
+            universal = root / "universal" / f"global_step{LLAMA_RESUME_AT}_universal"
+            assert convert_zero_to_universal(str(zero), str(universal), verify=True).verified
+            cache[tp, pp, dp] = {"zero": zero, "universal": universal, "dump": root / "dump",
+                                 "losses": root / "losses.jsonl"}
+        return cache[tp, pp, dp]
 
     return get

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +13,9 @@ import torch
 from megatron_ucp.layout.slicing import bitwise_equal
 
 REPO = Path(__file__).resolve().parents[1]
+# The data files in the repository the data and tokenizer tests read.
+SP_MODEL = REPO / "data/tokenizer/austen-bpe-8k.model"
+CORPUS = REPO / "data/austen/austen-novels.txt.xz"
 
 
 def load_tool(name: str):
@@ -76,16 +81,149 @@ def vouch_for(folder) -> None:
     write_marker(str(folder), UNIVERSAL_KIND, {"test": "damaged on purpose"}, verified=True)
 
 
+# --- The models and run settings the tests share (one definition each) -------------------------------
+
 # The tiny GPT most real-checkpoint tests train, and the training settings they share.
 TINY_GPT = dict(num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
                 make_vocab_size_divisible_by=8, hidden_dropout=0.0, attention_dropout=0.0)
 TINY_TRAIN = dict(micro_batch_size=1, global_batch_size=2, seq_length=16, dtype="fp32", mock_data=True, vocab_size=50,
                   eval_interval=0)
+# The same GPT four layers deep: four pipeline stages, and layers 1..4 in the atom names.
+GPT4 = dict(TINY_GPT, num_layers=4)
+# The tiny Llama (RMSNorm, rotary, SwiGLU, GQA 8 heads / 2 KV heads, untied head, no biases).
+TINY_LLAMA = dict(num_layers=4, hidden_size=64, num_attention_heads=8, num_key_value_heads=2, ffn_hidden_size=96,
+                  max_position_embeddings=16, make_vocab_size_divisible_by=8, hidden_dropout=0.0,
+                  attention_dropout=0.0, swiglu=True, normalization="rmsnorm", use_rotary_position_embeddings=True,
+                  tie_embeddings=False, add_bias_linear=False)
+VOCAB = 50
+# The trainer's command-line flags of a one-layer, one-iteration fp32 mock-data run.
+TINY_FLAGS = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "16",
+              "--make-vocab-size-divisible-by", "8", "--mock-data", "--vocab-size", "50", "--global-batch-size", "2",
+              "--micro-batch-size", "1", "--train-iters", "1", "--eval-interval", "0", "--fp32"]
+STATES = ("fp32", "exp_avg", "exp_avg_sq")
 
 
-def train_tiny(rank, world_size, cfg_dict):
-    """One rank of a training run of ``TINY_GPT`` (module level: ``run_distributed`` pickles it by name)."""
+def run_cfg(tp: int, pp: int, **kw) -> dict:
+    """``TrainConfig`` fields of a short fp32 mock-data run at TP ``tp`` and PP ``pp`` (global batch 4,
+    one sample a micro batch, lr 1e-3 -> 1e-4, a loss logged every iteration); ``kw`` adds or overrides."""
+    base = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_size=1,
+                global_batch_size=4, seq_length=16, lr=1e-3, min_lr=1e-4, dtype="fp32", mock_data=True,
+                vocab_size=VOCAB, log_interval=1, eval_interval=0)
+    return {**base, **kw}
+
+
+def gpt_cfg(tp: int, pp: int, dtype: str = "bf16", **kw) -> dict:
+    """``run_cfg`` of the short GPT runs (``GPT4``): two iterations, bf16 unless told."""
+    return run_cfg(tp, pp, **{"train_iters": 2, "lr_warmup_iters": 1, "dtype": dtype, **kw})
+
+
+# The Llama runs: LLAMA_ITERS iterations, resumed from the checkpoint of LLAMA_RESUME_AT.
+LLAMA_ITERS, LLAMA_RESUME_AT = 12, 4
+
+
+def llama_cfg(tp: int, pp: int, **kw) -> dict:
+    """``run_cfg`` of the Llama runs: the same schedule whether a run stops at LLAMA_RESUME_AT or at
+    LLAMA_ITERS (lr_decay_iters is fixed)."""
+    return run_cfg(tp, pp, **{"train_iters": LLAMA_ITERS, "lr_warmup_iters": 2, "lr_decay_iters": LLAMA_ITERS,
+                              **kw})
+
+
+# --- Training runs (module level: ``run_distributed`` pickles them by name) ----------------------------
+
+def train_model(rank, world_size, cfg_dict, model=TINY_GPT):
+    """One rank of a training run of ``model`` (the tiny GPT unless given)."""
     from megatron_ucp.config import TrainConfig
     from megatron_ucp.training.trainer import train
 
-    train(TINY_GPT, TrainConfig(**cfg_dict))
+    train(model, TrainConfig(**cfg_dict))
+
+
+def train_and_dump(rank, world_size, cfg_dict, dump_dir, model, carry_on_to=None, loss_log=None):
+    """Train (or just load, when train_iters == the loaded iteration), then dump the DP-gathered states
+    (``dump_states``). With ``carry_on_to``, the same run then goes on to that iteration without saving,
+    logging its losses to ``loss_log``: the uninterrupted run a resume from the saved checkpoint is
+    compared with."""
+    import dataclasses
+
+    from megatron_ucp.config import TrainConfig
+    from megatron_ucp.training.trainer import Trainer
+
+    with Trainer(model, TrainConfig(**cfg_dict)) as trainer:
+        trainer.build()
+        trainer.load()
+        trainer.run()
+        dump_states(trainer, rank, dump_dir)
+        if carry_on_to:
+            trainer.cfg = dataclasses.replace(trainer.cfg, train_iters=carry_on_to, save=None, loss_log=loss_log)
+            trainer.run()
+
+
+def dump_states(trainer, rank, dump_dir):
+    """Each parameter's DP-gathered fp32 master and Adam moments, written by DP rank 0 to ``rank{r}.pt``."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    engine, state = trainer.engine, trainer.state
+    # DeepSpeed 0.19.8 links optimizer-state fragments lazily after the first group's step, before
+    # the second group has state, so its accessors miss exp_avg of group 1; link again now.
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+    out = {}
+    for name, p in trainer.model.named_parameters():
+        out[name] = {"fp32": safe_get_full_fp32_param(p).clone(),
+                     "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").clone(),
+                     "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").clone()}
+    if dump_dir and state.coords.dp == 0:
+        torch.save({"coords": (state.coords.pp, state.coords.tp), "state": out,
+                    "global_steps": engine.global_steps, "lr_steps": engine.lr_scheduler.num_steps,
+                    "weight_decay": [g["weight_decay"] for g in opt.param_groups]},
+                   os.path.join(dump_dir, f"rank{rank}.pt"))
+
+
+def assemble(dump_dir, model, vocab=VOCAB):
+    """Full tensors per (name, state) from every rank's dump (``dump_states``): TP-merged, first stage
+    for tied copies. Returns (tensors, vocabulary padding rows, global steps, lr scheduler steps)."""
+    from megatron_ucp.config import ModelConfig
+    from megatron_ucp.layout.params import Kind, model_params
+    from megatron_ucp.layout.slicing import merge
+
+    dumps = [torch.load(os.path.join(dump_dir, f), weights_only=False) for f in sorted(os.listdir(dump_dir))]
+    cfg = ModelConfig(vocab_size=vocab, **model)
+    full, padding = {}, {}
+    for info in model_params(cfg):
+        holders = sorted((d["coords"], d["state"][info.name]) for d in dumps if info.name in d["state"])
+        first_pp = holders[0][0][0]
+        per_tp = [st for (pp, _), st in holders if pp == first_pp]
+        for key in STATES:
+            t = merge([st[key] for st in per_tp], info.kind)
+            if info.kind is Kind.VOCAB:
+                padding[(info.name, key)] = t[vocab:]
+                t = t[:vocab]
+            full[(info.name, key)] = t
+    return full, padding, dumps[0]["global_steps"], dumps[0]["lr_steps"]
+
+
+def read_losses(path) -> dict:
+    """Training losses by iteration from a ``--loss-log`` file."""
+    with open(path) as f:
+        return {r["iteration"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
+
+
+def ds_args(input_folder, output_folder):
+    """The arguments of DeepSpeed's own converter (``ds_to_universal.main``), strict, one worker each."""
+    import argparse
+
+    return argparse.Namespace(input_folder=str(input_folder), output_folder=str(output_folder),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                              strict=True, inject_missing_state=False)
+
+
+def byte_level_folder(out: Path, text: str, *, bos: bool) -> Path:
+    """A byte-level BPE ``transformers`` tokenizer folder trained on ``text`` (vocabulary 400 plus an added
+    token), with a BOS before every sequence when ``bos`` (the tokenizer's own rule)."""
+    from megatron_ucp.data.preprocess import split_paragraphs
+    from megatron_ucp.data.tokenizer import train_byte_level_bpe
+
+    train_byte_level_bpe(split_paragraphs(text), 400, out, prepend_bos=bos, added_tokens=["<extra_0>"])
+    return out

@@ -16,7 +16,7 @@ import sys
 import pytest
 import yaml
 
-from helpers import REPO
+from helpers import REPO, TINY_FLAGS
 from megatron_ucp import train as train_entry
 from megatron_ucp.checkpoint.trust import TRUST_FLAG
 from megatron_ucp.config import ModelConfig, TrainConfig, cli_default, cli_fields
@@ -38,9 +38,6 @@ FLAGS_BEFORE = """
 --use-rotary-position-embeddings --vocab-file --vocab-size --weight-decay --yaml-cfg --zero-stage -h
 """.split()
 
-TINY = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "16",
-        "--make-vocab-size-divisible-by", "8", "--mock-data", "--vocab-size", "50", "--global-batch-size", "2",
-        "--micro-batch-size", "1", "--train-iters", "1", "--eval-interval", "0", "--fp32"]
 
 
 def _option_strings() -> set[str]:
@@ -196,9 +193,9 @@ def test_recipe_flags_parse(tmp_path):
 
 
 def test_launcher_and_megatron_deepspeed_flags_are_accepted():
-    values = parse_args(TINY + ["--local_rank=3", "--deepspeed", "--deepspeed_config", "ds.json"])
+    values = parse_args(TINY_FLAGS + ["--local_rank=3", "--deepspeed", "--deepspeed_config", "ds.json"])
     assert values["deepspeed_config"] == "ds.json"
-    assert parse_args(TINY + ["--local-rank", "0"]) == parse_args(TINY)
+    assert parse_args(TINY_FLAGS + ["--local-rank", "0"]) == parse_args(TINY_FLAGS)
 
 
 # --- YAML ----------------------------------------------------------------------------------------------
@@ -258,7 +255,7 @@ def test_yaml_errors(tmp_path, content, message):
 ])
 def test_run_checks_fail_before_start_up(argv, world_size, message):
     with pytest.raises(ValueError, match=message):
-        configs_from_flags(TINY + argv, environ={"WORLD_SIZE": str(world_size)})
+        configs_from_flags(TINY_FLAGS + argv, environ={"WORLD_SIZE": str(world_size)})
 
 
 def test_the_same_run_is_valid_at_a_fitting_world_size():
@@ -266,7 +263,7 @@ def test_the_same_run_is_valid_at_a_fitting_world_size():
     for argv, world_size in ((["--tensor-model-parallel-size", "3", "--num-attention-heads", "3",
                                "--hidden-size", "48", "--global-batch-size", "4"], 6),
                              (["--global-batch-size", "8"], 4)):
-        _, cfg = configs_from_flags(TINY + argv, environ={"WORLD_SIZE": str(world_size)})
+        _, cfg = configs_from_flags(TINY_FLAGS + argv, environ={"WORLD_SIZE": str(world_size)})
         assert cfg.gradient_accumulation_steps(world_size // cfg.tensor_model_parallel_size) >= 1
 
 
@@ -279,7 +276,7 @@ def test_world_size_comes_from_the_launcher():
 
 def test_input_files_are_checked(tmp_path):
     data = ["--data-path", str(tmp_path / "d"), "--tokenizer-model", str(tmp_path / "t.model")]
-    base = [a for a in TINY if a not in ("--mock-data",)]
+    base = [a for a in TINY_FLAGS if a not in ("--mock-data",)]
     with pytest.raises(ValueError, match=r"--data-path .*d\.bin: no such file"):
         configs_from_flags(base + data, environ={})
     for suffix in (".bin", ".idx"):
@@ -291,10 +288,10 @@ def test_input_files_are_checked(tmp_path):
     with pytest.raises(ValueError, match="bad split"):
         configs_from_flags(base + data + ["--split", "a,b"], environ={})
     with pytest.raises(ValueError, match="--load .*: no such folder"):
-        configs_from_flags(TINY + ["--load", str(tmp_path / "nope")], environ={})
+        configs_from_flags(TINY_FLAGS + ["--load", str(tmp_path / "nope")], environ={})
     (tmp_path / "ds.json").write_text("[1]")
     with pytest.raises(ValueError, match="expected a JSON object"):
-        configs_from_flags(TINY + ["--deepspeed-config", str(tmp_path / "ds.json")], environ={})
+        configs_from_flags(TINY_FLAGS + ["--deepspeed-config", str(tmp_path / "ds.json")], environ={})
 
 
 def test_main_passes_a_valid_run_to_the_trainer(monkeypatch):
@@ -304,7 +301,7 @@ def test_main_passes_a_valid_run_to_the_trainer(monkeypatch):
     calls = []
     monkeypatch.setattr(trainer, "train", lambda kwargs, cfg: calls.append((kwargs, cfg)))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert train_entry.main(TINY + ["--global-batch-size", "4"]) == 0
+    assert train_entry.main(TINY_FLAGS + ["--global-batch-size", "4"]) == 0
     (kwargs, cfg), = calls
     assert kwargs["num_layers"] == 1 and cfg.global_batch_size == 4 and cfg.dtype == "fp32"
 
@@ -341,11 +338,11 @@ def _assert_refused_once(run: subprocess.CompletedProcess, message: str) -> None
     (["--num-layer", "2", "--bogus"], {}, "unrecognized arguments: --bogus"),
 ])
 def test_bad_flag_exits_2_with_one_error_line_and_no_start_up(argv, env, message):
-    _assert_refused_once(_run_trainer(TINY + argv, **env), message)
+    _assert_refused_once(_run_trainer(TINY_FLAGS + argv, **env), message)
 
 
 def test_only_local_rank_0_prints_the_error():
-    run = _run_trainer(TINY + ["--tensor-model-parallel-size", "3"], WORLD_SIZE="4", RANK="1", LOCAL_RANK="1")
+    run = _run_trainer(TINY_FLAGS + ["--tensor-model-parallel-size", "3"], WORLD_SIZE="4", RANK="1", LOCAL_RANK="1")
     assert run.returncode == 2 and run.stdout + run.stderr == ""
 
 
@@ -354,7 +351,7 @@ def test_good_flags_start_and_train(tmp_path):
     """Negative control of the subprocess checks: the same command line with good flags starts up and trains."""
     from dist_utils import free_port
 
-    run = _run_trainer(TINY, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+    run = _run_trainer(TINY_FLAGS, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-3000:]

@@ -11,31 +11,17 @@ import sys
 import pytest
 import torch
 
-from dist_utils import run_distributed
 from megatron_ucp.checkpoint import universal
 from megatron_ucp.checkpoint.universal import convert_zero_to_universal, verify_universal
 from megatron_ucp.checkpoint.zero import CheckpointError, open_zero_checkpoint
-from megatron_ucp.config import TrainConfig
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
-             make_vocab_size_divisible_by=8, hidden_dropout=0.0, attention_dropout=0.0)
-
-
-def _train(rank, world_size, cfg_dict):
-    from megatron_ucp.training.trainer import train
-
-    train(MODEL, TrainConfig(**cfg_dict))
-
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("conv")
-    cfg = dict(micro_batch_size=1, global_batch_size=2, seq_length=16, train_iters=2, dtype="fp32", mock_data=True,
-               vocab_size=50, eval_interval=0, save=str(root / "ckpt"), save_interval=1)
-    run_distributed(_train, 2, cfg)
-    return root / "ckpt"
+def ckpt(tiny_checkpoints):
+    """The session's tiny GPT checkpoint folder (ZeRO-1, TP1 PP1 DP2): global_step1 and global_step2."""
+    return tiny_checkpoints(1)[0].parent
 
 
 def _copy(src, dst):

@@ -20,19 +20,10 @@ from megatron_ucp.checkpoint.inspect import compare_universal
 from megatron_ucp.checkpoint.publish import COMPLETE_MARKER, require_verified
 from megatron_ucp.checkpoint.universal import Partition, assign_params, convert_zero_to_universal
 from megatron_ucp.checkpoint.zero import open_zero_checkpoint
-from megatron_ucp.config import TrainConfig
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-GPT = dict(num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
-           make_vocab_size_divisible_by=8, hidden_dropout=0.0, attention_dropout=0.0)
 NAME = "global_step2_universal"
-
-
-def _train(rank, world_size, cfg_dict):
-    from megatron_ucp.training.trainer import train
-
-    train(GPT, TrainConfig(**cfg_dict))
 
 
 def _report(rank, result_dir, **fields):
@@ -98,13 +89,9 @@ def _results(result_dir, world_size):
 
 
 @pytest.fixture(scope="module")
-def zero(tmp_path_factory):
-    root = tmp_path_factory.mktemp("convdist")
-    cfg = dict(tensor_model_parallel_size=2, micro_batch_size=1, global_batch_size=2, seq_length=16, train_iters=2,
-               dtype="fp32", mock_data=True, vocab_size=50, eval_interval=0, save=str(root / "ckpt"), save_interval=2,
-               lr=1e-3)
-    run_distributed(_train, 4, cfg)
-    return root / "ckpt" / "global_step2"
+def zero(tiny_checkpoints):
+    """The session's tiny GPT checkpoint at TP2 (PP1 DP2, ZeRO-1, fp32) of iteration 2."""
+    return tiny_checkpoints(1, tp=2)[0]
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 
 from dist_utils import run_distributed
-from helpers import REPO
+from helpers import REPO, train_model
 from megatron_ucp.checkpoint.inspect import compare_universal
 from megatron_ucp.checkpoint.publish import COMPLETE_MARKER, read_marker, require_verified
-from megatron_ucp.config import TrainConfig
 from megatron_ucp.pacing import CONVERTER_POINTS, PACE_ENV, STOP_ENV
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -36,18 +35,12 @@ PACE = float(os.environ.get("UCP_KILL_TEST_PACE", "0.01"))
 TIMED_KILLS = 4
 
 
-def _train(rank, world_size, cfg_dict):
-    from megatron_ucp.training.trainer import train
-
-    train(MODEL, TrainConfig(**cfg_dict))
-
-
 @pytest.fixture(scope="module")
 def zero_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("crash")
     cfg = dict(micro_batch_size=1, global_batch_size=1, seq_length=16, train_iters=1, dtype="fp32", mock_data=True,
                vocab_size=8000, eval_interval=0, save=str(root / "ckpt"), save_interval=1)
-    run_distributed(_train, 1, cfg)
+    run_distributed(train_model, 1, cfg, MODEL)
     return root / "ckpt" / "global_step1"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import lzma
 import pickle
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import CORPUS, REPO, SP_MODEL, load_tool
 from megatron_ucp.data.gpt_dataset import GPTDataset, split_ranges
 from megatron_ucp.data.indexed_dataset import (
     IndexedDataset,
@@ -24,19 +24,8 @@ from megatron_ucp.data.tokenizer import (
     bytes_to_unicode,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-SP_MODEL = REPO / "data/tokenizer/austen-bpe-8k.model"
-CORPUS = REPO / "data/austen/austen-novels.txt.xz"
 GPT2_DIR = REPO / "tests/fixtures/gpt2_tiny"
 GPT2_FILES = dict(vocab_file=GPT2_DIR / "vocab.json", merge_file=GPT2_DIR / "merges.txt")
-
-
-def load_tool(name: str):
-    """Import tools/<name>.py as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_dataset(prefix: Path, docs: list[list[int]], dtype=np.uint16) -> None:

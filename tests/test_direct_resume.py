@@ -22,10 +22,10 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
+from helpers import GPT4, assemble, ds_args, dump_states, read_losses, run_cfg, train_and_dump
 from megatron_ucp.checkpoint.universal import certify_universal, convert_zero_to_universal
 from megatron_ucp.config import TrainConfig
 from megatron_ucp.layout.slicing import bitwise_equal
-from test_universal import MODEL, _assemble, _ds_args, _dump_states, _losses
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -37,13 +37,8 @@ SOURCES = {"z1_tp2pp2dp2": (1, 2, 2, 2, 4), "z1_tp1pp2dp2": (1, 1, 2, 2, 4), "z3
 
 
 def _cfg(stage, tp, pp, batch, **kw):
-    base = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, zero_stage=stage,
-                micro_batch_size=1, global_batch_size=batch, seq_length=16, train_iters=ITERS, lr=1e-3,
-                min_lr=1e-4, lr_warmup_iters=2, lr_decay_iters=ITERS, dtype="fp32", mock_data=True, vocab_size=50,
-                log_interval=1,
-                eval_interval=0)
-    base.update(kw)
-    return base
+    return run_cfg(tp, pp, **{"zero_stage": stage, "global_batch_size": batch, "train_iters": ITERS,
+                              "lr_warmup_iters": 2, "lr_decay_iters": ITERS, **kw})
 
 
 def _run(rank, world_size, cfg_dict, dump_dir, dump_when, log_path):
@@ -55,32 +50,17 @@ def _run(rank, world_size, cfg_dict, dump_dir, dump_when, log_path):
     from megatron_ucp.training.trainer import Trainer
 
     out = io.StringIO()
-    with Trainer(MODEL, TrainConfig(**cfg_dict)) as trainer, contextlib.redirect_stdout(out):
+    with Trainer(GPT4, TrainConfig(**cfg_dict)) as trainer, contextlib.redirect_stdout(out):
         trainer.build()
         trainer.load()
         if dump_when == "load":
-            _dump_states(trainer, rank, dump_dir)
+            dump_states(trainer, rank, dump_dir)
         trainer.run()
         if dump_when == "end":
-            _dump_states(trainer, rank, dump_dir)
+            dump_states(trainer, rank, dump_dir)
     if rank == 0 and log_path:
         with open(log_path, "w") as f:
             f.write(out.getvalue())
-
-
-def _source_run(rank, world_size, cfg_dict, dump_dir, loss_log):
-    """One source run: train to RESUME_AT and save there, dump the state, then carry on to ITERS
-    without saving, logging the losses the resumed runs are compared with."""
-    import dataclasses
-
-    from megatron_ucp.training.trainer import Trainer
-
-    with Trainer(MODEL, TrainConfig(**cfg_dict)) as trainer:
-        trainer.build()
-        trainer.run()
-        _dump_states(trainer, rank, dump_dir)
-        trainer.cfg = dataclasses.replace(trainer.cfg, train_iters=ITERS, save=None, loss_log=loss_log)
-        trainer.run()
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +73,10 @@ def sources(tmp_path_factory):
         dump = root / f"{name}_dump"
         dump.mkdir()
         cfg = _cfg(stage, tp, pp, batch, train_iters=RESUME_AT, save=str(root / name), save_interval=RESUME_AT)
-        run_distributed(_source_run, tp * pp * dp, cfg, str(dump), str(root / f"{name}.jsonl"))
+        # the source run carries on to ITERS without saving, logging the losses the resumes are compared with
+        run_distributed(train_and_dump, tp * pp * dp, cfg, str(dump), GPT4, ITERS, str(root / f"{name}.jsonl"))
         out[name] = {"zero": root / name / f"global_step{RESUME_AT}", "dump": dump,
-                     "losses": _losses(root / f"{name}.jsonl"), "batch": batch}
+                     "losses": read_losses(root / f"{name}.jsonl"), "batch": batch}
     assert sorted(out["z1_dp3"]["losses"]) == list(range(RESUME_AT + 1, ITERS + 1))
     return root, out
 
@@ -139,7 +120,7 @@ def _reference(src, route, target, batch, tmp_path):
     if converter == "deepspeed":
         from deepspeed.checkpoint import ds_to_universal
 
-        ds_to_universal.main(_ds_args(src["zero"], universal))
+        ds_to_universal.main(ds_args(src["zero"], universal))
         certify_universal(str(src["zero"]), str(universal))
     else:
         assert convert_zero_to_universal(str(src["zero"]), str(universal), verify=True).verified
@@ -164,9 +145,9 @@ def test_direct_resume(sources, tmp_path, source, target, route):
     cfg = _cfg(stage, tp, pp, src["batch"], load=str(src["zero"].parent), loss_log=str(tmp_path / "resumed.jsonl"))
     run_distributed(_run, tp * pp * dp, cfg, str(dump), "load", str(log))
 
-    want, _, _, _ = _assemble(src["dump"])
-    got, padding, global_steps, lr_steps = _assemble(dump)
-    ref, _, _, _ = _assemble(_reference(src, route, target, src["batch"], tmp_path))
+    want, _, _, _ = assemble(src["dump"], GPT4)
+    got, padding, global_steps, lr_steps = assemble(dump, GPT4)
+    ref, _, _, _ = assemble(_reference(src, route, target, src["batch"], tmp_path), GPT4)
     assert want.keys() == got.keys() == ref.keys()
     for key in want:
         assert bitwise_equal(want[key], got[key]), key
@@ -185,7 +166,7 @@ def test_direct_resume(sources, tmp_path, source, target, route):
     # model-parallel state exactly (tied copies on two stages count twice, padding rows not at all).
     assert len(per_rank) == tp * pp * dp and sum(per_rank) == _state_bytes(dump), per_rank
 
-    resumed, baseline = _losses(tmp_path / "resumed.jsonl"), src["losses"]
+    resumed, baseline = read_losses(tmp_path / "resumed.jsonl"), src["losses"]
     assert sorted(resumed) == list(range(RESUME_AT + 1, ITERS + 1))
     first = RESUME_AT + 1
     assert abs(resumed[first] - baseline[first]) <= 1e-5 * abs(baseline[first]), (resumed[first], baseline[first])
@@ -230,8 +211,8 @@ def test_wrong_source_layout_fails(sources, tmp_path):
     dump.mkdir()
     run_distributed(_run, 4, _cfg(1, 1, 4, src["batch"], train_iters=RESUME_AT, load=str(load)), str(dump), "load",
                     None)
-    want, _, _, _ = _assemble(src["dump"])
-    got, _, _, _ = _assemble(dump)
+    want, _, _, _ = assemble(src["dump"], GPT4)
+    got, _, _, _ = assemble(dump, GPT4)
     differ = sorted({name for name, key in want if not bitwise_equal(want[(name, key)], got[(name, key)])})
     assert differ == ["tied_modules.embed.word_embeddings.weight"], differ
 
@@ -276,6 +257,6 @@ def test_a_rank_killed_during_a_direct_reshard_loses_nothing(sources, tmp_path):
     dump = tmp_path / "dump"
     dump.mkdir()
     run_distributed(_run, 4, cfg, str(dump), "load", None)
-    want, _, _, _ = _assemble(src["dump"])
-    got, _, _, _ = _assemble(dump)
+    want, _, _, _ = assemble(src["dump"], GPT4)
+    got, _, _, _ = assemble(dump, GPT4)
     assert want.keys() == got.keys() and all(bitwise_equal(want[k], got[k]) for k in want)

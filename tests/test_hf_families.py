@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from helpers import assert_equal
+from helpers import TINY_LLAMA, assert_equal, ds_args, run_cfg, train_model
 from megatron_ucp.checkpoint.zero import CheckpointError
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.families import family_named, family_of_model, hf_config_from_model, model_config_from_hf
@@ -346,27 +346,13 @@ def test_first_training_loss_is_transformers_loss(hf, universal, tmp_path, stage
 
 # --- a Llama-3-style model trained from scratch, converted and resumed at another topology ---------------
 
-LLAMA3 = dict(num_layers=4, hidden_size=64, num_attention_heads=8, num_key_value_heads=2, ffn_hidden_size=96,
-              max_position_embeddings=16, make_vocab_size_divisible_by=8, hidden_dropout=0.0, attention_dropout=0.0,
-              swiglu=True, normalization="rmsnorm", use_rotary_position_embeddings=True, tie_embeddings=False,
-              add_bias_linear=False, rope_scaling_type="llama3", rope_scaling_factor=8.0,
-              rope_original_max_position_embeddings=8)
+LLAMA3 = dict(TINY_LLAMA, rope_scaling_type="llama3", rope_scaling_factor=8.0, rope_original_max_position_embeddings=8)
 ITERS, RESUME_AT = 6, 3
 
 
 def _train_cfg(tp, pp, **kw):
-    base = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_size=1,
-                global_batch_size=4, seq_length=16, train_iters=ITERS, lr=1e-3, min_lr=1e-4, lr_warmup_iters=1,
-                lr_decay_iters=ITERS, dtype="fp32", mock_data=True, vocab_size=VOCAB, log_interval=1, eval_interval=0)
-    base.update(kw)
-    return base
-
-
-def _train(rank, world_size, model, cfg_dict):
-    from megatron_ucp.config import TrainConfig
-    from megatron_ucp.training.trainer import train
-
-    train(model, TrainConfig(**cfg_dict))
+    return run_cfg(tp, pp, **{"train_iters": ITERS, "lr_warmup_iters": 1, "lr_decay_iters": ITERS,
+                              "vocab_size": VOCAB, **kw})
 
 
 @pytest.mark.dist
@@ -378,29 +364,29 @@ def test_llama3_run_converts_like_deepspeed_and_resumes_at_tp1pp4(tmp_path):
     from megatron_ucp.checkpoint.universal import convert_zero_to_universal
     from megatron_ucp.evidence.loss_curves import compare as compare_curves
     from megatron_ucp.evidence.loss_curves import load_curves
-    from test_universal import _ds_args
 
     base = tmp_path / "base.jsonl"
-    run_distributed(_train, 8, LLAMA3, _train_cfg(2, 2, save=str(tmp_path / "ckpt"), save_interval=RESUME_AT,
-                                                  loss_log=str(base)))
+    run_distributed(train_model, 8, _train_cfg(2, 2, save=str(tmp_path / "ckpt"), save_interval=RESUME_AT,
+                                               loss_log=str(base)), LLAMA3)
     zero = tmp_path / "ckpt" / f"global_step{RESUME_AT}"
     ours = tmp_path / "ours" / f"global_step{RESUME_AT}_universal"
     assert convert_zero_to_universal(str(zero), str(ours), verify=True).verified
     ds_out = tmp_path / "ds" / f"global_step{RESUME_AT}_universal"
-    ds_to_universal.main(_ds_args(zero, ds_out))
+    ds_to_universal.main(ds_args(zero, ds_out))
     result = compare_universal(str(ours), str(ds_out))
     assert result.equal and result.compared > 100, result.summary()
 
     resumed = tmp_path / "resumed.jsonl"
-    run_distributed(_train, 4, LLAMA3, _train_cfg(1, 4, load=str(ours.parent), universal_checkpoint=True,
-                                                  loss_log=str(resumed)))
+    run_distributed(train_model, 4, _train_cfg(1, 4, load=str(ours.parent), universal_checkpoint=True,
+                                               loss_log=str(resumed)), LLAMA3)
     verdict = compare_curves(load_curves(str(base)), load_curves(str(resumed)), resume_iteration=RESUME_AT,
                              atol=1e-5, rtol_first=1e-5)
     assert verdict.passed, verdict.reasons
     assert sorted(load_curves(str(resumed)).train) == list(range(RESUME_AT + 1, ITERS + 1))
     # The control: the same checkpoint resumed as a model without the scaling does not continue the curve.
     plain = tmp_path / "plain.jsonl"
-    run_distributed(_train, 1, dict(LLAMA3, rope_scaling_type="none"),
-                    _train_cfg(1, 1, load=str(ours.parent), universal_checkpoint=True, loss_log=str(plain)))
+    run_distributed(train_model, 1, _train_cfg(1, 1, load=str(ours.parent), universal_checkpoint=True,
+                                               loss_log=str(plain)),
+                    dict(LLAMA3, rope_scaling_type="none"))
     assert not compare_curves(load_curves(str(base)), load_curves(str(plain)), resume_iteration=RESUME_AT,
                               atol=1e-5, rtol_first=1e-5).passed

@@ -18,8 +18,9 @@ import pytest
 
 from megatron_ucp.data.indexed_dataset import IndexedDataset
 from megatron_ucp.data.preprocess import preprocess, sidecar_path, split_paragraphs
-from megatron_ucp.data.tokenizer import HFTokenizer, build_tokenizer, read_text, train_byte_level_bpe
-from test_data import CORPUS, SP_MODEL, load_tool
+from megatron_ucp.data.tokenizer import HFTokenizer, build_tokenizer, read_text
+from helpers import CORPUS, SP_MODEL, load_tool
+from helpers import byte_level_folder as _byte_level_folder
 
 ROWS = [
     {"text": "It is a truth universally acknowledged.", "title": "Pride and Prejudice"},
@@ -33,12 +34,6 @@ def _reference(folder: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-
-
-def _byte_level_folder(out: Path, text: str, *, bos: bool) -> Path:
-    # BOS before every sequence where the tokenizer's own rule says so; an added token counts in its size
-    train_byte_level_bpe(split_paragraphs(text), 400, out, prepend_bos=bos, added_tokens=["<extra_0>"])
-    return out
 
 
 def _sentencepiece_folder(out: Path, work: Path) -> Path:
@@ -182,7 +177,7 @@ def test_bad_tokenizer_folders_are_refused_in_one_line(folders, tmp_path, capsys
 
 def test_trainer_flags_accept_an_hf_tokenizer_folder(folders, tmp_path):
     from megatron_ucp.training.arguments import configs_from_flags
-    from test_arguments import TINY
+    from helpers import TINY_FLAGS as TINY
 
     for suffix in (".bin", ".idx"):
         (tmp_path / f"d{suffix}").write_bytes(b"")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY_GPT, TINY_TRAIN, load_tool, train_tiny
+from helpers import REPO, TINY_GPT, TINY_TRAIN, load_tool, train_model
 from megatron_ucp.checkpoint.publish import COMPLETE_MARKER, remove_stale_temporaries, require_verified
 from megatron_ucp.config import TrainConfig
 from megatron_ucp.training.checkpointing import check_save_folder, save_folder_problem, saved_iterations
@@ -315,7 +315,7 @@ def test_real_checkpoint_resume_in_place_and_certify(tmp_path, outside, monkeypa
     from megatron_ucp.checkpoint.universal import convert_zero_to_universal
 
     save = tmp_path / "ckpt"
-    run_distributed(train_tiny, 1, dict(TINY_TRAIN, train_iters=2, save=str(save), save_interval=2))
+    run_distributed(train_model, 1, dict(TINY_TRAIN, train_iters=2, save=str(save), save_interval=2))
     assert (save / "latest").read_text() == "global_step2"
 
     # --certify into a folder with links planted at the marker's temporary names (the predictable one of

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
+from helpers import LLAMA_ITERS, LLAMA_RESUME_AT, TINY_LLAMA, llama_cfg
 from megatron_ucp.checkpoint.universal import convert_zero_to_universal
-from test_llama_universal import ITERS, LLAMA, RESUME_AT, _cfg
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+ITERS, RESUME_AT = LLAMA_ITERS, LLAMA_RESUME_AT
 
 
 def _train_and_record_scaler(rank, world_size, cfg_dict, out_path):
@@ -23,7 +25,7 @@ def _train_and_record_scaler(rank, world_size, cfg_dict, out_path):
     from megatron_ucp.config import TrainConfig
     from megatron_ucp.training.trainer import Trainer
 
-    with Trainer(LLAMA, TrainConfig(**cfg_dict)) as trainer:
+    with Trainer(TINY_LLAMA, TrainConfig(**cfg_dict)) as trainer:
         trainer.build()
         trainer.load()
         trainer.run()
@@ -39,7 +41,7 @@ def _train_and_record_scaler(rank, world_size, cfg_dict, out_path):
 def fp16_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp16")
     run_distributed(_train_and_record_scaler, 4,
-                    _cfg(2, 2, dtype="fp16", save=str(root / "ckpt"), save_interval=RESUME_AT,
+                    llama_cfg(2, 2, dtype="fp16", save=str(root / "ckpt"), save_interval=RESUME_AT,
                          loss_log=str(root / "baseline.jsonl")), str(root / "baseline_scaler.json"))
     zero = root / "ckpt" / f"global_step{RESUME_AT}"
     universal = root / "universal" / f"global_step{RESUME_AT}_universal"
@@ -48,7 +50,7 @@ def fp16_run(tmp_path_factory):
 
 
 def _resume(root, universal, name, tp, pp, dp, dtype, zero_stage=1):
-    cfg = _cfg(tp, pp, dtype=dtype, zero_stage=zero_stage, load=str(universal.parent), universal_checkpoint=True,
+    cfg = llama_cfg(tp, pp, dtype=dtype, zero_stage=zero_stage, load=str(universal.parent), universal_checkpoint=True,
                loss_log=str(root / f"{name}.jsonl"))
     run_distributed(_train_and_record_scaler, tp * pp * dp, cfg, str(root / f"{name}_scaler.json"))
     with open(root / f"{name}_scaler.json") as f:

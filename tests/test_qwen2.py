@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from helpers import assert_equal
+from helpers import TINY_LLAMA, assemble, assert_equal, ds_args, run_cfg, train_and_dump
 from megatron_ucp.checkpoint.inspect import compare_universal
 from megatron_ucp.checkpoint.universal import convert_zero_to_universal
 from megatron_ucp.config import ModelConfig
@@ -25,10 +25,7 @@ from megatron_ucp.layout.params import model_params
 
 VOCAB, BATCH, SEQ = 96, 2, 16
 ATOL = 1e-5
-QWEN2 = dict(num_layers=4, hidden_size=64, num_attention_heads=8, num_key_value_heads=2, ffn_hidden_size=96,
-             max_position_embeddings=16, make_vocab_size_divisible_by=8, hidden_dropout=0.0, attention_dropout=0.0,
-             swiglu=True, normalization="rmsnorm", use_rotary_position_embeddings=True, tie_embeddings=False,
-             add_bias_linear=False, add_qkv_bias=True)
+QWEN2 = dict(TINY_LLAMA, add_qkv_bias=True)
 
 
 def _hf_qwen2(dtype=torch.float32, seed=5):
@@ -128,11 +125,7 @@ def test_round_trip_is_bitwise(tmp_path, dtype):
 
 
 def _cfg(tp, pp, **kw):
-    base = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_size=1,
-                global_batch_size=4, seq_length=16, train_iters=3, lr=1e-3, min_lr=1e-4, lr_warmup_iters=1,
-                lr_decay_iters=3, dtype="fp32", mock_data=True, vocab_size=50, log_interval=1, eval_interval=0)
-    base.update(kw)
-    return base
+    return run_cfg(tp, pp, **{"train_iters": 3, "lr_warmup_iters": 1, "lr_decay_iters": 3, **kw})
 
 
 @pytest.mark.dist
@@ -140,16 +133,14 @@ def _cfg(tp, pp, **kw):
 def test_trained_tp2pp2dp2_converts_like_deepspeed_and_loads_at_tp1(tmp_path):
     from deepspeed.checkpoint import ds_to_universal
 
-    from test_universal import _assemble, _ds_args, _train_and_dump
-
     dump = tmp_path / "dump"
     dump.mkdir()
-    run_distributed(_train_and_dump, 8, _cfg(2, 2, save=str(tmp_path / "ckpt"), save_interval=3), str(dump), QWEN2)
+    run_distributed(train_and_dump, 8, _cfg(2, 2, save=str(tmp_path / "ckpt"), save_interval=3), str(dump), QWEN2)
     zero = tmp_path / "ckpt" / "global_step3"
     ours = tmp_path / "ours" / "global_step3_universal"
     assert convert_zero_to_universal(str(zero), str(ours), verify=True).verified
     ds_out = tmp_path / "ds" / "global_step3_universal"
-    ds_to_universal.main(_ds_args(zero, ds_out))
+    ds_to_universal.main(ds_args(zero, ds_out))
     result = compare_universal(str(ours), str(ds_out))
     assert result.equal and result.compared > 100, result.summary()
     bias = torch.load(ours / "zero" / "1.self_attention.query_key_value.bias" / "fp32.pt", weights_only=False)
@@ -157,10 +148,10 @@ def test_trained_tp2pp2dp2_converts_like_deepspeed_and_loads_at_tp1(tmp_path):
 
     back = tmp_path / "back"
     back.mkdir()
-    run_distributed(_train_and_dump, 2, _cfg(1, 1, train_iters=3, load=str(ours.parent), universal_checkpoint=True),
+    run_distributed(train_and_dump, 2, _cfg(1, 1, train_iters=3, load=str(ours.parent), universal_checkpoint=True),
                     str(back), QWEN2)
-    want, _, _, _ = _assemble(dump, QWEN2)
-    got, _, steps, _ = _assemble(back, QWEN2)
+    want, _, _, _ = assemble(dump, QWEN2)
+    got, _, steps, _ = assemble(back, QWEN2)
     assert want.keys() == got.keys() and steps == 3
     for key in want:
         assert torch.equal(want[key], got[key]), key

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
+from helpers import TINY_GPT, TINY_LLAMA, TINY_TRAIN, train_model
 from megatron_ucp.checkpoint.sliced import atom_read_plan, read_local, read_plan, window_plan
 from megatron_ucp.checkpoint.universal import MergeRule, conversion_rules, convert_zero_to_universal
 from megatron_ucp.checkpoint.zero import STATE_KEYS, FlatRef, load_file, open_zero_checkpoint
-from megatron_ucp.config import ModelConfig, TrainConfig
+from megatron_ucp.config import ModelConfig
 from megatron_ucp.layout.params import Kind
 from megatron_ucp.layout import slicing
 from megatron_ucp.layout.placement import padded_vocab_size
@@ -21,31 +22,23 @@ from megatron_ucp.layout.slicing import pad_vocab, shard
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-GPT = dict(num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
-           make_vocab_size_divisible_by=8, hidden_dropout=0.0, attention_dropout=0.0)
-LLAMA = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, ffn_hidden_size=48,
-             max_position_embeddings=16, make_vocab_size_divisible_by=8, hidden_dropout=0.0, attention_dropout=0.0,
-             swiglu=True, normalization="rmsnorm", use_rotary_position_embeddings=True, tie_embeddings=False,
-             add_bias_linear=False)
-SOURCES = {"gpt_tp2dp2": (GPT, 2, 4), "gpt_tp1dp3": (GPT, 1, 3), "llama_tp2dp1": (LLAMA, 2, 2)}
+# The tiny Llama at half width and depth (4 heads, ffn 48): a TP2 run on two processes.
+LLAMA = dict(TINY_LLAMA, num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48)
+# name: (model, tp, processes); gpt_tp2dp2 is the session's tiny_checkpoints(1, tp=2)
+SOURCES = {"gpt_tp2dp2": (TINY_GPT, 2, 4), "gpt_tp1dp3": (TINY_GPT, 1, 3), "llama_tp2dp1": (LLAMA, 2, 2)}
 TARGETS = {"gpt_tp2dp2": (1, 2, 4), "gpt_tp1dp3": (1, 2, 4), "llama_tp2dp1": (1, 2)}
 
 
-def _train(rank, world_size, model, cfg_dict):
-    from megatron_ucp.training.trainer import train
-
-    train(model, TrainConfig(**cfg_dict))
-
-
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
+def sources(tmp_path_factory, tiny_checkpoints):
     root = tmp_path_factory.mktemp("sliced")
-    out = {}
+    out = {"gpt_tp2dp2": tiny_checkpoints(1, tp=2)}
     for name, (model, tp, world) in SOURCES.items():
-        cfg = dict(tensor_model_parallel_size=tp, micro_batch_size=1, global_batch_size=world // tp * 2,
-                   seq_length=16, train_iters=2, dtype="fp32", mock_data=True, vocab_size=50, eval_interval=0,
+        if name in out:
+            continue
+        cfg = dict(TINY_TRAIN, tensor_model_parallel_size=tp, global_batch_size=world // tp * 2, train_iters=2,
                    save=str(root / name), save_interval=2, lr=1e-3)
-        run_distributed(_train, world, model, cfg)
+        run_distributed(train_model, world, cfg, model)
         universal = root / f"{name}_u" / "global_step2_universal"
         convert_zero_to_universal(str(root / name / "global_step2"), str(universal))
         out[name] = (root / name / "global_step2", universal)

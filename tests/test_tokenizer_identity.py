@@ -25,8 +25,8 @@ from megatron_ucp.train import main
 from megatron_ucp.training.arguments import configs_from_flags
 from megatron_ucp.training.checkpointing import check_load_folder
 from megatron_ucp.training.identity import check_run_tokenizer, describe
-from test_data import CORPUS
-from test_hf_tokenizer import _byte_level_folder
+from helpers import CORPUS
+from helpers import byte_level_folder as _byte_level_folder
 
 TEXT = read_text(CORPUS)
 MODEL = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "16",

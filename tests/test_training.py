@@ -1,12 +1,12 @@
 """Multi-process trainer tests on gloo: layout-invariant init, exact resume, DeepSpeed's own converter."""
 
-import json
 import os
 
 import pytest
 import torch
 
 from dist_utils import run_distributed
+from helpers import ds_args, read_losses, run_cfg
 from megatron_ucp.config import ModelConfig, TrainConfig
 from megatron_ucp.layout.params import model_params
 from megatron_ucp.layout.slicing import bitwise_equal, merge, unpad_vocab
@@ -89,18 +89,10 @@ def _train(rank, world_size, model_kwargs, cfg_dict, finish_file=None):
     train(model_kwargs, TrainConfig(**cfg_dict), on_finish=on_finish if finish_file else None)
 
 
-def _losses(path):
-    with open(path) as f:
-        return {r["iteration"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
-
-
 def _cfg(tmp_path, name, **kw):
-    base = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, micro_batch_size=1,
-                global_batch_size=4, seq_length=16, train_iters=6, lr=1e-3, min_lr=1e-4, lr_warmup_iters=2,
-                dtype="fp32", mock_data=True, vocab_size=VOCAB, log_interval=1, eval_interval=0,
-                save=str(tmp_path / "ckpt"), save_interval=3, loss_log=str(tmp_path / f"{name}.jsonl"))
-    base.update(kw)
-    return base
+    """TP2 PP2, six fp32 iterations saved every three, the losses logged to ``{name}.jsonl``."""
+    return run_cfg(2, 2, **{"train_iters": 6, "lr_warmup_iters": 2, "save": str(tmp_path / "ckpt"),
+                            "save_interval": 3, "loss_log": str(tmp_path / f"{name}.jsonl"), **kw})
 
 
 def test_same_topology_resume_is_exact_in_fp32(tmp_path):
@@ -109,7 +101,7 @@ def test_same_topology_resume_is_exact_in_fp32(tmp_path):
     Dropout is on, so this also checks the RNG states; the negative control resumes without them.
     """
     run_distributed(_train, 4, MODEL, _cfg(tmp_path, "full"), str(tmp_path / "finished"))
-    full = _losses(tmp_path / "full.jsonl")
+    full = read_losses(tmp_path / "full.jsonl")
     for rank in range(4):  # train()'s on_finish ran on every rank, with the engine after the last step
         assert (tmp_path / f"finished.rank{rank}").read_text() == "6 2 2"
     assert sorted(full) == [1, 2, 3, 4, 5, 6]
@@ -120,19 +112,19 @@ def test_same_topology_resume_is_exact_in_fp32(tmp_path):
 
     resume = tmp_path / "resume"
     run_distributed(_train, 4, MODEL, _cfg(tmp_path, "resumed", load=str(ckpt), save=str(resume)))
-    resumed = _losses(tmp_path / "resumed.jsonl")
+    resumed = read_losses(tmp_path / "resumed.jsonl")
     assert sorted(resumed) == [4, 5, 6]
     assert [resumed[i] for i in (4, 5, 6)] == [full[i] for i in (4, 5, 6)]
 
     run_distributed(_train, 4, MODEL, _cfg(tmp_path, "norng", load=str(ckpt), save=str(resume), no_load_rng=True))
-    norng = _losses(tmp_path / "norng.jsonl")
+    norng = read_losses(tmp_path / "norng.jsonl")
     assert norng[4] != full[4]  # other dropout masks: resuming without RNG states is detectably different
 
     # DeepSpeed's own converter accepts the checkpoint as written (no --inject_missing_state).
     from deepspeed.checkpoint import ds_to_universal
 
     out = tmp_path / "universal" / "global_step3_universal"
-    ds_to_universal.main(_ds_args(ckpt / "global_step3", out))
+    ds_to_universal.main(ds_args(ckpt / "global_step3", out))
     assert (tmp_path / "universal" / "latest_universal").read_text() == "global_step3_universal"
     atom = torch.load(out / "zero" / "tied_modules.embed.word_embeddings.weight" / "fp32.pt", weights_only=False)
     assert atom["param"].shape == (VOCAB, 32) and atom["vocab_tensor"] is True and atom["cat_dim"] == 0
@@ -140,11 +132,3 @@ def test_same_topology_resume_is_exact_in_fp32(tmp_path):
     assert row["cat_dim"] == 1 and row["param"].shape == (32, 32)
     ln = torch.load(out / "zero" / "5.final_layernorm.weight" / "fp32.pt", weights_only=False)
     assert "cat_dim" not in ln and ln["param"].shape == (32,)
-
-
-def _ds_args(input_folder, output_folder):
-    import argparse
-
-    return argparse.Namespace(input_folder=str(input_folder), output_folder=str(output_folder),
-                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                              strict=True, inject_missing_state=False)

@@ -4,90 +4,23 @@ topologies, loss continuity, and negative controls that must fail.
 All checkpoints here come from real DeepSpeed training runs of our trainer (tiny GPT, mock data).
 """
 
-import argparse
 import json
-import os
 import shutil
 
 import pytest
 import torch
 
 from dist_utils import run_distributed
-from helpers import vouch_for
+from helpers import (GPT4, assemble, ds_args, gpt_cfg, load_tool, read_losses, train_and_dump, train_model,
+                     vouch_for)
 from megatron_ucp.checkpoint.inspect import compare_universal
 from megatron_ucp.checkpoint.universal import certify_universal, convert_zero_to_universal
 from megatron_ucp.checkpoint.zero import open_zero_checkpoint
-from megatron_ucp.config import ModelConfig, TrainConfig
+from megatron_ucp.config import ModelConfig
 from megatron_ucp.layout.params import Kind, model_params
-from megatron_ucp.layout.slicing import bitwise_equal, merge
+from megatron_ucp.layout.slicing import bitwise_equal
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
-
-MODEL = dict(num_layers=4, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
-             make_vocab_size_divisible_by=8, hidden_dropout=0.0, attention_dropout=0.0)
-VOCAB = 50
-STATES = ("fp32", "exp_avg", "exp_avg_sq")
-
-
-def _cfg(tp, pp, dtype="bf16", **kw):
-    base = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_size=1,
-                global_batch_size=4, seq_length=16, train_iters=2, lr=1e-3, min_lr=1e-4, lr_warmup_iters=1,
-                dtype=dtype, mock_data=True, vocab_size=VOCAB, log_interval=1, eval_interval=0)
-    base.update(kw)
-    return base
-
-
-def _train_and_dump(rank, world_size, cfg_dict, dump_dir, model=None):
-    """Train (or just load, when train_iters == the loaded iteration), then dump DP-gathered states."""
-    from megatron_ucp.training.trainer import Trainer
-
-    with Trainer(model or MODEL, TrainConfig(**cfg_dict)) as trainer:
-        trainer.build()
-        trainer.load()
-        trainer.run()
-        _dump_states(trainer, rank, dump_dir)
-
-
-def _dump_states(trainer, rank, dump_dir):
-    """Each parameter's DP-gathered fp32 master and Adam moments, written by DP rank 0 to ``rank{r}.pt``."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    engine, state = trainer.engine, trainer.state
-    # DeepSpeed 0.19.8 links optimizer-state fragments lazily after the first group's step, before
-    # the second group has state, so its accessors miss exp_avg of group 1; link again now.
-    opt = engine.optimizer
-    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
-        opt._hp_optimizer_states_linked = False
-        opt._lazy_init_hp_params_optimizer_state()
-    out = {}
-    for name, p in trainer.model.named_parameters():
-        out[name] = {"fp32": safe_get_full_fp32_param(p).clone(),
-                     "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").clone(),
-                     "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").clone()}
-    if dump_dir and state.coords.dp == 0:
-        torch.save({"coords": (state.coords.pp, state.coords.tp), "state": out,
-                    "global_steps": engine.global_steps, "lr_steps": engine.lr_scheduler.num_steps,
-                    "weight_decay": [g["weight_decay"] for g in opt.param_groups]},
-                   os.path.join(dump_dir, f"rank{rank}.pt"))
-
-
-def _assemble(dump_dir, model=None):
-    """Full tensors per (name, state) from every rank's dump: TP-merged, first stage for tied copies."""
-    dumps = [torch.load(os.path.join(dump_dir, f), weights_only=False) for f in sorted(os.listdir(dump_dir))]
-    cfg = ModelConfig(vocab_size=VOCAB, **(model or MODEL))
-    full, padding = {}, {}
-    for info in model_params(cfg):
-        holders = sorted((d["coords"], d["state"][info.name]) for d in dumps if info.name in d["state"])
-        first_pp = holders[0][0][0]
-        per_tp = [st for (pp, _), st in holders if pp == first_pp]
-        for key in STATES:
-            t = merge([st[key] for st in per_tp], info.kind)
-            if info.kind is Kind.VOCAB:
-                padding[(info.name, key)] = t[VOCAB:]
-                t = t[:VOCAB]
-            full[(info.name, key)] = t
-    return full, padding, dumps[0]["global_steps"], dumps[0]["lr_steps"]
-
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
@@ -99,8 +32,8 @@ def sources(tmp_path_factory):
         name = f"tp{tp}pp{pp}dp{dp}"
         dump = root / f"{name}_dump"
         dump.mkdir()
-        cfg = _cfg(tp, pp, dtype=dtype, save=str(root / name), save_interval=2)
-        run_distributed(_train_and_dump, tp * pp * dp, cfg, str(dump))
+        cfg = gpt_cfg(tp, pp, dtype=dtype, save=str(root / name), save_interval=2)
+        run_distributed(train_and_dump, tp * pp * dp, cfg, str(dump), GPT4)
         universal = root / f"{name}_universal" / "global_step2_universal"
         report = convert_zero_to_universal(str(root / name / "global_step2"), str(universal), verify=True)
         assert report.verified and report.iteration == 2
@@ -108,18 +41,12 @@ def sources(tmp_path_factory):
     return root, out
 
 
-def _ds_args(input_folder, output_folder):
-    return argparse.Namespace(input_folder=str(input_folder), output_folder=str(output_folder),
-                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                              strict=True, inject_missing_state=False)
-
-
 def test_our_output_equals_deepspeeds(sources):
     from deepspeed.checkpoint import ds_to_universal
 
     root, src = sources
     ds_out = root / "ds_universal" / "global_step2_universal"
-    ds_to_universal.main(_ds_args(src["tp2pp2dp2"]["zero"], ds_out))
+    ds_to_universal.main(ds_args(src["tp2pp2dp2"]["zero"], ds_out))
     result = compare_universal(str(src["tp2pp2dp2"]["universal"]), str(ds_out))
     assert result.equal, result.summary()
     assert result.compared == 4 + 1 + 4 * 52  # mp files, optimizer_state.pt, 52 params x 4 states
@@ -149,15 +76,15 @@ def test_state_fidelity_after_universal_load(sources, tmp_path, source, target, 
         from deepspeed.checkpoint import ds_to_universal
 
         universal = tmp_path / "ds" / "global_step2_universal"
-        ds_to_universal.main(_ds_args(src[source]["zero"], universal))
+        ds_to_universal.main(ds_args(src[source]["zero"], universal))
         certify_universal(str(src[source]["zero"]), str(universal))  # the trainer loads verified folders only
     tp, pp, dp = target
     dump = tmp_path / "dump"
     dump.mkdir()
-    cfg = _cfg(tp, pp, load=str(universal.parent), universal_checkpoint=True)
-    run_distributed(_train_and_dump, tp * pp * dp, cfg, str(dump))
-    want, _, _, _ = _assemble(src[source]["dump"])
-    got, padding, global_steps, lr_steps = _assemble(dump)
+    cfg = gpt_cfg(tp, pp, load=str(universal.parent), universal_checkpoint=True)
+    run_distributed(train_and_dump, tp * pp * dp, cfg, str(dump), GPT4)
+    want, _, _, _ = assemble(src[source]["dump"], GPT4)
+    got, padding, global_steps, lr_steps = assemble(dump, GPT4)
     assert want.keys() == got.keys()
     for key in want:
         assert bitwise_equal(want[key], got[key]), key
@@ -172,33 +99,22 @@ def test_state_fidelity_after_universal_load(sources, tmp_path, source, target, 
 LOSS_ITERS, RESUME_AT = 25, 5
 
 
-def _train(rank, world_size, cfg_dict):
-    from megatron_ucp.training.trainer import train
-
-    train(MODEL, TrainConfig(**cfg_dict))
-
-
-def _losses(path):
-    with open(path) as f:
-        return {r["iteration"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
-
-
 @pytest.fixture(scope="module")
 def fp32_baseline(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp32")
-    cfg = _cfg(2, 2, dtype="fp32", train_iters=LOSS_ITERS, save=str(root / "ckpt"), save_interval=RESUME_AT,
+    cfg = gpt_cfg(2, 2, dtype="fp32", train_iters=LOSS_ITERS, save=str(root / "ckpt"), save_interval=RESUME_AT,
                loss_log=str(root / "baseline.jsonl"), lr_warmup_iters=5)
-    run_distributed(_train, 4, cfg)
+    run_distributed(train_model, 4, cfg, GPT4)
     universal = root / "universal" / f"global_step{RESUME_AT}_universal"
     convert_zero_to_universal(str(root / "ckpt" / f"global_step{RESUME_AT}"), str(universal))
-    return root, _losses(root / "baseline.jsonl"), universal
+    return root, read_losses(root / "baseline.jsonl"), universal
 
 
 def _resume(root, universal, tp, pp, dp, name):
-    cfg = _cfg(tp, pp, dtype="fp32", train_iters=LOSS_ITERS, load=str(universal.parent), universal_checkpoint=True,
+    cfg = gpt_cfg(tp, pp, dtype="fp32", train_iters=LOSS_ITERS, load=str(universal.parent), universal_checkpoint=True,
                loss_log=str(root / f"{name}.jsonl"), lr_warmup_iters=5)
-    run_distributed(_train, tp * pp * dp, cfg)
-    return _losses(root / f"{name}.jsonl")
+    run_distributed(train_model, tp * pp * dp, cfg, GPT4)
+    return read_losses(root / f"{name}.jsonl")
 
 
 def _verdict(root, name, **tolerance):
@@ -256,8 +172,6 @@ def test_negative_controls_fail(fp32_baseline, tmp_path, damage):
 def test_benchmark_counts_each_parameter_once(sources):
     """The conversion benchmark's parameter count on a real TP2 checkpoint: TP-replicated parameters
     once, sharded ones whole (padded vocabulary rows included), as the model's parameter table says."""
-    from helpers import load_tool
-
     root, src = sources
     facts = load_tool("benchmark_conversion").checkpoint_facts(str(src["tp2pp2dp2"]["zero"]))
     cfg = ModelConfig.from_dict(open_zero_checkpoint(str(src["tp2pp2dp2"]["zero"])).metadata["model_config"])
@@ -279,8 +193,6 @@ def test_conversion_benchmark_runs_its_real_cases(sources, tmp_path, capsys):
     TP2 PP2 DP2 checkpoint. Its printed table must show exactly the numbers it measured (the JSON), and
     its comparison must find our output equal to DeepSpeed's. The timed run is sampled (--memory-runs 0):
     one run per case instead of two (test_benchmark_conversion covers the separate memory runs)."""
-    from helpers import load_tool
-
     bc = load_tool("benchmark_conversion")
     root, src = sources
     out_json = tmp_path / "bench.json"

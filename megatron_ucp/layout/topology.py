@@ -198,4 +198,4 @@ class ParallelLayout:
 
     def __str__(self) -> str:
         extra = "".join(f"-{axis.upper()}{self.degree(axis)}" for axis in ("sp", "ep") if self.degree(axis) != 1)
-        return f"TP{self.tp}-PP{self.pp}-DP{self.dp}{extra}"
+        return f"TP{self.degree('tp')}-PP{self.degree('pp')}-DP{self.degree('dp')}{extra}"

@@ -64,21 +64,11 @@ class ParallelState:
         """The degree of ``axis``."""
         return self.layout.degree(axis)
 
-    @property
-    def tp_group(self):
-        return self.group("tp")
-
-    @property
-    def dp_group(self):
-        return self.group("dp")
-
-    @property
-    def pp_group(self):
-        return self.group("pp")
-
-    @property
-    def mp_group(self):
-        return self.group("mp")
+    # The groups under the attribute names the model and training code read.
+    tp_group = property(lambda self: self.group("tp"))
+    dp_group = property(lambda self: self.group("dp"))
+    pp_group = property(lambda self: self.group("pp"))
+    mp_group = property(lambda self: self.group("mp"))
 
     # DeepSpeed / Megatron mpu interface.
     def get_tensor_model_parallel_rank(self) -> int:

@@ -195,7 +195,8 @@ def test_wrong_source_layout_fails(sources, tmp_path):
     src = all_src["z1_tp2pp2dp2"]
 
     def wrong_topology(meta):
-        meta["topology"] = {"tp": 4, "pp": 1, "dp": 2}  # consistent in itself, contradicted by the files
+        # consistent in itself, contradicted by the files (format 3: sp and ep kept as the file has them)
+        meta["topology"] = dict(meta["topology"], tp=4, pp=1, dp=2)
         meta["pipeline_parts"] = [0, meta["pipeline_parts"][-1]]
 
     load = _tampered(src["zero"], tmp_path / "topology", wrong_topology)

@@ -1,5 +1,6 @@
 """Checkpoint metadata and file names (``checkpoint/format.py``): JSON round trips, format-1 dicts as the
-code before format 2 wrote them read to the same objects the writers build now, and what is wrong with
+code before format 2 wrote them and format-2 files (``fixtures/metadata_v2``) read to the same objects the
+writers build now, and what is wrong with
 bad metadata is refused in one line naming the key (and the file); the names match DeepSpeed's globs."""
 
 from __future__ import annotations
@@ -218,6 +219,10 @@ def test_versions_are_refused_when_unknown_or_not_versions():
      "megatron_ucp.model_config: hidden_size 15 is not divisible by num_attention_heads 2"),
     (dict(topology__dp=0), "megatron_ucp.topology: parallel degree dp must be a positive integer, got 0"),
     (dict(topology__dp=None), "megatron_ucp.topology.dp: expected int, found null"),
+    (dict(topology__sp=_DROP), "megatron_ucp.topology: missing key 'sp'"),  # format 3 names every axis
+    (dict(topology__cp=1), "megatron_ucp.topology: unknown key 'cp'"),
+    (dict(topology__ep="1"), "megatron_ucp.topology.ep: expected int, found str '1'"),
+    (dict(topology__ep=2), "megatron_ucp.topology: parallel degree ep 2 does not divide dp x sp = 1"),
     (dict(pipeline_parts=[0, "5"]), "megatron_ucp.pipeline_parts[1]: expected int, found str '5'"),
     (dict(pipeline_parts=[0, 3, 5]),
      "megatron_ucp.pipeline_parts: [0, 3, 5] are not PP 1's 2 ascending stage boundaries from 0"),
@@ -372,3 +377,56 @@ def test_a_training_checkpoint_records_its_tokenizer():
     imported["tokenizer"] = record  # an import's tokenizer is hf_source.tokenizer
     assert _refused(imported) == ("megatron_ucp.tokenizer: must be null in a huggingface checkpoint (its tokenizer "
                                   "is hf_source.tokenizer)")
+
+
+# --- format 2 and 3: the topology names every axis --------------------------------------------------
+
+# Written by the code at 86a1a79 (format 2: topology tp, pp, dp only), from its trainer's and HF import's
+# metadata writers: a TP2 PP2 DP2 training run with a tokenizer record, and an HF import of a tiny GPT-2.
+V2_FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "metadata_v2")
+
+
+def _fixture_json(name: str) -> dict:
+    with open(os.path.join(V2_FIXTURES, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_format_2_files_upgrade_to_format_3():
+    data = _fixture_json("training.json")
+    assert data["format_version"] == 2 and data["topology"] == {"tp": 2, "pp": 2, "dp": 2}
+    meta = CheckpointMetadata.from_dict(copy.deepcopy(data))
+    assert meta.topology == ParallelLayout(tp=2, pp=2, dp=2, sp=1, ep=1)
+    assert meta.tokenizer == data["tokenizer"] and meta.iteration == 3 and meta.pipeline_parts == (0, 3, 5)
+    new = meta.to_dict()
+    assert new["format_version"] == METADATA_FORMAT_VERSION == 3
+    assert new["topology"] == {"tp": 2, "pp": 2, "dp": 2, "sp": 1, "ep": 1}
+    assert {k: v for k, v in new.items() if k not in ("format_version", "topology")} == {
+        k: v for k, v in data.items() if k not in ("format_version", "topology")}  # nothing else changed
+    assert CheckpointMetadata.from_dict(new) == meta
+    # the model-state file the same writer produced (client state, read through the restricted unpickler)
+    assert fmt.read_metadata(os.path.join(V2_FIXTURES, "training_" + fmt.model_states_name(0))) == meta
+    # a format-2 topology is checked as format 2 wrote it: sp and ep did not exist
+    assert _refused(_changed(data, topology__sp=1)) == "megatron_ucp.topology: unknown key 'sp'"
+    assert _refused(_changed(data, topology__dp=_DROP)) == "megatron_ucp.topology: missing key 'dp'"
+    assert (_refused(_changed(data, topology=[2, 2, 2]))
+            == "megatron_ucp.topology: expected an object, found list [2, 2, 2]")
+    imported = _fixture_json("hf_import.json")
+    assert imported["format_version"] == 2 and imported["topology"] is None
+    meta = CheckpointMetadata.from_dict(copy.deepcopy(imported))
+    assert meta.topology is None and meta.hf_source is not None and meta.hf_source.tokenizer is not None
+    assert meta.to_dict() == dict(imported, format_version=3)
+
+
+def test_format_1_reads_with_sp_and_ep_of_1():
+    old = CheckpointMetadata.from_dict(copy.deepcopy(V1_TRAINING))
+    assert old.topology is not None and old.topology.degrees == {"pp": 1, "dp": 1, "sp": 1, "ep": 1, "tp": 1}
+    assert old.to_dict()["topology"] == {"tp": 1, "pp": 1, "dp": 1, "sp": 1, "ep": 1}
+
+
+def test_format_3_round_trips_every_axis():
+    layout = ParallelLayout(tp=2, pp=2, dp=2, sp=2, ep=4)
+    meta = dataclasses.replace(_training_metadata(), topology=layout, pipeline_parts=(0, 3, 5))
+    data = json.loads(json.dumps(meta.to_dict()))
+    assert data["topology"] == {"tp": 2, "pp": 2, "dp": 2, "sp": 2, "ep": 4}
+    assert CheckpointMetadata.from_dict(data) == meta and CheckpointMetadata.from_dict(data).topology == layout
+    assert CheckpointMetadata.from_dict(_changed(data, topology__sp=1, topology__ep=2)).topology != layout

@@ -19,6 +19,9 @@ Format versions (``format_version``), each read by ``from_dict``:
   optional key (absent reads as ``null``): ``hf_source.tokenizer``, the imported tokenizer's identity,
   and ``tokenizer``, the identity of the tokenizer a training run used (its type, files' sha256 and
   vocabulary size).
+* 3: ``topology`` records every parallel axis by name (``pp``, ``dp``, ``sp``, ``ep``, ``tp``:
+  ``layout.topology.AXES``), not only ``tp``, ``pp`` and ``dp``; formats 1 and 2 read as sp = ep = 1.
+  Every other key is format 2's, the optional ``tokenizer`` included.
 
 **Names.** The model-state and optimizer files DeepSpeed 0.19.8 writes and globs (``mp_rank_XX_...``,
 ``zero_pp_rank_D_mp_rank_XX_...``), and a universal folder's layout: ``zero/<param>/{fp32,exp_avg,
@@ -44,7 +47,7 @@ import megatron_ucp
 from megatron_ucp.checkpoint.trust import CheckpointError, load_file
 from megatron_ucp.config import DTYPES, ModelConfig, TrainConfig
 from megatron_ucp.layout.params import PipeEntry
-from megatron_ucp.layout.topology import ParallelLayout
+from megatron_ucp.layout.topology import AXES, LEGACY_AXES, ParallelLayout
 from megatron_ucp.layout.ucp_info import universal_checkpoint_info
 
 # --- names of files and folders ------------------------------------------------------------------
@@ -119,7 +122,7 @@ def optimizer_state_path(folder: str) -> str:
 # --- metadata ------------------------------------------------------------------------------------
 
 METADATA_KEY = "megatron_ucp"  # our metadata's key in a model-state file
-METADATA_FORMAT_VERSION = 2
+METADATA_FORMAT_VERSION = 3
 CHECKPOINT_VERSION = 3.0  # Megatron's checkpoint_version (QKV layout), in the client state
 SOURCE_TRAINING = "training"  # written by our trainer (and copied by our ZeRO converter)
 SOURCE_HUGGINGFACE = "huggingface"  # written by hf_to_universal
@@ -256,13 +259,17 @@ def _model_config(value: Any, where: str) -> ModelConfig:
         raise CheckpointError(f"{where}: {e}") from None
 
 
+# The topology's keys: tp, pp, dp first (formats 1 and 2 had only those), then every other axis.
+_TOPOLOGY_KEYS = LEGACY_AXES + tuple(a for a in AXES if a not in LEGACY_AXES)
+
+
 def _topology(value: Any, where: str) -> ParallelLayout:
     d = _object(value, where)
-    _check_keys(d, ("tp", "pp", "dp"), where)
-    for axis in ("tp", "pp", "dp"):
+    _check_keys(d, _TOPOLOGY_KEYS, where)
+    for axis in _TOPOLOGY_KEYS:
         _check_value(d[axis], int, f"{where}.{axis}")
     try:
-        return ParallelLayout(tp=d["tp"], pp=d["pp"], dp=d["dp"])
+        return ParallelLayout(**{axis: d[axis] for axis in _TOPOLOGY_KEYS})
     except ValueError as e:
         raise CheckpointError(f"{where}: {e}") from None
 
@@ -387,7 +394,8 @@ class CheckpointMetadata:
             "source": self.source,
             "model_config": self.model_config.to_dict(),
             "train_config": copy.deepcopy(self.train_config),
-            "topology": None if self.topology is None else self.topology.to_dict(),
+            "topology": (None if self.topology is None
+                         else {axis: self.topology.degree(axis) for axis in _TOPOLOGY_KEYS}),
             "original_vocab_size": self.original_vocab_size,
             "padded_vocab_size": self.padded_vocab_size,
             "pipeline_parts": None if self.pipeline_parts is None else list(self.pipeline_parts),
@@ -422,7 +430,7 @@ class CheckpointMetadata:
                                   f"({METADATA_FORMAT_VERSION}); upgrade megatron_ucp to read this checkpoint")
         while fv < METADATA_FORMAT_VERSION:
             d, fv = _UPGRADES[fv](d, where), fv + 1
-        _check_keys(d, _V2_REQUIRED, where, optional=_V2_OPTIONAL)
+        _check_keys(d, _V3_REQUIRED, where, optional=_V3_OPTIONAL)
 
         def optional(key: str, parse):
             return None if d[key] is None else parse(d[key], f"{where}.{key}")
@@ -481,9 +489,10 @@ def _check_relations(m: dict[str, Any], where: str) -> None:
                               "hf_source.tokenizer)")
     parts, topology = m["pipeline_parts"], m["topology"]
     if parts is not None and topology is not None:
-        if len(parts) != topology.pp + 1 or parts[0] != 0 or any(b < a for a, b in zip(parts, parts[1:])):
-            raise CheckpointError(f"{where}.pipeline_parts: {list(parts)} are not PP {topology.pp}'s "
-                                  f"{topology.pp + 1} ascending stage boundaries from 0")
+        pp = topology.degree("pp")
+        if len(parts) != pp + 1 or parts[0] != 0 or any(b < a for a, b in zip(parts, parts[1:])):
+            raise CheckpointError(f"{where}.pipeline_parts: {list(parts)} are not PP {pp}'s "
+                                  f"{pp + 1} ascending stage boundaries from 0")
 
 
 def _hf_source(value: Any, where: str) -> HFSource:
@@ -508,9 +517,10 @@ def _pipe_entries(value: Any, where: str) -> tuple[PipeEntryRecord, ...]:
     return tuple(_parse_flat(PipeEntryRecord, e, f"{where}[{i}]") for i, e in enumerate(value))
 
 
-_V2_KEYS = ("format_version",) + tuple(f.name for f in dataclasses.fields(CheckpointMetadata))
-_V2_OPTIONAL = ("tokenizer",)  # added within format 2: absent reads as null
-_V2_REQUIRED = tuple(k for k in _V2_KEYS if k not in _V2_OPTIONAL)
+_V3_KEYS = ("format_version",) + tuple(f.name for f in dataclasses.fields(CheckpointMetadata))
+_V3_OPTIONAL = ("tokenizer",)  # added within format 2: absent reads as null
+_V3_REQUIRED = tuple(k for k in _V3_KEYS if k not in _V3_OPTIONAL)
+_V2_KEYS = _V3_KEYS  # format 3 changed what ``topology`` holds, not which keys there are
 _V1_REQUIRED = ("format_version", "model_config", "original_vocab_size", "padded_vocab_size", "dtype",
                 "iteration", "consumed_train_samples", "versions")
 _V1_OPTIONAL = ("source", "hf_source", "train_config", "topology", "pipeline_parts", "pipe_entries", "zero_stage")
@@ -528,7 +538,18 @@ def _upgrade_1_to_2(d: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-_UPGRADES = {1: _upgrade_1_to_2}  # format_version -> the function that lifts it one version
+def _upgrade_2_to_3(d: dict[str, Any], where: str) -> dict[str, Any]:
+    """Format 2's topology had tp, pp and dp only; format 3's names every axis, the others of degree 1."""
+    _check_keys(d, _V3_REQUIRED, where, optional=_V3_OPTIONAL)
+    out = dict(d, format_version=3)
+    topology = d["topology"]
+    if isinstance(topology, dict):  # null in an import; anything else is refused by _topology
+        _check_keys(_object(topology, f"{where}.topology"), LEGACY_AXES, f"{where}.topology")
+        out["topology"] = dict(topology, **{axis: 1 for axis in AXES if axis not in LEGACY_AXES})
+    return out
+
+
+_UPGRADES = {1: _upgrade_1_to_2, 2: _upgrade_2_to_3}  # format_version -> the function that lifts it one version
 
 
 # --- model-state files ----------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """The one registry of process groups (the only module-level mutable state in the project).
 
-``initialize(layout)`` creates tensor, data, pipeline and model-parallel groups from the pure
-``ParallelLayout`` and returns a ``ParallelState``. That object also answers DeepSpeed's ``mpu``
-interface, so it can be handed to ``deepspeed.initialize(mpu=...)`` for a non-pipeline engine. Under a
-PipelineModule DeepSpeed refuses an explicit mpu and uses the module's own grid, which GPTPipe builds
-from the same topology, so both see identical groups (checked in tests/test_distributed.py).
+``initialize(layout)`` creates every process group in ``GROUP_AXES`` by name from the pure
+``ParallelLayout`` (one loop: name -> the axes the group runs along) and returns a ``ParallelState``.
+That object also answers DeepSpeed's ``mpu`` interface, so it can be handed to
+``deepspeed.initialize(mpu=...)`` for a non-pipeline engine. Under a PipelineModule DeepSpeed refuses an
+explicit mpu and uses the module's own grid, which GPTPipe builds from the same topology, so both see
+identical groups (checked in tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -27,61 +28,92 @@ class TensorParallelContext:
     rng: RNGStatesTracker = field(default_factory=RNGStatesTracker)
 
 
+# Every process group we build, by name -> the axes it runs along (``ParallelLayout.groups``). One loop in
+# ``initialize`` creates them all, in this order on every rank; ``mp`` is the pipe x tensor slice whose ranks
+# DeepSpeed numbers ``mp_rank_XX``. The sp and ep groups have one rank each until later issues give those
+# axes degrees above 1.
+GROUP_AXES: dict[str, tuple[str, ...]] = {
+    "tp": ("tp",),
+    "dp": ("dp",),
+    "pp": ("pp",),
+    "mp": ("pp", "tp"),
+    "sp": ("sp",),
+    "ep": ("ep",),
+}
+
+
 @dataclass
 class ParallelState:
     layout: ParallelLayout
     global_rank: int
     coords: RankCoords
-    tp_group: object
-    dp_group: object
-    pp_group: object
-    mp_group: object
+    groups: dict[str, object]  # GROUP_AXES name -> this rank's group (None in a single process)
     tp: TensorParallelContext
+
+    def group(self, name: str):
+        """This rank's process group ``name`` (a key of ``GROUP_AXES``)."""
+        if name not in GROUP_AXES:
+            raise KeyError(f"unknown process group {name!r}; the groups are {', '.join(GROUP_AXES)}")
+        return self.groups.get(name)
+
+    def rank_in(self, axis: str) -> int:
+        """This rank's coordinate along ``axis``."""
+        return self.coords[axis]
+
+    def size_of(self, axis: str) -> int:
+        """The degree of ``axis``."""
+        return self.layout.degree(axis)
+
+    # The groups under the attribute names the model and training code read.
+    tp_group = property(lambda self: self.group("tp"))
+    dp_group = property(lambda self: self.group("dp"))
+    pp_group = property(lambda self: self.group("pp"))
+    mp_group = property(lambda self: self.group("mp"))
 
     # DeepSpeed / Megatron mpu interface.
     def get_tensor_model_parallel_rank(self) -> int:
-        return self.coords.tp
+        return self.rank_in("tp")
 
     def get_tensor_model_parallel_world_size(self) -> int:
-        return self.layout.tp
+        return self.size_of("tp")
 
     def get_tensor_model_parallel_group(self):
-        return self.tp_group
+        return self.group("tp")
 
     def get_model_parallel_rank(self) -> int:
-        return self.layout.checkpoint_mp_rank(self.coords.pp, self.coords.tp)
+        return self.layout.checkpoint_mp_rank(self.rank_in("pp"), self.rank_in("tp"))
 
     def get_model_parallel_world_size(self) -> int:
         return self.layout.model_parallel_size
 
     def get_model_parallel_group(self):
-        return self.mp_group
+        return self.group("mp")
 
     def get_data_parallel_rank(self) -> int:
-        return self.coords.dp
+        return self.rank_in("dp")
 
     def get_data_parallel_world_size(self) -> int:
-        return self.layout.dp
+        return self.size_of("dp")
 
     def get_data_parallel_group(self):
-        return self.dp_group
+        return self.group("dp")
 
     def get_pipeline_model_parallel_rank(self) -> int:
-        return self.coords.pp
+        return self.rank_in("pp")
 
     def get_pipeline_model_parallel_world_size(self) -> int:
-        return self.layout.pp
+        return self.size_of("pp")
 
     def get_pipeline_model_parallel_group(self):
-        return self.pp_group
+        return self.group("pp")
 
     @property
     def is_first_stage(self) -> bool:
-        return self.coords.pp == 0
+        return self.rank_in("pp") == 0
 
     @property
     def is_last_stage(self) -> bool:
-        return self.coords.pp == self.layout.pp - 1
+        return self.rank_in("pp") == self.size_of("pp") - 1
 
 
 _STATE: ParallelState | None = None
@@ -108,17 +140,9 @@ def initialize(layout: ParallelLayout) -> ParallelState:
         raise ValueError(f"layout {layout} needs {layout.world_size} ranks, the world has {dist.get_world_size()}")
     rank = dist.get_rank()
     coords = layout.coords(rank)
-    tp_group = _my_group(layout.tp_groups(), rank)
-    _STATE = ParallelState(
-        layout=layout,
-        global_rank=rank,
-        coords=coords,
-        tp_group=tp_group,
-        dp_group=_my_group(layout.dp_groups(), rank),
-        pp_group=_my_group(layout.pp_groups(), rank),
-        mp_group=_my_group(layout.mp_groups(), rank),
-        tp=TensorParallelContext(size=layout.tp, rank=coords.tp, group=tp_group),
-    )
+    mine = {name: _my_group(layout.groups(*axes), rank) for name, axes in GROUP_AXES.items()}
+    _STATE = ParallelState(layout=layout, global_rank=rank, coords=coords, groups=mine,
+                           tp=TensorParallelContext(size=layout.degree("tp"), rank=coords["tp"], group=mine["tp"]))
     return _STATE
 
 
@@ -129,8 +153,8 @@ def single_process_state() -> ParallelState:
     on it runs in this process without torch.distributed (no rendezvous, nothing left initialised).
     """
     layout = ParallelLayout()
-    return ParallelState(layout=layout, global_rank=0, coords=layout.coords(0), tp_group=None, dp_group=None,
-                         pp_group=None, mp_group=None, tp=TensorParallelContext())
+    return ParallelState(layout=layout, global_rank=0, coords=layout.coords(0),
+                         groups={name: None for name in GROUP_AXES}, tp=TensorParallelContext())
 
 
 def get() -> ParallelState:

@@ -96,7 +96,7 @@ def _eval_one(job: LogitsJob, tokens: torch.Tensor, tp: int, pp: int) -> None:
         if state.is_last_stage:
             parts = [torch.empty_like(logits) for _ in range(tp)]
             dist.all_gather(parts, logits.contiguous(), group=state.tp_group)
-            if state.coords.tp == 0:
+            if state.rank_in("tp") == 0:
                 gather = tp_map(Kind.VOCAB, logits.shape[-1] * tp, tp, kept=job.vocab_size, dim=logits.dim() - 1)
                 torch.save(gather.inverted().apply(parts, 0).float(), job.out)
 

@@ -256,9 +256,9 @@ def check_run(model_kwargs: dict[str, Any], cfg: TrainConfig, world_size: int,
         raise ValueError(f"rotary embeddings need an even head dim, got {model.head_dim}")
     layout = ParallelLayout.from_world_size(world_size, cfg.tensor_model_parallel_size,
                                             cfg.pipeline_model_parallel_size)
-    model.check_tensor_parallel(layout.tp)
-    model.check_pipeline_parallel(layout.pp)
-    cfg.gradient_accumulation_steps(layout.dp)  # global batch = micro batch x accumulation x DP
+    model.check_tensor_parallel(layout.degree("tp"))
+    model.check_pipeline_parallel(layout.degree("pp"))
+    cfg.gradient_accumulation_steps(layout.degree("dp"))  # global batch = micro batch x accumulation x DP
     assert cfg.lr_decay_iters is not None  # set by TrainConfig.__post_init__
     LRSchedule(cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters, cfg.lr_decay_style)
     return model

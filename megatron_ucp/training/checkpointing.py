@@ -172,7 +172,7 @@ def check_save_folder(save_dir: str, iterations: Iterable[int] | None = None) ->
 
 
 def gather_over_dp(obj, state: ParallelState) -> list:
-    out = [None] * state.layout.dp
+    out = [None] * state.size_of("dp")
     dist.all_gather_object(out, obj, group=state.dp_group)
     return out
 
@@ -242,7 +242,7 @@ def checkpoint_folder(load_dir: str, universal: bool, step: int | None = None) -
 
 
 def _layout_text(topology, zero_stage, dtype) -> str:
-    return f"TP{topology.tp} PP{topology.pp} DP{topology.dp} ZeRO-{zero_stage} {dtype}"
+    return f"TP{topology.degree('tp')} PP{topology.degree('pp')} DP{topology.degree('dp')} ZeRO-{zero_stage} {dtype}"
 
 
 def check_resume_state(value, path: str) -> dict:
@@ -294,7 +294,7 @@ def check_native_files(folder: str, state: ParallelState) -> None:
     model-state file and the optimizer shard it will read (DeepSpeed reads only its own), and the first
     problem any rank found is raised on every rank; a rank failing alone would leave the others waiting in
     a collective (or training on with the rest of the state)."""
-    mp, dp = state.get_model_parallel_rank(), state.coords.dp
+    mp, dp = state.get_model_parallel_rank(), state.rank_in("dp")
     problem = None
     try:
         for name in sorted(os.listdir(folder)):
@@ -380,7 +380,7 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
         # DeepSpeed unpickles with weights_only=False; we do not, and check what it reads before it uses it
         stack.enter_context(restricted_torch_load(check=check_loaded_file))
         if source is not None:
-            stats = stack.enter_context(sliced_universal_load(engine, source, state.layout.tp, state.coords.tp,
+            stats = stack.enter_context(sliced_universal_load(engine, source, state.size_of("tp"), state.rank_in("tp"),
                                                               progress=dist.get_rank() == 0, new_rows=new_rows))
         path, client = engine.load_checkpoint(load_dir, tag=os.path.basename(folder), load_optimizer_states=True,
                                               load_lr_scheduler_states=not cfg.finetune)
@@ -426,7 +426,7 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
     source_topology = source_layout.to_dict() if source_layout is not None else None
     rng = None
     if source_layout == state.layout and client.get("rng_state"):
-        rng = client["rng_state"][state.coords.dp]
+        rng = client["rng_state"][state.rank_in("dp")]
     return ResumeState(
         iteration=iteration,
         consumed_train_samples=consumed,

@@ -79,7 +79,7 @@ def build_ds_config(cfg: TrainConfig, layout: ParallelLayout) -> dict:
     ds = {
         "train_batch_size": cfg.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps(layout.dp),
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps(layout.degree("dp")),
         "gradient_clipping": cfg.clip_grad,
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": cfg.dtype == "bf16"},
@@ -149,7 +149,7 @@ def single_process_model(model_kwargs: dict, cfg: TrainConfig, vocab_size: int |
 
     model_cfg = check_run(model_kwargs, cfg, 1, vocab_size)
     state = groups.single_process_state()
-    seed_all(cfg.seed, state.coords.pp, state.coords.tp, state.tp.rng)  # also registers the tracker stream
+    seed_all(cfg.seed, state.rank_in("pp"), state.rank_in("tp"), state.tp.rng)  # also registers the tracker stream
     return GPTModel(model_cfg, state, cfg.seed, cfg.zero_stage, block=family_of_model(model_cfg).block)
 
 
@@ -170,9 +170,9 @@ def _plain_engine_steps(engine, state, gas: int):
 
     def reduce(total: torch.Tensor) -> float:
         total = total.detach().float() / gas
-        if state.layout.dp > 1:
+        if state.size_of("dp") > 1:
             dist.all_reduce(total, group=state.dp_group)
-            total /= state.layout.dp
+            total /= state.size_of("dp")
         return float(total)
 
     def train_batch(data_iter) -> float:
@@ -276,7 +276,7 @@ class Trainer:
         self.model_cfg = model_cfg = check_run(self.model_kwargs, cfg, dist.get_world_size(), vocab_size)
         if cfg.dtype == "fp16" and enable_cpu_fp16() and self.rank0:
             print("fp16 on the CPU accelerator: half-precision storage, GEMMs computed in fp32", flush=True)
-        seed_all(cfg.seed, state.coords.pp, state.coords.tp, state.tp.rng)
+        seed_all(cfg.seed, state.rank_in("pp"), state.rank_in("tp"), state.tp.rng)
         self.model = model = build_model(model_cfg, cfg, state)
         self.optimizer = build_optimizer(model, model_cfg, cfg)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg)
@@ -292,7 +292,7 @@ class Trainer:
         self.metadata = checkpointing.build_metadata(model_cfg, cfg, state, model.padded_vocab, model.stage_parts(),
                                                      record)
         self.device = next(model.parameters()).device
-        self.gas = cfg.gradient_accumulation_steps(self.layout.dp)
+        self.gas = cfg.gradient_accumulation_steps(self.layout.degree("dp"))
         if cfg.use_pipeline_engine:
             engine, gas = self.engine, self.gas
 
@@ -326,7 +326,7 @@ class Trainer:
         if resumed.rng_state is not None and not cfg.no_load_rng and not cfg.finetune:
             set_rng_state(resumed.rng_state, state.tp.rng)
         else:  # another layout: reseed deterministically for this one
-            seed_all(cfg.seed + self.iteration, state.coords.pp, state.coords.tp, state.tp.rng)
+            seed_all(cfg.seed + self.iteration, state.rank_in("pp"), state.rank_in("tp"), state.tp.rng)
         if self.rank0:
             what = "fine-tuning from" if cfg.finetune else "resumed from"
             print(f"{what} {resumed.path} at iteration {self.iteration} (saved at {resumed.source_topology}, "
@@ -342,14 +342,14 @@ class Trainer:
         topology = dict(layout.to_dict(), zero_stage=cfg.zero_stage, dtype=cfg.dtype)
         logger = RunLogger(cfg.tensorboard_dir, cfg.loss_log, topology, self.iteration) if self.rank0 else None
         train_iter = micro_batches(self.train_data, self.consumed, None, cfg.global_batch_size,
-                                   cfg.micro_batch_size, state.coords.dp, layout.dp, self.device)
+                                   cfg.micro_batch_size, state.rank_in("dp"), layout.degree("dp"), self.device)
         if self.rank0:
             n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
             engine_kind = "pipeline engine" if cfg.use_pipeline_engine else "non-pipeline engine"
             print(f"training {layout} ZeRO-{cfg.zero_stage} {cfg.dtype} ({engine_kind}): vocab "
                   f"{self.model_cfg.vocab_size} (padded {model.padded_vocab}), {n_params} parameters on rank 0, "
                   f"stage parts {model.stage_parts()}, global batch {cfg.global_batch_size} = micro "
-                  f"{cfg.micro_batch_size} x accumulation {self.gas} x DP {layout.dp}", flush=True)
+                  f"{cfg.micro_batch_size} x accumulation {self.gas} x DP {layout.degree('dp')}", flush=True)
         last_loss = last_valid = None
         window_start, window_iters = time.perf_counter(), 0
         try:
@@ -428,7 +428,7 @@ class Trainer:
         cfg, layout = self.cfg, self.layout
         assert self._eval_batch is not None, "call build() before evaluate()"
         it = micro_batches(self.valid_data, 0, cfg.eval_iters, cfg.global_batch_size, cfg.micro_batch_size,
-                           self.state.coords.dp, layout.dp, self.device)
+                           self.state.rank_in("dp"), layout.degree("dp"), self.device)
         losses = [self._eval_batch(it) for _ in range(cfg.eval_iters)]
         return sum(losses) / len(losses)
 

@@ -73,9 +73,10 @@ ROPE_SCALINGS = ("none", "linear", "llama3")  # rotary frequency scalings, as tr
 class ModelConfig:
     """Architecture of the GPT model. Numerically the same as Hugging Face GPT-2 by default.
 
-    The Llama family is the same model with ``swiglu``, ``normalization="rmsnorm"``,
-    ``use_rotary_position_embeddings``, ``tie_embeddings=False``, ``add_bias_linear=False`` and
-    ``num_key_value_heads`` < ``num_attention_heads`` (Megatron-DeepSpeed's flags of those names).
+    The Llama family (``model_family="llama"``) is the same model with ``swiglu``,
+    ``normalization="rmsnorm"``, ``use_rotary_position_embeddings``, ``tie_embeddings=False``,
+    ``add_bias_linear=False`` and ``num_key_value_heads`` < ``num_attention_heads`` (Megatron-DeepSpeed's
+    flags of those names). Which fields a family fixes is declared in ``megatron_ucp.families``.
     """
 
     num_layers: int = field(metadata=cli("--num-layers", help="transformer layers", cli_default=4))

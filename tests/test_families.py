@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from helpers import TINY_LLAMA
+from helpers import TINY_FLAGS, TINY_LLAMA
 from megatron_ucp.checkpoint.format import CheckpointMetadata
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.families import (FAMILIES, REFUSED, family_named, family_of_hf, family_of_model,
@@ -101,6 +101,15 @@ def test_a_config_must_have_what_its_family_fixes():
         family_of_model(dataclasses.replace(llama, model_family="nope"))
     assert family_of_model(dataclasses.replace(llama, model_family="mistral")).name == "mistral"  # window optional
     assert family_of_model(dataclasses.replace(llama, model_family="mistral", sliding_window=8)).name == "mistral"
+    # the trainer's flags are checked against the family they name before any start-up
+    from megatron_ucp.training.arguments import configs_from_flags
+
+    flags = list(family_named("llama").model_flags)
+    with pytest.raises(ValueError) as e:
+        configs_from_flags(TINY_FLAGS + flags[2:], environ={})  # the Llama switches without the name: gpt
+    assert _one_line(e).startswith("model family 'gpt' has swiglu=False, but the config has True")
+    kwargs, _ = configs_from_flags(TINY_FLAGS + flags, environ={})
+    assert kwargs["model_family"] == "llama"
 
 
 def test_the_family_is_recorded_and_read_back():

@@ -25,7 +25,7 @@ module here plus its entries in the parameter table.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 from megatron_ucp.config import ModelConfig, cli_fields
 from megatron_ucp.layout.hf import HFRule, UnsupportedConfig, check_hf_config
@@ -60,7 +60,7 @@ class Family:
             got = getattr(cfg, key)
             if got != want:
                 raise ValueError(f"model family {self.name!r} has {key}={want!r}, but the config has {got!r} "
-                                 f"(its flags: python -m megatron_ucp.families {self.name} ...)")
+                                 f"(--model-family names the family; python -m megatron_ucp.families lists them)")
 
 
 def option_flags(options: Mapping[str, Any]) -> tuple[str, ...]:
@@ -77,8 +77,7 @@ def option_flags(options: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(flags)
 
 
-@dataclass(frozen=True)
-class Refused:
+class Refused(NamedTuple):
     """An HF model we recognise and do not build: refused by name, never read as another family."""
 
     architecture: str

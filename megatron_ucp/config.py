@@ -73,9 +73,10 @@ ROPE_SCALINGS = ("none", "linear", "llama3")  # rotary frequency scalings, as tr
 class ModelConfig:
     """Architecture of the GPT model. Numerically the same as Hugging Face GPT-2 by default.
 
-    The Llama family is the same model with ``swiglu``, ``normalization="rmsnorm"``,
-    ``use_rotary_position_embeddings``, ``tie_embeddings=False``, ``add_bias_linear=False`` and
-    ``num_key_value_heads`` < ``num_attention_heads`` (Megatron-DeepSpeed's flags of those names).
+    The Llama family (``model_family="llama"``) is the same model with ``swiglu``,
+    ``normalization="rmsnorm"``, ``use_rotary_position_embeddings``, ``tie_embeddings=False``,
+    ``add_bias_linear=False`` and ``num_key_value_heads`` < ``num_attention_heads`` (Megatron-DeepSpeed's
+    flags of those names). Which fields a family fixes is declared in ``megatron_ucp.families``.
     """
 
     num_layers: int = field(metadata=cli("--num-layers", help="transformer layers", cli_default=4))
@@ -126,6 +127,11 @@ class ModelConfig:
     rope_original_max_position_embeddings: int | None = field(default=None, metadata=cli(
         "--rope-original-max-position-embeddings",
         help="llama3 scaling: the context length of pre-training (default: --max-position-embeddings)"))
+    # The family is declared, never inferred from the other fields: megatron_ucp.families holds one spec
+    # per name (block, HF mapping, the options it requires) and checks the config against it. A
+    # checkpoint records it with the rest of this config.
+    model_family: str = field(default="gpt", metadata=cli(
+        "--model-family", help="the model family, by name (python -m megatron_ucp.families lists them)"))
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None:
@@ -169,6 +175,8 @@ class ModelConfig:
         if self.add_qkv_bias and not self.swiglu_family:
             raise ValueError("--add-qkv-bias is for the Llama-shaped families (Qwen2); GPT's linear biases "
                              "already include the QKV projection")
+        if not isinstance(self.model_family, str) or not self.model_family:
+            raise ValueError(f"ModelConfig.model_family must be a family name, got {self.model_family!r}")
         self._validate_attention()
 
     def _validate_attention(self) -> None:

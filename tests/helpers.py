@@ -94,7 +94,7 @@ GPT4 = dict(TINY_GPT, num_layers=4)
 TINY_LLAMA = dict(num_layers=4, hidden_size=64, num_attention_heads=8, num_key_value_heads=2, ffn_hidden_size=96,
                   max_position_embeddings=16, make_vocab_size_divisible_by=8, hidden_dropout=0.0,
                   attention_dropout=0.0, swiglu=True, normalization="rmsnorm", use_rotary_position_embeddings=True,
-                  tie_embeddings=False, add_bias_linear=False)
+                  tie_embeddings=False, add_bias_linear=False, model_family="llama")
 VOCAB = 50
 # The trainer's command-line flags of a one-layer, one-iteration fp32 mock-data run.
 TINY_FLAGS = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "16",

@@ -112,7 +112,7 @@ FULL_ARGV = [
     "--eval-interval", "5", "--eval-iters", "1", "--tensorboard-dir", "tb", "--loss-log", "l.jsonl",
     "--save", "s", "--save-interval", "10", "--load", "in", "--universal-checkpoint", "--ckpt-step", "8", "--universal-loader", "deepspeed", "--no-load-rng",
     "--trust-checkpoint-code", "--finetune", "--no-pipeline-parallel", "--deepspeed-config", "ds.json",
-    "--ds-config-out", "out.json", "--allow-vocab-extension", "--eval-at-start",
+    "--ds-config-out", "out.json", "--allow-vocab-extension", "--eval-at-start", "--model-family", "qwen2",
 ]
 FULL_MODEL = dict(num_layers=3, hidden_size=64, num_attention_heads=16, max_position_embeddings=40, ffn_hidden_size=96,
                   make_vocab_size_divisible_by=16, layernorm_epsilon=1e-6, hidden_dropout=0.05, attention_dropout=0.0,
@@ -120,7 +120,7 @@ FULL_MODEL = dict(num_layers=3, hidden_size=64, num_attention_heads=16, max_posi
                   use_rotary_position_embeddings=True, rope_theta=500000.0, add_bias_linear=False,
                   num_key_value_heads=2, add_qkv_bias=True, kv_channels=8, qk_layernorm=True, sliding_window=16,
                   rope_scaling_type="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=2.0,
-                  rope_high_freq_factor=8.0, rope_original_max_position_embeddings=20)
+                  rope_high_freq_factor=8.0, rope_original_max_position_embeddings=20, model_family="qwen2")
 FULL_TRAIN = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=1, zero_stage=2, micro_batch_size=2,
                   global_batch_size=12, seq_length=32, train_iters=30, lr=1e-3, min_lr=1e-4, lr_warmup_iters=3,
                   lr_decay_iters=25, lr_decay_style="linear", weight_decay=0.01, adam_beta1=0.8, adam_beta2=0.9,

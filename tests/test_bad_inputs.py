@@ -26,7 +26,8 @@ from megatron_ucp.layout.hf import hf_mappings
 
 LLAMA = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, ffn_hidden_size=48,
                     vocab_size=64, max_position_embeddings=16, swiglu=True, normalization="rmsnorm",
-                    use_rotary_position_embeddings=True, tie_embeddings=False, add_bias_linear=False)
+                    use_rotary_position_embeddings=True, tie_embeddings=False, add_bias_linear=False,
+                    model_family="llama")
 GPT2 = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64, max_position_embeddings=16)
 
 

@@ -43,7 +43,7 @@ MODELS = ("llama3", "linear", "head_dim", "mistral", "qwen3")
 CONTROLS = {"llama3_scaling_ignored": ("llama3", {"rope_scaling_type": "none"}),
             "linear_scaling_ignored": ("linear", {"rope_scaling_type": "none"}),
             "mistral_window_ignored": ("mistral", {"sliding_window": None}),
-            "qwen3_qk_norms_skipped": ("qwen3", {"qk_layernorm": False})}
+            "qwen3_qk_norms_skipped": ("qwen3", {"qk_layernorm": False, "model_family": "llama"})}
 
 
 def _hf_config(kind: str):

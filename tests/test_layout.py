@@ -58,7 +58,7 @@ def test_spec_of_is_unique_and_refuses_unknown_names():
 LLAMA = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=8, num_key_value_heads=2, vocab_size=50,
                     max_position_embeddings=16, make_vocab_size_divisible_by=8, swiglu=True, normalization="rmsnorm",
                     use_rotary_position_embeddings=True, tie_embeddings=False, add_bias_linear=False,
-                    ffn_hidden_size=96)
+                    ffn_hidden_size=96, model_family="llama")
 GPT_UNTIED = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=50, max_position_embeddings=16,
                          tie_embeddings=False, add_bias_linear=False)
 

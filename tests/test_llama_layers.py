@@ -586,7 +586,7 @@ def test_parameter_table_matches_llama_layer():
     cfg = ModelConfig(num_layers=1, hidden_size=hidden, num_attention_heads=nh, num_key_value_heads=nkv,
                       vocab_size=64, max_position_embeddings=16, ffn_hidden_size=ffn, swiglu=True,
                       normalization="rmsnorm", use_rotary_position_embeddings=True, add_bias_linear=False,
-                      tie_embeddings=False)
+                      tie_embeddings=False, model_family="llama")
     table = {s.local_name: s for s in param_specs(cfg) if s.role is Role.BLOCK}
     expected_kinds = dict(LAYER_KINDS, **{"mlp.dense_h_to_4h.weight": Kind.COLUMN_2SUB})
     assert {n: s.kind for n, s in table.items()} == expected_kinds

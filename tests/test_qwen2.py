@@ -25,7 +25,7 @@ from megatron_ucp.layout.params import model_params
 
 VOCAB, BATCH, SEQ = 96, 2, 16
 ATOL = 1e-5
-QWEN2 = dict(TINY_LLAMA, add_qkv_bias=True)
+QWEN2 = dict(TINY_LLAMA, add_qkv_bias=True, model_family="qwen2")
 
 
 def _hf_qwen2(dtype=torch.float32, seed=5):
@@ -44,7 +44,7 @@ def _hf_qwen2(dtype=torch.float32, seed=5):
 def test_the_family_is_llama_plus_qkv_biases():
     cfg = ModelConfig(vocab_size=VOCAB, **QWEN2)
     assert family_of_model(cfg).name == "qwen2"
-    llama = ModelConfig(vocab_size=VOCAB, **dict(QWEN2, add_qkv_bias=False))
+    llama = ModelConfig(vocab_size=VOCAB, **dict(QWEN2, add_qkv_bias=False, model_family="llama"))
     assert family_of_model(llama).name == "llama"
     extra = {p.name for p in model_params(cfg)} - {p.name for p in model_params(llama)}
     assert extra == {f"{i + 1}.self_attention.query_key_value.bias" for i in range(4)}

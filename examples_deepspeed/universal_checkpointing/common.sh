@@ -6,8 +6,9 @@
 #                          engine; 2 and 3 train the non-pipeline model (same parameter names), so they
 #                          need PP=1, and 3 needs TP=1 (e.g. ZERO_STAGE=3 TP=1 PP=1 DP=4)
 #   MODEL_FAMILY           gpt (default) | llama (RMSNorm, rotary, SwiGLU, GQA, untied head, no biases)
-#                          | qwen2 (llama plus QKV biases): a module of megatron_ucp/families, which
-#                          gives the family's trainer flags (python -m megatron_ucp.families NAME)
+#                          | qwen2 (llama plus QKV biases) | ...: a family of megatron_ucp/families
+#                          (python -m megatron_ucp.families lists them), which gives the family's
+#                          trainer flags, --model-family NAME first (python -m megatron_ucp.families NAME)
 #   NUM_LAYERS HIDDEN HEADS SEQ_LEN   the tiny GPT (4 layers, 256 hidden, 8 heads, 256 tokens)
 #   KV_HEADS FFN_HIDDEN    grouped-query families only: key/value heads (default 4) and SwiGLU width (default 688)
 #   GLOBAL_BATCH MICRO_BATCH          samples per step (fixed across layouts) and per micro batch

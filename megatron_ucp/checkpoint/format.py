@@ -250,9 +250,27 @@ def _parse_flat(cls: type, value: Any, where: str) -> Any:
     return cls(**d)
 
 
+def legacy_model_family(d: dict[str, Any]) -> str:
+    """The family of a model config recorded before ``ModelConfig.model_family`` existed.
+
+    This is the only place a family is derived from the shape of a config: everything written since
+    records it, and everything else looks a family up by its name (``megatron_ucp.families``). The rules
+    are those the old registry's predicates applied.
+    """
+    if not (d.get("swiglu") and d.get("normalization") == "rmsnorm" and d.get("use_rotary_position_embeddings")):
+        return "gpt"
+    if d.get("add_qkv_bias"):
+        return "qwen2"
+    if d.get("qk_layernorm"):
+        return "qwen3"
+    return "mistral" if d.get("sliding_window") is not None else "llama"
+
+
 def _model_config(value: Any, where: str) -> ModelConfig:
     d = _object(value, where)
     _check_fields(ModelConfig, d, where, strict=True)
+    if "model_family" not in d:  # written before the family was recorded: derived once, here
+        d = dict(d, model_family=legacy_model_family(d))
     try:
         return ModelConfig.from_dict(d)
     except (ValueError, TypeError) as e:

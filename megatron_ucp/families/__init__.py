@@ -1,43 +1,93 @@
-"""The model families, one module each, found through one registry.
+"""The model families: one declared spec each (``Family``), found by name through one registry.
 
-A family module (``gpt.py``, ``llama.py``, ``qwen2.py``, ``mistral.py``, ``qwen3.py``) declares everything that is particular to it:
+A family module (``gpt.py``, ``llama.py``, ``qwen2.py``, ``mistral.py``, ``qwen3.py``) declares
+everything that is particular to it, in one ``Family`` object:
 
-* which ``ModelConfig`` shapes belong to it (``matches``) and the trainer flags that select it (the
-  recipes' defaults, ``model_flags``);
+* its name, which is how it is chosen: ``ModelConfig.model_family`` (the trainer's ``--model-family``,
+  recorded in every checkpoint's metadata), or, for a Hugging Face folder, the ``model_type`` and
+  ``architectures`` of its ``config.json``, which the family claims. Nothing guesses a family from the
+  shape of a config (the one exception, for checkpoints written before the family was recorded, is
+  ``checkpoint/format.py``'s ``legacy_model_family``);
+* its ``options``: the ``ModelConfig`` fields it fixes (its block's declared switches, which also decide
+  its entries of the parameter table, ``layout/params.py``), checked against every config that names
+  it; the recipes' trainer flags follow from them (``model_flags``);
 * its transformer block (``block``, built lazily so this package stays importable without DeepSpeed),
   which the model's builder is given (``model/`` knows no family);
 * the Hugging Face side: architecture and ``model_type``, one ``HFRule`` per entry of the parameter
   table, and the ``config.json`` mapping both ways.
 
-Everything else (the parameter table in ``layout/params.py``, placement, the converters, the trainer)
-is shared. Adding a family is one new module here plus its entries in the parameter table.
+HF models we know but do not build (mixture-of-experts) are ``REFUSED`` by name, so they are never read
+as a dense family. ``python -m megatron_ucp.families`` lists what each family claims. Everything else
+(the parameter table, placement, the converters, the trainer) is shared. Adding a family is one new
+module here plus its entries in the parameter table.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
-from megatron_ucp.config import ModelConfig
+from megatron_ucp.config import ModelConfig, cli_fields
 from megatron_ucp.layout.hf import HFRule, UnsupportedConfig, check_hf_config
 from megatron_ucp.layout.params import Role
 
 
 @dataclass(frozen=True)
 class Family:
-    name: str  # the recipes' MODEL_FAMILY and hf.build's --family
-    architecture: str  # the HF ``architectures`` class name
-    model_type: str  # the HF ``model_type``
-    matches: Callable[[ModelConfig], bool]  # this family's ModelConfig shapes
-    model_flags: tuple[str, ...]  # trainer flags selecting this family (sizes aside)
+    """One model family, declared (what torchtitan calls a ``ModelSpec``)."""
+
+    name: str  # ModelConfig.model_family, --model-family, the recipes' MODEL_FAMILY and hf.build's --family
+    architecture: str  # the HF ``architectures`` class name it claims (and exports as)
+    model_type: str  # the HF ``model_type`` it claims
+    options: Mapping[str, Any]  # the ModelConfig fields it fixes: every config of the family has these values
     block: Callable[..., Any]  # (cfg, tp, layer_number) -> one block's pipeline LayerSpec (model.pipe.BlockBuilder)
     hf_rules: Mapping[tuple[Role, str], HFRule]  # one per parameter-table entry the family's configs produce
-    config_from_hf: Callable[[dict], dict]  # HF config.json -> ModelConfig keyword arguments
+    config_from_hf: Callable[[dict], dict]  # HF config.json -> ModelConfig keyword arguments beyond ``options``
     hf_config: Callable[[ModelConfig], dict]  # ModelConfig -> the family's config.json entries
     hf_model: Callable[..., Any]  # (sizes..., overrides=config.json entries) -> a random-init transformers model
+    recipe_flags: tuple[str, ...] = ()  # the recipes' defaults beyond ``options`` (an untied head, a window)
     grouped_query: bool = False  # takes --num-key-value-heads and a free --ffn-hidden-size in recipes
     ignored_hf_suffixes: tuple[str, ...] = field(default=())  # HF tensors that carry nothing of ours
 
+    @property
+    def model_flags(self) -> tuple[str, ...]:
+        """The trainer flags selecting this family (sizes aside): its name, its options, its recipe defaults."""
+        return ("--model-family", self.name) + option_flags(self.options) + self.recipe_flags
+
+    def check(self, cfg: ModelConfig) -> None:
+        """ValueError (one line) when ``cfg`` lacks one of the options this family fixes."""
+        for key, want in self.options.items():
+            got = getattr(cfg, key)
+            if got != want:
+                raise ValueError(f"model family {self.name!r} has {key}={want!r}, but the config has {got!r} "
+                                 f"(--model-family names the family; python -m megatron_ucp.families lists them)")
+
+
+def option_flags(options: Mapping[str, Any]) -> tuple[str, ...]:
+    """The trainer flags that set ``options`` (fields left at their default need none)."""
+    flags: list[str] = []
+    for f, spec in cli_fields(ModelConfig):
+        if f.name not in options or options[f.name] == f.default:
+            continue
+        value = options[f.name]
+        if isinstance(value, bool):
+            flags.append(spec.names[0])  # a switch: --swiglu, or a negated one such as --disable-bias-linear
+        else:
+            flags += [spec.names[0], str(value)]
+    return tuple(flags)
+
+
+class Refused(NamedTuple):
+    """An HF model we recognise and do not build: refused by name, never read as another family."""
+
+    architecture: str
+    model_type: str
+    why: str
+
+
+MOE = "not supported until MoE lands"
+REFUSED: tuple[Refused, ...] = (Refused("MixtralForCausalLM", "mixtral", MOE),
+                                Refused("Qwen3MoeForCausalLM", "qwen3_moe", MOE))
 
 FAMILIES: dict[str, Family] = {}
 
@@ -45,6 +95,9 @@ FAMILIES: dict[str, Family] = {}
 def register(family: Family) -> Family:
     if family.name in FAMILIES:
         raise ValueError(f"model family {family.name!r} is registered twice")
+    unknown = sorted(set(family.options) - {f.name for f, _ in cli_fields(ModelConfig)})
+    if unknown:
+        raise ValueError(f"model family {family.name!r} fixes unknown ModelConfig fields: {', '.join(unknown)}")
     FAMILIES[family.name] = family
     return family
 
@@ -61,30 +114,40 @@ def supported() -> str:
 
 
 def family_of_hf(hf: dict) -> Family:
-    """The family of an HF ``config.json`` dict (by ``architectures``, else ``model_type``)."""
-    archs = hf.get("architectures") or []
-    for family in FAMILIES.values():
-        if family.architecture in archs or (not archs and hf.get("model_type") == family.model_type):
-            return family
-    what = f"architectures {archs}" if archs else f"model_type {hf.get('model_type')!r}"
-    raise UnsupportedConfig(f"unsupported Hugging Face model ({what}); supported: {supported()}")
+    """The family an HF ``config.json`` dict names by its ``model_type`` and ``architectures``: each name
+    it gives must be claimed, and all by the same family."""
+    model_type = hf.get("model_type")
+    archs = list(hf.get("architectures") or [])
+    what = ", ".join(([f"model_type {model_type!r}"] if model_type is not None or not archs else [])
+                     + ([f"architectures {archs}"] if archs else []))
+    for r in REFUSED:
+        if model_type == r.model_type or r.architecture in archs:
+            raise UnsupportedConfig(f"{r.architecture} (model_type {r.model_type!r}) is {r.why}")
+    claims = ([[f for f in FAMILIES.values() if f.model_type == model_type]] if model_type is not None else []) + \
+        [[f for f in FAMILIES.values() if f.architecture == a] for a in archs]
+    if not claims or not all(claims):
+        raise UnsupportedConfig(f"unsupported Hugging Face model ({what}); supported: {supported()}")
+    found = {f.name: f for fams in claims for f in fams}
+    if len(found) != 1:
+        raise UnsupportedConfig(f"ambiguous Hugging Face model ({what}): it names the families "
+                                f"{', '.join(found)}")
+    return next(iter(found.values()))
 
 
 def family_of_model(cfg: ModelConfig) -> Family:
-    """The one family whose shapes include ``cfg``."""
-    hits = [f for f in FAMILIES.values() if f.matches(cfg)]
-    if len(hits) != 1:
-        raise ValueError(f"the model config matches {len(hits)} families ({', '.join(f.name for f in hits)}); "
-                         "each config must belong to exactly one")
-    return hits[0]
+    """The family ``cfg`` names (``model_family``), checked against the options it fixes."""
+    family = family_named(cfg.model_family)
+    family.check(cfg)
+    return family
 
 
 def model_config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> tuple[Family, ModelConfig]:
     """(family, ModelConfig) for an HF ``config.json`` dict; UnsupportedConfig for what we cannot match."""
     check_hf_config(hf)
     family = family_of_hf(hf)
-    kwargs = family.config_from_hf(hf)
-    return family, ModelConfig(make_vocab_size_divisible_by=make_vocab_size_divisible_by, **kwargs)
+    kwargs = dict(family.config_from_hf(hf), **family.options)
+    return family, ModelConfig(make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                               model_family=family.name, **kwargs)
 
 
 def hf_config_from_model(cfg: ModelConfig, dtype: str, extra: dict | None = None) -> dict:

@@ -1,6 +1,7 @@
-"""``python -m megatron_ucp.families NAME --kv-heads K --ffn-hidden F``: the family's trainer flags.
+"""``python -m megatron_ucp.families``: each family and the Hugging Face models it claims (and those refused).
 
-The recipes (``examples_deepspeed/universal_checkpointing/common.sh``) take a family's flags from here,
+``python -m megatron_ucp.families NAME --kv-heads K --ffn-hidden F`` prints the family's trainer flags:
+the recipes (``examples_deepspeed/universal_checkpointing/common.sh``) take a family's flags from here,
 so the shell scripts hold no per-family branches.
 """
 
@@ -10,15 +11,28 @@ import argparse
 import sys
 from typing import Sequence
 
-from megatron_ucp.families import FAMILIES, family_named, recipe_flags
+from megatron_ucp.families import FAMILIES, REFUSED, family_named, recipe_flags
+
+
+def listing() -> list[str]:
+    """One line per family (name, HF architecture, model_type), then one per refused HF model."""
+    width = max(len(name) for name in FAMILIES)
+    lines = [f"{f.name:<{width}}  {f.architecture} (model_type {f.model_type!r})" for f in FAMILIES.values()]
+    lines += [f"{'-':<{width}}  {r.architecture} (model_type {r.model_type!r}): refused, {r.why}" for r in REFUSED]
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m megatron_ucp.families", description=__doc__.split("\n\n")[0])
-    p.add_argument("family", help=f"one of: {', '.join(FAMILIES)}")
-    p.add_argument("--kv-heads", type=int, required=True)
-    p.add_argument("--ffn-hidden", type=int, required=True)
+    p.add_argument("family", nargs="?", help=f"print this family's trainer flags; one of: {', '.join(FAMILIES)}")
+    p.add_argument("--kv-heads", type=int)
+    p.add_argument("--ffn-hidden", type=int)
     args = p.parse_args(argv)
+    if args.family is None:
+        print("\n".join(listing()))
+        return 0
+    if args.kv_heads is None or args.ffn_hidden is None:
+        p.error("the following arguments are required with a family: --kv-heads, --ffn-hidden")
     try:
         family = family_named(args.family)
     except ValueError as e:

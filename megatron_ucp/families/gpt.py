@@ -6,6 +6,8 @@ HF stores linear weights as ``Conv1D`` [in, out], so every linear is transposed,
 
 from __future__ import annotations
 
+from typing import Any
+
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.families import Family, register
 from megatron_ucp.layout.hf import Combine, HFRule, UnsupportedConfig, require
@@ -80,9 +82,12 @@ def hf_model(*, vocab_size: int, num_layers: int, hidden_size: int, num_heads: i
         **(overrides or {})))
 
 
+# GPT-2's block: LayerNorm, learned positions, GeLU; none of the Llama-shaped switches.
+OPTIONS: dict[str, Any] = dict(swiglu=False, normalization="layernorm", use_rotary_position_embeddings=False, add_qkv_bias=False,
+               qk_layernorm=False, sliding_window=None)
+
 FAMILY = register(Family(
-    name="gpt", architecture="GPT2LMHeadModel", model_type="gpt2",
-    matches=lambda cfg: not cfg.swiglu_family, model_flags=(),
+    name="gpt", architecture="GPT2LMHeadModel", model_type="gpt2", options=OPTIONS,
     block=block, hf_rules=RULES, config_from_hf=config_from_hf,
     hf_config=hf_config, hf_model=hf_model,
     # attention-mask buffers older GPT-2 checkpoints saved

@@ -8,6 +8,8 @@ Qwen2 (``qwen2.py``) is this family plus QKV biases and reuses its pieces.
 
 from __future__ import annotations
 
+from typing import Any
+
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.families import Family, register
 from megatron_ucp.layout.hf import Combine, HFRule, hf_rope, require, rope_of
@@ -29,12 +31,15 @@ RULES: dict[tuple[Role, str], HFRule] = {
     (Role.HEAD, "lm_head.weight"): HFRule(("lm_head.weight",)),
 }
 
-MODEL_FLAGS: tuple[str, ...] = ("--swiglu", "--normalization", "rmsnorm", "--use-rotary-position-embeddings",
-               "--untie-embeddings-and-output-weights", "--disable-bias-linear")
+# What a Llama is, once: the Llama-shaped families start from these and change what they add.
+OPTIONS: dict[str, Any] = dict(swiglu=True, normalization="rmsnorm", use_rotary_position_embeddings=True, add_bias_linear=False,
+               add_qkv_bias=False, qk_layernorm=False, sliding_window=None)
+RECIPE_FLAGS: tuple[str, ...] = ("--untie-embeddings-and-output-weights",)  # the recipes' Llamas have their own head
 
 
 def config_from_hf(hf: dict) -> dict:
-    """ModelConfig arguments of a Llama-shaped config (biases are checked by the caller's family)."""
+    """ModelConfig arguments of a Llama-shaped config beyond the family's ``options`` (biases are checked
+    by the caller's family)."""
     require(hf, "hidden_act", "silu", "SwiGLU uses SiLU", "silu")
     require(hf, "pretraining_tp", 1, "sliced projections are not modelled", 1)
     heads = hf["num_attention_heads"]
@@ -47,9 +52,7 @@ def config_from_hf(hf: dict) -> dict:
         layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)), hidden_dropout=0.0,
         attention_dropout=float(hf.get("attention_dropout", 0.0)),
         init_method_std=float(hf.get("initializer_range", 0.02)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), swiglu=True, normalization="rmsnorm",
-        use_rotary_position_embeddings=True, add_bias_linear=False,
-        kv_channels=kv_channels, **rope_of(hf))
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), kv_channels=kv_channels, **rope_of(hf))
 
 
 def _llama_config_from_hf(hf: dict) -> dict:
@@ -110,8 +113,6 @@ def hf_model(overrides: dict | None = None, **sizes):
 
 
 FAMILY = register(Family(
-    name="llama", architecture="LlamaForCausalLM", model_type="llama",
-    matches=lambda cfg: cfg.swiglu_family and not (cfg.add_qkv_bias or cfg.qk_layernorm or cfg.sliding_window),
-    model_flags=MODEL_FLAGS,
+    name="llama", architecture="LlamaForCausalLM", model_type="llama", options=OPTIONS, recipe_flags=RECIPE_FLAGS,
     block=block, hf_rules=RULES, config_from_hf=_llama_config_from_hf,
     hf_config=_llama_hf_config, hf_model=hf_model, grouped_query=True, ignored_hf_suffixes=(".rotary_emb.inv_freq",)))

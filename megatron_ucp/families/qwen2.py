@@ -18,7 +18,7 @@ RULES[(Role.BLOCK, "self_attention.query_key_value.bias")] = HFRule(
 
 def config_from_hf(hf: dict) -> dict:
     require(hf, "use_sliding_window", False, "sliding-window attention is not modelled", False)
-    return dict(llama.config_from_hf(hf), add_qkv_bias=True)
+    return llama.config_from_hf(hf)
 
 
 def hf_config(cfg: ModelConfig) -> dict:
@@ -32,8 +32,6 @@ def hf_model(overrides: dict | None = None, **sizes):
 
 
 FAMILY = register(Family(
-    name="qwen2", architecture="Qwen2ForCausalLM", model_type="qwen2",
-    matches=lambda cfg: cfg.swiglu_family and cfg.add_qkv_bias and not (cfg.qk_layernorm or cfg.sliding_window),
-    model_flags=llama.MODEL_FLAGS + ("--add-qkv-bias",),
-    block=llama.block, hf_rules=RULES, config_from_hf=config_from_hf,
+    name="qwen2", architecture="Qwen2ForCausalLM", model_type="qwen2", options=dict(llama.OPTIONS, add_qkv_bias=True),
+    recipe_flags=llama.RECIPE_FLAGS, block=llama.block, hf_rules=RULES, config_from_hf=config_from_hf,
     hf_config=hf_config, hf_model=hf_model, grouped_query=True, ignored_hf_suffixes=(".rotary_emb.inv_freq",)))

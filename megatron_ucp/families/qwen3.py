@@ -21,7 +21,7 @@ for _n in "qk":
 def config_from_hf(hf: dict) -> dict:
     require(hf, "use_sliding_window", False, "sliding-window layers are not modelled", False)
     require(hf, "attention_bias", False, "the Qwen3 family is built without linear biases", False)
-    return dict(llama.config_from_hf(hf), qk_layernorm=True)
+    return llama.config_from_hf(hf)
 
 
 def hf_config(cfg: ModelConfig) -> dict:
@@ -36,8 +36,6 @@ def hf_model(overrides: dict | None = None, **sizes):
 
 
 FAMILY = register(Family(
-    name="qwen3", architecture="Qwen3ForCausalLM", model_type="qwen3",
-    matches=lambda cfg: cfg.swiglu_family and cfg.qk_layernorm and not (cfg.add_qkv_bias or cfg.sliding_window),
-    model_flags=llama.MODEL_FLAGS + ("--qk-layernorm",),
-    block=llama.block, hf_rules=RULES, config_from_hf=config_from_hf,
+    name="qwen3", architecture="Qwen3ForCausalLM", model_type="qwen3", options=dict(llama.OPTIONS, qk_layernorm=True),
+    recipe_flags=llama.RECIPE_FLAGS, block=llama.block, hf_rules=RULES, config_from_hf=config_from_hf,
     hf_config=hf_config, hf_model=hf_model, grouped_query=True, ignored_hf_suffixes=(".rotary_emb.inv_freq",)))

@@ -109,7 +109,13 @@ class ParallelMLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-LayerNorm block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-LayerNorm block: x + attn(ln(x)), then x + mlp(ln(x)).
+
+    GPT's block, kept apart from ``llama.LlamaLayer`` (whose declared options cover the four
+    Llama-shaped families) on purpose: the two share no sub-module (LayerNorm with biases vs fp32
+    RMSNorm, learned positions vs rotary, multi-head vs grouped-query attention, GeLU vs SwiGLU), so one
+    class would be two behind a switch, and merging them risks the numerics both are tested bitwise on.
+    """
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallelContext, layer_number: int) -> None:
         super().__init__()

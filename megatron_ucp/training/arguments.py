@@ -225,10 +225,12 @@ def configs_from_flags(argv: Sequence[str] | None = None,
     Runs before any distributed start-up; raises ValueError (or OSError for an unreadable ``--yaml-cfg``)
     with a one-line message.
     """
+    from megatron_ucp.families import family_of_model  # pure: no torch
+
     values = parse_args(argv)
     cfg = train_config(values)
     kwargs = model_kwargs(values)
-    check_run(kwargs, cfg, launch_world_size(environ))
+    family_of_model(check_run(kwargs, cfg, launch_world_size(environ)))  # the flags fit the family they name
     check_inputs(cfg)
     return kwargs, cfg
 

@@ -400,8 +400,10 @@ def test_format_2_files_upgrade_to_format_3():
     new = meta.to_dict()
     assert new["format_version"] == METADATA_FORMAT_VERSION == 3
     assert new["topology"] == {"tp": 2, "pp": 2, "dp": 2, "sp": 1, "ep": 1}
-    assert {k: v for k, v in new.items() if k not in ("format_version", "topology")} == {
-        k: v for k, v in data.items() if k not in ("format_version", "topology")}  # nothing else changed
+    assert {k: v for k, v in new.items() if k not in ("format_version", "topology", "model_config")} == {
+        k: v for k, v in data.items() if k not in ("format_version", "topology", "model_config")}  # nor the rest
+    # the model config gains the family it was derived as (files before families were recorded): nothing else
+    assert new["model_config"] == dict(data["model_config"], model_family="gpt")
     assert CheckpointMetadata.from_dict(new) == meta
     # the model-state file the same writer produced (client state, read through the restricted unpickler)
     assert fmt.read_metadata(os.path.join(V2_FIXTURES, "training_" + fmt.model_states_name(0))) == meta
@@ -414,7 +416,8 @@ def test_format_2_files_upgrade_to_format_3():
     assert imported["format_version"] == 2 and imported["topology"] is None
     meta = CheckpointMetadata.from_dict(copy.deepcopy(imported))
     assert meta.topology is None and meta.hf_source is not None and meta.hf_source.tokenizer is not None
-    assert meta.to_dict() == dict(imported, format_version=3)
+    assert meta.to_dict() == dict(imported, format_version=3,
+                                  model_config=dict(imported["model_config"], model_family="gpt"))
 
 
 def test_format_1_reads_with_sp_and_ep_of_1():

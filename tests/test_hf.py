@@ -396,9 +396,9 @@ def test_hf_import_loads_under_zero_2_and_3(hf, universal, tmp_path, stage):
 @pytest.mark.slow
 def test_finetune_recipe_continues_pretraining_a_hub_style_folder_with_its_own_tokenizer(tmp_path):
     """The recipe end to end on a folder as the Hub gives one: a Llama 3.1-style model (llama3 rope scaling,
-    head_dim 32 != 64 / 4) with a 32k byte-level BPE tokenizer beside it, built here. HF_DIR=<folder>: the
-    corpus is tokenized with that tokenizer, 20 iterations at TP2 PP2 lower the validation loss, and the
-    export (with the tokenizer) matches transformers and generates."""
+    head_dim 32 != 64 / 4) with a 32k byte-level BPE tokenizer beside it, built here. HF_DIR=<folder>
+    DATA=<jsonl>: the text is tokenized with that tokenizer, 20 iterations at TP2 PP2 lower the validation
+    loss, and the export (with the tokenizer) matches transformers and generates."""
     import re
 
     from megatron_ucp.data.tokenizer import HFTokenizer
@@ -414,16 +414,24 @@ def test_finetune_recipe_continues_pretraining_a_hub_style_folder_with_its_own_t
     assert proc.returncode == 0, proc.stderr[-3000:]
     tokenizer = HFTokenizer(hf_dir)
     assert tokenizer.vocab_size == 32000 and json.loads((hf_dir / "config.json").read_text())["vocab_size"] == 32000
-    env = dict(os.environ, OUTPUT_DIR=str(tmp_path / "out"), HF_DIR=str(hf_dir), TRAIN_ITERS="20",
+    # DATA: the user's own text, here 2,000 paragraphs of the bundled corpus as jsonl
+    from helpers import CORPUS
+    from megatron_ucp.data.preprocess import split_paragraphs
+    from megatron_ucp.data.tokenizer import read_text
+
+    data = tmp_path / "my_text.jsonl"
+    data.write_text("".join(json.dumps({"text": p}) + "\n" for p in split_paragraphs(read_text(CORPUS))[:2000]))
+    env = dict(os.environ, OUTPUT_DIR=str(tmp_path / "out"), HF_DIR=str(hf_dir), DATA=str(data), TRAIN_ITERS="20",
                EVAL_INTERVAL="10", EVAL_ITERS="2", LOG_INTERVAL="5", SEQ_LEN="32", MASTER_PORT=str(free_port()),
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     recipe = REPO / "examples_deepspeed" / "universal_checkpointing" / "run_hf_finetune.sh"
     proc = subprocess.run(["bash", str(recipe)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "out" / "hf_finetune_llama_fp32_z1_tp2_pp2_dp1_sp1"
-    # the data: the bundled corpus in the folder's own tokenizer, cached under its hash
-    data = sorted((tmp_path / "out" / "data").glob("*_text_document.idx"))
-    assert len(data) == 1 and f"_tok{tokenizer.identity['sha256'][:12]}_" in data[0].name
+    # the data: the user's text in the folder's own tokenizer, cached under its hash
+    made = sorted((tmp_path / "out" / "data").glob("*_text_document.idx"))
+    assert len(made) == 1 and made[0].name.startswith("my_text_"), made
+    assert f"_tok{tokenizer.identity['sha256'][:12]}_" in made[0].name
     # the model's own sizes (from its config.json), and the validation loss before and after
     train_log = (run / "train.log").read_text()
     assert "fine-tuning from" in train_log and "vocab 32000 (padded 32000)" in train_log

@@ -39,7 +39,16 @@ from megatron_ucp.checkpoint.format import (
     metadata_from_state,
     optimizer_state_path,
 )
-from megatron_ucp.checkpoint.sliced import ReadPlan, atom_read_plan, read_local, read_plan, rebased, window_plan
+from megatron_ucp.checkpoint.atoms import PARAM
+from megatron_ucp.checkpoint.sliced import (
+    ReadPlan,
+    atom_read_plan,
+    read_local,
+    read_plan,
+    rebased,
+    state_moves,
+    window_plan,
+)
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file
 from megatron_ucp.checkpoint.universal import MergeRule, conversion_rules, optimizer_state, rules_from_table
 from megatron_ucp.checkpoint.zero import (
@@ -107,18 +116,7 @@ class ZeroSource:
     def moves(self, name: str, from_key: str, to_key: str) -> dict[str, tuple[str, int]]:
         """Where ``to_key``'s bytes of ``name`` are, relative to ``from_key``'s (``sliced.rebased``): in
         each shard file, that state's flat tensor instead of the other's."""
-        src = self._source(name)
-        out: dict[str, tuple[str, int]] = {}
-        for s in range(self.ckpt.tp):
-            for f in src.fragments[s]:
-                a = self.ckpt.flat_ref(src.pp, s, f.dp, src.group, from_key)
-                b = self.ckpt.flat_ref(src.pp, s, f.dp, src.group, to_key)
-                move = (b.path, b.offset - a.offset)
-                # (the last DP rank's fp32 partition may be shorter than its moments: padding)
-                if a.dtype != b.dtype or f.start + f.numel > min(a.numel, b.numel) or \
-                        out.setdefault(a.path, move) != move:
-                    raise CheckpointError(f"{a.path}: {to_key} of {name} is not laid out as its {from_key}")
-        return out
+        return state_moves(self.ckpt, self._source(name), from_key, to_key)
 
     def step(self, name: str):
         src = self._source(name)
@@ -152,7 +150,7 @@ class UniversalSource:
             path = atom_path(self.folder, check_name(name, self.folder), key)
             atom = load_file(path, meta=True)
             if not isinstance(atom, dict):  # our atoms hold the tensor under 'param', beside its merge keys
-                raise CheckpointError(f"{path}: expected an atom dict with a 'param' tensor, found "
+                raise CheckpointError(f"{path}: expected an atom dict with a '{PARAM}' tensor, found "
                                       f"{type(atom).__name__}")
             tensor = check_state_atom(atom, path)  # the fp32 master weights and moments, whatever the precision
             self._refs[(name, key)] = (FlatRef.of(path, tensor.reshape(-1)), tuple(tensor.shape))

@@ -180,7 +180,7 @@ def convert_param(src: ParamSource, rule: MergeRule, ckpt: ZeroCheckpoint, atoms
     if step is not None:
         step_key = ("step", repr(step), str(step.dtype) if torch.is_tensor(step) else type(step).__name__)
         written += write_serialized(step.clone() if torch.is_tensor(step) else step, step_key,
-                                os.path.join(out_dir, atom_file(STEP_KEY)))
+                                    os.path.join(out_dir, atom_file(STEP_KEY)))
     sources_are_fp32 = all(p.ref is not None and p.ref.dtype == torch.float32
                            for k in STATE_KEYS for p in pieces(src, ckpt, k))
     for key in STATE_KEYS:

@@ -4,7 +4,7 @@ DeepSpeed's universal load asks every ZeRO optimizer for ``_load_universal_check
 its own version ``torch.load``s the *full* atom of every parameter a rank holds a piece of, then cuts
 the piece out. Ours is installed in its place for the duration of one ``engine.load_checkpoint``: for
 each parameter piece the rank owns (its ZeRO window of its TP-local tensor) it runs a read plan
-(``checkpoint.sliced``) and fills the optimizer's fp32 master, Adam moments and step exactly where
+(``checkpoint.plan``) and fills the optimizer's fp32 master, Adam moments and step exactly where
 DeepSpeed's loader would have put them. Everything around it (model-state files, LR scheduler,
 counters, the lp params refreshed from the fp32 masters) stays DeepSpeed's own sequence.
 
@@ -40,17 +40,11 @@ from megatron_ucp.checkpoint.format import (
     optimizer_state_path,
 )
 from megatron_ucp.checkpoint.atoms import PARAM
-from megatron_ucp.checkpoint.sliced import (
-    ReadPlan,
-    atom_read_plan,
-    read_local,
-    read_plan,
-    rebased,
-    state_moves,
-    window_plan,
-)
+from megatron_ucp.checkpoint.executors import read_local
+from megatron_ucp.checkpoint.plan import ReadPlan, atom_read_plan, read_plan, rebased, state_moves, window_plan
+from megatron_ucp.checkpoint.rules import MergeRule, conversion_rules, rules_from_table
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file
-from megatron_ucp.checkpoint.universal import MergeRule, conversion_rules, optimizer_state, rules_from_table
+from megatron_ucp.checkpoint.universal import optimizer_state
 from megatron_ucp.checkpoint.zero import (
     OPTIMIZER_STATE_DICT,
     FlatRef,
@@ -114,7 +108,7 @@ class ZeroSource:
         return _check_shape(plan, local_shape, name, self.folder)
 
     def moves(self, name: str, from_key: str, to_key: str) -> dict[str, tuple[str, int]]:
-        """Where ``to_key``'s bytes of ``name`` are, relative to ``from_key``'s (``sliced.rebased``): in
+        """Where ``to_key``'s bytes of ``name`` are, relative to ``from_key``'s (``plan.rebased``): in
         each shard file, that state's flat tensor instead of the other's."""
         return state_moves(self.ckpt, self._source(name), from_key, to_key)
 
@@ -163,7 +157,7 @@ class UniversalSource:
         return _check_shape(plan, local_shape, name, ref.path)
 
     def moves(self, name: str, from_key: str, to_key: str) -> dict[str, tuple[str, int]]:
-        """``to_key``'s atom of ``name`` in place of ``from_key``'s (``sliced.rebased``)."""
+        """``to_key``'s atom of ``name`` in place of ``from_key``'s (``plan.rebased``)."""
         (a, shape_a), (b, shape_b) = self._atom(name, from_key), self._atom(name, to_key)
         if a.dtype != b.dtype or shape_a != shape_b:
             raise CheckpointError(f"{b.path}: {tuple(shape_b)} {b.dtype}, but {a.path} is {tuple(shape_a)} {a.dtype}")

@@ -2,7 +2,9 @@
 
 The input is a real DeepSpeed checkpoint written by our trainer (TP1 PP1 DP2, ZeRO-1, fp32)."""
 
+import math
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -11,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from megatron_ucp.checkpoint import universal
+from megatron_ucp.checkpoint import atoms, plan, universal, verify
+from megatron_ucp.checkpoint.plan import Read, ReadPlan
 from megatron_ucp.checkpoint.universal import convert_zero_to_universal, verify_universal
 from megatron_ucp.checkpoint.zero import CheckpointError, open_zero_checkpoint
 
@@ -72,8 +75,8 @@ def test_verify_maps_atoms_of_a_confirmed_layout_and_still_catches_changed_bytes
     first, second = (zc.param_sources[f"{i}.self_attention.dense.weight"] for i in (1, 2))  # one layout
     path = out / "zero" / second.name / "exp_avg_sq.pt"
     unpickled = []
-    real_load = universal.load_file
-    monkeypatch.setattr(universal, "load_file", lambda p, **kw: unpickled.append(os.path.basename(
+    real_load = atoms.load_file
+    monkeypatch.setattr(atoms, "load_file", lambda p, **kw: unpickled.append(os.path.basename(
         os.path.dirname(p))) or real_load(p, **kw))
     universal.verify_atoms(zc, str(out), rules, [first, second])  # the control: unchanged, it passes
     assert unpickled == [first.name]  # its fp32 atom; its moments and all the second's atoms are mapped
@@ -83,6 +86,42 @@ def test_verify_maps_atoms_of_a_confirmed_layout_and_still_catches_changed_bytes
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"2\.self_attention\.dense\.weight/exp_avg_sq\.pt: does not match"):
         universal.verify_atoms(zc, str(out), rules, [first, second])
+
+
+@pytest.mark.parametrize("victim", [
+    "2.mlp.dense_h_to_4h.weight",  # column-parallel: copied file to file
+    "2.self_attention.dense.weight",  # row-parallel: gathered, then written
+    "tied_modules.embed.word_embeddings.weight",  # vocabulary: padding rows dropped
+])
+def test_verification_does_not_trust_the_plans_that_wrote_the_atoms(ckpt, tiny_checkpoints, tmp_path, monkeypatch,
+                                                                     victim):
+    """The converter writes each sharded atom by a plan of the plan engine (``plan.read_plan`` at a TP 1
+    target); verification reads each source TP rank's tensor as saved (``plan.local_plan``) and compares it
+    in the source's layout. The engine broken on purpose, so that the victim's plan puts every element one
+    place over, makes the converter write wrong bytes; verification refuses to publish, naming the
+    parameter's atom."""
+    real = plan.read_plan
+
+    def broken(zc, src, rule, key, tp, tp_rank, target_extent=None, window=None):
+        good = real(zc, src, rule, key, tp, tp_rank, target_extent, window)
+        if src.name != victim:
+            return good
+        n, size = math.prod(good.local_shape), good.dtype.itemsize
+        moved = [Read(r.path, r.offset + i * size, (r.dst + i + 1) % n, 1) for r in good.reads for i in range(r.numel)]
+        return ReadPlan(good.local_shape, good.dtype, tuple(sorted(moved, key=lambda r: r.dst)))
+
+    monkeypatch.setattr(plan, "read_plan", broken)
+    unverified = tmp_path / "unverified" / "global_step2_universal"  # the break reaches the written bytes
+    convert_zero_to_universal(str(ckpt / "global_step2"), str(unverified), verify=False)
+    right = torch.load(tiny_checkpoints(1)[1] / "zero" / victim / "fp32.pt", weights_only=True)["param"]
+    wrong = torch.load(unverified / "zero" / victim / "fp32.pt", weights_only=True)["param"]
+    assert wrong.shape == right.shape and torch.equal(wrong.view(-1), right.view(-1).roll(1))
+    assert not torch.equal(wrong, right)
+
+    out = tmp_path / "u" / "global_step2_universal"
+    with pytest.raises(CheckpointError, match=rf"{re.escape(victim)}/fp32\.pt: does not match TP rank 0"):
+        convert_zero_to_universal(str(ckpt / "global_step2"), str(out))
+    assert not out.exists() and not (tmp_path / "u" / "latest_universal").exists()  # nothing published
 
 
 def _poke(zc, name: str, key: str, element: int, value: float) -> None:
@@ -120,7 +159,7 @@ def test_verify_compares_bits_not_values(ckpt, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=rf"{name}/exp_avg_sq\.pt: does not match TP rank 0"):
         verify_universal(zc, str(out), rules)
 
-    monkeypatch.setattr(universal, "bitwise_equal", lambda a, b: a.shape == b.shape and torch.equal(a, b))
+    monkeypatch.setattr(verify, "bitwise_equal", lambda a, b: a.shape == b.shape and torch.equal(a, b))
     with pytest.raises(CheckpointError, match=rf"{name}/exp_avg\.pt: does not match TP rank 0"):
         convert_zero_to_universal(str(source), str(tmp_path / "values" / "global_step2_universal"))
 

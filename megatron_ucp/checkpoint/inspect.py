@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from megatron_ucp.checkpoint.atoms import atom_extras, atom_tensor
 from megatron_ucp.checkpoint.format import (
     ATOM_KEYS,
     MODEL_STATES_RE,
@@ -122,7 +123,7 @@ def _without_stage3_keys(sd: dict) -> tuple[dict, bool]:
 
 
 def _param_values(obj):
-    return (obj["param"] if isinstance(obj, dict) else obj).reshape(-1) if obj is not None else None
+    return atom_tensor(obj).reshape(-1) if obj is not None else None
 
 
 def compare_universal(a: str, b: str, include_model_states: bool = True, values_only: bool = False) -> Comparison:
@@ -202,7 +203,7 @@ def describe_universal(folder: str) -> list[str]:
         path = atom_path(folder, check_name(name, zero), STATE_KEYS[0])
         atom = load_file(path, mmap=True)
         t = check_state_atom(atom, path)
-        extra = {k: v for k, v in atom.items() if k != "param"} if isinstance(atom, dict) else {}
+        extra = atom_extras(atom)
         states = [k for k in ATOM_KEYS if os.path.exists(atom_path(folder, name, k))]
         lines.append(f"  {name:60s} {str(tuple(t.shape)):18s} {str(t.dtype):14s} {','.join(states)} {extra or ''}")
     return lines

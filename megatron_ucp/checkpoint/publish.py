@@ -39,12 +39,13 @@ from megatron_ucp.atomic import (  # noqa: F401 - temporary_name: re-exported
     make_temporary_folder,
     temporary_name,
 )
-from megatron_ucp.checkpoint.format import read_json
+from megatron_ucp.checkpoint.format import read_json, zero_dir
 from megatron_ucp.checkpoint.trust import CheckpointError
 
 COMPLETE_MARKER = "megatron_ucp_complete.json"
 MARKER_VERSION = 1
 LATEST_UNIVERSAL = "latest_universal"
+UNIVERSAL_KIND = "universal"  # the completion marker's kind for our converter's output
 
 
 
@@ -242,3 +243,20 @@ def write_latest_universal(out: str) -> None:
 
 def json_safe(d: dict) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str))
+
+
+def check_output_path(input_folder: str, output_folder: str) -> tuple[str, str]:
+    """Real paths of input and output; the output may neither be inside the input nor contain it."""
+    inp = os.path.realpath(input_folder)
+    out = os.path.realpath(output_folder.rstrip("/") or output_folder)
+    if out == inp or os.path.commonpath([inp, out]) == inp:
+        raise CheckpointError(f"{output_folder}: the output may not be inside the input folder {input_folder}")
+    if os.path.commonpath([inp, out]) == out:
+        raise CheckpointError(f"{output_folder}: the output may not contain the input folder {input_folder}")
+    return inp, out
+
+
+def is_universal_folder(path: str) -> bool:
+    """A universal checkpoint folder, ours or DeepSpeed's: ``zero/`` beside model-state files."""
+    names = os.listdir(path)
+    return os.path.isdir(zero_dir(path)) and any(n.endswith("model_states.pt") for n in names)

@@ -24,8 +24,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
+from megatron_ucp.checkpoint.atoms import stage_compatible_global_state
 from megatron_ucp.checkpoint.format import model_state_names, optimizer_state_path, zero_dir
-from megatron_ucp.checkpoint.universal import stage_compatible_global_state
 from megatron_ucp.config import TrainConfig
 from megatron_ucp.training.optim import GROUP_NAMES, group_hyperparameters
 from megatron_ucp.training.schedule import LRSchedule, LRScheduler
@@ -85,8 +85,8 @@ def write_loader_files(folder: str, *, client_state: dict, step: int = 0, global
     for mp in range(mp_world_size):
         for name in model_state_names(mp):
             paths.append(os.path.join(folder, name))
-            torch.save(model_state, paths[-1])
+            torch.save(model_state, paths[-1])  # a model-state file DeepSpeed's engine loads, not an atom
     os.makedirs(zero_dir(folder), exist_ok=True)
     paths.append(optimizer_state_path(folder))
-    torch.save(optimizer_state_file(param_groups, step), paths[-1])
+    torch.save(optimizer_state_file(param_groups, step), paths[-1])  # DeepSpeed's ZeRO file, loaded by DeepSpeed
     return paths

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_ucp.checkpoint.atoms import atom_tensor
 from megatron_ucp.checkpoint.format import (
     HF_EXTRAS_DIR,
     STATE_KEYS,
@@ -40,6 +41,7 @@ from megatron_ucp.checkpoint.format import (
     read_metadata,
 )
 from megatron_ucp.checkpoint.publish import (
+    check_output_path,
     check_replaceable,
     fingerprint,
     finished_output,
@@ -48,7 +50,6 @@ from megatron_ucp.checkpoint.publish import (
     staged_folder,
     write_marker,
 )
-from megatron_ucp.checkpoint.universal import check_output_path
 from megatron_ucp.checkpoint.zero import CheckpointError, load_file
 from megatron_ucp.families import family_of_model, hf_config_from_model
 from megatron_ucp.hf.transforms import to_hf
@@ -354,7 +355,7 @@ def convert_universal_to_hf(input_folder: str, output_dir: str, *, dtype: str | 
         tensors = {}
         for m in dict.fromkeys(owner[name] for name in names):  # each parameter once, in order
             path = atom_path(input_folder, m.name, STATE_KEYS[0])
-            full = load_file(path, mmap=True)["param"]
+            full = atom_tensor(load_file(path, mmap=True))
             if tuple(full.shape) != tuple(m.spec.shape(cfg)):
                 raise CheckpointError(f"{path}: shape {tuple(full.shape)}, but the model config implies "
                                       f"{tuple(m.spec.shape(cfg))}")

@@ -98,7 +98,7 @@ def _eval_one(job: LogitsJob, tokens: torch.Tensor, tp: int, pp: int) -> None:
             dist.all_gather(parts, logits.contiguous(), group=state.tp_group)
             if state.rank_in("tp") == 0:
                 gather = tp_map(Kind.VOCAB, logits.shape[-1] * tp, tp, kept=job.vocab_size, dim=logits.dim() - 1)
-                torch.save(gather.inverted().apply(parts, 0).float(), job.out)
+                torch.save(gather.inverted().apply(parts, 0).float(), job.out)  # logits for the caller, not a checkpoint
 
 
 def _worker(rank: int, world_size: int, jobs: list[LogitsJob], tokens: torch.Tensor, tp: int, pp: int) -> None:

@@ -26,6 +26,7 @@ from typing import Iterator
 
 import torch
 
+from megatron_ucp.checkpoint.atoms import atom_keys, atom_tensor, make_atom, save, write_atom, write_zero_atom
 from megatron_ucp.checkpoint.crosscheck import crosscheck_files
 from megatron_ucp.checkpoint.format import (  # noqa: F401 - HF_EXTRAS_DIR: re-exported
     HF_EXTRAS_DIR,
@@ -42,25 +43,18 @@ from megatron_ucp.checkpoint.format import (  # noqa: F401 - HF_EXTRAS_DIR: re-e
     zero_dir,
 )
 from megatron_ucp.checkpoint.publish import (
+    UNIVERSAL_KIND,
+    check_output_path,
     check_replaceable,
     fingerprint,
     finished_output,
+    is_universal_folder,
     remove_stale_temporaries,
     staged_folder,
     write_latest_universal,
     write_marker,
 )
 from megatron_ucp.checkpoint.trust import regular_file_inside
-from megatron_ucp.checkpoint.universal import (
-    UNIVERSAL_KIND,
-    MergeRule,
-    check_output_path,
-    is_universal_folder,
-    merge_keys,
-    pwrite_all,
-    skeleton_bytes,
-    write_atom_from_memory,
-)
 from megatron_ucp.checkpoint.zero import CheckpointError, FlatRef, load_file, stored_equals
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.hf.ds_files import write_loader_files
@@ -75,7 +69,6 @@ from megatron_ucp.layout.hf import (
     is_ignored,
     source_dtype,
 )
-from megatron_ucp.layout.params import Kind
 from megatron_ucp.layout.slicing import padded_vocab_size
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -114,31 +107,6 @@ class HFImportReport:
             return f"{self.output_folder}: already imported from this source and verified: kept as it is"
         return (f"converted {self.hf_tensors} {self.source_format} tensors of a {self.family} into {self.params} "
                 f"universal parameters at {self.output_folder} in {self.seconds:.2f} s")
-
-
-def atom_keys(kind: Kind, vocab_rows: int) -> dict:
-    """The keys beside ``param`` in an atom of this kind (replicated atoms carry none, as in our converter)."""
-    return {} if kind is Kind.REPLICATED else merge_keys(MergeRule(kind, vocab_rows))
-
-
-def write_zero_atom(keys: dict, shape: tuple[int, ...], path: str) -> None:
-    """``torch.save(dict(keys, param=torch.zeros(shape)))``'s content without allocating the zeros: the
-    data region is left as a file hole, which reads back as zeros."""
-    head, tail, offset = skeleton_bytes(keys, tuple(shape))
-    nbytes = 4 * _numel(shape)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        pwrite_all(fd, head, 0)
-        pwrite_all(fd, tail, offset + nbytes)
-    finally:
-        os.close(fd)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def check_coverage(ckpt: HFCheckpoint, mappings: list[HFMapping], cfg: ModelConfig, family: Family,
@@ -197,17 +165,17 @@ def write_param_atoms(folder: str, m: HFMapping, full: torch.Tensor, vocab_rows:
     os.makedirs(atom_dir(folder, m.name))
     keys = atom_keys(m.spec.kind, vocab_rows)
     weights, *moments = STATE_KEYS
-    write_atom_from_memory(dict(keys, param=full.to(torch.float32).contiguous()), atom_path(folder, m.name, weights))
+    write_atom(make_atom(keys, full.to(torch.float32).contiguous()), atom_path(folder, m.name, weights))
     for key in moments:  # exp_avg, exp_avg_sq
         write_zero_atom(keys, tuple(full.shape), atom_path(folder, m.name, key))
-    torch.save(torch.tensor(0.0), atom_path(folder, m.name, STEP_KEY))  # AdamW's step, a float32 scalar
+    save(torch.tensor(0.0), atom_path(folder, m.name, STEP_KEY))  # AdamW's step, a float32 scalar
 
 
 def verify_import(folder: str, mappings: list[HFMapping], ours) -> None:
     """Re-read every written weight atom and compare it bitwise with the source tensors, converted again."""
     for m in mappings:
         path = atom_path(folder, m.name, STATE_KEYS[0])
-        stored = load_file(path, meta=True)["param"]  # shape and place only; the bytes are read in chunks
+        stored = atom_tensor(load_file(path, meta=True))  # shape and place only; the bytes are read in chunks
         want = ours(m).to(torch.float32)
         if stored.shape != want.shape or not stored_equals(FlatRef.of(path, stored), want):
             raise CheckpointError(f"{path}: does not match the source tensors {', '.join(m.hf_names)}")

@@ -4,7 +4,7 @@ DeepSpeed's universal load asks every ZeRO optimizer for ``_load_universal_check
 its own version ``torch.load``s the *full* atom of every parameter a rank holds a piece of, then cuts
 the piece out. Ours is installed in its place for the duration of one ``engine.load_checkpoint``: for
 each parameter piece the rank owns (its ZeRO window of its TP-local tensor) it runs a read plan
-(``checkpoint.sliced``) and fills the optimizer's fp32 master, Adam moments and step exactly where
+(``checkpoint.plan``) and fills the optimizer's fp32 master, Adam moments and step exactly where
 DeepSpeed's loader would have put them. Everything around it (model-state files, LR scheduler,
 counters, the lp params refreshed from the fp32 masters) stays DeepSpeed's own sequence.
 
@@ -39,9 +39,12 @@ from megatron_ucp.checkpoint.format import (
     metadata_from_state,
     optimizer_state_path,
 )
-from megatron_ucp.checkpoint.sliced import ReadPlan, atom_read_plan, read_local, read_plan, rebased, window_plan
+from megatron_ucp.checkpoint.atoms import PARAM
+from megatron_ucp.checkpoint.executors import read_local
+from megatron_ucp.checkpoint.plan import ReadPlan, atom_read_plan, read_plan, rebased, state_moves, window_plan
+from megatron_ucp.checkpoint.rules import MergeRule, conversion_rules, rules_from_table
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file
-from megatron_ucp.checkpoint.universal import MergeRule, conversion_rules, optimizer_state, rules_from_table
+from megatron_ucp.checkpoint.universal import optimizer_state
 from megatron_ucp.checkpoint.zero import (
     OPTIMIZER_STATE_DICT,
     FlatRef,
@@ -105,20 +108,9 @@ class ZeroSource:
         return _check_shape(plan, local_shape, name, self.folder)
 
     def moves(self, name: str, from_key: str, to_key: str) -> dict[str, tuple[str, int]]:
-        """Where ``to_key``'s bytes of ``name`` are, relative to ``from_key``'s (``sliced.rebased``): in
+        """Where ``to_key``'s bytes of ``name`` are, relative to ``from_key``'s (``plan.rebased``): in
         each shard file, that state's flat tensor instead of the other's."""
-        src = self._source(name)
-        out: dict[str, tuple[str, int]] = {}
-        for s in range(self.ckpt.tp):
-            for f in src.fragments[s]:
-                a = self.ckpt.flat_ref(src.pp, s, f.dp, src.group, from_key)
-                b = self.ckpt.flat_ref(src.pp, s, f.dp, src.group, to_key)
-                move = (b.path, b.offset - a.offset)
-                # (the last DP rank's fp32 partition may be shorter than its moments: padding)
-                if a.dtype != b.dtype or f.start + f.numel > min(a.numel, b.numel) or \
-                        out.setdefault(a.path, move) != move:
-                    raise CheckpointError(f"{a.path}: {to_key} of {name} is not laid out as its {from_key}")
-        return out
+        return state_moves(self.ckpt, self._source(name), from_key, to_key)
 
     def step(self, name: str):
         src = self._source(name)
@@ -152,7 +144,7 @@ class UniversalSource:
             path = atom_path(self.folder, check_name(name, self.folder), key)
             atom = load_file(path, meta=True)
             if not isinstance(atom, dict):  # our atoms hold the tensor under 'param', beside its merge keys
-                raise CheckpointError(f"{path}: expected an atom dict with a 'param' tensor, found "
+                raise CheckpointError(f"{path}: expected an atom dict with a '{PARAM}' tensor, found "
                                       f"{type(atom).__name__}")
             tensor = check_state_atom(atom, path)  # the fp32 master weights and moments, whatever the precision
             self._refs[(name, key)] = (FlatRef.of(path, tensor.reshape(-1)), tuple(tensor.shape))
@@ -165,7 +157,7 @@ class UniversalSource:
         return _check_shape(plan, local_shape, name, ref.path)
 
     def moves(self, name: str, from_key: str, to_key: str) -> dict[str, tuple[str, int]]:
-        """``to_key``'s atom of ``name`` in place of ``from_key``'s (``sliced.rebased``)."""
+        """``to_key``'s atom of ``name`` in place of ``from_key``'s (``plan.rebased``)."""
         (a, shape_a), (b, shape_b) = self._atom(name, from_key), self._atom(name, to_key)
         if a.dtype != b.dtype or shape_a != shape_b:
             raise CheckpointError(f"{b.path}: {tuple(shape_b)} {b.dtype}, but {a.path} is {tuple(shape_a)} {a.dtype}")

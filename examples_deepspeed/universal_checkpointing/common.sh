@@ -45,8 +45,10 @@ SAVE_INTERVAL="${SAVE_INTERVAL:-100}"
 EVAL_INTERVAL="${EVAL_INTERVAL:-20}"
 EVAL_ITERS="${EVAL_ITERS:-2}"
 LOG_INTERVAL="${LOG_INTERVAL:-10}"
-LR="${LR:-1e-3}"
-MIN_LR="${MIN_LR:-1e-4}"
+# Peak LR 5e-4: at 1e-3 the step at the end of the 20-iteration warm-up overshoots (validation 12.1
+# after step 22, training loss 11.9 at 23, grad norm 38) at every layout and in fp32 too.
+LR="${LR:-5e-4}"
+MIN_LR="${MIN_LR:-5e-5}"
 WARMUP="${WARMUP:-$(( TRAIN_ITERS / 10 ))}"
 SEED="${SEED:-1234}"
 DROPOUT="${DROPOUT:-0.0}"

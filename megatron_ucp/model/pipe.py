@@ -9,7 +9,9 @@ knows no family.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+import warnings
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -28,6 +30,24 @@ from megatron_ucp.tensor_parallel.cross_entropy import vocab_parallel_cross_entr
 # never gets a gradient (DeepSpeed skips None gradients in its tied all-reduce, so listing it would
 # deadlock); it is declared pipeline-replicated, and converters take the first stage's copy.
 TIED_WEIGHT = "word_embeddings.weight"
+
+
+# DeepSpeed's PipelineModule._synchronize_tied_weights (at construction and in load_state_dir) broadcasts
+# the tied Parameter itself, not its ``.data``, with autograd on. c10d::broadcast_ has no autograd kernel,
+# so torch's fallback leaves a hook on that leaf which warns, on every backward that reaches it, that
+# this "may lead to silently incorrect behavior". The hook only warns: the parameter stays a leaf and
+# its gradient is the one autograd computes without the broadcast (tests/test_tied_broadcast.py checks
+# it against a single-process computation). So the training step filters exactly this warning.
+TIED_BROADCAST_WARNING = r"c10d::broadcast_: an autograd kernel was not registered to the Autograd key"
+
+
+@contextlib.contextmanager
+def tied_broadcast_warning_filtered() -> Iterator[None]:
+    """Silence torch's c10d::broadcast_ autograd-fallback warning (only it) inside the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=TIED_BROADCAST_WARNING, category=UserWarning,
+                                module=r"torch\.autograd\.graph$")
+        yield
 
 
 def _tied_head(module: EmbeddingLayer, x: torch.Tensor) -> torch.Tensor:

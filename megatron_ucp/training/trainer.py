@@ -294,10 +294,13 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.gas = cfg.gradient_accumulation_steps(self.layout.degree("dp"))
         if cfg.use_pipeline_engine:
+            from megatron_ucp.model.pipe import tied_broadcast_warning_filtered
+
             engine, gas = self.engine, self.gas
 
             def train_batch(it) -> float:
-                return float(engine.train_batch(data_iter=it))
+                with tied_broadcast_warning_filtered():  # DeepSpeed's tied-weight broadcast: see model.pipe
+                    return float(engine.train_batch(data_iter=it))
 
             def eval_batch(it) -> float:
                 return float(engine.eval_batch(it, num_micro_batches=gas))

@@ -1,4 +1,4 @@
-"""Read a ``torch.save`` zip file's tensors as meta tensors located by the zip's own directory.
+"""Read the tensors of a PyTorch zip checkpoint as meta tensors located by the zip's own directory.
 
 ``torch.load(map_location="meta")`` does not look up where each storage's bytes are: it computes
 the offsets, assuming the records lie one after the other exactly as torch's own zip writer puts
@@ -68,13 +68,13 @@ def read_records(path: str) -> tuple[str, dict[str, Record]]:
             directory_start = int(getattr(zf, "start_dir", file_size))
     except Exception as e:  # noqa: BLE001 - whatever zipfile trips on, the file is not a torch zip
         raise CheckpointError(f"{path}: unreadable or truncated ({file_size} bytes): not a zip-format "
-                              f"torch.save file ({e})") from None
+                              f"torch.save file ({e})") from None  # a message naming the format, not a call
     if not infos:
-        raise CheckpointError(f"{path}: an empty zip archive, not a torch.save file")
+        raise CheckpointError(f"{path}: an empty zip archive, not a torch.save file")  # a message, not a call
     prefixes = {i.orig_filename.split("/", 1)[0] for i in infos}
     if len(prefixes) != 1 or any("/" not in i.orig_filename for i in infos):
         raise CheckpointError(f"{path}: records in {len(prefixes)} archive folders ({sorted(prefixes)[:3]}); "
-                              "a torch.save file has exactly one")
+                              "a torch.save file has exactly one")  # a message, not a call
     prefix = prefixes.pop()
     records: dict[str, Record] = {}
     fd = os.open(path, os.O_RDONLY)
@@ -100,7 +100,7 @@ def _record(path: str, fd: int, info: zipfile.ZipInfo, prefix: str) -> Record:
     name = info.orig_filename
     if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
         raise CheckpointError(f"{path}: record {name} is compressed (method {info.compress_type}); "
-                              "torch.save stores records uncompressed")
+                              "torch.save stores records uncompressed")  # a message, not a call
     header = os.pread(fd, _LOCAL_HEADER.size, info.header_offset)
     if len(header) != _LOCAL_HEADER.size:
         raise CheckpointError(f"{path}: record {name}: its local header at byte {info.header_offset} is past "
@@ -143,7 +143,7 @@ def load_meta(path: str, unpickler: type) -> Any:
     (``cls(file, encoding=...)``, an assignable ``persistent_load``, ``load()``)."""
     prefix, records = read_records(path)
     if "data.pkl" not in records:
-        raise CheckpointError(f"{path}: no {prefix}/data.pkl record (not a torch.save file?)")
+        raise CheckpointError(f"{path}: no {prefix}/data.pkl record (not a torch.save file?)")  # a message
     if "byteorder" in records:
         order = _read(path, records["byteorder"], 16)
         if order == b"big":

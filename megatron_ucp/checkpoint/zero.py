@@ -81,7 +81,7 @@ class FlatRef:
         storage = t.untyped_storage()
         storage_offset = getattr(storage, "_checkpoint_offset", None)
         if storage_offset is None:
-            raise CheckpointError(f"{path}: cannot locate tensor data (not a zip-format torch.save file?)")
+            raise CheckpointError(f"{path}: cannot locate tensor data (not a zip-format torch.save file?)")  # a message
         span = t.numel() if span is None else span
         first = int(t.storage_offset()) * t.element_size()
         end = first + span * t.element_size()

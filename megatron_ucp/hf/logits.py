@@ -47,7 +47,7 @@ class LogitsJob:
     load: str
     model_kwargs: dict  # ModelConfig fields except vocab_size
     vocab_size: int
-    out: str  # where rank 0 of the last stage writes the logits (torch.save)
+    out: str  # where rank 0 of the last stage saves the logits (a tensor file)
 
 
 def model_kwargs_of(universal_folder: str) -> tuple[dict, int]:

@@ -3,7 +3,7 @@
 Per parameter of our table (``layout/hf.py`` says which HF tensors make it and how), the HF tensors
 are read one at a time, joined into our full unpadded layout, and written as DeepSpeed's universal
 atoms: ``fp32.pt`` with the weights, ``exp_avg.pt`` / ``exp_avg_sq.pt`` of zeros and ``step.pt`` = 0,
-with the same per-kind keys our ZeRO converter writes. The zero atoms are the cached ``torch.save``
+with the same per-kind keys our ZeRO converter writes. The zero atoms are the cached serialised
 bytes around a file hole, so they cost neither memory nor write time.
 
 The result starts a run from step 0 with fresh moments; ``--finetune`` (or a new run's flags) sets

@@ -14,7 +14,7 @@ What those are and what the files are called is defined once, in ``checkpoint.fo
 
 We also keep Megatron's ``latest_checkpointed_iteration.txt`` beside ``latest``.
 
-DeepSpeed writes those files by path (``open``, ``torch.save``, ``shutil.copyfile``, ``chmod``), so a
+DeepSpeed writes those files by path (``open``, torch's saver, ``shutil.copyfile``, ``chmod``), so a
 symbolic link at any of them, planted in a folder that is resumed in place (``--load X --save X``),
 would have the save overwrite whatever it points at. ``save_folder_problem`` finds such entries; the
 trainer refuses a ``--save`` folder with one before distributed start-up, and ``save`` checks again,

@@ -83,7 +83,8 @@ def padded_vocab_for(cfg: ModelConfig, tp: int, zero_stage: int = 0) -> int:
 
 def topology_of(state: ParallelState) -> PipeModelDataParallelTopology:
     layout = state.layout
-    return PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+    return PipeModelDataParallelTopology(num_pp=layout.degree("pp"), num_mp=layout.degree("tp"),
+                                         num_dp=layout.degree("dp"))
 
 
 class GPTPipe(PipelineModule):
@@ -91,9 +92,9 @@ class GPTPipe(PipelineModule):
 
     def __init__(self, cfg: ModelConfig, state: ParallelState, seed: int, *, block: BlockBuilder) -> None:
         layout = state.layout
-        cfg.check_tensor_parallel(layout.tp)
-        cfg.check_pipeline_parallel(layout.pp)
-        padded_vocab = padded_vocab_for(cfg, layout.tp)
+        cfg.check_tensor_parallel(layout.degree('tp'))
+        cfg.check_pipeline_parallel(layout.degree('pp'))
+        padded_vocab = padded_vocab_for(cfg, layout.degree('tp'))
         tp = state.tp
         specs = []
         blocks = []
@@ -114,7 +115,7 @@ class GPTPipe(PipelineModule):
                                            forward_fn=_tied_head, tied_weight_attr=[TIED_WEIGHT]))
             else:
                 specs.append(LayerSpec(LMHead, cfg, padded_vocab, tp))
-        vocab_start, _ = vocab_range(padded_vocab, layout.tp, state.coords.tp)
+        vocab_start, _ = vocab_range(padded_vocab, layout.degree('tp'), state.coords['tp'])
         super().__init__(
             layers=specs,
             loss_fn=LMLoss(vocab_start, cfg.vocab_size, state.tp_group),
@@ -124,7 +125,7 @@ class GPTPipe(PipelineModule):
         )
         self.model_config = cfg
         self.padded_vocab = padded_vocab
-        initialize_parameters(self, cfg, seed, padded_vocab, layout.tp, state.coords.tp)
+        initialize_parameters(self, cfg, seed, padded_vocab, layout.degree('tp'), state.coords['tp'])
 
     def stage_parts(self) -> list[int]:
         """Spec-list boundaries DeepSpeed chose: stage i holds entries [parts[i], parts[i+1])."""

@@ -30,10 +30,10 @@ class GPTModel(nn.Module):
                  block: BlockBuilder) -> None:
         super().__init__()
         layout = state.layout
-        if layout.pp != 1:
-            raise ValueError(f"the non-pipeline model needs pipeline parallel size 1, got {layout.pp}")
-        cfg.check_tensor_parallel(layout.tp)
-        padded_vocab = padded_vocab_for(cfg, layout.tp, zero_stage)
+        if layout.degree('pp') != 1:
+            raise ValueError(f"the non-pipeline model needs pipeline parallel size 1, got {layout.degree('pp')}")
+        cfg.check_tensor_parallel(layout.degree('tp'))
+        padded_vocab = padded_vocab_for(cfg, layout.degree('tp'), zero_stage)
         tp = state.tp
         self.model_config = cfg
         self.padded_vocab = padded_vocab
@@ -60,9 +60,9 @@ class GPTModel(nn.Module):
             else:
                 self.add_module(str(entry.index), LMHead(cfg, padded_vocab, tp))
                 self._order.append(str(entry.index))
-        vocab_start, _ = vocab_range(padded_vocab, layout.tp, state.coords.tp)
+        vocab_start, _ = vocab_range(padded_vocab, layout.degree('tp'), state.coords['tp'])
         self.loss_fn = LMLoss(vocab_start, cfg.vocab_size, state.tp_group)
-        initialize_parameters(self, cfg, seed, padded_vocab, layout.tp, state.coords.tp)
+        initialize_parameters(self, cfg, seed, padded_vocab, layout.degree('tp'), state.coords['tp'])
 
     def register_tied_head_for_zero3(self) -> None:
         """ZeRO-3 gathers a parameter only inside its own module's forward; the tied head reads the

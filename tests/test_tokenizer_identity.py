@@ -8,6 +8,7 @@ with A's files beside it and once with none.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -292,3 +293,29 @@ def test_a_deliberate_vocab_extension_initialises_the_new_rows_as_a_fresh_model(
     assert moments and all(torch.count_nonzero(m) == 0 for m in moments)  # an import's are zero, the new rows' too
     assert (f"vocabulary extended from {rows} to {rows + 10} rows: rows {rows}..{rows + 9} of {name}"
             in got[0]["note"]), got[0]["note"]
+
+
+def test_a_training_checkpoint_is_held_to_the_tokenizer_it_recorded(world):
+    """A training checkpoint records its run's tokenizer; resuming it on data made by another tokenizer is
+    refused in one line naming both, and the same data and tokenizer pass."""
+    from types import SimpleNamespace
+
+    from megatron_ucp.config import ModelConfig, TrainConfig
+    from megatron_ucp.layout.topology import ParallelLayout
+    from megatron_ucp.training.checkpointing import build_metadata
+    from megatron_ucp.training.identity import check_tokenizer_identity
+
+    a = _record(world["a"])
+    model = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=a["vocab_size"],
+                        max_position_embeddings=16)
+    run = TrainConfig(micro_batch_size=1, global_batch_size=1, seq_length=8, train_iters=1, dtype="fp32",
+                      data_path=str(world["data_a"]), tokenizer_type="HFTokenizer", tokenizer_model=str(world["a"]))
+    meta = build_metadata(model, run, SimpleNamespace(layout=ParallelLayout(1, 1, 1)), 512, [0, 4], a)
+    assert meta.tokenizer == a and CheckpointMetadata.from_dict(meta.to_dict()).tokenizer == a
+    b_run = dataclasses.replace(run, data_path=str(world["data_b"]), tokenizer_model=str(world["b"]))
+    with pytest.raises(ValueError) as e:
+        check_tokenizer_identity(b_run, HFTokenizer(world["b"]), "ckpt", meta)
+    assert str(e.value) == (f"ckpt: trained with tokenizer {describe(a)}, but {sidecar_path(world['data_b'])} says "
+                            f"the data was made by {describe(_record(world['b']))}; the data was made by another "
+                            "tokenizer than the model's (pass --allow-vocab-extension if the change is deliberate)")
+    check_tokenizer_identity(run, HFTokenizer(world["a"]), "ckpt", meta)  # control: its own tokenizer and data

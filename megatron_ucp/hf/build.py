@@ -92,19 +92,15 @@ def save_tokenizer(output_dir: str, *, tokenizer_model: str | None = None, byte_
     assert tokenizer_model is not None
     source = Path(tokenizer_model)
     if not source.is_dir():  # a SentencePiece model: converted by transformers from a Llama folder of it
-        import shutil
         import tempfile
 
         import sentencepiece as spm
 
+        from megatron_ucp.hf.from_universal import write_sentencepiece_tokenizer
+
         sp = spm.SentencePieceProcessor(model_file=str(source))
-        piece = sp.id_to_piece
         with tempfile.TemporaryDirectory() as work:
-            shutil.copyfile(source, os.path.join(work, "tokenizer.model"))
-            with open(os.path.join(work, "tokenizer_config.json"), "w") as f:
-                json.dump({"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": False,
-                           "add_eos_token": False, "bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()),
-                           "unk_token": piece(sp.unk_id())}, f)
+            write_sentencepiece_tokenizer(str(source), work, sp.bos_id(), sp.eos_id())
             tok = AutoTokenizer.from_pretrained(work, local_files_only=True, trust_remote_code=False)
     else:
         tok = AutoTokenizer.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)

@@ -116,12 +116,12 @@ def _default_dtype(meta: CheckpointMetadata) -> str:
     return _FROM_HF_NAME.get(str(src).replace("torch.", ""), "bf16") if src else "bf16"
 
 
-def _token_ids(meta: CheckpointMetadata) -> dict:
-    """bos/eos ids: from the HF source's config, the run's Hugging Face tokenizer, or our SentencePiece model."""
+def _token_ids(meta: CheckpointMetadata, run_tokenizer: str | None) -> dict:
+    """bos/eos ids: from the HF source's config, the run's Hugging Face tokenizer folder (``run_tokenizer``,
+    ``_run_tokenizer_folder``'s answer), or our SentencePiece model."""
     src = meta.hf_source.config if meta.hf_source else {}
     ids = {k: src[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if src.get(k) is not None}
-    run_tokenizer = None if ids else _run_tokenizer_folder(meta)
-    if run_tokenizer:
+    if run_tokenizer and not ids:
         from transformers import AutoTokenizer
 
         hf_tok = AutoTokenizer.from_pretrained(run_tokenizer, local_files_only=True, trust_remote_code=False)
@@ -255,28 +255,39 @@ def _run_tokenizer_folder(meta: CheckpointMetadata, say: bool = False) -> str | 
     return path
 
 
-def _write_tokenizer(meta: CheckpointMetadata, folder: str, input_folder: str) -> list[str]:
-    """Copy the source's tokenizer files (HF import) or our SentencePiece model (training metadata)."""
+def write_sentencepiece_tokenizer(model: str, folder: str, bos_id: int | None, eos_id: int | None,
+                                  model_max_length: int | None = None) -> list[str]:
+    """Our SentencePiece ``model`` as a Hugging Face (slow) Llama tokenizer in ``folder``: the model file and a
+    ``tokenizer_config.json`` that adds no BOS or EOS (our pipeline adds none) and names the pieces of
+    ``bos_id`` / ``eos_id`` (None: not named). Returns the names written."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=model)
+    shutil.copy2(model, os.path.join(folder, "tokenizer.model"))
+    cfg = {"tokenizer_class": "LlamaTokenizer", "model_max_length": model_max_length,
+           "add_bos_token": False, "add_eos_token": False, "legacy": True,
+           "bos_token": sp.id_to_piece(bos_id) if bos_id is not None else None,
+           "eos_token": sp.id_to_piece(eos_id) if eos_id is not None else None,
+           "unk_token": sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None}
+    if model_max_length is None:
+        del cfg["model_max_length"]
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return ["tokenizer.model", "tokenizer_config.json"]
+
+
+def _write_tokenizer(meta: CheckpointMetadata, folder: str, input_folder: str, run_tokenizer: str | None,
+                     ids: dict) -> list[str]:
+    """Copy the source's tokenizer files (HF import), the run's Hugging Face tokenizer folder
+    (``run_tokenizer``) or our SentencePiece model (training metadata); ``ids``: ``_token_ids``'s."""
     written = _copy_extras(input_folder, folder)
     if written is not None:
         return written
-    run_tokenizer = _run_tokenizer_folder(meta, say=True)
     written = (_copy_tokenizer_files(run_tokenizer, folder, report=False) if run_tokenizer else None) or []
     tok = _tokenizer_model(meta)
     if tok:
-        shutil.copy2(tok, os.path.join(folder, "tokenizer.model"))
-        ids = _token_ids(meta)
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_file=tok)
-        cfg = {"tokenizer_class": "LlamaTokenizer", "model_max_length": meta.model_config.max_position_embeddings,
-               "add_bos_token": False, "add_eos_token": False, "legacy": True,
-               "bos_token": sp.id_to_piece(ids["bos_token_id"]) if "bos_token_id" in ids else None,
-               "eos_token": sp.id_to_piece(ids["eos_token_id"]) if "eos_token_id" in ids else None,
-               "unk_token": sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None}
-        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-        written += ["tokenizer.model", "tokenizer_config.json"]
+        written += write_sentencepiece_tokenizer(tok, folder, ids.get("bos_token_id"), ids.get("eos_token_id"),
+                                                 meta.model_config.max_position_embeddings)
     return written
 
 
@@ -381,11 +392,12 @@ def convert_universal_to_hf(input_folder: str, output_dir: str, *, dtype: str | 
         base.pop("torch_dtype", None)
         for key in CODE_KEYS:  # our families are built into transformers: no code to name
             base.pop(key, None)
-        base.update(hf_config_from_model(cfg, HF_DTYPE_NAMES[torch_dtype], _token_ids(meta)))
+        run_tokenizer = _run_tokenizer_folder(meta, say=True)  # hashed once, for the ids and the copy
+        ids = _token_ids(meta, run_tokenizer)
+        base.update(hf_config_from_model(cfg, HF_DTYPE_NAMES[torch_dtype], ids))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(base, f, indent=2, sort_keys=True)
-        written = _write_tokenizer(meta, tmp, input_folder)
-        ids = _token_ids(meta)
+        written = _write_tokenizer(meta, tmp, input_folder, run_tokenizer, ids)
         if "generation_config.json" not in written and "eos_token_id" in ids:
             with open(os.path.join(tmp, "generation_config.json"), "w") as f:
                 json.dump(dict(ids, _from_model_config=True), f, indent=2)

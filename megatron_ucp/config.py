@@ -33,11 +33,11 @@ class Cli:
     cli_default: Any = MISSING
     negate: bool = False  # a switch that sets the field False: --disable-bias-linear -> add_bias_linear
     choices: tuple[str, ...] | None = None
-    switches: tuple[tuple[str, str, str], ...] = ()  # (flag, value, help): --bf16 -> dtype="bf16"
+    switches: tuple[tuple[str, Any, str], ...] = ()  # (flag, value, help): --bf16 -> dtype="bf16"
 
 
 def cli(*names: str, help: str, cli_default: Any = MISSING, negate: bool = False,
-        choices: tuple[str, ...] | None = None, switches: tuple[tuple[str, str, str], ...] = ()) -> dict[str, Cli]:
+        choices: tuple[str, ...] | None = None, switches: tuple[tuple[str, Any, str], ...] = ()) -> dict[str, Cli]:
     """Field metadata that makes a config field a command-line flag: ``field(default=..., metadata=cli(...))``."""
     return {CLI: Cli(names, help, cli_default, negate, choices, switches)}
 
@@ -127,6 +127,28 @@ class ModelConfig:
     rope_original_max_position_embeddings: int | None = field(default=None, metadata=cli(
         "--rope-original-max-position-embeddings",
         help="llama3 scaling: the context length of pre-training (default: --max-position-embeddings)"))
+    # Mixture of experts (the families mixtral and qwen3_moe): Megatron-DeepSpeed's flags. Each block's MLP is
+    # DeepSpeed's MoE layer (model/moe.py): a router picks ``moe_top_k`` of ``num_experts`` SwiGLU experts
+    # of width --ffn-hidden-size per token; the load-balancing loss is added with weight ``moe_loss_coeff``.
+    num_experts: int | None = field(default=None, metadata=cli(
+        "--num-experts", help="experts per MoE layer (default: a dense MLP); the families mixtral and qwen3_moe"))
+    moe_top_k: int = field(default=2, metadata=cli("--topk", help="experts each token is routed to"))
+    moe_renormalize: bool = field(default=True, metadata=cli(
+        "--moe-no-topk-renormalization", negate=True,
+        help="keep the router probabilities of the chosen experts as they are (norm_topk_prob false in "
+             "Qwen3 MoE configs) instead of renormalising them to sum to 1 (Mixtral)"))
+    moe_loss_coeff: float = field(default=0.01, metadata=cli(
+        "--moe-loss-coeff", help="weight of the load-balancing loss, summed over MoE layers"))
+    moe_train_capacity_factor: float = field(default=1.0, metadata=cli(
+        "--moe-train-capacity-factor", help="expert capacity in training, x tokens x top-k / experts (with token "
+                                             "dropping)"))
+    moe_eval_capacity_factor: float = field(default=1.0, metadata=cli(
+        "--moe-eval-capacity-factor", help="expert capacity in evaluation (with token dropping)"))
+    moe_min_capacity: int = field(default=4, metadata=cli(
+        "--moe-min-capacity", help="the least expert capacity (with token dropping)"))
+    moe_token_dropping: bool = field(default=False, metadata=cli(help="tokens over an expert's capacity", switches=(
+        ("--moe-token-dropping", True, "drop the tokens routed to an expert beyond its capacity"),
+        ("--disable-moe-token-dropping", False, "every token reaches its experts: no capacity limit"))))
     # The family is declared, never inferred from the other fields: megatron_ucp.families holds one spec
     # per name (block, HF mapping, the options it requires) and checks the config against it. A
     # checkpoint records it with the rest of this config.
@@ -178,6 +200,26 @@ class ModelConfig:
         if not isinstance(self.model_family, str) or not self.model_family:
             raise ValueError(f"ModelConfig.model_family must be a family name, got {self.model_family!r}")
         self._validate_attention()
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        if self.num_experts is None:
+            return
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"ModelConfig.num_experts must be a positive integer or None, got {self.num_experts!r}")
+        if not self.swiglu_family:
+            raise ValueError("--num-experts is built for the Llama-shaped families (SwiGLU experts): the families "
+                             "mixtral and qwen3_moe")
+        if not isinstance(self.moe_top_k, int) or not 1 <= self.moe_top_k <= self.num_experts:
+            raise ValueError(f"--topk {self.moe_top_k} must be between 1 and --num-experts {self.num_experts}")
+        for name in ("moe_train_capacity_factor", "moe_eval_capacity_factor"):
+            value = getattr(self, name)
+            if not _finite(value) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {value!r}")
+        if not _finite(self.moe_loss_coeff) or self.moe_loss_coeff < 0:
+            raise ValueError(f"ModelConfig.moe_loss_coeff must be a finite number >= 0, got {self.moe_loss_coeff!r}")
+        if not isinstance(self.moe_min_capacity, int) or self.moe_min_capacity < 0:
+            raise ValueError(f"ModelConfig.moe_min_capacity must be an integer >= 0, got {self.moe_min_capacity!r}")
 
     def _validate_attention(self) -> None:
         """Head dimension, q/k norms, sliding window and rotary scaling (the Llama-shaped families)."""
@@ -237,6 +279,19 @@ class ModelConfig:
         if self.ffn_hidden_size % tp:
             raise ValueError(f"tensor parallel {tp} does not divide ffn_hidden_size {self.ffn_hidden_size}")
 
+    def check_expert_parallel(self, ep: int) -> None:
+        """Raise ValueError when ``ep`` cannot hold this model's experts evenly (or the model has none)."""
+        if ep == 1:
+            return
+        if self.num_experts is None:
+            raise ValueError(f"expert parallel size {ep} needs an MoE model (--num-experts)")
+        if self.num_experts % ep:
+            raise ValueError(f"expert parallel size {ep} does not divide --num-experts {self.num_experts}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
     def check_pipeline_parallel(self, pp: int) -> None:
         if self.num_layers < pp:
             raise ValueError(f"pipeline parallel {pp} needs at least {pp} layers, the model has {self.num_layers}")
@@ -268,6 +323,13 @@ class TrainConfig:
         "--pipeline-model-parallel-size", help="pipeline parallel degree"))
     zero_stage: int = field(default=1, metadata=cli(
         "--zero-stage", help="DeepSpeed ZeRO stage (2 and 3 train the non-pipeline model, PP 1; 3 needs TP 1)"))
+    moe_expert_parallel_size: int = field(default=1, metadata=cli(
+        "--moe-expert-parallel-size", help="expert parallel degree: ranks that share out one MoE layer's experts "
+                                           "(carved out of the data parallel ranks)"))
+    create_moe_param_group: bool = field(default=False, metadata=cli(
+        "--create-moe-param-group", help="accepted for Megatron DeepSpeed recipes: an MoE model always puts its "
+                                         "experts in an optimizer group of their own, which ZeRO partitions over "
+                                         "the ranks holding the same experts"))
     # batch and length
     micro_batch_size: int = field(default=1, metadata=cli(
         "--micro-batch-size", help="samples per micro batch per data-parallel rank"))
@@ -360,7 +422,8 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "moe_expert_parallel_size",
+                     "micro_batch_size",
                      "global_batch_size", "seq_length", "log_interval", "eval_iters"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -113,6 +113,9 @@ FULL_ARGV = [
     "--save", "s", "--save-interval", "10", "--load", "in", "--universal-checkpoint", "--ckpt-step", "8", "--universal-loader", "deepspeed", "--no-load-rng",
     "--trust-checkpoint-code", "--finetune", "--no-pipeline-parallel", "--deepspeed-config", "ds.json",
     "--ds-config-out", "out.json", "--allow-vocab-extension", "--eval-at-start", "--model-family", "qwen2",
+    "--num-experts", "6", "--topk", "1", "--moe-no-topk-renormalization", "--moe-loss-coeff", "0.1",
+    "--moe-train-capacity-factor", "2", "--moe-eval-capacity-factor", "3", "--moe-min-capacity", "2",
+    "--moe-token-dropping", "--moe-expert-parallel-size", "3", "--create-moe-param-group",
 ]
 FULL_MODEL = dict(num_layers=3, hidden_size=64, num_attention_heads=16, max_position_embeddings=40, ffn_hidden_size=96,
                   make_vocab_size_divisible_by=16, layernorm_epsilon=1e-6, hidden_dropout=0.05, attention_dropout=0.0,
@@ -120,7 +123,9 @@ FULL_MODEL = dict(num_layers=3, hidden_size=64, num_attention_heads=16, max_posi
                   use_rotary_position_embeddings=True, rope_theta=500000.0, add_bias_linear=False,
                   num_key_value_heads=2, add_qkv_bias=True, kv_channels=8, qk_layernorm=True, sliding_window=16,
                   rope_scaling_type="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=2.0,
-                  rope_high_freq_factor=8.0, rope_original_max_position_embeddings=20, model_family="qwen2")
+                  rope_high_freq_factor=8.0, rope_original_max_position_embeddings=20, model_family="qwen2",
+                  num_experts=6, moe_top_k=1, moe_renormalize=False, moe_loss_coeff=0.1, moe_train_capacity_factor=2.0,
+                  moe_eval_capacity_factor=3.0, moe_min_capacity=2, moe_token_dropping=True)
 FULL_TRAIN = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=1, zero_stage=2, micro_batch_size=2,
                   global_batch_size=12, seq_length=32, train_iters=30, lr=1e-3, min_lr=1e-4, lr_warmup_iters=3,
                   lr_decay_iters=25, lr_decay_style="linear", weight_decay=0.01, adam_beta1=0.8, adam_beta2=0.9,
@@ -130,7 +135,8 @@ FULL_TRAIN = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=1, 
                   eval_iters=1, tensorboard_dir="tb", loss_log="l.jsonl", save="s", save_interval=10, load="in",
                   universal_checkpoint=True, ckpt_step=8, universal_loader="deepspeed", no_load_rng=True, trust_checkpoint_code=True, finetune=True,
                   no_pipeline_parallel=True, deepspeed_config="ds.json", ds_config_out="out.json",
-                  allow_vocab_extension=True, eval_at_start=True)
+                  allow_vocab_extension=True, eval_at_start=True, moe_expert_parallel_size=3,
+                  create_moe_param_group=True)
 
 
 def test_every_flag_at_once_builds_both_dataclasses():

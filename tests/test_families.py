@@ -1,5 +1,5 @@
 """Families are declared, never inferred: chosen by name (``--model-family``, recorded in the metadata)
-or by an HF config's ``model_type`` and ``architectures``; MoE models are refused by name.
+or by an HF config's ``model_type`` and ``architectures``; the MoE families are read as themselves.
 
 Single process, no training: configs, the listing, the metadata's record and one tiny HF round trip.
 """
@@ -37,10 +37,8 @@ def test_the_listing_names_what_each_family_claims(capsys):
     for line, family in zip(lines, FAMILIES.values()):
         assert line.split()[0] == family.name
         assert family.architecture in line and repr(family.model_type) in line, line
-    assert {f.name for f in FAMILIES.values()} == {"gpt", "llama", "mistral", "qwen2", "qwen3"}
-    refused = "\n".join(lines[len(FAMILIES):])
-    for name in ("MixtralForCausalLM", "'mixtral'", "Qwen3MoeForCausalLM", "'qwen3_moe'", "until MoE lands"):
-        assert name in refused, refused
+    assert {f.name for f in FAMILIES.values()} == {"gpt", "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe"}
+    assert not REFUSED
     # and a family's trainer flags, as the recipes read them, start with its name
     assert families_main(["qwen3", "--kv-heads", "2", "--ffn-hidden", "96"]) == 0
     flags = capsys.readouterr().out.split()
@@ -65,27 +63,32 @@ def test_an_unknown_model_type_is_one_line_naming_it():
     assert family_of_hf({"model_type": "qwen2"}).name == "qwen2"
     assert family_of_hf({"architectures": ["Qwen3ForCausalLM"]}).name == "qwen3"
     with pytest.raises(ValueError) as e:
-        family_named("mixtral")
-    assert "unknown model family 'mixtral'" in _one_line(e)
+        family_named("mixtral8x7b")
+    assert "unknown model family 'mixtral8x7b'" in _one_line(e)
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
-def test_moe_models_are_refused_by_name_and_never_read_as_dense(kind):
+def test_moe_models_are_read_as_their_family_and_never_as_dense(kind):
     from transformers import MixtralConfig, Qwen3MoeConfig
 
     make, arch = {"mixtral": (MixtralConfig, "MixtralForCausalLM"),
                   "qwen3_moe": (Qwen3MoeConfig, "Qwen3MoeForCausalLM")}[kind]
     hf = make(**SIZES).to_dict()
     hf["architectures"] = [arch]
-    variants = [hf, {k: v for k, v in hf.items() if k != "architectures"},  # model_type alone
-                {k: v for k, v in hf.items() if k != "model_type"},  # architectures alone
-                dict(hf, architectures=["LlamaForCausalLM", arch])]  # beside a dense name
-    for variant in variants:
-        with pytest.raises(UnsupportedConfig) as e:
-            model_config_from_hf(variant)
-        assert _one_line(e) == f"{arch} (model_type {kind!r}) is not supported until MoE lands"
-    # what a Mixtral config would have been read as when families were guessed from shapes: still Llama-shaped,
-    # but nothing names the family for it
+    for variant in (hf, {k: v for k, v in hf.items() if k != "architectures"},  # model_type alone
+                    {k: v for k, v in hf.items() if k != "model_type"}):  # architectures alone
+        family, cfg = model_config_from_hf(variant)
+        assert family.name == kind and cfg.is_moe and cfg.num_experts == (hf.get("num_local_experts")
+                                                                          or hf.get("num_experts"))
+    with pytest.raises(UnsupportedConfig, match="ambiguous"):  # beside a dense name
+        model_config_from_hf(dict(hf, architectures=["LlamaForCausalLM", arch]))
+    # a dense family refuses experts, and an MoE family a dense config, each in one line naming the other
+    with pytest.raises(ValueError) as e:
+        family_of_model(ModelConfig(vocab_size=96, **dict(TINY_LLAMA, num_experts=4)))
+    assert "--num-experts is for the families mixtral, qwen3_moe" in _one_line(e)
+    with pytest.raises(ValueError) as e:
+        family_of_model(ModelConfig(vocab_size=96, **dict(TINY_LLAMA, model_family="mixtral")))
+    assert "is a mixture of experts: give --num-experts" in _one_line(e)
     assert family_of_model(ModelConfig(vocab_size=96, **TINY_LLAMA)).name == "llama"
 
 

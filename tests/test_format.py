@@ -112,7 +112,11 @@ def _training_metadata() -> CheckpointMetadata:
                                versions=Versions(megatron_ucp="0.1.0", torch="2.13.0+cpu", deepspeed="0.19.8"))
 
 
-TRAIN_FLAGS_SINCE_V1 = ("ckpt_step", "universal_loader", "allow_vocab_extension", "eval_at_start")
+TRAIN_FLAGS_SINCE_V1 = ("ckpt_step", "universal_loader", "allow_vocab_extension", "eval_at_start",
+                        "moe_expert_parallel_size", "create_moe_param_group")
+# ModelConfig fields added after format 2 (MoE): an older file reads them as their defaults and writes them back.
+MODEL_FIELDS_SINCE_V2 = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                         if f.name == "num_experts" or f.name.startswith("moe_")}
 
 
 def _import_metadata() -> CheckpointMetadata:
@@ -403,7 +407,7 @@ def test_format_2_files_upgrade_to_format_3():
     assert {k: v for k, v in new.items() if k not in ("format_version", "topology", "model_config")} == {
         k: v for k, v in data.items() if k not in ("format_version", "topology", "model_config")}  # nor the rest
     # the model config gains the family it was derived as (files before families were recorded): nothing else
-    assert new["model_config"] == dict(data["model_config"], model_family="gpt")
+    assert new["model_config"] == dict(data["model_config"], model_family="gpt", **MODEL_FIELDS_SINCE_V2)
     assert CheckpointMetadata.from_dict(new) == meta
     # the model-state file the same writer produced (client state, read through the restricted unpickler)
     assert fmt.read_metadata(os.path.join(V2_FIXTURES, "training_" + fmt.model_states_name(0))) == meta
@@ -417,7 +421,8 @@ def test_format_2_files_upgrade_to_format_3():
     meta = CheckpointMetadata.from_dict(copy.deepcopy(imported))
     assert meta.topology is None and meta.hf_source is not None and meta.hf_source.tokenizer is not None
     assert meta.to_dict() == dict(imported, format_version=3,
-                                  model_config=dict(imported["model_config"], model_family="gpt"))
+                                  model_config=dict(imported["model_config"], model_family="gpt",
+                                                    **MODEL_FIELDS_SINCE_V2))
 
 
 def test_format_1_reads_with_sp_and_ep_of_1():

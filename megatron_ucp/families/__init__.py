@@ -16,8 +16,8 @@ everything that is particular to it, in one ``Family`` object:
 * the Hugging Face side: architecture and ``model_type``, one ``HFRule`` per entry of the parameter
   table, and the ``config.json`` mapping both ways.
 
-HF models we know but do not build (mixture-of-experts) are ``REFUSED`` by name, so they are never read
-as a dense family. ``python -m megatron_ucp.families`` lists what each family claims. Everything else
+HF models we know but do not build would be ``REFUSED`` by name, so they are never read as another
+family (none today: the mixture-of-experts families ``mixtral.py`` and ``qwen3_moe.py`` are built). ``python -m megatron_ucp.families`` lists what each family claims. Everything else
 (the parameter table, placement, the converters, the trainer) is shared. Adding a family is one new
 module here plus its entries in the parameter table.
 """
@@ -47,6 +47,7 @@ class Family:
     hf_model: Callable[..., Any]  # (sizes..., overrides=config.json entries) -> a random-init transformers model
     recipe_flags: tuple[str, ...] = ()  # the recipes' defaults beyond ``options`` (an untied head, a window)
     grouped_query: bool = False  # takes --num-key-value-heads and a free --ffn-hidden-size in recipes
+    moe: bool = False  # a mixture-of-experts family: its configs have --num-experts, no other family's do
     ignored_hf_suffixes: tuple[str, ...] = field(default=())  # HF tensors that carry nothing of ours
 
     @property
@@ -56,6 +57,10 @@ class Family:
 
     def check(self, cfg: ModelConfig) -> None:
         """ValueError (one line) when ``cfg`` lacks one of the options this family fixes."""
+        if cfg.is_moe != self.moe:
+            moe = [f.name for f in FAMILIES.values() if f.moe]
+            raise ValueError(f"model family {self.name!r} is {'a mixture of experts: give --num-experts' if self.moe else 'dense'}"
+                             + ("" if self.moe else f"; --num-experts is for the families {', '.join(moe)}"))
         for key, want in self.options.items():
             got = getattr(cfg, key)
             if got != want:
@@ -85,9 +90,7 @@ class Refused(NamedTuple):
     why: str
 
 
-MOE = "not supported until MoE lands"
-REFUSED: tuple[Refused, ...] = (Refused("MixtralForCausalLM", "mixtral", MOE),
-                                Refused("Qwen3MoeForCausalLM", "qwen3_moe", MOE))
+REFUSED: tuple[Refused, ...] = ()
 
 FAMILIES: dict[str, Family] = {}
 
@@ -170,4 +173,4 @@ def recipe_flags(family: Family, kv_heads: int, ffn_hidden: int) -> list[str]:
 
 
 # The registry's contents: importing a family module registers it (order: the export preference).
-from megatron_ucp.families import gpt, llama, mistral, qwen2, qwen3  # noqa: E402,F401
+from megatron_ucp.families import gpt, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe  # noqa: E402,F401

@@ -62,7 +62,7 @@ def hf_config(cfg: ModelConfig) -> dict:
                 scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False)
 
 
-def block(cfg: ModelConfig, tp, layer_number: int):
+def block(cfg: ModelConfig, tp, layer_number: int, ep: int = 1):
     from deepspeed.pipe import LayerSpec
 
     from megatron_ucp.model.gpt import TransformerLayer

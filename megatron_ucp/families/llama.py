@@ -83,7 +83,16 @@ def rotary(cfg: ModelConfig):
                   original_context=cfg.rope_original_context)
 
 
-def block(cfg: ModelConfig, tp, layer_number: int):
+def moe_options(cfg: ModelConfig, ep: int) -> dict | None:
+    """The MoE layer's settings (``model.moe.sparse_mlp``) of an MoE config, None for a dense one."""
+    if cfg.num_experts is None:
+        return None
+    return dict(num_experts=cfg.num_experts, ep=ep, k=cfg.moe_top_k, renormalize=cfg.moe_renormalize,
+                token_dropping=cfg.moe_token_dropping, capacity_factor=cfg.moe_train_capacity_factor,
+                eval_capacity_factor=cfg.moe_eval_capacity_factor, min_capacity=cfg.moe_min_capacity)
+
+
+def block(cfg: ModelConfig, tp, layer_number: int, ep: int = 1):
     """Every Llama-shaped family's block: the config's switches say which parts it has."""
     from deepspeed.pipe import LayerSpec
 
@@ -93,7 +102,7 @@ def block(cfg: ModelConfig, tp, layer_number: int):
                      cfg.ffn_hidden_size, cfg.layernorm_epsilon, tp, layer_number, rope_theta=cfg.rope_theta,
                      attention_dropout=cfg.attention_dropout, hidden_dropout=cfg.hidden_dropout,
                      qkv_bias=cfg.add_qkv_bias, head_dim=cfg.head_dim, rotary=rotary(cfg),
-                     qk_norm=cfg.qk_layernorm, sliding_window=cfg.sliding_window)
+                     qk_norm=cfg.qk_layernorm, sliding_window=cfg.sliding_window, moe=moe_options(cfg, ep))
 
 
 def hf_sizes(*, vocab_size: int, num_layers: int, hidden_size: int, num_heads: int, num_kv_heads: int | None,

@@ -26,6 +26,7 @@ class Combine(enum.Enum):
     QKV_PACKED = "qkv_packed"  # one HF tensor holding [Q; K; V] on dim 0
     QKV = "qkv"  # three HF tensors q, k, v
     SWIGLU = "swiglu"  # two HF tensors gate, up -> [gate; up]
+    EXPERT = "expert"  # one HF tensor holding every expert of the layer on dim 0: ours is slice [e]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class HFMapping:
     hf_names: tuple[str, ...]
     transpose: bool
     combine: Combine
+    expert: int | None = None  # the global expert index of an expert parameter (``Combine.EXPERT``'s slice)
 
 
 class FamilyRules(Protocol):
@@ -73,8 +75,8 @@ def hf_mappings(cfg: ModelConfig, family: FamilyRules) -> list[HFMapping]:
             raise ValueError(f"{family.architecture}: no Hugging Face rule for our parameter {p.name} "
                              f"({p.spec.role.value} {p.spec.local_name})")
         layer = p.entry.layer_number
-        names = tuple(n.format(i=layer) for n in rule.hf_names)
-        out.append(HFMapping(p.name, p.spec, names, rule.transpose, rule.combine))
+        names = tuple(n.format(i=layer, e=p.expert) for n in rule.hf_names)
+        out.append(HFMapping(p.name, p.spec, names, rule.transpose, rule.combine, p.expert))
     return out
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from megatron_ucp.config import ModelConfig
+from megatron_ucp.layout.experts import EXPERTS, GATE
 
 
 class Kind(enum.Enum):
@@ -105,6 +106,9 @@ class ParamSpec:
     weight_decay: bool
     shape: Callable[[ModelConfig], tuple[int, ...]]  # the full logical shape (vocab unpadded)
     tied: bool = False  # lives in the tied embedding module (first and last pipeline stage)
+    # One of an MoE layer's experts: ``local_name`` holds ``{e}``, the expert's index (global in the table,
+    # local in a module: ``layout.experts``); ``model_params`` lists one parameter per global expert.
+    expert: bool = False
 
     def regex(self) -> str:
         """The anchored pattern matching this parameter's global name at every layer and layout."""
@@ -112,7 +116,13 @@ class ParamSpec:
             prefix = re.escape(f"tied_modules.{TIED_EMBEDDING_KEY}.")
         else:
             prefix = r"\d+\."
-        return prefix + re.escape(self.local_name) + "$"
+        return prefix + re.escape(self.local_name).replace(re.escape("{e}"), r"\d+") + "$"
+
+    def name_at(self, prefix: str, expert: int | None = None) -> str:
+        """The global name of this parameter in the entry named ``prefix`` (of global expert ``expert``)."""
+        if self.expert != (expert is not None):
+            raise ValueError(f"{self.local_name}: an expert index is given exactly for expert parameters")
+        return prefix + (self.local_name.format(e=expert) if self.expert else self.local_name)
 
     @property
     def pipeline_tied(self) -> bool:
@@ -172,6 +182,37 @@ def param_specs(cfg: ModelConfig) -> tuple[ParamSpec, ...]:
     if bias:
         specs.append(ParamSpec(Role.BLOCK, "self_attention.dense.bias", Kind.REPLICATED, Init.ZEROS, False, _h))
     specs += norm(Role.BLOCK, "post_attention_layernorm")
+    if cfg.num_experts is not None:
+        specs += _moe_specs()
+    else:
+        specs += _mlp_specs(cfg, bias, mlp_kind, mlp_rows)
+    specs += norm(Role.FINAL_NORM, "final_layernorm")
+    if not tied:
+        specs.append(ParamSpec(Role.HEAD, "lm_head.weight", Kind.VOCAB, Init.NORMAL, True,
+                               lambda c: (c.vocab_size, c.hidden_size)))
+    return tuple(specs)
+
+
+def _moe_specs() -> list[ParamSpec]:
+    """A sparse MLP (``model/moe.py``): DeepSpeed's MoE layer with a router and SwiGLU experts.
+
+    The router's weight and every expert are whole on each TP rank (experts are replicated over tensor
+    parallelism; their gradients are summed over it). An expert's ``dense_h_to_4h`` is ``[gate; up]``,
+    the SwiGLU layout at TP 1."""
+    experts = EXPERTS + "{e}."
+    return [
+        ParamSpec(Role.BLOCK, GATE, Kind.REPLICATED, Init.NORMAL, True,
+                  lambda c: (c.num_experts or 0, c.hidden_size)),
+        ParamSpec(Role.BLOCK, experts + "dense_h_to_4h.weight", Kind.REPLICATED, Init.NORMAL, True,
+                  lambda c: (2 * _ffn(c), c.hidden_size), expert=True),
+        ParamSpec(Role.BLOCK, experts + "dense_4h_to_h.weight", Kind.REPLICATED, Init.SCALED_NORMAL, True,
+                  lambda c: (c.hidden_size, _ffn(c)), expert=True),
+    ]
+
+
+def _mlp_specs(cfg: ModelConfig, bias: bool, mlp_kind: Kind, mlp_rows) -> list[ParamSpec]:
+    """A dense MLP: Megatron's column-parallel h -> 4h (SwiGLU's fused [gate_r; up_r]) and row-parallel 4h -> h."""
+    specs = []
     specs.append(ParamSpec(Role.BLOCK, "mlp.dense_h_to_4h.weight", mlp_kind, Init.NORMAL, True,
                            lambda c: mlp_rows(c) + (c.hidden_size,)))
     if bias:
@@ -180,11 +221,7 @@ def param_specs(cfg: ModelConfig) -> tuple[ParamSpec, ...]:
                            lambda c: (c.hidden_size, _ffn(c))))
     if bias:
         specs.append(ParamSpec(Role.BLOCK, "mlp.dense_4h_to_h.bias", Kind.REPLICATED, Init.ZEROS, False, _h))
-    specs += norm(Role.FINAL_NORM, "final_layernorm")
-    if not tied:
-        specs.append(ParamSpec(Role.HEAD, "lm_head.weight", Kind.VOCAB, Init.NORMAL, True,
-                               lambda c: (c.vocab_size, c.hidden_size)))
-    return tuple(specs)
+    return specs
 
 
 @dataclass(frozen=True)
@@ -195,6 +232,7 @@ class ParamInfo:
     spec: ParamSpec
     entry: PipeEntry
     full_shape: tuple[int, ...]  # logical shape; for VOCAB parameters the *unpadded* row count
+    expert: int | None = None  # the global expert index of an expert parameter
 
     @property
     def kind(self) -> Kind:
@@ -208,9 +246,14 @@ def model_params(cfg: ModelConfig) -> list[ParamInfo]:
     for entry in pipe_entries(cfg):
         if entry.role is Role.HEAD and entry.tied_key:
             continue  # the tied head owns no parameters of its own
-        for spec in specs:
-            if spec.role is entry.role:
-                out.append(ParamInfo(entry.name_prefix + spec.local_name, spec, entry, spec.shape(cfg)))
+        mine = [spec for spec in specs if spec.role is entry.role]
+        experts = [spec for spec in mine if spec.expert]
+        for spec in mine:
+            if not spec.expert:
+                out.append(ParamInfo(spec.name_at(entry.name_prefix), spec, entry, spec.shape(cfg)))
+            elif spec is experts[0]:  # module order: expert 0's parameters, then expert 1's, ...
+                out += [ParamInfo(s.name_at(entry.name_prefix, e), s, entry, s.shape(cfg), e)
+                        for e in range(cfg.num_experts or 0) for s in experts]
     return out
 
 

@@ -131,6 +131,13 @@ class TransformerLayer(nn.Module):
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
+def carried(fn, x):
+    """``fn(x)``, or ``(fn(x), aux)`` for the ``(x, aux)`` an MoE model's blocks pass on (model/llama.py)."""
+    if isinstance(x, tuple):
+        return fn(x[0]), x[1]
+    return fn(x)
+
+
 class FinalNorm(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -141,8 +148,8 @@ class FinalNorm(nn.Module):
         else:
             self.final_layernorm = layer_norm(cfg.hidden_size, cfg.layernorm_epsilon)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.final_layernorm(x)
+    def forward(self, x):
+        return carried(self.final_layernorm, x)
 
 
 class LMHead(nn.Module):
@@ -152,5 +159,5 @@ class LMHead(nn.Module):
         super().__init__()
         self.lm_head = VocabParallelHead(padded_vocab, cfg.hidden_size, tp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(x)
+    def forward(self, x):
+        return carried(self.lm_head, x)

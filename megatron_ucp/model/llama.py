@@ -246,13 +246,18 @@ class GQAAttention(nn.Module):
 
 
 class LlamaLayer(nn.Module):
-    """Pre-RMSNorm block: x + attn(norm(x)), then x + mlp(norm(x)). [b, s, h] -> [b, s, h]."""
+    """Pre-RMSNorm block: x + attn(norm(x)), then x + mlp(norm(x)). [b, s, h] -> [b, s, h].
+
+    Given ``moe`` (the keyword arguments of ``model.moe.sparse_mlp`` beyond the sizes), the MLP is
+    DeepSpeed's MoE layer, and the block passes on ``(x, aux)``: ``aux`` [1] fp32 is the running sum of
+    the load-balancing losses of the MoE layers so far (the input may be ``x`` alone: the first block).
+    """
 
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, ffn_hidden: int, eps: float,
                  tp: TensorParallelContext, layer_number: int, rope_theta: float = 10000.0,
                  attention_dropout: float = 0.0, hidden_dropout: float = 0.0, qkv_bias: bool = False,
                  head_dim: int | None = None, rotary: Rotary | None = None, qk_norm: bool = False,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None, moe: dict | None = None) -> None:
         super().__init__()
         self.layer_number = layer_number
         self.input_layernorm = RMSNorm(hidden, eps)
@@ -261,9 +266,20 @@ class LlamaLayer(nn.Module):
                                            head_dim=head_dim, rotary=rotary, qk_norm=qk_norm, norm_eps=eps,
                                            sliding_window=sliding_window)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
-        self.mlp = SwiGLUMLP(hidden, ffn_hidden, tp)
+        self.moe = moe is not None
+        if moe is not None:
+            from megatron_ucp.model.moe import sparse_mlp
+
+            self.mlp = sparse_mlp(hidden, ffn_hidden, tp=tp.size, **moe)
+        else:
+            self.mlp = SwiGLUMLP(hidden, ffn_hidden, tp)
         self.dropout = nn.Dropout(hidden_dropout)  # on replicated activations: the default RNG stream
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
+        if not self.moe:
+            x = x + self.dropout(self.self_attention(self.input_layernorm(x)))
+            return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        x, aux = x if isinstance(x, tuple) else (x, torch.zeros(1, device=x.device))
         x = x + self.dropout(self.self_attention(self.input_layernorm(x)))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        y, l_aux, _ = self.mlp(self.post_attention_layernorm(x))
+        return x + self.dropout(y), aux + l_aux.float().reshape(1)

@@ -21,7 +21,7 @@ from megatron_ucp.config import ModelConfig
 from megatron_ucp.distributed.groups import ParallelState
 from megatron_ucp.layout.params import Role, pipe_entries
 from megatron_ucp.layout.placement import embedding_rows, vocab_range
-from megatron_ucp.model.gpt import EmbeddingLayer, FinalNorm, LMHead, TransformerLayer
+from megatron_ucp.model.gpt import EmbeddingLayer, FinalNorm, LMHead, TransformerLayer, carried
 from megatron_ucp.model.init import initialize_parameters
 from megatron_ucp.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 
@@ -50,25 +50,45 @@ def tied_broadcast_warning_filtered() -> Iterator[None]:
         yield
 
 
-def _tied_head(module: EmbeddingLayer, x: torch.Tensor) -> torch.Tensor:
-    return module.head(x)
+def _tied_head(module: EmbeddingLayer, x):
+    return carried(module.head, x)
 
 
 class LMLoss:
-    """Mean next-token cross entropy over vocab-parallel logits (padded columns masked)."""
+    """Mean next-token cross entropy over vocab-parallel logits (padded columns masked).
 
-    def __init__(self, vocab_start: int, vocab_size: int, group) -> None:
+    An MoE model's head passes ``(logits, aux)``, ``aux`` the sum of its layers' load-balancing losses;
+    in training the loss is then ``CE + aux_coeff * aux``, and each micro-batch's ``aux`` is kept in
+    ``aux_values`` for the log (``take_aux``). Evaluation reports the cross entropy alone.
+    """
+
+    def __init__(self, vocab_start: int, vocab_size: int, group, aux_coeff: float = 0.0) -> None:
         self.vocab_start = vocab_start
         self.vocab_size = vocab_size
         self.group = group
+        self.aux_coeff = aux_coeff
+        self.training = True
+        self.aux_values: list[torch.Tensor] = []
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.vocab_size, self.group).mean()
+    def __call__(self, logits, labels: torch.Tensor) -> torch.Tensor:
+        aux = None
+        if isinstance(logits, tuple):
+            logits, aux = logits
+        loss = vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.vocab_size, self.group).mean()
+        if aux is None or not self.training:
+            return loss
+        self.aux_values.append(aux.detach().sum())
+        return loss + self.aux_coeff * aux.sum().to(loss.dtype)
+
+    def take_aux(self) -> torch.Tensor | None:
+        """The mean load-balancing loss of the micro-batches since the last call (None if there were none)."""
+        values, self.aux_values = self.aux_values, []
+        return torch.stack(values).mean() if values else None
 
 
-# (cfg, tp, layer_number) -> the LayerSpec of one transformer layer: a family's ``block``
+# (cfg, tp, layer_number, ep) -> the LayerSpec of one transformer layer: a family's ``block``
 # (``megatron_ucp.families.family_of_model(cfg).block``), which the caller passes in.
-BlockBuilder = Callable[[ModelConfig, Any, int], LayerSpec]
+BlockBuilder = Callable[[ModelConfig, Any, int, int], LayerSpec]
 
 
 def block_classes(specs: Sequence[LayerSpec]) -> str:
@@ -106,7 +126,7 @@ class GPTPipe(PipelineModule):
                 specs.append(LayerSpec(EmbeddingLayer, cfg, padded_vocab, tp))
             elif entry.role is Role.BLOCK:
                 assert entry.layer_number is not None  # pipe_entries numbers every BLOCK entry
-                blocks.append(block(cfg, tp, entry.layer_number))
+                blocks.append(block(cfg, tp, entry.layer_number, layout.degree("ep")))
                 specs.append(blocks[-1])
             elif entry.role is Role.FINAL_NORM:
                 specs.append(LayerSpec(FinalNorm, cfg))
@@ -118,14 +138,19 @@ class GPTPipe(PipelineModule):
         vocab_start, _ = vocab_range(padded_vocab, layout.degree('tp'), state.coords['tp'])
         super().__init__(
             layers=specs,
-            loss_fn=LMLoss(vocab_start, cfg.vocab_size, state.tp_group),
+            loss_fn=LMLoss(vocab_start, cfg.vocab_size, state.tp_group, cfg.moe_loss_coeff),
             topology=topology_of(state),
             # Layers, not parameters: every stage gets whole transformer layers, evenly.
             partition_method="type:" + block_classes(blocks),
         )
         self.model_config = cfg
         self.padded_vocab = padded_vocab
-        initialize_parameters(self, cfg, seed, padded_vocab, layout.degree('tp'), state.coords['tp'])
+        initialize_parameters(self, cfg, seed, padded_vocab, layout.degree('tp'), state.coords['tp'],
+                              ep=(layout.degree('ep'), state.coords['ep']))
+
+    def train(self, mode: bool = True):
+        self.loss_fn.training = mode  # evaluation reports the cross entropy alone
+        return super().train(mode)
 
     def stage_parts(self) -> list[int]:
         """Spec-list boundaries DeepSpeed chose: stage i holds entries [parts[i], parts[i+1])."""

@@ -18,7 +18,7 @@ from megatron_ucp.config import ModelConfig
 from megatron_ucp.distributed.groups import ParallelState
 from megatron_ucp.layout.params import Role, pipe_entries
 from megatron_ucp.layout.placement import vocab_range
-from megatron_ucp.model.gpt import EmbeddingLayer, FinalNorm, LMHead
+from megatron_ucp.model.gpt import EmbeddingLayer, FinalNorm, LMHead, carried
 from megatron_ucp.model.init import initialize_parameters
 from megatron_ucp.model.pipe import BlockBuilder, LMLoss, padded_vocab_for
 
@@ -50,7 +50,7 @@ class GPTModel(nn.Module):
                     self._order.append(str(entry.index))
             elif entry.role is Role.BLOCK:
                 assert entry.layer_number is not None  # pipe_entries numbers every BLOCK entry
-                self.add_module(str(entry.index), block(cfg, tp, entry.layer_number).build())
+                self.add_module(str(entry.index), block(cfg, tp, entry.layer_number, layout.degree("ep")).build())
                 self._order.append(str(entry.index))
             elif entry.role is Role.FINAL_NORM:
                 self.add_module(str(entry.index), FinalNorm(cfg))
@@ -61,8 +61,9 @@ class GPTModel(nn.Module):
                 self.add_module(str(entry.index), LMHead(cfg, padded_vocab, tp))
                 self._order.append(str(entry.index))
         vocab_start, _ = vocab_range(padded_vocab, layout.degree('tp'), state.coords['tp'])
-        self.loss_fn = LMLoss(vocab_start, cfg.vocab_size, state.tp_group)
-        initialize_parameters(self, cfg, seed, padded_vocab, layout.degree('tp'), state.coords['tp'])
+        self.loss_fn = LMLoss(vocab_start, cfg.vocab_size, state.tp_group, cfg.moe_loss_coeff)
+        initialize_parameters(self, cfg, seed, padded_vocab, layout.degree('tp'), state.coords['tp'],
+                              ep=(layout.degree('ep'), state.coords['ep']))
 
     def register_tied_head_for_zero3(self) -> None:
         """ZeRO-3 gathers a parameter only inside its own module's forward; the tied head reads the
@@ -73,17 +74,26 @@ class GPTModel(nn.Module):
             embed = cast(EmbeddingLayer, self.get_submodule(self._tied_head))
             deepspeed.zero.register_external_parameter(self, embed.word_embeddings.weight)
 
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """This TP rank's vocab-parallel logits ``[b, s, v]``."""
+    def _outputs(self, tokens: torch.Tensor):
+        """The logits, or ``(logits, aux)`` for an MoE model (``model.pipe.LMLoss``)."""
         x = tokens
         for path in self._order:
             x = self.get_submodule(path)(x)
         if self._tied_head is not None:
-            x = cast(EmbeddingLayer, self.get_submodule(self._tied_head)).head(x)
+            x = carried(cast(EmbeddingLayer, self.get_submodule(self._tied_head)).head, x)
         return x
 
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """This TP rank's vocab-parallel logits ``[b, s, v]``."""
+        out = self._outputs(tokens)
+        return out[0] if isinstance(out, tuple) else out
+
+    def train(self, mode: bool = True):
+        self.loss_fn.training = mode  # evaluation reports the cross entropy alone
+        return super().train(mode)
+
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(self.logits(tokens), labels)
+        return self.loss_fn(self._outputs(tokens), labels)
 
     def stage_parts(self) -> list[int]:
         """One stage holding every spec-list entry (the pipeline model's ``parts`` at PP=1)."""

@@ -256,8 +256,15 @@ def check_run(model_kwargs: dict[str, Any], cfg: TrainConfig, world_size: int,
                          f"{model.max_position_embeddings}")
     if model.use_rotary_position_embeddings and model.head_dim % 2:  # the model's own check, worded the same
         raise ValueError(f"rotary embeddings need an even head dim, got {model.head_dim}")
+    if cfg.moe_expert_parallel_size > 1 and not model.is_moe:
+        raise ValueError(f"--moe-expert-parallel-size {cfg.moe_expert_parallel_size} needs an MoE model (--num-experts)")
+    if model.is_moe and cfg.zero_stage == 3:
+        raise ValueError("ZeRO stage 3 is not built for MoE models: DeepSpeed 0.19.8 writes no per-expert files under "
+                         "stage 3 and this project's loaders do not read its partitioned expert state; use ZeRO "
+                         "stage 1 or 2")
     layout = ParallelLayout.from_world_size(world_size, cfg.tensor_model_parallel_size,
-                                            cfg.pipeline_model_parallel_size)
+                                            cfg.pipeline_model_parallel_size, ep=cfg.moe_expert_parallel_size)
+    model.check_expert_parallel(layout.degree("ep"))
     model.check_tensor_parallel(layout.degree("tp"))
     model.check_pipeline_parallel(layout.degree("pp"))
     cfg.gradient_accumulation_steps(layout.degree("dp"))  # global batch = micro batch x accumulation x DP

@@ -209,6 +209,10 @@ def save(engine, save_dir: str, iteration: int, consumed_samples: int, seq_lengt
     if problem:
         raise CheckpointError(f"{problem}; refusing to save iteration {iteration} into {save_dir} "
                               "(nothing was written)")
+    if model_cfg.is_moe:
+        # DeepSpeed's MoE save refuses ``universal_checkpoint_info`` in the client state and writes the model's
+        # ``universal_checkpoint_info`` attribute under that key instead: the same record, handed over there.
+        engine.module.universal_checkpoint_info = client.pop("universal_checkpoint_info")
     engine.save_checkpoint(save_dir, tag=tag, client_state=client)
     dist.barrier()
     if dist.get_rank() == 0:

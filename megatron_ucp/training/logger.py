@@ -1,8 +1,9 @@
 """Run logs: TensorBoard scalars under Megatron's tags and ``loss.jsonl`` at full precision.
 
 Only global rank 0 writes. ``loss.jsonl`` holds one JSON object per line: ``split`` ("train" or
-"valid"), ``iteration``, ``loss``, and for training ``lr``, ``grad_norm``, ``consumed_samples``,
-plus the ``topology``. Python's float repr round-trips exactly, so comparisons can be bitwise.
+"valid"), ``iteration``, ``loss``, and for training ``lr``, ``grad_norm``, ``consumed_samples``
+(and ``moe_loss`` for an MoE model: its load-balancing loss, averaged over micro-batches and data
+parallelism), plus the ``topology``. Python's float repr round-trips exactly, so comparisons can be bitwise.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ TAG_TRAIN_LOSS = "lm-loss-training/lm loss"
 TAG_VALID_LOSS = "lm-loss-validation/lm loss validation"
 TAG_LR = "learning-rate/learning-rate"
 TAG_GRAD_NORM = "grad-norm/grad-norm"
+TAG_MOE_LOSS = "moe-loss/moe loss"  # an MoE model's load-balancing loss (unweighted, summed over layers)
 
 
 def read_loss_log(path: str) -> list[dict[str, Any]]:
@@ -61,14 +63,19 @@ class RunLogger:
                 f.write(json.dumps(record) + "\n")
 
     def train_step(self, iteration: int, loss: float, lr: float, grad_norm: float | None,
-                   consumed_samples: int) -> None:
+                   consumed_samples: int, moe_loss: float | None = None) -> None:
         if self.writer:
             self.writer.add_scalar(TAG_TRAIN_LOSS, loss, iteration)
             self.writer.add_scalar(TAG_LR, lr, iteration)
             if grad_norm is not None:
                 self.writer.add_scalar(TAG_GRAD_NORM, grad_norm, iteration)
-        self._append({"split": "train", "iteration": iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "consumed_samples": consumed_samples, "topology": self.topology})
+            if moe_loss is not None:
+                self.writer.add_scalar(TAG_MOE_LOSS, moe_loss, iteration)
+        record = {"split": "train", "iteration": iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "consumed_samples": consumed_samples}
+        if moe_loss is not None:
+            record["moe_loss"] = moe_loss
+        self._append(dict(record, topology=self.topology))
 
     def validation(self, iteration: int, loss: float) -> None:
         if self.writer:

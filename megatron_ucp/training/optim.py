@@ -35,15 +35,23 @@ def optimizer_param_groups(params: torch.nn.Module | NamedParameters, cfg: Model
         (decay if spec_of(name, cfg).weight_decay else no_decay).append(p)
     if not decay or not no_decay:
         raise RuntimeError("every pipeline stage must hold parameters of both weight-decay groups")
-    return [{"params": decay, "name": GROUP_NAMES[0], "weight_decay": weight_decay},
-            {"params": no_decay, "name": GROUP_NAMES[1], "weight_decay": 0.0}]
+    param_groups = [{"params": decay, "name": GROUP_NAMES[0], "weight_decay": weight_decay},
+                    {"params": no_decay, "name": GROUP_NAMES[1], "weight_decay": 0.0}]
+    if cfg.is_moe:
+        # The experts' own group (DeepSpeed's: ``moe`` True, named by the expert group), last: ZeRO partitions
+        # it over the expert-data-parallel ranks. Every expert weight decays, so it comes from group 0.
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        param_groups = split_params_into_different_moe_groups_for_optimizer(param_groups)
+    return param_groups
 
 
-def group_hyperparameters(cfg: TrainConfig) -> list[dict]:
+def group_hyperparameters(cfg: TrainConfig, moe: bool = False) -> list[dict]:
     """The per-group settings of ``build_optimizer``'s groups, without the parameters (a fine-tune
-    load puts them back over a checkpoint's)."""
+    load puts them back over a checkpoint's); an MoE model's third group, its experts', decays."""
     common = {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_eps}
-    return [dict(common, weight_decay=cfg.weight_decay), dict(common, weight_decay=0.0)]
+    out = [dict(common, weight_decay=cfg.weight_decay), dict(common, weight_decay=0.0)]
+    return out + [dict(common, weight_decay=cfg.weight_decay)] if moe else out
 
 
 def build_optimizer(params: torch.nn.Module | NamedParameters, model_cfg: ModelConfig,

@@ -74,8 +74,13 @@ def enable_cpu_fp16() -> bool:
     return True
 
 
-def build_ds_config(cfg: TrainConfig, layout: ParallelLayout) -> dict:
-    """The DeepSpeed config for this run, derived from the flags (one source of truth)."""
+def build_ds_config(cfg: TrainConfig, layout: ParallelLayout, moe: bool = False) -> dict:
+    """The DeepSpeed config for this run, derived from the flags (one source of truth).
+
+    An MoE model's blocks pass ``(activations, aux loss)`` between pipeline stages, and both need
+    gradients; DeepSpeed's partitioning of stage activations over TP ranks carries only one tensor
+    that does (an assertion in its pipeline engine), so for MoE it is off and stages exchange whole
+    activations."""
     ds = {
         "train_batch_size": cfg.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
@@ -89,10 +94,25 @@ def build_ds_config(cfg: TrainConfig, layout: ParallelLayout) -> dict:
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": cfg.universal_checkpoint},
     }
+    if moe:
+        ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if cfg.deepspeed_config:
         with open(cfg.deepspeed_config) as f:
             ds.update(json.load(f))
     return ds
+
+
+def check_expert_groups(layout: ParallelLayout, state) -> None:
+    """DeepSpeed's expert-parallel group of this rank is the one our layout derives (``layout.topology``):
+    placement, initialisation and checkpoints name experts by it."""
+    from deepspeed.utils import groups as ds_groups
+
+    name = f"ep_size_{layout.degree('ep')}"
+    ranks = list(ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name])
+    want = layout.group_of(state.global_rank, "ep")
+    if sorted(ranks) != want or ds_groups._get_expert_parallel_rank(name) != state.rank_in("ep"):
+        raise RuntimeError(f"DeepSpeed's expert-parallel group {sorted(ranks)} of rank {state.global_rank} is not "
+                           f"the layout's {want}")
 
 
 def build_model(model_cfg: ModelConfig, cfg: TrainConfig, state) -> GPTPipe | GPTModel:
@@ -265,7 +285,8 @@ class Trainer:
                                                                                      cfg.save_interval))
         init_distributed()
         self.layout = ParallelLayout.from_world_size(dist.get_world_size(), cfg.tensor_model_parallel_size,
-                                                     cfg.pipeline_model_parallel_size)
+                                                     cfg.pipeline_model_parallel_size,
+                                                     ep=cfg.moe_expert_parallel_size)
         self.state = groups.initialize(self.layout)
         self._owns_groups = True
         state = self.state
@@ -280,7 +301,7 @@ class Trainer:
         self.model = model = build_model(model_cfg, cfg, state)
         self.optimizer = build_optimizer(model, model_cfg, cfg)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg)
-        self.ds_config = build_ds_config(cfg, self.layout)
+        self.ds_config = build_ds_config(cfg, self.layout, model_cfg.is_moe)
         if self.rank0 and cfg.ds_config_out:
             os.makedirs(os.path.dirname(os.path.abspath(cfg.ds_config_out)), exist_ok=True)
             with open(cfg.ds_config_out, "w") as f:
@@ -288,6 +309,8 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
                                                     lr_scheduler=self.scheduler, config=self.ds_config,
                                                     mpu=None if cfg.use_pipeline_engine else state)
+        if model_cfg.is_moe:
+            check_expert_groups(self.layout, state)
         record = None if tokenizer is None else {**tokenizer.identity, "vocab_size": int(tokenizer.vocab_size)}
         self.metadata = checkpointing.build_metadata(model_cfg, cfg, state, model.padded_vocab, model.stage_parts(),
                                                      record)
@@ -324,7 +347,7 @@ class Trainer:
             if meta is not None and self.model_cfg.vocab_size > meta.original_vocab_size:
                 new_rows = NewVocabRows(self.model_cfg, cfg.seed, self.model.padded_vocab, meta.original_vocab_size)
         resumed = checkpointing.load(self.engine, cfg.load, cfg.universal_checkpoint, state, cfg,
-                                     group_hyperparameters(cfg), new_rows)
+                                     group_hyperparameters(cfg, self.model_cfg.is_moe), new_rows)
         self.iteration, self.consumed = resumed.iteration, resumed.consumed_train_samples
         if resumed.rng_state is not None and not cfg.no_load_rng and not cfg.finetune:
             set_rng_state(resumed.rng_state, state.tp.rng)
@@ -368,8 +391,9 @@ class Trainer:
                 last_loss = loss
                 grad_norm = self.engine.get_global_grad_norm()
                 grad_norm = None if grad_norm is None else float(grad_norm)
+                moe_loss = self._moe_loss() if self.model_cfg.is_moe else None
                 if logger:
-                    logger.train_step(iteration, loss, lr, grad_norm, self.consumed)
+                    logger.train_step(iteration, loss, lr, grad_norm, self.consumed, moe_loss)
                 if self.rank0 and window_iters and (iteration % cfg.log_interval == 0
                                                     or iteration == cfg.train_iters):
                     elapsed = time.perf_counter() - window_start
@@ -378,7 +402,8 @@ class Trainer:
                     print(f" iteration {iteration:6d}/{cfg.train_iters} | consumed samples {self.consumed:8d} | "
                           f"elapsed time per iteration (ms): {1000 * elapsed / window_iters:.1f} | "
                           f"tokens/s: {_tokens_per_s(tokens, elapsed):.0f} | learning rate: {lr:.4E} | "
-                          f"lm loss: {loss:.6E} | grad norm: {gn} |", flush=True)
+                          f"lm loss: {loss:.6E} | grad norm: {gn} |"
+                          + ("" if moe_loss is None else f" moe loss: {moe_loss:.6E} |"), flush=True)
                     window_start, window_iters = time.perf_counter(), 0
                 if cfg.eval_interval and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters):
                     last_valid = self._validate(logger)
@@ -416,6 +441,19 @@ class Trainer:
         self.close(barrier=exc_type is None)
 
     # -- pieces of run(), usable on their own after build() -------------------------------------------
+
+    def _moe_loss(self) -> float:
+        """This iteration's load-balancing loss (unweighted): the mean over micro-batches, kept by the last
+        pipeline stage's loss function, averaged over data parallelism and sent to every rank."""
+        value = self.model.loss_fn.take_aux() if self.state.is_last_stage else None
+        total = torch.zeros(1, dtype=torch.float64)
+        if value is not None:
+            total += float(value) / self.layout.degree("dp")
+        if self.layout.degree("tp") > 1 and value is not None:
+            total /= self.layout.degree("tp")  # every TP rank holds the same value
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+        return float(total)
 
     def _validate(self, logger: RunLogger | None) -> float:
         """``evaluate`` at the current iteration, logged and printed."""

@@ -323,6 +323,9 @@ class TrainConfig:
         "--pipeline-model-parallel-size", help="pipeline parallel degree"))
     zero_stage: int = field(default=1, metadata=cli(
         "--zero-stage", help="DeepSpeed ZeRO stage (2 and 3 train the non-pipeline model, PP 1; 3 needs TP 1)"))
+    sequence_parallel: bool = field(default=False, metadata=cli(
+        "--sequence-parallel", help="Megatron's sequence parallelism (TP > 1): norms, dropout and residuals run on "
+                                    "each TP rank's slice of the sequence"))
     moe_expert_parallel_size: int = field(default=1, metadata=cli(
         "--moe-expert-parallel-size", help="expert parallel degree: ranks that share out one MoE layer's experts "
                                            "(carved out of the data parallel ranks)"))

@@ -20,12 +20,15 @@ from megatron_ucp.layout.topology import ParallelLayout, RankCoords
 
 @dataclass
 class TensorParallelContext:
-    """What a tensor-parallel layer needs: its group, its place in it, and the per-rank RNG."""
+    """What a tensor-parallel layer needs: its group, its place in it, and the per-rank RNG; and whether the
+    activations between its regions are split along the sequence (Megatron's sequence parallelism,
+    ``tensor_parallel/mappings.py``; set by the trainer from ``--sequence-parallel`` before it builds the model)."""
 
     size: int = 1
     rank: int = 0
     group: object = None
     rng: RNGStatesTracker = field(default_factory=RNGStatesTracker)
+    sequence_parallel: bool = False
 
 
 # Every process group we build, by name -> the axes it runs along (``ParallelLayout.groups``). One loop in

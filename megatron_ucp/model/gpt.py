@@ -23,7 +23,9 @@ from megatron_ucp.tensor_parallel.layers import (
     VocabParallelHead,
     mark_parallel,
     parallel_lm_logits,
+    sequence_parallel_weight,
 )
+from megatron_ucp.tensor_parallel.mappings import scatter_to_sequence_region
 from megatron_ucp.layout.params import Kind
 from megatron_ucp.layout.placement import split_qkv_heads
 
@@ -33,9 +35,33 @@ except Exception:  # noqa: BLE001 - any import problem means "no apex"
     _ApexLayerNorm = None
 
 
-def layer_norm(hidden: int, eps: float) -> nn.Module:
-    """apex's fused LayerNorm on CUDA when importable, torch's otherwise (same parameter names)."""
-    if _ApexLayerNorm is not None and torch.cuda.is_available():
+def region_dropout(dropout: nn.Module, x: torch.Tensor, tp: TensorParallelContext) -> torch.Tensor:
+    """Dropout between the tensor-parallel regions: replicated activations take the default RNG stream (the
+    same mask on every TP rank); sequence-parallel ones, which differ per rank, the rank's own stream."""
+    if tp.sequence_parallel:
+        with tp.rng.fork():
+            return dropout(x)
+    return dropout(x)
+
+
+class SequenceParallelLayerNorm(nn.LayerNorm):
+    """torch's LayerNorm on this rank's slice of the sequence: its weight and bias gradients are summed over TP."""
+
+    def __init__(self, hidden: int, eps: float, tp: TensorParallelContext) -> None:
+        super().__init__(hidden, eps=eps)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, sequence_parallel_weight(self.weight, self.tp),
+                            sequence_parallel_weight(self.bias, self.tp), self.eps)
+
+
+def layer_norm(hidden: int, eps: float, tp: TensorParallelContext | None = None) -> nn.Module:
+    """apex's fused LayerNorm on CUDA when importable, torch's otherwise (same parameter names); on the
+    sequence-split activations of sequence parallelism (``tp``), ``SequenceParallelLayerNorm``."""
+    if tp is not None and tp.sequence_parallel:
+        norm: nn.Module = SequenceParallelLayerNorm(hidden, eps, tp)
+    elif _ApexLayerNorm is not None and torch.cuda.is_available():
         norm = _ApexLayerNorm(hidden, eps=eps)
     else:
         norm = nn.LayerNorm(hidden, eps=eps)
@@ -57,11 +83,13 @@ class EmbeddingLayer(nn.Module):
             mark_parallel(self.position_embeddings.weight, Kind.REPLICATED)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [b, s] -> [b, s, h]
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [b, s] -> [b, s, h] ([b, s / tp, h] under SP)
         x = self.word_embeddings(ids)
         if self.position_embeddings is not None:
             x = x + self.position_embeddings(torch.arange(ids.shape[-1], device=ids.device))
-        return self.dropout(x)  # default RNG stream: the same mask on every TP rank
+        if self.tp.sequence_parallel:
+            x = scatter_to_sequence_region(x, self.tp.group)
+        return region_dropout(self.dropout, x, self.tp)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, h] -> [b, s, v]
         return parallel_lm_logits(x, self.word_embeddings.weight, self.tp)
@@ -86,9 +114,10 @@ class ParallelAttention(nn.Module):
         self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
+        fused = self.query_key_value(x)  # the whole sequence (gathered under sequence parallelism)
+        b, s, _ = fused.shape
         # Per head [q k v]: the grouped layout with one query head per group (layout.placement.qkv_map).
-        qkv = split_qkv_heads(self.query_key_value(x), self.local_heads, 1, self.head_dim)
+        qkv = split_qkv_heads(fused, self.local_heads, 1, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv)  # [b, np, s, hn]
         p = self.attention_dropout if self.training else 0.0
         with self.tp.rng.fork():  # this rank's heads draw their own dropout masks
@@ -120,15 +149,16 @@ class TransformerLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallelContext, layer_number: int) -> None:
         super().__init__()
         self.layer_number = layer_number
-        self.input_layernorm = layer_norm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.tp = tp
+        self.input_layernorm = layer_norm(cfg.hidden_size, cfg.layernorm_epsilon, tp)
         self.self_attention = ParallelAttention(cfg, tp)
-        self.post_attention_layernorm = layer_norm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.post_attention_layernorm = layer_norm(cfg.hidden_size, cfg.layernorm_epsilon, tp)
         self.mlp = ParallelMLP(cfg, tp)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.self_attention(self.input_layernorm(x)))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        x = x + region_dropout(self.dropout, self.self_attention(self.input_layernorm(x)), self.tp)
+        return x + region_dropout(self.dropout, self.mlp(self.post_attention_layernorm(x)), self.tp)
 
 
 def carried(fn, x):
@@ -139,14 +169,15 @@ def carried(fn, x):
 
 
 class FinalNorm(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallelContext | None = None) -> None:
         super().__init__()
         if cfg.normalization == "rmsnorm":
             from megatron_ucp.model.llama import RMSNorm
 
-            self.final_layernorm: nn.Module = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+            self.final_layernorm: nn.Module = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon,
+                                                      tp if tp is not None and tp.sequence_parallel else None)
         else:
-            self.final_layernorm = layer_norm(cfg.hidden_size, cfg.layernorm_epsilon)
+            self.final_layernorm = layer_norm(cfg.hidden_size, cfg.layernorm_epsilon, tp)
 
     def forward(self, x):
         return carried(self.final_layernorm, x)

@@ -30,6 +30,7 @@ from torch import nn
 from megatron_ucp.distributed.groups import TensorParallelContext
 from megatron_ucp.layout.params import Kind
 from megatron_ucp.layout.placement import check_heads, split_qkv_heads, split_sub_params
+from megatron_ucp.model.gpt import region_dropout
 from megatron_ucp.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, mark_parallel
 from megatron_ucp.tensor_parallel.mappings import copy_to_tp_region
 
@@ -53,8 +54,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = mark_parallel(nn.Parameter(torch.empty(hidden)), Kind.REPLICATED)  # ones: model.init
-        # Given a TP context, the norm runs on this rank's share of the heads (q/k norms): each rank's weight
-        # gradient is then a partial sum, all-reduced over TP so the replicas stay equal.
+        # Given a TP context, the norm runs on this rank's share of the heads (q/k norms) or of the sequence
+        # (sequence parallelism): each rank's weight gradient is then a partial sum, all-reduced over TP so the
+        # replicas stay equal.
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., h] -> [..., h]
@@ -218,10 +220,11 @@ class GQAAttention(nn.Module):
         self.qk_norm = qk_norm
         self.dense = RowParallelLinear(num_heads * self.head_dim, hidden, tp, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, h] -> [b, s, h]
-        b, s, _ = x.shape
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, h] -> [b, s, h] (s / tp each under SP)
+        qkv = self.query_key_value(x)  # the whole sequence (gathered under sequence parallelism)
+        b, s, _ = qkv.shape
         ng, qpg, hn = self.local_groups, self.q_per_group, self.head_dim
-        q, k, v = split_qkv_heads(self.query_key_value(x), ng, qpg, hn)  # the fused rows' layout (placement)
+        q, k, v = split_qkv_heads(qkv, ng, qpg, hn)  # the fused rows' layout (placement)
         if self.qk_norm:  # per head, before the rotation (HF Qwen3)
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, np | ng, s, hn]
@@ -260,12 +263,14 @@ class LlamaLayer(nn.Module):
                  sliding_window: int | None = None, moe: dict | None = None) -> None:
         super().__init__()
         self.layer_number = layer_number
-        self.input_layernorm = RMSNorm(hidden, eps)
+        self.tp = tp
+        sp = tp if tp.sequence_parallel else None  # the norms run on this rank's slice of the sequence
+        self.input_layernorm = RMSNorm(hidden, eps, sp)
         self.self_attention = GQAAttention(hidden, num_heads, num_kv_heads, tp, rope_theta=rope_theta,
                                            attention_dropout=attention_dropout, qkv_bias=qkv_bias,
                                            head_dim=head_dim, rotary=rotary, qk_norm=qk_norm, norm_eps=eps,
                                            sliding_window=sliding_window)
-        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, sp)
         self.moe = moe is not None
         if moe is not None:
             from megatron_ucp.model.moe import sparse_mlp
@@ -277,8 +282,8 @@ class LlamaLayer(nn.Module):
 
     def forward(self, x):
         if not self.moe:
-            x = x + self.dropout(self.self_attention(self.input_layernorm(x)))
-            return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+            x = x + region_dropout(self.dropout, self.self_attention(self.input_layernorm(x)), self.tp)
+            return x + region_dropout(self.dropout, self.mlp(self.post_attention_layernorm(x)), self.tp)
         x, aux = x if isinstance(x, tuple) else (x, torch.zeros(1, device=x.device))
         x = x + self.dropout(self.self_attention(self.input_layernorm(x)))
         y, l_aux, _ = self.mlp(self.post_attention_layernorm(x))

@@ -129,7 +129,7 @@ class GPTPipe(PipelineModule):
                 blocks.append(block(cfg, tp, entry.layer_number, layout.degree("ep")))
                 specs.append(blocks[-1])
             elif entry.role is Role.FINAL_NORM:
-                specs.append(LayerSpec(FinalNorm, cfg))
+                specs.append(LayerSpec(FinalNorm, cfg, tp))
             elif entry.tied_key:
                 specs.append(TiedLayerSpec(entry.tied_key, EmbeddingLayer, cfg, padded_vocab, tp,
                                            forward_fn=_tied_head, tied_weight_attr=[TIED_WEIGHT]))

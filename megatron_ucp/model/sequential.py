@@ -53,7 +53,7 @@ class GPTModel(nn.Module):
                 self.add_module(str(entry.index), block(cfg, tp, entry.layer_number, layout.degree("ep")).build())
                 self._order.append(str(entry.index))
             elif entry.role is Role.FINAL_NORM:
-                self.add_module(str(entry.index), FinalNorm(cfg))
+                self.add_module(str(entry.index), FinalNorm(cfg, tp))
                 self._order.append(str(entry.index))
             elif entry.tied_key:  # the tied head: the embedding module's weight, no parameters of its own
                 self._tied_head = f"tied_modules.{entry.tied_key}"

@@ -17,8 +17,10 @@ from megatron_ucp.layout.params import Kind
 from megatron_ucp.layout.slicing import local_shape, vocab_range
 from megatron_ucp.tensor_parallel.mappings import (
     copy_to_tp_region,
+    gather_from_sequence_region,
     gather_from_tp_region,
     reduce_from_tp_region,
+    reduce_scatter_to_sequence_region,
 )
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -67,7 +69,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _param(local_shape(Kind.COLUMN, (out_features,), tp.size), Kind.COLUMN) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_tp_region(x, self.tp.group)
+        x = enter_tp_region(x, self.tp)
         y = linear(x, self.weight, self.bias)
         return gather_from_tp_region(y, self.tp.group) if self.gather_output else y
 
@@ -86,6 +88,9 @@ class RowParallelLinear(nn.Module):
         self.bias = _param((out_features,), Kind.REPLICATED) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.sequence_parallel:  # back to this rank's slice of the sequence, where the bias is a replica
+            y = reduce_scatter_to_sequence_region(linear(x, self.weight), self.tp.group)
+            return y if self.bias is None else y + copy_to_tp_region(self.bias, self.tp.group)
         y = reduce_from_tp_region(linear(x, self.weight), self.tp.group)
         return y if self.bias is None else y + self.bias
 
@@ -113,8 +118,26 @@ class VocabParallelEmbedding(nn.Module):
 
 
 def parallel_lm_logits(x: torch.Tensor, word_embeddings: torch.Tensor, tp: TensorParallelContext) -> torch.Tensor:
-    """Logits for this rank's vocabulary slice from the (tied) embedding matrix."""
-    return linear(copy_to_tp_region(x, tp.group), word_embeddings)
+    """Logits for this rank's vocabulary slice from the (tied) embedding matrix (the whole sequence: under
+    sequence parallelism the activations are gathered first)."""
+    return linear(enter_tp_region(x, tp), word_embeddings)
+
+
+def enter_tp_region(x: torch.Tensor, tp: TensorParallelContext) -> torch.Tensor:
+    """The input of a column-parallel product: the full activations on every TP rank. Replicated ones are
+    copied (their gradient all-reduced); sequence-parallel ones are gathered (their gradient
+    reduce-scattered)."""
+    if tp.sequence_parallel:
+        return gather_from_sequence_region(x, tp.group)
+    return copy_to_tp_region(x, tp.group)
+
+
+def sequence_parallel_weight(p: torch.Tensor, tp: TensorParallelContext | None) -> torch.Tensor:
+    """A replicated weight used on this rank's slice of the sequence: its gradient is a partial sum,
+    summed over TP in backward so the replicas stay equal."""
+    if tp is None or not tp.sequence_parallel:
+        return p
+    return copy_to_tp_region(p, tp.group)
 
 
 class VocabParallelHead(nn.Module):

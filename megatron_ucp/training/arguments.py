@@ -256,6 +256,15 @@ def check_run(model_kwargs: dict[str, Any], cfg: TrainConfig, world_size: int,
                          f"{model.max_position_embeddings}")
     if model.use_rotary_position_embeddings and model.head_dim % 2:  # the model's own check, worded the same
         raise ValueError(f"rotary embeddings need an even head dim, got {model.head_dim}")
+    if cfg.sequence_parallel:
+        if cfg.tensor_model_parallel_size == 1:
+            raise ValueError("--sequence-parallel splits the sequence over the tensor-parallel ranks: it needs "
+                             "--tensor-model-parallel-size > 1")
+        if cfg.seq_length % cfg.tensor_model_parallel_size:
+            raise ValueError(f"--sequence-parallel: seq_length {cfg.seq_length} is not divisible by tensor parallel "
+                             f"{cfg.tensor_model_parallel_size}")
+        if model.is_moe:
+            raise ValueError("--sequence-parallel is not built for MoE models")
     if cfg.moe_expert_parallel_size > 1 and not model.is_moe:
         raise ValueError(f"--moe-expert-parallel-size {cfg.moe_expert_parallel_size} needs an MoE model (--num-experts)")
     if model.is_moe and cfg.zero_stage == 3:

@@ -77,10 +77,11 @@ def enable_cpu_fp16() -> bool:
 def build_ds_config(cfg: TrainConfig, layout: ParallelLayout, moe: bool = False) -> dict:
     """The DeepSpeed config for this run, derived from the flags (one source of truth).
 
-    An MoE model's blocks pass ``(activations, aux loss)`` between pipeline stages, and both need
-    gradients; DeepSpeed's partitioning of stage activations over TP ranks carries only one tensor
-    that does (an assertion in its pipeline engine), so for MoE it is off and stages exchange whole
-    activations."""
+    DeepSpeed's pipeline engine partitions the activations a stage sends over its TP ranks, assuming they
+    are replicated there. Under sequence parallelism they are not (each rank holds its slice of the
+    sequence), and an MoE model's blocks pass ``(activations, aux loss)``, two tensors that need
+    gradients, where the partitioning carries one (an assertion in its pipeline engine): in both cases it
+    is off and stages exchange whole activations."""
     ds = {
         "train_batch_size": cfg.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
@@ -94,7 +95,7 @@ def build_ds_config(cfg: TrainConfig, layout: ParallelLayout, moe: bool = False)
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": cfg.universal_checkpoint},
     }
-    if moe:
+    if moe or cfg.sequence_parallel:
         ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if cfg.deepspeed_config:
         with open(cfg.deepspeed_config) as f:
@@ -298,6 +299,7 @@ class Trainer:
         if cfg.dtype == "fp16" and enable_cpu_fp16() and self.rank0:
             print("fp16 on the CPU accelerator: half-precision storage, GEMMs computed in fp32", flush=True)
         seed_all(cfg.seed, state.rank_in("pp"), state.rank_in("tp"), state.tp.rng)
+        state.tp.sequence_parallel = cfg.sequence_parallel
         self.model = model = build_model(model_cfg, cfg, state)
         self.optimizer = build_optimizer(model, model_cfg, cfg)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg)

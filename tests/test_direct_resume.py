@@ -11,6 +11,9 @@ iteration-RESUME_AT checkpoint at a new TP/PP/DP/ZeRO stage, and checks:
 * the trainer says what it did, and each rank read exactly the bytes of state it owns.
 
 A negative control gives the loader a checkpoint whose metadata records a wrong layout.
+
+The TP2 PP2 DP2 source trains with Megatron's sequence parallelism (``SOURCE_FLAGS``) and its targets run
+without it: SP changes where activations live, never the state, so the same bitwise checks apply.
 """
 
 import math
@@ -34,6 +37,10 @@ RESUME_AT, ITERS = 3, 23  # resume at 3, then 20 more steps compared with the so
 # name: (zero stage, tp, pp, dp, global batch)
 SOURCES = {"z1_tp2pp2dp2": (1, 2, 2, 2, 4), "z1_tp1pp2dp2": (1, 1, 2, 2, 4), "z3_dp4": (3, 1, 1, 4, 4),
            "z1_dp3": (1, 1, 1, 3, 6)}
+
+
+# Flags of a source run beyond its layout.
+SOURCE_FLAGS = {"z1_tp2pp2dp2": {"sequence_parallel": True}}
 
 
 def _cfg(stage, tp, pp, batch, **kw):
@@ -72,7 +79,8 @@ def sources(tmp_path_factory):
     for name, (stage, tp, pp, dp, batch) in SOURCES.items():
         dump = root / f"{name}_dump"
         dump.mkdir()
-        cfg = _cfg(stage, tp, pp, batch, train_iters=RESUME_AT, save=str(root / name), save_interval=RESUME_AT)
+        cfg = _cfg(stage, tp, pp, batch, train_iters=RESUME_AT, save=str(root / name), save_interval=RESUME_AT,
+                   **SOURCE_FLAGS.get(name, {}))
         # the source run carries on to ITERS without saving, logging the losses the resumes are compared with
         run_distributed(train_and_dump, tp * pp * dp, cfg, str(dump), GPT4, ITERS, str(root / f"{name}.jsonl"))
         out[name] = {"zero": root / name / f"global_step{RESUME_AT}", "dump": dump,

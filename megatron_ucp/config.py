@@ -326,6 +326,9 @@ class TrainConfig:
     sequence_parallel: bool = field(default=False, metadata=cli(
         "--sequence-parallel", help="Megatron's sequence parallelism (TP > 1): norms, dropout and residuals run on "
                                     "each TP rank's slice of the sequence"))
+    ds_sequence_parallel_size: int = field(default=1, metadata=cli(
+        "--ds-sequence-parallel-size", help="DeepSpeed-Ulysses sequence parallel degree: each rank holds a slice of "
+                                            "every sample's sequence; attention exchanges sequence for heads"))
     moe_expert_parallel_size: int = field(default=1, metadata=cli(
         "--moe-expert-parallel-size", help="expert parallel degree: ranks that share out one MoE layer's experts "
                                            "(carved out of the data parallel ranks)"))
@@ -426,6 +429,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "moe_expert_parallel_size",
+                     "ds_sequence_parallel_size",
                      "micro_batch_size",
                      "global_batch_size", "seq_length", "log_interval", "eval_iters"):
             value = getattr(self, name)

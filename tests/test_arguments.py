@@ -116,6 +116,7 @@ FULL_ARGV = [
     "--num-experts", "6", "--topk", "1", "--moe-no-topk-renormalization", "--moe-loss-coeff", "0.1",
     "--moe-train-capacity-factor", "2", "--moe-eval-capacity-factor", "3", "--moe-min-capacity", "2",
     "--moe-token-dropping", "--moe-expert-parallel-size", "3", "--create-moe-param-group", "--sequence-parallel",
+    "--ds-sequence-parallel-size", "2",
 ]
 FULL_MODEL = dict(num_layers=3, hidden_size=64, num_attention_heads=16, max_position_embeddings=40, ffn_hidden_size=96,
                   make_vocab_size_divisible_by=16, layernorm_epsilon=1e-6, hidden_dropout=0.05, attention_dropout=0.0,
@@ -136,7 +137,7 @@ FULL_TRAIN = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=1, 
                   universal_checkpoint=True, ckpt_step=8, universal_loader="deepspeed", no_load_rng=True, trust_checkpoint_code=True, finetune=True,
                   no_pipeline_parallel=True, deepspeed_config="ds.json", ds_config_out="out.json",
                   allow_vocab_extension=True, eval_at_start=True, moe_expert_parallel_size=3,
-                  create_moe_param_group=True, sequence_parallel=True)
+                  create_moe_param_group=True, sequence_parallel=True, ds_sequence_parallel_size=2)
 
 
 def test_every_flag_at_once_builds_both_dataclasses():
@@ -151,11 +152,15 @@ def test_every_flag_at_once_builds_both_dataclasses():
         for f, _ in cli_fields(cls):
             assert expected[f.name] != cli_default(f) or f.name == "pipeline_model_parallel_size", f.name
         assert set(expected) == {f.name for f, _ in cli_fields(cls)}
-    # And the check that needs the world size accepts it at DP 3 (12 = 2 x 2 x 3): the dense model with sequence
-    # parallelism, and the MoE model without it (the two are refused together).
-    check_run(dict(model_kwargs(values), num_experts=None), dataclasses.replace(cfg, moe_expert_parallel_size=1),
+    # And the check that needs the world size accepts it at DP 3 (12 = 2 x 2 x 3), in the combinations that are
+    # built (MoE, Megatron's and Ulysses' sequence parallelism are refused together): the dense model with
+    # Megatron SP, the MoE model without SP, and the dense model with Ulysses SP 2 at TP 1.
+    dense = dict(model_kwargs(values), num_experts=None)
+    check_run(dense, dataclasses.replace(cfg, moe_expert_parallel_size=1, ds_sequence_parallel_size=1), world_size=6)
+    check_run(model_kwargs(values), dataclasses.replace(cfg, sequence_parallel=False, ds_sequence_parallel_size=1),
               world_size=6)
-    check_run(model_kwargs(values), dataclasses.replace(cfg, sequence_parallel=False), world_size=6)
+    check_run(dense, dataclasses.replace(cfg, moe_expert_parallel_size=1, sequence_parallel=False,
+                                         tensor_model_parallel_size=1), world_size=6)
 
 
 def test_defaults_are_the_dataclass_defaults():

@@ -19,6 +19,21 @@ from megatron_ucp.layout.topology import ParallelLayout, RankCoords
 
 
 @dataclass
+class UlyssesContext:
+    """DeepSpeed-Ulysses sequence parallelism as a layer sees it: each of ``size`` ranks of ``group`` holds
+    the sequence slice ``[rank * s / size, (rank + 1) * s / size)``; attention all-to-alls to whole
+    sequences of ``1 / size`` of the heads and back (DeepSpeed's ``DistributedAttention``)."""
+
+    size: int = 1
+    rank: int = 0
+    group: object = None
+
+    def offset(self, local_length: int) -> int:
+        """The position of this rank's first token in the whole sequence."""
+        return self.rank * local_length
+
+
+@dataclass
 class TensorParallelContext:
     """What a tensor-parallel layer needs: its group, its place in it, and the per-rank RNG; and whether the
     activations between its regions are split along the sequence (Megatron's sequence parallelism,
@@ -29,12 +44,12 @@ class TensorParallelContext:
     group: object = None
     rng: RNGStatesTracker = field(default_factory=RNGStatesTracker)
     sequence_parallel: bool = False
+    ulysses: UlyssesContext = field(default_factory=UlyssesContext)  # the sp axis (``--ds-sequence-parallel-size``)
 
 
 # Every process group we build, by name -> the axes it runs along (``ParallelLayout.groups``). One loop in
 # ``initialize`` creates them all, in this order on every rank; ``mp`` is the pipe x tensor slice whose ranks
-# DeepSpeed numbers ``mp_rank_XX``. The sp and ep groups have one rank each until later issues give those
-# axes degrees above 1.
+# DeepSpeed numbers ``mp_rank_XX``.
 GROUP_AXES: dict[str, tuple[str, ...]] = {
     "tp": ("tp",),
     "dp": ("dp",),
@@ -42,6 +57,7 @@ GROUP_AXES: dict[str, tuple[str, ...]] = {
     "mp": ("pp", "tp"),
     "sp": ("sp",),
     "ep": ("ep",),
+    "sdp": ("dp", "sp"),  # sequence-data-parallel: the ranks DeepSpeed averages gradients over and ZeRO partitions
 }
 
 
@@ -92,14 +108,22 @@ class ParallelState:
     def get_model_parallel_group(self):
         return self.group("mp")
 
+    # DeepSpeed sees the sequence-parallel (Ulysses) ranks as data-parallel ones: it averages gradients and
+    # ZeRO partitions over dp x sp (what its own Ulysses support does with the sequence-data-parallel group),
+    # and each rank's loss is the mean over its slice of the sequence. With sp = 1 these are the dp group.
     def get_data_parallel_rank(self) -> int:
-        return self.rank_in("dp")
+        return self.zero_rank
 
     def get_data_parallel_world_size(self) -> int:
-        return self.size_of("dp")
+        return self.size_of("dp") * self.size_of("sp")
 
     def get_data_parallel_group(self):
-        return self.group("dp")
+        return self.group("sdp")
+
+    @property
+    def zero_rank(self) -> int:
+        """This rank's place among the dp x sp ranks: its ZeRO partition and optimizer file (``zero_pp_rank_N``)."""
+        return self.rank_in("dp") * self.size_of("sp") + self.rank_in("sp")
 
     def get_pipeline_model_parallel_rank(self) -> int:
         return self.rank_in("pp")
@@ -144,8 +168,10 @@ def initialize(layout: ParallelLayout) -> ParallelState:
     rank = dist.get_rank()
     coords = layout.coords(rank)
     mine = {name: _my_group(layout.groups(*axes), rank) for name, axes in GROUP_AXES.items()}
+    ulysses = UlyssesContext(size=layout.degree("sp"), rank=coords["sp"], group=mine["sp"])
     _STATE = ParallelState(layout=layout, global_rank=rank, coords=coords, groups=mine,
-                           tp=TensorParallelContext(size=layout.degree("tp"), rank=coords["tp"], group=mine["tp"]))
+                           tp=TensorParallelContext(size=layout.degree("tp"), rank=coords["tp"], group=mine["tp"],
+                                                    ulysses=ulysses))
     return _STATE
 
 

@@ -85,8 +85,9 @@ class EmbeddingLayer(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [b, s] -> [b, s, h] ([b, s / tp, h] under SP)
         x = self.word_embeddings(ids)
-        if self.position_embeddings is not None:
-            x = x + self.position_embeddings(torch.arange(ids.shape[-1], device=ids.device))
+        if self.position_embeddings is not None:  # under Ulysses, ids are this rank's slice of the sequence
+            start = self.tp.ulysses.offset(ids.shape[-1])
+            x = x + self.position_embeddings(torch.arange(start, start + ids.shape[-1], device=ids.device))
         if self.tp.sequence_parallel:
             x = scatter_to_sequence_region(x, self.tp.group)
         return region_dropout(self.dropout, x, self.tp)
@@ -112,18 +113,28 @@ class ParallelAttention(nn.Module):
         self.attention_dropout = cfg.attention_dropout
         self.query_key_value = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, tp)
         self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp)
+        from megatron_ucp.model.llama import ulysses_attention
+
+        self.ulysses = ulysses_attention(self._local_attention, tp, self.local_heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = self.query_key_value(x)  # the whole sequence (gathered under sequence parallelism)
-        b, s, _ = fused.shape
+        b, s, _ = fused.shape  # under Ulysses, s is this rank's slice of the sequence
         # Per head [q k v]: the grouped layout with one query head per group (layout.placement.qkv_map).
-        qkv = split_qkv_heads(fused, self.local_heads, 1, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in qkv)  # [b, np, s, hn]
+        q, k, v = split_qkv_heads(fused, self.local_heads, 1, self.head_dim)  # [b, s, np, hn]
+        if self.ulysses is not None:  # all-to-all: whole sequences of 1/sp of the heads, and back
+            ctx = self.ulysses(q, k, v, 0)
+        else:
+            ctx = self._local_attention(q, k, v)
+        return self.dense(ctx.reshape(b, s, self.local_heads * self.head_dim))
+
+    def _local_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention over whole sequences: [b, s, heads, hn] in and out."""
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, hn]
         p = self.attention_dropout if self.training else 0.0
         with self.tp.rng.fork():  # this rank's heads draw their own dropout masks
             ctx = _attention(q, k, v, p)
-        ctx = ctx.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)
-        return self.dense(ctx)
+        return ctx.transpose(1, 2)
 
 
 class ParallelMLP(nn.Module):

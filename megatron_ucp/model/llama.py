@@ -182,6 +182,21 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout
     return out.to(q.dtype) if upcast else out
 
 
+def ulysses_attention(local_attention, tp: TensorParallelContext, local_kv_heads: int):
+    """DeepSpeed's ``DistributedAttention`` around ``local_attention`` (q, k, v [b, s, heads, hn] -> [b, s, heads,
+    hn]) when the sequence is split over Ulysses ranks: an all-to-all from sequence slices of every head to whole
+    sequences of ``1 / sp`` of the heads (following the key/value groups), and back. None without Ulysses."""
+    if tp.ulysses.size == 1:
+        return None
+    from deepspeed.sequence.layer import DistributedAttention
+
+    if local_kv_heads % tp.ulysses.size:
+        raise ValueError(f"Ulysses sequence parallel {tp.ulysses.size} does not divide the {local_kv_heads} "
+                         "key/value heads of a tensor-parallel rank")
+    return DistributedAttention(local_attention, tp.ulysses.group, scatter_idx=2, gather_idx=1,
+                                num_kv_heads=local_kv_heads)
+
+
 class GQAAttention(nn.Module):
     """Grouped-query causal self-attention with rotary embeddings; this rank holds ng whole groups.
 
@@ -219,17 +234,30 @@ class GQAAttention(nn.Module):
             self.k_layernorm = RMSNorm(self.head_dim, norm_eps, tp)
         self.qk_norm = qk_norm
         self.dense = RowParallelLinear(num_heads * self.head_dim, hidden, tp, bias=bias)
+        self.ulysses = ulysses_attention(self._local_attention, tp, self.local_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, h] -> [b, s, h] (s / tp each under SP)
         qkv = self.query_key_value(x)  # the whole sequence (gathered under sequence parallelism)
-        b, s, _ = qkv.shape
+        b, s, _ = qkv.shape  # under Ulysses, s is this rank's slice of the sequence
         ng, qpg, hn = self.local_groups, self.q_per_group, self.head_dim
         q, k, v = split_qkv_heads(qkv, ng, qpg, hn)  # the fused rows' layout (placement)
         if self.qk_norm:  # per head, before the rotation (HF Qwen3)
             q, k = self.q_layernorm(q), self.k_layernorm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, np | ng, s, hn]
-        cos, sin = rotary_cos_sin(s, hn, self.rotary, device=x.device, dtype=q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [b, np | ng, s, hn]
+        offset = self.tp.ulysses.offset(s)  # the slice's positions in the sequence (0 without Ulysses)
+        cos, sin = rotary_cos_sin(offset + s, hn, self.rotary, device=x.device, dtype=q.dtype)
+        q, k = apply_rotary(q, cos[offset:], sin[offset:]), apply_rotary(k, cos[offset:], sin[offset:])
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [b, s, np | ng, hn]
+        if self.ulysses is not None:  # all-to-all: whole sequences of 1/sp of the heads, and back
+            ctx = self.ulysses(q, k, v, 0)
+        else:
+            ctx = self._local_attention(q, k, v)
+        return self.dense(ctx.reshape(b, s, self.local_heads * hn))  # [b, s, np * hn]
+
+    def _local_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention over whole sequences: [b, s, heads, hn] in (key/value heads for k, v), out."""
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, hn]
+        qpg = q.shape[1] // k.shape[1]
         if qpg > 1:  # query head g*qpg + j reads key/value head g
             k = k.repeat_interleave(qpg, dim=1)
             v = v.repeat_interleave(qpg, dim=1)
@@ -239,8 +267,7 @@ class GQAAttention(nn.Module):
                 ctx = _causal_attention(q, k, v, p, self.sliding_window)
         else:
             ctx = _causal_attention(q, k, v, 0.0, self.sliding_window)
-        ctx = ctx.transpose(1, 2).reshape(b, s, self.local_heads * hn)  # [b, s, np * hn]
-        return self.dense(ctx)
+        return ctx.transpose(1, 2)  # [b, s, heads, hn]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -102,9 +102,11 @@ def padded_vocab_for(cfg: ModelConfig, tp: int, zero_stage: int = 0) -> int:
 
 
 def topology_of(state: ParallelState) -> PipeModelDataParallelTopology:
+    """DeepSpeed's grid: its data axis is dp x sp (the sequence-parallel ranks are data-parallel ones to
+    DeepSpeed, ``distributed.groups.ParallelState``), in our rank order (sp inside dp)."""
     layout = state.layout
     return PipeModelDataParallelTopology(num_pp=layout.degree("pp"), num_mp=layout.degree("tp"),
-                                         num_dp=layout.degree("dp"))
+                                         num_dp=layout.degree("dp") * layout.degree("sp"))
 
 
 class GPTPipe(PipelineModule):

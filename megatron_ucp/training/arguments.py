@@ -271,8 +271,10 @@ def check_run(model_kwargs: dict[str, Any], cfg: TrainConfig, world_size: int,
         raise ValueError("ZeRO stage 3 is not built for MoE models: DeepSpeed 0.19.8 writes no per-expert files under "
                          "stage 3 and this project's loaders do not read its partitioned expert state; use ZeRO "
                          "stage 1 or 2")
+    check_ulysses(model, cfg)
     layout = ParallelLayout.from_world_size(world_size, cfg.tensor_model_parallel_size,
-                                            cfg.pipeline_model_parallel_size, ep=cfg.moe_expert_parallel_size)
+                                            cfg.pipeline_model_parallel_size, sp=cfg.ds_sequence_parallel_size,
+                                            ep=cfg.moe_expert_parallel_size)
     model.check_expert_parallel(layout.degree("ep"))
     model.check_tensor_parallel(layout.degree("tp"))
     model.check_pipeline_parallel(layout.degree("pp"))
@@ -280,6 +282,28 @@ def check_run(model_kwargs: dict[str, Any], cfg: TrainConfig, world_size: int,
     assert cfg.lr_decay_iters is not None  # set by TrainConfig.__post_init__
     LRSchedule(cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters, cfg.lr_decay_style)
     return model
+
+
+def check_ulysses(model: ModelConfig, cfg: TrainConfig) -> None:
+    """What DeepSpeed-Ulysses (``--ds-sequence-parallel-size``) needs: whole sequence slices, and whole query
+    and key/value heads per rank after its all-to-all (within each TP rank's heads)."""
+    sp, tp = cfg.ds_sequence_parallel_size, cfg.tensor_model_parallel_size
+    if sp == 1:
+        return
+    assert model.num_key_value_heads is not None  # set by ModelConfig.__post_init__
+    if cfg.seq_length % sp:
+        raise ValueError(f"--ds-sequence-parallel-size {sp} does not divide seq_length {cfg.seq_length}")
+    if (model.num_attention_heads // tp) % sp:
+        raise ValueError(f"--ds-sequence-parallel-size {sp} does not divide the {model.num_attention_heads // tp} "
+                         f"attention heads of a tensor-parallel rank")
+    if (model.num_key_value_heads // tp) % sp:
+        raise ValueError(f"--ds-sequence-parallel-size {sp} does not divide the {model.num_key_value_heads // tp} "
+                         f"key/value heads of a tensor-parallel rank (grouped-query attention): each sequence-"
+                         "parallel rank must hold whole key/value groups")
+    if model.is_moe:
+        raise ValueError("--ds-sequence-parallel-size is not built for MoE models")
+    if cfg.sequence_parallel:
+        raise ValueError("--ds-sequence-parallel-size and --sequence-parallel are not built together")
 
 
 def check_inputs(cfg: TrainConfig) -> None:

@@ -52,3 +52,15 @@ def micro_batches(dataset: SampleSource, consumed_samples: int, num_steps: int |
             batch = torch.from_numpy(np.stack([np.asarray(dataset[g], dtype=np.int64) for g in idx]))
             yield batch[:, :-1].contiguous().to(device), batch[:, 1:].contiguous().to(device)
         step += 1
+
+
+def sequence_slices(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], sp: int,
+                    sp_rank: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each (tokens, labels) micro batch cut to Ulysses rank ``sp_rank``'s slice of the sequence (of ``sp``)."""
+    for tokens, labels in batches:
+        if sp == 1:
+            yield tokens, labels
+            continue
+        length = tokens.shape[1] // sp
+        cut = slice(sp_rank * length, (sp_rank + 1) * length)
+        yield tokens[:, cut].contiguous(), labels[:, cut].contiguous()

@@ -28,7 +28,7 @@ from megatron_ucp.families import family_of_model
 from megatron_ucp.layout.topology import ParallelLayout
 from megatron_ucp.training import checkpointing
 from megatron_ucp.training.arguments import check_run
-from megatron_ucp.training.data import MockDataset, micro_batches
+from megatron_ucp.training.data import MockDataset, micro_batches, sequence_slices
 from megatron_ucp.training.logger import RunLogger
 from megatron_ucp.training.schedule import LRScheduler
 from megatron_ucp.training.optim import (  # noqa: F401 - optimizer_param_groups: re-exported for callers
@@ -83,7 +83,8 @@ def build_ds_config(cfg: TrainConfig, layout: ParallelLayout, moe: bool = False)
     gradients, where the partitioning carries one (an assertion in its pipeline engine): in both cases it
     is off and stages exchange whole activations."""
     ds = {
-        "train_batch_size": cfg.global_batch_size,
+        # DeepSpeed counts each Ulysses rank's slice of a sample as a sample of its own (its data axis is dp x sp)
+        "train_batch_size": cfg.global_batch_size * layout.degree("sp"),
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps(layout.degree("dp")),
         "gradient_clipping": cfg.clip_grad,
@@ -191,9 +192,10 @@ def _plain_engine_steps(engine, state, gas: int):
 
     def reduce(total: torch.Tensor) -> float:
         total = total.detach().float() / gas
-        if state.size_of("dp") > 1:
-            dist.all_reduce(total, group=state.dp_group)
-            total /= state.size_of("dp")
+        ranks = state.get_data_parallel_world_size()  # dp x sp: each rank's loss is its sequence slice's mean
+        if ranks > 1:
+            dist.all_reduce(total, group=state.get_data_parallel_group())
+            total /= ranks
         return float(total)
 
     def train_batch(data_iter) -> float:
@@ -287,6 +289,7 @@ class Trainer:
         init_distributed()
         self.layout = ParallelLayout.from_world_size(dist.get_world_size(), cfg.tensor_model_parallel_size,
                                                      cfg.pipeline_model_parallel_size,
+                                                     sp=cfg.ds_sequence_parallel_size,
                                                      ep=cfg.moe_expert_parallel_size)
         self.state = groups.initialize(self.layout)
         self._owns_groups = True
@@ -369,8 +372,9 @@ class Trainer:
         assert self._train_batch is not None, "call build() before run()"
         topology = dict(layout.to_dict(), zero_stage=cfg.zero_stage, dtype=cfg.dtype)
         logger = RunLogger(cfg.tensorboard_dir, cfg.loss_log, topology, self.iteration) if self.rank0 else None
-        train_iter = micro_batches(self.train_data, self.consumed, None, cfg.global_batch_size,
-                                   cfg.micro_batch_size, state.rank_in("dp"), layout.degree("dp"), self.device)
+        train_iter = sequence_slices(micro_batches(self.train_data, self.consumed, None, cfg.global_batch_size,
+                                                   cfg.micro_batch_size, state.rank_in("dp"), layout.degree("dp"),
+                                                   self.device), layout.degree("sp"), state.rank_in("sp"))
         if self.rank0:
             n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
             engine_kind = "pipeline engine" if cfg.use_pipeline_engine else "non-pipeline engine"
@@ -470,8 +474,9 @@ class Trainer:
         """Mean loss over ``cfg.eval_iters`` batches from the start of the validation data."""
         cfg, layout = self.cfg, self.layout
         assert self._eval_batch is not None, "call build() before evaluate()"
-        it = micro_batches(self.valid_data, 0, cfg.eval_iters, cfg.global_batch_size, cfg.micro_batch_size,
-                           self.state.rank_in("dp"), layout.degree("dp"), self.device)
+        it = sequence_slices(micro_batches(self.valid_data, 0, cfg.eval_iters, cfg.global_batch_size,
+                                           cfg.micro_batch_size, self.state.rank_in("dp"), layout.degree("dp"),
+                                           self.device), layout.degree("sp"), self.state.rank_in("sp"))
         losses = [self._eval_batch(it) for _ in range(cfg.eval_iters)]
         return sum(losses) / len(losses)
 

@@ -2,12 +2,14 @@
 """Compare logits of a Hugging Face folder and of our model loaded from a universal checkpoint.
 
     python tools/hf_logits_check.py --hf_dir HF_DIR --universal RUN/universal/hf_universal --tp 2 --pp 2 \\
-        [--batch 4 --seq 32 --seed 0] [--atol 1e-4]
+        [--ep 2] [--batch 4 --seq 32 --seed 0] [--atol 1e-4]
 
 The same random token batches go through ``transformers`` (fp32) and through our model at the given
-TP/PP (fp32, spawned ranks). Prints max |Δlogit|, the per-sample KL (batchmean over positions) and
-top-1 agreement; with ``--atol`` exits 1 when max |Δlogit| exceeds it. ``--generate PROMPT`` also
-runs ``transformers``' ``generate`` on the HF folder.
+TP/PP (fp32, spawned ranks); a mixture-of-experts model also at expert parallel size ``--ep`` (as
+many data-parallel ranks, each with its share of the batch: ``--ep`` divides ``--batch``). Prints
+max |Δlogit|, the per-sample KL (batchmean over positions) and top-1 agreement; with ``--atol`` exits
+1 when max |Δlogit| exceeds it. ``--generate PROMPT`` also runs ``transformers``' ``generate`` on the
+HF folder.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a universal checkpoint folder, or the folder holding its latest_universal")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1, help="expert parallel size of an MoE model (ranks: tp * pp * ep)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -44,9 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     def body() -> int:
-        result = check(args.hf_dir, args.universal, tp=args.tp, pp=args.pp, batch=args.batch, seq=args.seq,
-                       seed=args.seed)
-        print(f"TP{args.tp} PP{args.pp}: {result.summary()}")
+        result = check(args.hf_dir, args.universal, tp=args.tp, pp=args.pp, ep=args.ep, batch=args.batch,
+                       seq=args.seq, seed=args.seed)
+        print(f"TP{args.tp} PP{args.pp}{f' EP{args.ep}' if args.ep > 1 else ''}: {result.summary()}")
         if args.generate is not None:
             print(f"generate: {args.generate!r} -> {generate_text(args.hf_dir, args.generate)!r}")
         if args.atol is not None and not result.max_abs <= args.atol:

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face GPT-2 or Llama checkpoint into a universal checkpoint our trainer loads.
+"""Convert a Hugging Face checkpoint of a supported family into a universal checkpoint our trainer loads.
 
     python tools/hf_to_universal.py --hf_checkpoint_dir HF_DIR --save_dir RUN/universal/hf_universal
     # then: --load RUN/universal --universal-checkpoint --finetune (at any TP/PP)
 
 Reads ``model.safetensors`` or ``pytorch_model.bin``, single or sharded (``*.index.json``), one tensor
-at a time; writes fp32 atoms with zero Adam moments and step 0, DeepSpeed's model-state and
+at a time (a mixture-of-experts model's experts one tensor per expert, as the Hub and
+``save_pretrained`` store them, or fused per layer as transformers 5's modules hold them: then only
+each expert's slice is read); writes fp32 atoms with zero Adam moments and step 0, DeepSpeed's model-state and
 ``zero/optimizer_state.pt`` files, our metadata, and ``latest_universal`` in the save folder's parent.
 """
 

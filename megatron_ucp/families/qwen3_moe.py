@@ -1,38 +1,48 @@
 """Qwen3-MoE: the Qwen3 block (q/k norms, explicit head dim) with a mixture of SwiGLU experts as its MLP;
 HF ``Qwen3MoeForCausalLM``.
 
-Every layer is sparse (``decoder_sparse_step`` 1, no ``mlp_only_layers``); the experts' width is
-``moe_intermediate_size`` (our ``--ffn-hidden-size``). The router renormalises its top-k weights only
-when ``norm_topk_prob`` is set (``--moe-no-topk-renormalization`` otherwise). The HF tensor names of
-the router and the fused experts are Mixtral's (``mixtral.MOE_RULES``).
+Every layer is sparse (``decoder_sparse_step`` 1, no ``mlp_only_layers``: dense layers among sparse ones
+are refused); the experts' width is ``moe_intermediate_size`` (our ``--ffn-hidden-size``), and
+``intermediate_size``, the width of the dense MLP no layer has here, is kept as the source gave it. The
+router renormalises its top-k weights only when ``norm_topk_prob`` is set (``--moe-no-topk-renormalization``
+otherwise; transformers' default is false). The expert count is ``num_experts`` in the Hub's configs and
+``num_local_experts`` in transformers 5's (both are read; an export writes both). The fused expert
+tensors are Mixtral's names; per expert, they are ``mlp.experts.{e}.gate_proj`` / ``up_proj`` /
+``down_proj`` beside the router ``mlp.gate.weight``.
 """
 
 from __future__ import annotations
 
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.families import Family, llama, mixtral, qwen3, register
-from megatron_ucp.layout.hf import require
+from megatron_ucp.layout.hf import UnsupportedConfig, require
 
-RULES = {k: v for k, v in qwen3.RULES.items() if k not in mixtral.DENSE_MLP} | mixtral.MOE_RULES
+RULES = ({k: v for k, v in qwen3.RULES.items() if k not in mixtral.DENSE_MLP}
+         | mixtral.moe_rules("mlp", "gate_proj", "up_proj", "down_proj"))
 
 
 def config_from_hf(hf: dict) -> dict:
     require(hf, "decoder_sparse_step", 1, "every layer is sparse here", 1)
     if hf.get("mlp_only_layers"):
-        raise ValueError(f"mlp_only_layers {hf['mlp_only_layers']}: dense layers among sparse ones are not modelled")
-    require(hf, "output_router_logits", False, "the router logits are not returned", False)
+        raise UnsupportedConfig(f"mlp_only_layers={hf['mlp_only_layers']!r} is not supported (dense layers among "
+                                "sparse ones are not modelled); expected []")
+    counts = {hf[k] for k in ("num_experts", "num_local_experts") if k in hf}
+    if len(counts) > 1:
+        raise UnsupportedConfig(f"num_experts={hf['num_experts']!r} and num_local_experts={hf['num_local_experts']!r} "
+                                "disagree")
     out = qwen3.config_from_hf(dict(hf, intermediate_size=hf["moe_intermediate_size"]))
-    experts = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]  # transformers 5 writes the latter
-    return dict(out, num_experts=int(experts), moe_top_k=int(hf["num_experts_per_tok"]),
-                moe_renormalize=bool(hf.get("norm_topk_prob", False)),
-                moe_loss_coeff=float(hf.get("router_aux_loss_coef", 0.001)))
+    experts = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]
+    return dict(out, moe_renormalize=bool(hf.get("norm_topk_prob", False)),
+                **mixtral.moe_config_from_hf(hf, experts, 0.001))  # 0.001: Qwen3MoeConfig's default
 
 
 def hf_config(cfg: ModelConfig) -> dict:
-    return dict(qwen3.hf_config(cfg), moe_intermediate_size=cfg.ffn_hidden_size, num_experts=cfg.num_experts,
-                num_experts_per_tok=cfg.moe_top_k, norm_topk_prob=cfg.moe_renormalize,
-                router_aux_loss_coef=cfg.moe_loss_coeff, decoder_sparse_step=1, mlp_only_layers=[],
-                output_router_logits=False)
+    out = dict(qwen3.hf_config(cfg), moe_intermediate_size=cfg.ffn_hidden_size, num_experts=cfg.num_experts,
+               num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.moe_top_k,
+               norm_topk_prob=cfg.moe_renormalize, router_aux_loss_coef=cfg.moe_loss_coeff, decoder_sparse_step=1,
+               mlp_only_layers=[])
+    del out["intermediate_size"]  # the dense MLP's width: no layer has one
+    return out
 
 
 def hf_model(overrides: dict | None = None, **sizes):

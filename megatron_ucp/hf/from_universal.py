@@ -10,6 +10,10 @@ the atoms before the folder is published (``checkpoint/publish.py``); tokenizer 
 only when they are regular files inside the input (a path in the metadata only when it is a
 SentencePiece model).
 
+A mixture-of-experts model's experts are written one tensor per expert (``save_pretrained``'s layout:
+transformers 4's own names, which transformers 5 fuses on load) or, asked, fused per layer (transformers
+5's modules): a fused tensor is assembled from its E expert atoms, one slice each.
+
 From an HF import's ``hf_extras`` folder only the tokenizer files of ``EXTRAS_ALLOWED`` are taken,
 each only when it is a regular file directly inside an ``hf_extras`` that is itself a real folder
 (no symbolic link is followed, at either level). ``config.json``, ``generation_config.json`` and
@@ -52,8 +56,8 @@ from megatron_ucp.checkpoint.publish import (
 )
 from megatron_ucp.checkpoint.zero import CheckpointError, load_file
 from megatron_ucp.families import family_of_model, hf_config_from_model
-from megatron_ucp.hf.transforms import to_hf
-from megatron_ucp.layout.hf import hf_mappings
+from megatron_ucp.hf.transforms import hf_shapes, to_hf
+from megatron_ucp.layout.hf import Combine, ExpertLayout, HFMapping, hf_mappings
 from megatron_ucp.layout.slicing import bitwise_equal
 
 HF_EXPORT_KIND = "hf_export"  # the completion marker's kind for an exported Hugging Face folder
@@ -329,8 +333,11 @@ def verify_export(folder: str, files: list[str], shards: list[list[str]], shard_
 
 
 def convert_universal_to_hf(input_folder: str, output_dir: str, *, dtype: str | None = None,
-                            max_shard_size: str | int = "5GB", overwrite: bool = False) -> HFExportReport:
-    """Write ``output_dir`` as a ``from_pretrained``-loadable HF folder of the universal checkpoint."""
+                            max_shard_size: str | int = "5GB", overwrite: bool = False,
+                            experts: ExpertLayout | str = ExpertLayout.PER_EXPERT) -> HFExportReport:
+    """Write ``output_dir`` as a ``from_pretrained``-loadable HF folder of the universal checkpoint; an MoE
+    model's experts one tensor per expert (``save_pretrained``'s and the Hub's layout, which transformers 4
+    and 5 both load) or ``experts="fused"`` (transformers 5's modules, one [E, ...] tensor per layer)."""
     from safetensors.torch import save_file
 
     t0 = time.time()
@@ -341,14 +348,17 @@ def convert_universal_to_hf(input_folder: str, output_dir: str, *, dtype: str | 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
-    mappings = hf_mappings(cfg, family)
+    experts = ExpertLayout(experts)
+    mappings = hf_mappings(cfg, family, experts)
 
-    # HF names and shapes, in table order, from the shapes alone (meta tensors).
-    entries, owner = [], {}
+    # HF names and shapes, in table order, from the shapes alone; a fused expert tensor is made of E mappings.
+    shapes: dict[str, tuple[int, ...]] = {}
+    owners: dict[str, list[HFMapping]] = {}
     for m in mappings:
-        for name, t in zip(m.hf_names, to_hf(m, torch.empty(m.spec.shape(cfg), device="meta"), cfg)):
-            entries.append((name, tuple(t.shape)))
-            owner[name] = m
+        for name, shape in zip(m.hf_names, hf_shapes(m, cfg)):
+            shapes.setdefault(name, shape)
+            owners.setdefault(name, []).append(m)
+    entries = list(shapes.items())
     shards = _plan_shards(entries, torch.empty((), dtype=torch_dtype).element_size(), parse_size(max_shard_size))
     n = len(shards)
     files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -357,21 +367,28 @@ def convert_universal_to_hf(input_folder: str, output_dir: str, *, dtype: str | 
     request = {"tool": "megatron_ucp.universal_to_hf", "input": inp,
                "input_fingerprint": fingerprint([os.path.join(inp, f) for f in folder_files(inp)]),
                "dtype": dtype, "max_shard_size": parse_size(max_shard_size)}
+    if cfg.is_moe:
+        request["experts"] = experts.value
     if finished_output(out, HF_EXPORT_KIND, request):
         remove_stale_temporaries(out)
         return HFExportReport(out, family.architecture, len(entries), n, dtype, time.time() - t0, kept=True)
     check_replaceable(out, is_hf_folder, "a Hugging Face model folder", overwrite)
 
     def shard_tensors(names: list[str]) -> dict[str, torch.Tensor]:
-        tensors = {}
-        for m in dict.fromkeys(owner[name] for name in names):  # each parameter once, in order
+        tensors = {name: torch.empty(shapes[name], dtype=torch_dtype) for name in names
+                   if owners[name][0].combine is Combine.EXPERT}  # filled one expert's slice at a time
+        for m in dict.fromkeys(m for name in names for m in owners[name]):  # each parameter once, in order
             path = atom_path(input_folder, m.name, STATE_KEYS[0])
             full = atom_tensor(load_file(path, mmap=True))
             if tuple(full.shape) != tuple(m.spec.shape(cfg)):
                 raise CheckpointError(f"{path}: shape {tuple(full.shape)}, but the model config implies "
                                       f"{tuple(m.spec.shape(cfg))}")
             for name, t in zip(m.hf_names, to_hf(m, full, cfg)):
-                if name in names:
+                if name not in names:
+                    continue
+                if m.combine is Combine.EXPERT:
+                    tensors[name][m.expert] = t
+                else:
                     tensors[name] = t.to(torch_dtype).contiguous()
             del full
         return tensors

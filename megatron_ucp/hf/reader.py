@@ -113,11 +113,22 @@ class HFCheckpoint:
             with safe_open(path, framework="pt") as f:
                 return f.get_tensor(name)  # mapped: pages load as read and go when the tensor is freed
         bt = self._bin[name]
-        span = torch.empty(bt.ref.numel, dtype=bt.ref.dtype)
-        read_into(bt.ref, 0, span)
-        if span.numel() == _numel(bt.shape) and bt.stride == _contiguous_strides(bt.shape):
-            return span.view(bt.shape)
-        return span.as_strided(bt.shape, bt.stride).contiguous()
+        return _read_strided(bt.ref, 0, bt.shape, bt.stride)
+
+    def read_slice(self, name: str, index: int) -> torch.Tensor:
+        """``read(name)[index]`` (dim 0: one expert of a fused expert tensor), reading only that slice's bytes."""
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.folder}: no tensor {name}")
+        shape = self._shapes[name]
+        if not shape or not 0 <= index < shape[0]:
+            raise CheckpointError(f"{self.file_of(name)}: {name} of shape {shape} has no slice {index} on dim 0")
+        if self.format == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(self.file_of(name), framework="pt") as f:
+                return f.get_slice(name)[index:index + 1].reshape(shape[1:])
+        bt = self._bin[name]
+        return _read_strided(bt.ref, index * bt.stride[0], bt.shape[1:], bt.stride[1:])
 
     def largest_file_bytes(self) -> int:
         return max(os.path.getsize(self._path(f)) for f in set(self.weight_map.values()))
@@ -126,6 +137,17 @@ class HFCheckpoint:
 _SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                 "BOOL": torch.bool}
+
+
+def _read_strided(ref: FlatRef, start: int, shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
+    """The tensor of ``shape`` and ``stride`` whose element 0 is element ``start`` of ``ref``, read and made
+    contiguous (only the bytes from its first element to its last are read)."""
+    numel = _numel(shape)
+    span = torch.empty(1 + sum((d - 1) * st for d, st in zip(shape, stride)) if numel else 0, dtype=ref.dtype)
+    read_into(ref, start, span)
+    if span.numel() == numel and stride == _contiguous_strides(shape):
+        return span.view(shape)
+    return span.as_strided(shape, stride).contiguous()
 
 
 def _numel(shape) -> int:

@@ -6,6 +6,11 @@ atoms: ``fp32.pt`` with the weights, ``exp_avg.pt`` / ``exp_avg_sq.pt`` of zeros
 with the same per-kind keys our ZeRO converter writes. The zero atoms are the cached serialised
 bytes around a file hole, so they cost neither memory nor write time.
 
+A mixture-of-experts checkpoint may store its experts one tensor per expert (the Hub's files, and what
+transformers 5's ``save_pretrained`` writes) or fused, one [E, ...] tensor per layer and projection
+(transformers 5's modules); the names it holds say which (``layout.hf.expert_layout_of``). A fused
+tensor is never read whole: each expert's atom reads only its slice (``HFCheckpoint.read_slice``).
+
 The result starts a run from step 0 with fresh moments; ``--finetune`` (or a new run's flags) sets
 the schedule and hyperparameters. Output goes to a temporary sibling folder, is verified there (every
 weight atom re-read against the source; a ``.bin`` source's bytes, as our reader located them,
@@ -59,12 +64,14 @@ from megatron_ucp.checkpoint.zero import CheckpointError, FlatRef, load_file, st
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.hf.ds_files import write_loader_files
 from megatron_ucp.hf.reader import HFCheckpoint, open_hf_checkpoint, read_config
-from megatron_ucp.hf.transforms import to_hf, to_ours
+from megatron_ucp.hf.transforms import hf_shapes, to_ours
 from megatron_ucp.families import Family, family_of_model, model_config_from_hf
 from megatron_ucp.layout.hf import (
+    Combine,
     HFMapping,
     UnsupportedConfig,
     check_declared_sizes,
+    expert_layout_of,
     hf_mappings,
     is_ignored,
     source_dtype,
@@ -125,8 +132,7 @@ def check_coverage(ckpt: HFCheckpoint, mappings: list[HFMapping], cfg: ModelConf
         raise CheckpointError(f"{ckpt.file_of(extra[0])}: {len(extra)} tensors map to nothing of ours "
                               f"(e.g. {extra[:3]}); is config.json the model's own?")
     for m in mappings:
-        want = [tuple(t.shape) for t in to_hf(m, torch.empty(m.spec.shape(cfg), device="meta"), cfg)]
-        for name, shape in zip(m.hf_names, want):
+        for name, shape in zip(m.hf_names, hf_shapes(m, cfg)):
             if ckpt.shape(name) != shape:
                 raise CheckpointError(f"{ckpt.file_of(name)}: {name} has shape {ckpt.shape(name)}, but config.json "
                                       f"implies {shape}")
@@ -212,13 +218,14 @@ def convert_hf_to_universal(hf_checkpoint_dir: str, save_dir: str, *, safe_seria
     with _config_errors(config_path):
         # before any table is built from the sizes config.json declares
         check_declared_sizes(hf_config, cfg, family, {n: ckpt.shape(n) for n in ckpt.names()})
+        experts = expert_layout_of(ckpt.names(), cfg, family)
         dropped: frozenset[str] = frozenset()
         if _override_config:
-            meant = {n for m in hf_mappings(cfg, family) for n in m.hf_names}
+            meant = {n for m in hf_mappings(cfg, family, experts) for n in m.hf_names}
             cfg = dataclasses.replace(cfg, **_override_config)
             family = family_of_model(cfg)
-            dropped = frozenset(meant - {n for m in hf_mappings(cfg, family) for n in m.hf_names})
-    mappings = hf_mappings(cfg, family)
+            dropped = frozenset(meant - {n for m in hf_mappings(cfg, family, experts) for n in m.hf_names})
+    mappings = hf_mappings(cfg, family, experts)
     check_coverage(ckpt, mappings, cfg, family, dropped)
 
     inp, out = check_output_path(hf_checkpoint_dir, save_dir)
@@ -237,7 +244,9 @@ def convert_hf_to_universal(hf_checkpoint_dir: str, save_dir: str, *, safe_seria
     check_replaceable(out, is_universal_folder, "a universal checkpoint folder", overwrite)
 
     def ours(m: HFMapping) -> torch.Tensor:
-        return to_ours(m, [ckpt.read(n) for n in m.hf_names], cfg, _skip_qkv_reorder=_skip_qkv_reorder,
+        hf = [ckpt.read_slice(n, m.expert) if m.combine is Combine.EXPERT and m.expert is not None else ckpt.read(n)
+              for n in m.hf_names]  # a fused expert tensor: only this expert's bytes
+        return to_ours(m, hf, cfg, _skip_qkv_reorder=_skip_qkv_reorder,
                        _skip_conv1d_transpose=_skip_conv1d_transpose)
 
     with staged_folder(out) as tmp:

@@ -1,8 +1,11 @@
 """Tensor work of the HF mapping: HF tensors -> one full tensor of ours, and back.
 
-What to do for each parameter is declared in ``layout/hf.py``; this module only executes the four
+What to do for each parameter is declared in ``layout/hf.py``; this module only executes the
 ``Combine`` kinds and the GPT-2 ``Conv1D`` transpose, with the fused-QKV and SwiGLU maps of
 ``layout/placement.py`` (our grouped QKV with one head per group is GPT-2's per-head ``[q; k; v]``).
+An expert's parameter of a fused HF layout (``Combine.EXPERT``) is one slice, ``[m.expert]``, of the
+layer's HF tensor: the HF tensor "of" such a mapping here is that slice (the reader reads just its bytes,
+``HFCheckpoint.read_slice``; the export stacks the slices, ``hf_shapes`` giving the whole tensor's shape).
 
 The private ``_skip_*`` flags are negative controls for the tests: they reproduce the two classic
 converter bugs (a plain ``[Q; K; V]`` instead of our per-group order; a ``reshape`` where the
@@ -46,6 +49,8 @@ def to_ours(m: HFMapping, hf: list[torch.Tensor], cfg: ModelConfig, *, _skip_qkv
             out = fuse_qkv(q, k, v, nh, nkv)
     elif m.combine is Combine.SWIGLU:
         out = fuse_swiglu(ts[0], ts[1], 1)  # [gate; up]: the universal form of the two sub-parameters
+    elif m.combine is Combine.EXPERT:
+        out = ts[0]  # the expert's slice of the fused tensor, already in our layout
     else:  # pragma: no cover - the enum is closed
         raise ValueError(f"unknown combine {m.combine}")
     return out.contiguous()
@@ -64,6 +69,14 @@ def to_hf(m: HFMapping, ours: torch.Tensor, cfg: ModelConfig) -> list[torch.Tens
         ts = list(unfuse_qkv(ours, nh, nkv))
     elif m.combine is Combine.SWIGLU:
         ts = list(unfuse_swiglu(ours, 1))
+    elif m.combine is Combine.EXPERT:
+        ts = [ours]  # the expert's slice of the fused tensor
     else:  # pragma: no cover
         raise ValueError(f"unknown combine {m.combine}")
     return [(t.t() if m.transpose else t).contiguous() for t in ts]
+
+
+def hf_shapes(m: HFMapping, cfg: ModelConfig) -> list[tuple[int, ...]]:
+    """The shapes of ``m``'s HF tensors as a checkpoint holds them: a fused expert tensor whole, [E, ...]."""
+    shapes = [tuple(t.shape) for t in to_hf(m, torch.empty(m.spec.shape(cfg), device="meta"), cfg)]
+    return [(cfg.num_experts or 0, *s) for s in shapes] if m.combine is Combine.EXPERT else shapes

@@ -29,11 +29,19 @@ class Combine(enum.Enum):
     EXPERT = "expert"  # one HF tensor holding every expert of the layer on dim 0: ours is slice [e]
 
 
+class ExpertLayout(enum.Enum):
+    """How an HF checkpoint of a mixture-of-experts model stores its experts."""
+
+    FUSED = "fused"  # transformers 5's modules: one [E, ...] tensor per layer and projection
+    PER_EXPERT = "per_expert"  # one tensor per expert and projection: the Hub's files, and save_pretrained's
+
+
 @dataclass(frozen=True)
 class HFRule:
-    hf_names: tuple[str, ...]  # templates; ``{i}`` is the 0-based transformer layer
+    hf_names: tuple[str, ...]  # templates; ``{i}`` is the 0-based transformer layer, ``{e}`` the global expert
     transpose: bool = False  # GPT-2 Conv1D weights are [in, out]
     combine: Combine = Combine.NONE
+    per_expert: HFRule | None = None  # the same parameter in a per-expert checkpoint, where its names differ
 
 
 @dataclass(frozen=True)
@@ -65,8 +73,10 @@ class FamilyRules(Protocol):
 TIED_HEAD = "lm_head.weight"  # every family's head; absent from (or a copy in) a tied model's files
 
 
-def hf_mappings(cfg: ModelConfig, family: FamilyRules) -> list[HFMapping]:
-    """Every parameter of the model (table order) with its HF tensors; ValueError for an uncovered one."""
+def hf_mappings(cfg: ModelConfig, family: FamilyRules,
+                experts: ExpertLayout = ExpertLayout.PER_EXPERT) -> list[HFMapping]:
+    """Every parameter of the model (table order) with its HF tensors, experts stored as ``experts`` says
+    (a dense model's are the same either way); ValueError for an uncovered parameter."""
     rules = family.hf_rules
     out = []
     for p in model_params(cfg):
@@ -74,10 +84,20 @@ def hf_mappings(cfg: ModelConfig, family: FamilyRules) -> list[HFMapping]:
         if rule is None:
             raise ValueError(f"{family.architecture}: no Hugging Face rule for our parameter {p.name} "
                              f"({p.spec.role.value} {p.spec.local_name})")
+        if experts is ExpertLayout.PER_EXPERT and rule.per_expert is not None:
+            rule = rule.per_expert
         layer = p.entry.layer_number
         names = tuple(n.format(i=layer, e=p.expert) for n in rule.hf_names)
         out.append(HFMapping(p.name, p.spec, names, rule.transpose, rule.combine, p.expert))
     return out
+
+
+def expert_layout_of(names, cfg: ModelConfig, family: FamilyRules) -> ExpertLayout:
+    """The expert layout of a checkpoint holding the tensors ``names``: fused when it holds any tensor only
+    the fused layout has, per expert otherwise (``check_coverage`` then names whatever is missing)."""
+    per_expert = {n for m in hf_mappings(cfg, family, ExpertLayout.PER_EXPERT) for n in m.hf_names}
+    fused_only = {n for m in hf_mappings(cfg, family, ExpertLayout.FUSED) for n in m.hf_names} - per_expert
+    return ExpertLayout.FUSED if fused_only & set(names) else ExpertLayout.PER_EXPERT
 
 
 def is_ignored(hf_name: str, cfg: ModelConfig, family: FamilyRules) -> bool:
@@ -167,12 +187,14 @@ def source_dtype(hf: dict) -> str | None:
 # The config.json entries the families read, by the values they may take: sizes are positive integers
 # (null where optional), epsilons and the rotary base positive finite numbers, dropouts in [0, 1).
 _POSITIVE_INTS = ("num_hidden_layers", "n_layer", "hidden_size", "n_embd", "num_attention_heads", "n_head",
-                  "vocab_size", "max_position_embeddings", "n_positions", "intermediate_size")
+                  "vocab_size", "max_position_embeddings", "n_positions", "intermediate_size", "num_local_experts",
+                  "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step")
 _OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "n_inner", "head_dim", "original_max_position_embeddings",
                            "sliding_window", "max_window_layers")
 _POSITIVE_NUMBERS = ("rope_theta", "rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps")
 _DROPOUTS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
-_BOOLS = ("tie_word_embeddings",)
+_NON_NEGATIVE_NUMBERS = ("initializer_range", "router_aux_loss_coef", "router_jitter_noise")
+_BOOLS = ("tie_word_embeddings", "norm_topk_prob", "output_router_logits", "use_sliding_window")
 _ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor")  # positive, inside rope_scaling
 
 
@@ -216,8 +238,12 @@ def check_hf_config(hf) -> None:
     for key in _DROPOUTS:
         if key in hf and not (_is_number(hf[key]) and 0 <= hf[key] < 1):
             raise UnsupportedConfig(f"{key}: expected a dropout probability in [0, 1), found {_shown(hf[key])}")
-    if "initializer_range" in hf and not (_is_number(hf["initializer_range"]) and hf["initializer_range"] >= 0):
-        raise UnsupportedConfig(f"initializer_range: expected a finite number >= 0, found {_shown(hf['initializer_range'])}")
+    for key in _NON_NEGATIVE_NUMBERS:
+        if key in hf and not (_is_number(hf[key]) and hf[key] >= 0):
+            raise UnsupportedConfig(f"{key}: expected a finite number >= 0, found {_shown(hf[key])}")
+    layers = hf.get("mlp_only_layers")
+    if layers is not None and not (isinstance(layers, list) and all(type(i) is int for i in layers)):
+        raise UnsupportedConfig(f"mlp_only_layers: expected a list of layer numbers, found {_shown(layers)}")
     for key in _BOOLS:
         if key in hf and not isinstance(hf[key], bool):
             raise UnsupportedConfig(f"{key}: expected true or false, found {_shown(hf[key])}")
@@ -243,7 +269,8 @@ def check_declared_sizes(hf: dict, cfg: ModelConfig, family: FamilyRules, shapes
     the reader's index), before anything is sized from them: the parameter table has entries per layer, and
     the attention maps work per head, so a config declaring a million layers or heads would take gigabytes
     of memory before the tensors could disagree. UnsupportedConfig names the key."""
-    prefixes = {t.split("{i}")[0] for rule in family.hf_rules.values() for t in rule.hf_names if "{i}" in t}
+    rules = [r for rule in family.hf_rules.values() for r in (rule, rule.per_expert) if r is not None]
+    prefixes = {t.split("{i}")[0] for rule in rules for t in rule.hf_names if "{i}" in t}
     layer_re = re.compile("^(?:" + "|".join(re.escape(p) for p in sorted(prefixes)) + r")(\d+)\.")
     layers = {int(m.group(1)) for name in shapes if (m := layer_re.match(name))}
     if len(layers) != cfg.num_layers or (layers and max(layers) != cfg.num_layers - 1):  # not 0..n-1 exactly
@@ -260,7 +287,8 @@ def check_declared_sizes(hf: dict, cfg: ModelConfig, family: FamilyRules, shapes
     largest = max((d for shape in shapes.values() for d in shape), default=0)
     sizes = {_hf_key(hf, "num_attention_heads", "n_head"): cfg.num_attention_heads,
              _hf_key(hf, "num_key_value_heads"): cfg.num_key_value_heads,
-             _hf_key(hf, "intermediate_size", "n_inner"): cfg.ffn_hidden_size, "head_dim": cfg.kv_channels}
+             _hf_key(hf, "moe_intermediate_size", "intermediate_size", "n_inner"): cfg.ffn_hidden_size,
+             "head_dim": cfg.kv_channels, _hf_key(hf, "num_local_experts", "num_experts"): cfg.num_experts}
     for key, value in sizes.items():
         if value is not None and value > largest:
             raise UnsupportedConfig(f"{key}: {value} is larger than every dimension of every tensor in the "

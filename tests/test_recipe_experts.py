@@ -80,3 +80,32 @@ def test_resume_side_checks_target_ep(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip() == ("error: TARGET_DP=1 TARGET_EP=2: expert parallel size 2 must divide the data "
                                   "parallel size 1 and NUM_EXPERTS 8")
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_moe_baseline_recipe_trains_and_logs_the_load_balancing_loss(tmp_path):
+    """run_tp2_pp2.sh with a mixture of experts, small: TP1 PP2 DP2 EP2 (4 ranks), fp32, on the bundled
+    corpus. Every training record carries moe_loss, the ZeRO checkpoint has DeepSpeed's per-expert
+    files, and the loss-curve tool reads the run with its load-balancing curve."""
+    from dist_utils import free_port
+
+    from megatron_ucp.evidence.loss_curves import load_curves
+
+    env = dict(os.environ, OUTPUT_DIR=str(tmp_path), MODEL_FAMILY="mixtral", NUM_EXPERTS="4", EP="2", TP="1",
+               PP="2", DP="2", DTYPE="fp32", NUM_LAYERS="2", HIDDEN="32", HEADS="4", KV_HEADS="2", FFN_HIDDEN="16",
+               SEQ_LEN="16", GLOBAL_BATCH="4", MICRO_BATCH="1", TRAIN_ITERS="4", SAVE_INTERVAL="2", EVAL_INTERVAL="2",
+               EVAL_ITERS="1", LOG_INTERVAL="1", MASTER_PORT=str(free_port()),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run(["bash", os.path.join(REPO, "examples_deepspeed/universal_checkpointing/run_tp2_pp2.sh")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "mixtral_fp32_z1_tp1_pp2_dp2_ep2_sp1"
+    assert "baseline run: TP=1 PP=2 DP=2 EP=2 (4 experts, top-2) ZeRO-1 fp32" in proc.stdout
+    curves = load_curves(run)
+    assert sorted(curves.train) == sorted(curves.moe) == [1, 2, 3, 4]
+    assert curves.label == "TP1 PP2 DP2 EP2 ZeRO-1 fp32"
+    step = run / "checkpoints" / "global_step2"
+    # One MoE layer per pipeline stage (layer index 0 on each), 4 global experts, mp_rank = the stage.
+    experts = sorted(p.name for p in step.glob("layer_*_expert_*_model_states.pt"))
+    assert experts == [f"layer_0_expert_{e}_mp_rank_0{s}_model_states.pt" for e in range(4) for s in range(2)]

@@ -639,12 +639,13 @@ def format_table(comparison: Comparison, max_rows: int = 10, max_valid_rows: int
             lines.append(f"{'...':>8}  ({sc.count - limit} more)")
     lines.append("")
     lines.append("Summary")
+    width = max(16, *(len(SPLIT_TITLES[sc.split]) + 1 for sc in c.splits))
     for sc in c.splits:
         split = sc.split
         if not sc.count:
-            lines.append(f"  {SPLIT_TITLES[split]:<16} no iterations to compare")
+            lines.append(f"  {SPLIT_TITLES[split]:<{width}} no iterations to compare")
             continue
-        lines.append(f"  {SPLIT_TITLES[split]:<16} max |diff| = {_fmt_g(sc.max_abs_diff)} (iteration "
+        lines.append(f"  {SPLIT_TITLES[split]:<{width}} max |diff| = {_fmt_g(sc.max_abs_diff)} (iteration "
                      f"{sc.max_abs_diff_iteration}), mean |diff| = {_fmt_g(sc.mean_abs_diff)}, first-step "
                      f"|diff| = {_fmt_g(sc.first_step_abs_diff)} (relative {_fmt_g(sc.first_step_rel_diff)}), "
                      f"{len(sc.unequal_iterations)} of {sc.count} not bitwise equal")

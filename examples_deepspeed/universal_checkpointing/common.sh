@@ -187,6 +187,7 @@ TARGET_ZERO_STAGE="${TARGET_ZERO_STAGE:-$ZERO_STAGE}"  # resume at another ZeRO 
 TARGET_DTYPE="${TARGET_DTYPE:-$DTYPE}"                # or in another precision (the loss scaler is reset)
 CONVERTER="${CONVERTER:-ours}"          # ours | deepspeed | auto (no conversion: direct reshard at load)
 ASSERT_ATOL="${ASSERT_ATOL:-}"          # e.g. 1e-3: fail the recipe if the curves differ by more
+RTOL_FIRST="${RTOL_FIRST:-}"            # e.g. 1e-5: ... or the first resumed step differs by more, relatively
 
 # convert_to_universal ZERO_FOLDER UNIVERSAL_FOLDER: run the chosen converter. Ours verifies before it
 # publishes and keeps a finished, verified output of the same input, so a rerun after a crash resumes

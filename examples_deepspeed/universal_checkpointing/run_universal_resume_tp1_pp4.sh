@@ -4,6 +4,8 @@
 # batch, train to TRAIN_ITERS, and plot both runs: PNGs, CSVs and verdict.json under OUTPUT_DIR.
 # TARGET_ZERO_STAGE and TARGET_DTYPE resume at another ZeRO stage or precision (default: the baseline's);
 # TARGET_EP an MoE model at another expert parallel size (default 1; it must divide TARGET_DP).
+# ASSERT_ATOL (every step) and RTOL_FIRST (the first resumed step, relative) fail the recipe when the curves
+# differ by more: the LM loss and, for an MoE model, its load-balancing loss.
 # Use the same environment variables as the baseline recipe, so OUTPUT_DIR finds the baseline run.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 check_ep "$TARGET_DP" "$TARGET_EP" "TARGET_DP=$TARGET_DP TARGET_EP=$TARGET_EP"
@@ -46,6 +48,7 @@ launch $(( TARGET_TP * TARGET_PP * TARGET_DP )) $(model_args) $(train_args) $(ru
 PLOTS="$OUTPUT_DIR/plots_$(basename "$RESUME_RUN")"
 check=()
 [[ -n "$ASSERT_ATOL" ]] && check=(--assert-close "$ASSERT_ATOL")
+[[ -n "$RTOL_FIRST" ]] && check+=(--rtol-first "$RTOL_FIRST")
 python "$REPO_ROOT/tools/plot_loss_curves.py" "$BASE_RUN" "$RESUME_RUN" --output-dir "$PLOTS" \
     --resume-iteration "$LOAD_ITER" "${check[@]}"
 VERDICT="$OUTPUT_DIR/verdict.json"

@@ -187,7 +187,8 @@ def test_main_rejects_bad_arguments(argv, capsys):
 def test_case_selection_parsing():
     args = bt.build_parser().parse_args(["--cases", "tp2-pp2-dp2,plain", "tp1-pp1-dp1"])
     assert bt.selected_cases(args) == ["tp2-pp2-dp2", "plain", "tp1-pp1-dp1"]
-    assert bt.selected_cases(bt.build_parser().parse_args([])) == ["plain", "tp1-pp1-dp1", "tp2-pp2-dp2"]
+    assert bt.selected_cases(bt.build_parser().parse_args([])) == ["plain", "tp1-pp1-dp1", "tp2-pp2-dp2",
+                                                                    "dense-active", "moe-ep2"]
 
 
 # lm loss of iterations 1-4 printed by the trainer at TP1/PP1/DP1 for TINY_ARGS
@@ -264,3 +265,126 @@ def test_every_case_end_to_end_small(tmp_path, capsys):
         assert case["losses"] == pytest.approx(cases["plain"]["losses"], abs=2e-5), name
     # Negative control: the losses do change over the run, so agreeing is not a constant.
     assert abs(cases["plain"]["losses"][0] - cases["plain"]["losses"][-1]) > 1e-3
+
+
+# ------------------------------------------------------------------------------------ the MoE pair
+
+
+def test_moe_pair_trains_equal_active_parameters():
+    """moe-ep2 and its dense twin: the same attention, the dense MLP top-k x an expert wide, so a token
+    passes through as many parameters in both (the router's E x h per layer aside)."""
+    from megatron_ucp.training.arguments import check_run, model_kwargs, parse_args, train_config
+
+    cfg = bt.BenchConfig()
+    flags = {name: parse_args(bt.trainer_args(cfg, bt.CASES[name])) for name in bt.MOE_PAIR}
+    dense, moe = flags["dense-active"], flags["moe-ep2"]
+    assert (dense["model_family"], moe["model_family"]) == ("llama", "mixtral")
+    assert (dense["num_experts"], moe["num_experts"], moe["moe_top_k"]) == (None, 8, 2)
+    assert (dense["ffn_hidden_size"], moe["ffn_hidden_size"]) == (688, 344)
+    attention = ("num_attention_heads", "num_key_value_heads", "hidden_size", "num_layers",
+                 "use_rotary_position_embeddings", "normalization")
+    assert [dense[k] for k in attention] == [moe[k] for k in attention] == [8, 4, 256, 4, True, "rmsnorm"]
+    for name, values in flags.items():  # the trainer's own whole-run checks accept both at 2 ranks
+        tc = train_config(values)
+        assert (tc.tensor_model_parallel_size, tc.pipeline_model_parallel_size) == (1, 1)
+        assert tc.moe_expert_parallel_size == bt.CASES[name].ep
+        check_run(model_kwargs(values), tc, bt.CASES[name].ranks, vocab_size=cfg.vocab_size)
+    (d_active, d_total), (m_active, m_total) = (bt.parameter_counts(cfg, bt.CASES[n]) for n in bt.MOE_PAIR)
+    assert d_active == d_total
+    assert m_active - d_active == cfg.num_layers * cfg.num_experts * cfg.hidden_size  # the routers
+    # Negative control: the total counts every expert: 6 of the 8 experts' 3 x h x f weights on top.
+    assert m_total - m_active == cfg.num_layers * 6 * 3 * cfg.hidden_size * cfg.expert_ffn_hidden_size
+
+
+def _pair_result(name, round_ms):
+    case = bt.CASES[name]
+    r = bt.CaseResult(name, case.layout, case.ranks)
+    r.rounds = [bt.Summary(5, ms, ms, ms, 2048 / (ms / 1000)) for ms in round_ms]
+    r.summary = r.rounds[0]
+    r.first_loss, r.last_loss = 9.0362, 9.0301
+    r.active_parameters, r.parameters = 1000, 2000 if case.moe else 1000
+    return r
+
+
+def test_format_moe_table_medians_and_paired_ratio():
+    # Round 2 ran under load for both: the paired ratio (median of 1.0, 0.5, 1.0) is 1.0x, where the ratio
+    # of the medians (400 / 200 ms) would say 0.50x.
+    dense = _pair_result("dense-active", [400.0, 100.0, 200.0])
+    moe = _pair_result("moe-ep2", [400.0, 200.0, 200.0])
+    lines = bt.format_moe_table([dense, moe]).splitlines()
+    assert len(lines) == 4 and len({len(line) for line in lines}) == 1
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == [
+        "case", "model", "layout", "ranks", "parameters (active / total)", "rounds", "ms/iteration (median)",
+        "tokens/s (median)", "vs dense-active (paired)", "lm loss (first, last)"]
+    row = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines[2:]}
+    assert row["dense-active"] == ["dense-active", "llama, dense", "TP1/PP1/DP2", "2", "1,000 / 1,000", "3",
+                                   "200.0", "10,240", "1.00x", "9.0362, 9.0301"]
+    assert row["moe-ep2"] == ["moe-ep2", "mixtral, experts", "TP1/PP1/DP2/EP2", "2", "1,000 / 2,000", "3",
+                              "200.0", "10,240", "1.00x", "9.0362, 9.0301"]
+    failed = bt.CaseResult("dense-active", "TP1/PP1/DP2", 2, status="failed: exit 1")
+    lines = bt.format_moe_table([failed, moe]).splitlines()
+    assert "failed: exit 1" in lines[2] and lines[3].split("|")[9].strip() == "n/a"
+
+
+def test_run_moe_pair_alternates_the_order_and_keeps_every_round(monkeypatch, tmp_path):
+    calls = []
+    ms = {"dense-active": iter([300.0, 310.0, 320.0]), "moe-ep2": iter([500.0, 510.0, 520.0])}
+
+    def fake(cfg, case, log_dir, timeout_s=0, cpus=None):
+        calls.append((case.name, os.path.basename(log_dir)))
+        r = bt.CaseResult(case.name, case.layout, case.ranks)
+        t = next(ms[case.name])
+        r.summary = bt.Summary(1, t, t, t, 1.0 / t)
+        return r
+
+    monkeypatch.setattr(bt, "run_trainer_case", fake)
+    dense, moe = bt.run_moe_pair(bt.BenchConfig(moe_rounds=3), list(bt.MOE_PAIR), tmp_path)
+    assert calls == [("dense-active", "round1"), ("moe-ep2", "round1"), ("moe-ep2", "round2"),
+                     ("dense-active", "round2"), ("dense-active", "round3"), ("moe-ep2", "round3")]
+    assert [s.mean_ms for s in dense.rounds] == [300.0, 310.0, 320.0] and dense.median_ms == 310.0
+    assert [s.mean_ms for s in moe.rounds] == [500.0, 510.0, 520.0] and moe.ok
+    assert moe.parameters > moe.active_parameters > 0
+
+    # A failed round fails its case, and the case is not run again.
+    calls.clear()
+    ms = {"dense-active": iter([300.0, 310.0, 320.0]), "moe-ep2": iter([500.0])}
+
+    def fail_second(cfg, case, log_dir, timeout_s=0, cpus=None):
+        if case.name == "moe-ep2" and os.path.basename(log_dir) == "round2":
+            calls.append((case.name, "round2"))
+            return bt.CaseResult(case.name, case.layout, case.ranks, status="failed: exit 1")
+        return fake(cfg, case, log_dir)
+
+    monkeypatch.setattr(bt, "run_trainer_case", fail_second)
+    dense, moe = bt.run_moe_pair(bt.BenchConfig(moe_rounds=3), list(bt.MOE_PAIR), tmp_path)
+    assert [c for c in calls if c[0] == "moe-ep2"] == [("moe-ep2", "round1"), ("moe-ep2", "round2")]
+    assert not moe.ok and moe.status == "failed: exit 1" and len(dense.rounds) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_moe_pair_end_to_end_small(tmp_path, capsys):
+    """The MoE pair for real, tiny, two paired rounds: its table shows what was measured (never a speed)."""
+    out = tmp_path / "bench.json"
+    args = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-key-value-heads", "2",
+            "--expert-ffn-hidden-size", "16", "--seq-length", "16", "--vocab-size", "100", "--global-batch-size",
+            "4", "--micro-batch-size", "2", "--train-iters", "3", "--warmup-iters", "1", "--dtype", "fp32",
+            "--threads", "1", "--moe-rounds", "2"]
+    assert bt.main(["--cases", "dense-active", "moe-ep2", *args, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "### Mixture of experts vs dense at equal active parameters" in printed
+    cases = {c["case"]: c for c in json.loads(out.read_text())["cases"]}
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in printed.splitlines() if line.startswith("| ") and "tokens/s" not in line}
+    assert sorted(cases) == sorted(rows) == ["dense-active", "moe-ep2"]
+    ref = [s["tokens_per_s"] for s in cases["dense-active"]["rounds"]]
+    for name, case in cases.items():
+        assert case["status"] == "ok", case["status"]
+        assert len(case["rounds"]) == 2 and len(case["losses"]) == 3
+        tps = [s["tokens_per_s"] for s in case["rounds"]]
+        assert all(math.isfinite(t) and t > 0 for t in tps)
+        row = rows[name]
+        assert row[4] == "2" and row[6] == bt._fmt_int(sorted(tps)[0] / 2 + sorted(tps)[1] / 2)
+        ratios = sorted(a / b for a, b in zip(tps, ref))
+        assert row[7] == f"{(ratios[0] + ratios[1]) / 2:.2f}x"
+    assert cases["moe-ep2"]["parameters"] > cases["moe-ep2"]["active_parameters"]

@@ -541,3 +541,132 @@ def test_library_round_trip(tmp_path, baseline):
     paths = write_report([ref, cmp], [c], tmp_path / "report", title="UCP resume")
     assert {os.path.basename(p) for p in paths.values()} == OUTPUTS
     assert json.loads(Path(paths["verdict.json"]).read_text())["title"] == "UCP resume"
+
+
+# ------------------------------------------------------------------ the load-balancing loss of MoE runs
+
+MOE_LAYERS = 4  # the MoE layers whose unweighted load-balancing losses the logged moe_loss sums
+MOE_BASE_TOPO = dict(BASE_TOPO, ep=2, dtype="fp32")
+MOE_RESUME_TOPO = {"tp": 1, "pp": 4, "dp": 2, "zero_stage": 1, "dtype": "fp32"}
+MOE_OUTPUTS = OUTPUTS | {"moe_loss.png", "moe_loss.csv"}
+
+
+def moe_loss(i: int) -> float:
+    return MOE_LAYERS * (2.0 + 1 / 8) - i / 256  # top-2 routing: a balanced layer gives 2 (E x sum f_i P_i)
+
+
+def moe_records(its, topo, moe_scale=None, moe_delta=None, drop_moe=False):
+    """``records`` with each training record's moe_loss: scaled by ``moe_scale[i]``, shifted by ``moe_delta[i]``,
+    or left out (``drop_moe``: a resumed run that logged no load-balancing loss at all)."""
+    out = records(its, topo)
+    for rec in out:
+        i = rec["iteration"]
+        if rec["split"] == "train" and not drop_moe:
+            rec["moe_loss"] = moe_loss(i) * (moe_scale or {}).get(i, 1.0) + (moe_delta or {}).get(i, 0.0)
+    return out
+
+
+@pytest.fixture
+def moe_baseline(tmp_path):
+    return write_run(tmp_path / "moe_baseline", moe_records(range(1, 41), MOE_BASE_TOPO))
+
+
+def moe_resumed(tmp_path, name="moe_resumed", **kw):
+    return write_run(tmp_path / name, moe_records(range(21, 41), MOE_RESUME_TOPO, **kw))
+
+
+# The continuity acceptance in fp32: the first resumed step within 1e-5 relative, every step within 1e-4.
+MOE_BOUNDS = ["--assert-close", "1e-4", "--rtol-first", "1e-5"]
+
+
+def test_moe_loss_is_read_plotted_and_judged(tool, tmp_path, moe_baseline, capsys):
+    run = moe_resumed(tmp_path, moe_delta={25: 2.0 ** -16})
+    cv = load_curves(run)
+    assert cv.moe == {i: moe_loss(i) + (2.0 ** -16 if i == 25 else 0.0) for i in range(21, 41)}
+    assert load_curves(moe_baseline).label == "TP2 PP2 DP2 EP2 fp32"
+    out = tmp_path / "out"
+    assert tool.main([str(moe_baseline), str(run), "--output-dir", str(out), *MOE_BOUNDS]) == 0
+    v = verdict(out)
+    m = split(v, "moe")
+    assert v["pass"] is True and m["pass"] is True and m["reasons"] == []
+    assert m["compared_iterations"] == {"count": 20, "first": 21, "last": 40}
+    assert (m["first_step_abs_diff"], m["max_abs_diff"], m["max_abs_diff_iteration"]) == (0, 2.0 ** -16, 25)
+    assert m["tolerance"]["atol"] == 1e-4 and m["tolerance"]["rtol_first"] == 1e-5
+    assert v["runs"][0]["moe"] == {"count": 40, "first": 1, "last": 40}
+    assert set(os.listdir(out)) == MOE_OUTPUTS
+    assert (out / "moe_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(out / "moe_loss.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["iteration", "TP2 PP2 DP2 EP2 fp32", "TP1 PP4 DP2 ZeRO-1 fp32",
+                       "TP1 PP4 DP2 ZeRO-1 fp32 - TP2 PP2 DP2 EP2 fp32"]
+    assert rows[25] == ["25", repr(moe_loss(25)), repr(moe_loss(25) + 2.0 ** -16), repr(2.0 ** -16)]
+    assert rows[1] == ["1", repr(moe_loss(1)), "", ""]
+    text = capsys.readouterr().out
+    assert "Load-balancing loss (20 compared iterations, 21..40)" in text and "overall: PASS" in text
+
+
+def test_moe_loss_dropped_on_one_stage_fails_while_the_lm_loss_passes(tool, tmp_path, moe_baseline, capsys):
+    """Negative control: the resumed run's aux loss misses one of the 4 layers (as if one pipeline stage's
+    part were dropped): scaled by (L - 1) / L from the first resumed step. The LM loss is untouched."""
+    scale = (MOE_LAYERS - 1) / MOE_LAYERS
+    run = moe_resumed(tmp_path, moe_scale={i: scale for i in range(21, 41)})
+    out = tmp_path / "out"
+    assert tool.main([str(moe_baseline), str(run), "--output-dir", str(out), *MOE_BOUNDS]) == 1
+    v = verdict(out)
+    m = split(v, "moe")
+    assert v["pass"] is False and m["pass"] is False
+    assert split(v, "train")["pass"] is True and split(v, "valid")["pass"] is True
+    assert m["first_step_abs_diff"] == moe_loss(21) / MOE_LAYERS
+    assert m["first_step_rel_diff"] == 1 / MOE_LAYERS
+    assert m["max_abs_diff"] == moe_loss(21) / MOE_LAYERS and m["max_abs_diff_iteration"] == 21
+    reasons = v["comparisons"][0]["reasons"]
+    assert len(reasons) == 2
+    assert reasons[0].startswith("load-balancing loss: max |diff| ") and "exceeds atol 0.0001" in reasons[0]
+    assert reasons[1] == "load-balancing loss: first compared iteration 21 relative |diff| 0.25 exceeds rtol-first 1e-05"
+    assert "Verdict: FAIL" in capsys.readouterr().out
+
+
+def test_moe_first_step_is_held_to_rtol_first(tmp_path, moe_baseline):
+    # 2^-12 at the first resumed step: within atol 1e-3, but ~2.9e-5 relative to 8.42, above 1e-5.
+    ref, cmp = load_curves(moe_baseline), load_curves(moe_resumed(tmp_path, moe_delta={21: 2.0 ** -12}))
+    c = compare(ref, cmp, atol=1e-3, rtol_first=1e-5)
+    assert not c.passed and c.train.passed and len(c.reasons) == 1
+    assert c.reasons[0].startswith("load-balancing loss: first compared iteration 21 relative |diff| ")
+    assert compare(ref, cmp, atol=1e-3, rtol_first=1e-4).passed
+    # The same difference at a later step is only held to atol.
+    assert compare(ref, load_curves(moe_resumed(tmp_path, "later", moe_delta={22: 2.0 ** -12})), atol=1e-3,
+                   rtol_first=1e-5).passed
+
+
+def test_resumed_run_without_moe_loss_fails(tmp_path, moe_baseline):
+    c = compare(load_curves(moe_baseline), load_curves(moe_resumed(tmp_path, drop_moe=True)), atol=1e-4)
+    assert not c.passed and c.train.passed and c.moe is not None and c.moe.count == 0
+    assert c.reasons == ["load-balancing loss: the compared run lacks 20 of the 20 reference iteration(s) after "
+                         "the resume iteration 20 (iterations 21..40)"]
+
+
+def test_dense_runs_have_no_moe_split(tmp_path, baseline):
+    c = compare(load_curves(baseline), load_curves(resumed(tmp_path)), atol=1e-4)
+    assert c.moe is None and [sc.split for sc in c.splits] == ["train", "valid"]
+    with pytest.raises(KeyError):
+        c.split("moe")
+    assert set(c.to_dict()["splits"]) == {"train", "valid"}
+    assert "Load-balancing" not in format_table(c)
+
+
+def test_moe_loss_from_tensorboard(tmp_path, moe_baseline):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from megatron_ucp.training.logger import TAG_MOE_LOSS
+
+    folder = tmp_path / "tb_moe"
+    writer = SummaryWriter(log_dir=str(folder))
+    for i in range(21, 41):
+        writer.add_scalar(TAG_TRAIN_LOSS, train_loss(i), i)
+        writer.add_scalar(TAG_MOE_LOSS, moe_loss(i), i)
+        if i % VALID_EVERY == 0:
+            writer.add_scalar(TAG_VALID_LOSS, valid_loss(i), i)
+    writer.close()
+    cv = load_curves(folder)
+    assert cv.moe == {i: moe_loss(i) for i in range(21, 41)}  # dyadic: exact in float32 too
+    assert compare(load_curves(moe_baseline), cv, atol=1e-4, rtol_first=1e-5).passed

@@ -9,7 +9,15 @@ Cases (``--cases``, default all):
 * ``plain``       the trainer's non-pipeline ``GPTModel`` at TP 1 in this process, stepped by a plain
                   PyTorch loop with the trainer's optimizer groups and schedule, without DeepSpeed;
 * ``tp1-pp1-dp1`` ``torchrun --nproc_per_node 1 -m megatron_ucp.train`` (the DeepSpeed pipeline engine);
-* ``tp2-pp2-dp2`` the same trainer on 8 ranks (TP 2 x PP 2 x DP 2).
+* ``tp2-pp2-dp2`` the same trainer on 8 ranks (TP 2 x PP 2 x DP 2);
+* ``moe-ep2``     a mixture of experts (family ``mixtral``: ``--num-experts`` 8 SwiGLU experts of width
+                  ``--expert-ffn-hidden-size``, top-``--topk`` 2) at TP 1 PP 1 DP 2 with expert parallelism 2,
+* ``dense-active`` beside it, its dense twin of equal ACTIVE parameters (family ``llama``: the same attention,
+                  one SwiGLU MLP of width top-k x the expert width), on the same 2 ranks.
+
+The two MoE-pair cases train the GPT sizes above with grouped-query attention (``--num-key-value-heads``)
+and run in paired rounds (``--moe-rounds``, the order alternating), so a change of load on a shared
+machine hits both; their own table shows medians over rounds and the median of the per-round ratios.
 
 Every case trains the same model (same parameter table, same initial weights, the same mock samples,
 the same global batch, LR schedule, AdamW settings and gradient clipping) for ``--train-iters``
@@ -61,6 +69,7 @@ from megatron_ucp.bench import (
     cuda_device_count,
     load_average,
     markdown_table,
+    paired_ratio,
     tail,
     threads_per_rank,
     usable_cpus,
@@ -102,10 +111,20 @@ class BenchConfig:
     clip_grad: float = 1.0
     make_vocab_size_divisible_by: int = 128
     device: str = "auto"  # the plain loop's device: auto | cpu | cuda
+    # The MoE pair (cases moe-ep2 and dense-active): Llama-shaped, grouped-query attention.
+    num_key_value_heads: int = 4
+    num_experts: int = 8
+    moe_top_k: int = 2
+    expert_ffn_hidden_size: int = 344  # each expert's SwiGLU width; the dense twin's is top_k x this
+    moe_rounds: int = 3  # paired rounds of the two cases
 
     def __post_init__(self) -> None:
         if self.dtype not in ("bf16", "fp32"):
             raise ValueError(f"dtype must be bf16 or fp32, got {self.dtype!r}")
+        if self.moe_rounds < 1:
+            raise ValueError(f"moe rounds must be positive, got {self.moe_rounds}")
+        if not 1 <= self.moe_top_k <= self.num_experts:
+            raise ValueError(f"need 1 <= top-k ({self.moe_top_k}) <= experts ({self.num_experts})")
         if self.train_iters < 1 or not 0 <= self.warmup_iters < self.train_iters:
             raise ValueError(f"need 0 <= warmup iters ({self.warmup_iters}) < train iters ({self.train_iters})")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -123,6 +142,9 @@ class Case:
     pp: int
     dp: int
     trainer: bool  # False: the plain PyTorch loop
+    family: str = "gpt"  # the model family (megatron_ucp.families) the case trains
+    ep: int = 1  # expert parallel size (carved out of DP)
+    moe: bool = False  # the mixture of experts of the MoE pair
 
     @property
     def ranks(self) -> int:
@@ -130,15 +152,23 @@ class Case:
 
     @property
     def layout(self) -> str:
-        return f"TP{self.tp}/PP{self.pp}/DP{self.dp}"
+        return f"TP{self.tp}/PP{self.pp}/DP{self.dp}" + (f"/EP{self.ep}" if self.moe else "")
+
+    @property
+    def paired(self) -> bool:
+        """One of the MoE pair: run in paired rounds, reported in the pair's own table."""
+        return self.name in MOE_PAIR
 
 
 CASES: dict[str, Case] = {
     "plain": Case("plain", 1, 1, 1, trainer=False),
     "tp1-pp1-dp1": Case("tp1-pp1-dp1", 1, 1, 1, trainer=True),
     "tp2-pp2-dp2": Case("tp2-pp2-dp2", 2, 2, 2, trainer=True),
+    "dense-active": Case("dense-active", 1, 1, 2, trainer=True, family="llama"),
+    "moe-ep2": Case("moe-ep2", 1, 1, 2, trainer=True, family="mixtral", ep=2, moe=True),
 }
 BASELINE = "plain"
+MOE_PAIR = ("dense-active", "moe-ep2")  # (the reference of the pair's ratios, the mixture of experts)
 
 
 def pick_micro_batch(global_batch: int, dp: int, requested: int) -> int:
@@ -201,7 +231,7 @@ class Summary:
     min_ms: float
     max_ms: float
     tokens_per_s: float
-    median_ms: float | None = None  # JSON only: robust to the spikes of a shared machine  # tokens per iteration / mean seconds per iteration
+    median_ms: float | None = None  # JSON only: robust to the spikes of a shared machine
 
 
 def measured(iteration_ms: dict[int, float], warmup_iters: int) -> list[float]:
@@ -237,10 +267,26 @@ class CaseResult:
     omp_num_threads: int | None = None
     wall_s: float | None = None
     log: str | None = None
+    rounds: list[Summary] = field(default_factory=list)  # the MoE pair: one summary per paired round
+    parameters: int | None = None  # the MoE pair: every parameter of the model, each once
+    active_parameters: int | None = None  # ... those one token passes through (top-k of the experts)
 
     @property
     def ok(self) -> bool:
         return self.status == "ok" and self.summary is not None
+
+    @property
+    def median_ms(self) -> float:
+        """The median over paired rounds of each round's mean ms/iteration (the one run's mean otherwise)."""
+        assert self.summary is not None
+        return statistics.median(s.mean_ms for s in self.rounds) if self.rounds else self.summary.mean_ms
+
+    @property
+    def median_tokens_per_s(self) -> float:
+        """The median over paired rounds of each round's tokens/s."""
+        assert self.summary is not None
+        return (statistics.median(s.tokens_per_s for s in self.rounds) if self.rounds
+                else self.summary.tokens_per_s)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -274,6 +320,33 @@ def format_table(results: Sequence[CaseResult], baseline: str = BASELINE) -> str
     return markdown_table(header, rows, {2, 3, 4, 5})
 
 
+def _fmt_params(active: int | None, total: int | None) -> str:
+    return "" if active is None or total is None else f"{active:,} / {total:,}"
+
+
+def format_moe_table(results: Sequence[CaseResult]) -> str:
+    """The MoE pair side by side: medians over paired rounds; "vs dense-active" is the median over rounds of
+    the round's tokens/s ratio (> 1: more tokens/s than the dense twin)."""
+    ref_name = MOE_PAIR[0]
+    ref = next((r for r in results if r.case == ref_name and r.ok), None)
+    header = ["case", "model", "layout", "ranks", "parameters (active / total)", "rounds",
+              "ms/iteration (median)", "tokens/s (median)", f"vs {ref_name} (paired)", "lm loss (first, last)"]
+    rows = []
+    for r in results:
+        model = moe_model_label(CASES[r.case])
+        if not r.ok:
+            rows.append([r.case, model, r.layout, str(r.ranks), _fmt_params(r.active_parameters, r.parameters),
+                         "", r.status, "", "", ""])
+            continue
+        ratio = None if ref is None else paired_ratio([s.tokens_per_s for s in r.rounds],
+                                                      [s.tokens_per_s for s in ref.rounds])
+        loss = "" if r.first_loss is None else f"{r.first_loss:.4f}, {r.last_loss:.4f}"
+        rows.append([r.case, model, r.layout, str(r.ranks), _fmt_params(r.active_parameters, r.parameters),
+                     str(len(r.rounds)), _fmt_ms(r.median_ms), _fmt_int(r.median_tokens_per_s),
+                     "n/a" if ratio is None else f"{ratio:.2f}x", loss])
+    return markdown_table(header, rows, {3, 4, 5, 6, 7, 8})
+
+
 # --------------------------------------------------------------------------------------------------
 # Environment
 
@@ -294,10 +367,43 @@ def machine_info() -> dict:
 # Trainer cases
 
 
+def moe_model_label(case: Case) -> str:
+    return f"{case.family}, " + ("experts" if case.moe else "dense")
+
+
+def family_args(cfg: BenchConfig, case: Case) -> list[str]:
+    """The flags of a case's model family (none for the GPT cases): the MoE pair's attention and MLP."""
+    if case.family == "gpt":
+        return []
+    from megatron_ucp.families import family_named, recipe_flags
+
+    ffn = cfg.expert_ffn_hidden_size * (1 if case.moe else cfg.moe_top_k)
+    flags = recipe_flags(family_named(case.family), cfg.num_key_value_heads, ffn)
+    if case.moe:
+        flags += ["--num-experts", str(cfg.num_experts), "--topk", str(cfg.moe_top_k),
+                  "--moe-expert-parallel-size", str(case.ep)]
+    return flags
+
+
+def parameter_counts(cfg: BenchConfig, case: Case) -> tuple[int, int]:
+    """(active, total) parameters of a case's model, from the parameter table: a token passes through
+    every non-expert parameter and top-k of each layer's experts."""
+    from megatron_ucp.config import ModelConfig
+    from megatron_ucp.layout.params import model_params
+    from megatron_ucp.training.arguments import model_kwargs, parse_args
+
+    model = ModelConfig(vocab_size=cfg.vocab_size, **model_kwargs(parse_args(trainer_args(cfg, case))))
+    sizes = [(math.prod(p.full_shape), p.expert is not None) for p in model_params(model)]
+    total = sum(n for n, _ in sizes)
+    experts = sum(n for n, expert in sizes if expert)
+    active = total - experts + (experts * model.moe_top_k // model.num_experts if model.num_experts else 0)
+    return active, total
+
+
 def trainer_args(cfg: BenchConfig, case: Case) -> list[str]:
     """``megatron_ucp.train`` flags for one case."""
     mbs = pick_micro_batch(cfg.global_batch_size, case.dp, cfg.micro_batch_size)
-    return [
+    return family_args(cfg, case) + [
         "--num-layers", str(cfg.num_layers), "--hidden-size", str(cfg.hidden_size),
         "--num-attention-heads", str(cfg.num_attention_heads), "--seq-length", str(cfg.seq_length),
         "--make-vocab-size-divisible-by", str(cfg.make_vocab_size_divisible_by),
@@ -472,11 +578,42 @@ def run_plain_case(cfg: BenchConfig, threads: int | None = None) -> CaseResult:
 # Orchestration and CLI
 
 
+def run_moe_pair(cfg: BenchConfig, names: Sequence[str], log_dir: str | Path, timeout_s: float = 1800.0,
+                 progress=None, threads: int | None = None) -> list[CaseResult]:
+    """The selected MoE-pair cases in ``cfg.moe_rounds`` paired rounds, the order alternating from round to
+    round; each result is its first round's run with every round's summary in ``rounds``. A failed round
+    fails the case (its later rounds are not run)."""
+    results: dict[str, CaseResult] = {}
+    for rnd in range(cfg.moe_rounds):
+        for name in (names if rnd % 2 == 0 else list(reversed(names))):
+            if name in results and not results[name].ok:
+                continue
+            case = CASES[name]
+            if progress:
+                progress(f"running {name} ({case.layout}, {case.ranks} rank(s)), round {rnd + 1}/{cfg.moe_rounds} ...")
+            round_dir = Path(log_dir) / f"round{rnd + 1}"
+            round_dir.mkdir(parents=True, exist_ok=True)
+            r = run_trainer_case(cfg, case, round_dir, timeout_s, threads)
+            if progress:
+                what = f"{r.summary.mean_ms:.1f} ms/iteration" if r.summary and r.ok else r.status
+                progress(f"  {name}: {what}" + (f" ({r.wall_s:.0f} s wall)" if r.wall_s else ""))
+            first = results.setdefault(name, r)
+            if r.ok and first.ok:
+                assert r.summary is not None
+                first.rounds.append(r.summary)
+            elif not r.ok:
+                first.status = r.status
+    for name, r in results.items():
+        r.active_parameters, r.parameters = parameter_counts(cfg, CASES[name])
+    return [results[n] for n in names]
+
+
 def run_benchmark(cfg: BenchConfig, cases: Sequence[str], log_dir: str | Path, timeout_s: float = 1800.0,
                   progress=None, threads: int | None = None) -> list[CaseResult]:
-    """Run ``cases`` (names of ``CASES``) in the canonical order; failures are recorded, not raised."""
+    """Run ``cases`` (names of ``CASES``) in the canonical order, the MoE pair last in paired rounds;
+    failures are recorded, not raised."""
     results = []
-    for name in [n for n in CASES if n in set(cases)]:
+    for name in [n for n in CASES if n in set(cases) and not CASES[n].paired]:
         case = CASES[name]
         if progress:
             progress(f"running {name} ({case.layout}, {case.ranks} rank(s)) ...")
@@ -491,7 +628,8 @@ def run_benchmark(cfg: BenchConfig, cases: Sequence[str], log_dir: str | Path, t
             what = (f"{r.summary.mean_ms:.1f} ms/iteration" if r.ok else r.status)
             progress(f"  {name}: {what}" + (f" ({r.wall_s:.0f} s wall)" if r.wall_s else ""))
         results.append(r)
-    return results
+    pair = [n for n in MOE_PAIR if n in set(cases)]
+    return results + (run_moe_pair(cfg, pair, log_dir, timeout_s, progress, threads) if pair else [])
 
 
 def _parse_cases(text: str) -> list[str]:
@@ -526,6 +664,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-iters", type=int, default=d.warmup_iters, help="first iterations left out")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the weights and the mock data")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="device of the plain loop")
+    moe = p.add_argument_group("the MoE pair (cases moe-ep2 and dense-active)")
+    moe.add_argument("--num-key-value-heads", type=int, default=d.num_key_value_heads,
+                     help="key/value heads of both models' grouped-query attention")
+    moe.add_argument("--num-experts", type=int, default=d.num_experts, help="experts per MoE layer")
+    moe.add_argument("--topk", type=int, default=d.moe_top_k, help="experts each token is routed to")
+    moe.add_argument("--expert-ffn-hidden-size", type=int, default=d.expert_ffn_hidden_size,
+                     help="each expert's SwiGLU width; the dense twin's MLP is topk times as wide")
+    moe.add_argument("--moe-rounds", type=int, default=d.moe_rounds, help="paired rounds of the two cases")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of a single-process case (an N-rank case gets threads // N per rank); "
                         "default: the usable CPU count")
@@ -540,21 +686,40 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                        num_attention_heads=args.num_attention_heads, seq_length=args.seq_length,
                        vocab_size=args.vocab_size, global_batch_size=args.global_batch_size,
                        micro_batch_size=args.micro_batch_size, dtype=args.dtype, train_iters=args.train_iters,
-                       warmup_iters=args.warmup_iters, seed=args.seed, device=args.device)
+                       warmup_iters=args.warmup_iters, seed=args.seed, device=args.device,
+                       num_key_value_heads=args.num_key_value_heads, num_experts=args.num_experts,
+                       moe_top_k=args.topk, expert_ffn_hidden_size=args.expert_ffn_hidden_size,
+                       moe_rounds=args.moe_rounds)
 
 
 def format_report(cfg: BenchConfig, results: Sequence[CaseResult], machine: dict, command: str) -> str:
+    single = [r for r in results if not CASES[r.case].paired]
+    pair = [r for r in results if CASES[r.case].paired]
     lines = [
         f"## Training benchmark: GPT {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
         f"{cfg.num_attention_heads} heads, seq {cfg.seq_length}, vocab {cfg.vocab_size}, "
         f"global batch {cfg.global_batch_size}, {cfg.dtype}",
         "",
         f"{cfg.train_iters} iterations per case, the first {cfg.warmup_iters} excluded as warm-up; "
-        f"tokens/s = {cfg.tokens_per_iteration} tokens per iteration / mean time; "
-        f"vs {BASELINE} = {BASELINE} mean ms / case mean ms.",
+        f"tokens/s = {cfg.tokens_per_iteration} tokens per iteration / mean time"
+        + (f"; vs {BASELINE} = {BASELINE} mean ms / case mean ms." if single else "."),
         "",
-        format_table(results),
-        "",
+    ]
+    if single:
+        lines += [format_table(single), ""]
+    if pair:
+        lines += [
+            f"### Mixture of experts vs dense at equal active parameters ({cfg.num_key_value_heads} key/value "
+            f"heads; {cfg.num_experts} experts of width {cfg.expert_ffn_hidden_size}, top-{cfg.moe_top_k}, vs "
+            f"one MLP of width {cfg.moe_top_k * cfg.expert_ffn_hidden_size})",
+            "",
+            f"{cfg.moe_rounds} paired round(s), the order alternating; per round the mean over the iterations "
+            f"after warm-up; the table shows medians over rounds.",
+            "",
+            format_moe_table(pair),
+            "",
+        ]
+    lines += [
         f"command: {command}",
         f"machine: {machine['cpu_count']} CPUs ({machine['usable_cpus']} usable), torch {machine['torch']}, "
         f"deepspeed {machine['deepspeed']}, python {machine['python']}, device {machine['device']}",

@@ -8,7 +8,8 @@ Each RUN is a run folder (its ``loss.jsonl``, else TensorBoard events below it),
 events file/folder. The first RUN is the reference; every other RUN is aligned with it by iteration
 and compared on the iterations after the resume (default: its first logged iteration - 1). Writes
 training_loss.png/.csv, validation_loss.png/.csv and verdict.json into --output-dir and prints a
-step table. Exit code: 0 pass (or no assertion requested), 1 an assertion failed (including a resumed
+step table. A mixture-of-experts run's load-balancing loss (loss.jsonl's ``moe_loss``) is a third curve,
+moe_loss.png/.csv, held to the same --assert-close, --rtol-first and --assert-equal as the training loss. Exit code: 0 pass (or no assertion requested), 1 an assertion failed (including a resumed
 run missing reference iterations after the resume, or a NaN/inf loss), 2 bad input (one line
 ``error: <file>: <what is wrong>`` on stderr; also when the runs share no training iteration after the resume).
 """

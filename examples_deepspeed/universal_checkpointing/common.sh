@@ -10,7 +10,13 @@
 #                          (python -m megatron_ucp.families lists them), which gives the family's
 #                          trainer flags, --model-family NAME first (python -m megatron_ucp.families NAME)
 #   NUM_LAYERS HIDDEN HEADS SEQ_LEN   the tiny GPT (4 layers, 256 hidden, 8 heads, 256 tokens)
-#   KV_HEADS FFN_HIDDEN    grouped-query families only: key/value heads (default 4) and SwiGLU width (default 688)
+#   KV_HEADS FFN_HIDDEN    grouped-query families only: key/value heads (default 4) and SwiGLU width (default 688;
+#                          of an MoE family: each expert's width)
+#   NUM_EXPERTS TOPK EP    mixture of experts (MODEL_FAMILY mixtral | qwen3_moe): experts per layer (default 8 for
+#                          an MoE family; empty for a dense one), experts per token (default 2) and the expert
+#                          parallel degree of the baseline (default 1). EP is carved out of DP, so it must divide
+#                          DP; the world size stays TP x PP x DP. MOE_LOSS_COEFF: weight of the load-balancing
+#                          loss (default: the trainer's)
 #   GLOBAL_BATCH MICRO_BATCH          samples per step (fixed across layouts) and per micro batch
 #   TRAIN_ITERS SAVE_INTERVAL EVAL_INTERVAL EVAL_ITERS LOG_INTERVAL
 #   LR MIN_LR WARMUP (default TRAIN_ITERS/10) SEED DROPOUT
@@ -38,6 +44,18 @@ KV_HEADS="${KV_HEADS:-4}"
 FFN_HIDDEN="${FFN_HIDDEN:-688}"
 # The family's trainer flags (an unknown family stops the recipe here, with one error line).
 FAMILY_FLAGS="$(python -m megatron_ucp.families "$MODEL_FAMILY" --kv-heads "$KV_HEADS" --ffn-hidden "$FFN_HIDDEN")"
+FAMILY_MOE="$(python -c 'import sys; from megatron_ucp.families import family_named
+print("moe" if family_named(sys.argv[1]).moe else "")' "$MODEL_FAMILY")"
+NUM_EXPERTS="${NUM_EXPERTS:-}"
+[[ -n "$FAMILY_MOE" && -z "$NUM_EXPERTS" ]] && NUM_EXPERTS=8
+TOPK="${TOPK:-2}"
+EP="${EP:-1}"
+MOE_LOSS_COEFF="${MOE_LOSS_COEFF:-}"
+if [[ -z "$FAMILY_MOE" && -n "$NUM_EXPERTS" ]]; then
+    echo "error: NUM_EXPERTS=$NUM_EXPERTS: MODEL_FAMILY $MODEL_FAMILY is dense; experts need a mixture-of-experts" \
+        "family (mixtral, qwen3_moe)" >&2
+    exit 1
+fi
 GLOBAL_BATCH="${GLOBAL_BATCH:-8}"
 MICRO_BATCH="${MICRO_BATCH:-4}"
 TRAIN_ITERS="${TRAIN_ITERS:-200}"
@@ -69,11 +87,28 @@ export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 OUTPUT_DIR="$(mkdir -p "$OUTPUT_DIR" && cd "$OUTPUT_DIR" && pwd)"
 
-# run_name TP PP DP [DTYPE ZERO_STAGE]: the folder name of one run (Megatron-DeepSpeed's tp/pp/dp/sp naming).
+# check_ep DP EP WHAT: EP divides DP (expert parallelism is carved out of data parallelism) and the experts;
+# a dense model has EP 1.
+check_ep() {
+    if [[ -z "$NUM_EXPERTS" && "$2" != 1 ]]; then
+        echo "error: $3: expert parallelism needs a mixture-of-experts MODEL_FAMILY (mixtral, qwen3_moe)," \
+            "not $MODEL_FAMILY" >&2
+        exit 1
+    fi
+    if [[ -n "$NUM_EXPERTS" ]] && (( $2 < 1 || $1 % $2 || NUM_EXPERTS % $2 )); then
+        echo "error: $3: expert parallel size $2 must divide the data parallel size $1 and NUM_EXPERTS $NUM_EXPERTS" >&2
+        exit 1
+    fi
+}
+check_ep "$DP" "$EP" "DP=$DP EP=$EP"
+
+# run_name TP PP DP [DTYPE ZERO_STAGE EP]: the folder name of one run (Megatron-DeepSpeed's tp/pp/dp/sp
+# naming; an MoE run adds its expert parallel size, e.g. mixtral_fp32_z1_tp2_pp2_dp2_ep2_sp1).
 run_name() {
-    local family=""
+    local family="" experts=""
     [[ "$MODEL_FAMILY" == "gpt" ]] || family="${MODEL_FAMILY}_"
-    echo "${family}${4:-$DTYPE}_z${5:-$ZERO_STAGE}_tp${1}_pp${2}_dp${3}_sp1"
+    [[ -n "$NUM_EXPERTS" ]] && experts="_ep${6:-$EP}"
+    echo "${family}${4:-$DTYPE}_z${5:-$ZERO_STAGE}_tp${1}_pp${2}_dp${3}${experts}_sp1"
 }
 
 # prepare_data: tokenize the bundled corpus once, unless DATA_PATH names a dataset.
@@ -110,6 +145,17 @@ model_args() {
         --seq-length "$SEQ_LEN" --max-position-embeddings "$SEQ_LEN" \
         --hidden-dropout "$DROPOUT" --attention-dropout "$DROPOUT"
     echo "$FAMILY_FLAGS"
+    moe_args
+}
+
+# moe_args: an MoE model's expert flags (nothing for a dense one); ep_args EP: its expert parallel size.
+moe_args() {
+    [[ -n "$NUM_EXPERTS" ]] || return 0
+    echo --num-experts "$NUM_EXPERTS" --topk "$TOPK" ${MOE_LOSS_COEFF:+--moe-loss-coeff "$MOE_LOSS_COEFF"}
+}
+ep_args() {
+    [[ -n "$NUM_EXPERTS" ]] || return 0
+    echo --moe-expert-parallel-size "$1"
 }
 
 # tokenizer_args: the run's tokenizer (a recipe may define its own before calling train_args).
@@ -136,10 +182,12 @@ LOAD_ITER="${LOAD_ITER:-100}"
 TARGET_TP="${TARGET_TP:-1}"
 TARGET_PP="${TARGET_PP:-4}"
 TARGET_DP="${TARGET_DP:-1}"
+TARGET_EP="${TARGET_EP:-1}"                           # an MoE model's expert parallel size after the resume
 TARGET_ZERO_STAGE="${TARGET_ZERO_STAGE:-$ZERO_STAGE}"  # resume at another ZeRO stage (2/3: TARGET_PP=1)
 TARGET_DTYPE="${TARGET_DTYPE:-$DTYPE}"                # or in another precision (the loss scaler is reset)
 CONVERTER="${CONVERTER:-ours}"          # ours | deepspeed | auto (no conversion: direct reshard at load)
 ASSERT_ATOL="${ASSERT_ATOL:-}"          # e.g. 1e-3: fail the recipe if the curves differ by more
+RTOL_FIRST="${RTOL_FIRST:-}"            # e.g. 1e-5: ... or the first resumed step differs by more, relatively
 
 # convert_to_universal ZERO_FOLDER UNIVERSAL_FOLDER: run the chosen converter. Ours verifies before it
 # publishes and keeps a finished, verified output of the same input, so a rerun after a crash resumes

@@ -4,8 +4,8 @@
 #
 #   1. take an HF model folder (HF_DIR=...: config.json, weights and its tokenizer, as the Hub gives them)
 #      or build one with transformers at random init from a local config (MODEL_FAMILY llama | qwen2 |
-#      qwen3 | mistral | gpt, the tiny sizes below, HF_TOKENIZER's tokenizer saved beside it, plus any
-#      HF_SET config entries);
+#      qwen3 | mistral | gpt | mixtral | qwen3_moe, the tiny sizes below, HF_TOKENIZER's tokenizer saved
+#      beside it, plus any HF_SET config entries);
 #   2. tools/hf_to_universal.py: universal atoms, zero moments, step 0, the model's own sizes from its
 #      config.json (model_args.yaml; no size below overrides them) and its tokenizer's identity;
 #   3. tools/preprocess_data.py: DATA tokenized with the folder's own tokenizer (HFTokenizer), cached
@@ -19,7 +19,9 @@
 #
 # Knobs: those of common.sh (TP PP DP DTYPE SEQ_LEN GLOBAL_BATCH MICRO_BATCH TRAIN_ITERS SAVE_INTERVAL
 # EVAL_INTERVAL EVAL_ITERS LOG_INTERVAL LR MIN_LR WARMUP SEED DROPOUT OUTPUT_DIR LAUNCHER ...), with tiny
-# defaults here; NUM_LAYERS HIDDEN HEADS KV_HEADS FFN_HIDDEN only size a model the recipe builds, and
+# defaults here; NUM_LAYERS HIDDEN HEADS KV_HEADS FFN_HIDDEN (and NUM_EXPERTS TOPK MOE_LOSS_COEFF of a
+# mixture of experts) only size a model the recipe builds; EP (an MoE model's expert parallel size,
+# dividing DP) applies to any MoE folder; and
 #   HF_DIR      an existing HF folder with its tokenizer (tokenizer.json, tokenizer_config.json, ...)
 #   DATA        your text: a .jsonl (JSON_KEYS, default "text"; the first key is trained on), a .txt or
 #               .txt.xz (a paragraph is a document), or a folder of them (default: the bundled corpus)
@@ -59,6 +61,9 @@ if [[ -z "$HF_DIR" ]]; then
     HF_DIR="$RUN_DIR/hf_init"
     if [[ ! -f "$HF_DIR/config.json" ]]; then
         SETS=()
+        # An MoE family's experts, under the config.json names both Mixtral's and Qwen3-MoE's configs take.
+        [[ -n "$NUM_EXPERTS" ]] && SETS+=(--set "num_experts=$NUM_EXPERTS" --set "num_experts_per_tok=$TOPK")
+        [[ -n "$NUM_EXPERTS" && -n "$MOE_LOSS_COEFF" ]] && SETS+=(--set "router_aux_loss_coef=$MOE_LOSS_COEFF")
         for entry in $HF_SET; do SETS+=(--set "$entry"); done
         if [[ "$HF_TOKENIZER" == bpe:* ]]; then TOKENIZER_ARGS=(--byte-level-bpe "${HF_TOKENIZER#bpe:}")
         else TOKENIZER_ARGS=(--tokenizer-model "$HF_TOKENIZER"); fi
@@ -116,7 +121,7 @@ tokenizer_args() {
 echo "== 3. fine-tune at TP=$TP PP=$PP DP=$DP ($DTYPE) for $TRAIN_ITERS iterations"
 rm -rf "$RUN_DIR/checkpoints" "$RUN_DIR/loss.jsonl" "$RUN_DIR/tensorboard"
 launch $(( TP * PP * DP )) --yaml-cfg "$RUN_DIR/model_args.yaml" $(train_args) $(run_dir_args "$RUN_DIR") \
-    "${EXTEND[@]}" --eval-at-start \
+    "${EXTEND[@]}" $(ep_args "$EP") --eval-at-start \
     --seq-length "$SEQ_LEN" --hidden-dropout "$DROPOUT" --attention-dropout "$DROPOUT" \
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
     --load "$RUN_DIR/hf_universal" --universal-checkpoint --finetune 2>&1 | tee "$RUN_DIR/train.log"

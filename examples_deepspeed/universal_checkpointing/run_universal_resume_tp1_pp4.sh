@@ -2,9 +2,13 @@
 # Convert the baseline's iteration-LOAD_ITER ZeRO checkpoint into a universal checkpoint (if not done
 # yet; CONVERTER=auto: no conversion, the trainer reshards the ZeRO checkpoint directly), resume it at TARGET_TP/TARGET_PP/TARGET_DP (default TP=1 PP=4 DP=1) with the same global
 # batch, train to TRAIN_ITERS, and plot both runs: PNGs, CSVs and verdict.json under OUTPUT_DIR.
-# TARGET_ZERO_STAGE and TARGET_DTYPE resume at another ZeRO stage or precision (default: the baseline's).
+# TARGET_ZERO_STAGE and TARGET_DTYPE resume at another ZeRO stage or precision (default: the baseline's);
+# TARGET_EP an MoE model at another expert parallel size (default 1; it must divide TARGET_DP).
+# ASSERT_ATOL (every step) and RTOL_FIRST (the first resumed step, relative) fail the recipe when the curves
+# differ by more: the LM loss and, for an MoE model, its load-balancing loss.
 # Use the same environment variables as the baseline recipe, so OUTPUT_DIR finds the baseline run.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+check_ep "$TARGET_DP" "$TARGET_EP" "TARGET_DP=$TARGET_DP TARGET_EP=$TARGET_EP"
 
 prepare_data
 BASE_RUN="$OUTPUT_DIR/$(run_name "$TP" "$PP" "$DP")"
@@ -13,8 +17,11 @@ if [[ ! -d "$ZERO_CKPT" ]]; then
     echo "error: $ZERO_CKPT not found; run run_tp2_pp2.sh with the same settings first" >&2
     exit 1
 fi
-RESUME_RUN="$OUTPUT_DIR/$(run_name "$TARGET_TP" "$TARGET_PP" "$TARGET_DP" "$TARGET_DTYPE" "$TARGET_ZERO_STAGE")"
-RESUME_RUN="${RESUME_RUN}_from_tp${TP}_pp${PP}_dp${DP}_it${LOAD_ITER}"
+RESUME_RUN="$OUTPUT_DIR/$(run_name "$TARGET_TP" "$TARGET_PP" "$TARGET_DP" "$TARGET_DTYPE" "$TARGET_ZERO_STAGE" \
+    "$TARGET_EP")"
+FROM_EP=""
+[[ -n "$NUM_EXPERTS" ]] && FROM_EP="_ep$EP"
+RESUME_RUN="${RESUME_RUN}_from_tp${TP}_pp${PP}_dp${DP}${FROM_EP}_it${LOAD_ITER}"
 if [[ "$CONVERTER" == "auto" ]]; then
     # No conversion: the trainer reads the ZeRO checkpoint's recorded layout and reshards it directly,
     # each rank reading only the bytes it owns.
@@ -28,9 +35,12 @@ else
     FROM="$UNIVERSAL_ROOT"
 fi
 mkdir -p "$RESUME_RUN"
-echo "resume: TP=$TARGET_TP PP=$TARGET_PP DP=$TARGET_DP ZeRO-$TARGET_ZERO_STAGE $TARGET_DTYPE from $FROM" \
+EXPERTS=""
+[[ -n "$NUM_EXPERTS" ]] && EXPERTS=" EP=$TARGET_EP"
+echo "resume: TP=$TARGET_TP PP=$TARGET_PP DP=$TARGET_DP$EXPERTS ZeRO-$TARGET_ZERO_STAGE $TARGET_DTYPE from $FROM" \
     "-> $RESUME_RUN"
 launch $(( TARGET_TP * TARGET_PP * TARGET_DP )) $(model_args) $(train_args) $(run_dir_args "$RESUME_RUN") \
+    $(ep_args "$TARGET_EP") \
     --zero-stage "$TARGET_ZERO_STAGE" "--$TARGET_DTYPE" \
     --tensor-model-parallel-size "$TARGET_TP" --pipeline-model-parallel-size "$TARGET_PP" \
     "${LOAD_ARGS[@]}" 2>&1 | tee "$RESUME_RUN/train.log"
@@ -38,6 +48,7 @@ launch $(( TARGET_TP * TARGET_PP * TARGET_DP )) $(model_args) $(train_args) $(ru
 PLOTS="$OUTPUT_DIR/plots_$(basename "$RESUME_RUN")"
 check=()
 [[ -n "$ASSERT_ATOL" ]] && check=(--assert-close "$ASSERT_ATOL")
+[[ -n "$RTOL_FIRST" ]] && check+=(--rtol-first "$RTOL_FIRST")
 python "$REPO_ROOT/tools/plot_loss_curves.py" "$BASE_RUN" "$RESUME_RUN" --output-dir "$PLOTS" \
     --resume-iteration "$LOAD_ITER" "${check[@]}"
 VERDICT="$OUTPUT_DIR/verdict.json"

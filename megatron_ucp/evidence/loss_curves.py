@@ -6,13 +6,16 @@ state, LR schedule, data position), the resumed curve matches the baseline from 
 
 * :func:`load_curves` reads a run: a folder holding ``loss.jsonl`` (preferred) or TensorBoard events
   anywhere below it, a ``loss.jsonl`` path, or an events file. Curves map iteration -> loss, so every
-  comparison aligns by iteration, never by position.
+  comparison aligns by iteration, never by position. A mixture-of-experts run also has its auxiliary
+  (load-balancing) loss per training iteration (``moe_loss`` in loss.jsonl): the ``moe`` curve.
 * :func:`compare` measures one run against the reference over the iterations after the resume
   (``Comparison``: per-split first-step, max and mean absolute differences and a pass/fail verdict;
-  a resumed run missing reference iterations, or a NaN/inf loss in either run, always fails).
+  a resumed run missing reference iterations, or a NaN/inf loss in either run, always fails). The
+  load-balancing loss, when either run has one, is judged like the training loss (same tolerances).
 * :func:`format_table` renders a ``Step  Reference  Compared  Difference`` table and a summary.
 * :func:`write_report` writes ``training_loss.png``, ``validation_loss.png``, ``training_loss.csv``,
-  ``validation_loss.csv`` and ``verdict.json``, each through a temporary name renamed into place.
+  ``validation_loss.csv`` (and ``moe_loss.png``/``.csv`` when a run has a load-balancing loss) and
+  ``verdict.json``, each through a temporary name renamed into place.
 
 ``loss.jsonl`` stores Python float reprs, so equality there is bitwise; TensorBoard stores float32.
 Input problems raise :class:`LossCurveError` (a ``ValueError``) whose message names the file.
@@ -29,13 +32,17 @@ import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from megatron_ucp.training.logger import TAG_TRAIN_LOSS, TAG_VALID_LOSS, read_loss_log
+from megatron_ucp.training.logger import TAG_MOE_LOSS, TAG_TRAIN_LOSS, TAG_VALID_LOSS, read_loss_log
 from megatron_ucp.atomic import atomic_open
 
-SPLITS = ("train", "valid")
-SPLIT_TAGS = {"train": TAG_TRAIN_LOSS, "valid": TAG_VALID_LOSS}
-SPLIT_TITLES = {"train": "Training loss", "valid": "Validation loss"}
-SPLIT_STEMS = {"train": "training_loss", "valid": "validation_loss"}
+SPLITS = ("train", "valid")  # the LM loss: every run has them
+AUX = "moe"  # an MoE run's load-balancing loss, one value per training iteration (loss.jsonl's ``moe_loss``)
+ALL_SPLITS = SPLITS + (AUX,)
+STEP_SPLITS = ("train", AUX)  # logged every training iteration: the first resumed step is checked (rtol_first)
+SPLIT_TAGS = {"train": TAG_TRAIN_LOSS, "valid": TAG_VALID_LOSS, AUX: TAG_MOE_LOSS}
+SPLIT_TITLES = {"train": "Training loss", "valid": "Validation loss", AUX: "Load-balancing loss"}
+SPLIT_STEMS = {"train": "training_loss", "valid": "validation_loss", AUX: "moe_loss"}
+SPLIT_YLABELS = {"train": "lm loss", "valid": "lm loss", AUX: "load-balancing loss (unweighted)"}
 LOSS_LOG_NAME = "loss.jsonl"
 # The tolerance a verdict is judged by when no assertion was requested (recorded, never fatal).
 DEFAULT_ATOL = 0.05
@@ -68,16 +75,17 @@ class Curves:
     valid: dict[int, float] = field(default_factory=dict)
     topology: dict | None = None  # of the last training record
     segments: list[TopologySegment] = field(default_factory=list)
+    moe: dict[int, float] = field(default_factory=dict)  # the load-balancing loss of an MoE run
 
     def split(self, name: str) -> dict[int, float]:
-        if name not in SPLITS:
-            raise KeyError(f"unknown split {name!r}; expected one of {SPLITS}")
-        return self.train if name == "train" else self.valid
+        if name not in ALL_SPLITS:
+            raise KeyError(f"unknown split {name!r}; expected one of {ALL_SPLITS}")
+        return {"train": self.train, "valid": self.valid, AUX: self.moe}[name]
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"label": self.label, "source": self.source, "kind": self.kind,
                                "topology": self.topology}
-        for split in SPLITS:
+        for split in SPLITS + ((AUX,) if self.moe else ()):
             its = sorted(self.split(split))
             out[split] = {"count": len(its), "first": its[0] if its else None, "last": its[-1] if its else None}
         if len(self.segments) > 1:
@@ -85,11 +93,17 @@ class Curves:
         return out
 
 
+def splits_of(curves_list: Sequence[Curves]) -> tuple[str, ...]:
+    """The splits a report shows: the LM loss's, and the load-balancing loss when any run has one."""
+    return SPLITS + ((AUX,) if any(cv.moe for cv in curves_list) else ())
+
+
 def topology_label(topology: dict | None) -> str | None:
-    """``TP2 PP2 DP2 bf16`` (``ZeRO-n`` added before the dtype when the stage is not 0)."""
+    """``TP2 PP2 DP2 bf16`` (``ZeRO-n`` added before the dtype when the stage is not 0; ``SPn``, ``EPn``
+    after DP where the run recorded them)."""
     if not topology:
         return None
-    parts = [f"{k.upper()}{topology[k]}" for k in ("tp", "pp", "dp") if k in topology]
+    parts = [f"{k.upper()}{topology[k]}" for k in ("tp", "pp", "dp", "sp", "ep") if k in topology]
     if topology.get("zero_stage"):
         parts.append(f"ZeRO-{topology['zero_stage']}")
     if topology.get("dtype"):
@@ -109,9 +123,9 @@ def _find_events(folder: str) -> list[str]:
     return found
 
 
-def _record_loss(rec: dict, path: str) -> float:
-    """The record's loss as a float; NaN and infinities are kept (the verdict fails on them)."""
-    loss = rec.get("loss")
+def _record_loss(rec: dict, path: str, key: str = "loss") -> float:
+    """The record's ``key`` (its loss) as a float; NaN and infinities are kept (the verdict fails on them)."""
+    loss = rec.get(key)
     # bool is an int subclass, yet true is no loss of 1.0; strings are not numbers either.
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         try:
@@ -119,10 +133,10 @@ def _record_loss(rec: dict, path: str) -> float:
         except OverflowError:
             pass
     raise LossCurveError(f"{path}: {rec['split']} record at iteration {rec['iteration']} has no numeric "
-                         f"'loss' ({reprlib.repr(loss)})")
+                         f"{key!r} ({reprlib.repr(loss)})")
 
 
-def _read_jsonl(path: str) -> tuple[dict[int, float], dict[int, float], list[TopologySegment]]:
+def _read_jsonl(path: str) -> tuple[dict[str, dict[int, float]], list[TopologySegment]]:
     try:
         records = read_loss_log(path)
     except FileNotFoundError:
@@ -136,15 +150,17 @@ def _read_jsonl(path: str) -> tuple[dict[int, float], dict[int, float], list[Top
         raise LossCurveError(f"{path}: not a loss record ({e})") from None
     except OSError as e:
         raise LossCurveError(f"{path}: cannot read ({e.strerror or e})") from None
-    splits: dict[str, dict[int, float]] = {"train": {}, "valid": {}}
+    splits: dict[str, dict[int, float]] = {split: {} for split in ALL_SPLITS}
     topologies: dict[int, dict | None] = {}
     for rec in records:
         split = rec["split"]
-        if split not in splits:
+        if split not in SPLITS:
             continue  # a split this tool does not plot
         splits[split][int(rec["iteration"])] = _record_loss(rec, path)
         if split == "train":
             topologies[int(rec["iteration"])] = rec.get("topology")
+            if "moe_loss" in rec:
+                splits[AUX][int(rec["iteration"])] = _record_loss(rec, path, "moe_loss")
     segments: list[TopologySegment] = []
     for it in sorted(topologies):
         topo = topologies[it]
@@ -152,7 +168,7 @@ def _read_jsonl(path: str) -> tuple[dict[int, float], dict[int, float], list[Top
             segments[-1].last = it
         else:
             segments.append(TopologySegment(it, it, topo))
-    return splits["train"], splits["valid"], segments
+    return splits, segments
 
 
 def _events_of_file(path: str) -> dict[str, list[tuple[float, int, float]]]:
@@ -181,7 +197,7 @@ def _events_of_file(path: str) -> dict[str, list[tuple[float, int, float]]]:
     return events
 
 
-def _read_events(files: Sequence[str], source: str) -> tuple[dict[int, float], dict[int, float]]:
+def _read_events(files: Sequence[str], source: str) -> dict[str, dict[int, float]]:
     per_file = []
     for path in files:
         events = _events_of_file(path)
@@ -191,13 +207,13 @@ def _read_events(files: Sequence[str], source: str) -> tuple[dict[int, float], d
     if not per_file:
         raise LossCurveError(f"{source}: no TensorBoard scalars under {TAG_TRAIN_LOSS!r} or {TAG_VALID_LOSS!r} "
                              f"in {len(files)} events file(s)")
-    out: dict[str, dict[int, float]] = {"train": {}, "valid": {}}
+    out: dict[str, dict[int, float]] = {split: {} for split in ALL_SPLITS}
     # Files in the order they were written; within a file, events in order. A later value for a step wins.
     for _, _, events in sorted(per_file, key=lambda t: (t[0], t[1])):
         for split, evs in events.items():
             for _, step, value in evs:
                 out[split][step] = value
-    return out["train"], out["valid"]
+    return out
 
 
 def load_curves(path: str | os.PathLike, label: str | None = None) -> Curves:
@@ -229,14 +245,15 @@ def load_curves(path: str | os.PathLike, label: str | None = None) -> Curves:
 
     segments: list[TopologySegment] = []
     if kind == "loss.jsonl":
-        train, valid, segments = _read_jsonl(source)
+        splits, segments = _read_jsonl(source)
     else:
-        train, valid = _read_events(files, source)
-    if not train and not valid:
+        splits = _read_events(files, source)
+    if not splits["train"] and not splits["valid"]:
         raise LossCurveError(f"{source}: no training or validation loss records")
     topology = segments[-1].topology if segments else None
     return Curves(label=label or topology_label(topology) or folder_name, source=source, kind=kind,
-                  train=train, valid=valid, topology=topology, segments=segments)
+                  train=splits["train"], valid=splits["valid"], moe=splits[AUX], topology=topology,
+                  segments=segments)
 
 
 def unique_labels(labels: Sequence[str], curves: Sequence[Curves] | None = None) -> list[str]:
@@ -387,21 +404,38 @@ class Comparison:
     exact: bool
     train: SplitComparison
     valid: SplitComparison
+    moe: SplitComparison | None = None  # when either run has a load-balancing loss
 
     @property
     def asserted(self) -> bool:
         return self.exact or self.atol is not None or self.rtol_first is not None
 
     @property
+    def splits(self) -> list[SplitComparison]:
+        return [self.train, self.valid] + ([self.moe] if self.moe is not None else [])
+
+    @property
     def passed(self) -> bool:
-        return self.train.passed and self.valid.passed
+        return all(sc.passed for sc in self.splits)
 
     @property
     def reasons(self) -> list[str]:
-        return self.train.reasons + self.valid.reasons
+        return [reason for sc in self.splits for reason in sc.reasons]
+
+    @property
+    def notes(self) -> list[str]:
+        return [note for sc in self.splits for note in sc.notes]
+
+    def get(self, name: str) -> SplitComparison | None:
+        """One split's comparison, or None (the load-balancing loss when neither run has one)."""
+        return next((sc for sc in self.splits if sc.split == name), None)
 
     def split(self, name: str) -> SplitComparison:
-        return self.train if name == "train" else self.valid
+        """One split's comparison; KeyError for the load-balancing loss when neither run has one."""
+        found = self.get(name)
+        if found is None:
+            raise KeyError(f"no {name!r} split in this comparison")
+        return found
 
     def tolerance(self) -> dict[str, Any]:
         if not self.asserted:
@@ -423,7 +457,7 @@ class Comparison:
             "resume_iteration": self.resume_iteration,
             "resume_iteration_source": self.resume_iteration_source,
             "tolerance": tol,
-            "splits": {split: self.split(split).to_dict(tol) for split in SPLITS},
+            "splits": {sc.split: sc.to_dict(tol) for sc in self.splits},
             "pass": self.passed,
             "reasons": self.reasons,
         }
@@ -487,7 +521,7 @@ def _check_tolerance(sc: SplitComparison, name: str, atol: float | None, rtol_fi
     if limit is not None and not max_abs_diff <= limit:
         sc.reasons.append(f"{name}: max |diff| {max_abs_diff:.6g} at iteration {sc.max_abs_diff_iteration} "
                           f"exceeds atol {limit:g}")
-    if rtol_first is not None and sc.split == "train" and not first_step_rel_diff <= rtol_first:
+    if rtol_first is not None and sc.split in STEP_SPLITS and not first_step_rel_diff <= rtol_first:
         sc.reasons.append(f"{name}: first compared iteration {sc.first} relative |diff| "
                           f"{first_step_rel_diff:.6g} exceeds rtol-first {rtol_first:g}")
 
@@ -533,7 +567,8 @@ def compare(reference: Curves, compared: Curves, resume_iteration: int | None = 
     within a factor of two of each other. ``rtol_first``: the first compared training iteration's
     |diff| / |reference| must be <= rtol_first. ``exact``: every compared loss must equal the reference
     float exactly. With none of them the verdict is judged with ``DEFAULT_ATOL`` and says no assertion
-    was requested.
+    was requested. When either run has a load-balancing loss (an MoE run), it is a third split judged
+    exactly like the training loss, ``rtol_first`` included.
 
     Whatever was asserted, a split fails (with a reason) when
 
@@ -554,8 +589,9 @@ def compare(reference: Curves, compared: Curves, resume_iteration: int | None = 
         resume_iteration, how = default_resume_iteration(compared)
     else:
         resume_iteration, how = int(resume_iteration), "given"
+    names = SPLITS + ((AUX,) if reference.moe or compared.moe else ())
     splits = {split: _split_comparison(split, reference.split(split), compared.split(split), resume_iteration)
-              for split in SPLITS}
+              for split in names}
     if not splits["train"].iterations:
         def rng(d: dict) -> str:
             return f"{min(d)}..{max(d)}" if d else "none"
@@ -572,7 +608,8 @@ def compare(reference: Curves, compared: Curves, resume_iteration: int | None = 
     return Comparison(reference_label=reference.label, compared_label=compared.label,
                       reference_source=reference.source, compared_source=compared.source,
                       resume_iteration=resume_iteration, resume_iteration_source=how, atol=atol,
-                      rtol_first=rtol_first, exact=exact, train=splits["train"], valid=splits["valid"])
+                      rtol_first=rtol_first, exact=exact, train=splits["train"], valid=splits["valid"],
+                      moe=splits.get(AUX))
 
 
 # ------------------------------------------------------------------------------------------ reporting
@@ -588,8 +625,8 @@ def format_table(comparison: Comparison, max_rows: int = 10, max_valid_rows: int
     lines = [f"Reference: {c.reference_label}  ({c.reference_source})",
              f"Compared:  {c.compared_label}  ({c.compared_source})",
              f"Resume iteration: {c.resume_iteration}  [{c.resume_iteration_source}]"]
-    for split, limit in (("train", max_rows), ("valid", max_valid_rows)):
-        sc = c.split(split)
+    for sc in c.splits:
+        split, limit = sc.split, (max_valid_rows if sc.split == "valid" else max_rows)
         lines.append("")
         lines.append(f"{SPLIT_TITLES[split]} ({sc.count} compared iterations"
                      + (f", {sc.first}..{sc.last})" if sc.count else ")"))
@@ -602,12 +639,13 @@ def format_table(comparison: Comparison, max_rows: int = 10, max_valid_rows: int
             lines.append(f"{'...':>8}  ({sc.count - limit} more)")
     lines.append("")
     lines.append("Summary")
-    for split in SPLITS:
-        sc = c.split(split)
+    width = max(16, *(len(SPLIT_TITLES[sc.split]) + 1 for sc in c.splits))
+    for sc in c.splits:
+        split = sc.split
         if not sc.count:
-            lines.append(f"  {SPLIT_TITLES[split]:<16} no iterations to compare")
+            lines.append(f"  {SPLIT_TITLES[split]:<{width}} no iterations to compare")
             continue
-        lines.append(f"  {SPLIT_TITLES[split]:<16} max |diff| = {_fmt_g(sc.max_abs_diff)} (iteration "
+        lines.append(f"  {SPLIT_TITLES[split]:<{width}} max |diff| = {_fmt_g(sc.max_abs_diff)} (iteration "
                      f"{sc.max_abs_diff_iteration}), mean |diff| = {_fmt_g(sc.mean_abs_diff)}, first-step "
                      f"|diff| = {_fmt_g(sc.first_step_abs_diff)} (relative {_fmt_g(sc.first_step_rel_diff)}), "
                      f"{len(sc.unequal_iterations)} of {sc.count} not bitwise equal")
@@ -619,7 +657,7 @@ def format_table(comparison: Comparison, max_rows: int = 10, max_valid_rows: int
                  + ("; no assertion requested)" if not tol["asserted"] else ")"))
     for reason in c.reasons:
         lines.append(f"  - {reason}")
-    for note in c.train.notes + c.valid.notes:
+    for note in c.notes:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
 
@@ -635,7 +673,8 @@ def csv_rows(curves_list: Sequence[Curves], comparisons: Sequence[Comparison], s
     """Header plus one row per iteration any run logged; floats as exact reprs, blanks where absent."""
     labels = [cv.label for cv in curves_list]
     header = ["iteration"] + labels + [f"{c.compared_label} - {c.reference_label}" for c in comparisons]
-    diffs = [dict(zip(c.split(split).iterations, c.split(split).diffs)) for c in comparisons]
+    compared = [c.get(split) for c in comparisons]
+    diffs = [dict(zip(sc.iterations, sc.diffs)) if sc else {} for sc in compared]
     its = sorted(set().union(*(cv.split(split) for cv in curves_list)))
     rows = [header]
     for it in its:
@@ -687,7 +726,7 @@ def _plot(curves_list: Sequence[Curves], comparisons: Sequence[Comparison], spli
         top.annotate(f"resumed after iteration {it}", xy=(it, 0.5), xycoords=("data", "axes fraction"),
                      xytext=(-3, 0), textcoords="offset points", ha="right", va="center", fontsize=9,
                      color=cols[0], rotation=90)
-    top.set_ylabel("lm loss")
+    top.set_ylabel(SPLIT_YLABELS[split])
     top.grid(True, alpha=0.3)
     if anything:
         top.legend(loc="upper right", fontsize=9)
@@ -703,8 +742,8 @@ def _plot(curves_list: Sequence[Curves], comparisons: Sequence[Comparison], spli
     atols = {c.atol for c in comparisons if c.atol is not None}
     bottom.axhline(0.0, color="0.3", lw=0.8)
     for c in comparisons:
-        sc = c.split(split)
-        if not sc.count:
+        sc = c.get(split)
+        if sc is None or not sc.count:
             continue
         color = by_label[c.compared_label][0]
         stat = (f"max |diff| {sc.max_abs_diff:.3g}" if sc.max_abs_diff else "identical (max |diff| 0)")
@@ -737,7 +776,7 @@ def write_report(curves_list: Sequence[Curves], comparisons: Sequence[Comparison
     output_dir = os.fspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     paths: dict[str, str] = {}
-    for split in SPLITS:
+    for split in splits_of(curves_list):
         stem = SPLIT_STEMS[split]
         rows = csv_rows(curves_list, comparisons, split)
         paths[f"{stem}.csv"] = _atomic_write(os.path.join(output_dir, f"{stem}.csv"),

@@ -109,3 +109,23 @@ def test_moe_baseline_recipe_trains_and_logs_the_load_balancing_loss(tmp_path):
     # One MoE layer per pipeline stage (layer index 0 on each), 4 global experts, mp_rank = the stage.
     experts = sorted(p.name for p in step.glob("layer_*_expert_*_model_states.pt"))
     assert experts == [f"layer_0_expert_{e}_mp_rank_0{s}_model_states.pt" for e in range(4) for s in range(2)]
+
+
+def test_sequence_parallel_knobs(tmp_path):
+    """SP (Ulysses) and SEQUENCE_PARALLEL=1 (Megatron's) reach the trainer's flags and the run names; the
+    flags pass the whole-run checks at the recipe's world size (TP x PP x DP x SP)."""
+    out = recipe(tmp_path, 'echo "$(run_name $TP $PP $DP)"; echo $(model_args) $(train_args) $(sp_args $SP 0); '
+                 'echo "$(run_name 2 1 1 fp32 1 1 1 1)"; echo $(sp_args 1 1)',
+                 MODEL_FAMILY="llama", SP="2", TP="1", PP="1", DP="2", KV_HEADS="4", DTYPE="fp32")
+    assert out.returncode == 0, out.stderr
+    name, flags, megatron_name, megatron_flags = out.stdout.splitlines()
+    assert name == "llama_fp32_z1_tp1_pp1_dp2_sp2" and megatron_name == "llama_fp32_z1_tp2_pp1_dp1_sp1_seqpar"
+    assert megatron_flags == "--sequence-parallel"
+    _, cfg = checked(flags.split(), 4)
+    assert cfg.ds_sequence_parallel_size == 2 and not cfg.sequence_parallel
+    _, cfg = checked(flags.split()[:-2] + [megatron_flags, "--tensor-model-parallel-size", "2"], 2)
+    assert cfg.sequence_parallel and cfg.ds_sequence_parallel_size == 1
+    for env, says in (({"SP": "0"}, "SP must be a positive integer"),
+                      ({"SP": "2", "SEQUENCE_PARALLEL": "1"}, "not built together")):
+        bad = recipe(tmp_path, "true", **env)
+        assert bad.returncode == 1 and says in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

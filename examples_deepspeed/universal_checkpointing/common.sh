@@ -17,6 +17,9 @@
 #                          parallel degree of the baseline (default 1). EP is carved out of DP, so it must divide
 #                          DP; the world size stays TP x PP x DP. MOE_LOSS_COEFF: weight of the load-balancing
 #                          loss (default: the trainer's)
+#   SP SEQUENCE_PARALLEL   sequence parallelism of the baseline: SP is DeepSpeed-Ulysses' degree (default 1; the
+#                          world is TP x PP x DP x SP; SP must divide SEQ_LEN and each TP rank's heads and
+#                          key/value heads), SEQUENCE_PARALLEL=1 Megatron's (needs TP > 1; not with SP > 1)
 #   GLOBAL_BATCH MICRO_BATCH          samples per step (fixed across layouts) and per micro batch
 #   TRAIN_ITERS SAVE_INTERVAL EVAL_INTERVAL EVAL_ITERS LOG_INTERVAL
 #   LR MIN_LR WARMUP (default TRAIN_ITERS/10) SEED DROPOUT
@@ -56,6 +59,8 @@ if [[ -z "$FAMILY_MOE" && -n "$NUM_EXPERTS" ]]; then
         "family (mixtral, qwen3_moe)" >&2
     exit 1
 fi
+SP="${SP:-1}"
+SEQUENCE_PARALLEL="${SEQUENCE_PARALLEL:-0}"
 GLOBAL_BATCH="${GLOBAL_BATCH:-8}"
 MICRO_BATCH="${MICRO_BATCH:-4}"
 TRAIN_ITERS="${TRAIN_ITERS:-200}"
@@ -102,13 +107,35 @@ check_ep() {
 }
 check_ep "$DP" "$EP" "DP=$DP EP=$EP"
 
-# run_name TP PP DP [DTYPE ZERO_STAGE EP]: the folder name of one run (Megatron-DeepSpeed's tp/pp/dp/sp
-# naming; an MoE run adds its expert parallel size, e.g. mixtral_fp32_z1_tp2_pp2_dp2_ep2_sp1).
+# check_sp SP SEQUENCE_PARALLEL WHAT: a Ulysses degree and Megatron's switch the trainer can take.
+check_sp() {
+    if [[ ! "$1" =~ ^[1-9][0-9]*$ || ! "$2" =~ ^[01]$ ]]; then
+        echo "error: $3: SP must be a positive integer and SEQUENCE_PARALLEL 0 or 1" >&2
+        exit 1
+    fi
+    if (( $1 > 1 && $2 == 1 )); then
+        echo "error: $3: Ulysses (SP > 1) and Megatron's sequence parallelism are not built together" >&2
+        exit 1
+    fi
+}
+check_sp "$SP" "$SEQUENCE_PARALLEL" "SP=$SP SEQUENCE_PARALLEL=$SEQUENCE_PARALLEL"
+
+# run_name TP PP DP [DTYPE ZERO_STAGE EP SP SEQUENCE_PARALLEL]: the folder name of one run (Megatron-DeepSpeed's
+# tp/pp/dp/sp naming, sp the Ulysses degree; an MoE run adds its expert parallel size, e.g.
+# mixtral_fp32_z1_tp2_pp2_dp2_ep2_sp1; Megatron's sequence parallelism adds _seqpar).
 run_name() {
-    local family="" experts=""
+    local family="" experts="" seqpar=""
     [[ "$MODEL_FAMILY" == "gpt" ]] || family="${MODEL_FAMILY}_"
     [[ -n "$NUM_EXPERTS" ]] && experts="_ep${6:-$EP}"
-    echo "${family}${4:-$DTYPE}_z${5:-$ZERO_STAGE}_tp${1}_pp${2}_dp${3}${experts}_sp1"
+    [[ "${8:-$SEQUENCE_PARALLEL}" == 1 ]] && seqpar="_seqpar"
+    echo "${family}${4:-$DTYPE}_z${5:-$ZERO_STAGE}_tp${1}_pp${2}_dp${3}${experts}_sp${7:-$SP}${seqpar}"
+}
+
+# sp_args SP SEQUENCE_PARALLEL: the trainer's flags of either kind of sequence parallelism.
+sp_args() {
+    (( $1 > 1 )) && echo --ds-sequence-parallel-size "$1"
+    [[ "$2" == 1 ]] && echo --sequence-parallel
+    return 0
 }
 
 # prepare_data: tokenize the bundled corpus once, unless DATA_PATH names a dataset.
@@ -183,6 +210,8 @@ TARGET_TP="${TARGET_TP:-1}"
 TARGET_PP="${TARGET_PP:-4}"
 TARGET_DP="${TARGET_DP:-1}"
 TARGET_EP="${TARGET_EP:-1}"                           # an MoE model's expert parallel size after the resume
+TARGET_SP="${TARGET_SP:-1}"                           # the Ulysses degree after the resume
+TARGET_SEQUENCE_PARALLEL="${TARGET_SEQUENCE_PARALLEL:-0}"  # Megatron's sequence parallelism after the resume
 TARGET_ZERO_STAGE="${TARGET_ZERO_STAGE:-$ZERO_STAGE}"  # resume at another ZeRO stage (2/3: TARGET_PP=1)
 TARGET_DTYPE="${TARGET_DTYPE:-$DTYPE}"                # or in another precision (the loss scaler is reset)
 CONVERTER="${CONVERTER:-ours}"          # ours | deepspeed | auto (no conversion: direct reshard at load)

@@ -3,12 +3,15 @@
 # yet; CONVERTER=auto: no conversion, the trainer reshards the ZeRO checkpoint directly), resume it at TARGET_TP/TARGET_PP/TARGET_DP (default TP=1 PP=4 DP=1) with the same global
 # batch, train to TRAIN_ITERS, and plot both runs: PNGs, CSVs and verdict.json under OUTPUT_DIR.
 # TARGET_ZERO_STAGE and TARGET_DTYPE resume at another ZeRO stage or precision (default: the baseline's);
-# TARGET_EP an MoE model at another expert parallel size (default 1; it must divide TARGET_DP).
+# TARGET_EP an MoE model at another expert parallel size (default 1; it must divide TARGET_DP); TARGET_SP
+# and TARGET_SEQUENCE_PARALLEL the sequence parallelism after the resume (default: none).
 # ASSERT_ATOL (every step) and RTOL_FIRST (the first resumed step, relative) fail the recipe when the curves
 # differ by more: the LM loss and, for an MoE model, its load-balancing loss.
 # Use the same environment variables as the baseline recipe, so OUTPUT_DIR finds the baseline run.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 check_ep "$TARGET_DP" "$TARGET_EP" "TARGET_DP=$TARGET_DP TARGET_EP=$TARGET_EP"
+check_sp "$TARGET_SP" "$TARGET_SEQUENCE_PARALLEL" \
+    "TARGET_SP=$TARGET_SP TARGET_SEQUENCE_PARALLEL=$TARGET_SEQUENCE_PARALLEL"
 
 prepare_data
 BASE_RUN="$OUTPUT_DIR/$(run_name "$TP" "$PP" "$DP")"
@@ -18,10 +21,13 @@ if [[ ! -d "$ZERO_CKPT" ]]; then
     exit 1
 fi
 RESUME_RUN="$OUTPUT_DIR/$(run_name "$TARGET_TP" "$TARGET_PP" "$TARGET_DP" "$TARGET_DTYPE" "$TARGET_ZERO_STAGE" \
-    "$TARGET_EP")"
+    "$TARGET_EP" "$TARGET_SP" "$TARGET_SEQUENCE_PARALLEL")"
 FROM_EP=""
 [[ -n "$NUM_EXPERTS" ]] && FROM_EP="_ep$EP"
-RESUME_RUN="${RESUME_RUN}_from_tp${TP}_pp${PP}_dp${DP}${FROM_EP}_it${LOAD_ITER}"
+FROM_SP=""
+(( SP > 1 )) && FROM_SP="_sp$SP"
+[[ "$SEQUENCE_PARALLEL" == 1 ]] && FROM_SP="${FROM_SP}_seqpar"
+RESUME_RUN="${RESUME_RUN}_from_tp${TP}_pp${PP}_dp${DP}${FROM_EP}${FROM_SP}_it${LOAD_ITER}"
 if [[ "$CONVERTER" == "auto" ]]; then
     # No conversion: the trainer reads the ZeRO checkpoint's recorded layout and reshards it directly,
     # each rank reading only the bytes it owns.
@@ -37,10 +43,12 @@ fi
 mkdir -p "$RESUME_RUN"
 EXPERTS=""
 [[ -n "$NUM_EXPERTS" ]] && EXPERTS=" EP=$TARGET_EP"
+(( TARGET_SP > 1 )) && EXPERTS="$EXPERTS SP=$TARGET_SP (Ulysses)"
+[[ "$TARGET_SEQUENCE_PARALLEL" == 1 ]] && EXPERTS="$EXPERTS (Megatron sequence parallel)"
 echo "resume: TP=$TARGET_TP PP=$TARGET_PP DP=$TARGET_DP$EXPERTS ZeRO-$TARGET_ZERO_STAGE $TARGET_DTYPE from $FROM" \
     "-> $RESUME_RUN"
-launch $(( TARGET_TP * TARGET_PP * TARGET_DP )) $(model_args) $(train_args) $(run_dir_args "$RESUME_RUN") \
-    $(ep_args "$TARGET_EP") \
+launch $(( TARGET_TP * TARGET_PP * TARGET_DP * TARGET_SP )) $(model_args) $(train_args) $(run_dir_args "$RESUME_RUN") \
+    $(ep_args "$TARGET_EP") $(sp_args "$TARGET_SP" "$TARGET_SEQUENCE_PARALLEL") \
     --zero-stage "$TARGET_ZERO_STAGE" "--$TARGET_DTYPE" \
     --tensor-model-parallel-size "$TARGET_TP" --pipeline-model-parallel-size "$TARGET_PP" \
     "${LOAD_ARGS[@]}" 2>&1 | tee "$RESUME_RUN/train.log"

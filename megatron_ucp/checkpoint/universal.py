@@ -127,7 +127,8 @@ class ConvertReport:
         if self.workers == 0:  # kept: nothing was converted
             return f"{self.output_folder}: {self.params} parameters of iteration {self.iteration}{notes}"
         return (f"converted {self.params} parameters of iteration {self.iteration} "
-                f"(TP{self.topology['tp']} PP{self.topology['pp']} DP{self.topology['dp']}) into "
+                f"(TP{self.topology['tp']} PP{self.topology['pp']} DP{self.topology['dp']}"
+                f"{''.join(f' EP{self.topology[a]}' for a in ('ep',) if a in self.topology)}) into "
                 f"{self.output_folder}: {gb:.3f} GB in {self.seconds:.2f} s ({rate:.2f} GB/s), "
                 f"{self.workers} workers{procs}{ver}{notes}")
 

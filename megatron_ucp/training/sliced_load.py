@@ -23,7 +23,7 @@ import math
 import os
 import types
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 
@@ -246,13 +246,32 @@ def _zeroed_state(state: dict, like: torch.Tensor, key: str) -> torch.Tensor:
     return torch.zeros_like(like)
 
 
+# Keys of a param group that describe the target's own layout, not a hyperparameter: the experts' group is
+# named after the expert-parallel size (``ep_size_<N>``, which DeepSpeed looks its process groups up by) and
+# marked ``moe``. A checkpoint's values of these are the source's and are never copied over the target's.
+LAYOUT_GROUP_KEYS = ("params", "name", "moe")
+
+ExpertNames = Callable[[str], str]  # a module's local expert parameter name -> its global name
+
+
 def _load_zero12(opt, source: StateSource, stats: LoadStats, lp_groups_name: str, tp: int, tp_rank: int,
-                 new_rows: NewVocabRows | None = None) -> None:
+                 new_rows: NewVocabRows | None = None, expert_names: ExpertNames | None = None) -> None:
     """DeepSpeed's ``load_hp_checkpoint_state_from_checkpoint_dir`` (ZeRO-1/2, BF16_Optimizer), with
-    every parameter's fragment read by plan: same destinations, same group hyperparameters."""
+    every parameter's fragment read by plan: same destinations, same group hyperparameters. An MoE
+    model's experts (its ``moe`` group) are read under their global names (``expert_names``); the
+    group's ZeRO window is this rank's part of its expert-data-parallel partition, as DeepSpeed set it."""
     optim_sd = source.global_state()
     opt._load_global_state(optim_sd)
     lp_groups = getattr(opt, lp_groups_name)
+
+    def name_of(lp, group: dict) -> str:
+        name = opt.param_names[lp]
+        if not group.get("moe"):
+            return name
+        if expert_names is None:
+            raise CheckpointError(f"{source.folder}: {name} is an expert parameter but the load was given no "
+                                  "expert placement")
+        return expert_names(name)
     pieces = []  # (plan, destination): the fp32 master fragment, or a moment's place in its flat state
     flats = []  # per group: {moment: its flat state tensor}, when the group has mapped parameters
     masters = []  # (name, window, its fp32 master fragment)
@@ -267,17 +286,17 @@ def _load_zero12(opt, source: StateSource, stats: LoadStats, lp_groups_name: str
             window = (int(addr.start), int(addr.start) + int(addr.numel))
             # As DeepSpeed's map_to_flat_opt_states leaves them: views of the group's flat moments.
             mapping.optim_fragment = {key: flat[key].narrow(0, hp_addr.start, hp_addr.numel) for key in MOMENT_KEYS}
-            plans = _plans(source, stats, opt.param_names[lp], tuple(lp.shape), tp, tp_rank, window)
+            plans = _plans(source, stats, name_of(lp, group), tuple(lp.shape), tp, tp_rank, window)
             for key in STATE_KEYS:
                 dst = mapping.get_hp_fragment().data if key == MASTER_KEY else mapping.optim_fragment[key]
                 pieces.append((plans[key], dst))
-            masters.append((opt.param_names[lp], window, mapping.get_hp_fragment().data))
+            masters.append((name_of(lp, group), window, mapping.get_hp_fragment().data))
     _read_all(pieces, stats, "resharding")
     if new_rows is not None:
         for name, window, dst in masters:
             new_rows.fill(name, window, dst, tp, tp_rank)
     for i, (group, saved) in enumerate(zip(opt.optimizer.param_groups, optim_sd["param_groups"])):
-        steps = [source.step(opt.param_names[lp]) for lp in lp_groups[i] if lp._hp_mapping is not None]
+        steps = [source.step(name_of(lp, group)) for lp in lp_groups[i] if lp._hp_mapping is not None]
         if steps:
             if any(not _same_step(s, steps[0]) for s in steps):
                 raise CheckpointError(f"{source.folder}: optimizer group {i} has parameters at different steps")
@@ -286,7 +305,7 @@ def _load_zero12(opt, source: StateSource, stats: LoadStats, lp_groups_name: str
                 opt.optimizer.state[hp]["step"] = steps[0]
             opt.optimizer.state[hp].update(flats[i])
         for key, value in saved.items():
-            if key != "params":
+            if key not in LAYOUT_GROUP_KEYS:
                 group[key] = value
 
 
@@ -360,11 +379,13 @@ def _load_zero3(opt, source: StateSource, stats: LoadStats, tp: int, tp_rank: in
 
 @contextlib.contextmanager
 def sliced_universal_load(engine, source: StateSource, tp: int, tp_rank: int, progress: bool = False,
-                          new_rows: NewVocabRows | None = None) -> Iterator[LoadStats]:
+                          new_rows: NewVocabRows | None = None,
+                          expert_names: ExpertNames | None = None) -> Iterator[LoadStats]:
     """Within the block, ``engine.load_checkpoint`` runs DeepSpeed's universal-load sequence with our
     sliced reader in place of its per-parameter loader, on ``source``'s files. ``progress``: draw a
     byte progress bar of this rank's reads (on a terminal; pass it on one rank). ``new_rows``: the
-    vocabulary rows the checkpoint lacks, initialised after the reads."""
+    vocabulary rows the checkpoint lacks, initialised after the reads. ``expert_names``: an MoE model's
+    local expert parameter name on this rank -> its global name (the one the source knows it by)."""
     opt = engine.optimizer
     stats = LoadStats(show_progress=progress)
     lp_groups_name = next((n for n in ("bit16_groups", "bf16_groups") if hasattr(opt, n)), None)
@@ -373,7 +394,7 @@ def sliced_universal_load(engine, source: StateSource, tp: int, tp_rank: int, pr
             _load_zero3(self, source, stats, tp, tp_rank, new_rows)
     elif lp_groups_name is not None:
         def hook(self, folder, load_optimizer_states, load_from_fp32_weights):
-            _load_zero12(self, source, stats, lp_groups_name, tp, tp_rank, new_rows)
+            _load_zero12(self, source, stats, lp_groups_name, tp, tp_rank, new_rows, expert_names)
     else:
         raise CheckpointError(f"{source.folder}: the sliced loader needs a ZeRO or bf16 optimizer, "
                               f"not {type(opt).__name__}")

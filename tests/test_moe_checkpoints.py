@@ -1,0 +1,158 @@
+"""MoE checkpoints through our converter and our loaders, at another expert layout, bit for bit.
+
+Each source (``conftest.moe_runs``: the tiny MoE model, 8 experts, top-2, fp32, trained 2 iterations)
+is loaded at another layout, by direct resume from its ZeRO folder and through our converter and sliced
+universal loader; right after the load every global expert's fp32 master and both Adam moments (and
+every other parameter's) must equal the source's, bitwise, gathered per rank under their global names
+(``helpers.dump_states``). The run then trains on one iteration. Negative controls: experts loaded
+into the wrong expert-parallel ranks, Adam moments taken from the wrong expert-data-parallel rank, and
+a corrupted expert in a source shard, each of which the checks must see.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+
+import pytest
+import torch
+from dist_utils import run_distributed
+from helpers import (
+    MOE_ITERS,
+    MOE_SAVE_AT,
+    TINY_MOE,
+    assemble,
+    assert_fails,
+    load_and_dump,
+    moe_cfg,
+    read_losses,
+)
+
+from megatron_ucp.checkpoint.universal import certify_universal, convert_zero_to_universal
+from megatron_ucp.checkpoint.zero import CheckpointError, open_zero_checkpoint
+from megatron_ucp.layout.slicing import bitwise_equal
+
+pytestmark = pytest.mark.slow
+
+# source -> target (tp, pp, ep, ZeRO stage, world size)
+CASES = {
+    "ep4_dp4": (2, 2, 2, 1, 8),
+    "tp2pp2dp2_ep2": (1, 4, 1, 1, 4),
+    "z2_ep2_dp4": (1, 1, 4, 1, 4),
+}
+SOURCE_TEXT = {"ep4_dp4": "TP1 PP1 DP4 EP4 ZeRO-1", "tp2pp2dp2_ep2": "TP2 PP2 DP2 EP2 ZeRO-1",
+               "z2_ep2_dp4": "TP1 PP1 DP4 EP2 ZeRO-2"}
+EXPERT = re.compile(r"deepspeed_experts\.(\d+)\.")
+
+
+def _load(src: dict, target, tmp_path, route: str, reversed_experts: bool = False):
+    """Load ``src`` at ``target`` by ``route`` ("direct", "universal" or "deepspeed": DeepSpeed's own
+    universal loader); returns (assembled state right after the load, rank 0's printout)."""
+    tp, pp, ep, zero, world = target
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    if route == "direct":
+        load = {"load": str(src["zero"].parent)}
+    else:
+        load = {"load": str(src["universal"].parent), "universal_checkpoint": True,
+                "universal_loader": "deepspeed" if route == "deepspeed" else "ours"}
+    cfg = moe_cfg(tp, pp, ep, zero, train_iters=MOE_ITERS, loss_log=str(tmp_path / "resumed.jsonl"), **load)
+    run_distributed(load_and_dump, world, cfg, str(dump), TINY_MOE, str(tmp_path / "rank0.log"),
+                    reversed_experts)
+    got, _, global_steps, _ = assemble(dump, TINY_MOE)
+    assert global_steps == MOE_SAVE_AT
+    return got, (tmp_path / "rank0.log").read_text()
+
+
+def _compare(want: dict, got: dict) -> None:
+    """Every parameter's three states, bitwise; the experts' must be there, all of them."""
+    assert want.keys() == got.keys()
+    experts = {int(EXPERT.search(name).group(1)) for name, _ in want if EXPERT.search(name)}
+    assert experts == set(range(TINY_MOE["num_experts"]))
+    for key in want:
+        assert bitwise_equal(want[key], got[key]), f"{key} differs after the load"
+
+
+@pytest.mark.parametrize("route", ["direct", "universal"])
+@pytest.mark.parametrize("source", list(CASES))
+def test_moe_state_survives_an_expert_layout_change(moe_runs, tmp_path, source, route):
+    src = moe_runs(source)
+    tp, pp, ep, zero, world = CASES[source]
+    want, _, _, _ = assemble(src["dump"], TINY_MOE)
+    got, log = _load(src, CASES[source], tmp_path, route)
+    _compare(want, got)
+    dst = f"TP{tp} PP{pp} DP{world // (tp * pp)} EP{ep} ZeRO-{zero} fp32"
+    s_ep = int(SOURCE_TEXT[source].split(" EP")[1].split()[0])
+    route_line = (f"direct reshard {SOURCE_TEXT[source]} fp32 -> {dst}" if route == "direct"
+                  else f"universal checkpoint, sliced loader, experts EP{s_ep} -> EP{ep}")
+    assert route_line in log, log
+    # training goes on at the new layout: the next loss is the uninterrupted run's, up to summation order
+    resumed, baseline = read_losses(tmp_path / "resumed.jsonl"), read_losses(src["losses"])
+    assert sorted(resumed) == [MOE_ITERS]
+    assert math.isclose(resumed[MOE_ITERS], baseline[MOE_ITERS], rel_tol=1e-5), (resumed, baseline)
+
+
+def test_deepspeed_universal_loader_reads_per_expert_atoms_at_ep1(moe_runs, tmp_path):
+    """At EP 1 a target's local expert names are the global ones, which name the atoms' folders."""
+    src = moe_runs("tp2pp2dp2_ep2")
+    want, _, _, _ = assemble(src["dump"], TINY_MOE)
+    got, log = _load(src, CASES["tp2pp2dp2_ep2"], tmp_path, "deepspeed")
+    _compare(want, got)
+    assert "universal checkpoint, DeepSpeed's loader, experts EP2 -> EP1" in log, log
+    resumed, baseline = read_losses(tmp_path / "resumed.jsonl"), read_losses(src["losses"])
+    assert math.isclose(resumed[MOE_ITERS], baseline[MOE_ITERS], rel_tol=1e-5), (resumed, baseline)
+
+
+def test_experts_loaded_into_the_wrong_ranks_fail_the_check(moe_runs, tmp_path):
+    src = moe_runs("z2_ep2_dp4")
+    want, _, _, _ = assemble(src["dump"], TINY_MOE)
+    got, _ = _load(src, CASES["z2_ep2_dp4"], tmp_path, "direct", reversed_experts=True)
+    assert_fails(lambda: _compare(want, got), "experts permuted across expert-parallel ranks")
+    wrong = [key for key in want if not bitwise_equal(want[key], got[key])]
+    assert wrong and all(EXPERT.search(name) for name, _ in wrong), wrong
+
+
+def test_moments_from_the_wrong_expert_data_parallel_rank_fail_the_check(moe_runs, tmp_path):
+    """DP ranks 0 and 2 of the ZeRO-2 EP2 DP4 source are expert-data-parallel ranks 0 and 1 of expert-parallel
+    rank 0: swapping their experts' exp_avg partitions is reading each rank's moments from the other."""
+    src = moe_runs("z2_ep2_dp4")
+    folder = tmp_path / "ckpt" / src["zero"].name
+    shutil.copytree(src["zero"], folder)
+    (tmp_path / "ckpt" / "latest").write_text(folder.name)
+    ckpt = open_zero_checkpoint(str(folder))
+    group = ckpt.experts.group
+    paths = [ckpt.optim_file(0, 0, dp) for dp in (0, 2)]
+    shards = [torch.load(p, weights_only=False) for p in paths]
+    states = [s["optimizer_state_dict"]["base_optimizer_state"]["state"][group] for s in shards]
+    assert states[0]["exp_avg"].shape == states[1]["exp_avg"].shape
+    states[0]["exp_avg"], states[1]["exp_avg"] = states[1]["exp_avg"], states[0]["exp_avg"]
+    for s, p in zip(shards, paths):
+        torch.save(s, p)
+    want, _, _, _ = assemble(src["dump"], TINY_MOE)
+    got, _ = _load({"zero": folder}, CASES["z2_ep2_dp4"], tmp_path, "direct")
+    assert_fails(lambda: _compare(want, got), "expert moments of the wrong expert-data-parallel rank")
+    wrong = {(name, key) for name, key in want if not bitwise_equal(want[name, key], got[name, key])}
+    assert wrong and all(key == "exp_avg" and EXPERT.search(name) for name, key in wrong), wrong
+
+
+def test_a_corrupted_expert_fails_verification_naming_it(moe_runs, tmp_path):
+    """One global expert's fp32 master bytes changed in a source shard after conversion: verifying the
+    universal folder against the shards fails, naming that expert's atom."""
+    src = moe_runs("ep4_dp4")
+    folder = tmp_path / "zero"
+    shutil.copytree(src["zero"], folder)
+    universal = tmp_path / "universal"
+    shutil.copytree(src["universal"], universal)
+    ckpt = open_zero_checkpoint(str(folder))
+    name = next(n for n in ckpt.param_sources if ".deepspeed_experts.5.dense_4h_to_h" in n)
+    frag = ckpt.param_sources[name].fragments[0][0]
+    ref = ckpt.flat_ref(0, 0, frag.dp, ckpt.param_sources[name].group, "fp32")
+    assert frag.dp == 2  # expert 5 of 8 at EP4 lives on expert-parallel rank 2 = DP rank 2
+    with open(ref.path, "r+b") as f:
+        f.seek(ref.offset + (frag.start + 7) * 4)
+        value = f.read(4)
+        f.seek(ref.offset + (frag.start + 7) * 4)
+        f.write(bytes(b ^ 0x40 for b in value))
+    with pytest.raises(CheckpointError, match=re.escape(f"zero/{name}/fp32.pt")):
+        certify_universal(str(folder), str(universal))

@@ -156,3 +156,68 @@ def test_a_corrupted_expert_fails_verification_naming_it(moe_runs, tmp_path):
         f.write(bytes(b ^ 0x40 for b in value))
     with pytest.raises(CheckpointError, match=re.escape(f"zero/{name}/fp32.pt")):
         certify_universal(str(folder), str(universal))
+
+
+# --- A plain-DeepSpeed MoE checkpoint (tests/moe_foreign.py): no project model code, no metadata ---------
+
+def _foreign_states(prefix) -> dict:
+    """The per-rank dumps of ``moe_foreign.dump`` merged: {(name, state): tensor}."""
+    out = {}
+    for path in sorted(prefix.parent.glob(prefix.name + ".rank*")):
+        for name, states in torch.load(path, weights_only=False).items():
+            out.update({(name, key): t for key, t in states.items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def foreign(tmp_path_factory):
+    """The foreign model trained 2 steps at EP2 over 4 DP ranks (ZeRO-1) and saved, its state dumped, and our
+    converter's universal folder of it (DeepSpeed's defaults for the missing universal_checkpoint_info)."""
+    import moe_foreign
+
+    root = tmp_path_factory.mktemp("moe_foreign")
+    run_distributed(moe_foreign.train_and_save, 4, 2, str(root / "ckpt"), str(root / "source"))
+    zero = root / "ckpt" / moe_foreign.TAG
+    universal = root / "universal" / f"{moe_foreign.TAG}_universal"
+    report = convert_zero_to_universal(str(zero), str(universal), inject_missing_state=True)
+    assert report.verified and report.topology == {"tp": 1, "pp": 1, "dp": 4, "ep": 2}
+    return {"root": root, "zero": zero, "universal": universal, "source": _foreign_states(root / "source")}
+
+
+def test_foreign_checkpoint_converts_and_loads_at_ep4_bitwise(foreign, tmp_path):
+    """Our converter reads the plain-DeepSpeed folder (EP from its ep_size_2 group); a fresh plain-DeepSpeed
+    model at EP4 loads the atoms through our sliced reader, every global expert's three states bitwise."""
+    import moe_foreign
+
+    want = foreign["source"]
+    experts = {name for name, _ in want if ".deepspeed_experts." in name}
+    assert len(experts) == moe_foreign.LAYERS * moe_foreign.EXPERTS * 2  # up and down of every global expert
+    atoms = {p.name for p in (foreign["universal"] / "zero").iterdir()} - {"optimizer_state.pt"}
+    assert atoms == {name for name, _ in want}
+    for (name, key), t in want.items():  # the atoms hold the source's live state
+        atom = torch.load(foreign["universal"] / "zero" / name / f"{key}.pt", weights_only=False)["param"]
+        assert bitwise_equal(atom, t), (name, key)
+    run_distributed(moe_foreign.load_and_dump, 4, 4, str(foreign["universal"]), str(tmp_path / "loaded"))
+    got = _foreign_states(tmp_path / "loaded")
+    assert got.keys() == want.keys()
+    for key in want:
+        assert bitwise_equal(got[key], want[key]), key
+
+
+@pytest.mark.parametrize("inject", [False, True])
+def test_deepspeed_converter_refuses_the_foreign_moe_checkpoint(foreign, tmp_path, inject):
+    """DeepSpeed 0.19.8's own converter: without universal_checkpoint_info it refuses; with
+    --inject_missing_state it merges both expert-parallel ranks' fragments of a local expert name into
+    one atom and fails reshaping it (twice the elements)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(foreign["zero"]),
+           "--output_folder", str(tmp_path / "ds"), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    done = subprocess.run(cmd + (["--inject_missing_state"] if inject else []), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    # an expert's up [32, 16] or down [16, 32] weight (512 elements), whichever a worker merges first
+    want = (r"RuntimeError: shape '\[(32, 16|16, 32)\]' is invalid for input of size 1024" if inject else
+            r"AssertionError: Required universal_checkpoint_info state is missing in checkpoint")
+    assert re.search(want, done.stderr), done.stderr[-2000:]

@@ -123,7 +123,8 @@ class ZeroSource:
 class UniversalSource:
     """A universal folder; each atom is read by byte range, never whole."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, rule: Callable[[str], MergeRule] | None = None) -> None:
+        """``rule``: each parameter's merge rule, for a folder without our metadata (which gives them)."""
         self.folder = folder
         # By mp rank, whichever of DeepSpeed's two names a converter wrote (ours writes both; DeepSpeed's
         # only mp_rank_XX, which its ZeRO-3 engine would not find).
@@ -132,10 +133,10 @@ class UniversalSource:
             raise CheckpointError(f"{folder}: no model-state files (not a universal checkpoint folder)")
         first_file = self.model_files[0]
         meta = metadata_from_state(load_file(first_file, meta=True), first_file)
-        if meta is None:
+        if meta is None and rule is None:
             raise CheckpointError(f"{first_file}: no megatron_ucp metadata, so the parameters' kinds are "
                                   "unknown; load it with --universal-loader deepspeed")
-        self.rule = rules_from_table(meta.to_dict())
+        self.rule = rule if meta is None else rules_from_table(meta.to_dict())
         self._refs: dict[tuple[str, str], tuple[FlatRef, tuple[int, ...]]] = {}
         self._global: dict | None = None
 

@@ -402,17 +402,28 @@ def sliced_universal_load(engine, source: StateSource, tp: int, tp_rank: int, pr
     config = engine._config
     saved_flag = config.load_universal_checkpoint
     saved_names = engine.__dict__.get("_get_all_ckpt_names")
+    files_engine = engine.checkpoint_engine
+    saved_load = files_engine.__dict__.get("load")
     opt._load_universal_checkpoint = types.MethodType(hook, opt)
     # The model-state files (client state, LR scheduler, counters) are the source's own, whatever the
     # target's ZeRO stage would call them.
     files = list(source.model_files)
     engine._get_all_ckpt_names = lambda load_dir, tag: files
+    # DeepSpeed reads them whole, twice (its state-dict loader checks the first, then loads it), though a
+    # universal-load sequence uses only their small entries: a non-pipeline model's 'module' (its
+    # weights, the size of the model) is never touched. Mapped, their bytes are read only where used.
+    files_engine.load = lambda path, map_location=None: torch.load(path, map_location=map_location,
+                                                                   weights_only=False, mmap=True)
     config.load_universal_checkpoint = True
     try:
         yield stats
     finally:
         config.load_universal_checkpoint = saved_flag
         del opt._load_universal_checkpoint
+        if saved_load is None:
+            files_engine.__dict__.pop("load", None)
+        else:
+            files_engine.load = saved_load
         if saved_names is None:
             engine.__dict__.pop("_get_all_ckpt_names", None)
         else:

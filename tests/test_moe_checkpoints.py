@@ -221,3 +221,51 @@ def test_deepspeed_converter_refuses_the_foreign_moe_checkpoint(foreign, tmp_pat
     want = (r"RuntimeError: shape '\[(32, 16|16, 32)\]' is invalid for input of size 1024" if inject else
             r"AssertionError: Required universal_checkpoint_info state is missing in checkpoint")
     assert re.search(want, done.stderr), done.stderr[-2000:]
+
+
+def test_deepspeeds_expert_files_catch_an_index_that_misplaces_experts(moe_runs, tmp_path, monkeypatch):
+    """Verification against the shards shares the index that names experts globally with the writer; the
+    per-expert files DeepSpeed saved from the modules do not. An index that swaps the expert-parallel
+    ranks converts into atoms that match the shards as indexed but not those files."""
+    from megatron_ucp.checkpoint.zero import ExpertIndex
+
+    src = moe_runs("ep4_dp4")
+    real = ExpertIndex.global_name
+
+    def swapped(self, local, dp, where):
+        return real(self, local, self.placement.ep - 1 - dp % self.placement.ep, where)
+
+    monkeypatch.setattr(ExpertIndex, "global_name", swapped)
+    with pytest.raises(CheckpointError, match=r"deepspeed_experts\.\d+\.[\w.]+/fp32\.pt: does not match global "
+                                              r"expert \d+'s weight in .*layer_\d+_expert_\d+_mp_rank_00"):
+        convert_zero_to_universal(str(src["zero"]), str(tmp_path / "universal"))
+    assert not (tmp_path / "universal").exists()
+
+
+def test_a_foreign_folder_whose_expert_parallel_size_cannot_be_told_is_refused(foreign, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(foreign["zero"], folder)
+    for path in folder.glob("*_optim_states.pt"):
+        saved = torch.load(path, weights_only=False)
+        groups = saved["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+        assert [g["name"] for g in groups] == ["all", "ep_size_2"]
+        groups[1]["name"] = "experts"
+        torch.save(saved, path)
+    with pytest.raises(CheckpointError, match=r"zero_pp_rank_0_mp_rank_00_optim_states\.pt: cannot tell the expert "
+                                              r"parallel size: optimizer group 1 is marked moe but named 'experts'"):
+        open_zero_checkpoint(str(folder))
+
+
+@pytest.mark.parametrize("source", ["z2_ep2_dp4", "tp2pp2dp2_ep2"])
+def test_same_layout_moe_resume_is_deepspeeds_native_path(moe_runs, tmp_path, source):
+    """At the source's own layout the trainer leaves the load to DeepSpeed (its expert files read by the
+    target's ep rank; the pipeline engine's module load for the PP2 source): the same state, bitwise."""
+    src = moe_runs(source)
+    tp, pp, ep = {"z2_ep2_dp4": (1, 1, 2), "tp2pp2dp2_ep2": (2, 2, 2)}[source]
+    zero, world = (2, 4) if source == "z2_ep2_dp4" else (1, 8)
+    want, _, _, _ = assemble(src["dump"], TINY_MOE)
+    got, log = _load(src, (tp, pp, ep, zero, world), tmp_path, "direct")
+    _compare(want, got)
+    assert f"same layout ({SOURCE_TEXT[source]} fp32)" in log, log
+    resumed, baseline = read_losses(tmp_path / "resumed.jsonl"), read_losses(src["losses"])
+    assert resumed[MOE_ITERS] == baseline[MOE_ITERS]  # the same layout: the same arithmetic

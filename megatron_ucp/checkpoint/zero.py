@@ -318,6 +318,14 @@ def open_zero_checkpoint(folder: str) -> ZeroCheckpoint:
 # expert-parallel rank (local) in module and optimizer files, all experts of a layer (global) in ours.
 _DS_EXPERT_RE = re.compile(r"^(.*?(?:^|\.)deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)(\..+)$")
 _EP_GROUP_RE = re.compile(r"^ep_size_(\d+)$")  # DeepSpeed's name of the experts' optimizer group
+# DeepSpeed's per-expert weight files: MoE layer l of the file's pipeline stage, global expert g, mp rank XX
+EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+
+
+def expert_of(name: str) -> int | None:
+    """The expert index in a DeepSpeed expert parameter's name (``...deepspeed_experts.<i>....``), or None."""
+    m = _DS_EXPERT_RE.match(name)
+    return None if m is None else int(m.group(2))
 
 
 @dataclass(frozen=True)

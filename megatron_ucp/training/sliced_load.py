@@ -133,10 +133,12 @@ class UniversalSource:
             raise CheckpointError(f"{folder}: no model-state files (not a universal checkpoint folder)")
         first_file = self.model_files[0]
         meta = metadata_from_state(load_file(first_file, meta=True), first_file)
-        if meta is None and rule is None:
+        if meta is not None:
+            rule = rules_from_table(meta.to_dict())
+        elif rule is None:
             raise CheckpointError(f"{first_file}: no megatron_ucp metadata, so the parameters' kinds are "
                                   "unknown; load it with --universal-loader deepspeed")
-        self.rule = rule if meta is None else rules_from_table(meta.to_dict())
+        self.rule: Callable[[str], MergeRule] = rule
         self._refs: dict[tuple[str, str], tuple[FlatRef, tuple[int, ...]]] = {}
         self._global: dict | None = None
 

@@ -269,3 +269,46 @@ def test_same_layout_moe_resume_is_deepspeeds_native_path(moe_runs, tmp_path, so
     assert f"same layout ({SOURCE_TEXT[source]} fp32)" in log, log
     resumed, baseline = read_losses(tmp_path / "resumed.jsonl"), read_losses(src["losses"])
     assert resumed[MOE_ITERS] == baseline[MOE_ITERS]  # the same layout: the same arithmetic
+
+
+@pytest.mark.parametrize("ep", [1, 4])
+def test_route_names_the_expert_layout_and_refuses_deepspeeds_loader_above_ep1(moe_runs, ep):
+    """DeepSpeed's universal loader would read global experts 0..E/ep-1 on every expert-parallel rank (the
+    atoms are per global expert, it asks by local name): refused at EP > 1, named at EP 1."""
+    from types import SimpleNamespace
+
+    from megatron_ucp.config import TrainConfig
+    from megatron_ucp.layout.topology import ParallelLayout
+    from megatron_ucp.training.checkpointing import load_route
+
+    src = moe_runs("z2_ep2_dp4")
+    state = SimpleNamespace(layout=ParallelLayout(tp=1, pp=1, dp=4, ep=ep))
+    cfg = TrainConfig(**moe_cfg(1, 1, ep, 1, load=str(src["universal"].parent), universal_checkpoint=True,
+                                universal_loader="deepspeed"))
+    if ep == 1:
+        assert load_route(str(src["universal"]), True, state, cfg) == (
+            "universal checkpoint, DeepSpeed's loader, experts EP2 -> EP1", None)
+        return
+    with pytest.raises(CheckpointError, match=r"_universal: DeepSpeed's universal loader reads each expert's atom by "
+                                              r"this run's local parameter name, which at EP 4 is another global "
+                                              r"expert on every expert-parallel rank but the first"):
+        load_route(str(src["universal"]), True, state, cfg)
+
+
+def test_loading_benchmark_moe_part_quick(tmp_path):
+    """``tools/benchmark_loading.py --quick --parts moe``: direct and sliced within the criterion at EP4 and EP1,
+    every loader's state equal to the direct resume's, DeepSpeed's loader only at EP1."""
+    import json
+
+    from helpers import load_tool
+
+    bl = load_tool("benchmark_loading")
+    out = tmp_path / "moe.json"
+    assert bl.main(["--quick", "--parts", "moe", "--workdir", str(tmp_path / "work"), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["moe"]["rows"]
+    assert [(r["target"], r["loader"]) for r in rows] == [
+        ("TP1 PP1 DP4 EP4 ZeRO-1", "direct"), ("TP1 PP1 DP4 EP4 ZeRO-1", "sliced"),
+        ("TP1 PP1 DP4 EP1 ZeRO-1", "direct"), ("TP1 PP1 DP4 EP1 ZeRO-1", "sliced"),
+        ("TP1 PP1 DP4 EP1 ZeRO-1", "deepspeed")]
+    assert all(r["criterion"] == "PASS" for r in rows if r["loader"] != "deepspeed")
+    assert rows[0]["route"] == ("direct reshard TP1 PP1 DP4 EP2 ZeRO-1 fp32 -> TP1 PP1 DP4 EP4 ZeRO-1 fp32")

@@ -356,6 +356,11 @@ def load_route(folder: str, universal: bool, state: ParallelState, cfg: TrainCon
         experts = f", experts EP{meta.topology.degree('ep')} -> EP{state.layout.degree('ep')}"
     if universal:
         if cfg.universal_loader == "deepspeed":
+            ep = state.layout.degree("ep")
+            if moe and ep > 1:  # its atoms are per global expert (ours and DeepSpeed's converter alike)
+                raise CheckpointError(f"{folder}: DeepSpeed's universal loader reads each expert's atom by this run's "
+                                      f"local parameter name, which at EP {ep} is another global expert on every "
+                                      "expert-parallel rank but the first; use --universal-loader ours (or EP 1)")
             return f"universal checkpoint, DeepSpeed's loader{experts}", None
         return f"universal checkpoint, sliced loader{experts}", UniversalSource(folder)
     if meta is None or meta.topology is None:

@@ -1,6 +1,6 @@
 """A plain-DeepSpeed mixture-of-experts model no project code builds: the foreign checkpoint of the MoE tests.
 
-Token embedding, two residual blocks whose MLP is ``deepspeed.moe.layer.MoE`` (8 SwiGLU-free GELU
+Token embedding, two residual blocks whose MLP is ``deepspeed.moe.layer.MoE`` (8 GELU MLP
 experts, top-2, no token dropping) under the attribute name ``ffn`` (not the project's ``mlp``), and an
 output head; DeepSpeed's non-pipeline engine, ZeRO-1, fp32, the optimizer groups DeepSpeed's
 ``split_params_into_different_moe_groups_for_optimizer`` makes (the experts' is ``ep_size_<EP>``). The

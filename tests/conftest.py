@@ -84,3 +84,37 @@ def llama_runs(tmp_path_factory):
         return cache[tp, pp, dp]
 
     return get
+
+
+# The MoE sources (``helpers.TINY_MOE``): name -> (tp, pp, ep, ZeRO stage, world size).
+MOE_SOURCES = {"ep4_dp4": (1, 1, 4, 1, 4), "tp2pp2dp2_ep2": (2, 2, 2, 1, 8), "z2_ep2_dp4": (1, 1, 2, 2, 4)}
+
+
+@pytest.fixture(scope="session")
+def moe_runs(tmp_path_factory):
+    """``get(name)`` -> {"zero", "universal", "dump", "losses"}: a real fp32 run of the tiny MoE model at the layout
+    ``MOE_SOURCES[name]``, saved at MOE_SAVE_AT with its state dumped there (experts under their global
+    names: ``helpers.dump_states``), then carried on to MOE_ITERS without saving (``losses``), converted by our converter (verified). Trained on first use, shared,
+    read only."""
+    cache: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            from dist_utils import run_distributed
+            from helpers import MOE_ITERS, MOE_SAVE_AT, TINY_MOE, moe_cfg, train_and_dump
+            from megatron_ucp.checkpoint.universal import convert_zero_to_universal
+
+            tp, pp, ep, zero, world = MOE_SOURCES[name]
+            root = tmp_path_factory.mktemp(f"moe_{name}")
+            (root / "dump").mkdir()
+            # the source run carries on one iteration without saving: the loss a resume is compared with
+            run_distributed(train_and_dump, world, moe_cfg(tp, pp, ep, zero, save=str(root / "ckpt")),
+                            str(root / "dump"), TINY_MOE, MOE_ITERS, str(root / "losses.jsonl"))
+            zero_folder = root / "ckpt" / f"global_step{MOE_SAVE_AT}"
+            universal = root / "universal" / f"global_step{MOE_SAVE_AT}_universal"
+            assert convert_zero_to_universal(str(zero_folder), str(universal), verify=True).verified
+            cache[name] = {"zero": zero_folder, "universal": universal, "dump": root / "dump",
+                           "losses": root / "losses.jsonl"}
+        return cache[name]
+
+    return get

@@ -117,6 +117,18 @@ def gpt_cfg(tp: int, pp: int, dtype: str = "bf16", **kw) -> dict:
     return run_cfg(tp, pp, **{"train_iters": 2, "lr_warmup_iters": 1, "dtype": dtype, **kw})
 
 
+# The tiny mixture of experts (the tiny Llama's shape, mixtral family): 8 SwiGLU experts a layer, top-2.
+TINY_MOE = dict(TINY_LLAMA, model_family="mixtral", num_experts=8, moe_top_k=2)
+MOE_SAVE_AT, MOE_ITERS = 2, 3  # MoE sources save (and dump) at MOE_SAVE_AT; a resumed run goes on to MOE_ITERS
+
+
+def moe_cfg(tp: int, pp: int, ep: int, zero: int = 1, **kw) -> dict:
+    """``run_cfg`` of the MoE runs: expert parallel size ``ep``, ZeRO ``zero``, global batch 8, the same LR
+    schedule whether a run stops at MOE_SAVE_AT or MOE_ITERS."""
+    return run_cfg(tp, pp, **{"moe_expert_parallel_size": ep, "zero_stage": zero, "global_batch_size": 8,
+                              "train_iters": MOE_SAVE_AT, "lr_warmup_iters": 1, "lr_decay_iters": MOE_ITERS, **kw})
+
+
 # The Llama runs: LLAMA_ITERS iterations, resumed from the checkpoint of LLAMA_RESUME_AT.
 LLAMA_ITERS, LLAMA_RESUME_AT = 12, 4
 
@@ -159,10 +171,17 @@ def train_and_dump(rank, world_size, cfg_dict, dump_dir, model, carry_on_to=None
 
 
 def dump_states(trainer, rank, dump_dir):
-    """Each parameter's DP-gathered fp32 master and Adam moments, written by DP rank 0 to ``rank{r}.pt``."""
+    """Each parameter's DP-gathered fp32 master and Adam moments, written by DP rank 0 to ``rank{r}.pt``.
+    An MoE model's experts are gathered over their expert-data-parallel group and written under their
+    global names (``layout.experts``) by the DP ranks of expert-data-parallel rank 0 (one per
+    expert-parallel rank); the other parameters by DP rank 0 alone."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    from megatron_ucp.layout.experts import ExpertPlacement, expert_name
+
     engine, state = trainer.engine, trainer.state
+    ep = state.size_of("ep")
+    placement = ExpertPlacement(max(engine.num_experts), ep) if getattr(engine, "has_moe_layers", False) else None
     # DeepSpeed 0.19.8 links optimizer-state fragments lazily after the first group's step, before
     # the second group has state, so its accessors miss exp_avg of group 1; link again now.
     opt = engine.optimizer
@@ -171,10 +190,15 @@ def dump_states(trainer, rank, dump_dir):
         opt._lazy_init_hp_params_optimizer_state()
     out = {}
     for name, p in trainer.model.named_parameters():
-        out[name] = {"fp32": safe_get_full_fp32_param(p).clone(),
-                     "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").clone(),
-                     "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").clone()}
-    if dump_dir and state.coords.dp == 0:
+        got = {"fp32": safe_get_full_fp32_param(p).clone(),  # collectives: every rank asks for every parameter
+               "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").clone(),
+               "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").clone()}
+        if placement is not None and expert_name(name) is not None:
+            if state.coords.dp < ep:  # expert-data-parallel rank 0 of its expert-parallel rank
+                out[placement.global_name(name, state.rank_in("ep"))] = got
+        elif state.coords.dp == 0:
+            out[name] = got
+    if dump_dir and out:
         torch.save({"coords": (state.coords.pp, state.coords.tp), "state": out,
                     "global_steps": engine.global_steps, "lr_steps": engine.lr_scheduler.num_steps,
                     "weight_decay": [g["weight_decay"] for g in opt.param_groups]},
@@ -227,3 +251,27 @@ def byte_level_folder(out: Path, text: str, *, bos: bool) -> Path:
 
     train_byte_level_bpe(split_paragraphs(text), 400, out, prepend_bos=bos, added_tokens=["<extra_0>"])
     return out
+
+
+def load_and_dump(rank, world_size, cfg_dict, dump_dir, model, log_path=None, reversed_experts=False):
+    """Build and load a run, dump its state right after the load (``dump_states``), then train on to
+    ``train_iters``; rank 0's printout goes to ``log_path``. ``reversed_experts``: the load maps expert-
+    parallel rank r's local experts to rank ``ep - 1 - r``'s global ones (a negative control)."""
+    import contextlib
+    import io
+
+    from megatron_ucp.config import TrainConfig
+    from megatron_ucp.training import checkpointing
+    from megatron_ucp.training.trainer import Trainer
+
+    if reversed_experts:
+        checkpointing.expert_rank = lambda state: state.size_of("ep") - 1 - state.rank_in("ep")
+    out = io.StringIO()
+    with Trainer(model, TrainConfig(**cfg_dict)) as trainer, contextlib.redirect_stdout(out):
+        trainer.build()
+        trainer.load()
+        dump_states(trainer, rank, dump_dir)
+        trainer.run()
+    if rank == 0 and log_path:
+        with open(log_path, "w") as f:
+            f.write(out.getvalue())

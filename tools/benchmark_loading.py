@@ -4,6 +4,7 @@
     python tools/benchmark_loading.py                              # GPT 4 layers, hidden 256, vocab 8000, fp32
     python tools/benchmark_loading.py --quick --json bench.json    # tiny sizes, one round (the smoke test)
     python tools/benchmark_loading.py --parts bytes                # only part 1
+    python tools/benchmark_loading.py --parts moe                  # only part 3 (not in the default 'all')
     python tools/benchmark_loading.py --num-layers 8 --hidden-size 512 --repeats 5 --time-target tp1-pp2-dp2
 
 One source checkpoint is trained first: our trainer at TP2 PP2 DP2, ZeRO-1, fp32, mock data, for
@@ -92,6 +93,13 @@ of that, each ended by a barrier. Runs are paired: ``--repeats`` rounds, each ru
 once, the order rotated from round to round; the table shows medians over rounds and the median of
 the per-round ratio to ``direct``. The first step's loss is printed too: every route loads the same
 state, so it must be identical.
+
+**3. MoE** (``--parts moe``; ``all`` does not include it): a mixtral-style model of the same sizes with
+8 SwiGLU experts a layer (top-2) is trained at TP1 PP1 DP4 EP2 ZeRO-1 (non-pipeline engine), saved,
+converted by our converter, and loaded at TP1 PP1 DP4 EP4 (direct and sliced) and EP1 (also DeepSpeed's
+loader, which the trainer refuses at EP > 1: it reads each expert's atom by the target's local name).
+Per target and rank: owned, each loader's read measured as in part 1, the criterion for ``direct``,
+and whether each universal loader's state digest equals the direct resume's.
 """
 
 from __future__ import annotations
@@ -144,7 +152,8 @@ LOAD_IMPORTS = (
 # Configuration
 
 
-LAYOUT_RE = re.compile(r"tp(?P<tp>\d+)[- ]pp(?P<pp>\d+)[- ]dp(?P<dp>\d+)(?:[- ]z(?:ero-?)?(?P<z>[0-3]))?")
+LAYOUT_RE = re.compile(r"tp(?P<tp>\d+)[- ]pp(?P<pp>\d+)[- ]dp(?P<dp>\d+)(?:[- ]ep(?P<ep>\d+))?"
+                       r"(?:[- ]z(?:ero-?)?(?P<z>[0-3]))?")
 
 
 @dataclass(frozen=True)
@@ -153,6 +162,7 @@ class Layout:
     pp: int
     dp: int
     zero: int = 1
+    ep: int | None = None  # expert parallel size of an MoE model (the MoE part); None: a dense model
 
     @property
     def ranks(self) -> int:
@@ -160,7 +170,8 @@ class Layout:
 
     @property
     def name(self) -> str:
-        return f"TP{self.tp} PP{self.pp} DP{self.dp} ZeRO-{self.zero}"
+        ep = f" EP{self.ep}" if self.ep is not None else ""
+        return f"TP{self.tp} PP{self.pp} DP{self.dp}{ep} ZeRO-{self.zero}"
 
     @classmethod
     def parse(cls, text: str) -> "Layout":
@@ -168,11 +179,14 @@ class Layout:
         m = LAYOUT_RE.fullmatch(text.strip().lower())
         if not m:
             raise argparse.ArgumentTypeError(f"layout {text!r}: expected like tp1-pp4-dp1 or tp1-pp1-dp4-z3")
-        return cls(int(m["tp"]), int(m["pp"]), int(m["dp"]), int(m["z"] or 1))
+        return cls(int(m["tp"]), int(m["pp"]), int(m["dp"]), int(m["z"] or 1), int(m["ep"]) if m["ep"] else None)
 
 
 SOURCE = Layout(2, 2, 2, 1)
 BYTE_TARGETS = (Layout(2, 2, 2, 1), Layout(1, 1, 4, 1), Layout(1, 1, 4, 3))
+# The MoE part: a mixtral-style model of MOE_EXPERTS experts a layer saved at EP2, resumed at EP4.
+MOE_SOURCE, MOE_EXPERTS = Layout(1, 1, 4, 1, ep=2), 8
+MOE_TARGETS = (Layout(1, 1, 4, 1, ep=4), Layout(1, 1, 4, 1, ep=1))  # EP1: where DeepSpeed's loader can load
 LOADERS = ("direct", "sliced", "deepspeed")
 ROUTES = ("direct", "ds-convert", "ours-convert")
 ROUTE_TEXT = {"direct": "direct reshard", "ds-convert": "DeepSpeed ds_to_universal + DeepSpeed loader",
@@ -215,9 +229,15 @@ class BenchConfig:
                     num_attention_heads=self.num_attention_heads, max_position_embeddings=self.seq_length,
                     hidden_dropout=0.0, attention_dropout=0.0)
 
+    def moe_model_kwargs(self) -> dict:
+        """The MoE part's model: the same sizes, mixtral-shaped (SwiGLU experts of width hidden, top-2)."""
+        return dict(self.model_kwargs(), num_key_value_heads=self.num_attention_heads, ffn_hidden_size=self.hidden_size,
+                    swiglu=True, normalization="rmsnorm", use_rotary_position_embeddings=True, tie_embeddings=False,
+                    add_bias_linear=False, model_family="mixtral", num_experts=MOE_EXPERTS, moe_top_k=2)
+
     def train_config(self, layout: Layout, train_iters: int, **kw: Any) -> dict:
         return dict(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
-                    zero_stage=layout.zero, micro_batch_size=1, global_batch_size=self.global_batch_size,
+                    zero_stage=layout.zero, moe_expert_parallel_size=layout.ep or 1, micro_batch_size=1, global_batch_size=self.global_batch_size,
                     seq_length=self.seq_length, train_iters=train_iters, lr=1e-3, min_lr=1e-4, lr_warmup_iters=0,
                     lr_decay_iters=100, dtype="fp32", mock_data=True, vocab_size=self.vocab_size, log_interval=1,
                     eval_interval=0, seed=self.seed, **kw)
@@ -426,15 +446,17 @@ def launch(kind: str, world_size: int, out_dir: str, **job: Any) -> list[dict]:
     return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world_size)]
 
 
-def source_job(cfg: BenchConfig, workdir: str) -> dict:
-    """The job that trains the TP2 PP2 DP2 ZeRO-1 source and saves it to ``<workdir>/source``."""
+def source_job(cfg: BenchConfig, workdir: str, layout: Layout = SOURCE, model: dict | None = None,
+               name: str = "source") -> dict:
+    """The job that trains the source (default: the TP2 PP2 DP2 ZeRO-1 GPT) and saves it to ``<workdir>/<name>``."""
     from megatron_ucp.checkpoint.format import step_folder_name
 
-    save = os.path.join(workdir, "source")
-    return {"model": cfg.model_kwargs(), "save": save,
-            "cfg": cfg.train_config(SOURCE, cfg.source_iters, save=save, save_interval=cfg.source_iters),
+    save = os.path.join(workdir, name)
+    return {"model": model or cfg.model_kwargs(), "save": save,
+            "cfg": cfg.train_config(layout, cfg.source_iters, save=save, save_interval=cfg.source_iters),
             "zero_folder": os.path.join(save, step_folder_name(cfg.source_iters)),
-            "universal_root": os.path.join(workdir, "universal"), "workers": cfg.convert_workers}
+            "universal_root": os.path.join(workdir, f"{name}_universal" if name != "source" else "universal"),
+            "workers": cfg.convert_workers}
 
 
 def build_source(cfg: BenchConfig, workdir: str) -> str:
@@ -543,19 +565,22 @@ def route_of(line: str | None) -> str:
 
 
 def measure_bytes(cfg: BenchConfig, source_dir: str, universal_dir: str, targets: Sequence[Layout], log_dir: str,
-                  iteration: int, source: dict | None = None) -> tuple[list[BytesRow], list[int]]:
-    """The three loaders at each of ``targets`` (one world size) in one spawn, which first trains the
-    source when ``source`` is given; rows and each rank's socket-probe rchar."""
+                  iteration: int, source: dict | None = None, model: dict | None = None,
+                  loaders: Callable[[Layout], Sequence[str]] = lambda target: LOADERS) -> tuple[list[BytesRow], list[int]]:
+    """The loaders (default: all three) at each of ``targets`` (one world size) in one spawn, which first
+    trains the source when ``source`` is given; rows and each rank's socket-probe rchar. ``model``: the
+    model's kwargs (default: the GPT of ``cfg``)."""
     if len({t.ranks for t in targets}) != 1:
         raise ValueError("one spawn measures targets of one world size")
     cases: list[dict[str, Any]] = []
     for target in targets:
-        for loader in LOADERS:
+        for loader in loaders(target):
             kw: dict[str, Any] = {"load": source_dir} if loader == "direct" else {
                 "load": os.path.dirname(universal_dir), "universal_checkpoint": True,
                 "universal_loader": "ours" if loader == "sliced" else "deepspeed"}
             cases.append({"target": target.name, "loader": loader, "cfg": cfg.train_config(target, iteration, **kw)})
-    per_rank = launch("bytes", targets[0].ranks, log_dir, model=cfg.model_kwargs(), cases=cases, source=source)
+    per_rank = launch("bytes", targets[0].ranks, log_dir, model=model or cfg.model_kwargs(), cases=cases,
+                      source=source)
     rows = []
     for i, case in enumerate(cases):
         results = [r["cases"][i] for r in per_rank]
@@ -782,6 +807,75 @@ def format_time_table(summaries: Sequence[TimeSummary]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# The MoE part: direct resume EP2 -> EP4, per rank
+
+
+MOE_HEADER = ["target", "rank", "owned MiB", "direct read MiB", "direct read/owned", "<= 1.1 x owned + 1 MiB",
+              "sliced read MiB", "sliced state = direct's", "deepspeed read MiB", "deepspeed read/owned",
+              "deepspeed state = direct's"]
+
+
+def moe_rows(rows: Sequence[BytesRow]) -> list[list[str]]:
+    """One line per target and rank: what the rank owns, what each loader read, and whether each universal
+    loader loaded the same state as the direct resume (digest of the rank's fp32 partition and moments)."""
+    out = []
+    for target in dict.fromkeys(r.target for r in rows):
+        by = {r.loader: r for r in rows if r.target == target}
+        direct = by.get("direct") or by.get("native")
+        if direct is None or not direct.ok:
+            continue
+        for rank, owned in enumerate(direct.owned):
+            read = direct.read[rank]
+            cells = [target, str(rank), fmt_mib(owned), fmt_mib(read), fmt_ratio(read / owned if owned else math.inf),
+                     "PASS" if read <= CRITERION_FACTOR * owned + CRITERION_SLACK else "FAIL"]
+            for name in ("sliced", "deepspeed"):
+                row = by.get(name)
+                if row is None or not row.ok:
+                    cells += ["refused" if row is None else row.status, ""]
+                    cells += [""] if name == "deepspeed" else []
+                    continue
+                cells.append(fmt_mib(row.read[rank]))
+                if name == "deepspeed":
+                    cells.append(fmt_ratio(row.read[rank] / owned if owned else math.inf))
+                cells.append("yes" if row.digest[rank] == direct.digest[rank] else "NO")
+            out.append(cells)
+    return out
+
+
+def moe_loaders(target: Layout) -> Sequence[str]:
+    """DeepSpeed's universal loader reads atoms by local names: the trainer refuses it for experts at EP > 1."""
+    return LOADERS if (target.ep or 1) == 1 else ("direct", "sliced")
+
+
+def run_moe_part(cfg: BenchConfig, workdir: str) -> tuple[bool, list[str], dict]:
+    """Train the MoE source at MOE_SOURCE, convert it, and load it at each of MOE_TARGETS by direct resume, our
+    sliced universal loader and (at EP 1) DeepSpeed's; (criterion met everywhere, report lines, JSON)."""
+    model = cfg.moe_model_kwargs()
+    job = source_job(cfg, workdir, MOE_SOURCE, model, name="moe_source")
+    universal = os.path.join(job["universal_root"], os.path.basename(job["zero_folder"]) + "_universal")
+    _progress(f"MoE: training {MOE_SOURCE.name}, converting, then loading at "
+              f"{', '.join(t.name for t in MOE_TARGETS)} ...")
+    rows, probe = measure_bytes(cfg, job["save"], universal, MOE_TARGETS, os.path.join(workdir, "logs", "moe"),
+                                cfg.source_iters, source=job, model=model, loaders=moe_loaders)
+    ok = all(r.ok and r.passes for r in rows if r.criterion_applies)
+    same = all(r.digest == next(d for d in rows if d.target == r.target and d.loader == "direct").digest
+               for r in rows if r.ok)
+    ok = ok and same
+    routes = [f"{r.target}: {r.route}" for r in rows if r.loader == "direct"]
+    lines = [f"## MoE loading benchmark: mixtral-style {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+             f"{MOE_EXPERTS} experts top-2, vocab {cfg.vocab_size}, fp32; source {MOE_SOURCE.name} checkpoint of "
+             f"iteration {cfg.source_iters}", "",
+             "### State bytes read per rank during trainer.load() (rchar, no-load baseline subtracted)", "",
+             bench.markdown_table(MOE_HEADER, moe_rows(rows), {2, 3, 4, 6, 8, 9}), "",
+             *routes,
+             f"every loader loaded the direct resume's state on every rank: {'yes' if same else 'NO'}",
+             "deepspeed at EP > 1: refused by the trainer (DeepSpeed's universal loader reads each atom by the "
+             "target's local parameter name, a different global expert on every expert-parallel rank but the first)",
+             f"socket probe rchar per rank: {probe}", ""]
+    return ok, lines, {"rows": [r.to_dict() for r in rows], "socket_probe_rchar": probe, "criterion_ok": ok}
+
+
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -804,7 +898,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default tp1-pp4-dp1; --quick: tp1-pp2-dp2)")
     p.add_argument("--convert-workers", type=int, default=d.convert_workers,
                    help="workers of both converters (ours: threads; DeepSpeed: extract and merge workers)")
-    p.add_argument("--parts", choices=("bytes", "time", "all"), default="all", help="which measurements to run")
+    p.add_argument("--parts", choices=("bytes", "time", "all", "moe"), default="all",
+                   help="which measurements to run (moe: only the MoE part, which 'all' does not include)")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes for a smoke test: " + ", ".join(
                        f"{k}={v.name if isinstance(v, Layout) else v}" for k, v in QUICK.items()))
@@ -856,6 +951,10 @@ def _run(cfg: BenchConfig, args: argparse.Namespace, command: str, workdir: str)
              f"{cfg.num_attention_heads} heads, vocab {cfg.vocab_size}, seq {cfg.seq_length}, fp32; source "
              f"{SOURCE.name} checkpoint of iteration {iteration}", ""]
     out: dict[str, Any] = {"command": command, "machine": machine, "config": cfg.to_dict()}
+    if args.parts == "moe":  # its own header: the GPT source above is not trained
+        moe_ok, moe_lines, out["moe"] = run_moe_part(cfg, workdir)
+        ok = ok and moe_ok
+        lines = moe_lines
     if args.parts in ("bytes", "all"):
         # One spawn per world size; the source's own world size goes first and trains the source.
         by_size: dict[int, list[Layout]] = {}

@@ -84,7 +84,12 @@ from megatron_ucp.checkpoint.rules import (  # noqa: F401 - rules_from_*, source
     source_tp_map,
 )
 from megatron_ucp.checkpoint.trust import check_name, path_inside
-from megatron_ucp.checkpoint.verify import check_atom_names, verify_atoms, verify_universal  # noqa: F401
+from megatron_ucp.checkpoint.verify import (  # noqa: F401 - verify_universal: re-exported
+    check_atom_names,
+    verify_atoms,
+    verify_expert_files,
+    verify_universal,
+)
 from megatron_ucp.checkpoint.zero import (
     BASE_OPTIMIZER_STATE,
     FP32_FLAT_GROUPS,
@@ -127,7 +132,8 @@ class ConvertReport:
         if self.workers == 0:  # kept: nothing was converted
             return f"{self.output_folder}: {self.params} parameters of iteration {self.iteration}{notes}"
         return (f"converted {self.params} parameters of iteration {self.iteration} "
-                f"(TP{self.topology['tp']} PP{self.topology['pp']} DP{self.topology['dp']}) into "
+                f"(TP{self.topology['tp']} PP{self.topology['pp']} DP{self.topology['dp']}"
+                f"{''.join(f' EP{self.topology[a]}' for a in ('ep',) if a in self.topology)}) into "
                 f"{self.output_folder}: {gb:.3f} GB in {self.seconds:.2f} s ({rate:.2f} GB/s), "
                 f"{self.workers} workers{procs}{ver}{notes}")
 
@@ -335,6 +341,7 @@ def convert_zero_to_universal(input_folder: str, output_folder: str, *, workers:
                 crosscheck_files(input_files(ckpt)[part.rank::part.world_size])  # each process some files
                 if lead:
                     check_atom_names(ckpt, tmp)
+                    verify_expert_files(ckpt, tmp)
                 with byte_progress(sum(source_bytes(s, ckpt, STATE_KEYS) for s in checked), "verifying" + desc, show) as bar:
                     verify_atoms(ckpt, tmp, rules, checked, bar, n_workers)
         with part.together():

@@ -18,10 +18,18 @@ import torch
 
 from megatron_ucp.checkpoint.atoms import AtomReader, atom_layout
 from megatron_ucp.checkpoint.executors import read_local, scratch
-from megatron_ucp.checkpoint.format import OPTIMIZER_STATE_FILE, atom_path, zero_dir
+from megatron_ucp.checkpoint.format import MASTER_KEY, OPTIMIZER_STATE_FILE, atom_path, zero_dir
 from megatron_ucp.checkpoint.plan import ReadPlan, local_plan, source_bytes, window_plan
 from megatron_ucp.checkpoint.rules import MergeRule, source_tp_map
-from megatron_ucp.checkpoint.zero import STATE_KEYS, CheckpointError, ParamSource, ZeroCheckpoint
+from megatron_ucp.checkpoint.trust import check_name, load_file
+from megatron_ucp.checkpoint.zero import (
+    EXPERT_FILE_RE,
+    STATE_KEYS,
+    CheckpointError,
+    ParamSource,
+    ZeroCheckpoint,
+    expert_of,
+)
 from megatron_ucp.layout.placement import RegionMap
 from megatron_ucp.layout.slicing import bitwise_equal
 from megatron_ucp.pacing import point
@@ -32,6 +40,47 @@ def verify_universal(ckpt: ZeroCheckpoint, output_folder: str, rules: dict[str, 
     """Re-read every written atom and compare it with the input shards, independently of the writer."""
     check_atom_names(ckpt, output_folder)
     verify_atoms(ckpt, output_folder, rules, list(ckpt.param_sources.values()), workers=min(4, os.cpu_count() or 1))
+    verify_expert_files(ckpt, output_folder)
+
+
+def verify_expert_files(ckpt: ZeroCheckpoint, output_folder: str) -> int:
+    """An MoE checkpoint's expert atoms against DeepSpeed's own per-expert files; the tensors compared.
+
+    ``layer_<l>_expert_<g>_mp_rank_XX_model_states.pt`` holds global expert ``g``'s weights (of one TP
+    rank) under their global names, saved from the module of the rank that trains it: a record of where
+    each expert lives that owes nothing to the optimizer files' local names or to the index that maps
+    them to global ones (``zero.ExpertIndex``), which ``verify_atoms`` shares with the writer. Each
+    expert atom's fp32 master, in the file's precision, must equal every TP rank's copy there, and every
+    expert atom must be found. A folder without such files (a writer that omits them) is not checked."""
+    if ckpt.experts is None:
+        return 0
+    files = sorted(f for f in os.listdir(ckpt.folder) if EXPERT_FILE_RE.match(f))
+    experts = {name for name in ckpt.param_sources if expert_of(name) is not None}
+    found: set[str] = set()
+    compared = 0
+    for file in files:
+        path = os.path.join(ckpt.folder, file)
+        m = EXPERT_FILE_RE.match(file)
+        assert m is not None
+        weights = load_file(path)
+        if not isinstance(weights, dict):
+            raise CheckpointError(f"{path}: expected a dict of expert weights, found {type(weights).__name__}")
+        for name, tensor in weights.items():
+            check_name(name, path)
+            if expert_of(name) != int(m.group(2)) or name not in experts or not torch.is_tensor(tensor):
+                raise CheckpointError(f"{path}: holds {name}, not a weight of global expert {m.group(2)} of the "
+                                      "optimizer files")
+            atom = atom_path(output_folder, name, MASTER_KEY)
+            master = load_file(atom)
+            param = master.get("param") if isinstance(master, dict) else None
+            if not torch.is_tensor(param) or param.shape != tensor.shape or not bitwise_equal(param.to(tensor.dtype),
+                                                                                              tensor):
+                raise CheckpointError(f"{atom}: does not match global expert {m.group(2)}'s weight in {path}")
+            found.add(name)
+            compared += 1
+    if files and found != experts:
+        raise CheckpointError(f"{ckpt.folder}: no layer_*_expert_* file holds {sorted(experts - found)[:3]}")
+    return compared
 
 
 def check_atom_names(ckpt: ZeroCheckpoint, output_folder: str) -> None:

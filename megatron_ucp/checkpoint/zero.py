@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -48,6 +49,7 @@ from megatron_ucp.checkpoint.format import (  # noqa: F401 - STATE_KEYS: re-expo
 )
 from megatron_ucp.checkpoint.torchzip import stored_nbytes
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file  # noqa: F401 - re-exported
+from megatron_ucp.layout.experts import ExpertPlacement
 from megatron_ucp.layout.slicing import bitwise_equal
 
 # File names (defined in checkpoint.format), under the names this module has always exported.
@@ -179,10 +181,16 @@ class ZeroCheckpoint:
     steps: dict[tuple[int, int], list] = field(default_factory=dict)  # (dp, mp) -> per group step value
     # our metadata (checked and upgraded), None for checkpoints we did not write
     checkpoint_metadata: CheckpointMetadata | None = None
+    # mixture of experts: the optimizer group holding the experts and where each expert lives (None: dense)
+    experts: "ExpertIndex | None" = None
+
+    @property
+    def ep(self) -> int:
+        return 1 if self.experts is None else self.experts.placement.ep
 
     @property
     def topology(self) -> dict[str, int]:
-        return {"tp": self.tp, "pp": self.pp, "dp": self.dp}
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, **({"ep": self.ep} if self.ep > 1 else {})}
 
     @property
     def metadata(self) -> dict | None:
@@ -300,8 +308,110 @@ def open_zero_checkpoint(folder: str) -> ZeroCheckpoint:
     if stage3:
         _index_zero3_fragments(ckpt)
     else:
+        ckpt.experts = expert_index(ckpt)
         _index_fragments(ckpt, pipeline_replicated=_pipeline_replicated(first))
     return ckpt
+
+
+# DeepSpeed's name of an expert's parameter (``deepspeed.moe``: ``<layer>.deepspeed_moe.experts.deepspeed_experts.
+# <index>.<param>``, whatever the model calls the MoE module); its index counts the experts of one
+# expert-parallel rank (local) in module and optimizer files, all experts of a layer (global) in ours.
+_DS_EXPERT_RE = re.compile(r"^(.*?(?:^|\.)deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)(\..+)$")
+_EP_GROUP_RE = re.compile(r"^ep_size_(\d+)$")  # DeepSpeed's name of the experts' optimizer group
+# DeepSpeed's per-expert weight files: MoE layer l of the file's pipeline stage, global expert g, mp rank XX
+EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+
+
+def expert_of(name: str) -> int | None:
+    """The expert index in a DeepSpeed expert parameter's name (``...deepspeed_experts.<i>....``), or None."""
+    m = _DS_EXPERT_RE.match(name)
+    return None if m is None else int(m.group(2))
+
+
+@dataclass(frozen=True)
+class ExpertIndex:
+    """The experts of a ZeRO-1/2 MoE checkpoint: optimizer group ``group`` holds them, placed by
+    ``placement`` (DP rank ``d`` is expert-parallel rank ``d % ep`` and expert-data-parallel rank
+    ``d // ep``; ZeRO partitions the group over the ``dp / ep`` ranks of one expert-parallel rank)."""
+
+    group: int
+    placement: ExpertPlacement
+
+    def global_name(self, local: str, dp: int, where: str) -> str:
+        """The global name of DP rank ``dp``'s local expert parameter ``local``."""
+        m = _DS_EXPERT_RE.match(local)
+        if m is None:
+            raise CheckpointError(f"{where}: {local} lies in the experts' optimizer group {self.group} but is not "
+                                  "named as a DeepSpeed expert (...deepspeed_moe.experts.deepspeed_experts.<i>...)")
+        index = int(m.group(2))
+        if index >= self.placement.num_local:
+            raise CheckpointError(f"{where}: {local}: local expert {index} outside the {self.placement.num_local} "
+                                  "experts of an expert-parallel rank")
+        return f"{m.group(1)}{self.placement.experts_of(dp % self.placement.ep)[index]}{m.group(3)}"
+
+    def global_names(self, local: str, where: str) -> list[str]:
+        """Every expert-parallel rank's global name of the local name ``local``, in rank order."""
+        return [self.global_name(local, r, where) for r in range(self.placement.ep)]
+
+
+def expert_index(ckpt: ZeroCheckpoint) -> ExpertIndex | None:
+    """Where a ZeRO-1/2 checkpoint's experts live, or None for a dense one. The expert-parallel size is
+    our metadata's topology; a checkpoint without it (plain DeepSpeed) names it in its experts'
+    optimizer group (``ep_size_N``). The experts per layer: the local experts of the optimizer files
+    times the expert-parallel size, checked against our config and DeepSpeed's ``num_experts``."""
+    path = ckpt.optim_file(0, 0, 0)
+    osd = check_optimizer_shard(load_file(path, meta=True), path)
+    groups = osd[BASE_OPTIMIZER_STATE].get("param_groups") or []
+    moe = [g for g, group in enumerate(groups) if isinstance(group, dict) and group.get("moe")]
+    meta = ckpt.checkpoint_metadata
+    ours_moe = meta is not None and meta.model_config.num_experts is not None
+    if not moe:
+        if ours_moe:
+            raise CheckpointError(f"{path}: no optimizer group marked moe, but {ckpt.model_files[0]} records an "
+                                  f"MoE model of {meta.model_config.num_experts} experts")  # type: ignore[union-attr]
+        return None
+    if len(moe) > 1:
+        raise CheckpointError(f"{path}: {len(moe)} expert optimizer groups ({moe}); one expert-parallel size is read")
+    group = moe[0]
+    named = _EP_GROUP_RE.match(str(groups[group].get("name", "")))
+    if meta is not None and meta.topology is not None:
+        ep = meta.topology.degree("ep")
+        if named and int(named.group(1)) != ep:
+            raise CheckpointError(f"{path}: expert group {groups[group].get('name')!r}, but {ckpt.model_files[0]} "
+                                  f"records expert parallel size {ep}")
+    elif named:
+        ep = int(named.group(1))
+    else:
+        raise CheckpointError(f"{path}: cannot tell the expert parallel size: optimizer group {group} is marked moe "
+                              f"but named {groups[group].get('name')!r}, not 'ep_size_<N>', and "
+                              f"{ckpt.model_files[0]} has no megatron_ucp topology")
+    if ep < 1 or ckpt.dp % ep:
+        raise CheckpointError(f"{path}: expert parallel size {ep} does not divide the {ckpt.dp} data-parallel ranks")
+    mappings = osd[PARAM_SLICE_MAPPINGS]
+    if group >= len(mappings):
+        raise CheckpointError(f"{path}: no slice mappings for the experts' optimizer group {group}")
+    per_layer: dict[tuple[str, str], set[int]] = {}
+    for name in mappings[group]:
+        m = _DS_EXPERT_RE.match(name)
+        if m is None:
+            raise CheckpointError(f"{path}: {name} lies in the experts' optimizer group {group} but is not named as "
+                                  "a DeepSpeed expert (...deepspeed_moe.experts.deepspeed_experts.<i>...)")
+        per_layer.setdefault((m.group(1), m.group(3)), set()).add(int(m.group(2)))
+    counts = {len(indices) for indices in per_layer.values()}
+    if len(counts) != 1 or any(indices != set(range(len(indices))) for indices in per_layer.values()):
+        raise CheckpointError(f"{path}: the experts' optimizer group holds local experts {sorted(per_layer.values())} "
+                              "per parameter; expected the same 0..n-1 for every one")
+    num_experts = counts.pop() * ep
+    recorded = [] if not ours_moe else [meta.model_config.num_experts]  # type: ignore[union-attr]
+    ds_recorded = ckpt.model_states[0].get("num_experts")
+    if isinstance(ds_recorded, (list, tuple)) and ds_recorded:
+        recorded.append(max(int(n) for n in ds_recorded))
+    elif isinstance(ds_recorded, int):
+        recorded.append(ds_recorded)
+    if any(n != num_experts for n in recorded):
+        raise CheckpointError(f"{path}: holds {num_experts // ep} experts per expert-parallel rank, {num_experts} at "
+                              f"expert parallel size {ep}, but {ckpt.model_files[0]} records {recorded[0]} experts")
+    return ExpertIndex(group, ExpertPlacement(num_experts, ep))
 
 
 def _pipeline_replicated(model_state: dict):
@@ -315,9 +425,22 @@ def expected_step(model_state: dict) -> int | None:
     return None if steps is None else steps - model_state.get("skipped_steps", 0)
 
 
+def _global_shapes(shapes: dict, experts: ExpertIndex | None, where: str) -> Iterator[tuple[str, tuple]]:
+    """(name, shape) of every parameter of one optimizer group's ``param_shapes``; in the experts'
+    group (whose names are DP rank 0's local ones) each local expert stands for one global expert of
+    every expert-parallel rank."""
+    for name, shape in shapes.items():
+        check_name(name, where)
+        for global_name in [name] if experts is None else experts.global_names(name, where):
+            yield global_name, shape
+
+
 def _index_fragments(ckpt: ZeroCheckpoint, pipeline_replicated) -> None:
-    """Read every optimizer file's slice mappings and record where each parameter's pieces are."""
+    """Read every optimizer file's slice mappings and record where each parameter's pieces are. An
+    expert's pieces are those of the DP ranks of its expert-parallel rank, in DP (= expert-data-parallel)
+    order, under its global name (``ExpertIndex``)."""
     sources: dict[str, ParamSource] = {}
+    experts = ckpt.experts
     for pp in range(ckpt.pp):
         for tp in range(ckpt.tp):
             mp = ckpt.mp_rank(pp, tp)
@@ -354,13 +477,15 @@ def _index_fragments(ckpt: ZeroCheckpoint, pipeline_replicated) -> None:
                             f"step {step} (mixed-iteration shard files)")
                     for name, addr in mapping.items():
                         check_name(name, path)
+                        if experts is not None and g == experts.group:  # a local expert: its global name
+                            name = experts.global_name(name, dp, path)
                         frag = Fragment(dp, int(addr.start), int(addr.numel))
                         _check_inside_partition(path, name, frag, refs[g])
                         pieces.setdefault(name, []).append(frag)
                         groups[name] = g
             for g, group_shapes in enumerate(shapes):
-                for name, shape in group_shapes.items():
-                    check_name(name, ckpt.model_files[mp])
+                for name, shape in _global_shapes(group_shapes, experts if experts and g == experts.group else None,
+                                                  ckpt.model_files[mp]):
                     if name in sources and sources[name].pp != pp:
                         if pipeline_replicated(name):
                             continue  # tied weights: the first stage's copy is the one that trains

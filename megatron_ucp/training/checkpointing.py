@@ -64,6 +64,7 @@ from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file
 from megatron_ucp.checkpoint.zero import model_state_files, open_zero_checkpoint
 from megatron_ucp.config import ModelConfig, TrainConfig
 from megatron_ucp.distributed.groups import ParallelState
+from megatron_ucp.layout.experts import ExpertPlacement
 from megatron_ucp.layout.params import pipe_entries
 from megatron_ucp.training.sliced_load import NewVocabRows, UniversalSource, ZeroSource, sliced_universal_load
 
@@ -245,8 +246,26 @@ def checkpoint_folder(load_dir: str, universal: bool, step: int | None = None) -
     return path_inside(load_dir, check_name(tag, tracker, "checkpoint folder name"))
 
 
-def _layout_text(topology, zero_stage, dtype) -> str:
-    return f"TP{topology.degree('tp')} PP{topology.degree('pp')} DP{topology.degree('dp')} ZeRO-{zero_stage} {dtype}"
+def _layout_text(topology, zero_stage, dtype, moe: bool = False) -> str:
+    """``TP.. PP.. DP..`` (and the expert layout ``EP..`` of an MoE model), ZeRO stage and precision."""
+    ep = f" EP{topology.degree('ep')}" if moe else ""
+    return f"TP{topology.degree('tp')} PP{topology.degree('pp')} DP{topology.degree('dp')}{ep} ZeRO-{zero_stage} {dtype}"
+
+
+def expert_rank(state: ParallelState) -> int:
+    """This rank's expert-parallel rank, which decides the global experts its local ones are (a hook:
+    a test replaces it to load experts into the wrong ranks, a negative control)."""
+    return state.rank_in("ep")
+
+
+def expert_names(engine, state: ParallelState):
+    """For an MoE model: this rank's local expert parameter name -> its global name (``layout.experts``);
+    None for a dense model."""
+    if not getattr(engine, "has_moe_layers", False):
+        return None
+    placement = ExpertPlacement(max(engine.num_experts), state.size_of("ep"))
+    ep_rank = expert_rank(state)
+    return lambda name: placement.global_name(name, ep_rank)
 
 
 def check_resume_state(value, path: str) -> dict:
@@ -327,18 +346,27 @@ def load_route(folder: str, universal: bool, state: ParallelState, cfg: TrainCon
     vocabulary is larger than the checkpoint's, which only the sliced reader initialises, so it reads
     at every layout."""
     model_files, resume_state = _resume_files(folder)
+    meta = metadata_from_state(resume_state, model_files[0])
+    moe = meta is not None and meta.model_config.is_moe
     if extend and cfg.universal_loader == "deepspeed":
         raise CheckpointError(f"{folder}: --allow-vocab-extension needs --universal-loader ours: DeepSpeed's loader "
                               "would leave the new vocabulary rows zero")
+    experts = ""
+    if moe and meta is not None and meta.topology is not None:  # the expert layout of a universal load
+        experts = f", experts EP{meta.topology.degree('ep')} -> EP{state.layout.degree('ep')}"
     if universal:
         if cfg.universal_loader == "deepspeed":
-            return "universal checkpoint, DeepSpeed's loader", None
-        return "universal checkpoint, sliced loader", UniversalSource(folder)
-    meta = metadata_from_state(resume_state, model_files[0])
+            ep = state.layout.degree("ep")
+            if moe and ep > 1:  # its atoms are per global expert (ours and DeepSpeed's converter alike)
+                raise CheckpointError(f"{folder}: DeepSpeed's universal loader reads each expert's atom by this run's "
+                                      f"local parameter name, which at EP {ep} is another global expert on every "
+                                      "expert-parallel rank but the first; use --universal-loader ours (or EP 1)")
+            return f"universal checkpoint, DeepSpeed's loader{experts}", None
+        return f"universal checkpoint, sliced loader{experts}", UniversalSource(folder)
     if meta is None or meta.topology is None:
         return "same layout (no metadata)", None
     saved, now = (meta.topology, meta.zero_stage, meta.dtype), (state.layout, cfg.zero_stage, cfg.dtype)
-    src, dst = _layout_text(*saved), _layout_text(*now)
+    src, dst = _layout_text(*saved, moe=moe), _layout_text(*now, moe=moe)
     if saved == now and not extend:
         return f"same layout ({dst})", None
     if cfg.universal_loader == "deepspeed":
@@ -385,7 +413,8 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
         stack.enter_context(restricted_torch_load(check=check_loaded_file))
         if source is not None:
             stats = stack.enter_context(sliced_universal_load(engine, source, state.size_of("tp"), state.rank_in("tp"),
-                                                              progress=dist.get_rank() == 0, new_rows=new_rows))
+                                                              progress=dist.get_rank() == 0, new_rows=new_rows,
+                                                              expert_names=expert_names(engine, state)))
         path, client = engine.load_checkpoint(load_dir, tag=os.path.basename(folder), load_optimizer_states=True,
                                               load_lr_scheduler_states=not cfg.finetune)
     if path is None:

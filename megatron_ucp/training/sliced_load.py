@@ -23,7 +23,7 @@ import math
 import os
 import types
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 
@@ -123,7 +123,8 @@ class ZeroSource:
 class UniversalSource:
     """A universal folder; each atom is read by byte range, never whole."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, rule: Callable[[str], MergeRule] | None = None) -> None:
+        """``rule``: each parameter's merge rule, for a folder without our metadata (which gives them)."""
         self.folder = folder
         # By mp rank, whichever of DeepSpeed's two names a converter wrote (ours writes both; DeepSpeed's
         # only mp_rank_XX, which its ZeRO-3 engine would not find).
@@ -132,10 +133,12 @@ class UniversalSource:
             raise CheckpointError(f"{folder}: no model-state files (not a universal checkpoint folder)")
         first_file = self.model_files[0]
         meta = metadata_from_state(load_file(first_file, meta=True), first_file)
-        if meta is None:
+        if meta is not None:
+            rule = rules_from_table(meta.to_dict())
+        elif rule is None:
             raise CheckpointError(f"{first_file}: no megatron_ucp metadata, so the parameters' kinds are "
                                   "unknown; load it with --universal-loader deepspeed")
-        self.rule = rules_from_table(meta.to_dict())
+        self.rule: Callable[[str], MergeRule] = rule
         self._refs: dict[tuple[str, str], tuple[FlatRef, tuple[int, ...]]] = {}
         self._global: dict | None = None
 
@@ -246,13 +249,32 @@ def _zeroed_state(state: dict, like: torch.Tensor, key: str) -> torch.Tensor:
     return torch.zeros_like(like)
 
 
+# Keys of a param group that describe the target's own layout, not a hyperparameter: the experts' group is
+# named after the expert-parallel size (``ep_size_<N>``, which DeepSpeed looks its process groups up by) and
+# marked ``moe``. A checkpoint's values of these are the source's and are never copied over the target's.
+LAYOUT_GROUP_KEYS = ("params", "name", "moe")
+
+ExpertNames = Callable[[str], str]  # a module's local expert parameter name -> its global name
+
+
 def _load_zero12(opt, source: StateSource, stats: LoadStats, lp_groups_name: str, tp: int, tp_rank: int,
-                 new_rows: NewVocabRows | None = None) -> None:
+                 new_rows: NewVocabRows | None = None, expert_names: ExpertNames | None = None) -> None:
     """DeepSpeed's ``load_hp_checkpoint_state_from_checkpoint_dir`` (ZeRO-1/2, BF16_Optimizer), with
-    every parameter's fragment read by plan: same destinations, same group hyperparameters."""
+    every parameter's fragment read by plan: same destinations, same group hyperparameters. An MoE
+    model's experts (its ``moe`` group) are read under their global names (``expert_names``); the
+    group's ZeRO window is this rank's part of its expert-data-parallel partition, as DeepSpeed set it."""
     optim_sd = source.global_state()
     opt._load_global_state(optim_sd)
     lp_groups = getattr(opt, lp_groups_name)
+
+    def name_of(lp, group: dict) -> str:
+        name = opt.param_names[lp]
+        if not group.get("moe"):
+            return name
+        if expert_names is None:
+            raise CheckpointError(f"{source.folder}: {name} is an expert parameter but the load was given no "
+                                  "expert placement")
+        return expert_names(name)
     pieces = []  # (plan, destination): the fp32 master fragment, or a moment's place in its flat state
     flats = []  # per group: {moment: its flat state tensor}, when the group has mapped parameters
     masters = []  # (name, window, its fp32 master fragment)
@@ -267,17 +289,17 @@ def _load_zero12(opt, source: StateSource, stats: LoadStats, lp_groups_name: str
             window = (int(addr.start), int(addr.start) + int(addr.numel))
             # As DeepSpeed's map_to_flat_opt_states leaves them: views of the group's flat moments.
             mapping.optim_fragment = {key: flat[key].narrow(0, hp_addr.start, hp_addr.numel) for key in MOMENT_KEYS}
-            plans = _plans(source, stats, opt.param_names[lp], tuple(lp.shape), tp, tp_rank, window)
+            plans = _plans(source, stats, name_of(lp, group), tuple(lp.shape), tp, tp_rank, window)
             for key in STATE_KEYS:
                 dst = mapping.get_hp_fragment().data if key == MASTER_KEY else mapping.optim_fragment[key]
                 pieces.append((plans[key], dst))
-            masters.append((opt.param_names[lp], window, mapping.get_hp_fragment().data))
+            masters.append((name_of(lp, group), window, mapping.get_hp_fragment().data))
     _read_all(pieces, stats, "resharding")
     if new_rows is not None:
         for name, window, dst in masters:
             new_rows.fill(name, window, dst, tp, tp_rank)
     for i, (group, saved) in enumerate(zip(opt.optimizer.param_groups, optim_sd["param_groups"])):
-        steps = [source.step(opt.param_names[lp]) for lp in lp_groups[i] if lp._hp_mapping is not None]
+        steps = [source.step(name_of(lp, group)) for lp in lp_groups[i] if lp._hp_mapping is not None]
         if steps:
             if any(not _same_step(s, steps[0]) for s in steps):
                 raise CheckpointError(f"{source.folder}: optimizer group {i} has parameters at different steps")
@@ -286,7 +308,7 @@ def _load_zero12(opt, source: StateSource, stats: LoadStats, lp_groups_name: str
                 opt.optimizer.state[hp]["step"] = steps[0]
             opt.optimizer.state[hp].update(flats[i])
         for key, value in saved.items():
-            if key != "params":
+            if key not in LAYOUT_GROUP_KEYS:
                 group[key] = value
 
 
@@ -360,11 +382,13 @@ def _load_zero3(opt, source: StateSource, stats: LoadStats, tp: int, tp_rank: in
 
 @contextlib.contextmanager
 def sliced_universal_load(engine, source: StateSource, tp: int, tp_rank: int, progress: bool = False,
-                          new_rows: NewVocabRows | None = None) -> Iterator[LoadStats]:
+                          new_rows: NewVocabRows | None = None,
+                          expert_names: ExpertNames | None = None) -> Iterator[LoadStats]:
     """Within the block, ``engine.load_checkpoint`` runs DeepSpeed's universal-load sequence with our
     sliced reader in place of its per-parameter loader, on ``source``'s files. ``progress``: draw a
     byte progress bar of this rank's reads (on a terminal; pass it on one rank). ``new_rows``: the
-    vocabulary rows the checkpoint lacks, initialised after the reads."""
+    vocabulary rows the checkpoint lacks, initialised after the reads. ``expert_names``: an MoE model's
+    local expert parameter name on this rank -> its global name (the one the source knows it by)."""
     opt = engine.optimizer
     stats = LoadStats(show_progress=progress)
     lp_groups_name = next((n for n in ("bit16_groups", "bf16_groups") if hasattr(opt, n)), None)
@@ -373,24 +397,35 @@ def sliced_universal_load(engine, source: StateSource, tp: int, tp_rank: int, pr
             _load_zero3(self, source, stats, tp, tp_rank, new_rows)
     elif lp_groups_name is not None:
         def hook(self, folder, load_optimizer_states, load_from_fp32_weights):
-            _load_zero12(self, source, stats, lp_groups_name, tp, tp_rank, new_rows)
+            _load_zero12(self, source, stats, lp_groups_name, tp, tp_rank, new_rows, expert_names)
     else:
         raise CheckpointError(f"{source.folder}: the sliced loader needs a ZeRO or bf16 optimizer, "
                               f"not {type(opt).__name__}")
     config = engine._config
     saved_flag = config.load_universal_checkpoint
     saved_names = engine.__dict__.get("_get_all_ckpt_names")
+    files_engine = engine.checkpoint_engine
+    saved_load = files_engine.__dict__.get("load")
     opt._load_universal_checkpoint = types.MethodType(hook, opt)
     # The model-state files (client state, LR scheduler, counters) are the source's own, whatever the
     # target's ZeRO stage would call them.
     files = list(source.model_files)
     engine._get_all_ckpt_names = lambda load_dir, tag: files
+    # DeepSpeed reads them whole, twice (its state-dict loader checks the first, then loads it), though a
+    # universal-load sequence uses only their small entries: a non-pipeline model's 'module' (its
+    # weights, the size of the model) is never touched. Mapped, their bytes are read only where used.
+    files_engine.load = lambda path, map_location=None: torch.load(path, map_location=map_location,
+                                                                   weights_only=False, mmap=True)
     config.load_universal_checkpoint = True
     try:
         yield stats
     finally:
         config.load_universal_checkpoint = saved_flag
         del opt._load_universal_checkpoint
+        if saved_load is None:
+            files_engine.__dict__.pop("load", None)
+        else:
+            files_engine.load = saved_load
         if saved_names is None:
             engine.__dict__.pop("_get_all_ckpt_names", None)
         else:

@@ -196,7 +196,7 @@ def dump_states(trainer, rank, dump_dir):
         if placement is not None and expert_name(name) is not None:
             if state.coords.dp < ep:  # expert-data-parallel rank 0 of its expert-parallel rank
                 out[placement.global_name(name, state.rank_in("ep"))] = got
-        elif state.coords.dp == 0:
+        elif state.zero_rank == 0:  # DP rank 0 (and Ulysses rank 0: the sp ranks hold the same parameters)
             out[name] = got
     if dump_dir and out:
         torch.save({"coords": (state.coords.pp, state.coords.tp), "state": out,

@@ -247,9 +247,12 @@ def checkpoint_folder(load_dir: str, universal: bool, step: int | None = None) -
 
 
 def _layout_text(topology, zero_stage, dtype, moe: bool = False) -> str:
-    """``TP.. PP.. DP..`` (and the expert layout ``EP..`` of an MoE model), ZeRO stage and precision."""
+    """``TP.. PP.. DP..`` (and the expert layout ``EP..`` of an MoE model, the Ulysses degree ``SP..`` when it is
+    not 1), ZeRO stage and precision."""
     ep = f" EP{topology.degree('ep')}" if moe else ""
-    return f"TP{topology.degree('tp')} PP{topology.degree('pp')} DP{topology.degree('dp')}{ep} ZeRO-{zero_stage} {dtype}"
+    sp = f" SP{topology.degree('sp')}" if topology.degree("sp") != 1 else ""
+    return (f"TP{topology.degree('tp')} PP{topology.degree('pp')} DP{topology.degree('dp')}{sp}{ep} "
+            f"ZeRO-{zero_stage} {dtype}")
 
 
 def expert_rank(state: ParallelState) -> int:
@@ -317,7 +320,7 @@ def check_native_files(folder: str, state: ParallelState) -> None:
     model-state file and the optimizer shard it will read (DeepSpeed reads only its own), and the first
     problem any rank found is raised on every rank; a rank failing alone would leave the others waiting in
     a collective (or training on with the rest of the state)."""
-    mp, dp = state.get_model_parallel_rank(), state.rank_in("dp")
+    mp, dp = state.get_model_parallel_rank(), state.zero_rank  # the file of its ZeRO partition (dp x sp)
     problem = None
     try:
         for name in sorted(os.listdir(folder)):

@@ -12,6 +12,7 @@ import pytest
 
 from dist_utils import run_distributed
 from helpers import TINY_LLAMA, run_cfg
+from megatron_ucp.evidence.loss_curves import compare, load_curves
 from megatron_ucp.training.logger import read_loss_log
 
 pytestmark = pytest.mark.slow
@@ -49,6 +50,7 @@ def moe_losses(tmp_path_factory):
                           loss_log=str(log))
             run_distributed(_train, tp * pp * dp, cfg, drop_stage_aux)
             cache[key] = {r["iteration"]: r for r in read_loss_log(str(log)) if r["split"] == "train"}
+            cache[key]["log"] = log
         return cache[key]
 
     return get
@@ -62,16 +64,24 @@ def _relative(a: float, b: float) -> float:
 def test_losses_and_load_balancing_loss_are_the_same_at_every_layout(moe_losses, layout):
     ref = moe_losses(1, 1, 2, 1)
     got = moe_losses(*layout)
-    assert sorted(got) == sorted(ref) == list(range(1, ITERS + 1))
-    for it in ref:
+    assert sorted(got.keys() - {"log"}) == sorted(ref.keys() - {"log"}) == list(range(1, ITERS + 1))
+    for it in range(1, ITERS + 1):
         assert _relative(got[it]["loss"], ref[it]["loss"]) <= 1e-6, it
         assert _relative(got[it]["moe_loss"], ref[it]["moe_loss"]) <= 1e-6, it
     # the load-balancing loss is a sum over 4 layers of at least top-k (= 2) each: logged, not zero
-    assert all(r["moe_loss"] >= 2 * 4 * 0.99 for r in ref.values())
+    assert all(ref[it]["moe_loss"] >= 2 * 4 * 0.99 for it in range(1, ITERS + 1))
+    # and the loss-curve verdict (tools/plot_loss_curves.py) passes them, load-balancing loss included
+    verdict = compare(load_curves(ref["log"]), load_curves(got["log"]), resume_iteration=0, atol=1e-4,
+                      rtol_first=1e-5)
+    assert verdict.moe is not None and verdict.moe.passed and verdict.passed
 
 
 def test_dropping_one_stages_load_balancing_loss_is_seen(moe_losses):
     ref = moe_losses(1, 2, 2, 2)
     dropped = moe_losses(1, 2, 2, 2, drop_stage_aux=True)
     assert _relative(dropped[1]["moe_loss"], ref[1]["moe_loss"]) > 0.3  # half the layers' losses are gone
-    assert all(_relative(dropped[it]["moe_loss"], ref[it]["moe_loss"]) > 1e-4 for it in ref)
+    assert all(_relative(dropped[it]["moe_loss"], ref[it]["moe_loss"]) > 1e-4 for it in range(1, ITERS + 1))
+    # the loss-curve verdict fails it on the load-balancing loss (and on the training objective it is part of)
+    verdict = compare(load_curves(ref["log"]), load_curves(dropped["log"]), resume_iteration=0, atol=1e-4,
+                      rtol_first=1e-5)
+    assert verdict.moe is not None and not verdict.moe.passed and not verdict.passed

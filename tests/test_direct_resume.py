@@ -110,6 +110,8 @@ def _state_bytes(dump_dir, vocab=50) -> int:
 # source, target (zero stage, tp, pp, dp), the reference route: converter + loader
 CASES = [
     ("z1_tp2pp2dp2", (1, 1, 4, 1), ("deepspeed", "deepspeed")),
+    # the same resume (Megatron SP on -> off) through our converter and our sliced loader
+    ("z1_tp2pp2dp2", (1, 1, 4, 1), ("ours", "ours")),
     # DeepSpeed's ZeRO-3 loader needs optimizer_state.pt in the form ours writes
     ("z1_tp2pp2dp2", (3, 1, 1, 4), ("ours", "deepspeed")),
     # ZeRO-3 at TP 2 with the padded vocabulary: DeepSpeed's ZeRO-3 loader cannot slice TP (the trainer
@@ -141,8 +143,8 @@ def _reference(src, route, target, batch, tmp_path):
     return dump
 
 
-@pytest.mark.parametrize("source,target,route", CASES, ids=[f"{s}-to-z{t[0]}_tp{t[1]}pp{t[2]}dp{t[3]}"
-                                                                 for s, t, _ in CASES])
+@pytest.mark.parametrize("source,target,route", CASES, ids=[f"{s}-to-z{t[0]}_tp{t[1]}pp{t[2]}dp{t[3]}-{'+'.join(r)}"
+                                                                 for s, t, r in CASES])
 def test_direct_resume(sources, tmp_path, source, target, route):
     root, all_src = sources
     src = all_src[source]

@@ -383,6 +383,9 @@ class TrainConfig:
              "rows the checkpoint lacks are initialised as a fresh model's"))
     # logging and evaluation
     log_interval: int = field(default=10, metadata=cli("--log-interval", help="iterations between progress lines"))
+    report_memory: bool = field(default=False, metadata=cli(
+        "--report-memory", help="every rank prints, after each iteration, the peak memory of that iteration above "
+                                "what it held when the iteration began (CUDA: allocated tensors; CPU: resident set)"))
     eval_interval: int = field(default=20, metadata=cli(
         "--eval-interval", help="iterations between validations (0 disables)"))
     eval_iters: int = field(default=4, metadata=cli("--eval-iters", help="global batches per validation"))

@@ -388,3 +388,141 @@ def test_moe_pair_end_to_end_small(tmp_path, capsys):
         ratios = sorted(a / b for a, b in zip(tps, ref))
         assert row[7] == f"{(ratios[0] + ratios[1]) / 2:.2f}x"
     assert cases["moe-ep2"]["parameters"] > cases["moe-ep2"]["active_parameters"]
+
+
+# ------------------------------------------------------------------- activation memory (--memory)
+
+# Real output of the trainer with --report-memory at Ulysses SP2 (seq 4096): the two ranks share one stdout,
+# so two records can run together on one line.
+MEMORY_LOG = """\
+training TP1-PP1-DP1-SP2 ZeRO-1 fp32 (pipeline engine): vocab 8000 (padded 8064), 5580032 parameters on rank 0
+ memory | rank 0 | iteration 1 | held MiB: 406.5 | peak MiB: 864.0 | added MiB: 457.6 | source: cpu rss | \
+ memory | rank 1 | iteration 1 | held MiB: 406.5 | peak MiB: 876.0 | added MiB: 469.5 | source: cpu rss |
+ iteration      1/3 | consumed samples        1 | elapsed time per iteration (ms): 2581.4 | tokens/s: 1587 |
+ memory | rank 1 | iteration 2 | held MiB: 515.8 | peak MiB: 913.5 | added MiB: 397.8 | source: cpu rss | \
+ memory | rank 0 | iteration 2 | held MiB: 536.9 | peak MiB: 924.3 | added MiB: 387.4 | source: cpu rss |
+ memory | rank 0 | iteration 3 | held MiB: 539.0 | peak MiB: 923.4 | added MiB: 384.4 | source: cpu rss |
+ memory | rank 1 | iteration 3 | held MiB: 537.2 | peak MiB: 920.3 | added MiB: 383.1 | source: cpu rss |
+"""
+
+
+def test_parse_memory_lines_reads_records_that_run_together():
+    recs = bt.parse_memory_lines(MEMORY_LOG)
+    assert [(r.rank, r.iteration) for r in recs] == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    assert recs[0] == bt.MemoryRecord(0, 1, 406.5, 864.0, 457.6, "cpu rss")
+    assert [r.added_mib for r in recs] == [457.6, 387.4, 384.4, 469.5, 397.8, 383.1]
+    assert bt.parse_memory_lines("iteration 1/3 | lm loss: 9.0 |\n memory | rank 0 | nothing |") == []
+
+
+def test_summarize_memory_drops_warmup_and_takes_per_rank_medians():
+    r = bt.MemoryResult("ulysses2", "TP1/PP1/DP1/SP2", 2)
+    bt.summarize_memory(r, bt.parse_memory_lines(MEMORY_LOG), train_iters=3, warmup_iters=1)
+    assert r.ok and r.source == "cpu rss"
+    assert r.added_mib == {0: pytest.approx((387.4 + 384.4) / 2), 1: pytest.approx((397.8 + 383.1) / 2)}
+    assert r.held_mib == {0: pytest.approx((536.9 + 539.0) / 2), 1: pytest.approx((515.8 + 537.2) / 2)}
+    assert r.per_rank_mib == pytest.approx(390.45)
+    # Negative controls: a rank missing an iteration, or a rank missing altogether, fails the run.
+    partial = [rec for rec in bt.parse_memory_lines(MEMORY_LOG) if (rec.rank, rec.iteration) != (1, 3)]
+    r = bt.MemoryResult("ulysses2", "TP1/PP1/DP1/SP2", 2)
+    bt.summarize_memory(r, partial, train_iters=3, warmup_iters=1)
+    assert not r.ok and r.status.startswith("failed: expected memory records of ranks 0..1 for iterations 1..3")
+    r = bt.MemoryResult("ulysses4", "TP1/PP1/DP1/SP4", 4)
+    bt.summarize_memory(r, bt.parse_memory_lines(MEMORY_LOG), train_iters=3, warmup_iters=1)
+    assert not r.ok
+
+
+def test_memory_cases_and_their_trainer_flags():
+    """Every memory run is a Llama model at PP 1 DP 1 that the trainer's own whole-run checks accept at its
+    world size; Megatron SP n is TP n plus --sequence-parallel, Ulysses SP n is TP 1 over n ranks."""
+    from megatron_ucp.training.arguments import check_run, model_kwargs, parse_args, train_config
+
+    assert bt.memory_cases([1, 2, 4]) == ["tp1", "tp2", "tp2-seqpar", "tp4", "tp4-seqpar", "ulysses2", "ulysses4"]
+    assert bt.memory_cases([2]) == ["tp1", "tp2", "tp2-seqpar", "ulysses2"]
+    with pytest.raises(ValueError, match="memory degrees must be among"):
+        bt.memory_cases([3])
+    cfg = bt.BenchConfig(**bt.MEMORY_DEFAULTS)
+    expect = {"tp1": (1, False, 1), "tp2": (2, False, 1), "tp2-seqpar": (2, True, 1), "tp4": (4, False, 1),
+              "tp4-seqpar": (4, True, 1), "ulysses2": (1, False, 2), "ulysses4": (1, False, 4)}
+    for name, case in bt.MEMORY_CASES.items():
+        values = parse_args(bt.memory_trainer_args(cfg, case))
+        tc = train_config(values)
+        assert (tc.tensor_model_parallel_size, tc.sequence_parallel, tc.ds_sequence_parallel_size) == expect[name]
+        assert tc.pipeline_model_parallel_size == 1 and tc.report_memory
+        assert case.ranks == tc.tensor_model_parallel_size * tc.ds_sequence_parallel_size
+        assert (tc.seq_length, tc.micro_batch_size, tc.global_batch_size, tc.dtype) == (4096, 1, 1, "fp32")
+        assert (values["model_family"], values["num_attention_heads"], values["num_key_value_heads"]) == ("llama", 8, 4)
+        assert (values["num_layers"], values["hidden_size"]) == (2, 256)
+        check_run(model_kwargs(values), tc, case.ranks, vocab_size=cfg.vocab_size)
+
+
+def _memory_result(name, mib_by_rank, status="ok"):
+    case = bt.MEMORY_CASES[name]
+    r = bt.MemoryResult(name, case.layout, case.ranks, status=status, source="cpu rss")
+    if status == "ok":
+        r.added_mib = dict(enumerate(mib_by_rank))
+        r.held_mib = r.peak_mib = {i: 500.0 for i in range(len(mib_by_rank))}
+    return r
+
+
+def test_format_memory_table_side_by_side_with_ratios():
+    results = [_memory_result("tp1", [400.0]), _memory_result("tp2", [250.0, 240.0]),
+               _memory_result("tp2-seqpar", [190.0, 200.0]), _memory_result("ulysses2", [210.0, 205.0]),
+               _memory_result("tp4", [], status="failed: exit 1")]
+    lines = bt.format_memory_table(results, [2, 4]).splitlines()
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in lines[2:]]
+    assert [c.strip() for c in lines[0].split("|")[1:-1]] == [
+        "SP n", "TP n alone (MiB)", "Megatron SP: TP n +seqpar (MiB)", "vs SP 1", "vs TP n alone",
+        "Ulysses SP n (MiB)", "vs SP 1"]
+    assert rows[0] == ["1", "400.0", "400.0", "1.00x", "1.00x", "400.0", "1.00x"]
+    assert rows[1] == ["2", "250.0", "200.0", "0.50x", "0.80x", "210.0", "0.53x"]
+    assert rows[2] == ["4", "failed: exit 1", "not run", "n/a", "n/a", "not run", "n/a"]
+    runs = bt.format_memory_runs(results)
+    assert "| tp2-seqpar | Megatron SP 2: TP 2 with --sequence-parallel" in runs and "190.0, 200.0" in runs
+
+
+@pytest.mark.parametrize("argv, message", [(["--memory", "--cases", "plain"], "--memory runs its own cases"),
+                                           (["--memory", "--memory-degrees", "3"], "memory degrees must be among")])
+def test_main_memory_rejects_cases_and_bad_degrees(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bt.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_memory_defaults_apply_only_with_memory():
+    assert bt.build_parser(bt.BenchConfig(**bt.MEMORY_DEFAULTS)).parse_args(["--memory"]).seq_length == 4096
+    assert bt.build_parser().parse_args([]).seq_length == bt.BenchConfig().seq_length == 256
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_memory_end_to_end_small(tmp_path, capsys):
+    """--memory for real at a tiny sequence, SP 1 and 2: the trainer's --report-memory records reach the
+    table; every printed number is one the ranks measured (no claim about their sizes)."""
+    out = tmp_path / "memory.json"
+    args = ["--memory", "--memory-degrees", "2", "--seq-length", "32", "--hidden-size", "64", "--vocab-size", "100",
+            "--threads", "1", "--json", str(out)]
+    assert bt.main(args) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    runs = {r["case"]: r for r in data["memory"]}
+    assert list(runs) == ["tp1", "tp2", "tp2-seqpar", "ulysses2"]
+    for name, run in runs.items():
+        assert run["status"] == "ok" and run["source"] == "cpu rss", run["status"]
+        ranks = bt.MEMORY_CASES[name].ranks
+        assert sorted(run["added_mib"]) == [str(i) for i in range(ranks)]
+        assert sorted((rec["rank"], rec["iteration"]) for rec in run["records"]) == [
+            (rank, it) for rank in range(ranks) for it in (1, 2, 3)]
+        for rank in range(ranks):  # the median of iterations 2 and 3 (1 is warm-up)
+            kept = [rec["added_mib"] for rec in run["records"] if rec["rank"] == rank and rec["iteration"] > 1]
+            assert run["added_mib"][str(rank)] == pytest.approx(sum(kept) / 2)
+            assert run["held_mib"][str(rank)] > 0
+    table = [line for line in printed.splitlines() if line.startswith("|") and "---" not in line]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table}
+    per_rank = {name: max(run["added_mib"].values()) for name, run in runs.items()}
+    assert rows["1"][0] == rows["1"][1] == rows["1"][4] == f"{per_rank['tp1']:,.1f}"
+    assert rows["2"][:2] == [f"{per_rank['tp2']:,.1f}", f"{per_rank['tp2-seqpar']:,.1f}"]
+    assert rows["2"][4] == f"{per_rank['ulysses2']:,.1f}"
+    if per_rank["tp1"] > 0:
+        assert rows["2"][2] == f"{per_rank['tp2-seqpar'] / per_rank['tp1']:.2f}x"
+        assert rows["2"][5] == f"{per_rank['ulysses2'] / per_rank['tp1']:.2f}x"
+    assert "## Activation memory per rank: llama 2 layers, hidden 64" in printed and "seq 32" in printed

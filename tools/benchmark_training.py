@@ -40,6 +40,39 @@ average before and after: on a shared machine other processes stall the OpenMP t
 show up as single iterations several times slower, which move the mean much more than the min. Without CUDA, trainer subprocesses get
 ``DS_ACCELERATOR=cpu`` (gloo); with CUDA nothing is forced (the trainer uses nccl) and the plain loop
 runs on ``cuda``. A trainer case needing more GPUs than the machine has is reported as skipped.
+
+Activation memory of sequence parallelism (``--memory``, instead of the timing cases)::
+
+    python tools/benchmark_training.py --memory            # seq 4096, Llama 2 layers, hidden 256, fp32
+
+shows, side by side per SP degree n = 1, 2, 4 (``--memory-degrees``), the memory one training iteration
+adds on a rank for both kinds of sequence parallelism, each as a ratio against SP 1:
+
+* SP 1: one run at TP 1 PP 1 DP 1 without either kind (the reference of every ratio);
+* Megatron SP n: TP n with ``--sequence-parallel``, beside TP n without it (the second ratio: what the flag
+  itself saves, since TP alone already splits the attention and MLP activations);
+* Ulysses SP n: ``--ds-sequence-parallel-size n`` at TP 1 PP 1 DP 1, a world of n ranks.
+
+The model is family ``llama`` (``--num-attention-heads`` 8, ``--num-key-value-heads`` 4, so TP 4 and SP 4
+divide both; MLP width top-k x the expert width = 688), micro batch 1, global batch 1, fp32 by default,
+3 iterations. Each run is the trainer with ``--report-memory`` (``megatron_ucp.training.memory``): every
+rank prints, per iteration, what it held when the iteration began (weights, gradients, optimizer state,
+buffers) and its peak during it; the difference is activation and transient memory. On CUDA that is
+``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` (live tensors, exact). On CPU it is the
+rank's resident set: ``VmHWM`` minus ``VmRSS`` from ``/proc/self/status``, the high-water mark reset at the
+iteration's start (``/proc/self/clear_refs``) after ``malloc_trim(0)`` hands glibc's free pages back.
+Why the resident set: PyTorch's CPU allocator keeps no statistics (no CPU counterpart of
+``max_memory_allocated``) and no cache, so its tensors are plain malloc blocks, and the resident set is
+what the kernel actually had to give the rank; after the trim it counts a page the iteration re-uses as
+well as a new one. It includes the rank's other native allocations during the iteration (gloo buffers,
+OpenMP scratch), which are transient memory too, and page-level fragmentation, so at tiny sizes it is
+coarse; at sequence length 4096 activations dominate. Iteration 1 is left out (``--warmup-iters``: it
+also allocates the optimizer state); per rank the median over the rest is kept, and the table shows the
+rank that added the most (the memory a rank of that layout needs); a second table lists every rank.
+Every rank of every run gets the same OpenMP thread count (usable CPUs // the widest run's ranks).
+Memory, unlike time, does not move with the machine's load, so each layout runs once, the runs one after
+another. On CPU attention is PyTorch's fused scaled-dot-product kernel, which never holds the whole
+sequence x sequence score matrix, so every activation grows linearly with the sequence.
 """
 
 from __future__ import annotations
@@ -418,11 +451,15 @@ def trainer_args(cfg: BenchConfig, case: Case) -> list[str]:
     ]
 
 
+def torchrun_command(ranks: int, args: list[str], port: int) -> list[str]:
+    """torchrun (the one next to this Python) launching the trainer with ``args`` on ``ranks`` local ranks."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(ranks),
+            "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "megatron_ucp.train"] + args
+
+
 def trainer_command(cfg: BenchConfig, case: Case, port: int) -> list[str]:
-    """torchrun (the one next to this Python) launching the trainer on ``case.ranks`` local ranks."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(case.ranks),
-            "--master_addr", "127.0.0.1", "--master_port", str(port),
-            "-m", "megatron_ucp.train"] + trainer_args(cfg, case)
+    """torchrun launching the trainer for ``case`` on ``case.ranks`` local ranks."""
+    return torchrun_command(case.ranks, trainer_args(cfg, case), port)
 
 
 def trainer_env(case: Case, cuda: bool, base: dict | None = None, cpus: int | None = None) -> dict:
@@ -439,6 +476,18 @@ def run_process_group(cmd: list[str], env: dict, log, timeout_s: float) -> int |
     return run_in_group(cmd, timeout_s=timeout_s, env=env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT)
 
 
+def launch_logged(cmd: list[str], env: dict, log_path: Path, result: CaseResult | MemoryResult,
+                  timeout_s: float) -> int | None:
+    """Run ``cmd`` with its output in ``log_path``; record the command, threads, log and wall time in
+    ``result``; its exit status, or None after a timeout."""
+    result.command, result.omp_num_threads, result.log = shlex.join(cmd), int(env["OMP_NUM_THREADS"]), str(log_path)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        rc = run_process_group(cmd, env, log, timeout_s)
+    result.wall_s = time.perf_counter() - start
+    return rc
+
+
 def run_trainer_case(cfg: BenchConfig, case: Case, log_dir: str | Path, timeout_s: float = 1800.0,
                      cpus: int | None = None) -> CaseResult:
     """Run the trainer for one case and summarise its progress lines (the log is kept in ``log_dir``)."""
@@ -450,16 +499,9 @@ def run_trainer_case(cfg: BenchConfig, case: Case, log_dir: str | Path, timeout_
     if cuda and case.ranks > gpus:
         result.status = f"skipped: needs {case.ranks} GPUs, have {gpus}"
         return result
-    cmd = trainer_command(cfg, case, free_port())
-    env = trainer_env(case, cuda, cpus=cpus)
-    result.command = shlex.join(cmd)
-    result.omp_num_threads = int(env["OMP_NUM_THREADS"])
     log_path = Path(log_dir) / f"{case.name}.log"
-    result.log = str(log_path)
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        rc = run_process_group(cmd, env, log, timeout_s)
-    result.wall_s = time.perf_counter() - start
+    rc = launch_logged(trainer_command(cfg, case, free_port()), trainer_env(case, cuda, cpus=cpus), log_path,
+                       result, timeout_s)
     text = log_path.read_text(errors="replace")
     records = parse_progress_lines(text)
     if rc != 0:
@@ -575,6 +617,282 @@ def run_plain_case(cfg: BenchConfig, threads: int | None = None) -> CaseResult:
 
 
 # --------------------------------------------------------------------------------------------------
+# Activation memory of the two kinds of sequence parallelism (--memory)
+
+# What --memory measures unless flags say otherwise: a small Llama-shaped model at sequence length 4096.
+MEMORY_DEFAULTS = dict(num_layers=2, seq_length=4096, global_batch_size=1, micro_batch_size=1, dtype="fp32",
+                       train_iters=3, warmup_iters=1)
+MEMORY_FAMILY = "llama"
+
+
+@dataclass(frozen=True)
+class MemoryCase:
+    """One trainer run of the memory table: TP x SP ranks, PP 1, DP 1, micro batch 1."""
+
+    name: str
+    tp: int = 1
+    sp: int = 1  # DeepSpeed-Ulysses degree (--ds-sequence-parallel-size)
+    sequence_parallel: bool = False  # Megatron's (--sequence-parallel)
+
+    @property
+    def ranks(self) -> int:
+        return self.tp * self.sp
+
+    @property
+    def layout(self) -> str:
+        return f"TP{self.tp}/PP1/DP1/SP{self.sp}" + (" +seqpar" if self.sequence_parallel else "")
+
+    @property
+    def what(self) -> str:
+        if self.sp > 1:
+            return f"Ulysses SP {self.sp}: --ds-sequence-parallel-size {self.sp}, each rank 1/{self.sp} of the sequence"
+        if self.tp == 1:
+            return "TP 1, no sequence parallelism: the SP 1 row of both kinds"
+        if self.sequence_parallel:
+            return f"Megatron SP {self.tp}: TP {self.tp} with --sequence-parallel"
+        return f"TP {self.tp} without --sequence-parallel (Megatron SP {self.tp}'s own reference)"
+
+    def flags(self) -> list[str]:
+        return ((["--sequence-parallel"] if self.sequence_parallel else [])
+                + (["--ds-sequence-parallel-size", str(self.sp)] if self.sp > 1 else []))
+
+
+MEMORY_CASES: dict[str, MemoryCase] = {c.name: c for c in [
+    MemoryCase("tp1"),
+    MemoryCase("tp2", tp=2), MemoryCase("tp2-seqpar", tp=2, sequence_parallel=True),
+    MemoryCase("tp4", tp=4), MemoryCase("tp4-seqpar", tp=4, sequence_parallel=True),
+    MemoryCase("ulysses2", sp=2), MemoryCase("ulysses4", sp=4),
+]}
+MEMORY_DEGREES = (1, 2, 4)
+
+
+def memory_row_cases(n: int) -> tuple[str, str, str]:
+    """The runs of the table's SP ``n`` row: (TP n alone, Megatron SP n, Ulysses SP n); at n = 1 all three
+    are the one TP 1 run."""
+    return ("tp1", "tp1", "tp1") if n == 1 else (f"tp{n}", f"tp{n}-seqpar", f"ulysses{n}")
+
+
+def memory_cases(degrees: Sequence[int]) -> list[str]:
+    """The runs that the rows of ``degrees`` need, each once, in ``MEMORY_CASES`` order (TP 1 always: the
+    ratios' reference)."""
+    bad = [n for n in degrees if n not in MEMORY_DEGREES]
+    if bad:
+        raise ValueError(f"memory degrees must be among {MEMORY_DEGREES}, got {bad}")
+    needed = {name for n in (1, *degrees) for name in memory_row_cases(n)}
+    return [name for name in MEMORY_CASES if name in needed]
+
+
+def memory_trainer_args(cfg: BenchConfig, case: MemoryCase) -> list[str]:
+    """``megatron_ucp.train`` flags of one memory run: the timing cases' flags for a Llama-family model at
+    TP ``case.tp``, plus the case's sequence parallelism and ``--report-memory``."""
+    base = Case(case.name, case.tp, 1, 1, trainer=True, family=MEMORY_FAMILY)
+    return trainer_args(cfg, base) + case.flags() + ["--report-memory"]
+
+
+# " memory | rank 1 | iteration 2 | held MiB: 515.8 | peak MiB: 913.5 | added MiB: 397.8 | source: cpu rss |"
+# (megatron_ucp.training.memory.memory_line; ranks share one stdout, so lines may run together: search the text)
+MEMORY_RE = re.compile(
+    r"memory \| rank (?P<rank>\d+) \| iteration (?P<iteration>\d+) \| held MiB: (?P<held>[-+0-9.eE]+) \| "
+    r"peak MiB: (?P<peak>[-+0-9.eE]+) \| added MiB: (?P<added>[-+0-9.eE]+) \| source: (?P<source>[^|]+?) \|"
+)
+
+
+@dataclass(frozen=True)
+class MemoryRecord:
+    rank: int
+    iteration: int
+    held_mib: float
+    peak_mib: float
+    added_mib: float
+    source: str
+
+
+def parse_memory_lines(text: str) -> list[MemoryRecord]:
+    """Every ``--report-memory`` record in ``text``, sorted by (rank, iteration); a later record for the same
+    rank and iteration replaces an earlier one."""
+    found = {}
+    for m in MEMORY_RE.finditer(text):
+        rec = MemoryRecord(int(m["rank"]), int(m["iteration"]), float(m["held"]), float(m["peak"]),
+                           float(m["added"]), m["source"].strip())
+        found[rec.rank, rec.iteration] = rec
+    return [found[k] for k in sorted(found)]
+
+
+@dataclass
+class MemoryResult:
+    case: str
+    layout: str
+    ranks: int
+    status: str = "ok"  # ok | skipped: ... | failed: ...
+    source: str | None = None  # "cpu rss" | "cuda allocated"
+    # per rank: the median over the measured iterations (after warm-up)
+    added_mib: dict[int, float] = field(default_factory=dict)
+    held_mib: dict[int, float] = field(default_factory=dict)
+    peak_mib: dict[int, float] = field(default_factory=dict)
+    records: list[MemoryRecord] = field(default_factory=list)  # every iteration of every rank
+    command: str | None = None
+    omp_num_threads: int | None = None
+    wall_s: float | None = None
+    log: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok" and bool(self.added_mib)
+
+    @property
+    def per_rank_mib(self) -> float:
+        """The table's number: the most any rank added (the memory a rank of this layout needs)."""
+        return max(self.added_mib.values())
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for key in ("added_mib", "held_mib", "peak_mib"):
+            d[key] = {str(k): v for k, v in getattr(self, key).items()}
+        return d
+
+
+def summarize_memory(result: MemoryResult, records: Sequence[MemoryRecord], train_iters: int,
+                     warmup_iters: int) -> None:
+    """Fill ``result`` from its records: every rank must report every iteration; per rank, the medians over
+    the iterations after warm-up (the first iteration also allocates the optimizer state: left out)."""
+    result.records = list(records)
+    by_rank: dict[int, dict[int, MemoryRecord]] = {}
+    for r in records:
+        by_rank.setdefault(r.rank, {})[r.iteration] = r
+    want = list(range(1, train_iters + 1))
+    if sorted(by_rank) != list(range(result.ranks)) or any(sorted(its) != want for its in by_rank.values()):
+        result.status = (f"failed: expected memory records of ranks 0..{result.ranks - 1} for iterations "
+                         f"1..{train_iters}, got {sorted((r.rank, r.iteration) for r in records)}")
+        return
+    result.source = records[0].source
+    for rank, its in sorted(by_rank.items()):
+        kept = [its[i] for i in want if i > warmup_iters]
+        result.added_mib[rank] = statistics.median(r.added_mib for r in kept)
+        result.held_mib[rank] = statistics.median(r.held_mib for r in kept)
+        result.peak_mib[rank] = statistics.median(r.peak_mib for r in kept)
+
+
+def run_memory_case(cfg: BenchConfig, case: MemoryCase, log_dir: str | Path, timeout_s: float = 1800.0,
+                    cpus: int | None = None) -> MemoryResult:
+    """Run the trainer with ``--report-memory`` for one memory case and collect every rank's records."""
+    gpus = cuda_device_count()
+    result = MemoryResult(case.name, case.layout, case.ranks)
+    if gpus and case.ranks > gpus:
+        result.status = f"skipped: needs {case.ranks} GPUs, have {gpus}"
+        return result
+    log_path = Path(log_dir) / f"memory-{case.name}.log"
+    rc = launch_logged(torchrun_command(case.ranks, memory_trainer_args(cfg, case), free_port()),
+                       child_env(REPO, threads=threads_per_rank(case.ranks, cpus), cuda=gpus > 0), log_path,
+                       result, timeout_s)
+    if rc != 0:
+        result.status = f"failed: {'timeout' if rc is None else f'exit {rc}'} (log {log_path})"
+        return result
+    summarize_memory(result, parse_memory_lines(log_path.read_text(errors="replace")), cfg.train_iters,
+                     cfg.warmup_iters)
+    return result
+
+
+def run_memory_benchmark(cfg: BenchConfig, degrees: Sequence[int], log_dir: str | Path, timeout_s: float = 1800.0,
+                         progress=None, threads: int | None = None) -> list[MemoryResult]:
+    """Every run the memory table's rows ``degrees`` need, one after another (never two at once: each
+    rank's resident set must not compete with another run's for the machine). Every rank of every run gets
+    the same OpenMP threads (``threads`` // the widest run's ranks), so thread scratch is alike in every row."""
+    results = []
+    names = memory_cases(degrees)
+    each = threads_per_rank(max(MEMORY_CASES[n].ranks for n in names), threads)
+    for name in names:
+        case = MEMORY_CASES[name]
+        if progress:
+            progress(f"running memory case {name} ({case.layout}, {case.ranks} rank(s)) ...")
+        r = run_memory_case(cfg, case, log_dir, timeout_s, cpus=each * case.ranks)
+        if progress:
+            progress(f"  {name}: " + (f"{r.per_rank_mib:.1f} MiB per rank" if r.ok else r.status)
+                     + (f" ({r.wall_s:.0f} s wall)" if r.wall_s else ""))
+        results.append(r)
+    return results
+
+
+def _ratio(value: MemoryResult | None, ref: MemoryResult | None) -> str:
+    if value is None or ref is None or not value.ok or not ref.ok or ref.per_rank_mib <= 0:
+        return "n/a"
+    return f"{value.per_rank_mib / ref.per_rank_mib:.2f}x"
+
+
+def _mib(r: MemoryResult | None) -> str:
+    if r is None:
+        return "not run"
+    return f"{r.per_rank_mib:,.1f}" if r.ok else r.status
+
+
+def format_memory_table(results: Sequence[MemoryResult], degrees: Sequence[int]) -> str:
+    """Both kinds side by side, one row per SP degree: activation MiB per rank (the rank that added the most;
+    per rank the median over the measured iterations) and ratios (SP n's MiB / the reference's MiB; below
+    1 is less memory): "vs SP 1" against the TP 1 run, "vs TP n alone" against TP n without
+    --sequence-parallel."""
+    by_name = {r.case: r for r in results}
+    ref = by_name.get("tp1")
+    header = ["SP n", "TP n alone (MiB)", "Megatron SP: TP n +seqpar (MiB)", "vs SP 1", "vs TP n alone",
+              "Ulysses SP n (MiB)", "vs SP 1"]
+    rows = []
+    for n in sorted(set(degrees) | {1}):
+        alone, megatron, ulysses = (by_name.get(name) for name in memory_row_cases(n))
+        rows.append([str(n), _mib(alone), _mib(megatron), _ratio(megatron, ref), _ratio(megatron, alone),
+                     _mib(ulysses), _ratio(ulysses, ref)])
+    return markdown_table(header, rows, {0, 1, 2, 3, 4, 5, 6})
+
+
+def format_memory_runs(results: Sequence[MemoryResult]) -> str:
+    """One line per run: what it is, and every rank's numbers (medians over the measured iterations)."""
+    header = ["run", "what", "layout", "ranks", "held MiB (per rank)", "added MiB (per rank)", "peak MiB (per rank)"]
+    rows = []
+    for r in results:
+        what = MEMORY_CASES[r.case].what
+        if not r.ok:
+            rows.append([r.case, what, r.layout, str(r.ranks), r.status, "", ""])
+            continue
+        rows.append([r.case, what, r.layout, str(r.ranks)]
+                    + [", ".join(f"{v:,.1f}" for _, v in sorted(d.items()))
+                       for d in (r.held_mib, r.added_mib, r.peak_mib)])
+    return markdown_table(header, rows, {3})
+
+
+def format_memory_report(cfg: BenchConfig, results: Sequence[MemoryResult], degrees: Sequence[int], machine: dict,
+                         command: str) -> str:
+    source = next((r.source for r in results if r.ok), None)
+    how = {"cpu rss": "the rank's resident set (VmHWM after a reset, minus VmRSS at the iteration's start, glibc's "
+                      "free pages given back first)",
+           "cuda allocated": "torch.cuda.max_memory_allocated minus memory_allocated at the iteration's start"}
+    warmup = "iteration 1" if cfg.warmup_iters == 1 else f"iterations 1..{cfg.warmup_iters}"
+    lines = [
+        f"## Activation memory per rank: {MEMORY_FAMILY} {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+        f"{cfg.num_attention_heads} heads ({cfg.num_key_value_heads} key/value), MLP "
+        f"{cfg.moe_top_k * cfg.expert_ffn_hidden_size}, seq {cfg.seq_length}, vocab {cfg.vocab_size}, micro batch "
+        f"{cfg.micro_batch_size}, global batch {cfg.global_batch_size}, {cfg.dtype}, PP 1, DP 1",
+        "",
+        f"Each number is the memory one training iteration adds on a rank above what the rank held when the "
+        f"iteration began (weights, gradients, optimizer state, buffers): activations and transients. Measured "
+        f"as {how.get(source or '', 'n/a')}; per rank the median over iterations {cfg.warmup_iters + 1}.."
+        f"{cfg.train_iters} ({warmup} left out: the first also allocates the optimizer state); "
+        f"the table shows the rank that added the most. Ratios are SP n / the reference (below 1: less).",
+        "",
+        "Megatron SP n = TP n with --sequence-parallel (norms, dropout and residuals on 1/n of the sequence), "
+        "beside TP n without it; Ulysses SP n = --ds-sequence-parallel-size n at TP 1 (a world of n ranks); "
+        "SP 1 = the one TP 1 run without either.",
+        "",
+        format_memory_table(results, degrees),
+        "",
+        format_memory_runs(results),
+        "",
+        f"command: {command}",
+        f"machine: {machine['cpu_count']} CPUs ({machine['usable_cpus']} usable), torch {machine['torch']}, "
+        f"deepspeed {machine['deepspeed']}, python {machine['python']}, device {machine['device']}",
+        "",
+    ]
+    lines += [f"- {r.case} [OMP_NUM_THREADS {r.omp_num_threads}]: {r.command or r.status}" for r in results]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
 # Orchestration and CLI
 
 
@@ -644,8 +962,9 @@ def selected_cases(args: argparse.Namespace) -> list[str]:
     return list(CASES) if args.cases is None else [n for group in args.cases for n in group]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = BenchConfig()
+def build_parser(d: BenchConfig | None = None) -> argparse.ArgumentParser:
+    """The CLI; ``d`` gives the defaults shown and used (``--memory`` passes ``MEMORY_DEFAULTS``)."""
+    d = d or BenchConfig()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--cases", type=_parse_cases, nargs="+", default=None, metavar="CASE",
@@ -672,6 +991,13 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("--expert-ffn-hidden-size", type=int, default=d.expert_ffn_hidden_size,
                      help="each expert's SwiGLU width; the dense twin's MLP is topk times as wide")
     moe.add_argument("--moe-rounds", type=int, default=d.moe_rounds, help="paired rounds of the two cases")
+    mem = p.add_argument_group("activation memory of sequence parallelism (--memory)")
+    mem.add_argument("--memory", action="store_true",
+                     help="instead of the timing cases: the activation memory per rank of Megatron's and "
+                          "DeepSpeed-Ulysses sequence parallelism at SP 1, 2, 4 (Llama family; its defaults: "
+                          + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in MEMORY_DEFAULTS.items()) + ")")
+    mem.add_argument("--memory-degrees", type=int, nargs="+", default=list(MEMORY_DEGREES), metavar="N",
+                     help="the SP degrees of the memory table's rows")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of a single-process case (an N-rank case gets threads // N per rank); "
                         "default: the usable CPU count")
@@ -736,8 +1062,15 @@ def format_report(cfg: BenchConfig, results: Sequence[CaseResult], machine: dict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    memory = "--memory" in (sys.argv[1:] if argv is None else argv)
+    parser = build_parser(BenchConfig(**MEMORY_DEFAULTS) if memory else None)
     args = parser.parse_args(argv)
+    if memory and args.cases is not None:
+        parser.error("--memory runs its own cases: leave out --cases")
+    try:
+        memory_cases(args.memory_degrees)
+    except ValueError as e:
+        parser.error(str(e))
     cases = selected_cases(args)
     try:
         cfg = config_from_args(args)
@@ -757,25 +1090,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _run_logged(args: argparse.Namespace, prefix: str, run, progress) -> list:
+    """``run(log_dir)`` with the logs kept in ``--log-dir``, or in a temporary folder whose failed logs'
+    last lines are shown before it vanishes."""
+    if args.log_dir:
+        os.makedirs(args.log_dir, exist_ok=True)
+        return run(args.log_dir)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        results = run(tmp)
+        for r in results:
+            if r.status.startswith("failed") and r.log and os.path.exists(r.log):
+                progress(f"--- last lines of {r.case}'s log ---\n" + tail(r.log, 40))
+                r.log = None
+    return results
+
+
 def _run_main(args: argparse.Namespace, cfg: BenchConfig, cases: list[str], machine: dict, command: str) -> int:
     def progress(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    if args.log_dir:
-        os.makedirs(args.log_dir, exist_ok=True)
-        results = run_benchmark(cfg, cases, args.log_dir, args.timeout, progress, args.threads)
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
-            results = run_benchmark(cfg, cases, tmp, args.timeout, progress, args.threads)
-            for r in results:  # the logs vanish with the folder: show what failed
-                if r.status.startswith("failed") and r.log and os.path.exists(r.log):
-                    progress(f"--- last lines of {r.case}'s log ---\n" + tail(r.log, 40))
-                    r.log = None
+    if args.memory:
+        return _run_memory(args, cfg, machine, command, progress)
+    results = _run_logged(args, "bench_training_", lambda log_dir: run_benchmark(
+        cfg, cases, log_dir, args.timeout, progress, args.threads), progress)
     print(format_report(cfg, results, machine, command), flush=True)
     if args.json_out:
         out = {"command": command, "machine": machine, "config": dataclasses.asdict(cfg),
                "cases": [r.to_dict() for r in results]}
         write_json(args.json_out, out)
+    return 0 if all(r.ok or r.status.startswith("skipped") for r in results) else 1
+
+
+def _run_memory(args: argparse.Namespace, cfg: BenchConfig, machine: dict, command: str, progress) -> int:
+    degrees = args.memory_degrees
+    results = _run_logged(args, "bench_memory_", lambda log_dir: run_memory_benchmark(
+        cfg, degrees, log_dir, args.timeout, progress, args.threads), progress)
+    print(format_memory_report(cfg, results, degrees, machine, command), flush=True)
+    if args.json_out:
+        write_json(args.json_out, {"command": command, "machine": machine, "config": dataclasses.asdict(cfg),
+                                   "memory_degrees": list(degrees), "memory": [r.to_dict() for r in results]})
     return 0 if all(r.ok or r.status.startswith("skipped") for r in results) else 1
 
 

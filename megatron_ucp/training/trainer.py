@@ -30,6 +30,7 @@ from megatron_ucp.training import checkpointing
 from megatron_ucp.training.arguments import check_run
 from megatron_ucp.training.data import MockDataset, micro_batches, sequence_slices
 from megatron_ucp.training.logger import RunLogger
+from megatron_ucp.training.memory import IterationMemory, memory_line
 from megatron_ucp.training.schedule import LRScheduler
 from megatron_ucp.training.optim import (  # noqa: F401 - optimizer_param_groups: re-exported for callers
     build_lr_scheduler,
@@ -382,6 +383,7 @@ class Trainer:
                   f"{self.model_cfg.vocab_size} (padded {model.padded_vocab}), {n_params} parameters on rank 0, "
                   f"stage parts {model.stage_parts()}, global batch {cfg.global_batch_size} = micro "
                   f"{cfg.micro_batch_size} x accumulation {self.gas} x DP {layout.degree('dp')}", flush=True)
+        memory = IterationMemory(self.device) if cfg.report_memory else None
         last_loss = last_valid = None
         window_start, window_iters = time.perf_counter(), 0
         try:
@@ -389,8 +391,12 @@ class Trainer:
                 self._validate(logger)
             while self.iteration < cfg.train_iters:
                 lr = self.scheduler.get_lr()[0]  # the LR this step uses
+                if memory:
+                    memory.start()
                 loss = self._train_batch(train_iter)
                 self.iteration += 1
+                if memory and (sample := memory.stop()) is not None:
+                    print(memory_line(state.global_rank, self.iteration, sample), flush=True)
                 self.consumed += cfg.global_batch_size
                 iteration = self.iteration
                 window_iters += 1

@@ -19,7 +19,7 @@ import pytest
 
 from megatron_ucp.launch import free_port, spawn_ranks
 
-__all__ = ["free_port", "run_distributed", "spawned_results", "report_check", "run_tp_checks"]
+__all__ = ["free_port", "run_distributed", "spawned_results", "report_check", "record_checks", "run_tp_checks"]
 
 
 def _gloo_rank(rank, world_size, fn, args):
@@ -77,6 +77,18 @@ def report_check(results: list[dict], name: str) -> None:
 
 
 CHECK_TIMEOUT = timedelta(seconds=20)  # a healthy check waits milliseconds on its peers
+
+
+def record_checks(rank: int, out_dir: str, checks: dict) -> None:
+    """Run every ``check()`` on this rank; write ``rank{r}.json`` of name -> None (passed) or its traceback."""
+    results = {}
+    for name, check in checks.items():
+        try:
+            check()
+            results[name] = None
+        except BaseException:  # noqa: BLE001 - pytest.raises failures are BaseException (Failed)
+            results[name] = traceback.format_exc()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
 
 
 def run_tp_checks(rank: int, world_size: int, out_dir: str, checks: dict) -> None:

@@ -275,3 +275,18 @@ def load_and_dump(rank, world_size, cfg_dict, dump_dir, model, log_path=None, re
     if rank == 0 and log_path:
         with open(log_path, "w") as f:
             f.write(out.getvalue())
+
+
+def run_refusal(world: int, model: dict, **train) -> str:
+    """The one-line ValueError ``check_run`` raises for ``model`` and a short mock-data run with ``train``
+    settings at ``world`` ranks (the message; a second line fails the test)."""
+    import pytest
+
+    from megatron_ucp.config import TrainConfig
+    from megatron_ucp.training.arguments import check_run
+
+    cfg = TrainConfig(**dict(dict(mock_data=True, vocab_size=VOCAB, global_batch_size=8, seq_length=16), **train))
+    with pytest.raises(ValueError) as e:
+        check_run(model, cfg, world)
+    assert "\n" not in str(e.value), str(e.value)
+    return str(e.value)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import TINY_LLAMA
+from helpers import TINY_LLAMA, run_refusal
 from megatron_ucp.config import ModelConfig
 from megatron_ucp.layout.experts import ExpertPlacement, expert_name
 from megatron_ucp.layout.init import full_init
@@ -154,11 +154,7 @@ def test_what_an_moe_run_refuses_is_one_line_each():
     from megatron_ucp.training.arguments import check_run
 
     def refused(world: int, model: dict, **train) -> str:
-        cfg = TrainConfig(**dict(dict(mock_data=True, vocab_size=50, global_batch_size=8, seq_length=16), **train))
-        with pytest.raises(ValueError) as e:
-            check_run(model, cfg, world)
-        assert "\n" not in str(e.value)
-        return str(e.value)
+        return run_refusal(world, model, **train)
 
     assert "ZeRO stage 3 is not built for MoE models" in refused(2, MIXTRAL, zero_stage=3)
     assert "needs an MoE model (--num-experts)" in refused(2, TINY_LLAMA, moe_expert_parallel_size=2)

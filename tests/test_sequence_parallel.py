@@ -10,14 +10,13 @@ then partial sums over this rank's tokens, off by O(1).
 
 from __future__ import annotations
 
-import json
-import traceback
+import functools
 
 import pytest
 import torch
 
-from dist_utils import run_distributed
-from helpers import TINY_GPT, TINY_LLAMA
+from dist_utils import record_checks, report_check, spawned_results
+from helpers import TINY_GPT, TINY_LLAMA, run_refusal
 
 WORLD_SIZES = (2, pytest.param(4, marks=pytest.mark.slow))
 MODELS = {"gpt": dict(TINY_GPT, num_attention_heads=4, max_position_embeddings=8),
@@ -42,73 +41,52 @@ def _run(model_kwargs: dict, state, sequence_parallel: bool, tokens, labels):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
+def _check(model_kwargs: dict, state, tokens, labels) -> None:
+    from unittest import mock
+
+    from megatron_ucp.model import gpt, llama
+
+    ref_loss, ref = _run(model_kwargs, state, False, tokens, labels)
+    loss, got = _run(model_kwargs, state, True, tokens, labels)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    assert got.keys() == ref.keys()
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12, msg=lambda m: f"{n}: {m}")
+    # negative control: the norms' gradients left as this rank's partial sums
+    with mock.patch.object(gpt, "sequence_parallel_weight", lambda p, tp: p), \
+            mock.patch.object(llama, "copy_to_tp_region", lambda x, group: x):
+        _, broken = _run(model_kwargs, state, True, tokens, labels)
+    norms = [n for n in ref if "layernorm" in n]
+    assert norms and all(not torch.allclose(broken[n], ref[n], rtol=1e-3, atol=1e-8) for n in norms), \
+        "the negative control did not move the norm gradients"
+
+
 def _worker(rank, world_size, out_dir):
     from megatron_ucp.distributed import groups
-    from megatron_ucp.layout.topology import ParallelLayout
-    from megatron_ucp.tensor_parallel import layers
-
     from megatron_ucp.distributed.random import seed_all
+    from megatron_ucp.layout.topology import ParallelLayout
 
     state = groups.initialize(ParallelLayout(tp=world_size))
     seed_all(1, 0, state.rank_in("tp"), state.tp.rng)  # the TP-rank streams (no dropout here: p = 0)
-    results = {}
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, 40, (2, 8), generator=g)
     labels = torch.randint(0, 40, (2, 8), generator=g)
     try:
-        for name, kwargs in MODELS.items():
-            try:
-                ref_loss, ref = _run(kwargs, state, False, tokens, labels)
-                loss, got = _run(kwargs, state, True, tokens, labels)
-                torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
-                assert got.keys() == ref.keys()
-                for n in ref:
-                    torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12, msg=lambda m: f"{n}: {m}")
-                # negative control: the norms' gradients left as this rank's partial sums
-                keep = layers.sequence_parallel_weight
-                layers.sequence_parallel_weight = lambda p, tp: p
-                try:
-                    from megatron_ucp.model import gpt, llama
-                    saved = gpt.sequence_parallel_weight
-                    gpt.sequence_parallel_weight = lambda p, tp: p
-                    copy = llama.copy_to_tp_region
-                    llama.copy_to_tp_region = lambda x, group: x
-                    _, broken = _run(kwargs, state, True, tokens, labels)
-                finally:
-                    layers.sequence_parallel_weight = keep
-                    gpt.sequence_parallel_weight = saved
-                    llama.copy_to_tp_region = copy
-                norms = [n for n in ref if "layernorm" in n]
-                assert norms and all(not torch.allclose(broken[n], ref[n], rtol=1e-3, atol=1e-8) for n in norms), \
-                    "the negative control did not move the norm gradients"
-                results[name] = None
-            except Exception:  # noqa: BLE001 - reported per check
-                results[name] = traceback.format_exc()
+        record_checks(rank, out_dir, {name: functools.partial(_check, kwargs, state, tokens, labels)
+                                      for name, kwargs in MODELS.items()})
     finally:
         groups.destroy()
-    with open(f"{out_dir}/rank{rank}.json", "w") as f:
-        json.dump(results, f)
 
 
 @pytest.fixture(scope="module")
 def sp_results(tmp_path_factory):
-    cache: dict = {}
-
-    def get(world_size: int) -> list[dict]:
-        if world_size not in cache:
-            out = tmp_path_factory.mktemp(f"sp{world_size}")
-            run_distributed(_worker, world_size, str(out))
-            cache[world_size] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
-        return cache[world_size]
-
-    return get
+    return spawned_results(tmp_path_factory, _worker, "sp")
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_sequence_parallel_gives_tensor_parallels_loss_and_gradients(sp_results, world_size, model):
-    for rank, per_rank in enumerate(sp_results(world_size)):
-        assert per_rank[model] is None, f"rank {rank}:\n{per_rank[model]}"
+    report_check(sp_results(world_size), model)
 
 
 def test_what_sequence_parallelism_refuses_is_one_line_each():
@@ -117,12 +95,7 @@ def test_what_sequence_parallelism_refuses_is_one_line_each():
     from megatron_ucp.training.arguments import check_run
 
     def refused(world: int, model: dict, **train) -> str:
-        cfg = TrainConfig(**dict(dict(mock_data=True, vocab_size=50, global_batch_size=8, seq_length=16,
-                                      sequence_parallel=True), **train))
-        with pytest.raises(ValueError) as e:
-            check_run(model, cfg, world)
-        assert "\n" not in str(e.value)
-        return str(e.value)
+        return run_refusal(world, model, **dict({"sequence_parallel": True}, **train))
 
     assert "needs --tensor-model-parallel-size > 1" in refused(2, LLAMA)
     assert "seq_length 15 is not divisible by tensor parallel 2" in refused(

@@ -12,14 +12,13 @@ all-to-all by the local slice (each rank attends within its own slice only): the
 
 from __future__ import annotations
 
-import json
-import traceback
+import functools
 
 import pytest
 import torch
 
-from dist_utils import run_distributed
-from helpers import TINY_GPT, TINY_LLAMA
+from dist_utils import record_checks, report_check, spawned_results
+from helpers import TINY_GPT, TINY_LLAMA, run_refusal
 
 WORLD_SIZES = (2, pytest.param(4, marks=pytest.mark.slow))
 MODELS = {"gpt": dict(TINY_GPT, num_attention_heads=4, max_position_embeddings=8),
@@ -44,14 +43,32 @@ def _run(model_kwargs: dict, state, tokens, labels, local: bool = False):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def _worker(rank, world_size, out_dir):
+def _check(model_kwargs: dict, state, single, tokens, labels) -> None:
+    """One model: the sp ranks' mean loss and gradients against one process's; then the negative control."""
     import torch.distributed as dist
+
+    sp = state.size_of("sp")
+    n = tokens.shape[1] // sp
+    mine = slice(state.rank_in("sp") * n, (state.rank_in("sp") + 1) * n)
+    ref_loss, ref = _run(model_kwargs, single, tokens, labels)
+    loss, got = _run(model_kwargs, state, tokens[:, mine], labels[:, mine])
+    dist.all_reduce(loss, group=state.group("sp"))
+    torch.testing.assert_close(loss / sp, ref_loss, rtol=1e-6, atol=0)
+    assert got.keys() == ref.keys()
+    for p, grad in got.items():
+        dist.all_reduce(grad, group=state.group("sp"))
+        torch.testing.assert_close(grad / sp, ref[p], rtol=1e-6, atol=1e-9, msg=lambda m: f"{p}: {m}")
+    broken, _ = _run(model_kwargs, state, tokens[:, mine], labels[:, mine], local=True)
+    dist.all_reduce(broken, group=state.group("sp"))
+    assert abs(float(broken / sp - ref_loss)) > 1e-3, "the negative control did not move the loss"
+
+
+def _worker(rank, world_size, out_dir):
+    import deepspeed
 
     from megatron_ucp.distributed import groups
     from megatron_ucp.distributed.random import seed_all
     from megatron_ucp.layout.topology import ParallelLayout
-
-    import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's communication layer, for its all-to-all
     state = groups.initialize(ParallelLayout(sp=world_size))
@@ -61,52 +78,22 @@ def _worker(rank, world_size, out_dir):
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, 40, (2, 8), generator=g)
     labels = torch.randint(0, 40, (2, 8), generator=g)
-    n = 8 // world_size
-    mine = slice(rank * n, (rank + 1) * n)
-    results = {}
     try:
-        for name, kwargs in MODELS.items():
-            try:
-                ref_loss, ref = _run(kwargs, single, tokens, labels)
-                loss, got = _run(kwargs, state, tokens[:, mine], labels[:, mine])
-                dist.all_reduce(loss, group=state.group("sp"))
-                torch.testing.assert_close(loss / world_size, ref_loss, rtol=1e-6, atol=0)
-                assert got.keys() == ref.keys()
-                for p, grad in got.items():
-                    dist.all_reduce(grad, group=state.group("sp"))
-                    torch.testing.assert_close(grad / world_size, ref[p], rtol=1e-6, atol=1e-9,
-                                               msg=lambda m: f"{p}: {m}")
-                broken, _ = _run(kwargs, state, tokens[:, mine], labels[:, mine], local=True)
-                dist.all_reduce(broken, group=state.group("sp"))
-                assert abs(float(broken / world_size - ref_loss)) > 1e-3, "the negative control did not move the loss"
-                results[name] = None
-            except Exception:  # noqa: BLE001 - reported per check
-                results[name] = traceback.format_exc()
+        record_checks(rank, out_dir, {name: functools.partial(_check, kwargs, state, single, tokens, labels)
+                                      for name, kwargs in MODELS.items()})
     finally:
         groups.destroy()
-    with open(f"{out_dir}/rank{rank}.json", "w") as f:
-        json.dump(results, f)
 
 
 @pytest.fixture(scope="module")
 def ulysses_results(tmp_path_factory):
-    cache: dict = {}
-
-    def get(world_size: int) -> list[dict]:
-        if world_size not in cache:
-            out = tmp_path_factory.mktemp(f"ulysses{world_size}")
-            run_distributed(_worker, world_size, str(out))
-            cache[world_size] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
-        return cache[world_size]
-
-    return get
+    return spawned_results(tmp_path_factory, _worker, "ulysses")
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_ulysses_gives_one_process_loss_and_gradients(ulysses_results, world_size, model):
-    for rank, per_rank in enumerate(ulysses_results(world_size)):
-        assert per_rank[model] is None, f"rank {rank}:\n{per_rank[model]}"
+    report_check(ulysses_results(world_size), model)
 
 
 def test_what_ulysses_refuses_is_one_line_each():
@@ -114,12 +101,7 @@ def test_what_ulysses_refuses_is_one_line_each():
     from megatron_ucp.training.arguments import check_run
 
     def refused(world: int, model: dict, **train) -> str:
-        cfg = TrainConfig(**dict(dict(mock_data=True, vocab_size=50, global_batch_size=8, seq_length=16,
-                                      ds_sequence_parallel_size=2), **train))
-        with pytest.raises(ValueError) as e:
-            check_run(model, cfg, world)
-        assert "\n" not in str(e.value)
-        return str(e.value)
+        return run_refusal(world, model, **dict({"ds_sequence_parallel_size": 2}, **train))
 
     llama = dict(TINY_LLAMA)  # 8 heads, 2 key/value heads
     assert "does not divide seq_length 15" in refused(2, llama, seq_length=15)

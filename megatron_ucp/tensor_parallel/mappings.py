@@ -27,6 +27,8 @@ values, more traffic); NCCL uses ``reduce_scatter_tensor``.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.distributed as dist
 
@@ -61,63 +63,39 @@ def _gather_last(x: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-class _CopyToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
+def _identity(x: torch.Tensor, group) -> torch.Tensor:
+    return x
+
+
+def _reduced(x: torch.Tensor, group) -> torch.Tensor:
+    return _all_reduce(x.clone(), group)
+
+
+def _pair(name: str, forward, backward) -> Callable[[torch.Tensor, object], torch.Tensor]:
+    """The op ``name(x, group)``: an autograd function whose forward is ``forward(x, group)`` and whose
+    backward is ``backward(grad, group)`` (its adjoint: the tables above name each pair); the identity
+    on one rank."""
+
+    def fwd(ctx, x, group):
         ctx.group = group
-        return x
+        return forward(x, group)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad.clone(), ctx.group), None
+    def bwd(ctx, grad):
+        return backward(grad, ctx.group), None
 
+    fn: Any = type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
-class _ReduceFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x.clone(), group)
+    def op(x: torch.Tensor, group) -> torch.Tensor:
+        return x if _world(group) == 1 else fn.apply(x, group)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+    op.__name__ = op.__qualname__ = name
+    return op
 
 
-class _ScatterToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_last(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_last(grad, ctx.group), None
-
-
-class _GatherFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_last(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split_last(grad, ctx.group), None
-
-
-def copy_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
-    return x if _world(group) == 1 else _CopyToRegion.apply(x, group)
-
-
-def reduce_from_tp_region(x: torch.Tensor, group) -> torch.Tensor:
-    return x if _world(group) == 1 else _ReduceFromRegion.apply(x, group)
-
-
-def scatter_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
-    return x if _world(group) == 1 else _ScatterToRegion.apply(x, group)
-
-
-def gather_from_tp_region(x: torch.Tensor, group) -> torch.Tensor:
-    return x if _world(group) == 1 else _GatherFromRegion.apply(x, group)
+copy_to_tp_region = _pair("copy_to_tp_region", _identity, _reduced)
+reduce_from_tp_region = _pair("reduce_from_tp_region", _reduced, _identity)
+scatter_to_tp_region = _pair("scatter_to_tp_region", _split_last, _gather_last)
+gather_from_tp_region = _pair("gather_from_tp_region", _gather_last, _split_last)
 
 
 SEQUENCE_DIM = 1  # activations are [b, s, h]
@@ -148,46 +126,6 @@ def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
     return out.movedim(0, SEQUENCE_DIM).contiguous()
 
 
-class _ScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_seq(grad, ctx.group), None
-
-
-class _GatherFromSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_seq(grad, ctx.group), None
-
-
-class _ReduceScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_seq(grad, ctx.group), None
-
-
-def scatter_to_sequence_region(x: torch.Tensor, group) -> torch.Tensor:
-    return x if _world(group) == 1 else _ScatterToSequence.apply(x, group)
-
-
-def gather_from_sequence_region(x: torch.Tensor, group) -> torch.Tensor:
-    return x if _world(group) == 1 else _GatherFromSequence.apply(x, group)
-
-
-def reduce_scatter_to_sequence_region(x: torch.Tensor, group) -> torch.Tensor:
-    return x if _world(group) == 1 else _ReduceScatterToSequence.apply(x, group)
+scatter_to_sequence_region = _pair("scatter_to_sequence_region", _split_seq, _gather_seq)
+gather_from_sequence_region = _pair("gather_from_sequence_region", _gather_seq, _reduce_scatter_seq)
+reduce_scatter_to_sequence_region = _pair("reduce_scatter_to_sequence_region", _reduce_scatter_seq, _gather_seq)

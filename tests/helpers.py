@@ -19,8 +19,14 @@ CORPUS = REPO / "data/austen/austen-novels.txt.xz"
 
 
 def load_tool(name: str):
-    """Import ``tools/<name>.py`` as a module (the tools are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    """Import ``tools/<name>.py`` as a module (the tools are scripts, not a package), once per process: a
+    second import would be a second module under the same name, whose functions no longer pickle (spawned
+    ranks look them up by name) when two test files use the same tool in one worker."""
+    path = REPO / "tools" / f"{name}.py"
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == str(path):
+        return loaded
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)

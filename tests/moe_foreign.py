@@ -129,12 +129,15 @@ def load_and_dump(rank, world_size, ep: int, universal: str, dump_path: str) -> 
     """A fresh foreign model at EP ``ep`` loads the universal folder ``universal`` through our sliced reader
     (every parameter whole: TP 1), then dumps its state."""
     from megatron_ucp.checkpoint.rules import MergeRule
+    from megatron_ucp.checkpoint.trust import restricted_torch_load
     from megatron_ucp.layout.params import Kind
     from megatron_ucp.training.sliced_load import UniversalSource, sliced_universal_load
 
     eng = engine(ep)
     source = UniversalSource(universal, rule=lambda name: MergeRule(Kind.REPLICATED))
-    with sliced_universal_load(eng, source, tp=1, tp_rank=0, expert_names=expert_rank_names(eng, ep)) as stats:
+    # as the trainer does: every file DeepSpeed unpickles goes through the allowlist
+    with restricted_torch_load(), sliced_universal_load(eng, source, tp=1, tp_rank=0,
+                                                        expert_names=expert_rank_names(eng, ep)) as stats:
         path, _ = eng.load_checkpoint(os.path.dirname(universal), tag=os.path.basename(universal),
                                       load_optimizer_states=True, load_lr_scheduler_states=False)
     assert path is not None and stats.state_bytes > 0

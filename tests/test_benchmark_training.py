@@ -364,12 +364,12 @@ def test_run_moe_pair_alternates_the_order_and_keeps_every_round(monkeypatch, tm
 @pytest.mark.slow
 @pytest.mark.dist
 def test_moe_pair_end_to_end_small(tmp_path, capsys):
-    """The MoE pair for real, tiny, two paired rounds: its table shows what was measured (never a speed)."""
+    """The MoE pair for real, tiny, one round: its table shows what was measured (never a speed)."""
     out = tmp_path / "bench.json"
     args = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-key-value-heads", "2",
             "--expert-ffn-hidden-size", "16", "--seq-length", "16", "--vocab-size", "100", "--global-batch-size",
             "4", "--micro-batch-size", "2", "--train-iters", "3", "--warmup-iters", "1", "--dtype", "fp32",
-            "--threads", "1", "--moe-rounds", "2"]
+            "--threads", "1", "--moe-rounds", "1"]
     assert bt.main(["--cases", "dense-active", "moe-ep2", *args, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "### Mixture of experts vs dense at equal active parameters" in printed
@@ -380,13 +380,12 @@ def test_moe_pair_end_to_end_small(tmp_path, capsys):
     ref = [s["tokens_per_s"] for s in cases["dense-active"]["rounds"]]
     for name, case in cases.items():
         assert case["status"] == "ok", case["status"]
-        assert len(case["rounds"]) == 2 and len(case["losses"]) == 3
+        assert len(case["rounds"]) == 1 and len(case["losses"]) == 3
         tps = [s["tokens_per_s"] for s in case["rounds"]]
         assert all(math.isfinite(t) and t > 0 for t in tps)
         row = rows[name]
-        assert row[4] == "2" and row[6] == bt._fmt_int(sorted(tps)[0] / 2 + sorted(tps)[1] / 2)
-        ratios = sorted(a / b for a, b in zip(tps, ref))
-        assert row[7] == f"{(ratios[0] + ratios[1]) / 2:.2f}x"
+        assert row[4] == "1" and row[6] == bt._fmt_int(tps[0])  # the median of one round is that round
+        assert row[7] == f"{tps[0] / ref[0]:.2f}x"
     assert cases["moe-ep2"]["parameters"] > cases["moe-ep2"]["active_parameters"]
 
 

@@ -414,8 +414,8 @@ def sliced_universal_load(engine, source: StateSource, tp: int, tp_rank: int, pr
     # DeepSpeed reads them whole, twice (its state-dict loader checks the first, then loads it), though a
     # universal-load sequence uses only their small entries: a non-pipeline model's 'module' (its
     # weights, the size of the model) is never touched. Mapped, their bytes are read only where used.
-    files_engine.load = lambda path, map_location=None: torch.load(path, map_location=map_location,
-                                                                   weights_only=False, mmap=True)
+    # (Callers run this inside ``trust.restricted_torch_load``, which routes torch.load through the allowlist.)
+    files_engine.load = lambda path, map_location=None: torch.load(path, map_location=map_location, mmap=True)
     config.load_universal_checkpoint = True
     try:
         yield stats

@@ -373,9 +373,7 @@ class Trainer:
         assert self._train_batch is not None, "call build() before run()"
         topology = dict(layout.to_dict(), zero_stage=cfg.zero_stage, dtype=cfg.dtype)
         logger = RunLogger(cfg.tensorboard_dir, cfg.loss_log, topology, self.iteration) if self.rank0 else None
-        train_iter = sequence_slices(micro_batches(self.train_data, self.consumed, None, cfg.global_batch_size,
-                                                   cfg.micro_batch_size, state.rank_in("dp"), layout.degree("dp"),
-                                                   self.device), layout.degree("sp"), state.rank_in("sp"))
+        train_iter = self._batches(self.train_data, self.consumed, None)
         if self.rank0:
             n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
             engine_kind = "pipeline engine" if cfg.use_pipeline_engine else "non-pipeline engine"
@@ -454,15 +452,20 @@ class Trainer:
 
     # -- pieces of run(), usable on their own after build() -------------------------------------------
 
+    def _batches(self, dataset, consumed: int, num_steps: int | None):
+        """This rank's micro batches (its data-parallel share, cut to its Ulysses slice of the sequence)."""
+        cfg, layout, state = self.cfg, self.layout, self.state
+        return sequence_slices(micro_batches(dataset, consumed, num_steps, cfg.global_batch_size, cfg.micro_batch_size,
+                                             state.rank_in("dp"), layout.degree("dp"), self.device),
+                               layout.degree("sp"), state.rank_in("sp"))
+
     def _moe_loss(self) -> float:
         """This iteration's load-balancing loss (unweighted): the mean over micro-batches, kept by the last
         pipeline stage's loss function, averaged over data parallelism and sent to every rank."""
         value = self.model.loss_fn.take_aux() if self.state.is_last_stage else None
         total = torch.zeros(1, dtype=torch.float64)
-        if value is not None:
-            total += float(value) / self.layout.degree("dp")
-        if self.layout.degree("tp") > 1 and value is not None:
-            total /= self.layout.degree("tp")  # every TP rank holds the same value
+        if value is not None:  # every TP rank of a data-parallel rank holds the same value
+            total += float(value) / (self.layout.degree("dp") * self.layout.degree("tp"))
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(total)
         return float(total)
@@ -478,11 +481,9 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Mean loss over ``cfg.eval_iters`` batches from the start of the validation data."""
-        cfg, layout = self.cfg, self.layout
+        cfg = self.cfg
         assert self._eval_batch is not None, "call build() before evaluate()"
-        it = sequence_slices(micro_batches(self.valid_data, 0, cfg.eval_iters, cfg.global_batch_size,
-                                           cfg.micro_batch_size, self.state.rank_in("dp"), layout.degree("dp"),
-                                           self.device), layout.degree("sp"), self.state.rank_in("sp"))
+        it = self._batches(self.valid_data, 0, cfg.eval_iters)
         losses = [self._eval_batch(it) for _ in range(cfg.eval_iters)]
         return sum(losses) / len(losses)
 

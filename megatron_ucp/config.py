@@ -399,6 +399,12 @@ class TrainConfig:
     save: str | None = field(default=None, metadata=cli("--save", help="checkpoint folder"))
     save_interval: int | None = field(default=None, metadata=cli(
         "--save-interval", help="iterations between checkpoints"))
+    save_interval_minutes: float | None = field(default=None, metadata=cli(
+        "--save-interval-minutes", help="also save when this many minutes passed since the last save (rank 0's "
+                                        "clock decides, every rank saves the same iteration)"))
+    exit_signal_handler: bool = field(default=False, metadata=cli(
+        "--exit-signal-handler", help="on SIGTERM finish the current iteration, save (with --save) and exit 0; "
+                                      "a second SIGTERM ends the process at once"))
     load: str | None = field(default=None, metadata=cli("--load", help="checkpoint folder to resume from"))
     universal_checkpoint: bool = field(default=False, metadata=cli(
         "--universal-checkpoint", help="--load is a universal checkpoint (any topology)"))
@@ -474,6 +480,11 @@ class TrainConfig:
                              f"({self.lr_decay_iters})")
         if self.save_interval is not None and self.save_interval < 1:
             raise ValueError(f"save_interval must be positive, got {self.save_interval}")
+        if self.save_interval_minutes is not None:
+            if not _finite(self.save_interval_minutes) or self.save_interval_minutes <= 0:
+                raise ValueError(f"save_interval_minutes must be a positive number, got {self.save_interval_minutes!r}")
+            if not self.save:
+                raise ValueError("--save-interval-minutes needs --save")
         if self.universal_checkpoint and not self.load:
             raise ValueError("--universal-checkpoint needs --load")
         if self.ckpt_step is not None and (not self.load or self.ckpt_step < 0):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -225,6 +226,45 @@ def _plain_engine_steps(engine, state, gas: int):
     return train_batch, eval_batch
 
 
+class SaveTriggers:
+    """What makes a run save (and stop) besides ``--save-interval``, agreed by every rank after each iteration.
+
+    ``--exit-signal-handler``: a SIGTERM (what torchrun sends its workers before a restart, and clouds before a
+    preemption) is noted and the iteration finishes; then every rank saves the same iteration and the run
+    ends normally (exit 0). A second SIGTERM ends the process at once (the default action), leaving the
+    previous checkpoint. ``--save-interval-minutes``: rank 0's clock says when the last save is that old.
+    One all-reduce (MAX) of both flags per iteration makes every rank decide the same.
+    """
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.minutes = cfg.save_interval_minutes
+        self.last_save = time.monotonic()
+        self.received = False
+        self.previous = None
+        if cfg.exit_signal_handler:
+            self.previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.received = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends the process
+
+    def poll(self, iteration: int) -> tuple[bool, bool]:
+        """(stop: a rank got SIGTERM, overdue: rank 0's last save is older than the interval), agreed."""
+        overdue = self.minutes is not None and time.monotonic() - self.last_save >= 60.0 * self.minutes
+        flags = torch.tensor([float(self.received), float(overdue and dist.get_rank() == 0)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+
 class Trainer:
     """One run in explicit steps: ``build()``, ``load()``, ``run()``, then ``close()``.
 
@@ -384,6 +424,7 @@ class Trainer:
         memory = IterationMemory(self.device) if cfg.report_memory else None
         last_loss = last_valid = None
         window_start, window_iters = time.perf_counter(), 0
+        exits = SaveTriggers(cfg) if cfg.exit_signal_handler or cfg.save_interval_minutes else None
         try:
             if cfg.eval_at_start and self.iteration < cfg.train_iters:
                 self._validate(logger)
@@ -418,12 +459,23 @@ class Trainer:
                 if cfg.eval_interval and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters):
                     last_valid = self._validate(logger)
                     window_start, window_iters = time.perf_counter(), 0
+                stop, overdue = exits.poll(iteration) if exits else (False, False)
                 if cfg.save and (
                     (cfg.save_interval and iteration % cfg.save_interval == 0) or iteration == cfg.train_iters
+                    or overdue or stop
                 ):
                     self.save(cfg.save)
                     window_start, window_iters = time.perf_counter(), 0
+                    if exits:
+                        exits.saved()
+                if stop:
+                    if self.rank0:
+                        print(f"exiting after iteration {iteration} on SIGTERM"
+                              + (" (checkpoint saved)" if cfg.save else ""), flush=True)
+                    break
         finally:
+            if exits:
+                exits.close()
             if logger:
                 logger.close()
         return TrainResult(self.iteration, last_loss, last_valid)

@@ -49,7 +49,7 @@ from megatron_ucp.checkpoint.format import (  # noqa: F401 - STATE_KEYS: re-expo
 )
 from megatron_ucp.checkpoint.torchzip import stored_nbytes
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file  # noqa: F401 - re-exported
-from megatron_ucp.layout.experts import ExpertPlacement
+from megatron_ucp.layout.experts import ExpertPlacement, expert_name
 from megatron_ucp.layout.slicing import bitwise_equal
 
 # File names (defined in checkpoint.format), under the names this module has always exported.
@@ -313,10 +313,8 @@ def open_zero_checkpoint(folder: str) -> ZeroCheckpoint:
     return ckpt
 
 
-# DeepSpeed's name of an expert's parameter (``deepspeed.moe``: ``<layer>.deepspeed_moe.experts.deepspeed_experts.
-# <index>.<param>``, whatever the model calls the MoE module); its index counts the experts of one
+# An expert parameter's name (``layout.experts.expert_name``): its index counts the experts of one
 # expert-parallel rank (local) in module and optimizer files, all experts of a layer (global) in ours.
-_DS_EXPERT_RE = re.compile(r"^(.*?(?:^|\.)deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)(\..+)$")
 _EP_GROUP_RE = re.compile(r"^ep_size_(\d+)$")  # DeepSpeed's name of the experts' optimizer group
 # DeepSpeed's per-expert weight files: MoE layer l of the file's pipeline stage, global expert g, mp rank XX
 EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
@@ -324,8 +322,8 @@ EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_stat
 
 def expert_of(name: str) -> int | None:
     """The expert index in a DeepSpeed expert parameter's name (``...deepspeed_experts.<i>....``), or None."""
-    m = _DS_EXPERT_RE.match(name)
-    return None if m is None else int(m.group(2))
+    e = expert_name(name)
+    return None if e is None else e.index
 
 
 @dataclass(frozen=True)
@@ -339,15 +337,14 @@ class ExpertIndex:
 
     def global_name(self, local: str, dp: int, where: str) -> str:
         """The global name of DP rank ``dp``'s local expert parameter ``local``."""
-        m = _DS_EXPERT_RE.match(local)
-        if m is None:
+        e = expert_name(local)
+        if e is None:
             raise CheckpointError(f"{where}: {local} lies in the experts' optimizer group {self.group} but is not "
                                   "named as a DeepSpeed expert (...deepspeed_moe.experts.deepspeed_experts.<i>...)")
-        index = int(m.group(2))
-        if index >= self.placement.num_local:
-            raise CheckpointError(f"{where}: {local}: local expert {index} outside the {self.placement.num_local} "
+        if e.index >= self.placement.num_local:
+            raise CheckpointError(f"{where}: {local}: local expert {e.index} outside the {self.placement.num_local} "
                                   "experts of an expert-parallel rank")
-        return f"{m.group(1)}{self.placement.experts_of(dp % self.placement.ep)[index]}{m.group(3)}"
+        return self.placement.global_name(local, dp % self.placement.ep)
 
     def global_names(self, local: str, where: str) -> list[str]:
         """Every expert-parallel rank's global name of the local name ``local``, in rank order."""
@@ -392,11 +389,11 @@ def expert_index(ckpt: ZeroCheckpoint) -> ExpertIndex | None:
         raise CheckpointError(f"{path}: no slice mappings for the experts' optimizer group {group}")
     per_layer: dict[tuple[str, str], set[int]] = {}
     for name in mappings[group]:
-        m = _DS_EXPERT_RE.match(name)
-        if m is None:
+        e = expert_name(name)
+        if e is None:
             raise CheckpointError(f"{path}: {name} lies in the experts' optimizer group {group} but is not named as "
                                   "a DeepSpeed expert (...deepspeed_moe.experts.deepspeed_experts.<i>...)")
-        per_layer.setdefault((m.group(1), m.group(3)), set()).add(int(m.group(2)))
+        per_layer.setdefault((e.prefix, e.suffix), set()).add(e.index)
     counts = {len(indices) for indices in per_layer.values()}
     if len(counts) != 1 or any(indices != set(range(len(indices))) for indices in per_layer.values()):
         raise CheckpointError(f"{path}: the experts' optimizer group holds local experts {sorted(per_layer.values())} "

@@ -16,21 +16,23 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-EXPERTS = "mlp.deepspeed_moe.experts.deepspeed_experts."  # DeepSpeed's path to a layer's experts
+EXPERTS = "mlp.deepspeed_moe.experts.deepspeed_experts."  # DeepSpeed's path to a layer's experts (ours: ``mlp``)
 GATE = "mlp.deepspeed_moe.gate.wg.weight"  # the router's weight, [E, h], on every rank
-_EXPERT_RE = re.compile(r"^(.*?)" + re.escape(EXPERTS) + r"(\d+)\.(.+)$")
+# Any DeepSpeed MoE layer's expert parameter, whatever the model calls the MoE module (``mlp`` here; a model
+# no project code built names it as it likes): ``<path>.deepspeed_moe.experts.deepspeed_experts.<index>.<param>``.
+_EXPERT_RE = re.compile(r"^(.*?(?:^|\.)deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)\.(.+)$")
 
 
 @dataclass(frozen=True)
 class ExpertName:
-    """A parameter name split at its expert index: ``{prefix}{EXPERTS}{index}.{suffix}``."""
+    """A parameter name split at its expert index: ``{prefix}{index}.{suffix}``."""
 
-    prefix: str  # the entry's name prefix, ``3.`` or ``model.``
+    prefix: str  # up to the index: ``3.mlp.deepspeed_moe.experts.deepspeed_experts.``
     index: int
     suffix: str  # ``dense_h_to_4h.weight``
 
     def with_index(self, index: int) -> str:
-        return f"{self.prefix}{EXPERTS}{index}.{self.suffix}"
+        return f"{self.prefix}{index}.{self.suffix}"
 
 
 def expert_name(name: str) -> ExpertName | None:

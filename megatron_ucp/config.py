@@ -405,7 +405,15 @@ class TrainConfig:
     exit_signal_handler: bool = field(default=False, metadata=cli(
         "--exit-signal-handler", help="on SIGTERM finish the current iteration, save (with --save) and exit 0; "
                                       "a second SIGTERM ends the process at once"))
-    load: str | None = field(default=None, metadata=cli("--load", help="checkpoint folder to resume from"))
+    elastic_layout: bool = field(default=False, metadata=cli(
+        "--elastic-layout", help="when the world size does not fit TP x PP (or the global batch), lower TP or PP to "
+                                 "the largest that fits instead of stopping (an elastic job that lost nodes)"))
+    distributed_timeout_minutes: float = field(default=10.0, metadata=cli(
+        "--distributed-timeout-minutes", help="how long a collective waits for a peer before failing (a peer that "
+                                              "is gone without closing its connections)"))
+    load: str | None = field(default=None, metadata=cli(
+        "--load", help="checkpoint folder to resume from: its newest complete checkpoint (none yet: start from "
+                       "scratch, when it is also --save)"))
     universal_checkpoint: bool = field(default=False, metadata=cli(
         "--universal-checkpoint", help="--load is a universal checkpoint (any topology)"))
     ckpt_step: int | None = field(default=None, metadata=cli(
@@ -485,6 +493,9 @@ class TrainConfig:
                 raise ValueError(f"save_interval_minutes must be a positive number, got {self.save_interval_minutes!r}")
             if not self.save:
                 raise ValueError("--save-interval-minutes needs --save")
+        if not _finite(self.distributed_timeout_minutes) or self.distributed_timeout_minutes <= 0:
+            raise ValueError("distributed_timeout_minutes must be a positive number, got "
+                             f"{self.distributed_timeout_minutes!r}")
         if self.universal_checkpoint and not self.load:
             raise ValueError("--universal-checkpoint needs --load")
         if self.ckpt_step is not None and (not self.load or self.ckpt_step < 0):

@@ -6,7 +6,11 @@ the converter passes through named points instead, and two environment variables
 
 * ``MEGATRON_UCP_PACE_S=<seconds>``: sleep that long at every point (a slower machine, on purpose);
 * ``MEGATRON_UCP_STOP_AT=<point>[:<n>]``: at the ``n``-th arrival (default 1) at ``<point>``, the
-  process stops itself with ``SIGSTOP``; the test then kills it exactly there (``stop_and_kill``).
+  process stops itself with ``SIGSTOP``; the test then kills it exactly there (``stop_and_kill``);
+* ``MEGATRON_UCP_HOLD_AT=<point>[:<n>]``: at the ``n``-th arrival the process prints
+  ``holding at <point> (pid N)`` to stderr and waits there, running, until the caller's ``release()``
+  says so (the trainer's: a SIGTERM arrived) or it is killed. The elastic tests hold one node's workers
+  at an iteration, or inside a save, and kill or join a node exactly then.
 
 With neither set, as in every real run, ``point`` only reads the two variables. The points of the
 converter (``checkpoint.universal``) are listed in ``CONVERTER_POINTS``.
@@ -16,11 +20,15 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
+from typing import Callable
 
 PACE_ENV = "MEGATRON_UCP_PACE_S"
 STOP_ENV = "MEGATRON_UCP_STOP_AT"
+HOLD_ENV = "MEGATRON_UCP_HOLD_AT"
+HOLD_POLL_S = 0.05  # how often a held process asks release()
 
 # The converter's points, in the order a conversion passes them.
 CONVERTER_POINTS = (
@@ -38,25 +46,35 @@ _lock = threading.Lock()
 _arrivals: dict[str, int] = {}
 
 
-def _stop_spec() -> tuple[str, int] | None:
-    spec = os.environ.get(STOP_ENV)
+def _spec(env: str) -> tuple[str, int] | None:
+    spec = os.environ.get(env)
     if not spec:
         return None
     name, _, count = spec.partition(":")
     return name, int(count) if count else 1
 
 
-def point(name: str) -> None:
-    """Pass the point ``name``: sleep and/or stop if the environment asks for it (see the module's doc)."""
+def _arrived(env: str, name: str) -> bool:
+    """Whether this arrival at ``name`` is the one the variable ``env`` names."""
+    spec = _spec(env)
+    if spec is None or spec[0] != name:
+        return False
+    with _lock:
+        key = f"{env}:{name}"
+        _arrivals[key] = _arrivals.get(key, 0) + 1
+        return _arrivals[key] == spec[1]
+
+
+def point(name: str, release: Callable[[], bool] | None = None) -> None:
+    """Pass the point ``name``: sleep, stop or hold if the environment asks for it (see the module's doc);
+    ``release``: what ends a hold (without it, only a kill does)."""
     pace = os.environ.get(PACE_ENV)
     if pace:
         time.sleep(float(pace))
-    spec = _stop_spec()
-    if spec is None or spec[0] != name:
-        return
-    with _lock:
-        _arrivals[name] = _arrivals.get(name, 0) + 1
-        here = _arrivals[name] == spec[1]
-    if here:
+    if _arrived(STOP_ENV, name):
         os.kill(os.getpid(), signal.SIGSTOP)
+    if _arrived(HOLD_ENV, name):
+        print(f"holding at {name} (pid {os.getpid()})", file=sys.stderr, flush=True)
+        while not (release is not None and release()):
+            time.sleep(HOLD_POLL_S)
 

@@ -117,6 +117,7 @@ FULL_ARGV = [
     "--moe-train-capacity-factor", "2", "--moe-eval-capacity-factor", "3", "--moe-min-capacity", "2",
     "--moe-token-dropping", "--moe-expert-parallel-size", "3", "--create-moe-param-group", "--sequence-parallel",
     "--ds-sequence-parallel-size", "2", "--report-memory", "--save-interval-minutes", "30", "--exit-signal-handler",
+    "--elastic-layout", "--distributed-timeout-minutes", "3",
 ]
 FULL_MODEL = dict(num_layers=3, hidden_size=64, num_attention_heads=16, max_position_embeddings=40, ffn_hidden_size=96,
                   make_vocab_size_divisible_by=16, layernorm_epsilon=1e-6, hidden_dropout=0.05, attention_dropout=0.0,
@@ -138,7 +139,8 @@ FULL_TRAIN = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=1, 
                   no_pipeline_parallel=True, deepspeed_config="ds.json", ds_config_out="out.json",
                   allow_vocab_extension=True, eval_at_start=True, moe_expert_parallel_size=3,
                   create_moe_param_group=True, sequence_parallel=True, ds_sequence_parallel_size=2,
-                  report_memory=True, save_interval_minutes=30.0, exit_signal_handler=True)
+                  report_memory=True, save_interval_minutes=30.0, exit_signal_handler=True,
+                  elastic_layout=True, distributed_timeout_minutes=3.0)
 
 
 def test_every_flag_at_once_builds_both_dataclasses():

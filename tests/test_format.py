@@ -115,7 +115,7 @@ def _training_metadata() -> CheckpointMetadata:
 TRAIN_FLAGS_SINCE_V1 = ("ckpt_step", "universal_loader", "allow_vocab_extension", "eval_at_start",
                         "moe_expert_parallel_size", "create_moe_param_group", "sequence_parallel",
                         "ds_sequence_parallel_size", "report_memory", "save_interval_minutes",
-                        "exit_signal_handler")
+                        "exit_signal_handler", "elastic_layout", "distributed_timeout_minutes")
 # ModelConfig fields added after format 2 (MoE): an older file reads them as their defaults and writes them back.
 MODEL_FIELDS_SINCE_V2 = {f.name: f.default for f in dataclasses.fields(ModelConfig)
                          if f.name == "num_experts" or f.name.startswith("moe_")}

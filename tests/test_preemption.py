@@ -18,6 +18,7 @@ import pytest
 
 from dist_utils import free_port
 from helpers import TINY_FLAGS, read_losses
+from megatron_ucp.checkpoint.manifest import checkpoint_problem
 from megatron_ucp.launch import end_group, run_in_group, start_in_group
 
 ITERS = 1000  # never reached: the signal stops the job after a few iterations
@@ -44,6 +45,7 @@ def test_sigterm_saves_the_iteration_exits_zero_and_resumes_bitwise(tmp_path):
     stopped = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert 3 <= stopped < ITERS and f"exiting after iteration {stopped} on SIGTERM (checkpoint saved)" in text
     assert sorted(read_losses(log)) == list(range(1, stopped + 1))
+    assert checkpoint_problem(str(save / f"global_step{stopped}")) is None  # complete: its manifest matches
     # The uninterrupted run and the resumed one, to the next iteration: the same loss, bit for bit.
     nxt = str(stopped + 1)
     for name, extra in (("reference", ()), ("resumed", ("--load", str(save)))):

@@ -341,7 +341,7 @@ def _bytes_job(rank: int, world_size: int, job: dict) -> dict:
                         "baseline": b1 - b0, "read": (r1 - r0) - (b1 - b0), "owned": owned, "digest": digest,
                         "window_imports": {n: _module_file_bytes(n) for n in imported},
                         "build_s": t1 - t0, "load_s": t2 - t1,
-                        "resume_line": out.getvalue().strip() if rank == 0 else None})
+                        "resume_line": resume_line_of(out.getvalue()) if rank == 0 else None})
     return {"socket_probe_rchar": socket_probe, "cases": results}
 
 
@@ -373,7 +373,7 @@ def _time_job(rank: int, world_size: int, job: dict) -> dict:
         _barrier()
         stamps["stepped"] = time.monotonic()
     return {"stamps": stamps, "loss": result.last_loss, "iteration": result.iteration,
-            "resume_line": out.getvalue().strip() if rank == 0 else None}
+            "resume_line": resume_line_of(out.getvalue()) if rank == 0 else None}
 
 
 JOBS: dict[str, Callable[[int, int, dict], dict]] = {"source": _source_job, "bytes": _bytes_job, "time": _time_job}
@@ -546,6 +546,11 @@ class BytesRow:
 
 
 PLAN_RE_PREFIX = "state bytes read per rank: "
+
+
+def resume_line_of(text: str) -> str | None:
+    """The trainer's ``resumed from ...`` line in what its load printed (other lines follow it)."""
+    return next((ln.strip() for ln in text.splitlines() if ln.startswith(("resumed from", "fine-tuning from"))), None)
 
 
 def parse_plan_bytes(line: str | None) -> list[int] | None:

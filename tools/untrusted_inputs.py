@@ -53,6 +53,7 @@ from typing import Callable, Sequence
 import torch
 
 from megatron_ucp.checkpoint.format import LATEST_FILE, METADATA_KEY
+from megatron_ucp.checkpoint.manifest import MANIFEST_FILE, listing, write_manifest
 from megatron_ucp.checkpoint.format import MODEL_STATES_RE as MODEL_FILE_RE
 from megatron_ucp.checkpoint.format import OPTIM_STATES_RE as OPTIM_FILE_RE
 from megatron_ucp.checkpoint.format import ZERO3_MODEL_STATES_RE as ZERO3_MODEL_FILE_RE
@@ -164,6 +165,18 @@ def _copy_checkpoint(src: str, root: str, latest_name: str) -> str:
     return dst
 
 
+def _sealed(crafted: "Crafted") -> "Crafted":
+    """An attacker's checkpoint is consistent with itself: the manifest of the crafted ZeRO folder (when the real
+    one has one) is rewritten to list the files as they are now, so the readers' checks of content are what
+    meet each case, not the completeness check."""
+    manifest = os.path.join(crafted.path, MANIFEST_FILE)
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            doc = json.load(f)
+        write_manifest(crafted.path, listing(crafted.path), doc["iteration"], doc["topology"])
+    return crafted
+
+
 def _copy_zero(zero_folder: str, work: str, name: str) -> tuple[str, str]:
     root = _case_dir(work, name)
     return root, _copy_checkpoint(zero_folder, root, LATEST)
@@ -266,7 +279,7 @@ def craft_zero_payload_in_model_states(zero_folder: str, work: str) -> Crafted:
     state = _load_real(bad)
     state[PAYLOAD_KEY] = payload(marker)
     torch.save(state, bad)
-    return Crafted(name, root, path, bad, marker, None)
+    return _sealed(Crafted(name, root, path, bad, marker, None))
 
 
 def craft_zero_payload_in_optimizer_shard(zero_folder: str, work: str) -> Crafted:
@@ -279,7 +292,7 @@ def craft_zero_payload_in_optimizer_shard(zero_folder: str, work: str) -> Crafte
     state = _load_real(bad)
     state[OPTIMIZER_STATE_DICT][PAYLOAD_KEY] = payload(marker)
     torch.save(state, bad)
-    return Crafted(name, root, path, bad, marker, None)
+    return _sealed(Crafted(name, root, path, bad, marker, None))
 
 
 def craft_zero_traversal(zero_folder: str, work: str, absolute: bool) -> Crafted:
@@ -324,7 +337,7 @@ def craft_zero_traversal(zero_folder: str, work: str, absolute: bool) -> Crafted
             bad = f
         osd[PARAM_SLICE_MAPPINGS] = [_renamed(g, old, new) for g in osd[PARAM_SLICE_MAPPINGS]]
         torch.save(state, f)
-    return Crafted(name, root, path, bad or model_files[0], None, escape)
+    return _sealed(Crafted(name, root, path, bad or model_files[0], None, escape))
 
 
 def _last_fragment(mappings: dict):
@@ -348,7 +361,7 @@ def craft_zero_fragment_past_partition(zero_folder: str, work: str) -> Crafted:
     partition = osd[FP32_PARTITIONS][0].numel()
     group[param] = dataclasses.replace(addr, start=partition - int(addr.numel) + 1)
     torch.save(state, bad)
-    return Crafted(name, root, path, bad, None, None)
+    return _sealed(Crafted(name, root, path, bad, None, None))
 
 
 def _single_fragment_param(path: str, shapes: list) -> tuple[str, int, str]:
@@ -388,7 +401,7 @@ def craft_zero_huge_declared(zero_folder: str, work: str, numel: int = 2**40) ->
     mapping = shard[OPTIMIZER_STATE_DICT][PARAM_SLICE_MAPPINGS][group]
     mapping[param] = dataclasses.replace(mapping[param], numel=numel)
     torch.save(shard, bad)
-    return Crafted(name, root, path, bad, None, None)
+    return _sealed(Crafted(name, root, path, bad, None, None))
 
 
 # --- malformed ZeRO files: one value of the wrong type, range or dtype ----------------------------
@@ -444,7 +457,7 @@ def craft_zero_malformed(zero_folder: str, work: str, case: str) -> Crafted:
     edit(state)
     _remove_file(bad)  # never write through a hard link
     torch.save(state, bad)
-    return Crafted(name, root, path, bad, None, None)
+    return _sealed(Crafted(name, root, path, bad, None, None))
 
 
 def craft_zero_missing_model_states(zero_folder: str, work: str) -> Crafted:
@@ -454,7 +467,7 @@ def craft_zero_missing_model_states(zero_folder: str, work: str) -> Crafted:
     root, path = _copy_zero(zero_folder, work, name)
     bad = _first_model_state_file(path)
     _remove_file(bad)
-    return Crafted(name, root, path, bad, None, None)
+    return _sealed(Crafted(name, root, path, bad, None, None))
 
 
 # --- universal cases ------------------------------------------------------------------------------

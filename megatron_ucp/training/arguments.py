@@ -230,7 +230,11 @@ def configs_from_flags(argv: Sequence[str] | None = None,
     values = parse_args(argv)
     cfg = train_config(values)
     kwargs = model_kwargs(values)
-    family_of_model(check_run(kwargs, cfg, launch_world_size(environ)))  # the flags fit the family they name
+    from megatron_ucp.training.elastic import fit_layout
+
+    world = launch_world_size(environ)
+    cfg = fit_layout(kwargs, cfg, world)  # this world's layout (--elastic-layout), or which worlds would work
+    family_of_model(check_run(kwargs, cfg, world))  # the flags fit the family they name
     check_inputs(cfg)
     return kwargs, cfg
 
@@ -340,7 +344,8 @@ def check_inputs(cfg: TrainConfig) -> None:
                     raise ValueError(f"{flag} {path}: no such folder")
             else:
                 need(path, flag)
-    if cfg.load and not os.path.isdir(cfg.load):
+    restart = cfg.save is not None and cfg.load is not None and os.path.abspath(cfg.load) == os.path.abspath(cfg.save)
+    if cfg.load and not os.path.isdir(cfg.load) and not restart:  # the same --load and --save: a job's first start
         raise ValueError(f"--load {cfg.load}: no such folder")
     if cfg.deepspeed_config:
         need(cfg.deepspeed_config, "--deepspeed-config")

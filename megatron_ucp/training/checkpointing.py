@@ -25,16 +25,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
+import shutil
 import stat
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
 
-from megatron_ucp.atomic import atomic_write
+from megatron_ucp.atomic import HOST, atomic_write
 from megatron_ucp.checkpoint.format import (
     ATOM_KEYS,
     LATEST_FILE,
@@ -56,8 +58,18 @@ from megatron_ucp.checkpoint.format import (
     client_state,
     metadata_from_state,
     model_states_name,
+    read_json,
     step_folder_name,
     zero3_model_states_name,
+)
+from megatron_ucp.checkpoint.manifest import (
+    MANIFEST_FILE,
+    MANIFEST_KEY,
+    checkpoint_problem,
+    listing,
+    merged_listing,
+    newest_complete,
+    write_manifest,
 )
 from megatron_ucp.checkpoint.publish import LATEST_UNIVERSAL, require_verified
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file, path_inside, restricted_torch_load
@@ -66,6 +78,7 @@ from megatron_ucp.config import ModelConfig, TrainConfig
 from megatron_ucp.distributed.groups import ParallelState
 from megatron_ucp.layout.experts import ExpertPlacement
 from megatron_ucp.layout.params import pipe_entries
+from megatron_ucp.pacing import point
 from megatron_ucp.training.sliced_load import NewVocabRows, UniversalSource, ZeroSource, sliced_universal_load
 
 
@@ -91,9 +104,12 @@ def build_metadata(model_cfg: ModelConfig, train_cfg: TrainConfig, state: Parall
     )
 
 
+# Rank 0's record of the newest iteration the run finished (saved or not), in the save folder: a resume says
+# how many iterations it lost.
+PROGRESS_FILE = "megatron_ucp_progress.json"
 # What a save writes at the top of the save folder, besides the step folder: DeepSpeed's tracker and
-# recovery scripts, and Megatron's tracker (written by us, atomically).
-SAVE_FOLDER_FILES = (LATEST_FILE, MEGATRON_TRACKER_FILE, "zero_to_fp32.py", "zero_to_torch.py")
+# recovery scripts, and Megatron's tracker and our progress record (written by us, atomically).
+SAVE_FOLDER_FILES = (LATEST_FILE, MEGATRON_TRACKER_FILE, PROGRESS_FILE, "zero_to_fp32.py", "zero_to_torch.py")
 _STEP_FOLDER = re.compile(r"global_step(\d+)$")
 
 
@@ -214,12 +230,80 @@ def save(engine, save_dir: str, iteration: int, consumed_samples: int, seq_lengt
         # DeepSpeed's MoE save refuses ``universal_checkpoint_info`` in the client state and writes the model's
         # ``universal_checkpoint_info`` attribute under that key instead: the same record, handed over there.
         engine.module.universal_checkpoint_info = client.pop("universal_checkpoint_info")
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client)
+    client[MANIFEST_KEY] = MANIFEST_FILE  # this save ends with a manifest: a folder without one is unfinished
+    folder = os.path.join(save_dir, tag)
+    aside = _move_aside(folder)
+    dist.barrier()  # nobody writes into the folder before it is moved aside
+    with _paced_writes(engine.checkpoint_engine, f"save-{iteration}"):
+        engine.save_checkpoint(save_dir, tag=tag, client_state=client)
     dist.barrier()
+    # Each node lists what it wrote (a save folder need not be shared); rank 0 writes the manifest, last.
+    listings: list[dict[str, int] | None] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(listing(folder) if _node_leader() else None, listings, dst=0)
     if dist.get_rank() == 0:
+        assert listings is not None
+        write_manifest(folder, merged_listing(listings, folder), iteration, state.layout.to_dict())
         atomic_write(os.path.join(save_dir, MEGATRON_TRACKER_FILE), str(iteration))
     dist.barrier()
-    return os.path.join(save_dir, tag)
+    if aside is not None:
+        shutil.rmtree(aside)
+    return folder
+
+
+@contextlib.contextmanager
+def _paced_writes(checkpoint_engine, name: str):
+    """Every file DeepSpeed's checkpoint engine writes passes the pacing point ``name`` first (``pacing``: the
+    elastic tests hold one node's ranks inside a save and kill them there)."""
+    write, own = checkpoint_engine.save, "save" in vars(checkpoint_engine)
+
+    def paced(*args, **kwargs):
+        point(name)
+        return write(*args, **kwargs)
+
+    checkpoint_engine.save = paced
+    try:
+        yield
+    finally:
+        if own:
+            checkpoint_engine.save = write
+        else:
+            del checkpoint_engine.save  # the class's method again
+
+
+def _node_leader() -> bool:
+    """Whether this rank acts for its node on the save folder (local rank 0: one per node)."""
+    return os.environ.get("LOCAL_RANK", str(dist.get_rank())) == "0"
+
+
+def _move_aside(folder: str) -> str | None:
+    """A step folder already there for this iteration belongs to a run that got past it (or died saving it):
+    its node leader renames it to ``<folder>.old-<host>-<pid>`` (what ``publish.remove_stale_temporaries``
+    clears) for the new save, which removes it once complete. Returns the new name, or None."""
+    if not _node_leader() or not os.path.isdir(folder):
+        return None
+    aside = f"{folder}.old-{HOST}-{os.getpid()}"
+    try:
+        os.rename(folder, aside)
+    except FileNotFoundError:  # another node on the same file system moved it first
+        return None
+    return aside
+
+
+def record_progress(save_dir: str, iteration: int, layout: dict[str, int]) -> None:
+    """Rank 0 after each iteration: the newest iteration the run finished (a resume counts what it lost)."""
+    os.makedirs(save_dir, exist_ok=True)
+    atomic_write(os.path.join(save_dir, PROGRESS_FILE), json.dumps({"iteration": iteration, "topology": layout}),
+                 fsync=False)
+
+
+def read_progress(load_dir: str) -> int | None:
+    """The iteration ``record_progress`` last wrote in ``load_dir``; None without a readable record."""
+    try:
+        doc = read_json(os.path.join(load_dir, PROGRESS_FILE), "a progress record")
+    except CheckpointError:
+        return None
+    value = doc.get("iteration") if isinstance(doc, dict) else None
+    return value if type(value) is int and value >= 0 else None
 
 
 def _unshare_steps(optimizer) -> None:
@@ -230,17 +314,40 @@ def _unshare_steps(optimizer) -> None:
 
 
 def checkpoint_folder(load_dir: str, universal: bool, step: int | None = None) -> str:
-    """The folder ``latest`` (or ``latest_universal``) in ``load_dir`` names, checked to lie inside it;
-    ``step``: the folder of that iteration instead (``global_step<N>``, ``..._universal``)."""
+    """The folder ``latest_universal`` in ``load_dir`` names, checked to lie inside it, or for a ZeRO checkpoint
+    the newest complete ``global_stepN`` (``resume_folder``); ``step``: the folder of that iteration instead
+    (``global_step<N>``, ``..._universal``), which must be complete. Raises where there is none."""
+    folder = resume_folder(load_dir, universal, step)
+    if folder is None:
+        raise CheckpointError(f"{load_dir}: no checkpoint in it; nothing to resume from")
+    return folder
+
+
+def resume_folder(load_dir: str, universal: bool, step: int | None = None,
+                  say: Callable[[str], Any] = lambda _: None) -> str | None:
+    """What ``--load`` resumes from; None when ``load_dir`` holds no checkpoint at all (a fresh start).
+
+    A ZeRO checkpoint: the newest *complete* ``global_stepN`` folder (``checkpoint.manifest``), each newer
+    incomplete one reported through ``say``; a folder of only other DeepSpeed tags: the one ``latest`` names.
+    A universal checkpoint: the folder ``latest_universal`` names (the converter publishes only verified ones);
+    without one, an error.
+    ``step``: that iteration's folder, refused when it is missing or incomplete."""
     if step is not None:
         name = step_folder_name(step) + ("_universal" if universal else "")
         folder = path_inside(load_dir, name)
         if not os.path.isdir(folder):
             raise CheckpointError(f"{folder}: no such checkpoint folder (--ckpt-step {step})")
+        problem = None if universal else checkpoint_problem(folder)
+        if problem:
+            raise CheckpointError(f"{problem} (--ckpt-step {step})")
         return folder
+    if not universal and (found := newest_complete(load_dir, say)) is not None:
+        return found
     tracker = os.path.join(load_dir, LATEST_UNIVERSAL if universal else LATEST_FILE)
     if not os.path.isfile(tracker):
-        raise CheckpointError(f"{tracker}: no such file; nothing to resume from in {load_dir}")
+        if universal:  # a conversion's output was asked for: its absence is not a fresh start
+            raise CheckpointError(f"{tracker}: no such file; nothing to resume from in {load_dir}")
+        return None
     with open(tracker) as f:
         tag = f.read().strip()
     return path_inside(load_dir, check_name(tag, tracker, "checkpoint folder name"))
@@ -289,13 +396,22 @@ def _resume_files(folder: str) -> tuple[list[str], dict]:
     return model_files, check_resume_state(load_file(model_files[0], meta=True), model_files[0])
 
 
-def check_load_folder(load_dir: str, universal: bool, step: int | None = None) -> tuple[str, CheckpointMetadata | None]:
-    """What ``--load`` resumes from, checked before distributed start-up (the entry point): the folder its
-    tracker (or ``step``) names, and that folder's first model-state file with the counters a resume reads.
-    Returns (that folder, our metadata in that file, or None for a checkpoint we did not write)."""
-    folder = checkpoint_folder(load_dir, universal, step)
+def check_load_folder(load_dir: str, universal: bool, step: int | None = None
+                      ) -> tuple[str | None, CheckpointMetadata | None]:
+    """What ``--load`` resumes from, checked before distributed start-up (the entry point): the folder
+    ``resume_folder`` picks, and that folder's first model-state file with the counters a resume reads.
+    Returns (that folder, our metadata in that file, or None for a checkpoint we did not write); (None, None)
+    when ``load_dir`` holds no checkpoint yet (the run starts from scratch)."""
+    folder = resume_folder(load_dir, universal, step)
+    if folder is None:
+        return None, None
+    return folder, folder_metadata(folder)
+
+
+def folder_metadata(folder: str) -> CheckpointMetadata | None:
+    """Our metadata in the first model-state file of ``folder`` (checked, with the counters a resume reads)."""
     model_files, state = _resume_files(folder)
-    return folder, metadata_from_state(state, model_files[0])
+    return metadata_from_state(state, model_files[0])
 
 
 def check_loaded_file(path: str, loaded) -> None:
@@ -379,8 +495,24 @@ def load_route(folder: str, universal: bool, state: ParallelState, cfg: TrainCon
     return f"direct reshard {src} -> {dst}", ZeroSource(open_zero_checkpoint(folder))
 
 
+def agreed_folder(load_dir: str, universal: bool, step: int | None) -> str | None:
+    """``resume_folder`` as rank 0 finds it (and reports the checkpoints it skips), the same on every rank."""
+    choice: list[tuple[str | None, str | None]] = [(None, None)]  # (folder, rank 0's error)
+    if dist.get_rank() == 0:
+        try:
+            choice[0] = (resume_folder(load_dir, universal, step, say=lambda line: print(line, flush=True)), None)
+        except CheckpointError as e:
+            choice[0] = (None, str(e))
+    dist.broadcast_object_list(choice, src=0)
+    folder, error = choice[0]
+    if error is not None:
+        raise CheckpointError(error)
+    return folder
+
+
 def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: TrainConfig,
-         group_hyperparameters: list[dict], new_rows: NewVocabRows | None = None) -> ResumeState:
+         group_hyperparameters: list[dict], new_rows: NewVocabRows | None = None,
+         folder: str | None = None) -> ResumeState:
     """Resume model, optimizer, scheduler and counters through DeepSpeed's loader.
 
     On top of DeepSpeed's load:
@@ -389,6 +521,7 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
       fresh, and every optimizer group takes this run's hyperparameters. Weights and Adam moments are
       loaded (DeepSpeed's ZeRO-1/2 universal loader always loads moments; an imported Hugging Face
       checkpoint has zero moments and step 0).
+    * ``folder``: the checkpoint folder, when the caller picked it (``agreed_folder``); else it is picked here.
     * A precision change (say bf16 -> fp16): the loss scaler the checkpoint carries belongs to the old
       precision, so the engine's freshly configured one is kept (fp16 restarts dynamic scaling at its
       initial scale).
@@ -402,7 +535,9 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
       tensor, which Adam increments in place once per sub-group, so the bias correction would run
       ahead by one step per extra sub-group; each sub-group gets its own copy.
     """
-    folder = checkpoint_folder(load_dir, universal, cfg.ckpt_step)
+    folder = folder or agreed_folder(load_dir, universal, cfg.ckpt_step)
+    if folder is None:
+        raise CheckpointError(f"{load_dir}: no checkpoint in it; nothing to resume from")
     if universal:
         require_verified(folder)
     route, source = load_route(folder, universal, state, cfg, extend=new_rows is not None)

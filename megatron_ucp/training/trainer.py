@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -27,6 +28,7 @@ from megatron_ucp.distributed import groups
 from megatron_ucp.distributed.random import get_rng_state, seed_all, set_rng_state
 from megatron_ucp.families import family_of_model
 from megatron_ucp.layout.topology import ParallelLayout
+from megatron_ucp.pacing import point
 from megatron_ucp.training import checkpointing
 from megatron_ucp.training.arguments import check_run
 from megatron_ucp.training.data import MockDataset, micro_batches, sequence_slices
@@ -47,8 +49,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("megatron_ucp")
 
 
-def init_distributed() -> None:
-    """Initialise torch.distributed (unless a caller did) and DeepSpeed's communication layer."""
+def init_distributed(timeout_minutes: float = 10.0) -> None:
+    """Initialise torch.distributed (unless a caller did) and DeepSpeed's communication layer; a collective
+    fails after ``timeout_minutes`` without its peers (``--distributed-timeout-minutes``)."""
+    from datetime import timedelta
+
     import deepspeed
 
     if torch.cuda.is_available():
@@ -56,7 +61,7 @@ def init_distributed() -> None:
         backend = "nccl"
     else:
         backend = "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
 
 
 def enable_cpu_fp16() -> bool:
@@ -226,6 +231,31 @@ def _plain_engine_steps(engine, state, gas: int):
     return train_batch, eval_batch
 
 
+def _layout_words(topology: dict[str, int] | None) -> str:
+    """``TP2 PP2 DP1`` (with ``SP``/``EP`` where not 1) of a layout's degrees; ``unknown`` without one."""
+    if topology is None:
+        return "unknown"
+    extra = "".join(f" {axis.upper()}{topology[axis]}" for axis in ("sp", "ep") if topology.get(axis, 1) != 1)
+    return f"TP{topology['tp']} PP{topology['pp']} DP{topology['dp']}{extra}"
+
+
+def resume_line(resumed: checkpointing.ResumeState, now: dict[str, int], reached: int | None) -> str:
+    """What a resume tells: the saved and the new layout, the iteration, and the iterations the job loses (those
+    it had finished past the checkpoint, by ``reached``, the progress record of the save folder)."""
+    saved = resumed.source_topology
+
+    def ranks(topology: dict[str, int]) -> int:
+        return math.prod(topology.get(axis, 1) for axis in ("tp", "pp", "dp", "sp"))
+
+    world = "" if saved is None else f" (world {ranks(saved)} -> {ranks(now)})"
+    if reached is None or reached < resumed.iteration:
+        lost = "iterations lost: unknown (no progress record past the checkpoint)"
+    else:
+        lost = f"{reached - resumed.iteration} iterations lost (the job had reached iteration {reached})"
+    return (f"resuming at iteration {resumed.iteration}: layout {_layout_words(saved)} -> {_layout_words(now)}"
+            f"{world}; {lost}")
+
+
 class SaveTriggers:
     """What makes a run save (and stop) besides ``--save-interval``, agreed by every rank after each iteration.
 
@@ -327,7 +357,11 @@ class Trainer:
         if cfg.save:  # before start-up: a link in the save folder would have the saves write through it
             checkpointing.check_save_folder(cfg.save, checkpointing.saved_iterations(cfg.train_iters,
                                                                                      cfg.save_interval))
-        init_distributed()
+        init_distributed(cfg.distributed_timeout_minutes)
+        if cfg.elastic_layout:  # the entry point did the same for its launcher's world size
+            from megatron_ucp.training.elastic import fit_layout
+
+            self.cfg = cfg = fit_layout(self.model_kwargs, cfg, dist.get_world_size())
         self.layout = ParallelLayout.from_world_size(dist.get_world_size(), cfg.tensor_model_parallel_size,
                                                      cfg.pipeline_model_parallel_size,
                                                      sp=cfg.ds_sequence_parallel_size,
@@ -385,15 +419,20 @@ class Trainer:
         cfg, state = self.cfg, self.state
         if not cfg.load:
             return None
+        folder = checkpointing.agreed_folder(cfg.load, cfg.universal_checkpoint, cfg.ckpt_step)
+        if folder is None:  # Megatron's behaviour: the command that starts a job also restarts it
+            if self.rank0:
+                print(f"no checkpoint in {cfg.load} yet: starting from scratch", flush=True)
+            return None
         new_rows = None
         if cfg.allow_vocab_extension:  # rows the checkpoint lacks are initialised as this model's own
             from megatron_ucp.training.sliced_load import NewVocabRows
 
-            _, meta = checkpointing.check_load_folder(cfg.load, cfg.universal_checkpoint, cfg.ckpt_step)
+            meta = checkpointing.folder_metadata(folder)
             if meta is not None and self.model_cfg.vocab_size > meta.original_vocab_size:
                 new_rows = NewVocabRows(self.model_cfg, cfg.seed, self.model.padded_vocab, meta.original_vocab_size)
         resumed = checkpointing.load(self.engine, cfg.load, cfg.universal_checkpoint, state, cfg,
-                                     group_hyperparameters(cfg, self.model_cfg.is_moe), new_rows)
+                                     group_hyperparameters(cfg, self.model_cfg.is_moe), new_rows, folder)
         self.iteration, self.consumed = resumed.iteration, resumed.consumed_train_samples
         if resumed.rng_state is not None and not cfg.no_load_rng and not cfg.finetune:
             set_rng_state(resumed.rng_state, state.tp.rng)
@@ -403,6 +442,8 @@ class Trainer:
             what = "fine-tuning from" if cfg.finetune else "resumed from"
             print(f"{what} {resumed.path} at iteration {self.iteration} (saved at {resumed.source_topology}, "
                   f"now {self.layout.to_dict()}){resumed.note}", flush=True)
+            if not cfg.finetune:
+                print(resume_line(resumed, self.layout.to_dict(), checkpointing.read_progress(cfg.load)), flush=True)
         self.resumed = resumed
         return resumed
 
@@ -445,6 +486,8 @@ class Trainer:
                 moe_loss = self._moe_loss() if self.model_cfg.is_moe else None
                 if logger:
                     logger.train_step(iteration, loss, lr, grad_norm, self.consumed, moe_loss)
+                if cfg.save and self.rank0:
+                    checkpointing.record_progress(cfg.save, iteration, layout.to_dict())
                 if self.rank0 and window_iters and (iteration % cfg.log_interval == 0
                                                     or iteration == cfg.train_iters):
                     elapsed = time.perf_counter() - window_start
@@ -456,6 +499,7 @@ class Trainer:
                           f"lm loss: {loss:.6E} | grad norm: {gn} |"
                           + ("" if moe_loss is None else f" moe loss: {moe_loss:.6E} |"), flush=True)
                     window_start, window_iters = time.perf_counter(), 0
+                point(f"iteration-{iteration}", release=None if exits is None else lambda: exits.received)
                 if cfg.eval_interval and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters):
                     last_valid = self._validate(logger)
                     window_start, window_iters = time.perf_counter(), 0

@@ -43,13 +43,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_run_tokenizer(cfg, folder, metadata)
     except (ValueError, OSError) as e:
         return _refuse(e)
-    from megatron_ucp.training.trainer import train  # imports DeepSpeed: only for a valid run
+    from megatron_ucp.training.trainer import PeerGone, train  # imports DeepSpeed: only for a valid run
 
     try:
         train(model_kwargs, cfg)
     except CheckpointError as e:  # a bad --load: one line, not a traceback per rank
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except PeerGone as e:  # a failure, for an elastic agent to restart the job
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

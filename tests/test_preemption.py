@@ -113,3 +113,41 @@ def test_save_triggers_refuse_what_cannot_work():
     with pytest.raises(ValueError, match="save_interval_minutes must be a positive number"):
         TrainConfig(mock_data=True, vocab_size=50, save="s", save_interval_minutes=0.0)
     TrainConfig(mock_data=True, vocab_size=50, save="s", save_interval_minutes=0.5, exit_signal_handler=True)
+
+
+@pytest.mark.slow
+def test_a_peer_already_gone_skips_the_save_and_the_previous_checkpoint_stays(tmp_path):
+    """Both workers hold after iteration 3 (``MEGATRON_UCP_HOLD_AT``, released by SIGTERM); one is SIGKILLed there.
+    torchrun sends the other SIGTERM, and its agreement with the dead peer fails: it exits 1 at once with one
+    line, saves nothing, and the checkpoint of iteration 2 is complete and unchanged."""
+    import hashlib
+
+    import psutil
+
+    save = tmp_path / "ckpt"
+    cmd = _torchrun("--save", str(save), "--save-interval", "2", "--exit-signal-handler")
+    job = start_in_group(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=dict(ENV, MEGATRON_UCP_HOLD_AT="iteration-3"))
+    out, held = [], []
+    try:
+        for line in job.stdout:
+            out.append(line)
+            if line.startswith("holding at iteration-3"):
+                held.append(int(line.rsplit("pid ", 1)[1].rstrip(")\n")))
+                if len(held) == 2:
+                    break
+        step2 = save / "global_step2"
+        before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in step2.iterdir()}
+        psutil.Process(held[1]).kill()
+        rest, _ = job.communicate(timeout=600)
+        out.append(rest)
+    finally:
+        end_group(job, grace_s=0)
+    text = "".join(out)
+    assert job.returncode != 0, text[-3000:]
+    errors = [ln for ln in text.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: SIGTERM received, but a peer is gone (") and errors[
+        0].endswith("): exiting without a save; the previous complete checkpoint stays"), text[-3000:]
+    assert sorted(p.name for p in save.iterdir() if p.name.startswith("global_step")) == ["global_step2"]
+    assert checkpoint_problem(str(step2)) is None
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in step2.iterdir()} == before

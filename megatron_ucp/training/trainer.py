@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 import torch.distributed as dist
 
-from megatron_ucp.checkpoint.trust import trust_checkpoint_code
+from megatron_ucp.checkpoint.trust import one_line, trust_checkpoint_code
 from megatron_ucp.config import ModelConfig, TrainConfig
 from megatron_ucp.distributed import groups
 from megatron_ucp.distributed.random import get_rng_state, seed_all, set_rng_state
@@ -254,6 +254,11 @@ def resume_line(resumed: checkpointing.ResumeState, now: dict[str, int], reached
         lost = f"{reached - resumed.iteration} iterations lost (the job had reached iteration {reached})"
     return (f"resuming at iteration {resumed.iteration}: layout {_layout_words(saved)} -> {_layout_words(now)}"
             f"{world}; {lost}")
+
+
+class PeerGone(RuntimeError):
+    """After a SIGTERM, a collective failed because a peer is gone: the run ends without saving (exit 1, so an
+    elastic agent restarts the job from the previous complete checkpoint)."""
 
 
 class SaveTriggers:
@@ -517,6 +522,11 @@ class Trainer:
                         print(f"exiting after iteration {iteration} on SIGTERM"
                               + (" (checkpoint saved)" if cfg.save else ""), flush=True)
                     break
+        except RuntimeError as e:  # a collective failed: a peer is gone (killed, or its node lost)
+            if exits is None or not exits.received:
+                raise
+            raise PeerGone(f"SIGTERM received, but a peer is gone ({one_line(e)}): exiting without a save; the "
+                           "previous complete checkpoint stays") from e
         finally:
             if exits:
                 exits.close()

@@ -1,0 +1,204 @@
+"""A compact index of a ZeRO-1/2 checkpoint's optimizer shards, written once at save time.
+
+Indexing a checkpoint (``zero.open_zero_checkpoint``) needs every optimizer shard's header: its
+parameters' fragment addresses, where its flat partitions lie in the file, its step. At 1,024 shards
+every rank that resumes would open and unpickle 1,024 files for them. Rank 0 therefore writes what
+those headers hold (``zero.ShardHeader``, per shard) into one JSON file beside them,
+``zero_index.json``, which every rank then reads once instead.
+
+The file is untrusted input like every other file of a checkpoint, and it is only a shortcut: the
+headers stay the source of truth. It is used only when it is valid against the folder it sits in:
+
+* its format name and version are ours (``VERSION``);
+* it names exactly the folder's optimizer files (plain names, no path), each with the size that file
+  has now (a shard rewritten since the index was written does not match);
+* every flat partition lies inside its file, every fragment address is a pair of counts, every
+  parameter name passes ``trust.check_name``, every dtype is one we read.
+
+Otherwise it is ignored and the headers are read, and the index says why (``ZeroCheckpoint.index_note``:
+``shard headers (<index file>: <what is wrong>)``). What it cannot detect is a consistent lie inside
+those bounds (an offset moved to other bytes of the same file), which a tampered header could tell as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import torch
+
+from megatron_ucp.atomic import atomic_write
+from megatron_ucp.checkpoint.format import MOMENT_KEYS, STATE_KEYS, read_json
+from megatron_ucp.checkpoint.trust import CheckpointError, check_name
+from megatron_ucp.checkpoint.zero import (
+    OPTIM_FILE_RE,
+    FlatRef,
+    ShardHeader,
+    ShardHeaders,
+    open_zero_checkpoint,
+    read_shard_header,
+)
+
+COMPACT_INDEX_FILE = "zero_index.json"
+FORMAT = "megatron_ucp.zero_index"
+VERSION = 1
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _step_record(value) -> Any:
+    """A step as JSON: null, a number, or a 0-d tensor's value and dtype."""
+    if value is None or not torch.is_tensor(value):
+        return value
+    return {"value": value.item(), "dtype": _dtype_name(value.dtype)}
+
+
+def shard_record(path: str, header: ShardHeader) -> dict:
+    """One shard's entry: its size and its header, per optimizer group."""
+    groups = []
+    for refs, mapping, step in zip(header.refs, header.mappings, header.steps):
+        entry: dict[str, Any] = {key: [refs[key].offset, refs[key].numel, _dtype_name(refs[key].dtype)]
+                                 for key in STATE_KEYS}
+        entry["step"] = _step_record(step)
+        entry["params"] = [[name, start, numel] for name, (start, numel) in mapping.items()]
+        groups.append(entry)
+    return {"size": os.path.getsize(path), "zero_stage": header.zero_stage, "param_groups": list(header.groups),
+            "groups": groups}
+
+
+def compact_index(shards: dict[str, tuple[str, ShardHeader]]) -> dict:
+    """The index of shards ``{file name: (path, header)}``, as JSON data."""
+    return {"format": FORMAT, "version": VERSION,
+            "shards": {name: shard_record(path, header) for name, (path, header) in sorted(shards.items())}}
+
+
+def write_compact_index(folder: str) -> str | None:
+    """Index the ZeRO-1/2 checkpoint ``folder`` from its shards' headers and write ``zero_index.json``
+    into it atomically; return its path (None for a ZeRO-3 folder, whose index is computed, not read).
+    Called by one rank after every rank has saved."""
+    ckpt = open_zero_checkpoint(folder, compact=False)
+    if ckpt.zero_stage == 3:
+        return None
+    headers = {os.path.basename(path): (path, read_shard_header(path)) for path in ckpt.optim_files.values()}
+    target = os.path.join(ckpt.folder, COMPACT_INDEX_FILE)
+    atomic_write(target, json.dumps(compact_index(headers), separators=(",", ":")))
+    return target
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+def _count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CheckpointError(f"{where}: expected a count, found {value!r:.40}")
+    return value
+
+
+def _list(value: Any, where: str, length: int | None = None) -> list:
+    if not isinstance(value, list) or (length is not None and len(value) != length):
+        raise CheckpointError(f"{where}: expected a list{'' if length is None else f' of {length}'}, "
+                              f"found {value!r:.40}")
+    return value
+
+
+def _dict(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}: expected an object, found {value!r:.40}")
+    return value
+
+
+def _flat_ref(value: Any, path: str, size: int, where: str) -> FlatRef:
+    offset, numel, dtype = _list(value, where, 3)
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"{where}: dtype {dtype!r:.40} is not one of {sorted(_DTYPES)}")
+    ref = FlatRef(path, _count(offset, f"{where}[0]"), _count(numel, f"{where}[1]"), _DTYPES[dtype])
+    end = ref.offset + ref.numel * ref.dtype.itemsize
+    if end > size:
+        raise CheckpointError(f"{where}: [{ref.offset}, {end}) runs past the end of {os.path.basename(path)} "
+                              f"({size} bytes)")
+    return ref
+
+
+def _step(value: Any, where: str):
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    d = _dict(value, where)
+    if set(d) != {"value", "dtype"} or d["dtype"] not in _DTYPES or not isinstance(d["value"], (int, float)) \
+            or isinstance(d["value"], bool):
+        raise CheckpointError(f"{where}: expected a step (a number, or its value and dtype), found {value!r:.60}")
+    return torch.tensor(d["value"], dtype=_DTYPES[d["dtype"]])
+
+
+def _header(record: Any, path: str, where: str) -> ShardHeader:
+    record = _dict(record, where)
+    size = _count(record.get("size"), f"{where}.size")
+    if size != os.path.getsize(path):
+        raise CheckpointError(f"{where}: records {size} bytes, but the file has {os.path.getsize(path)} "
+                              "(written after the index?)")
+    param_groups = tuple({"name": _dict(g, f"{where}.param_groups").get("name"), "moe": g.get("moe") is True}
+                         for g in _list(record.get("param_groups"), f"{where}.param_groups"))
+    for g in param_groups:
+        if g["name"] is not None and not isinstance(g["name"], str):
+            raise CheckpointError(f"{where}.param_groups: a group name is not a string")
+    refs, mappings, steps = [], [], []
+    for i, group in enumerate(_list(record.get("groups"), f"{where}.groups")):
+        at = f"{where}.groups[{i}]"
+        group = _dict(group, at)
+        if set(group) != set(STATE_KEYS) | {"step", "params"}:
+            raise CheckpointError(f"{at}: expected the keys {sorted(set(STATE_KEYS) | {'step', 'params'})}")
+        these = {key: _flat_ref(group[key], path, size, f"{at}.{key}") for key in STATE_KEYS}
+        if any(these[key].numel < these["fp32"].numel for key in MOMENT_KEYS):
+            raise CheckpointError(f"{at}: a moment's partition is smaller than the fp32 master's")
+        mapping: dict[str, tuple[int, int]] = {}
+        for j, entry in enumerate(_list(group["params"], f"{at}.params")):
+            name, start, numel = _list(entry, f"{at}.params[{j}]", 3)
+            if not isinstance(name, str) or name in mapping:
+                raise CheckpointError(f"{at}.params[{j}]: a parameter name that is not a string, or repeated")
+            check_name(name, at)
+            mapping[name] = (_count(start, f"{at}.params[{j}][1]"), _count(numel, f"{at}.params[{j}][2]"))
+        refs.append(these)
+        mappings.append(mapping)
+        steps.append(_step(group["step"], f"{at}.step"))
+    stage = _count(record.get("zero_stage"), f"{where}.zero_stage")
+    return ShardHeader(stage, param_groups, tuple(mappings), tuple(refs), tuple(steps))
+
+
+def read_compact_index(folder: str, optim_files: dict[Any, str]) -> dict[str, ShardHeader]:
+    """The headers of ``folder``'s optimizer files (``optim_files``' values, paths in it) from its compact
+    index, by path; a ``CheckpointError`` naming the index file and what is wrong when it is not valid."""
+    path = os.path.join(folder, COMPACT_INDEX_FILE)
+    data = _dict(read_json(path, "a compact checkpoint index"), path)
+    if data.get("format") != FORMAT or data.get("version") != VERSION:
+        raise CheckpointError(f"{path}: not a {FORMAT} version {VERSION} file (format {data.get('format')!r:.40}, "
+                              f"version {data.get('version')!r:.20})")
+    shards = _dict(data.get("shards"), f"{path}: shards")
+    by_name = {os.path.basename(p): p for p in optim_files.values()}
+    unknown = sorted(set(shards) - set(by_name))
+    if unknown:
+        raise CheckpointError(f"{path}: names {unknown[0][:80]!r}, not an optimizer file of this folder")
+    missing = sorted(set(by_name) - set(shards))
+    if missing:
+        raise CheckpointError(f"{path}: has no entry for {missing[0]}")
+    for name in shards:
+        if not OPTIM_FILE_RE.match(name):
+            raise CheckpointError(f"{path}: {name[:80]!r} is not an optimizer file name")
+    return {by_name[name]: _header(record, by_name[name], f"{path}: {name}") for name, record in shards.items()}
+
+
+def compact_headers(folder: str, optim_files: dict[Any, str],
+                    fallback: ShardHeaders) -> tuple[ShardHeaders, str]:
+    """(where each shard's header comes from, a note saying which): the compact index when ``folder`` has a
+    valid one, else ``fallback`` (the pickles), with the reason when there was an index but it is invalid."""
+    path = os.path.join(folder, COMPACT_INDEX_FILE)
+    if not os.path.isfile(path):
+        return fallback, "shard headers"
+    try:
+        headers = read_compact_index(folder, optim_files)
+    except CheckpointError as e:
+        return fallback, f"shard headers ({e})"
+    lookup: Callable[[str], ShardHeader] = headers.__getitem__
+    return lookup, f"compact index {path}"

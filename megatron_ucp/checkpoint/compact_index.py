@@ -57,8 +57,8 @@ def _step_record(value) -> Any:
     return {"value": value.item(), "dtype": _dtype_name(value.dtype)}
 
 
-def shard_record(path: str, header: ShardHeader) -> dict:
-    """One shard's entry: its size and its header, per optimizer group."""
+def shard_record(size: int, header: ShardHeader) -> dict:
+    """One shard's entry: its file's size and its header, per optimizer group."""
     groups = []
     for refs, mapping, step in zip(header.refs, header.mappings, header.steps):
         entry: dict[str, Any] = {key: [refs[key].offset, refs[key].numel, _dtype_name(refs[key].dtype)]
@@ -66,14 +66,14 @@ def shard_record(path: str, header: ShardHeader) -> dict:
         entry["step"] = _step_record(step)
         entry["params"] = [[name, start, numel] for name, (start, numel) in mapping.items()]
         groups.append(entry)
-    return {"size": os.path.getsize(path), "zero_stage": header.zero_stage, "param_groups": list(header.groups),
+    return {"size": size, "zero_stage": header.zero_stage, "param_groups": list(header.groups),
             "groups": groups}
 
 
-def compact_index(shards: dict[str, tuple[str, ShardHeader]]) -> dict:
-    """The index of shards ``{file name: (path, header)}``, as JSON data."""
+def compact_index(shards: dict[str, tuple[int, ShardHeader]]) -> dict:
+    """The index of shards ``{file name: (file size, header)}``, as JSON data."""
     return {"format": FORMAT, "version": VERSION,
-            "shards": {name: shard_record(path, header) for name, (path, header) in sorted(shards.items())}}
+            "shards": {name: shard_record(size, header) for name, (size, header) in sorted(shards.items())}}
 
 
 def write_compact_index(folder: str) -> str | None:
@@ -83,9 +83,14 @@ def write_compact_index(folder: str) -> str | None:
     ckpt = open_zero_checkpoint(folder, compact=False)
     if ckpt.zero_stage == 3:
         return None
-    headers = {os.path.basename(path): (path, read_shard_header(path)) for path in ckpt.optim_files.values()}
-    target = os.path.join(ckpt.folder, COMPACT_INDEX_FILE)
-    atomic_write(target, json.dumps(compact_index(headers), separators=(",", ":")))
+    return write_index(ckpt.folder, {os.path.basename(path): (os.path.getsize(path), read_shard_header(path))
+                                     for path in ckpt.optim_files.values()})
+
+
+def write_index(folder: str, shards: dict[str, tuple[int, ShardHeader]]) -> str:
+    """Write ``compact_index(shards)`` into ``folder`` atomically; return its path."""
+    target = os.path.join(folder, COMPACT_INDEX_FILE)
+    atomic_write(target, json.dumps(compact_index(shards), separators=(",", ":")))
     return target
 
 

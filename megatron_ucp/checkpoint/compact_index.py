@@ -10,8 +10,9 @@ The file is untrusted input like every other file of a checkpoint, and it is onl
 headers stay the source of truth. It is used only when it is valid against the folder it sits in:
 
 * its format name and version are ours (``VERSION``);
-* it names exactly the folder's optimizer files (plain names, no path), each with the size that file
-  has now (a shard rewritten since the index was written does not match);
+* it names exactly the folder's optimizer files (plain names, no path), each with the size and
+  modification time that file has now (a shard rewritten since the index was written does not match;
+  nor does a copy that did not keep the times, which then reads the headers);
 * every flat partition lies inside its file, every fragment address is a pair of counts, every
   parameter name passes ``trust.check_name``, every dtype is one we read.
 
@@ -57,8 +58,14 @@ def _step_record(value) -> Any:
     return {"value": value.item(), "dtype": _dtype_name(value.dtype)}
 
 
-def shard_record(size: int, header: ShardHeader) -> dict:
-    """One shard's entry: its file's size and its header, per optimizer group."""
+def file_stamp(path: str) -> tuple[int, int]:
+    """(size, modification time in ns) of a file: a shard rewritten after the index was written does not match."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def shard_record(stamp: tuple[int, int], header: ShardHeader) -> dict:
+    """One shard's entry: its file's size and modification time, and its header, per optimizer group."""
     groups = []
     for refs, mapping, step in zip(header.refs, header.mappings, header.steps):
         entry: dict[str, Any] = {key: [refs[key].offset, refs[key].numel, _dtype_name(refs[key].dtype)]
@@ -66,14 +73,14 @@ def shard_record(size: int, header: ShardHeader) -> dict:
         entry["step"] = _step_record(step)
         entry["params"] = [[name, start, numel] for name, (start, numel) in mapping.items()]
         groups.append(entry)
-    return {"size": size, "zero_stage": header.zero_stage, "param_groups": list(header.groups),
+    return {"size": stamp[0], "mtime_ns": stamp[1], "zero_stage": header.zero_stage, "param_groups": list(header.groups),
             "groups": groups}
 
 
-def compact_index(shards: dict[str, tuple[int, ShardHeader]]) -> dict:
-    """The index of shards ``{file name: (file size, header)}``, as JSON data."""
+def compact_index(shards: dict[str, tuple[tuple[int, int], ShardHeader]]) -> dict:
+    """The index of shards ``{file name: (its file_stamp, header)}``, as JSON data."""
     return {"format": FORMAT, "version": VERSION,
-            "shards": {name: shard_record(size, header) for name, (size, header) in sorted(shards.items())}}
+            "shards": {name: shard_record(stamp, header) for name, (stamp, header) in sorted(shards.items())}}
 
 
 def write_compact_index(folder: str) -> str | None:
@@ -83,11 +90,11 @@ def write_compact_index(folder: str) -> str | None:
     ckpt = open_zero_checkpoint(folder, compact=False)
     if ckpt.zero_stage == 3:
         return None
-    return write_index(ckpt.folder, {os.path.basename(path): (os.path.getsize(path), read_shard_header(path))
+    return write_index(ckpt.folder, {os.path.basename(path): (file_stamp(path), read_shard_header(path))
                                      for path in ckpt.optim_files.values()})
 
 
-def write_index(folder: str, shards: dict[str, tuple[int, ShardHeader]]) -> str:
+def write_index(folder: str, shards: dict[str, tuple[tuple[int, int], ShardHeader]]) -> str:
     """Write ``compact_index(shards)`` into ``folder`` atomically; return its path."""
     target = os.path.join(folder, COMPACT_INDEX_FILE)
     atomic_write(target, json.dumps(compact_index(shards), separators=(",", ":")))
@@ -141,9 +148,11 @@ def _step(value: Any, where: str):
 def _header(record: Any, path: str, where: str) -> ShardHeader:
     record = _dict(record, where)
     size = _count(record.get("size"), f"{where}.size")
-    if size != os.path.getsize(path):
-        raise CheckpointError(f"{where}: records {size} bytes, but the file has {os.path.getsize(path)} "
-                              "(written after the index?)")
+    stamp = (size, _count(record.get("mtime_ns"), f"{where}.mtime_ns"))
+    if stamp != file_stamp(path):
+        raise CheckpointError(f"{where}: records a file of {size} bytes modified at {stamp[1]} ns, but it has "
+                              f"{file_stamp(path)[0]} bytes modified at {file_stamp(path)[1]} ns (changed or copied "
+                              "since the index was written)")
     param_groups = tuple({"name": _dict(g, f"{where}.param_groups").get("name"), "moe": g.get("moe") is True}
                          for g in _list(record.get("param_groups"), f"{where}.param_groups"))
     for g in param_groups:

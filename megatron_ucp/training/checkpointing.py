@@ -59,6 +59,7 @@ from megatron_ucp.checkpoint.format import (
     step_folder_name,
     zero3_model_states_name,
 )
+from megatron_ucp.checkpoint.compact_index import write_compact_index
 from megatron_ucp.checkpoint.publish import LATEST_UNIVERSAL, require_verified
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file, path_inside, restricted_torch_load
 from megatron_ucp.checkpoint.zero import model_state_files, open_zero_checkpoint
@@ -219,6 +220,8 @@ def save(engine, save_dir: str, iteration: int, consumed_samples: int, seq_lengt
     if dist.get_rank() == 0:
         atomic_write(os.path.join(save_dir, MEGATRON_TRACKER_FILE), str(iteration))
     dist.barrier()
+    if dist.get_rank() == 0:  # the shards' compact index (checkpoint.compact_index), once every rank has saved
+        write_compact_index(os.path.join(save_dir, tag))
     return os.path.join(save_dir, tag)
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_ucp.checkpoint.compact_index import COMPACT_INDEX_FILE, read_compact_index, write_index
+from megatron_ucp.checkpoint.compact_index import COMPACT_INDEX_FILE, file_stamp, read_compact_index, write_index
 from megatron_ucp.checkpoint.executors import preadv_runs
 from megatron_ucp.checkpoint.format import (
     PipeEntryRecord,
@@ -307,11 +307,10 @@ def index_cost(meta: CheckpointMetadata, repeats: int = 3) -> IndexCost:
             shard_bytes += nbytes * topo.tp * topo.dp
             shard_seconds += _seconds_to_read(path, repeats) * topo.tp * topo.dp
             os.remove(path)
-        sizes = {path: _file_size(h) for path, h in headers.items()}
-        for path, size in sizes.items():
+        for path, header in headers.items():
             with open(path, "wb") as f:
-                f.truncate(size)
-        write_index(folder, {os.path.basename(p): (sizes[p], h) for p, h in headers.items()})
+                f.truncate(_file_size(header))
+        write_index(folder, {os.path.basename(p): (file_stamp(p), h) for p, h in headers.items()})
         compact_bytes = os.path.getsize(os.path.join(folder, COMPACT_INDEX_FILE))
         times = []
         for _ in range(repeats):

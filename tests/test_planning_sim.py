@@ -6,7 +6,8 @@ index of a checkpoint's shards (``checkpoint.compact_index``).
   fragments, shapes and group, every flat partition's size and dtype, the steps, the model states'
   ``param_shapes``. Planning through it for TP1 PP2 DP2 gives, on every target rank, exactly the
   ``preadv`` calls, bytes and files the real direct reshard performed there (counted by the reader).
-  Negative control: the synthetic index of another DP differs.
+  Negative control: the synthetic index of another DP differs. The header pickles the simulation builds
+  to price a rank's index reads are the real files' sizes to within 5%.
 * The compact index the save wrote is used, and indexes the checkpoint exactly as the headers do (byte
   offsets included), so every target rank plans the same reads; a tampered index (an offset past the
   end of its file, a changed shard, an unknown version, a path as a shard's or a parameter's name) is
@@ -17,6 +18,7 @@ index of a checkpoint's shards (``checkpoint.compact_index``).
 import json
 import os
 import shutil
+import zipfile
 
 import pytest
 
@@ -26,7 +28,7 @@ from megatron_ucp.checkpoint.compact_index import COMPACT_INDEX_FILE
 from megatron_ucp.checkpoint.synthetic import partition, synthetic_checkpoint
 from megatron_ucp.checkpoint.zero import open_zero_checkpoint
 from megatron_ucp.layout.topology import ParallelLayout
-from megatron_ucp.training.simulate import plan_rank, rank_windows, retarget
+from megatron_ucp.training.simulate import index_cost, plan_rank, rank_windows, retarget
 from megatron_ucp.training.sliced_load import LoadStats, ZeroSource, _plans
 
 TARGET = ParallelLayout(tp=1, pp=2, dp=2)  # a TP merge: every target rank reads two source TP ranks' shards
@@ -68,6 +70,26 @@ def test_twin_index_equals_the_real_one(zero):
     # negative control: the same model saved at another DP is another index
     other = synthetic_checkpoint(retarget(real.checkpoint_metadata, ParallelLayout(tp=2, pp=2, dp=1)), str(zero))
     assert _index(other)["sources"] != _index(real)["sources"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_twin_index_bytes_match_the_real_files(zero):
+    """The pickles ``index_cost`` builds for the headers are the real files' to within 5%: every byte of a
+    file but its tensors' data (what reading its header reads)."""
+    real = open_zero_checkpoint(str(zero), compact=False)
+    cost = index_cost(real.checkpoint_metadata, repeats=1)
+
+    def header_bytes(path):
+        with zipfile.ZipFile(path) as z:
+            return os.path.getsize(path) - sum(i.file_size for i in z.infolist() if "/data/" in i.filename)
+
+    model = sum(header_bytes(p) for p in real.model_files)
+    shards = sum(header_bytes(p) for p in real.optim_files.values())
+    assert (cost.model_files, cost.shard_files) == (len(real.model_files), len(real.optim_files))
+    assert abs(cost.model_bytes - model) <= 0.05 * model and abs(cost.shard_bytes - shards) <= 0.05 * shards, \
+        (cost, model, shards)
+    assert cost.compact_bytes < cost.shard_bytes
 
 
 def _load_counting(rank, world_size, cfg_dict, out_dir):

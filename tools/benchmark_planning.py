@@ -8,8 +8,8 @@
 The source is the index a ZeRO-1 bf16 checkpoint of the model saved at ``--source`` would have
 (``checkpoint.synthetic``: DeepSpeed's partitioning of our parameter table, built by the same indexing
 code as ``open_zero_checkpoint``; ``tests/test_planning_sim.py`` checks it against real checkpoints).
-For each target layout, the busiest target rank (the most bytes owned, which a plan reads: a pass over
-the target's index) and the median one are planned with the loader's own ``sliced_load._plans``
+For each target layout, the busiest target rank (the most bytes owned, which a plan reads), the median one
+and the one with the most parameter pieces (``ranks_to_plan``: a pass over the target's index) are planned with the loader's own ``sliced_load._plans``
 (``training.simulate``). Reported per rank, planning seconds are the median of ``--repeats`` runs on
 this machine; files, ``preadv`` calls and bytes are what executing the plans would take
 (``executors.preadv_runs``). The index a rank reads before it can plan is reported both ways: every

@@ -152,12 +152,16 @@ def plan_rank(source: ZeroSource, target: ZeroCheckpoint, pp: int, tp: int, dp: 
                     owned_bytes(windows), len(windows))
 
 
-def busiest_and_median(target: ZeroCheckpoint) -> list[tuple[str, tuple[int, int, int]]]:
-    """The target ranks to plan: the one that owns the most bytes (a plan reads exactly what it owns) and the
-    median one, by a pass over the target's index alone (no planning)."""
-    owned = sorted((owned_bytes(rank_windows(target, pp, tp, dp)), (pp, tp, dp))
-                   for pp in range(target.pp) for tp in range(target.tp) for dp in range(target.dp))
-    return [("busiest", owned[-1][1]), ("median", owned[(len(owned) - 1) // 2][1])]
+def ranks_to_plan(target: ZeroCheckpoint) -> list[tuple[str, tuple[int, int, int]]]:
+    """The target ranks to plan, by a pass over the target's index alone (no planning): the one that owns
+    the most bytes (a plan reads exactly what it owns), the median one by bytes, and the one with the most
+    parameter pieces (planning time grows with them), each once."""
+    windows = {(pp, tp, dp): rank_windows(target, pp, tp, dp)
+               for pp in range(target.pp) for tp in range(target.tp) for dp in range(target.dp)}
+    owned = sorted((owned_bytes(w), coords) for coords, w in windows.items())
+    pieces = max(windows, key=lambda coords: (len(windows[coords]), owned_bytes(windows[coords])))
+    picks = [("busiest", owned[-1][1]), ("median", owned[(len(owned) - 1) // 2][1]), ("most pieces", pieces)]
+    return [(label, coords) for i, (label, coords) in enumerate(picks) if coords not in [c for _, c in picks[:i]]]
 
 
 # --- the index bytes a rank reads ----------------------------------------------------------------------
@@ -341,14 +345,14 @@ class CaseResult:
 
 def run_case(cfg: ModelConfig, case: Case, dtype: str = "bf16", repeats: int = 3,
              which: list[tuple[int, int, int]] | None = None) -> CaseResult:
-    """Plan ``case``'s direct reshard for the busiest and the median target rank (or the ranks ``which``,
+    """Plan ``case``'s direct reshard for the ranks ``ranks_to_plan`` picks (or the ranks ``which``,
     as (pp, tp, dp)), ``repeats`` times each; and the index reads of its source."""
     meta = saved_metadata(cfg, case.source, dtype)
     start = time.perf_counter()
     source = ZeroSource(synthetic_checkpoint(meta))
     seconds = time.perf_counter() - start
     target = synthetic_checkpoint(retarget(meta, case.target), "/synthetic/target")
-    picks = busiest_and_median(target) if which is None else [(f"rank {c}", c) for c in which]
+    picks = ranks_to_plan(target) if which is None else [(f"rank {c}", c) for c in which]
     ranks = []
     for label, coords in picks:
         runs = [plan_rank(source, target, *coords) for _ in range(max(repeats, 1))]

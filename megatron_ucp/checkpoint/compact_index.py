@@ -34,6 +34,7 @@ from megatron_ucp.checkpoint.format import MOMENT_KEYS, STATE_KEYS, read_json
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name
 from megatron_ucp.checkpoint.zero import (
     OPTIM_FILE_RE,
+    ZERO3_MODEL_FILE_RE,
     FlatRef,
     ShardHeader,
     ShardHeaders,
@@ -85,11 +86,13 @@ def compact_index(shards: dict[str, tuple[tuple[int, int], ShardHeader]]) -> dic
 
 def write_compact_index(folder: str) -> str | None:
     """Index the ZeRO-1/2 checkpoint ``folder`` from its shards' headers and write ``zero_index.json``
-    into it atomically; return its path (None for a ZeRO-3 folder, whose index is computed, not read).
+    into it atomically; return its path. None, writing nothing, for a folder without optimizer shards
+    (ZeRO-0) or of ZeRO-3 (whose index is computed from the model states, not read from the shards).
     Called by one rank after every rank has saved."""
-    ckpt = open_zero_checkpoint(folder, compact=False)
-    if ckpt.zero_stage == 3:
+    names = os.listdir(folder)
+    if not any(OPTIM_FILE_RE.match(n) for n in names) or any(ZERO3_MODEL_FILE_RE.match(n) for n in names):
         return None
+    ckpt = open_zero_checkpoint(folder, compact=False)
     return write_index(ckpt.folder, {os.path.basename(path): (file_stamp(path), read_shard_header(path))
                                      for path in ckpt.optim_files.values()})
 

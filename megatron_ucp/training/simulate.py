@@ -265,21 +265,11 @@ class IndexCost:
     compact_bytes: int
     compact_seconds: float
 
-    @property
-    def header_bytes(self) -> int:
-        return self.model_bytes + self.shard_bytes
-
-    @property
-    def header_seconds(self) -> float:
-        return self.model_seconds + self.shard_seconds
-
-    @property
-    def with_compact_bytes(self) -> int:
-        return self.model_bytes + self.compact_bytes
-
-    @property
-    def with_compact_seconds(self) -> float:
-        return self.model_seconds + self.compact_seconds
+    def total(self, compact: bool) -> tuple[int, float]:
+        """(bytes, seconds) of the index reads: the model-state files, and the shards' headers or the compact index."""
+        if compact:
+            return self.model_bytes + self.compact_bytes, self.model_seconds + self.compact_seconds
+        return self.model_bytes + self.shard_bytes, self.model_seconds + self.shard_seconds
 
 
 def _file_size(header: ShardHeader) -> int:

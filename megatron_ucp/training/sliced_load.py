@@ -237,7 +237,7 @@ def _read_all(pieces: list[tuple[ReadPlan, torch.Tensor]], stats: LoadStats, des
     the bytes read so far (all planned first: a true total)."""
     with byte_progress(sum(p.nbytes for p, _ in pieces), desc, enabled=stats.show_progress) as bar:
         for plan, dst in pieces:
-            read_local(plan, dst, stats.reads)
+            read_local(plan, dst, count=stats.reads)
             bar.update(plan.nbytes)
 
 

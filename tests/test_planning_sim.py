@@ -10,8 +10,8 @@ index of a checkpoint's shards (``checkpoint.compact_index``).
   to price a rank's index reads are the real files' sizes to within 5%.
 * The compact index the save wrote is used, and indexes the checkpoint exactly as the headers do (byte
   offsets included), so every target rank plans the same reads; a tampered index (an offset past the
-  end of its file, a changed shard, an unknown version, a path as a shard's or a parameter's name) is
-  ignored in favour of the headers, the reason naming the index file.
+  end of its file, a changed shard, an unknown version, a path as a shard's or a parameter's name, bad
+  metadata) is ignored in favour of the files, the reason naming the index file.
 * ``tools/benchmark_planning.py --tiny`` prints its tables and verdicts (no assertion on its times).
 """
 
@@ -65,7 +65,7 @@ def test_partition_pads_to_twice_dp():
 def test_twin_index_equals_the_real_one(zero):
     real = open_zero_checkpoint(str(zero), compact=False)
     syn = synthetic_checkpoint(real.checkpoint_metadata, str(zero))
-    assert real.index_note == "shard headers" and syn.index_note == "synthetic headers"
+    assert real.index_note == "file headers" and syn.index_note == "synthetic headers"
     assert _index(syn) == _index(real)
     # negative control: the same model saved at another DP is another index
     other = synthetic_checkpoint(retarget(real.checkpoint_metadata, ParallelLayout(tp=2, pp=2, dp=1)), str(zero))
@@ -188,6 +188,18 @@ def _path_param(index):
     params[0][0] = "../../escape"
 
 
+def _model_entries(index: dict) -> dict:
+    return index["model_states"][sorted(index["model_states"])[0]]["entries"]
+
+
+def _bad_topology(index):
+    _model_entries(index)["megatron_ucp"]["topology"]["tp"] = "two"
+
+
+def _path_in_shapes(index):
+    _model_entries(index)["param_shapes"][0][0][0] = "../escape"
+
+
 def _version(index):
     index["version"] = 99
 
@@ -195,7 +207,9 @@ def _version(index):
 TAMPERED = {
     "offset_past_the_end": (_bad_offset, "runs past the end of"),
     "unknown_version": (_version, "not a megatron_ucp.zero_index version 1 file"),
-    "path_as_shard_name": (_rename_shard, "not an optimizer file of this folder"),
+    "path_as_shard_name": (_rename_shard, "not one of this folder's shards files"),
+    "metadata_topology": (_bad_topology, "megatron_ucp.topology"),
+    "path_in_param_shapes": (_path_in_shapes, "escape"),
     "path_as_param_name": (_path_param, "escape"),
 }
 
@@ -218,7 +232,7 @@ def test_tampered_compact_index_is_ignored(copy, zero, name):
     change(index)
     path.write_text(json.dumps(index))
     ckpt = open_zero_checkpoint(str(copy))
-    assert ckpt.index_note.startswith(f"shard headers ({path}: ") and reason in ckpt.index_note, ckpt.index_note
+    assert ckpt.index_note.startswith(f"file headers ({path}: ") and reason in ckpt.index_note, ckpt.index_note
     assert "\n" not in ckpt.index_note
     assert _index(ckpt)["sources"] == _index(open_zero_checkpoint(str(zero), compact=False))["sources"]
 
@@ -229,7 +243,7 @@ def test_a_changed_shard_outdates_the_compact_index(copy):
     shard = sorted(copy.glob("*optim_states.pt"))[0]
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1))  # rewritten in place, same size
     note = open_zero_checkpoint(str(copy)).index_note
-    assert note.startswith(f"shard headers ({copy / COMPACT_INDEX_FILE}: ") and "changed or copied" in note, note
+    assert note.startswith(f"file headers ({copy / COMPACT_INDEX_FILE}: ") and "changed or copied" in note, note
 
 
 def test_benchmark_prints_its_tables(capsys):

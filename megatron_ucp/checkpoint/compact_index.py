@@ -1,23 +1,26 @@
-"""A compact index of a ZeRO-1/2 checkpoint's optimizer shards, written once at save time.
+"""A compact index of a ZeRO-1/2 checkpoint's model states and optimizer shards, written once at save time.
 
-Indexing a checkpoint (``zero.open_zero_checkpoint``) needs every optimizer shard's header: its
-parameters' fragment addresses, where its flat partitions lie in the file, its step. At 1,024 shards
-every rank that resumes would open and unpickle 1,024 files for them. Rank 0 therefore writes what
-those headers hold (``zero.ShardHeader``, per shard) into one JSON file beside them,
-``zero_index.json``, which every rank then reads once instead.
+Indexing a checkpoint (``zero.open_zero_checkpoint``) needs a few entries of every model-state file
+(``zero.MODEL_STATE_INDEX_KEYS``: counters, degrees, ``param_shapes``, metadata) and every optimizer
+shard's header: its parameters' fragment addresses, where its flat partitions lie in the file, its
+step. At TP8 PP8 DP16 every rank that resumes would open and unpickle 64 model-state files (each with
+all 16 DP ranks' RNG states) and 1,024 shards for them. Rank 0 therefore writes those entries and
+headers (``zero.ShardHeader``, per shard) into one JSON file beside them, ``zero_index.json``, which
+every rank then reads once instead.
 
 The file is untrusted input like every other file of a checkpoint, and it is only a shortcut: the
-headers stay the source of truth. It is used only when it is valid against the folder it sits in:
+files stay the source of truth. It is used only when it is valid against the folder it sits in:
 
 * its format name and version are ours (``VERSION``);
-* it names exactly the folder's optimizer files (plain names, no path), each with the size and
-  modification time that file has now (a shard rewritten since the index was written does not match;
-  nor does a copy that did not keep the times, which then reads the headers);
+* it names exactly the folder's model-state and optimizer files (plain names, no path), each with the size and
+  modification time that file has now (a file rewritten since the index was written does not match;
+  nor does a copy that did not keep the times, which then reads the files);
 * every flat partition lies inside its file, every fragment address is a pair of counts, every
-  parameter name passes ``trust.check_name``, every dtype is one we read.
+  parameter name passes ``trust.check_name``, every dtype is one we read, and the model states' entries
+  pass the checks their files' would (``format.check_model_states``, our metadata's ``from_dict``).
 
-Otherwise it is ignored and the headers are read, and the index says why (``ZeroCheckpoint.index_note``:
-``shard headers (<index file>: <what is wrong>)``). What it cannot detect is a consistent lie inside
+Otherwise it is ignored and the files are read, and the index says why (``ZeroCheckpoint.index_note``:
+``file headers (<index file>: <what is wrong>)``). What it cannot detect is a consistent lie inside
 those bounds (an offset moved to other bytes of the same file), which a tampered header could tell as well.
 """
 
@@ -25,19 +28,20 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from megatron_ucp.atomic import atomic_write
-from megatron_ucp.checkpoint.format import MOMENT_KEYS, STATE_KEYS, read_json
+from megatron_ucp.checkpoint.format import MOMENT_KEYS, STATE_KEYS, check_model_states, metadata_from_state, read_json
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name
 from megatron_ucp.checkpoint.zero import (
+    MODEL_FILE_RE,
+    MODEL_STATE_INDEX_KEYS,
     OPTIM_FILE_RE,
     ZERO3_MODEL_FILE_RE,
     FlatRef,
     ShardHeader,
-    ShardHeaders,
     open_zero_checkpoint,
     read_shard_header,
 )
@@ -78,29 +82,54 @@ def shard_record(stamp: tuple[int, int], header: ShardHeader) -> dict:
             "groups": groups}
 
 
-def compact_index(shards: dict[str, tuple[tuple[int, int], ShardHeader]]) -> dict:
-    """The index of shards ``{file name: (its file_stamp, header)}``, as JSON data."""
+def _plain(value: Any) -> Any:
+    """A model-state entry as JSON data (shapes and tuples as lists)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise CheckpointError(f"a model-state entry of type {type(value).__name__} is not JSON data")
+
+
+def model_record(stamp: tuple[int, int], state: dict) -> dict:
+    """One model-state file's entry: its size and modification time, and the entries the index uses."""
+    entries = {key: _plain(state[key]) for key in MODEL_STATE_INDEX_KEYS if key in state}
+    if "param_shapes" in entries:  # [{name: shape}] -> [[[name, shape], ...]]: JSON keeps no duplicate names
+        entries["param_shapes"] = [[[name, shape] for name, shape in group.items()]
+                                   for group in entries["param_shapes"]]
+    return {"size": stamp[0], "mtime_ns": stamp[1], "entries": entries}
+
+
+def compact_index(shards: dict[str, tuple[tuple[int, int], ShardHeader]],
+                  models: dict[str, tuple[tuple[int, int], dict]]) -> dict:
+    """The index of shards ``{file name: (its file_stamp, header)}`` and model-state files ``{file name: (its
+    file_stamp, its state)}``, as JSON data."""
     return {"format": FORMAT, "version": VERSION,
+            "model_states": {name: model_record(stamp, state) for name, (stamp, state) in sorted(models.items())},
             "shards": {name: shard_record(stamp, header) for name, (stamp, header) in sorted(shards.items())}}
 
 
 def write_compact_index(folder: str) -> str | None:
-    """Index the ZeRO-1/2 checkpoint ``folder`` from its shards' headers and write ``zero_index.json``
-    into it atomically; return its path. None, writing nothing, for a folder without optimizer shards
-    (ZeRO-0) or of ZeRO-3 (whose index is computed from the model states, not read from the shards).
-    Called by one rank after every rank has saved."""
+    """Index the ZeRO-1/2 checkpoint ``folder`` from its files and write ``zero_index.json`` into it
+    atomically; return its path. None, writing nothing, for a folder without optimizer shards (ZeRO-0) or
+    of ZeRO-3 (whose index is computed from the model states, not read from the shards). Called by one
+    rank after every rank has saved."""
     names = os.listdir(folder)
     if not any(OPTIM_FILE_RE.match(n) for n in names) or any(ZERO3_MODEL_FILE_RE.match(n) for n in names):
         return None
     ckpt = open_zero_checkpoint(folder, compact=False)
-    return write_index(ckpt.folder, {os.path.basename(path): (file_stamp(path), read_shard_header(path))
-                                     for path in ckpt.optim_files.values()})
+    shards = {os.path.basename(p): (file_stamp(p), read_shard_header(p)) for p in ckpt.optim_files.values()}
+    models = {os.path.basename(p): (file_stamp(p), state) for p, state in zip(ckpt.model_files, ckpt.model_states)}
+    return write_index(ckpt.folder, shards, models)
 
 
-def write_index(folder: str, shards: dict[str, tuple[tuple[int, int], ShardHeader]]) -> str:
-    """Write ``compact_index(shards)`` into ``folder`` atomically; return its path."""
+def write_index(folder: str, shards: dict[str, tuple[tuple[int, int], ShardHeader]],
+                models: dict[str, tuple[tuple[int, int], dict]]) -> str:
+    """Write ``compact_index(shards, models)`` into ``folder`` atomically; return its path."""
     target = os.path.join(folder, COMPACT_INDEX_FILE)
-    atomic_write(target, json.dumps(compact_index(shards), separators=(",", ":")))
+    atomic_write(target, json.dumps(compact_index(shards, models), separators=(",", ":")))
     return target
 
 
@@ -148,14 +177,45 @@ def _step(value: Any, where: str):
     return torch.tensor(d["value"], dtype=_DTYPES[d["dtype"]])
 
 
-def _header(record: Any, path: str, where: str) -> ShardHeader:
-    record = _dict(record, where)
+def _check_stamp(record: dict, path: str, where: str) -> int:
+    """The file's size, when it still has the size and modification time ``record`` gives."""
     size = _count(record.get("size"), f"{where}.size")
     stamp = (size, _count(record.get("mtime_ns"), f"{where}.mtime_ns"))
-    if stamp != file_stamp(path):
+    now = file_stamp(path)
+    if stamp != now:
         raise CheckpointError(f"{where}: records a file of {size} bytes modified at {stamp[1]} ns, but it has "
-                              f"{file_stamp(path)[0]} bytes modified at {file_stamp(path)[1]} ns (changed or copied "
-                              "since the index was written)")
+                              f"{now[0]} bytes modified at {now[1]} ns (changed or copied since the index was written)")
+    return size
+
+
+def _model_state(record: Any, path: str, where: str) -> dict:
+    record = _dict(record, where)
+    _check_stamp(record, path, where)
+    state = dict(_dict(record.get("entries"), f"{where}.entries"))
+    unknown = sorted(set(state) - set(MODEL_STATE_INDEX_KEYS))
+    if unknown:
+        raise CheckpointError(f"{where}.entries: unknown key {unknown[0][:40]!r}")
+    if "param_shapes" in state:
+        groups = []
+        for g, group in enumerate(_list(state["param_shapes"], f"{where}.param_shapes")):
+            shapes: dict[str, torch.Size] = {}
+            for i, entry in enumerate(_list(group, f"{where}.param_shapes[{g}]")):
+                name, shape = _list(entry, f"{where}.param_shapes[{g}][{i}]", 2)
+                if not isinstance(name, str) or name in shapes:
+                    raise CheckpointError(f"{where}.param_shapes[{g}][{i}]: a name that is not a string, or repeated")
+                check_name(name, where)
+                shapes[name] = torch.Size([_count(d, f"{where}.param_shapes[{g}][{i}]") for d in
+                                           _list(shape, f"{where}.param_shapes[{g}][{i}]")])
+            groups.append(shapes)
+        state["param_shapes"] = groups
+    check_model_states(state, where)
+    metadata_from_state(state, where)  # checked here, so that a bad one is the index's fault, not the load's
+    return state
+
+
+def _header(record: Any, path: str, where: str) -> ShardHeader:
+    record = _dict(record, where)
+    size = _check_stamp(record, path, where)
     param_groups = tuple({"name": _dict(g, f"{where}.param_groups").get("name"), "moe": g.get("moe") is True}
                          for g in _list(record.get("param_groups"), f"{where}.param_groups"))
     for g in param_groups:
@@ -184,38 +244,44 @@ def _header(record: Any, path: str, where: str) -> ShardHeader:
     return ShardHeader(stage, param_groups, tuple(mappings), tuple(refs), tuple(steps))
 
 
-def read_compact_index(folder: str, optim_files: dict[Any, str]) -> dict[str, ShardHeader]:
-    """The headers of ``folder``'s optimizer files (``optim_files``' values, paths in it) from its compact
-    index, by path; a ``CheckpointError`` naming the index file and what is wrong when it is not valid."""
+def _entries(records: Any, paths: list[str], index: str, what: str, pattern) -> dict[str, tuple[str, Any]]:
+    """``records`` (an object of file name -> record) matched to ``paths``: exactly their names, each a plain
+    file name of the kind ``pattern`` matches; {path: (where, record)}."""
+    records = _dict(records, f"{index}: {what}")
+    by_name = {os.path.basename(p): p for p in paths}
+    for name in records:
+        if name not in by_name or not pattern.match(name):
+            raise CheckpointError(f"{index}: names {name[:80]!r}, not one of this folder's {what} files")
+    missing = sorted(set(by_name) - set(records))
+    if missing:
+        raise CheckpointError(f"{index}: has no entry for {missing[0]}")
+    return {by_name[name]: (f"{index}: {name}", record) for name, record in records.items()}
+
+
+def read_compact_index(folder: str, model_files: list[str],
+                       optim_files: dict[Any, str]) -> tuple[list[dict], dict[str, ShardHeader]]:
+    """(the model states' index entries, by mp rank; the optimizer shards' headers, by path) of ``folder``'s
+    files (``model_files``, ``optim_files``' values: paths in it) from its compact index; a ``CheckpointError``
+    naming the index file and what is wrong when it is not valid."""
     path = os.path.join(folder, COMPACT_INDEX_FILE)
     data = _dict(read_json(path, "a compact checkpoint index"), path)
     if data.get("format") != FORMAT or data.get("version") != VERSION:
         raise CheckpointError(f"{path}: not a {FORMAT} version {VERSION} file (format {data.get('format')!r:.40}, "
                               f"version {data.get('version')!r:.20})")
-    shards = _dict(data.get("shards"), f"{path}: shards")
-    by_name = {os.path.basename(p): p for p in optim_files.values()}
-    unknown = sorted(set(shards) - set(by_name))
-    if unknown:
-        raise CheckpointError(f"{path}: names {unknown[0][:80]!r}, not an optimizer file of this folder")
-    missing = sorted(set(by_name) - set(shards))
-    if missing:
-        raise CheckpointError(f"{path}: has no entry for {missing[0]}")
-    for name in shards:
-        if not OPTIM_FILE_RE.match(name):
-            raise CheckpointError(f"{path}: {name[:80]!r} is not an optimizer file name")
-    return {by_name[name]: _header(record, by_name[name], f"{path}: {name}") for name, record in shards.items()}
+    models = _entries(data.get("model_states"), model_files, path, "model_states", MODEL_FILE_RE)
+    shards = _entries(data.get("shards"), list(optim_files.values()), path, "shards", OPTIM_FILE_RE)
+    states = [_model_state(models[p][1], p, models[p][0]) for p in model_files]
+    return states, {p: _header(record, p, where) for p, (where, record) in shards.items()}
 
 
-def compact_headers(folder: str, optim_files: dict[Any, str],
-                    fallback: ShardHeaders) -> tuple[ShardHeaders, str]:
-    """(where each shard's header comes from, a note saying which): the compact index when ``folder`` has a
-    valid one, else ``fallback`` (the pickles), with the reason when there was an index but it is invalid."""
+def compact_entries(folder: str, model_files: list[str], optim_files: dict[Any, str]
+                    ) -> tuple[tuple[list[dict], dict[str, ShardHeader]] | None, str]:
+    """(``read_compact_index``'s entries, or None to read the files; a note saying which): None when
+    ``folder`` has no compact index, or an invalid one, whose problem the note then gives."""
     path = os.path.join(folder, COMPACT_INDEX_FILE)
     if not os.path.isfile(path):
-        return fallback, "shard headers"
+        return None, "file headers"
     try:
-        headers = read_compact_index(folder, optim_files)
+        return read_compact_index(folder, model_files, optim_files), f"compact index {path}"
     except CheckpointError as e:
-        return fallback, f"shard headers ({e})"
-    lookup: Callable[[str], ShardHeader] = headers.__getitem__
-    return lookup, f"compact index {path}"
+        return None, f"file headers ({e})"

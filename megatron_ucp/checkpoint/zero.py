@@ -34,6 +34,7 @@ from typing import Callable, Iterator
 import torch
 
 from megatron_ucp.checkpoint.format import (  # noqa: F401 - STATE_KEYS: re-exported
+    METADATA_KEY,
     MODEL_STATES_RE,
     MOMENT_KEYS,
     OPTIM_STATES_RE,
@@ -183,9 +184,9 @@ class ZeroCheckpoint:
     checkpoint_metadata: CheckpointMetadata | None = None
     # mixture of experts: the optimizer group holding the experts and where each expert lives (None: dense)
     experts: "ExpertIndex | None" = None
-    # where the optimizer shards' headers were read from: "shard headers", "compact index <file>", or the
+    # where the model states and shard headers were read from: "file headers", "compact index <file>", or the
     # headers with the reason a compact index was not used
-    index_note: str = "shard headers"
+    index_note: str = "file headers"
 
     @property
     def ep(self) -> int:
@@ -253,9 +254,10 @@ def model_state_files(folder: str) -> list[str]:
 def open_zero_checkpoint(folder: str, compact: bool = True) -> ZeroCheckpoint:
     """Index a ZeRO-1/2/3 checkpoint folder and check that its files belong together.
 
-    ``compact``: take the optimizer shards' headers from the folder's compact index
-    (``checkpoint.compact_index``) when it is there and valid, instead of unpickling every shard's
-    header; an absent or invalid one falls back to the headers (``ZeroCheckpoint.index_note`` says which)."""
+    ``compact``: take the model states' index entries and the optimizer shards' headers from the folder's
+    compact index (``checkpoint.compact_index``) when it is there and valid, instead of unpickling every
+    model-state file and every shard's header; an absent or invalid one falls back to the files
+    (``ZeroCheckpoint.index_note`` says which)."""
     folder = os.path.normpath(folder)
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: not a checkpoint folder")
@@ -268,16 +270,27 @@ def open_zero_checkpoint(folder: str, compact: bool = True) -> ZeroCheckpoint:
         raise CheckpointError(f"{folder}: no mp_rank_XX_model_states.pt files (not a DeepSpeed checkpoint folder?)")
     if not optim:
         raise CheckpointError(f"{folder}: no *_optim_states.pt files (ZeRO-0 checkpoints cannot be converted)")
-    # Only their small entries are read: the pickle alone (no tensor data), DeepSpeed's classes as stand-ins
-    # (importing DeepSpeed costs about half a second, which the converter spends beside its copies instead).
-    states = [check_model_states(load_file(p, meta=True), p) for p in model_files]
     headers: ShardHeaders = read_shard_header
-    note = "shard headers"
+    states, note = None, "file headers"
     if compact and not stage3:
-        from megatron_ucp.checkpoint.compact_index import compact_headers  # it imports this module
+        from megatron_ucp.checkpoint.compact_index import compact_entries  # it imports this module
 
-        headers, note = compact_headers(folder, {k: v[0] for k, v in optim.items()}, read_shard_header)
+        found, note = compact_entries(folder, model_files, {k: v[0] for k, v in optim.items()})
+        if found is not None:
+            states, shard_headers = found
+            headers = shard_headers.__getitem__
+    if states is None:
+        # Only their small entries are read: the pickle alone (no tensor data), DeepSpeed's classes as stand-ins
+        # (importing DeepSpeed costs about half a second, which the converter spends beside its copies instead).
+        states = [check_model_states(load_file(p, meta=True), p) for p in model_files]
     return index_zero_checkpoint(folder, model_files, states, optim, stage3, headers, note)
+
+
+# What the index uses of a model-state file (``index_zero_checkpoint``, ``expert_index``, ``ZeroCheckpoint``'s
+# properties): the compact index keeps these, and only these.
+MODEL_STATE_INDEX_KEYS = ("iteration", "global_steps", "skipped_steps", "dp_world_size", "mp_world_size",
+                          "checkpoint_parallel_dimensions", "param_shapes", "universal_checkpoint_info",
+                          "num_experts", METADATA_KEY)
 
 
 # Where an optimizer shard's header comes from: its pickle (``read_shard_header``), a compact index, or a
@@ -287,7 +300,7 @@ ShardHeaders = Callable[[str], "ShardHeader"]
 
 def index_zero_checkpoint(folder: str, model_files: list[str], states: list[dict],
                           optim: dict[tuple[int, int], tuple[str, bool]], stage3: bool,
-                          headers: ShardHeaders, note: str = "shard headers") -> ZeroCheckpoint:
+                          headers: ShardHeaders, note: str = "file headers") -> ZeroCheckpoint:
     """The index of a checkpoint from its model states (``states``, by mp rank, checked) and its optimizer
     files (``optim``: (dp, mp) -> (path, bf16 prefix)), each ZeRO-1/2 shard's header given by ``headers``."""
     n_mp = len(model_files)
@@ -330,7 +343,7 @@ def index_zero_checkpoint(folder: str, model_files: list[str], states: list[dict
     ckpt = ZeroCheckpoint(folder=folder, tp=tp, pp=pp, dp=dp, zero_stage=3 if stage3 else 1, bf16_prefix=bf16,
                           iteration=first.get("iteration", first.get("global_steps")), model_files=model_files,
                           model_states=states, optim_files={k: v[0] for k, v in optim.items()},
-                          checkpoint_metadata=meta, index_note="shard headers" if stage3 else note)
+                          checkpoint_metadata=meta, index_note="file headers" if stage3 else note)
     if stage3:
         _index_zero3_fragments(ckpt)
     else:

@@ -12,9 +12,8 @@ through a ``ZeroSource``. Nothing is read; the figures are what the rank would d
 * source files opened and ``preadv`` calls (``executors.preadv_runs``: how ``read_local`` issues a plan);
 * bytes read against bytes owned (the rank's windows times three fp32 states);
 * the index bytes the rank reads before it can plan: every model-state file's and every optimizer
-  shard's header (``header_bytes``: the pickles DeepSpeed and our trainer would write, built here with
-  empty tensors and measured), or the model-state files and the compact index
-  (``checkpoint.compact_index``) instead of the shards' headers.
+  shard's header (the pickles DeepSpeed and our trainer would write, built here with empty tensors and
+  measured: ``index_cost``), or the compact index (``checkpoint.compact_index``) alone.
 """
 
 from __future__ import annotations
@@ -252,9 +251,9 @@ def optimizer_shard_file(header: ShardHeader, meta: CheckpointMetadata) -> dict:
 
 @dataclass(frozen=True)
 class IndexCost:
-    """What a rank reads before it can plan, with every shard's header or with the compact index: files,
-    bytes, and seconds on this machine (headers: the median time of one header of each kind, times their
-    number; compact: reading and validating the index against the shard files' sizes, measured whole)."""
+    """What a rank reads before it can plan, every model-state file and shard header or the compact index:
+    files, bytes, and seconds on this machine (headers: the median time of one header of each kind, times
+    their number; compact: reading and validating the index against the files' sizes, measured whole)."""
 
     model_files: int
     model_bytes: int
@@ -266,9 +265,9 @@ class IndexCost:
     compact_seconds: float
 
     def total(self, compact: bool) -> tuple[int, float]:
-        """(bytes, seconds) of the index reads: the model-state files, and the shards' headers or the compact index."""
+        """(bytes, seconds) of the index reads: the compact index alone, or every model-state file and shard header."""
         if compact:
-            return self.model_bytes + self.compact_bytes, self.model_seconds + self.compact_seconds
+            return self.compact_bytes, self.compact_seconds
         return self.model_bytes + self.shard_bytes, self.model_seconds + self.shard_seconds
 
 
@@ -281,8 +280,8 @@ def index_cost(meta: CheckpointMetadata, repeats: int = 3) -> IndexCost:
     """The index reads of the checkpoint ``meta`` describes. The headers: the pickles DeepSpeed and our
     trainer would write (built with empty tensors; one model-state file and one shard per pipeline stage,
     the others of a stage differ only in numbers), measured. The compact index: written for the
-    synthetic shards and read back by ``compact_index.read_compact_index`` against sparse stand-ins of
-    the shard files (empty files of the right sizes: it checks their sizes, it reads none)."""
+    synthetic files and read back by ``compact_index.read_compact_index`` against sparse stand-ins of
+    them (empty files of the right sizes: it checks their sizes and times, it reads none)."""
     topo = meta.topology
     assert topo is not None
     bf16 = meta.dtype == "bf16"
@@ -304,12 +303,18 @@ def index_cost(meta: CheckpointMetadata, repeats: int = 3) -> IndexCost:
         for path, header in headers.items():
             with open(path, "wb") as f:
                 f.truncate(_file_size(header))
-        write_index(folder, {os.path.basename(p): (file_stamp(p), h) for p, h in headers.items()})
+        models = {os.path.join(folder, model_states_name(mp)): model_state(meta, mp // topo.tp)
+                  for mp in range(topo.tp * topo.pp)}
+        for path in models:
+            with open(path, "wb") as f:
+                f.truncate(model_bytes // (topo.tp * topo.pp))
+        write_index(folder, {os.path.basename(p): (file_stamp(p), h) for p, h in headers.items()},
+                    {os.path.basename(p): (file_stamp(p), state) for p, state in models.items()})
         compact_bytes = os.path.getsize(os.path.join(folder, COMPACT_INDEX_FILE))
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            read_compact_index(folder, {p: p for p in headers})
+            read_compact_index(folder, list(models), {p: p for p in headers})
             times.append(time.perf_counter() - start)
     return IndexCost(topo.tp * topo.pp, model_bytes, model_seconds, len(headers), shard_bytes, shard_seconds,
                      compact_bytes, statistics.median(times))

@@ -33,7 +33,15 @@ from typing import Any
 import torch
 
 from megatron_ucp.atomic import atomic_write
-from megatron_ucp.checkpoint.format import MOMENT_KEYS, STATE_KEYS, check_model_states, metadata_from_state, read_json
+from megatron_ucp.checkpoint.format import (
+    METADATA_KEY,
+    MOMENT_KEYS,
+    STATE_KEYS,
+    check_model_states,
+    metadata_from_state,
+    model_states_name,
+    read_json,
+)
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name
 from megatron_ucp.checkpoint.zero import (
     MODEL_FILE_RE,
@@ -93,9 +101,16 @@ def _plain(value: Any) -> Any:
     raise CheckpointError(f"a model-state entry of type {type(value).__name__} is not JSON data")
 
 
-def model_record(stamp: tuple[int, int], state: dict) -> dict:
-    """One model-state file's entry: its size and modification time, and the entries the index uses."""
-    entries = {key: _plain(state[key]) for key in MODEL_STATE_INDEX_KEYS if key in state}
+# Entries the index reads of mp rank 0's model-state file alone (``ZeroCheckpoint``: its metadata, its
+# ``universal_checkpoint_info``, DeepSpeed's ``num_experts``): the other files' entries leave them out.
+FIRST_FILE_ONLY = ("universal_checkpoint_info", "num_experts", METADATA_KEY)
+
+
+def model_record(stamp: tuple[int, int], state: dict, first: bool) -> dict:
+    """One model-state file's entry: its size and modification time, and the entries the index uses of it
+    (``first``: of mp rank 0's file)."""
+    entries = {key: _plain(state[key]) for key in MODEL_STATE_INDEX_KEYS
+               if key in state and (first or key not in FIRST_FILE_ONLY)}
     if "param_shapes" in entries:  # [{name: shape}] -> [[[name, shape], ...]]: JSON keeps no duplicate names
         entries["param_shapes"] = [[[name, shape] for name, shape in group.items()]
                                    for group in entries["param_shapes"]]
@@ -107,7 +122,8 @@ def compact_index(shards: dict[str, tuple[tuple[int, int], ShardHeader]],
     """The index of shards ``{file name: (its file_stamp, header)}`` and model-state files ``{file name: (its
     file_stamp, its state)}``, as JSON data."""
     return {"format": FORMAT, "version": VERSION,
-            "model_states": {name: model_record(stamp, state) for name, (stamp, state) in sorted(models.items())},
+            "model_states": {name: model_record(stamp, state, name == model_states_name(0))
+                             for name, (stamp, state) in sorted(models.items())},
             "shards": {name: shard_record(stamp, header) for name, (stamp, header) in sorted(shards.items())}}
 
 
@@ -188,11 +204,12 @@ def _check_stamp(record: dict, path: str, where: str) -> int:
     return size
 
 
-def _model_state(record: Any, path: str, where: str) -> dict:
+def _model_state(record: Any, path: str, where: str, first: bool) -> dict:
     record = _dict(record, where)
     _check_stamp(record, path, where)
     state = dict(_dict(record.get("entries"), f"{where}.entries"))
-    unknown = sorted(set(state) - set(MODEL_STATE_INDEX_KEYS))
+    allowed = set(MODEL_STATE_INDEX_KEYS) - (set() if first else set(FIRST_FILE_ONLY))
+    unknown = sorted(set(state) - allowed)
     if unknown:
         raise CheckpointError(f"{where}.entries: unknown key {unknown[0][:40]!r}")
     if "param_shapes" in state:
@@ -209,7 +226,8 @@ def _model_state(record: Any, path: str, where: str) -> dict:
             groups.append(shapes)
         state["param_shapes"] = groups
     check_model_states(state, where)
-    metadata_from_state(state, where)  # checked here, so that a bad one is the index's fault, not the load's
+    if first:
+        metadata_from_state(state, where)  # checked here, so that a bad one is the index's fault, not the load's
     return state
 
 
@@ -270,7 +288,7 @@ def read_compact_index(folder: str, model_files: list[str],
                               f"version {data.get('version')!r:.20})")
     models = _entries(data.get("model_states"), model_files, path, "model_states", MODEL_FILE_RE)
     shards = _entries(data.get("shards"), list(optim_files.values()), path, "shards", OPTIM_FILE_RE)
-    states = [_model_state(models[p][1], p, models[p][0]) for p in model_files]
+    states = [_model_state(models[p][1], p, models[p][0], mp == 0) for mp, p in enumerate(model_files)]
     return states, {p: _header(record, p, where) for p, (where, record) in shards.items()}
 
 

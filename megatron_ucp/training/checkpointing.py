@@ -220,7 +220,7 @@ def save(engine, save_dir: str, iteration: int, consumed_samples: int, seq_lengt
     if dist.get_rank() == 0:
         atomic_write(os.path.join(save_dir, MEGATRON_TRACKER_FILE), str(iteration))
     dist.barrier()
-    if dist.get_rank() == 0:  # the shards' compact index (checkpoint.compact_index), once every rank has saved
+    if dist.get_rank() == 0:  # the compact index (checkpoint.compact_index), once every rank has saved
         write_compact_index(os.path.join(save_dir, tag))
     return os.path.join(save_dir, tag)
 

@@ -238,11 +238,11 @@ def _killed_mid_reshard(rank, world_size, cfg_dict, victim, after_reads):
     if rank == victim:
         real, calls = sliced.read_local, [0]
 
-        def read_then_die(plan, out=None):
+        def read_then_die(plan, *args, **kwargs):
             calls[0] += 1
             if calls[0] > after_reads:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return real(plan, out)
+            return real(plan, *args, **kwargs)
 
         sliced_load.read_local = read_then_die
     _run(rank, world_size, cfg_dict, None, None, None)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import os
 import threading
+from dataclasses import dataclass, field
 
 import torch
 
-from megatron_ucp.checkpoint.plan import ReadPlan
+from megatron_ucp.checkpoint.plan import Read, ReadPlan
 from megatron_ucp.checkpoint.zero import CheckpointError
 
 _IOV_MAX = 1024
@@ -31,11 +32,22 @@ def scratch(nbytes: int, slot: str = "scratch") -> torch.Tensor:
     return buf[:nbytes]
 
 
-def _preadv_all(fd: int, iovs: list, pos: int, path: str) -> None:
+@dataclass
+class ReadCount:
+    """What ``read_local`` calls did: ``preadv`` calls, bytes read, the files opened."""
+
+    calls: int = 0
+    nbytes: int = 0
+    files: set[str] = field(default_factory=set)
+
+
+def _preadv_all(fd: int, iovs: list, pos: int, path: str, count: ReadCount | None = None) -> None:
     """Fill the buffers ``iovs`` from the contiguous bytes at ``pos`` of ``fd``; a short read (end of file,
     a signal, the 2 GiB cap of one call) is finished piece by piece."""
     want = sum(len(v) for v in iovs)
     got = os.preadv(fd, iovs, pos) if want else 0
+    if count is not None:
+        count.calls, count.nbytes = count.calls + 1, count.nbytes + max(got, 0)
     if got == want:
         return
     off = pos
@@ -43,17 +55,36 @@ def _preadv_all(fd: int, iovs: list, pos: int, path: str) -> None:
         done = min(max(got - (off - pos), 0), len(v))
         while done < len(v):
             k = os.preadv(fd, [v[done:done + (1 << 30)]], off + done)
+            if count is not None:
+                count.calls, count.nbytes = count.calls + 1, count.nbytes + max(k, 0)
             if k <= 0:
                 raise CheckpointError(f"{path}: truncated: ends before byte {off + len(v)}")
             done += k
         off += len(v)
 
 
-def read_local(plan: ReadPlan, out: torch.Tensor | None = None) -> torch.Tensor:
+def preadv_runs(plan: ReadPlan) -> list[list[Read]]:
+    """The plan's reads as ``read_local`` issues them: sorted by file and offset, each run of reads that
+    continue one another in one file (at most ``_IOV_MAX``) one ``preadv``."""
+    size = plan.dtype.itemsize
+    order = sorted(plan.reads, key=lambda r: (r.path, r.offset))
+    runs: list[list[Read]] = []
+    for r in order:
+        last = runs[-1][-1] if runs else None
+        if last is not None and last.path == r.path and last.offset + last.numel * size == r.offset \
+                and len(runs[-1]) < _IOV_MAX:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    return runs
+
+
+def read_local(plan: ReadPlan, out: torch.Tensor | None = None, count: ReadCount | None = None) -> torch.Tensor:
     """Execute ``plan``: the target tensor, zeros where no source byte lands (vocabulary padding).
 
     ``out``: fill this contiguous tensor of the plan's dtype and size instead of a new one (an optimizer's
-    own flat partition: no fresh memory, whose first touch costs a page fault per page)."""
+    own flat partition: no fresh memory, whose first touch costs a page fault per page). ``count``: add
+    the ``preadv`` calls, bytes and files to it."""
     if out is None:
         out = torch.zeros(plan.local_shape, dtype=plan.dtype)
     else:
@@ -69,21 +100,16 @@ def read_local(plan: ReadPlan, out: torch.Tensor | None = None) -> torch.Tensor:
             flat[pos:].zero_()
     buf = out.view(-1).view(torch.uint8).numpy().data  # the tensor's bytes as a writable memoryview
     size = plan.dtype.itemsize
-    order = sorted(plan.reads, key=lambda r: (r.path, r.offset))  # contiguous source ranges: one preadv each
     fds: dict[str, int] = {}
     try:
-        i = 0
-        while i < len(order):
-            first = order[i]
+        for run in preadv_runs(plan):  # contiguous source ranges: one preadv each
+            first = run[0]
             if first.path not in fds:
                 fds[first.path] = os.open(first.path, os.O_RDONLY)
-            end, j = first.offset + first.numel * size, i + 1
-            while j < len(order) and j - i < _IOV_MAX and order[j].path == first.path and order[j].offset == end:
-                end += order[j].numel * size
-                j += 1
-            _preadv_all(fds[first.path], [buf[r.dst * size:(r.dst + r.numel) * size] for r in order[i:j]],
-                        first.offset, first.path)
-            i = j
+                if count is not None:
+                    count.files.add(first.path)
+            _preadv_all(fds[first.path], [buf[r.dst * size:(r.dst + r.numel) * size] for r in run],
+                        first.offset, first.path, count)
     finally:
         for fd in fds.values():
             os.close(fd)

@@ -29,11 +29,12 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from megatron_ucp.checkpoint.format import (  # noqa: F401 - STATE_KEYS: re-exported
+    METADATA_KEY,
     MODEL_STATES_RE,
     MOMENT_KEYS,
     OPTIM_STATES_RE,
@@ -183,6 +184,9 @@ class ZeroCheckpoint:
     checkpoint_metadata: CheckpointMetadata | None = None
     # mixture of experts: the optimizer group holding the experts and where each expert lives (None: dense)
     experts: "ExpertIndex | None" = None
+    # where the model states and shard headers were read from: "file headers", "compact index <file>", or the
+    # headers with the reason a compact index was not used
+    index_note: str = "file headers"
 
     @property
     def ep(self) -> int:
@@ -247,8 +251,13 @@ def model_state_files(folder: str) -> list[str]:
     return _by_mp_rank(folder, model, zero3)[0]
 
 
-def open_zero_checkpoint(folder: str) -> ZeroCheckpoint:
-    """Index a ZeRO-1/2/3 checkpoint folder and check that its files belong together."""
+def open_zero_checkpoint(folder: str, compact: bool = True) -> ZeroCheckpoint:
+    """Index a ZeRO-1/2/3 checkpoint folder and check that its files belong together.
+
+    ``compact``: take the model states' index entries and the optimizer shards' headers from the folder's
+    compact index (``checkpoint.compact_index``) when it is there and valid, instead of unpickling every
+    model-state file and every shard's header; an absent or invalid one falls back to the files
+    (``ZeroCheckpoint.index_note`` says which)."""
     folder = os.path.normpath(folder)
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: not a checkpoint folder")
@@ -261,10 +270,40 @@ def open_zero_checkpoint(folder: str) -> ZeroCheckpoint:
         raise CheckpointError(f"{folder}: no mp_rank_XX_model_states.pt files (not a DeepSpeed checkpoint folder?)")
     if not optim:
         raise CheckpointError(f"{folder}: no *_optim_states.pt files (ZeRO-0 checkpoints cannot be converted)")
+    headers: ShardHeaders = read_shard_header
+    states, note = None, "file headers"
+    if compact and not stage3:
+        from megatron_ucp.checkpoint.compact_index import compact_entries  # it imports this module
+
+        found, note = compact_entries(folder, model_files, {k: v[0] for k, v in optim.items()})
+        if found is not None:
+            states, shard_headers = found
+            headers = shard_headers.__getitem__
+    if states is None:
+        # Only their small entries are read: the pickle alone (no tensor data), DeepSpeed's classes as stand-ins
+        # (importing DeepSpeed costs about half a second, which the converter spends beside its copies instead).
+        states = [check_model_states(load_file(p, meta=True), p) for p in model_files]
+    return index_zero_checkpoint(folder, model_files, states, optim, stage3, headers, note)
+
+
+# What the index uses of a model-state file (``index_zero_checkpoint``, ``expert_index``, ``ZeroCheckpoint``'s
+# properties): the compact index keeps these, and only these.
+MODEL_STATE_INDEX_KEYS = ("iteration", "global_steps", "skipped_steps", "dp_world_size", "mp_world_size",
+                          "checkpoint_parallel_dimensions", "param_shapes", "universal_checkpoint_info",
+                          "num_experts", METADATA_KEY)
+
+
+# Where an optimizer shard's header comes from: its pickle (``read_shard_header``), a compact index, or a
+# simulation (``checkpoint.synthetic``). Keyed by the shard's path.
+ShardHeaders = Callable[[str], "ShardHeader"]
+
+
+def index_zero_checkpoint(folder: str, model_files: list[str], states: list[dict],
+                          optim: dict[tuple[int, int], tuple[str, bool]], stage3: bool,
+                          headers: ShardHeaders, note: str = "file headers") -> ZeroCheckpoint:
+    """The index of a checkpoint from its model states (``states``, by mp rank, checked) and its optimizer
+    files (``optim``: (dp, mp) -> (path, bf16 prefix)), each ZeRO-1/2 shard's header given by ``headers``."""
     n_mp = len(model_files)
-    # Only their small entries are read: the pickle alone (no tensor data), DeepSpeed's classes as stand-ins
-    # (importing DeepSpeed costs about half a second, which the converter spends beside its copies instead).
-    states = [check_model_states(load_file(p, meta=True), p) for p in model_files]
     first = states[0]
     meta = metadata_from_state(first, model_files[0])
     dims = first.get("checkpoint_parallel_dimensions")
@@ -304,13 +343,49 @@ def open_zero_checkpoint(folder: str) -> ZeroCheckpoint:
     ckpt = ZeroCheckpoint(folder=folder, tp=tp, pp=pp, dp=dp, zero_stage=3 if stage3 else 1, bf16_prefix=bf16,
                           iteration=first.get("iteration", first.get("global_steps")), model_files=model_files,
                           model_states=states, optim_files={k: v[0] for k, v in optim.items()},
-                          checkpoint_metadata=meta)
+                          checkpoint_metadata=meta, index_note="file headers" if stage3 else note)
     if stage3:
         _index_zero3_fragments(ckpt)
     else:
-        ckpt.experts = expert_index(ckpt)
-        _index_fragments(ckpt, pipeline_replicated=_pipeline_replicated(first))
+        ckpt.experts = expert_index(ckpt, headers)
+        _index_fragments(ckpt, _pipeline_replicated(first), headers)
     return ckpt
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """What the index uses of one ZeRO-1/2 optimizer shard, per optimizer group: its parameters' fragment
+    addresses (name -> (start, numel) in the group's flat partition), where the fp32 master and each
+    moment's flat partition lie in the file, the step, and the group's layout keys (``name``, ``moe``)."""
+
+    zero_stage: int
+    groups: tuple[dict, ...]  # {"name": str | None, "moe": bool} per param group of the base optimizer
+    mappings: tuple[dict[str, tuple[int, int]], ...]
+    refs: tuple[dict[str, FlatRef], ...]
+    steps: tuple  # per group: a number, a 0-d tensor or None
+
+
+def read_shard_header(path: str) -> ShardHeader:
+    """The header of the optimizer shard ``path``, from its pickle (meta tensors, and the steps' few bytes)."""
+    osd = check_optimizer_shard(load_file(path, meta=True), path)
+    mappings = osd[PARAM_SLICE_MAPPINGS]
+    base = osd[BASE_OPTIMIZER_STATE]
+    refs, steps = [], []
+    for g in range(len(mappings)):
+        state = base["state"].get(g, {})
+        if not set(MOMENT_KEYS) <= set(state):
+            raise CheckpointError(f"{path}: optimizer group {g} has no exp_avg/exp_avg_sq "
+                                  "(only Adam-family optimizers convert)")
+        refs.append({"fp32": FlatRef.of(path, osd[SINGLE_PARTITION_OF_FP32_GROUPS][g]),
+                     "exp_avg": FlatRef.of(path, state["exp_avg"]),
+                     "exp_avg_sq": FlatRef.of(path, state["exp_avg_sq"])})
+        steps.append(read_scalar(path, state.get("step")))
+    groups = tuple({"name": None if group.get("name") is None else str(group.get("name")),
+                    "moe": bool(group.get("moe"))} for group in base.get("param_groups") or []
+                   if isinstance(group, dict))
+    return ShardHeader(int(osd.get("zero_stage", 1)), groups,
+                       tuple({name: (int(a.start), int(a.numel)) for name, a in m.items()} for m in mappings),
+                       tuple(refs), tuple(steps))
 
 
 # An expert parameter's name (``layout.experts.expert_name``): its index counts the experts of one
@@ -351,15 +426,15 @@ class ExpertIndex:
         return [self.global_name(local, r, where) for r in range(self.placement.ep)]
 
 
-def expert_index(ckpt: ZeroCheckpoint) -> ExpertIndex | None:
+def expert_index(ckpt: ZeroCheckpoint, headers: ShardHeaders | None = None) -> ExpertIndex | None:
     """Where a ZeRO-1/2 checkpoint's experts live, or None for a dense one. The expert-parallel size is
     our metadata's topology; a checkpoint without it (plain DeepSpeed) names it in its experts'
     optimizer group (``ep_size_N``). The experts per layer: the local experts of the optimizer files
     times the expert-parallel size, checked against our config and DeepSpeed's ``num_experts``."""
     path = ckpt.optim_file(0, 0, 0)
-    osd = check_optimizer_shard(load_file(path, meta=True), path)
-    groups = osd[BASE_OPTIMIZER_STATE].get("param_groups") or []
-    moe = [g for g, group in enumerate(groups) if isinstance(group, dict) and group.get("moe")]
+    header = (headers or read_shard_header)(path)
+    groups = header.groups
+    moe = [g for g, group in enumerate(groups) if group.get("moe")]
     meta = ckpt.checkpoint_metadata
     ours_moe = meta is not None and meta.model_config.num_experts is not None
     if not moe:
@@ -384,7 +459,7 @@ def expert_index(ckpt: ZeroCheckpoint) -> ExpertIndex | None:
                               f"{ckpt.model_files[0]} has no megatron_ucp topology")
     if ep < 1 or ckpt.dp % ep:
         raise CheckpointError(f"{path}: expert parallel size {ep} does not divide the {ckpt.dp} data-parallel ranks")
-    mappings = osd[PARAM_SLICE_MAPPINGS]
+    mappings = header.mappings
     if group >= len(mappings):
         raise CheckpointError(f"{path}: no slice mappings for the experts' optimizer group {group}")
     per_layer: dict[tuple[str, str], set[int]] = {}
@@ -432,10 +507,10 @@ def _global_shapes(shapes: dict, experts: ExpertIndex | None, where: str) -> Ite
             yield global_name, shape
 
 
-def _index_fragments(ckpt: ZeroCheckpoint, pipeline_replicated) -> None:
-    """Read every optimizer file's slice mappings and record where each parameter's pieces are. An
-    expert's pieces are those of the DP ranks of its expert-parallel rank, in DP (= expert-data-parallel)
-    order, under its global name (``ExpertIndex``)."""
+def _index_fragments(ckpt: ZeroCheckpoint, pipeline_replicated, headers: ShardHeaders) -> None:
+    """Read every optimizer file's slice mappings (its header, from ``headers``) and record where each
+    parameter's pieces are. An expert's pieces are those of the DP ranks of its expert-parallel rank, in
+    DP (= expert-data-parallel) order, under its global name (``ExpertIndex``)."""
     sources: dict[str, ParamSource] = {}
     experts = ckpt.experts
     for pp in range(ckpt.pp):
@@ -447,23 +522,13 @@ def _index_fragments(ckpt: ZeroCheckpoint, pipeline_replicated) -> None:
             groups: dict[str, int] = {}
             for dp in range(ckpt.dp):
                 path = ckpt.optim_file(pp, tp, dp)
-                osd = check_optimizer_shard(load_file(path, meta=True), path)
-                ckpt.zero_stage = int(osd.get("zero_stage", 1))
-                mappings = osd[PARAM_SLICE_MAPPINGS]
+                header = headers(path)
+                ckpt.zero_stage = header.zero_stage
+                mappings = header.mappings
                 if len(mappings) != len(shapes):
                     raise CheckpointError(f"{path}: {len(mappings)} optimizer groups, but {ckpt.model_files[mp]} "
                                           f"records {len(shapes)}")
-                base = osd[BASE_OPTIMIZER_STATE]
-                refs, group_steps = [], []
-                for g in range(len(mappings)):
-                    state = base["state"].get(g, {})
-                    if not set(MOMENT_KEYS) <= set(state):
-                        raise CheckpointError(f"{path}: optimizer group {g} has no exp_avg/exp_avg_sq "
-                                              "(only Adam-family optimizers convert)")
-                    refs.append({"fp32": FlatRef.of(path, osd[SINGLE_PARTITION_OF_FP32_GROUPS][g]),
-                                 "exp_avg": FlatRef.of(path, state["exp_avg"]),
-                                 "exp_avg_sq": FlatRef.of(path, state["exp_avg_sq"])})
-                    group_steps.append(read_scalar(path, state.get("step")))
+                refs, group_steps = list(header.refs), list(header.steps)
                 ckpt.flat_refs[(dp, mp)] = refs
                 ckpt.steps[(dp, mp)] = group_steps
                 for g, mapping in enumerate(mappings):
@@ -476,7 +541,7 @@ def _index_fragments(ckpt: ZeroCheckpoint, pipeline_replicated) -> None:
                         check_name(name, path)
                         if experts is not None and g == experts.group:  # a local expert: its global name
                             name = experts.global_name(name, dp, path)
-                        frag = Fragment(dp, int(addr.start), int(addr.numel))
+                        frag = Fragment(dp, addr[0], addr[1])
                         _check_inside_partition(path, name, frag, refs[g])
                         pieces.setdefault(name, []).append(frag)
                         groups[name] = g

@@ -62,6 +62,7 @@ from megatron_ucp.checkpoint.format import (
     step_folder_name,
     zero3_model_states_name,
 )
+from megatron_ucp.checkpoint.compact_index import write_compact_index
 from megatron_ucp.checkpoint.manifest import (
     MANIFEST_FILE,
     MANIFEST_KEY,
@@ -72,7 +73,14 @@ from megatron_ucp.checkpoint.manifest import (
     write_manifest,
 )
 from megatron_ucp.checkpoint.publish import LATEST_UNIVERSAL, require_verified
-from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file, path_inside, restricted_torch_load
+from megatron_ucp.checkpoint.trust import (
+    CheckpointError,
+    check_name,
+    load_file,
+    one_line,
+    path_inside,
+    restricted_torch_load,
+)
 from megatron_ucp.checkpoint.zero import model_state_files, open_zero_checkpoint
 from megatron_ucp.config import ModelConfig, TrainConfig
 from megatron_ucp.distributed.groups import ParallelState
@@ -237,6 +245,8 @@ def save(engine, save_dir: str, iteration: int, consumed_samples: int, seq_lengt
     with _paced_writes(engine.checkpoint_engine, f"save-{iteration}"):
         engine.save_checkpoint(save_dir, tag=tag, client_state=client)
     dist.barrier()
+    if dist.get_rank() == 0:  # the compact index (checkpoint.compact_index), once every rank has saved
+        _write_index(folder)
     # Each node lists what it wrote (a save folder need not be shared); rank 0 writes the manifest, last.
     listings: list[dict[str, int] | None] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(listing(folder) if _node_leader() else None, listings, dst=0)
@@ -268,6 +278,15 @@ def _paced_writes(checkpoint_engine, name: str):
             checkpoint_engine.save = write
         else:
             del checkpoint_engine.save  # the class's method again
+
+
+def _write_index(folder: str) -> None:
+    """The step folder's compact index, read from its shards' headers; where rank 0 cannot read them all (a save
+    folder that is not shared between nodes), none: a resume then reads the headers themselves."""
+    try:
+        write_compact_index(folder)
+    except (CheckpointError, OSError) as e:
+        print(f"no compact index for {folder}: {one_line(e)}", flush=True)
 
 
 def _node_leader() -> bool:

@@ -40,7 +40,7 @@ from megatron_ucp.checkpoint.format import (
     optimizer_state_path,
 )
 from megatron_ucp.checkpoint.atoms import PARAM
-from megatron_ucp.checkpoint.executors import read_local
+from megatron_ucp.checkpoint.executors import ReadCount, read_local
 from megatron_ucp.checkpoint.plan import ReadPlan, atom_read_plan, read_plan, rebased, state_moves, window_plan
 from megatron_ucp.checkpoint.rules import MergeRule, conversion_rules, rules_from_table
 from megatron_ucp.checkpoint.trust import CheckpointError, check_name, load_file
@@ -215,6 +215,7 @@ class LoadStats:
     state_bytes: int = 0
     pieces: int = 0
     params: set[str] = field(default_factory=set)
+    reads: ReadCount = field(default_factory=ReadCount)  # the preadv calls, bytes and files the reads took
     show_progress: bool = False  # a byte progress bar (on a terminal), for one rank
 
 
@@ -236,7 +237,7 @@ def _read_all(pieces: list[tuple[ReadPlan, torch.Tensor]], stats: LoadStats, des
     the bytes read so far (all planned first: a true total)."""
     with byte_progress(sum(p.nbytes for p, _ in pieces), desc, enabled=stats.show_progress) as bar:
         for plan, dst in pieces:
-            read_local(plan, dst)
+            read_local(plan, dst, count=stats.reads)
             bar.update(plan.nbytes)
 
 

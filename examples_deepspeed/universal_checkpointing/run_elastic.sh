@@ -17,7 +17,8 @@
 #                     endpoint's (default auto; on one machine say 1 and 0, or the first agent to start hosts)
 #   MAX_RESTARTS      worker-group failures an agent recovers from (default 3; a node joining costs none)
 #   ELASTIC_LAYOUT    a policy for --elastic-layout (default: none, the trainer keeps TP and PP)
-#   MOCK_DATA=1       synthetic tokens instead of the tokenized corpus (no preprocessing step)
+#   MOCK_DATA=1       synthetic tokens instead of the tokenized corpus (no preprocessing step; MOCK_VOCAB ids,
+#                     default 64)
 #   RUN_DIR           where the checkpoints, losses and logs go (default $OUTPUT_DIR/elastic_<run name>)
 # torchrun's settings and why: megatron_ucp/elastic.py (and the README's "Elastic training").
 NNODES="${NNODES:-1:2}"
@@ -32,6 +33,7 @@ RDZV_HOST="${RDZV_HOST:-auto}"
 MAX_RESTARTS="${MAX_RESTARTS:-3}"
 ELASTIC_LAYOUT="${ELASTIC_LAYOUT:-}"
 MOCK_DATA="${MOCK_DATA:-0}"
+MOCK_VOCAB="${MOCK_VOCAB:-64}"
 if [[ ! "$NNODES" =~ ^[1-9][0-9]*:[1-9][0-9]*$ ]]; then
     echo "error: NNODES=$NNODES: an elastic job takes MIN:MAX nodes, e.g. 1:2" >&2
     exit 1
@@ -39,20 +41,22 @@ fi
 
 DATA_ARGS=()
 if [[ "$MOCK_DATA" == 1 ]]; then
-    DATA_ARGS=(--mock-data)
+    DATA_ARGS=(--mock-data --vocab-size "$MOCK_VOCAB" --make-vocab-size-divisible-by 8)
+    tokenizer_args() { :; }  # synthetic token ids need no tokenizer
 else
     prepare_data
 fi
 RUN_DIR="${RUN_DIR:-$OUTPUT_DIR/elastic_$(run_name "$TP" "$PP" x)}"
 CKPT="$RUN_DIR/checkpoints"
-mkdir -p "$RUN_DIR"
-# train_args names --data-path; with MOCK_DATA the synthetic data replaces it.
-TRAIN_ARGS=($(train_args))
-if [[ "$MOCK_DATA" == 1 ]]; then
-    i=0
-    while [[ "${TRAIN_ARGS[$i]}" != "--data-path" ]]; do i=$(( i + 1 )); done
-    TRAIN_ARGS=("${TRAIN_ARGS[@]:0:$i}" "${TRAIN_ARGS[@]:$(( i + 2 ))}")
-fi
+mkdir -p "$CKPT"  # --load of an empty folder starts from scratch
+# train_args names --data-path (an empty DATA_PATH leaves the flag alone); with MOCK_DATA it is dropped.
+TRAIN_ARGS=()
+for arg in $(train_args); do
+    if [[ "$MOCK_DATA" == 1 && ( "$arg" == "--data-path" || "$arg" == "$DATA_PATH" ) ]]; then
+        continue
+    fi
+    TRAIN_ARGS+=("$arg")
+done
 AGENT=($(python -m megatron_ucp.elastic --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
     --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "$RDZV_ID" --host "$RDZV_HOST" --max-restarts "$MAX_RESTARTS"))
 echo "elastic node: $NPROC_PER_NODE ranks, $NNODES nodes, rendezvous $RDZV_ENDPOINT ($RDZV_ID, host: $RDZV_HOST)," \

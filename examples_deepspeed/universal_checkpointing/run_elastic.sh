@@ -16,7 +16,8 @@
 #   RDZV_HOST         1 on the node that hosts the store, 0 on the others, auto: the node whose address is the
 #                     endpoint's (default auto; on one machine say 1 and 0, or the first agent to start hosts)
 #   MAX_RESTARTS      worker-group failures an agent recovers from (default 3; a node joining costs none)
-#   ELASTIC_LAYOUT    a policy for --elastic-layout (default: none, the trainer keeps TP and PP)
+#   ELASTIC_LAYOUT=1  --elastic-layout: where the world does not fit TP x PP, lower TP or PP to fit (default 0:
+#                     the job keeps TP and PP, and stops with the world sizes that would work)
 #   MOCK_DATA=1       synthetic tokens instead of the tokenized corpus (no preprocessing step; MOCK_VOCAB ids,
 #                     default 64)
 #   RUN_DIR           where the checkpoints, losses and logs go (default $OUTPUT_DIR/elastic_<run name>)
@@ -31,7 +32,7 @@ RDZV_ENDPOINT="${RDZV_ENDPOINT:-127.0.0.1:29400}"
 RDZV_ID="${RDZV_ID:-megatron_ucp_elastic}"
 RDZV_HOST="${RDZV_HOST:-auto}"
 MAX_RESTARTS="${MAX_RESTARTS:-3}"
-ELASTIC_LAYOUT="${ELASTIC_LAYOUT:-}"
+ELASTIC_LAYOUT="${ELASTIC_LAYOUT:-0}"
 MOCK_DATA="${MOCK_DATA:-0}"
 MOCK_VOCAB="${MOCK_VOCAB:-64}"
 if [[ ! "$NNODES" =~ ^[1-9][0-9]*:[1-9][0-9]*$ ]]; then
@@ -65,5 +66,5 @@ echo "elastic node: $NPROC_PER_NODE ranks, $NNODES nodes, rendezvous $RDZV_ENDPO
     --tensorboard-dir "$RUN_DIR/tensorboard" --loss-log "$RUN_DIR/loss.jsonl" \
     --load "$CKPT" --save "$CKPT" --exit-signal-handler \
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
-    ${ELASTIC_LAYOUT:+--elastic-layout "$ELASTIC_LAYOUT"} 2>&1 | tee -a "$RUN_DIR/train.$(hostname).$$.log"
+    $( [[ "$ELASTIC_LAYOUT" == 1 ]] && echo --elastic-layout ) 2>&1 | tee -a "$RUN_DIR/train.$(hostname).$$.log"
 echo "checkpoints: $CKPT  losses: $RUN_DIR/loss.jsonl"

@@ -95,6 +95,16 @@ def _finished(agent: Agent) -> int:
     return agent.proc.wait(timeout=HANG_S)
 
 
+def _goes_on_after_the_kill(a: Agent, killed_at: float, start: int, what: str, resumed: str, layout: str) -> None:
+    """After node B's kill: A says it resumes as ``resumed``, trains at ``layout`` and finishes the job (exit 0);
+    prints the seconds from the kill to the first resumed iteration."""
+    i, _, _ = a.wait_for(resumed, after=start, timeout_s=HANG_S)
+    a.wait_for(layout, after=i, timeout_s=HANG_S)
+    _, first, _ = a.wait_for(r" iteration +9/24 ", after=i, timeout_s=HANG_S)
+    print(f"\n{what}: kill -> first resumed iteration {first.t - killed_at:.1f} s")
+    assert _finished(a) == 0, a.tail()
+
+
 def _assert_continuous(losses: dict[int, float], reference: dict[int, float], first: int) -> None:
     assert sorted(losses) == list(range(1, ITERS + 1))
     worst = max(abs(losses[i] - reference[i]) / abs(reference[i]) for i in range(first, ITERS + 1))
@@ -112,13 +122,10 @@ def test_node_loss_resumes_at_dp2_from_the_last_save_and_goes_on(tmp_path, refer
         a, b = job.agent("A", host=True), job.agent("B", host=False, hold="iteration-10")
         start, _, _ = a.wait_for(r"global batch 8 = micro 1 x accumulation 2 x DP 4", timeout_s=HANG_S)
         _held(b, "iteration-10", 2)  # both of B's workers finished iteration 10: no save is running (8, 12)
-        killed_at = b.kill()
-        i, _, _ = a.wait_for(r"resuming at iteration 8: layout TP1 PP1 DP4 -> TP1 PP1 DP2 \(world 4 -> 2\); "
-                             r"2 iterations lost \(the job had reached iteration 10\)", after=start, timeout_s=HANG_S)
-        a.wait_for(r"global batch 8 = micro 1 x accumulation 4 x DP 2", after=i, timeout_s=HANG_S)
-        _, first, _ = a.wait_for(r" iteration +9/24 ", after=i, timeout_s=HANG_S)
-        print(f"\nnode loss: kill -> first resumed iteration {first.t - killed_at:.1f} s")
-        assert _finished(a) == 0, a.tail()
+        _goes_on_after_the_kill(a, b.kill(), start, "node loss",
+                                r"resuming at iteration 8: layout TP1 PP1 DP4 -> TP1 PP1 DP2 \(world 4 -> 2\); "
+                                r"2 iterations lost \(the job had reached iteration 10\)",
+                                r"global batch 8 = micro 1 x accumulation 4 x DP 2")
     _assert_continuous(job.losses(), reference, 9)
 
 
@@ -146,12 +153,9 @@ def test_model_parallel_job_loses_a_node_and_goes_on_at_tp2_pp2_dp1(tmp_path, re
         a, b = job.agent("A", host=True, nproc=4), job.agent("B", host=False, nproc=4, hold="iteration-10")
         start, _, _ = a.wait_for(r"global batch 8 = micro 1 x accumulation 4 x DP 2", timeout_s=HANG_S)
         _held(b, "iteration-10", 4)
-        killed_at = b.kill()
-        i, _, _ = a.wait_for(r"resuming at iteration 8: layout TP2 PP2 DP2 -> TP2 PP2 DP1 \(world 8 -> 4\); "
-                             r"2 iterations lost", after=start, timeout_s=HANG_S)
-        _, first, _ = a.wait_for(r" iteration +9/24 ", after=i, timeout_s=HANG_S)
-        print(f"\nmodel-parallel node loss: kill -> first resumed iteration {first.t - killed_at:.1f} s")
-        assert _finished(a) == 0, a.tail()
+        _goes_on_after_the_kill(a, b.kill(), start, "model-parallel node loss",
+                                r"resuming at iteration 8: layout TP2 PP2 DP2 -> TP2 PP2 DP1 \(world 8 -> 4\); "
+                                r"2 iterations lost", r"global batch 8 = micro 1 x accumulation 8 x DP 1")
     _assert_continuous(job.losses(), reference, 1)
 
 

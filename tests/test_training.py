@@ -108,15 +108,14 @@ def test_same_topology_resume_is_exact_in_fp32(tmp_path):
     ckpt = tmp_path / "ckpt"
     assert (ckpt / "latest").read_text() == "global_step6"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "6"
-    (ckpt / "latest").write_text("global_step3")  # resume from the iteration-3 checkpoint
-
-    resume = tmp_path / "resume"
-    run_distributed(_train, 4, MODEL, _cfg(tmp_path, "resumed", load=str(ckpt), save=str(resume)))
+    resume = tmp_path / "resume"  # from the iteration-3 checkpoint (--load alone takes the newest complete one)
+    run_distributed(_train, 4, MODEL, _cfg(tmp_path, "resumed", load=str(ckpt), save=str(resume), ckpt_step=3))
     resumed = read_losses(tmp_path / "resumed.jsonl")
     assert sorted(resumed) == [4, 5, 6]
     assert [resumed[i] for i in (4, 5, 6)] == [full[i] for i in (4, 5, 6)]
 
-    run_distributed(_train, 4, MODEL, _cfg(tmp_path, "norng", load=str(ckpt), save=str(resume), no_load_rng=True))
+    run_distributed(_train, 4, MODEL, _cfg(tmp_path, "norng", load=str(ckpt), save=str(resume), no_load_rng=True,
+                                           ckpt_step=3))
     norng = read_losses(tmp_path / "norng.jsonl")
     assert norng[4] != full[4]  # other dropout masks: resuming without RNG states is detectably different
 

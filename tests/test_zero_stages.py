@@ -15,6 +15,7 @@ from dist_utils import run_distributed
 from helpers import (GPT4, LLAMA_ITERS, LLAMA_RESUME_AT, TINY_LLAMA, assemble, ds_args, gpt_cfg, llama_cfg,
                      train_and_dump, train_model)
 from megatron_ucp.checkpoint.inspect import compare_universal
+from megatron_ucp.checkpoint.manifest import MANIFEST_FILE
 from megatron_ucp.checkpoint.universal import convert_zero_to_universal
 from megatron_ucp.checkpoint.zero import CheckpointError, open_zero_checkpoint
 from megatron_ucp.layout.slicing import bitwise_equal
@@ -45,7 +46,8 @@ def stages(tmp_path_factory, llama_runs):
 def test_zero3_checkpoint_files_and_index(stages):
     _, src = stages
     names = sorted(p.name for p in src["z3_dp4"]["zero"].iterdir())
-    assert names == [f"zero_pp_rank_{d}_mp_rank_00_{kind}_states.pt" for d in range(4) for kind in ("model", "optim")]
+    assert names == [MANIFEST_FILE] + [f"zero_pp_rank_{d}_mp_rank_00_{kind}_states.pt" for d in range(4)
+                                       for kind in ("model", "optim")]
     ckpt = open_zero_checkpoint(str(src["z3_dp4"]["zero"]))
     assert (ckpt.zero_stage, ckpt.tp, ckpt.pp, ckpt.dp) == (3, 1, 1, 4)
     qkv = ckpt.param_sources["1.self_attention.query_key_value.weight"]

@@ -1,6 +1,6 @@
 """torchrun's own settings for an elastic job (``--nnodes MIN:MAX``, c10d rendezvous), in one place.
 
-``run_elastic.sh`` and ``tests/test_elastic_agent.py`` both start agents with ``torchrun_command(...)``;
+``run_elastic.sh`` and ``tests/test_elastic.py`` both start agents with ``torchrun_command(...)``;
 ``python -m megatron_ucp.elastic ...`` prints it for the recipe. Nothing here launches or rendezvous: it
 only chooses torchrun's flags, ``--rdzv-conf`` keys and one environment variable (torch 2.13's
 ``torch/distributed/elastic``):

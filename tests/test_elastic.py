@@ -28,7 +28,7 @@ from helpers import TINY_FLAGS, read_losses
 from megatron_ucp.checkpoint.format import OPTIM_STATES_RE
 from megatron_ucp.checkpoint.manifest import checkpoint_problem
 from megatron_ucp.elastic import torchrun_command
-from megatron_ucp.launch import free_port, run_in_group
+from megatron_ucp.launch import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
@@ -50,11 +50,15 @@ def _flags() -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[int, float]:
-    """The uninterrupted job: one torchrun of four ranks (TP1 PP1 DP4), its training losses by iteration."""
+    """The uninterrupted job on four spawned ranks (TP1 PP1 DP4), with the configs its flags parse to; its
+    training losses by iteration."""
+    from dist_utils import run_distributed
+    from helpers import train_model
+    from megatron_ucp.training.arguments import configs_from_flags
+
     log = tmp_path_factory.mktemp("elastic_reference") / "loss.jsonl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", str(free_port()),
-           "-m", "megatron_ucp.train", *_flags(), "--loss-log", str(log)]
-    assert run_in_group(cmd, timeout_s=HANG_S, env=ENV) == 0
+    model, cfg = configs_from_flags([*_flags(), "--loss-log", str(log)], environ={"WORLD_SIZE": "4"})
+    run_distributed(train_model, 4, cfg.to_dict(), model)
     losses = read_losses(log)
     assert sorted(losses) == list(range(1, ITERS + 1))
     return losses

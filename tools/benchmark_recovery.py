@@ -367,12 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print the table; 0 when every route resumed at iteration 8 with the elastic run's first loss, else 1."""
     global _T0
     _T0 = time.monotonic()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ValueError as e:
-        parser.error(str(e))
+    args, cfg = bench.parse_config(build_parser(), argv, config_from_args)
     command, machine = command_line(argv, __file__), bench.machine_info()
     with tempfile.TemporaryDirectory(prefix="bench_recovery_", dir=args.workdir) as workdir:
         runs = run_benchmark(cfg, workdir)

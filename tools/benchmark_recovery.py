@@ -57,7 +57,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from megatron_ucp import bench
 from megatron_ucp.bench import HelpFormatter, command_line
@@ -81,6 +81,7 @@ PHASES = (("failed", "survivor's worker group failed"),
           ("rendezvous", "rendezvous formed (re-formed at world 2)"),
           ("loaded", "state loaded (`resumed from` printed)"),
           ("first", "first resumed iteration (9) done"))
+CERTIFY_ROW = "not counted: `--certify` of DeepSpeed's output (our trainer's gate, not DeepSpeed's route)"
 
 FAILED_RE = r"\] Worker group FAILED\. "
 RENDEZVOUS_RE = r"\] Rendezvous complete for workers\. Result:"
@@ -277,6 +278,11 @@ def _med(values: Sequence[float]) -> str:
     return f"{statistics.median(values):.1f}" + (f" ({each})" if len(values) > 1 else "")
 
 
+def _distinct(cells: Iterable[str]) -> str:
+    """The rounds' values, each once, in order."""
+    return ", ".join(dict.fromkeys(cells))
+
+
 def recovery_table(runs: Sequence[RouteRun], routes: Sequence[str]) -> str:
     """Rows: the phases, seconds from the kill (median over rounds, each round's value in parentheses),
     then our certification step (counted nowhere), the iteration resumed at and the first resumed loss.
@@ -284,12 +290,10 @@ def recovery_table(runs: Sequence[RouteRun], routes: Sequence[str]) -> str:
     by = {route: [r for r in runs if r.route == route] for route in routes}
     rows = [[text, *(_med([r.times[key] for r in by[route] if key in r.times]) for route in routes)]
             for key, text in PHASES]
-    rows.append(["not in the route, counted nowhere: our `--certify` of DeepSpeed's output (the trainer's gate)",
-                 *(_med([r.certify_s for r in by[route] if r.certify_s is not None]) for route in routes)])
-    rows.append(["resumed at iteration", *(", ".join(sorted({str(r.resumed_at) for r in by[route]}))
-                                           for route in routes)])
-    rows.append([f"loss of iteration {RESUMED_AT + 1}", *(", ".join(f"{r.loss:.6e}" for r in by[route] if r.loss is not None)
-                                                   for route in routes)])
+    rows.append([CERTIFY_ROW, *(_med([r.certify_s for r in by[route] if r.certify_s is not None]) for route in routes)])
+    rows.append(["resumed at iteration", *(_distinct(str(r.resumed_at) for r in by[route]) for route in routes)])
+    rows.append([f"loss of iteration {RESUMED_AT + 1}",
+                 *(_distinct(f"{r.loss:.6e}" for r in by[route] if r.loss is not None) for route in routes)])
     header = ["seconds from the kill", *(ROUTE_TEXT[r] for r in routes)]
     return bench.markdown_table(header, rows, set(range(1, len(routes) + 1)))
 

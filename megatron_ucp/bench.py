@@ -18,7 +18,9 @@ import statistics
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+C = TypeVar("C")
 
 # --------------------------------------------------------------------------------------------------
 # The machine
@@ -159,6 +161,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or isinstance(action.default, bool):
             return action.help
         return super()._get_help_string(action)
+
+
+def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                 make: Callable[[argparse.Namespace], C]) -> tuple[argparse.Namespace, C]:
+    """The parsed flags and the benchmark's configuration made from them; a ``ValueError`` from ``make`` (a
+    frozen config's validation) is the parser's one-line usage error (exit status 2)."""
+    args = parser.parse_args(argv)
+    try:
+        return args, make(args)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def command_line(argv: Sequence[str] | None, script: str | Path) -> str:

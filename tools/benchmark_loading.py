@@ -925,12 +925,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     global _T0
     _T0 = time.monotonic()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ValueError as e:
-        parser.error(str(e))
+    args, cfg = bench.parse_config(build_parser(), argv, config_from_args)
     command = command_line(argv, __file__)
     if args.workdir:
         os.makedirs(args.workdir, exist_ok=True)

@@ -20,7 +20,17 @@ if not _has_cuda():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+# The files whose few tests take longest (each a minute or more on 2 cores, much of it waiting on rendezvous and
+# process start-up), longest first. They are collected first, so that under ``-n 2 --dist loadfile`` one
+# worker starts on them while the other works through the many short files; xdist's default order (most
+# tests first, pytest.ini turns it off) would leave them for the end, when nothing else can run beside them.
+LONG_FILES_FIRST = ("test_elastic.py", "test_hf.py", "test_benchmark_recovery.py", "test_benchmark_training.py",
+                    "test_demo.py", "test_crash_safety.py", "test_preemption.py", "test_recipe_experts.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    first = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
     if _has_cuda():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

@@ -250,11 +250,17 @@ def save(engine, save_dir: str, iteration: int, consumed_samples: int, seq_lengt
     # Each node lists what it wrote (a save folder need not be shared); rank 0 writes the manifest, last.
     listings: list[dict[str, int] | None] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(listing(folder) if _node_leader() else None, listings, dst=0)
+    outcome: list[str | None] = [None]  # rank 0's error, which every rank raises (none waits for it)
     if dist.get_rank() == 0:
         assert listings is not None
-        write_manifest(folder, merged_listing(listings, folder), iteration, state.layout.to_dict())
-        atomic_write(os.path.join(save_dir, MEGATRON_TRACKER_FILE), str(iteration))
-    dist.barrier()
+        try:
+            write_manifest(folder, merged_listing(listings, folder), iteration, state.layout.to_dict())
+            atomic_write(os.path.join(save_dir, MEGATRON_TRACKER_FILE), str(iteration))
+        except (CheckpointError, OSError) as e:
+            outcome[0] = one_line(e)
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise CheckpointError(f"{outcome[0]}; the checkpoint of iteration {iteration} is incomplete")
     if aside is not None:
         shutil.rmtree(aside)
     return folder

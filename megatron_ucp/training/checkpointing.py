@@ -66,6 +66,7 @@ from megatron_ucp.checkpoint.compact_index import write_compact_index
 from megatron_ucp.checkpoint.manifest import (
     MANIFEST_FILE,
     MANIFEST_KEY,
+    STEP_FOLDER_RE,
     checkpoint_problem,
     listing,
     merged_listing,
@@ -86,6 +87,7 @@ from megatron_ucp.config import ModelConfig, TrainConfig
 from megatron_ucp.distributed.groups import ParallelState
 from megatron_ucp.layout.experts import ExpertPlacement
 from megatron_ucp.layout.params import pipe_entries
+from megatron_ucp.layout.topology import ParallelLayout
 from megatron_ucp.pacing import point
 from megatron_ucp.training.sliced_load import NewVocabRows, UniversalSource, ZeroSource, sliced_universal_load
 
@@ -118,7 +120,6 @@ PROGRESS_FILE = "megatron_ucp_progress.json"
 # What a save writes at the top of the save folder, besides the step folder: DeepSpeed's tracker and
 # recovery scripts, and Megatron's tracker and our progress record (written by us, atomically).
 SAVE_FOLDER_FILES = (LATEST_FILE, MEGATRON_TRACKER_FILE, PROGRESS_FILE, "zero_to_fp32.py", "zero_to_torch.py")
-_STEP_FOLDER = re.compile(r"global_step(\d+)$")
 
 
 def saved_iterations(train_iters: int, save_interval: int | None) -> set[int]:
@@ -180,7 +181,7 @@ def save_folder_problem(save_dir: str, iterations: Iterable[int] | None = None) 
             return problem
     wanted = None if iterations is None else set(iterations)
     for name in sorted(os.listdir(save_dir)):
-        m = _STEP_FOLDER.match(name)
+        m = STEP_FOLDER_RE.match(name)
         if m and (wanted is None or int(m.group(1)) in wanted):
             problem = _step_folder_problem(os.path.join(save_dir, name))
             if problem:
@@ -378,13 +379,17 @@ def resume_folder(load_dir: str, universal: bool, step: int | None = None,
     return path_inside(load_dir, check_name(tag, tracker, "checkpoint folder name"))
 
 
-def _layout_text(topology, zero_stage, dtype, moe: bool = False) -> str:
-    """``TP.. PP.. DP..`` (and the expert layout ``EP..`` of an MoE model, the Ulysses degree ``SP..`` when it is
-    not 1), ZeRO stage and precision."""
-    ep = f" EP{topology.degree('ep')}" if moe else ""
+def layout_words(topology: ParallelLayout, moe: bool = False) -> str:
+    """``TP.. PP.. DP..``, with the Ulysses degree ``SP..`` when it is not 1 and the expert layout ``EP..`` of an
+    MoE model (or wherever it is not 1)."""
     sp = f" SP{topology.degree('sp')}" if topology.degree("sp") != 1 else ""
-    return (f"TP{topology.degree('tp')} PP{topology.degree('pp')} DP{topology.degree('dp')}{sp}{ep} "
-            f"ZeRO-{zero_stage} {dtype}")
+    ep = f" EP{topology.degree('ep')}" if moe or topology.degree("ep") != 1 else ""
+    return f"TP{topology.degree('tp')} PP{topology.degree('pp')} DP{topology.degree('dp')}{sp}{ep}"
+
+
+def _layout_text(topology, zero_stage, dtype, moe: bool = False) -> str:
+    """``layout_words``, ZeRO stage and precision."""
+    return f"{layout_words(topology, moe)} ZeRO-{zero_stage} {dtype}"
 
 
 def expert_rank(state: ParallelState) -> int:

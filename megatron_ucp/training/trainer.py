@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -231,29 +230,20 @@ def _plain_engine_steps(engine, state, gas: int):
     return train_batch, eval_batch
 
 
-def _layout_words(topology: dict[str, int] | None) -> str:
-    """``TP2 PP2 DP1`` (with ``SP``/``EP`` where not 1) of a layout's degrees; ``unknown`` without one."""
-    if topology is None:
-        return "unknown"
-    extra = "".join(f" {axis.upper()}{topology[axis]}" for axis in ("sp", "ep") if topology.get(axis, 1) != 1)
-    return f"TP{topology['tp']} PP{topology['pp']} DP{topology['dp']}{extra}"
-
-
-def resume_line(resumed: checkpointing.ResumeState, now: dict[str, int], reached: int | None) -> str:
+def resume_line(resumed: checkpointing.ResumeState, now: ParallelLayout, reached: int | None) -> str:
     """What a resume tells: the saved and the new layout, the iteration, and the iterations the job loses (those
     it had finished past the checkpoint, by ``reached``, the progress record of the save folder)."""
-    saved = resumed.source_topology
-
-    def ranks(topology: dict[str, int]) -> int:
-        return math.prod(topology.get(axis, 1) for axis in ("tp", "pp", "dp", "sp"))
-
-    world = "" if saved is None else f" (world {ranks(saved)} -> {ranks(now)})"
+    saved = None if resumed.source_topology is None else ParallelLayout.from_dict(resumed.source_topology)
+    if saved is None:
+        layouts = f"unknown -> {checkpointing.layout_words(now)}"
+    else:
+        layouts = (f"{checkpointing.layout_words(saved)} -> {checkpointing.layout_words(now)} "
+                   f"(world {saved.world_size} -> {now.world_size})")
     if reached is None or reached < resumed.iteration:
         lost = "iterations lost: unknown (no progress record past the checkpoint)"
     else:
         lost = f"{reached - resumed.iteration} iterations lost (the job had reached iteration {reached})"
-    return (f"resuming at iteration {resumed.iteration}: layout {_layout_words(saved)} -> {_layout_words(now)}"
-            f"{world}; {lost}")
+    return f"resuming at iteration {resumed.iteration}: layout {layouts}; {lost}"
 
 
 class PeerGone(RuntimeError):
@@ -448,7 +438,7 @@ class Trainer:
             print(f"{what} {resumed.path} at iteration {self.iteration} (saved at {resumed.source_topology}, "
                   f"now {self.layout.to_dict()}){resumed.note}", flush=True)
             if not cfg.finetune:
-                print(resume_line(resumed, self.layout.to_dict(), checkpointing.read_progress(cfg.load)), flush=True)
+                print(resume_line(resumed, self.layout, checkpointing.read_progress(cfg.load)), flush=True)
         self.resumed = resumed
         return resumed
 

@@ -74,7 +74,8 @@ def point(name: str, release: Callable[[], bool] | None = None) -> None:
     if _arrived(STOP_ENV, name):
         os.kill(os.getpid(), signal.SIGSTOP)
     if _arrived(HOLD_ENV, name):
-        print(f"holding at {name} (pid {os.getpid()})", file=sys.stderr, flush=True)
+        # one write(2) of a short line: whole in a pipe other processes write to (print writes text and end apart)
+        os.write(sys.stderr.fileno(), f"holding at {name} (pid {os.getpid()})\n".encode())
         while not (release is not None and release()):
             time.sleep(HOLD_POLL_S)
 

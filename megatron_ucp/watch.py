@@ -124,3 +124,16 @@ def agents() -> Iterator[list[Agent]]:
     finally:
         for agent in started:
             agent.kill()
+
+
+def held(agent: Agent, point: str, workers: int, *, after: int = 0, timeout_s: float = 300.0) -> int:
+    """Wait until ``workers`` workers of ``agent`` print that they hold at the pacing point ``point``
+    (``megatron_ucp.pacing``); the index of the line that completed the count. Workers share the agent's output,
+    so a worker's line may land inside another's: each is found anywhere in a line, and counted by its pid."""
+    pattern = rf"holding at {re.escape(point)} \(pid (\d+)\)"
+    pids: set[str] = set()
+    i = after - 1
+    while len(pids) < workers:
+        i, line, _ = agent.wait_for(pattern, after=i + 1, timeout_s=timeout_s)
+        pids.update(re.findall(pattern, line.text))
+    return i

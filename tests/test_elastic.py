@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from elastic_harness import Agent, agents
+from elastic_harness import Agent, agents, held
 from helpers import TINY_FLAGS, read_losses
 from megatron_ucp.checkpoint.format import OPTIM_STATES_RE
 from megatron_ucp.checkpoint.manifest import checkpoint_problem
@@ -86,14 +86,6 @@ class Job:
         return read_losses(self.log)
 
 
-def _held(agent: Agent, point: str, workers: int, after: int = 0) -> int:
-    """Wait until ``workers`` workers of ``agent`` hold at ``point``; the index of the last one's line."""
-    i = after - 1
-    for _ in range(workers):
-        i, _, _ = agent.wait_for(rf"^holding at {point} \(pid \d+\)$", after=i + 1, timeout_s=HANG_S)
-    return i
-
-
 def _finished(agent: Agent) -> int:
     agent.wait_for(rf" iteration +{ITERS}/{ITERS} ", timeout_s=HANG_S)
     return agent.proc.wait(timeout=HANG_S)
@@ -125,7 +117,8 @@ def test_node_loss_resumes_at_dp2_from_the_last_save_and_goes_on(tmp_path, refer
         job = Job(tmp_path, started)
         a, b = job.agent("A", host=True), job.agent("B", host=False, hold="iteration-10")
         start, _, _ = a.wait_for(r"global batch 8 = micro 1 x accumulation 2 x DP 4", timeout_s=HANG_S)
-        _held(b, "iteration-10", 2)  # both of B's workers finished iteration 10: no save is running (8, 12)
+        # both of B's workers finished iteration 10: no save is running (8, 12)
+        held(b, "iteration-10", 2, timeout_s=HANG_S)
         _goes_on_after_the_kill(a, b.kill(), start, "node loss",
                                 r"resuming at iteration 8: layout TP1 PP1 DP4 -> TP1 PP1 DP2 \(world 4 -> 2\); "
                                 r"2 iterations lost \(the job had reached iteration 10\)",
@@ -138,7 +131,8 @@ def test_node_join_saves_on_sigterm_and_goes_on_at_dp4_losing_nothing(tmp_path, 
         job = Job(tmp_path, started)
         a = job.agent("A", host=True, hold="iteration-10")
         start, _, _ = a.wait_for(r"global batch 8 = micro 1 x accumulation 4 x DP 2", timeout_s=HANG_S)
-        _held(a, "iteration-10", 2, after=start)  # released by the SIGTERM torchrun sends when B arrives
+        # A's workers hold there until the SIGTERM torchrun sends them when B arrives
+        held(a, "iteration-10", 2, after=start, timeout_s=HANG_S)
         b = job.agent("B", host=False)
         i, _, _ = a.wait_for(r"exiting after iteration 10 on SIGTERM \(checkpoint saved\)", after=start,
                              timeout_s=HANG_S)
@@ -156,7 +150,7 @@ def test_model_parallel_job_loses_a_node_and_goes_on_at_tp2_pp2_dp1(tmp_path, re
         job = Job(tmp_path, started, ("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"))
         a, b = job.agent("A", host=True, nproc=4), job.agent("B", host=False, nproc=4, hold="iteration-10")
         start, _, _ = a.wait_for(r"global batch 8 = micro 1 x accumulation 4 x DP 2", timeout_s=HANG_S)
-        _held(b, "iteration-10", 4)
+        held(b, "iteration-10", 4, timeout_s=HANG_S)
         _goes_on_after_the_kill(a, b.kill(), start, "model-parallel node loss",
                                 r"resuming at iteration 8: layout TP2 PP2 DP2 -> TP2 PP2 DP1 \(world 8 -> 4\); "
                                 r"2 iterations lost", r"global batch 8 = micro 1 x accumulation 8 x DP 1")
@@ -168,7 +162,8 @@ def test_a_kill_during_a_save_skips_the_partial_checkpoint_and_leaves_the_previo
         job = Job(tmp_path, started)
         a, b = job.agent("A", host=True), job.agent("B", host=False, hold="save-12")
         start, _, _ = a.wait_for(r"global batch 8 = micro 1 x accumulation 2 x DP 4", timeout_s=HANG_S)
-        _held(b, "save-12", 2)  # B's workers are in the save of iteration 12, before their first file
+        # B's workers are in the save of iteration 12, before their first file
+        held(b, "save-12", 2, timeout_s=HANG_S)
         step12, step8 = job.ckpt / "global_step12", job.ckpt / "global_step8"
         deadline = time.monotonic() + HANG_S  # A's two ranks write their shards, then wait for B's
         while sum(bool(OPTIM_STATES_RE.match(p.name)) for p in step12.glob("*")) < 2:
@@ -176,7 +171,7 @@ def test_a_kill_during_a_save_skips_the_partial_checkpoint_and_leaves_the_previo
             time.sleep(0.1)
         before = _hashes(step8)
         b.kill()
-        i, skipped, _ = a.wait_for(rf"^skipping incomplete checkpoint {step12}: missing ", after=start,
+        i, skipped, _ = a.wait_for(rf"skipping incomplete checkpoint {step12}: missing ", after=start,
                                    timeout_s=HANG_S)
         print(f"\n{skipped.text}")
         a.wait_for(r"resuming at iteration 8: layout TP1 PP1 DP4 -> TP1 PP1 DP2 \(world 4 -> 2\); "

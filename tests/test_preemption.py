@@ -10,6 +10,7 @@ the flags' one-line refusals.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,12 +131,11 @@ def test_a_peer_already_gone_skips_the_save_and_the_previous_checkpoint_stays(tm
                          env=dict(ENV, MEGATRON_UCP_HOLD_AT="iteration-3"))
     out, held = [], []
     try:
-        for line in job.stdout:
+        for line in job.stdout:  # two workers' lines may share one line of torchrun's output
             out.append(line)
-            if line.startswith("holding at iteration-3"):
-                held.append(int(line.rsplit("pid ", 1)[1].rstrip(")\n")))
-                if len(held) == 2:
-                    break
+            held += [int(pid) for pid in re.findall(r"holding at iteration-3 \(pid (\d+)\)", line)]
+            if len(held) == 2:
+                break
         step2 = save / "global_step2"
         before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in step2.iterdir()}
         psutil.Process(held[1]).kill()

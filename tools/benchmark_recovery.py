@@ -63,7 +63,7 @@ from megatron_ucp import bench
 from megatron_ucp.bench import HelpFormatter, command_line
 from megatron_ucp.elastic import torchrun_command
 from megatron_ucp.launch import free_port, run_in_group
-from megatron_ucp.watch import Agent, agents
+from megatron_ucp.watch import Agent, agents, held
 
 REPO = Path(__file__).resolve().parents[1]
 ITERS, SAVE_INTERVAL, KILL_AFTER, RESUMED_AT = 24, 4, 10, 8
@@ -175,9 +175,7 @@ def node_loss(cfg: RecoveryConfig, ckpt: str, rnd: int) -> RouteRun:
         a = agent("A", True, _env())
         b = agent("B", False, _env(MEGATRON_UCP_HOLD_AT=f"iteration-{KILL_AFTER}"))
         start, _, _ = a.wait_for(r"global batch 8 = micro 1 x accumulation 2 x DP 4", timeout_s=HANG_S)
-        i = -1
-        for _ in range(2):  # both of B's workers finished iteration 10: no save is running (8, 12)
-            i, _, _ = b.wait_for(rf"^holding at iteration-{KILL_AFTER} \(pid \d+\)$", after=i + 1, timeout_s=HANG_S)
+        held(b, f"iteration-{KILL_AFTER}", 2, timeout_s=HANG_S)  # B's workers finished iteration 10: no save runs
         after = len(a.lines)  # A's lines before the kill belong to the DP4 run
         killed = b.kill()
         _, failed, _ = a.wait_for(FAILED_RE, after=after, timeout_s=HANG_S)

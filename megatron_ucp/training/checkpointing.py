@@ -31,7 +31,7 @@ import re
 import shutil
 import stat
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -90,6 +90,9 @@ from megatron_ucp.layout.params import pipe_entries
 from megatron_ucp.layout.topology import ParallelLayout
 from megatron_ucp.pacing import point
 from megatron_ucp.training.sliced_load import NewVocabRows, UniversalSource, ZeroSource, sliced_universal_load
+
+
+T = TypeVar("T")
 
 
 def build_metadata(model_cfg: ModelConfig, train_cfg: TrainConfig, state: ParallelState,
@@ -251,17 +254,16 @@ def save(engine, save_dir: str, iteration: int, consumed_samples: int, seq_lengt
     # Each node lists what it wrote (a save folder need not be shared); rank 0 writes the manifest, last.
     listings: list[dict[str, int] | None] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(listing(folder) if _node_leader() else None, listings, dst=0)
-    outcome: list[str | None] = [None]  # rank 0's error, which every rank raises (none waits for it)
-    if dist.get_rank() == 0:
+
+    def publish() -> None:
         assert listings is not None
-        try:
-            write_manifest(folder, merged_listing(listings, folder), iteration, state.layout.to_dict())
-            atomic_write(os.path.join(save_dir, MEGATRON_TRACKER_FILE), str(iteration))
-        except (CheckpointError, OSError) as e:
-            outcome[0] = one_line(e)
-    dist.broadcast_object_list(outcome, src=0)
-    if outcome[0] is not None:
-        raise CheckpointError(f"{outcome[0]}; the checkpoint of iteration {iteration} is incomplete")
+        write_manifest(folder, merged_listing(listings, folder), iteration, state.layout.to_dict())
+        atomic_write(os.path.join(save_dir, MEGATRON_TRACKER_FILE), str(iteration))
+
+    try:
+        decided_on_rank0(publish)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; the checkpoint of iteration {iteration} is incomplete") from None
     if aside is not None:
         shutil.rmtree(aside)
     return folder
@@ -525,24 +527,29 @@ def load_route(folder: str, universal: bool, state: ParallelState, cfg: TrainCon
     return f"direct reshard {src} -> {dst}", ZeroSource(open_zero_checkpoint(folder))
 
 
-def agreed_folder(load_dir: str, universal: bool, step: int | None) -> str | None:
-    """``resume_folder`` as rank 0 finds it (and reports the checkpoints it skips), the same on every rank."""
-    choice: list[tuple[str | None, str | None]] = [(None, None)]  # (folder, rank 0's error)
+def decided_on_rank0(decide: Callable[[], T]) -> T:
+    """``decide()`` run on rank 0, its result given to every rank. A ``CheckpointError`` or ``OSError`` it raises is
+    raised on every rank, as a one-line ``CheckpointError``: no rank waits for an answer that never comes."""
+    box: list[tuple[Any, str | None]] = [(None, None)]  # (result, rank 0's error)
     if dist.get_rank() == 0:
         try:
-            choice[0] = (resume_folder(load_dir, universal, step, say=lambda line: print(line, flush=True)), None)
-        except CheckpointError as e:
-            choice[0] = (None, str(e))
-    dist.broadcast_object_list(choice, src=0)
-    folder, error = choice[0]
+            box[0] = (decide(), None)
+        except (CheckpointError, OSError) as e:
+            box[0] = (None, one_line(e))
+    dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
     if error is not None:
         raise CheckpointError(error)
-    return folder
+    return result
+
+
+def agreed_folder(load_dir: str, universal: bool, step: int | None) -> str | None:
+    """``resume_folder`` as rank 0 finds it (and reports the checkpoints it skips), the same on every rank."""
+    return decided_on_rank0(lambda: resume_folder(load_dir, universal, step, say=lambda line: print(line, flush=True)))
 
 
 def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: TrainConfig,
-         group_hyperparameters: list[dict], new_rows: NewVocabRows | None = None,
-         folder: str | None = None) -> ResumeState:
+         group_hyperparameters: list[dict], new_rows: NewVocabRows | None = None, *, folder: str) -> ResumeState:
     """Resume model, optimizer, scheduler and counters through DeepSpeed's loader.
 
     On top of DeepSpeed's load:
@@ -551,7 +558,7 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
       fresh, and every optimizer group takes this run's hyperparameters. Weights and Adam moments are
       loaded (DeepSpeed's ZeRO-1/2 universal loader always loads moments; an imported Hugging Face
       checkpoint has zero moments and step 0).
-    * ``folder``: the checkpoint folder, when the caller picked it (``agreed_folder``); else it is picked here.
+    * ``folder``: the checkpoint folder in ``load_dir``, as every rank agreed on it (``agreed_folder``).
     * A precision change (say bf16 -> fp16): the loss scaler the checkpoint carries belongs to the old
       precision, so the engine's freshly configured one is kept (fp16 restarts dynamic scaling at its
       initial scale).
@@ -565,9 +572,6 @@ def load(engine, load_dir: str, universal: bool, state: ParallelState, cfg: Trai
       tensor, which Adam increments in place once per sub-group, so the bias correction would run
       ahead by one step per extra sub-group; each sub-group gets its own copy.
     """
-    folder = folder or agreed_folder(load_dir, universal, cfg.ckpt_step)
-    if folder is None:
-        raise CheckpointError(f"{load_dir}: no checkpoint in it; nothing to resume from")
     if universal:
         require_verified(folder)
     route, source = load_route(folder, universal, state, cfg, extend=new_rows is not None)

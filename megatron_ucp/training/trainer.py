@@ -427,7 +427,7 @@ class Trainer:
             if meta is not None and self.model_cfg.vocab_size > meta.original_vocab_size:
                 new_rows = NewVocabRows(self.model_cfg, cfg.seed, self.model.padded_vocab, meta.original_vocab_size)
         resumed = checkpointing.load(self.engine, cfg.load, cfg.universal_checkpoint, state, cfg,
-                                     group_hyperparameters(cfg, self.model_cfg.is_moe), new_rows, folder)
+                                     group_hyperparameters(cfg, self.model_cfg.is_moe), new_rows, folder=folder)
         self.iteration, self.consumed = resumed.iteration, resumed.consumed_train_samples
         if resumed.rng_state is not None and not cfg.no_load_rng and not cfg.finetune:
             set_rng_state(resumed.rng_state, state.tp.rng)

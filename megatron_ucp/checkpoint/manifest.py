@@ -26,8 +26,6 @@ from typing import Any, Callable, Iterable
 
 from megatron_ucp.atomic import atomic_write
 from megatron_ucp.checkpoint.format import (
-    MODEL_STATES_RE,
-    ZERO3_MODEL_STATES_RE,
     metadata_from_state,
     model_states_name,
     optim_states_name,
@@ -137,8 +135,6 @@ def implied_files(folder: str) -> tuple[list[str], bool]:
         mp = int(state.get("mp_world_size") or 1)
         dp = int(state.get("dp_world_size") or 1)
         bf16 = any(n.startswith("bf16_zero_") for n in names)
-        zero3 = zero3 or any(ZERO3_MODEL_STATES_RE.match(n) for n in names) and not any(
-            MODEL_STATES_RE.match(n) for n in names)
     want = []
     for m in range(mp):
         want += [zero3_model_states_name(m, d) for d in range(dp)] if zero3 else [model_states_name(m)]
